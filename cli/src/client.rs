@@ -1,0 +1,700 @@
+//! Client commands: talk to a hub's AgentService and AdminService over TLS with a JWT.
+
+use std::{collections::HashMap, path::PathBuf, process::ExitCode};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use flotilla_common::{
+    config::{ClientFile, ClientSettings},
+    tls,
+};
+use flotilla_proto as pb;
+use pb::{admin_service_client::AdminServiceClient, agent_service_client::AgentServiceClient};
+use serde_json::{json, Value};
+use tonic::{
+    metadata::MetadataValue, service::interceptor::InterceptedService, transport::Channel, Request,
+    Status,
+};
+
+use crate::{
+    output::{self, Format},
+    ClientFlags,
+};
+
+/// Adds `authorization: Bearer <jwt>` to every request.
+#[derive(Clone)]
+pub(crate) struct Auth(MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+pub(crate) type Agent = AgentServiceClient<InterceptedService<Channel, Auth>>;
+pub(crate) type Admin = AdminServiceClient<InterceptedService<Channel, Auth>>;
+
+/// The default client config: the dev cluster's, under the default data dir.
+pub(crate) fn default_client_config() -> PathBuf {
+    crate::dev::default_data_dir().join("client.toml")
+}
+
+fn settings(flags: &ClientFlags) -> anyhow::Result<ClientSettings> {
+    let env: HashMap<String, String> = std::env::vars().collect();
+    Ok(ClientSettings::resolve(
+        ClientFile {
+            hub: flags.hub.clone(),
+            ca: flags.ca.clone(),
+            token: flags.token.clone(),
+        },
+        flags.config.as_deref(),
+        &default_client_config(),
+        &env,
+    )?)
+}
+
+/// A channel to the hub and an interceptor that adds the bearer token.
+pub(crate) fn connect_with(s: &ClientSettings) -> anyhow::Result<(Channel, Auth)> {
+    let ca = std::fs::read_to_string(&s.ca)
+        .with_context(|| format!("reading CA certificate {}", s.ca.display()))?;
+    let channel = tls::channel(&s.hub, tls::client_config(&ca, None)?)?;
+    let value: MetadataValue<_> = format!("Bearer {}", s.token.trim())
+        .parse()
+        .context("token contains characters not allowed in a header")?;
+    Ok((channel, Auth(value)))
+}
+
+pub(crate) fn agent_client(s: &ClientSettings) -> anyhow::Result<Agent> {
+    let (ch, auth) = connect_with(s)?;
+    Ok(AgentServiceClient::with_interceptor(ch, auth)
+        .max_decoding_message_size(flotilla_common::config::defaults::MAX_MESSAGE_BYTES))
+}
+
+pub(crate) fn admin_client(s: &ClientSettings) -> anyhow::Result<Admin> {
+    let (ch, auth) = connect_with(s)?;
+    Ok(AdminServiceClient::with_interceptor(ch, auth))
+}
+
+/// A gRPC error as a one-line message for people.
+pub(crate) fn status_error(s: Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+#[derive(Args)]
+pub(crate) struct CallArgs {
+    /// Tool name.
+    tool: String,
+    /// Arguments as a JSON object.
+    #[arg(long, default_value = "{}")]
+    args: String,
+    /// Resubmitting with the same key returns the first task instead of running again.
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Higher runs first.
+    #[arg(long, default_value_t = 0)]
+    priority: i32,
+    /// Print the task id and return without waiting.
+    #[arg(long)]
+    no_wait: bool,
+    #[command(flatten)]
+    flags: ClientFlags,
+}
+
+pub(crate) async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
+    let args: Value = serde_json::from_str(&a.args).context("--args is not valid JSON")?;
+    if !args.is_object() {
+        bail!("--args must be a JSON object, like '{{\"text\":\"hi\"}}'");
+    }
+    let s = settings(&a.flags)?;
+    let mut agent = agent_client(&s)?;
+    let resp = agent
+        .submit_task(pb::SubmitTaskRequest {
+            tool: a.tool.clone(),
+            arguments: serde_json::to_vec(&args)?,
+            idempotency_key: a.idempotency_key.unwrap_or_default(),
+            priority: a.priority,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if a.no_wait {
+        match a.flags.output {
+            Format::Json => {
+                output::json(&json!({"task_id": resp.task_id, "deduplicated": resp.deduplicated}))
+            }
+            Format::Table => println!("{}", resp.task_id),
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let people = a.flags.output == Format::Table;
+    if people {
+        eprintln!("task {} submitted", resp.task_id);
+    }
+    let final_task = watch_until_done(&mut agent, &resp.task_id, people).await?;
+    print_result(&final_task, a.flags.output);
+    Ok(exit_for(&final_task))
+}
+
+fn exit_for(t: &pb::Task) -> ExitCode {
+    if t.state == pb::TaskState::Succeeded as i32 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Follows a task's events (resuming after a broken stream) until it ends; returns the task.
+async fn watch_until_done(
+    agent: &mut Agent,
+    task_id: &str,
+    people: bool,
+) -> anyhow::Result<pb::Task> {
+    let mut from = 1;
+    let mut failures = 0;
+    loop {
+        let stream = agent
+            .watch_task(pb::WatchTaskRequest {
+                task_id: task_id.to_owned(),
+                from_seq: from,
+            })
+            .await;
+        let mut stream = match stream {
+            Ok(s) => s.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unavailable && failures < 30 => {
+                failures += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                continue;
+            }
+            Err(s) => return Err(status_error(s)),
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(ev)) => {
+                    from = ev.seq + 1;
+                    if people {
+                        print_event(&ev);
+                    }
+                    if is_terminal(ev.kind) {
+                        return agent
+                            .get_task(pb::GetTaskRequest {
+                                task_id: task_id.to_owned(),
+                            })
+                            .await
+                            .map(|r| r.into_inner())
+                            .map_err(status_error);
+                    }
+                }
+                Ok(None) => break,
+                Err(s) if s.code() == tonic::Code::Unavailable && failures < 30 => {
+                    failures += 1;
+                    break;
+                }
+                Err(s) => return Err(status_error(s)),
+            }
+        }
+    }
+}
+
+fn is_terminal(kind: i32) -> bool {
+    matches!(
+        pb::EventKind::try_from(kind),
+        Ok(pb::EventKind::Succeeded
+            | pb::EventKind::Failed
+            | pb::EventKind::Cancelled
+            | pb::EventKind::Lost)
+    )
+}
+
+fn kind_name(kind: i32) -> &'static str {
+    match pb::EventKind::try_from(kind).unwrap_or_default() {
+        pb::EventKind::Unspecified => "unknown",
+        pb::EventKind::Queued => "queued",
+        pb::EventKind::Assigned => "assigned",
+        pb::EventKind::Started => "started",
+        pb::EventKind::Progress => "progress",
+        pb::EventKind::Succeeded => "succeeded",
+        pb::EventKind::Failed => "failed",
+        pb::EventKind::Cancelled => "cancelled",
+        pb::EventKind::Lost => "lost",
+    }
+}
+
+fn print_event(ev: &pb::TaskEvent) {
+    let kind = pb::EventKind::try_from(ev.kind).unwrap_or_default();
+    match kind {
+        pb::EventKind::Progress => {
+            let total = ev.total.map(|t| format!("/{t}")).unwrap_or_default();
+            let msg = if ev.message.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", ev.message)
+            };
+            eprintln!("  progress {}{total}{msg}", ev.progress);
+        }
+        pb::EventKind::Assigned => {
+            eprintln!("  assigned to {} (attempt {})", ev.node_id, ev.attempt)
+        }
+        pb::EventKind::Queued if !ev.message.is_empty() => {
+            eprintln!("  queued again: {}", ev.message)
+        }
+        _ => eprintln!("  {}", kind_name(ev.kind)),
+    }
+}
+
+pub(crate) fn state_name(state: i32) -> &'static str {
+    match pb::TaskState::try_from(state).unwrap_or_default() {
+        pb::TaskState::Unspecified => "unknown",
+        pb::TaskState::Queued => "queued",
+        pb::TaskState::Assigned => "assigned",
+        pb::TaskState::Running => "running",
+        pb::TaskState::Succeeded => "succeeded",
+        pb::TaskState::Failed => "failed",
+        pb::TaskState::Cancelled => "cancelled",
+        pb::TaskState::Lost => "lost",
+    }
+}
+
+fn json_bytes(b: &[u8]) -> Value {
+    if b.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(b)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(b).into_owned()))
+    }
+}
+
+pub(crate) fn task_json(t: &pb::Task) -> Value {
+    json!({
+        "id": t.id,
+        "tool": t.tool,
+        "tenant": t.tenant,
+        "agent": t.agent,
+        "state": state_name(t.state),
+        "arguments": json_bytes(&t.arguments),
+        "result": json_bytes(&t.result),
+        "error": if t.error.is_empty() { Value::Null } else { Value::String(t.error.clone()) },
+        "pending_reason": if t.pending_reason.is_empty() { Value::Null } else { Value::String(t.pending_reason.clone()) },
+        "priority": t.priority,
+        "idempotency_key": if t.idempotency_key.is_empty() { Value::Null } else { Value::String(t.idempotency_key.clone()) },
+        "created_at": output::time(t.created_at_ms),
+        "updated_at": output::time(t.updated_at_ms),
+        "attempts": t.attempts.iter().map(|a| json!({
+            "number": a.number,
+            "node": a.node_id,
+            "server": a.server,
+            "fence": a.fence,
+            "assigned_at": output::time(a.assigned_at_ms),
+            "finished_at": output::time(a.finished_at_ms),
+            "error": if a.error.is_empty() { Value::Null } else { Value::String(a.error.clone()) },
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// The text a person wants from a CallToolResult: its text blocks, else its JSON.
+fn result_text(t: &pb::Task) -> String {
+    let r = json_bytes(&t.result);
+    let texts: Vec<&str> = r
+        .get("content")
+        .and_then(Value::as_array)
+        .map(|c| {
+            c.iter()
+                .filter_map(|b| b.get("text").and_then(Value::as_str))
+                .collect()
+        })
+        .unwrap_or_default();
+    if !texts.is_empty() {
+        texts.join("\n")
+    } else if r.is_null() {
+        String::new()
+    } else {
+        serde_json::to_string_pretty(&r).unwrap_or_default()
+    }
+}
+
+fn print_result(t: &pb::Task, format: Format) {
+    match format {
+        Format::Json => output::json(&task_json(t)),
+        Format::Table => {
+            let text = result_text(t);
+            if t.state == pb::TaskState::Succeeded as i32 {
+                println!("{text}");
+            } else {
+                eprintln!("task {} {}", t.id, state_name(t.state));
+                if !t.error.is_empty() {
+                    eprintln!("error: {}", t.error);
+                }
+                if !text.is_empty() {
+                    eprintln!("{text}");
+                }
+            }
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub(crate) enum TaskCommand {
+    /// Show one task.
+    Get {
+        id: String,
+        #[command(flatten)]
+        flags: ClientFlags,
+    },
+    /// List your tenant's tasks, newest first.
+    List {
+        /// Only these states (queued, assigned, running, succeeded, failed, cancelled, lost).
+        #[arg(long, value_delimiter = ',')]
+        state: Vec<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[command(flatten)]
+        flags: ClientFlags,
+    },
+    /// Follow a task's events until it ends.
+    Watch {
+        id: String,
+        #[command(flatten)]
+        flags: ClientFlags,
+    },
+    /// Cancel a task.
+    Cancel {
+        id: String,
+        #[command(flatten)]
+        flags: ClientFlags,
+    },
+}
+
+fn parse_state(s: &str) -> anyhow::Result<pb::TaskState> {
+    Ok(match s {
+        "queued" => pb::TaskState::Queued,
+        "assigned" => pb::TaskState::Assigned,
+        "running" => pb::TaskState::Running,
+        "succeeded" => pb::TaskState::Succeeded,
+        "failed" => pb::TaskState::Failed,
+        "cancelled" => pb::TaskState::Cancelled,
+        "lost" => pb::TaskState::Lost,
+        other => bail!("unknown state {other:?}: use queued, assigned, running, succeeded, failed, cancelled or lost"),
+    })
+}
+
+fn task_row(t: &pb::Task) -> Vec<String> {
+    let node = t
+        .attempts
+        .last()
+        .map(|a| a.node_id.clone())
+        .unwrap_or_else(|| "-".into());
+    vec![
+        t.id.clone(),
+        t.tool.clone(),
+        state_name(t.state).into(),
+        node,
+        output::time(t.created_at_ms),
+        if t.pending_reason.is_empty() {
+            t.error.clone()
+        } else {
+            t.pending_reason.clone()
+        },
+    ]
+}
+
+pub(crate) async fn task(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        TaskCommand::Get { id, flags } => {
+            let t = agent_client(&settings(&flags)?)?
+                .get_task(pb::GetTaskRequest { task_id: id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            match flags.output {
+                Format::Json => output::json(&task_json(&t)),
+                Format::Table => {
+                    output::table(
+                        &["ID", "TOOL", "STATE", "NODE", "CREATED", "NOTE"],
+                        &[task_row(&t)],
+                    );
+                    let text = result_text(&t);
+                    if !text.is_empty() {
+                        println!("\n{text}");
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TaskCommand::List {
+            state,
+            limit,
+            flags,
+        } => {
+            let states = state
+                .iter()
+                .map(|s| parse_state(s).map(|s| s as i32))
+                .collect::<anyhow::Result<_>>()?;
+            let tasks = agent_client(&settings(&flags)?)?
+                .list_tasks(pb::ListTasksRequest { states, limit })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .tasks;
+            match flags.output {
+                Format::Json => output::json(&Value::Array(tasks.iter().map(task_json).collect())),
+                Format::Table => output::table(
+                    &["ID", "TOOL", "STATE", "NODE", "CREATED", "NOTE"],
+                    &tasks.iter().map(task_row).collect::<Vec<_>>(),
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TaskCommand::Watch { id, flags } => {
+            let mut agent = agent_client(&settings(&flags)?)?;
+            let t = watch_until_done(&mut agent, &id, true).await?;
+            print_result(&t, flags.output);
+            Ok(exit_for(&t))
+        }
+        TaskCommand::Cancel { id, flags } => {
+            let t = agent_client(&settings(&flags)?)?
+                .cancel_task(pb::CancelTaskRequest { task_id: id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            match flags.output {
+                Format::Json => output::json(&task_json(&t)),
+                Format::Table => println!("task {} {}", t.id, state_name(t.state)),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+pub(crate) async fn tools(flags: ClientFlags) -> anyhow::Result<ExitCode> {
+    let tools = agent_client(&settings(&flags)?)?
+        .list_tools(pb::ListToolsRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .tools;
+    match flags.output {
+        Format::Json => output::json(&Value::Array(
+            tools
+                .iter()
+                .map(|t| {
+                    json!({
+                        "name": t.name,
+                        "description": t.description,
+                        "input_schema": json_bytes(&t.input_schema),
+                        "required_scope": t.required_scope,
+                        "read_only": t.read_only,
+                        "idempotent": t.idempotent,
+                        "destructive": t.destructive,
+                        "nodes": t.nodes,
+                    })
+                })
+                .collect(),
+        )),
+        Format::Table => output::table(
+            &["TOOL", "SCOPE", "NODES", "DESCRIPTION"],
+            &tools
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.name.clone(),
+                        t.required_scope.clone(),
+                        if t.nodes.is_empty() {
+                            "-".into()
+                        } else {
+                            t.nodes.join(",")
+                        },
+                        t.description.lines().next().unwrap_or_default().to_owned(),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn nodes(flags: ClientFlags) -> anyhow::Result<ExitCode> {
+    let nodes = admin_client(&settings(&flags)?)?
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .nodes;
+    match flags.output {
+        Format::Json => output::json(&Value::Array(
+            nodes
+                .iter()
+                .map(|n| {
+                    json!({
+                        "id": n.id,
+                        "labels": n.labels,
+                        "zone": n.labels.get("zone"),
+                        "region": n.labels.get("region"),
+                        "status": n.status,
+                        "connected": n.connected,
+                        "cpu_percent": n.cpu_percent,
+                        "running": n.running,
+                        "joined_at": output::time(n.joined_at_ms),
+                        "last_seen": output::time(n.last_seen_ms),
+                        "servers": n.servers.iter().map(|s| json!({
+                            "name": s.name,
+                            "state": s.state,
+                            "max_concurrency": s.max_concurrency,
+                            "running": s.running,
+                            "tools": s.tools,
+                            "error": if s.error.is_empty() { Value::Null } else { Value::String(s.error.clone()) },
+                        })).collect::<Vec<_>>(),
+                    })
+                })
+                .collect(),
+        )),
+        Format::Table => output::table(
+            &["NODE", "STATUS", "CONNECTED", "ZONE", "CPU%", "RUNNING", "SERVERS"],
+            &nodes
+                .iter()
+                .map(|n| {
+                    vec![
+                        n.id.clone(),
+                        n.status.clone(),
+                        if n.connected { "yes" } else { "no" }.into(),
+                        n.labels.get("zone").cloned().unwrap_or_else(|| "-".into()),
+                        format!("{:.0}", n.cpu_percent),
+                        n.running.to_string(),
+                        n.servers
+                            .iter()
+                            .map(|s| format!("{}({} {}/{})", s.name, s.state, s.running, s.max_concurrency))
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ClusterCommand {
+    /// Members, leader, term and log indexes.
+    Status(crate::ClientOnly),
+}
+
+pub(crate) async fn cluster(cmd: ClusterCommand) -> anyhow::Result<ExitCode> {
+    let ClusterCommand::Status(c) = cmd;
+    let st = admin_client(&settings(&c.flags)?)?
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    match c.flags.output {
+        Format::Json => output::json(&json!({
+            "leader_id": st.leader_id,
+            "term": st.term,
+            "last_log_index": st.last_log_index,
+            "commit_index": st.commit_index,
+            "applied_index": st.applied_index,
+            "this_hub": st.this_hub,
+            "members": st.members.iter().map(|m| json!({"id": m.id, "address": m.address, "role": m.role})).collect::<Vec<_>>(),
+        })),
+        Format::Table => {
+            println!(
+                "leader {}  term {}  last log {}  applied {}",
+                st.leader_id, st.term, st.last_log_index, st.applied_index
+            );
+            output::table(
+                &["HUB", "ROLE", "ADDRESS"],
+                &st.members
+                    .iter()
+                    .map(|m| vec![m.id.to_string(), m.role.clone(), m.address.clone()])
+                    .collect::<Vec<_>>(),
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Subcommand)]
+pub(crate) enum TokenCommand {
+    /// Create a join token for new nodes.
+    Create {
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+        /// How many nodes may join with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[command(flatten)]
+        flags: ClientFlags,
+    },
+}
+
+pub(crate) async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
+    let TokenCommand::Create {
+        ttl,
+        uses,
+        description,
+        flags,
+    } = cmd;
+    let r = admin_client(&settings(&flags)?)?
+        .create_join_token(pb::CreateJoinTokenRequest {
+            ttl_seconds: ttl,
+            uses,
+            description,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    match flags.output {
+        Format::Json => output::json(&json!({
+            "token": r.token, "token_id": r.token_id, "expires_at": output::time(r.expires_at_ms), "ca_pin": r.ca_pin,
+        })),
+        Format::Table => println!("{}", r.token),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Subcommand)]
+pub(crate) enum AgentTokenCommand {
+    /// Issue a JWT for an agent.
+    Issue {
+        #[arg(long)]
+        subject: String,
+        /// Comma-separated scopes, e.g. tools,admin or tools:*
+        #[arg(long, value_delimiter = ',')]
+        scopes: Vec<String>,
+        #[arg(long, default_value = flotilla_common::jwt::DEFAULT_TENANT)]
+        tenant: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 86_400)]
+        ttl: u64,
+        #[command(flatten)]
+        flags: ClientFlags,
+    },
+}
+
+pub(crate) async fn agent_token(cmd: AgentTokenCommand) -> anyhow::Result<ExitCode> {
+    let AgentTokenCommand::Issue {
+        subject,
+        scopes,
+        tenant,
+        ttl,
+        flags,
+    } = cmd;
+    let r = admin_client(&settings(&flags)?)?
+        .issue_agent_token(pb::IssueAgentTokenRequest {
+            subject,
+            tenant,
+            scopes,
+            ttl_seconds: ttl,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    match flags.output {
+        Format::Json => {
+            output::json(&json!({"token": r.token, "expires_at": output::time(r.expires_at_ms)}))
+        }
+        Format::Table => println!("{}", r.token),
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,294 @@
+//! `flotilla dev`: a whole local cluster in one command. It writes a hub.toml and node.toml
+//! per member into the data dir, starts `flotilla hub` and `flotilla node` as child
+//! processes (each can be killed on its own), waits until the demo tools are served,
+//! writes `client.toml` so other shells need no setup, and stops everything on Ctrl-C.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{ExitCode, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use flotilla_common::config::{ClientFile, ClientSettings, HubFile, McpServerConfig, NodeFile};
+use flotilla_proto as pb;
+use tokio::process::{Child, Command};
+
+/// A hub writes the address it actually listens on into this file in its data dir.
+pub(crate) const LISTEN_ADDR_FILE: &str = "listen.addr";
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Args)]
+pub(crate) struct DevArgs {
+    /// Where the cluster keeps its state and credentials [default: ~/.flotilla/dev]
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Address the hub listens on (port 0 picks a free port).
+    #[arg(long, default_value = flotilla_common::config::defaults::HUB_LISTEN)]
+    listen: String,
+    /// Number of hubs (one for now; a replicated cluster is coming).
+    #[arg(long, default_value_t = 1)]
+    hubs: u32,
+    /// Number of nodes, each running the demo MCP server, in zones a, b, c...
+    #[arg(long, default_value_t = 1)]
+    nodes: u32,
+}
+
+/// `~/.flotilla/dev`, or `.flotilla/dev` when there is no home directory.
+pub(crate) fn default_data_dir() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join(".flotilla")
+        .join("dev")
+}
+
+struct Children(Vec<(String, Child)>);
+
+impl Children {
+    async fn stop(&mut self) {
+        for (name, c) in &mut self.0 {
+            if let Some(pid) = c.id() {
+                // SIGTERM first: hubs and nodes shut down cleanly on it.
+                let _ = std::process::Command::new("kill")
+                    .arg(pid.to_string())
+                    .status();
+            }
+            if tokio::time::timeout(Duration::from_secs(5), c.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(member = %name, "did not stop in 5s; killing");
+                let _ = c.kill().await;
+            }
+        }
+    }
+
+    /// The first child that has exited, if any.
+    fn exited(&mut self) -> Option<String> {
+        self.0.iter_mut().find_map(|(name, c)| match c.try_wait() {
+            Ok(Some(status)) => Some(format!("{name} exited ({status})")),
+            _ => None,
+        })
+    }
+}
+
+fn spawn(exe: &Path, role: &str, config: &Path, log: &Path) -> anyhow::Result<Child> {
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    Command::new(exe)
+        .arg(role)
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {role}"))
+}
+
+async fn wait_for<T, F, Fut>(what: &str, children: &mut Children, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if let Some(why) = children.exited() {
+            bail!("{why} while waiting for {what}; see the logs in the data dir");
+        }
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub(crate) async fn run(a: DevArgs) -> anyhow::Result<ExitCode> {
+    if a.hubs != 1 {
+        bail!(
+            "--hubs {} is not supported yet: this build runs a single hub",
+            a.hubs
+        );
+    }
+    if a.nodes == 0 || a.nodes > 26 {
+        bail!("--nodes must be between 1 and 26");
+    }
+    let dir = a.data_dir.clone().unwrap_or_else(default_data_dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    let exe = std::env::current_exe().context("locating the flotilla binary")?;
+    let mut children = Children(Vec::new());
+    let result = start(&a, &dir, &exe, &mut children).await;
+    if let Err(e) = result {
+        children.stop().await;
+        return Err(e);
+    }
+    tokio::select! {
+        _ = crate::shutdown_signal() => eprintln!("\nstopping the dev cluster"),
+        why = async {
+            loop {
+                if let Some(why) = children.exited() { return why; }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        } => eprintln!("{why}; stopping the dev cluster"),
+    }
+    children.stop().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> anyhow::Result<()> {
+    // The hub.
+    let hub_dir = dir.join("hub-1");
+    std::fs::create_dir_all(&hub_dir)?;
+    let _ = std::fs::remove_file(hub_dir.join(LISTEN_ADDR_FILE));
+    let hub_cfg = HubFile {
+        id: 1,
+        data_dir: hub_dir.clone(),
+        listen: a.listen.clone(),
+        advertise: None,
+        bootstrap: true,
+        cluster_name: "flotilla-dev".into(),
+        tls_names: vec![],
+        node_ttl_ms: flotilla_common::config::defaults::NODE_TTL_MS,
+    };
+    let hub_toml = hub_dir.join("hub.toml");
+    std::fs::write(&hub_toml, toml::to_string(&hub_cfg)?)?;
+    let child = spawn(exe, "hub", &hub_toml, &hub_dir.join("hub.log"))?;
+    children.0.push(("hub-1".into(), child));
+    let addr_file = hub_dir.join(LISTEN_ADDR_FILE);
+    let token_file = hub_dir.join(flotilla_hub::ADMIN_TOKEN_FILE);
+    let hub_addr = wait_for("the hub to listen", children, || async {
+        std::fs::read_to_string(&addr_file).ok()
+    })
+    .await?;
+    let admin_token = wait_for(
+        "the hub to elect itself and issue an admin token",
+        children,
+        || async {
+            std::fs::read_to_string(&token_file)
+                .ok()
+                .filter(|t| !t.is_empty())
+        },
+    )
+    .await?;
+
+    // The client config other shells use.
+    let client = ClientFile {
+        hub: Some(hub_addr.clone()),
+        ca: Some(hub_dir.join("pki").join("ca.pem")),
+        token: Some(admin_token),
+    };
+    let client_toml = dir.join("client.toml");
+    std::fs::write(&client_toml, toml::to_string(&client)?)?;
+    flotilla_common::pki::write_secret(&client_toml, toml::to_string(&client)?.as_bytes())?;
+    let settings = ClientSettings::resolve(
+        ClientFile::default(),
+        Some(&client_toml),
+        &client_toml,
+        &Default::default(),
+    )?;
+    let mut admin = crate::client::admin_client(&settings)?;
+    let agent = crate::client::agent_client(&settings)?;
+
+    // The nodes.
+    for i in 0..a.nodes {
+        let name = format!("node-{}", i + 1);
+        let node_dir = dir.join(&name);
+        std::fs::create_dir_all(&node_dir)?;
+        let needs_join = !node_dir.join("identity").join("node.pem").exists();
+        let join_token = if needs_join {
+            let r = admin
+                .create_join_token(pb::CreateJoinTokenRequest {
+                    ttl_seconds: 600,
+                    uses: 1,
+                    description: format!("flotilla dev {name}"),
+                })
+                .await
+                .map_err(crate::client::status_error)?
+                .into_inner();
+            Some(r.token)
+        } else {
+            None
+        };
+        let zone = char::from(b'a' + (i % 26) as u8).to_string();
+        let node_cfg = NodeFile {
+            name: name.clone(),
+            data_dir: node_dir.clone(),
+            hub: hub_addr.clone(),
+            join_token,
+            labels: [
+                ("region".to_string(), "local".to_string()),
+                ("zone".to_string(), zone),
+            ]
+            .into_iter()
+            .collect(),
+            heartbeat_ms: flotilla_common::config::defaults::HEARTBEAT_MS,
+            servers: vec![McpServerConfig {
+                name: "demo".into(),
+                command: exe.display().to_string(),
+                args: vec!["mcp-demo".into()],
+                env: Default::default(),
+                max_concurrency: flotilla_common::config::defaults::MAX_CONCURRENCY,
+                scope: flotilla_common::config::defaults::SERVER_SCOPE.into(),
+            }],
+        };
+        let node_toml = node_dir.join("node.toml");
+        flotilla_common::pki::write_secret(&node_toml, toml::to_string(&node_cfg)?.as_bytes())?;
+        let child = spawn(exe, "node", &node_toml, &node_dir.join("node.log"))?;
+        children.0.push((name, child));
+    }
+
+    // Ready when every node serves the demo tools.
+    let want = a.nodes as usize;
+    wait_for(
+        "the nodes to connect and offer the demo tools",
+        children,
+        || {
+            let mut agent = agent.clone();
+            async move {
+                let tools = agent
+                    .list_tools(pb::ListToolsRequest {})
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .tools;
+                let echo = tools.iter().find(|t| t.name == "echo")?;
+                (echo.nodes.len() >= want).then_some(())
+            }
+        },
+    )
+    .await?;
+
+    let default_dir = a.data_dir.is_none();
+    let cfg_flag = if default_dir {
+        String::new()
+    } else {
+        format!(" --config {}", client_toml.display())
+    };
+    println!(
+        "Flotilla dev cluster is up: 1 hub at {hub_addr}, {} node(s) serving the demo MCP server.",
+        a.nodes
+    );
+    println!("Data, logs and credentials: {}", dir.display());
+    println!();
+    println!("In another shell, try:");
+    println!("  flotilla{cfg_flag} call echo --args '{{\"text\":\"hi\"}}'");
+    println!("  flotilla{cfg_flag} call sleep --args '{{\"ms\":2000}}'");
+    println!("  flotilla{cfg_flag} tools");
+    println!("  flotilla{cfg_flag} nodes");
+    if !default_dir {
+        println!("(or export FLOTILLA_CONFIG={})", client_toml.display());
+    }
+    println!();
+    println!("Ctrl-C stops the cluster; its state stays in the data dir.");
+    Ok(())
+}

@@ -1,0 +1,177 @@
+//! `flotilla`: one binary for hubs, nodes, the local dev cluster, the demo MCP server and
+//! the client commands. `main` parses arguments and calls into the libraries.
+
+mod client;
+mod demo;
+mod dev;
+mod output;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Args, Parser, Subcommand};
+use flotilla_common::config::{self, ConfigError, EXIT_CONFIG};
+
+#[derive(Parser)]
+#[command(
+    name = "flotilla",
+    version,
+    about = "Run AI tool work across a fleet of machines"
+)]
+struct Cli {
+    /// Log as JSON lines.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a whole local cluster (a hub and nodes running the demo MCP server).
+    Dev(dev::DevArgs),
+    /// Run a hub.
+    Hub {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run a node (joins with its token on first start).
+    Node {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Serve the built-in demo MCP server on stdin/stdout.
+    McpDemo,
+    /// Call a tool: submit, show progress, print the result.
+    Call(client::CallArgs),
+    /// Inspect and control tasks.
+    #[command(subcommand)]
+    Task(client::TaskCommand),
+    /// List the tools you may call.
+    Tools(ClientOnly),
+    /// List nodes (admin).
+    Nodes(ClientOnly),
+    /// Cluster state (admin).
+    #[command(subcommand)]
+    Cluster(client::ClusterCommand),
+    /// Join tokens for nodes (admin).
+    #[command(subcommand)]
+    Token(client::TokenCommand),
+    /// Agent tokens (admin).
+    #[command(subcommand, name = "agent-token")]
+    AgentToken(client::AgentTokenCommand),
+}
+
+/// Flags every client command takes.
+#[derive(Args, Clone, Debug)]
+pub struct ClientFlags {
+    /// Hub address, https://HOST:PORT [env: FLOTILLA_HUB]
+    #[arg(long, global = true)]
+    hub: Option<String>,
+    /// Cluster CA certificate (PEM) [env: FLOTILLA_CA]
+    #[arg(long, global = true)]
+    ca: Option<PathBuf>,
+    /// Agent token (JWT) [env: FLOTILLA_TOKEN]
+    #[arg(long, global = true)]
+    token: Option<String>,
+    /// Client config file [env: FLOTILLA_CONFIG; default: the dev cluster's client.toml]
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, short, global = true, value_enum, default_value_t = output::Format::Table)]
+    output: output::Format,
+}
+
+#[derive(Args)]
+pub struct ClientOnly {
+    #[command(flatten)]
+    flags: ClientFlags,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = match &cli.command {
+        Command::McpDemo => "warn",
+        Command::Hub { .. } | Command::Node { .. } | Command::Dev(_) => "info,openraft=warn",
+        _ => "warn",
+    };
+    flotilla_common::telemetry::init(cli.log_json, filter);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            if let Some(ce) = e.downcast_ref::<ConfigError>() {
+                eprintln!("error: {ce}");
+                return ExitCode::from(EXIT_CONFIG as u8);
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Dev(args) => dev::run(args).await,
+        Command::Hub { config: path } => {
+            let file = path.display().to_string();
+            let cfg = config::load_toml::<config::HubFile>(&path)?.validate(&file)?;
+            let listener = tokio::net::TcpListener::bind(cfg.listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+            // Tell whoever started us where we listen (port 0 picks a free port).
+            std::fs::create_dir_all(&cfg.data_dir)?;
+            let bound = listener.local_addr()?;
+            std::fs::write(
+                cfg.data_dir.join(dev::LISTEN_ADDR_FILE),
+                format!("https://{bound}"),
+            )?;
+            flotilla_hub::run(cfg, listener, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Node { config: path } => {
+            let file = path.display().to_string();
+            let cfg = config::load_toml::<config::NodeFile>(&path)?.validate(&file)?;
+            flotilla_node::run(cfg, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::McpDemo => {
+            demo::serve_stdio().await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Call(args) => client::call(args).await,
+        Command::Task(cmd) => client::task(cmd).await,
+        Command::Tools(c) => client::tools(c.flags).await,
+        Command::Nodes(c) => client::nodes(c.flags).await,
+        Command::Cluster(cmd) => client::cluster(cmd).await,
+        Command::Token(cmd) => client::token(cmd).await,
+        Command::AgentToken(cmd) => client::agent_token(cmd).await,
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,436 @@
+//! Configuration files (`hub.toml`, `node.toml`, `client.toml`): parsed strictly (unknown
+//! keys are errors), then validated into typed values. A bad value is refused with the
+//! key's name, never silently corrected. The CLI exits with [`EXIT_CONFIG`] on these errors.
+
+use std::{
+    collections::BTreeMap, collections::HashMap, net::SocketAddr, path::Path, path::PathBuf,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Exit code for a configuration error (EX_CONFIG from sysexits.h).
+pub const EXIT_CONFIG: i32 = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Parse { file: String, message: String },
+    #[error("{file}: key `{key}`: {message}")]
+    Invalid {
+        file: String,
+        key: String,
+        message: String,
+    },
+}
+
+fn invalid(file: &str, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        file: file.to_owned(),
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// Reads and parses a TOML file with unknown keys refused.
+pub fn load_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: file.clone(),
+        source,
+    })?;
+    parse_toml(&file, &text)
+}
+
+pub fn parse_toml<T: serde::de::DeserializeOwned>(
+    file: &str,
+    text: &str,
+) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        file: file.to_owned(),
+        message: e.message().to_owned()
+            + &e.span()
+                .map(|s| format!(" (at line {})", text[..s.start].lines().count().max(1)))
+                .unwrap_or_default(),
+    })
+}
+
+/// Defaults, defined once and used by `Default` and `--help`.
+pub mod defaults {
+    pub const HUB_LISTEN: &str = "127.0.0.1:7443";
+    pub const CLUSTER_NAME: &str = "flotilla";
+    pub const HEARTBEAT_MS: u64 = 1000;
+    pub const NODE_TTL_MS: u64 = 10_000;
+    pub const MAX_CONCURRENCY: u32 = 4;
+    pub const SERVER_SCOPE: &str = "tools";
+    pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+}
+
+/// `hub.toml`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubFile {
+    /// Raft id of this hub: a positive integer, unique in the cluster.
+    pub id: u64,
+    pub data_dir: PathBuf,
+    /// Where agents, nodes and admins connect (gRPC over TLS).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// The address others use to reach `listen`; defaults to `https://<listen>`.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// Start a new cluster with this hub as its only voter when the data dir is empty.
+    #[serde(default)]
+    pub bootstrap: bool,
+    #[serde(default = "default_cluster_name")]
+    pub cluster_name: String,
+    /// Names (DNS or IP) the hub certificate is valid for, besides localhost and 127.0.0.1.
+    #[serde(default)]
+    pub tls_names: Vec<String>,
+    /// A node silent this long is treated as gone.
+    #[serde(default = "default_node_ttl")]
+    pub node_ttl_ms: u64,
+}
+
+fn default_listen() -> String {
+    defaults::HUB_LISTEN.to_owned()
+}
+fn default_cluster_name() -> String {
+    defaults::CLUSTER_NAME.to_owned()
+}
+fn default_node_ttl() -> u64 {
+    defaults::NODE_TTL_MS
+}
+
+/// A validated hub configuration.
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    pub id: u64,
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub advertise: String,
+    pub bootstrap: bool,
+    pub cluster_name: String,
+    pub tls_names: Vec<String>,
+    pub node_ttl_ms: u64,
+}
+
+impl HubFile {
+    pub fn validate(self, file: &str) -> Result<HubConfig, ConfigError> {
+        if self.id == 0 {
+            return Err(invalid(file, "id", "must be a positive integer"));
+        }
+        let listen: SocketAddr = self.listen.parse().map_err(|_| {
+            invalid(
+                file,
+                "listen",
+                format!("{:?} is not HOST:PORT with an IP host", self.listen),
+            )
+        })?;
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid(file, "data_dir", "must not be empty"));
+        }
+        if self.cluster_name.trim().is_empty() {
+            return Err(invalid(file, "cluster_name", "must not be empty"));
+        }
+        if self.node_ttl_ms < 2 * defaults::HEARTBEAT_MS {
+            return Err(invalid(
+                file,
+                "node_ttl_ms",
+                format!(
+                    "must be at least {} (two heartbeats)",
+                    2 * defaults::HEARTBEAT_MS
+                ),
+            ));
+        }
+        let advertise = match self.advertise {
+            Some(a) => {
+                crate::tls::split_address(&a)
+                    .map_err(|e| invalid(file, "advertise", e.to_string()))?;
+                a
+            }
+            None => format!("https://{listen}"),
+        };
+        let mut tls_names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        if !listen.ip().is_unspecified() {
+            tls_names.push(listen.ip().to_string());
+        }
+        if let Ok((host, _)) = crate::tls::split_address(&advertise) {
+            tls_names.push(host);
+        }
+        tls_names.extend(self.tls_names);
+        tls_names.sort();
+        tls_names.dedup();
+        Ok(HubConfig {
+            id: self.id,
+            data_dir: self.data_dir,
+            listen,
+            advertise,
+            bootstrap: self.bootstrap,
+            cluster_name: self.cluster_name,
+            tls_names,
+            node_ttl_ms: self.node_ttl_ms,
+        })
+    }
+}
+
+/// One MCP server a node hosts, started as a child process (never through a shell).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct McpServerConfig {
+    pub name: String,
+    pub command: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// How many calls may run on this server at once.
+    #[serde(default = "default_max_concurrency")]
+    pub max_concurrency: u32,
+    /// The scope an agent must hold to call this server's tools.
+    #[serde(default = "default_scope")]
+    pub scope: String,
+}
+
+fn default_max_concurrency() -> u32 {
+    defaults::MAX_CONCURRENCY
+}
+fn default_scope() -> String {
+    defaults::SERVER_SCOPE.to_owned()
+}
+
+/// `node.toml`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeFile {
+    /// The name the node asks for when it joins.
+    pub name: String,
+    pub data_dir: PathBuf,
+    /// Hub address, `https://HOST:PORT`.
+    pub hub: String,
+    /// Needed on first start only; afterwards the node uses its certificate.
+    #[serde(default)]
+    pub join_token: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_ms: u64,
+    #[serde(default)]
+    pub servers: Vec<McpServerConfig>,
+}
+
+fn default_heartbeat() -> u64 {
+    defaults::HEARTBEAT_MS
+}
+
+pub type NodeConfig = NodeFile;
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+}
+
+impl NodeFile {
+    pub fn validate(self, file: &str) -> Result<NodeConfig, ConfigError> {
+        if !valid_name(&self.name) {
+            return Err(invalid(
+                file,
+                "name",
+                "must be 1-63 characters of a-z, 0-9 and '-'",
+            ));
+        }
+        crate::tls::split_address(&self.hub).map_err(|e| invalid(file, "hub", e.to_string()))?;
+        if let Some(t) = &self.join_token {
+            crate::token::JoinToken::parse(t)
+                .map_err(|e| invalid(file, "join_token", e.to_string()))?;
+        }
+        if !(100..=60_000).contains(&self.heartbeat_ms) {
+            return Err(invalid(
+                file,
+                "heartbeat_ms",
+                "must be between 100 and 60000",
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, s) in self.servers.iter().enumerate() {
+            let key = |k: &str| format!("servers[{i}].{k}");
+            if !valid_name(&s.name) {
+                return Err(invalid(
+                    file,
+                    key("name"),
+                    "must be 1-63 characters of a-z, 0-9 and '-'",
+                ));
+            }
+            if !seen.insert(&s.name) {
+                return Err(invalid(
+                    file,
+                    key("name"),
+                    format!("duplicate server name {:?}", s.name),
+                ));
+            }
+            if s.command.trim().is_empty() {
+                return Err(invalid(file, key("command"), "must not be empty"));
+            }
+            if s.max_concurrency == 0 {
+                return Err(invalid(file, key("max_concurrency"), "must be at least 1"));
+            }
+            if s.scope.trim().is_empty() {
+                return Err(invalid(file, key("scope"), "must not be empty"));
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// `client.toml`, written by `flotilla dev` and read by the client commands.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientFile {
+    pub hub: Option<String>,
+    /// Path of the cluster CA certificate (PEM).
+    pub ca: Option<PathBuf>,
+    /// The agent JWT.
+    pub token: Option<String>,
+}
+
+/// Where client commands look for settings: flags first, then environment, then the file.
+#[derive(Clone, Debug)]
+pub struct ClientSettings {
+    pub hub: String,
+    pub ca: PathBuf,
+    pub token: String,
+}
+
+pub const ENV_HUB: &str = "FLOTILLA_HUB";
+pub const ENV_TOKEN: &str = "FLOTILLA_TOKEN";
+pub const ENV_CA: &str = "FLOTILLA_CA";
+pub const ENV_CONFIG: &str = "FLOTILLA_CONFIG";
+
+impl ClientSettings {
+    /// Resolves settings. `env` is passed in so tests need not touch the process environment.
+    pub fn resolve(
+        flags: ClientFile,
+        config_path: Option<&Path>,
+        default_path: &Path,
+        env: &HashMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        let env_path = env.get(ENV_CONFIG).map(PathBuf::from);
+        let path = config_path.map(Path::to_path_buf).or(env_path);
+        let file: ClientFile = match &path {
+            Some(p) => load_toml(p)?,
+            None if default_path.exists() => load_toml(default_path)?,
+            None => ClientFile::default(),
+        };
+        let name = path
+            .as_deref()
+            .unwrap_or(default_path)
+            .display()
+            .to_string();
+        let pick = |flag: Option<String>, env_key: &str, file: Option<String>| {
+            flag.or_else(|| env.get(env_key).cloned()).or(file)
+        };
+        let hub = pick(flags.hub, ENV_HUB, file.hub).ok_or_else(|| {
+            invalid(
+                &name,
+                "hub",
+                format!("no hub address: pass --hub, set {ENV_HUB}, or run `flotilla dev`"),
+            )
+        })?;
+        crate::tls::split_address(&hub).map_err(|e| invalid(&name, "hub", e.to_string()))?;
+        let ca = pick(
+            flags.ca.map(|p| p.display().to_string()),
+            ENV_CA,
+            file.ca.map(|p| p.display().to_string()),
+        )
+        .ok_or_else(|| {
+            invalid(
+                &name,
+                "ca",
+                format!("no CA certificate: pass --ca or set {ENV_CA}"),
+            )
+        })?;
+        let token = pick(flags.token, ENV_TOKEN, file.token).ok_or_else(|| {
+            invalid(
+                &name,
+                "token",
+                format!("no agent token: pass --token or set {ENV_TOKEN}"),
+            )
+        })?;
+        Ok(Self {
+            hub,
+            ca: PathBuf::from(ca),
+            token,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub(text: &str) -> Result<HubConfig, ConfigError> {
+        parse_toml::<HubFile>("hub.toml", text)?.validate("hub.toml")
+    }
+
+    #[test]
+    fn hub_config_errors_name_the_key() {
+        let e = hub("id = 1\ndata_dir = \"/x\"\nlisten = \"nope\"").unwrap_err();
+        assert!(e.to_string().contains("`listen`"), "{e}");
+        let e = hub("id = 0\ndata_dir = \"/x\"").unwrap_err();
+        assert!(e.to_string().contains("`id`"), "{e}");
+        let e = hub("id = 1\ndata_dir = \"/x\"\nlisten_typo = \"1\"").unwrap_err();
+        assert!(e.to_string().contains("listen_typo"), "{e}");
+        let ok = hub("id = 1\ndata_dir = \"/x\"\nlisten = \"127.0.0.1:0\"").unwrap();
+        assert!(ok.tls_names.contains(&"localhost".to_string()));
+    }
+
+    #[test]
+    fn node_config_errors_name_the_key() {
+        let base = "name = \"n1\"\ndata_dir = \"/x\"\nhub = \"https://127.0.0.1:1\"\n";
+        let node = |extra: &str| {
+            parse_toml::<NodeFile>("node.toml", &format!("{base}{extra}"))
+                .and_then(|f| f.validate("node.toml"))
+        };
+        node("").unwrap();
+        let e =
+            node("[[servers]]\nname = \"s\"\ncommand = \"x\"\nmax_concurrency = 0\n").unwrap_err();
+        assert!(e.to_string().contains("servers[0].max_concurrency"), "{e}");
+        let e = node("join_token = \"abc\"\n").unwrap_err();
+        assert!(e.to_string().contains("`join_token`"), "{e}");
+    }
+
+    #[test]
+    fn client_settings_precedence() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("client.toml");
+        std::fs::write(
+            &path,
+            "hub = \"https://127.0.0.1:1\"\nca = \"/ca.pem\"\ntoken = \"file\"\n",
+        )
+        .unwrap();
+        let mut env = HashMap::new();
+        env.insert(ENV_TOKEN.to_string(), "env".to_string());
+        let s = ClientSettings::resolve(ClientFile::default(), None, &path, &env).unwrap();
+        assert_eq!(s.token, "env");
+        assert_eq!(s.hub, "https://127.0.0.1:1");
+        let flags = ClientFile {
+            token: Some("flag".into()),
+            ..Default::default()
+        };
+        let s = ClientSettings::resolve(flags, None, &path, &env).unwrap();
+        assert_eq!(s.token, "flag");
+        let missing = dir.path().join("absent.toml");
+        assert!(
+            ClientSettings::resolve(ClientFile::default(), None, &missing, &HashMap::new())
+                .is_err()
+        );
+    }
+}

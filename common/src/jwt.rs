@@ -1,0 +1,184 @@
+//! Agent tokens: ES256 JWTs with pinned algorithm, checked `exp`/`iss`/`aud`, keys by `kid`.
+//! The hub keeps its signing keys in replicated state, so any hub can verify and the leader
+//! can issue.
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+pub const ISSUER: &str = "flotilla";
+pub const AUDIENCE: &str = "flotilla";
+/// The scope that opens the admin API.
+pub const ADMIN_SCOPE: &str = "admin";
+/// The tenant of a token that does not name one.
+pub const DEFAULT_TENANT: &str = "default";
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Claims {
+    pub iss: String,
+    pub aud: String,
+    pub sub: String,
+    pub tenant: String,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    pub iat: i64,
+    pub exp: i64,
+    pub jti: String,
+}
+
+impl Claims {
+    pub fn has_scope(&self, required: &str) -> bool {
+        scope_allows(&self.scopes, required)
+    }
+}
+
+/// True when `held` grants `required`: an exact match, `*`, or a `prefix:*` wildcard.
+pub fn scope_allows(held: &[String], required: &str) -> bool {
+    held.iter().any(|s| {
+        s == "*"
+            || s == required
+            || s.strip_suffix('*')
+                .is_some_and(|p| p.ends_with(':') && required.starts_with(p))
+    })
+}
+
+/// One signing key, as kept in replicated state. The private half is PKCS#8 PEM.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SigningKey {
+    pub kid: String,
+    pub private_pem: String,
+    pub public_pem: String,
+    pub created_at_ms: i64,
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKey")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SigningKey {
+    pub fn generate(now_ms: i64) -> Result<Self, JwtError> {
+        let key = rcgen::KeyPair::generate().map_err(|e| JwtError::Key(e.to_string()))?;
+        Ok(Self {
+            kid: crate::random_id(8),
+            private_pem: key.serialize_pem(),
+            public_pem: key.public_key_pem(),
+            created_at_ms: now_ms,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JwtError {
+    #[error("missing bearer token: send `authorization: Bearer <jwt>`")]
+    Missing,
+    #[error("token has no key id (kid)")]
+    NoKid,
+    #[error("token signed by unknown key {0:?}")]
+    UnknownKey(String),
+    #[error("invalid token: {0}")]
+    Invalid(#[from] jsonwebtoken::errors::Error),
+    #[error("signing key: {0}")]
+    Key(String),
+    #[error("no signing key yet: the cluster is still starting")]
+    NoSigningKey,
+}
+
+impl JwtError {
+    /// What to tell the caller: precise, without internals.
+    pub fn user_message(&self) -> String {
+        use jsonwebtoken::errors::ErrorKind as K;
+        match self {
+            JwtError::Invalid(e) => match e.kind() {
+                K::ExpiredSignature => "invalid token: it has expired; issue a new one".into(),
+                K::InvalidSignature => "invalid token: signature does not verify".into(),
+                K::InvalidIssuer => "invalid token: wrong issuer".into(),
+                K::InvalidAudience => "invalid token: wrong audience".into(),
+                K::InvalidAlgorithm => "invalid token: algorithm not accepted (ES256 only)".into(),
+                K::MissingRequiredClaim(c) => format!("invalid token: missing claim {c:?}"),
+                _ => "invalid token: malformed".into(),
+            },
+            other => other.to_string(),
+        }
+    }
+}
+
+/// Signs `claims` with `key`.
+pub fn sign(key: &SigningKey, claims: &Claims) -> Result<String, JwtError> {
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some(key.kid.clone());
+    let enc = EncodingKey::from_ec_pem(key.private_pem.as_bytes())?;
+    Ok(jsonwebtoken::encode(&header, claims, &enc)?)
+}
+
+/// Verifies a token against the known keys: ES256 only, issuer, audience and expiry checked.
+pub fn verify<'a>(
+    token: &str,
+    keys: impl IntoIterator<Item = &'a SigningKey>,
+) -> Result<Claims, JwtError> {
+    let header = jsonwebtoken::decode_header(token)?;
+    let kid = header.kid.ok_or(JwtError::NoKid)?;
+    let key = keys
+        .into_iter()
+        .find(|k| k.kid == kid)
+        .ok_or_else(|| JwtError::UnknownKey(kid.clone()))?;
+    let dec = DecodingKey::from_ec_pem(key.public_pem.as_bytes())?;
+    let mut v = Validation::new(Algorithm::ES256);
+    v.set_issuer(&[ISSUER]);
+    v.set_audience(&[AUDIENCE]);
+    v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+    v.leeway = 5;
+    Ok(jsonwebtoken::decode::<Claims>(token, &dec, &v)?.claims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(exp: i64) -> Claims {
+        Claims {
+            iss: ISSUER.into(),
+            aud: AUDIENCE.into(),
+            sub: "alice".into(),
+            tenant: "t1".into(),
+            scopes: vec!["tools".into()],
+            iat: 0,
+            exp,
+            jti: "j".into(),
+        }
+    }
+
+    fn now() -> i64 {
+        crate::now_ms() / 1000
+    }
+
+    #[test]
+    fn round_trip_and_rejections() {
+        let k1 = SigningKey::generate(0).unwrap();
+        let k2 = SigningKey::generate(0).unwrap();
+        let tok = sign(&k1, &claims(now() + 60)).unwrap();
+        assert_eq!(verify(&tok, [&k1]).unwrap().sub, "alice");
+        assert!(matches!(verify(&tok, [&k2]), Err(JwtError::UnknownKey(_))));
+        // Same kid, other key: a forged signature.
+        let forged = SigningKey {
+            kid: k1.kid.clone(),
+            ..k2.clone()
+        };
+        assert!(matches!(verify(&tok, [&forged]), Err(JwtError::Invalid(_))));
+        let expired = sign(&k1, &claims(now() - 600)).unwrap();
+        assert!(matches!(verify(&expired, [&k1]), Err(JwtError::Invalid(_))));
+        assert!(verify("not.a.jwt", [&k1]).is_err());
+    }
+
+    #[test]
+    fn scope_matching() {
+        let held = vec!["tools:*".to_string(), "admin".to_string()];
+        assert!(scope_allows(&held, "tools:time"));
+        assert!(scope_allows(&held, "admin"));
+        assert!(!scope_allows(&held, "other"));
+        assert!(!scope_allows(&["tool*".to_string()], "tools"));
+        assert!(scope_allows(&["*".to_string()], "anything"));
+    }
+}

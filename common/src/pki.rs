@@ -1,0 +1,318 @@
+//! The cluster CA and the certificates it issues: hubs get server certificates, nodes get
+//! client certificates by sending a CSR when they join. Keys are ECDSA P-256.
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use sha2::{Digest, Sha256};
+use time::{Duration, OffsetDateTime};
+
+/// How long node and hub certificates are valid.
+pub const LEAF_VALIDITY: Duration = Duration::days(90);
+const CA_VALIDITY: Duration = Duration::days(3650);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid certificate signing request: {0}")]
+    BadCsr(String),
+    #[error("invalid PEM in {0}")]
+    BadPem(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
+    move |source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A certificate and its private key, both PEM.
+#[derive(Clone)]
+pub struct CertifiedKey {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for CertifiedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertifiedKey").finish_non_exhaustive()
+    }
+}
+
+impl CertifiedKey {
+    /// Writes `NAME.pem` and `NAME.key` (mode 0600) into `dir`.
+    pub fn write(&self, dir: &Path, name: &str) -> Result<(), PkiError> {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let cert = dir.join(format!("{name}.pem"));
+        std::fs::write(&cert, &self.cert_pem).map_err(io_err(&cert))?;
+        write_secret(&dir.join(format!("{name}.key")), self.key_pem.as_bytes())
+    }
+
+    /// Reads what [`CertifiedKey::write`] wrote; `None` when the certificate is absent.
+    pub fn read(dir: &Path, name: &str) -> Result<Option<Self>, PkiError> {
+        let cert = dir.join(format!("{name}.pem"));
+        if !cert.exists() {
+            return Ok(None);
+        }
+        let key = dir.join(format!("{name}.key"));
+        Ok(Some(Self {
+            cert_pem: std::fs::read_to_string(&cert).map_err(io_err(&cert))?,
+            key_pem: std::fs::read_to_string(&key).map_err(io_err(&key))?,
+        }))
+    }
+}
+
+/// Writes a file only the owner can read.
+pub fn write_secret(path: &Path, data: &[u8]) -> Result<(), PkiError> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    opts.mode(0o600);
+    let mut f = opts.open(path).map_err(io_err(path))?;
+    f.write_all(data).map_err(io_err(path))
+}
+
+/// The cluster certificate authority.
+pub struct Ca {
+    key: KeyPair,
+    cert_pem: String,
+}
+
+impl Ca {
+    /// Generates a new self-signed CA.
+    pub fn generate(cluster_name: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{cluster_name} flotilla CA"));
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::hours(1);
+        params.not_after = now + CA_VALIDITY;
+        let cert = params.self_signed(&key)?;
+        Ok(Self {
+            cert_pem: cert.pem(),
+            key,
+        })
+    }
+
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        // Parse once to reject a malformed certificate at load time.
+        Issuer::from_ca_cert_pem(cert_pem, &key)?;
+        Ok(Self {
+            key,
+            cert_pem: cert_pem.to_owned(),
+        })
+    }
+
+    /// Loads `ca.pem`/`ca.key` from `dir`, generating them first if absent.
+    pub fn load_or_generate(dir: &Path, cluster_name: &str) -> Result<Self, PkiError> {
+        if let Some(ck) = CertifiedKey::read(dir, "ca")? {
+            return Self::from_pem(&ck.cert_pem, &ck.key_pem);
+        }
+        let ca = Self::generate(cluster_name)?;
+        CertifiedKey {
+            cert_pem: ca.cert_pem.clone(),
+            key_pem: ca.key.serialize_pem(),
+        }
+        .write(dir, "ca")?;
+        Ok(ca)
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The pin a join token carries: SHA-256 of the CA's public key (SubjectPublicKeyInfo).
+    pub fn pin(&self) -> String {
+        spki_pin(&rcgen::PublicKeyData::subject_public_key_info(&self.key))
+    }
+
+    fn issuer(&self) -> Result<Issuer<'static, &KeyPair>, PkiError> {
+        Ok(Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?)
+    }
+
+    /// Issues a server certificate for a hub, valid for `names` (DNS names or IP addresses).
+    pub fn issue_hub(&self, hub_name: &str, names: &[String]) -> Result<CertifiedKey, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = leaf_params(hub_name)?;
+        params.subject_alt_names = names.iter().map(|n| san(n)).collect::<Result<_, _>>()?;
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        // Hubs are marked so that the Raft port can refuse every other kind of peer.
+        params.organizational_unit(ROLE_HUB);
+        let cert = params.signed_by(&key, &self.issuer()?)?;
+        Ok(CertifiedKey {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Signs a node's CSR. Only the CSR's public key is used: the subject is the node id the
+    /// hub chose, and the only usage is TLS client authentication.
+    pub fn sign_node_csr(&self, csr_pem: &str, node_id: &str) -> Result<String, PkiError> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+        let mut params = leaf_params(node_id)?;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.organizational_unit(ROLE_NODE);
+        let cert = params.signed_by(&csr.public_key, &self.issuer()?)?;
+        Ok(cert.pem())
+    }
+
+    /// Issues a client certificate directly (for agents and tools that want mTLS).
+    pub fn issue_client(&self, subject: &str) -> Result<CertifiedKey, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = leaf_params(subject)?;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.organizational_unit(ROLE_AGENT);
+        let cert = params.signed_by(&key, &self.issuer()?)?;
+        Ok(CertifiedKey {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+/// Organizational unit values that mark what a certificate was issued for.
+pub const ROLE_HUB: &str = "flotilla-hub";
+pub const ROLE_NODE: &str = "flotilla-node";
+pub const ROLE_AGENT: &str = "flotilla-agent";
+
+trait ParamsExt {
+    fn organizational_unit(&mut self, ou: &str);
+}
+
+impl ParamsExt for CertificateParams {
+    fn organizational_unit(&mut self, ou: &str) {
+        self.distinguished_name
+            .push(DnType::OrganizationalUnitName, ou.to_owned());
+    }
+}
+
+fn leaf_params(common_name: &str) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name.to_owned());
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::minutes(5);
+    params.not_after = now + LEAF_VALIDITY;
+    let mut serial = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut serial);
+    serial[0] &= 0x7f;
+    params.serial_number = Some(serial.to_vec().into());
+    Ok(params)
+}
+
+fn san(name: &str) -> Result<SanType, PkiError> {
+    Ok(match name.parse::<std::net::IpAddr>() {
+        Ok(ip) => SanType::IpAddress(ip),
+        Err(_) => SanType::DnsName(name.try_into()?),
+    })
+}
+
+/// A node's own key and the CSR it sends when joining.
+pub fn node_key_and_csr(name: &str) -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate()?;
+    // A CSR carries only the subject; validity and serial are the CA's to choose.
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, name.to_owned());
+    let csr = params.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.pem()?))
+}
+
+/// `sha256:<hex>` of a DER SubjectPublicKeyInfo.
+pub fn spki_pin(spki_der: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(spki_der)))
+}
+
+/// What a peer certificate says about who presented it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerIdentity {
+    pub common_name: String,
+    pub role: String,
+}
+
+/// Reads the common name and role (organizational unit) of a DER certificate.
+pub fn peer_identity(cert_der: &[u8]) -> Option<PeerIdentity> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let subject = cert.subject();
+    let cn = subject.iter_common_name().next()?.as_str().ok()?.to_owned();
+    let role = subject
+        .iter_organizational_unit()
+        .next()
+        .and_then(|ou| ou.as_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    Some(PeerIdentity {
+        common_name: cn,
+        role,
+    })
+}
+
+/// SHA-256 pin of the public key inside a DER certificate.
+pub fn cert_spki_pin(cert_der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    Some(spki_pin(cert.public_key().raw))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_certificate_carries_only_the_hub_chosen_name_and_client_role() {
+        let ca = Ca::generate("test").unwrap();
+        let (_key, csr) = node_key_and_csr("evil-name-asked-by-node").unwrap();
+        let pem = ca.sign_node_csr(&csr, "node-7").unwrap();
+        let der = rustls_pemfile::certs(&mut pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        let id = peer_identity(&der).unwrap();
+        assert_eq!(id.common_name, "node-7");
+        assert_eq!(id.role, ROLE_NODE);
+    }
+
+    #[test]
+    fn ca_pin_matches_the_pin_read_from_its_certificate() {
+        let ca = Ca::generate("test").unwrap();
+        let der = rustls_pemfile::certs(&mut ca.cert_pem().as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(cert_spki_pin(&der).unwrap(), ca.pin());
+    }
+
+    #[test]
+    fn garbage_csr_is_rejected() {
+        let ca = Ca::generate("test").unwrap();
+        assert!(matches!(
+            ca.sign_node_csr("not a csr", "n"),
+            Err(PkiError::BadCsr(_))
+        ));
+    }
+}

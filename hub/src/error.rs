@@ -1,0 +1,49 @@
+//! The hub's error kinds and their one mapping to gRPC status codes. Callers get a clear,
+//! safe message; internal details go to the log only.
+
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// Retryable: no leader, not the leader, shutting down.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub type HubResult<T> = Result<T, HubError>;
+
+impl From<HubError> for Status {
+    fn from(e: HubError) -> Self {
+        let (code, msg) = match e {
+            HubError::Unauthenticated(m) => (Code::Unauthenticated, m),
+            HubError::PermissionDenied(m) => (Code::PermissionDenied, m),
+            HubError::NotFound(m) => (Code::NotFound, m),
+            HubError::InvalidArgument(m) => (Code::InvalidArgument, m),
+            HubError::FailedPrecondition(m) => (Code::FailedPrecondition, m),
+            HubError::AlreadyExists(m) => (Code::AlreadyExists, m),
+            HubError::Unavailable(m) => (Code::Unavailable, m),
+            HubError::Internal(m) => {
+                tracing::error!(error = %m, "internal error");
+                (
+                    Code::Internal,
+                    "internal error; the hub log has the details".to_owned(),
+                )
+            }
+        };
+        Status::new(code, msg)
+    }
+}

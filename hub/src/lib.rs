@@ -1,0 +1,15 @@
+//! The Flotilla hub: Raft-replicated state (openraft on sled), the scheduler, node sessions
+//! and the gRPC services agents, nodes and admins call.
+
+pub mod app;
+pub mod auth;
+pub mod convert;
+pub mod error;
+pub mod events;
+pub mod raft;
+pub mod scheduler;
+pub mod service;
+pub mod sessions;
+pub mod state;
+
+pub use app::{run, Hub, ADMIN_TOKEN_FILE};

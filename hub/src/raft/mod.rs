@@ -1,0 +1,57 @@
+//! Raft for the hub group, split the way openraft's examples split it: `store` (log on
+//! sled), `sm` (state machine: in memory, durable through snapshots and the log),
+//! `network` (RPC client between hubs).
+
+#![allow(clippy::result_large_err)] // openraft's StorageError is large; every storage fn returns it
+
+pub mod network;
+pub mod sm;
+pub mod store;
+
+use std::{io::Cursor, path::Path, sync::Arc};
+
+use crate::state::{Command, Response, State};
+
+openraft::declare_raft_types!(
+    /// Type config of the hub Raft group.
+    pub TypeConfig:
+        D = Command,
+        R = Response,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type NodeId = u64;
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type StorageResult<T> = Result<T, openraft::StorageError<NodeId>>;
+
+impl Default for Response {
+    /// What blank and membership entries answer.
+    fn default() -> Self {
+        Response::Done
+    }
+}
+
+/// Told about every applied command, on every hub, in log order, while the state is locked.
+pub trait ApplyHook: Send + Sync + 'static {
+    fn applied(&self, state: &State, cmd: &Command, resp: &Response);
+    /// The whole state was replaced by a snapshot.
+    fn replaced(&self, state: &State);
+}
+
+/// Opens (or creates) the sled database at `path` and builds both stores on it.
+pub fn open(
+    path: &Path,
+    hooks: Arc<dyn ApplyHook>,
+) -> anyhow::Result<(store::LogStore, sm::StateMachineStore)> {
+    let db = sled::Config::new()
+        .path(path)
+        .open()
+        .map_err(|e| anyhow::anyhow!("opening raft storage at {}: {e}", path.display()))?;
+    let log = store::LogStore::new(db.clone())?;
+    let sm = sm::StateMachineStore::new(db, hooks)?;
+    Ok((log, sm))
+}

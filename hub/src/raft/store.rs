@@ -1,0 +1,282 @@
+//! The Raft log, vote and committed index on sled. An append is acknowledged to openraft
+//! only after sled has flushed it to disk.
+//!
+//! Layout (one `sled::Db`):
+//! - tree `logs`: key = big-endian `u64` log index, value = JSON `Entry<TypeConfig>`
+//! - tree `meta`: `vote`, `committed`, `last_purged` (JSON)
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::Bound;
+use std::ops::RangeBounds;
+
+use openraft::storage::LogFlushed;
+use openraft::storage::RaftLogStorage;
+use openraft::AnyError;
+use openraft::Entry;
+use openraft::ErrorSubject;
+use openraft::ErrorVerb;
+use openraft::LogId;
+use openraft::LogState;
+use openraft::OptionalSend;
+use openraft::RaftLogReader;
+use openraft::StorageError;
+use openraft::StorageIOError;
+use openraft::Vote;
+use serde::Deserialize;
+
+use super::NodeId;
+use super::StorageResult;
+use super::TypeConfig;
+
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_LAST_PURGED: &[u8] = b"last_purged";
+
+/// Log store. Cheap to clone (sled handles are reference counted); the clone is also the
+/// `LogReader` handed to replication tasks.
+#[derive(Debug, Clone)]
+pub struct LogStore {
+    db: sled::Db,
+    logs: sled::Tree,
+    meta: sled::Tree,
+}
+
+/// Only the log id of a stored entry (serde ignores the `payload` field).
+#[derive(Deserialize)]
+struct StoredLogId {
+    log_id: LogId<NodeId>,
+}
+
+fn idx_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn io_err(
+    subject: ErrorSubject<NodeId>,
+    verb: ErrorVerb,
+    e: impl std::error::Error + 'static,
+) -> StorageError<NodeId> {
+    StorageIOError::new(subject, verb, AnyError::new(&e)).into()
+}
+
+impl LogStore {
+    pub fn new(db: sled::Db) -> StorageResult<Self> {
+        let logs = db
+            .open_tree("logs")
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+        let meta = db
+            .open_tree("meta")
+            .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e))?;
+        Ok(Self { db, logs, meta })
+    }
+
+    fn get_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+        subject: ErrorSubject<NodeId>,
+    ) -> StorageResult<Option<T>> {
+        let Some(bytes) = self
+            .meta
+            .get(key)
+            .map_err(|e| io_err(subject.clone(), ErrorVerb::Read, e))?
+        else {
+            return Ok(None);
+        };
+        let v = serde_json::from_slice(&bytes).map_err(|e| io_err(subject, ErrorVerb::Read, e))?;
+        Ok(Some(v))
+    }
+
+    fn put_meta<T: serde::Serialize>(
+        &self,
+        key: &[u8],
+        v: &T,
+        subject: ErrorSubject<NodeId>,
+    ) -> StorageResult<()> {
+        let bytes =
+            serde_json::to_vec(v).map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
+        self.meta
+            .insert(key, bytes)
+            .map_err(|e| io_err(subject, ErrorVerb::Write, e))?;
+        Ok(())
+    }
+
+    async fn flush(&self, subject: ErrorSubject<NodeId>) -> StorageResult<()> {
+        // sled flushes the whole Db (all trees share one pagecache/log).
+        self.db
+            .flush_async()
+            .await
+            .map_err(|e| io_err(subject, ErrorVerb::Write, e))?;
+        Ok(())
+    }
+
+    fn last_purged(&self) -> StorageResult<Option<LogId<NodeId>>> {
+        self.get_meta(KEY_LAST_PURGED, ErrorSubject::Logs)
+    }
+
+    /// Remove all log keys in `range` with one atomic sled batch.
+    fn remove_range<R: RangeBounds<[u8; 8]>>(&self, range: R) -> StorageResult<()> {
+        let mut batch = sled::Batch::default();
+        for kv in self.logs.range(range) {
+            let (k, _) = kv.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+            batch.remove(k);
+        }
+        self.logs
+            .apply_batch(batch)
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        Ok(())
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        // Normalize to an inclusive [lo, hi] range; empty ranges return no entries.
+        let lo = match range.start_bound() {
+            Bound::Included(&i) => i,
+            Bound::Excluded(&i) => match i.checked_add(1) {
+                Some(i) => i,
+                None => return Ok(vec![]),
+            },
+            Bound::Unbounded => 0,
+        };
+        let hi = match range.end_bound() {
+            Bound::Included(&i) => i,
+            Bound::Excluded(&0) => return Ok(vec![]),
+            Bound::Excluded(&i) => i - 1,
+            Bound::Unbounded => u64::MAX,
+        };
+        if lo > hi {
+            return Ok(vec![]);
+        }
+
+        let mut entries = Vec::new();
+        for kv in self.logs.range(idx_key(lo)..=idx_key(hi)) {
+            let (k, v) = kv.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+            let entry: Entry<TypeConfig> = serde_json::from_slice(&v).map_err(|e| {
+                let index = k
+                    .as_ref()
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .unwrap_or_default();
+                StorageIOError::read_log_at_index(index, AnyError::new(&e))
+            })?;
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
+        let last_purged_log_id = self.last_purged()?;
+        let last = self
+            .logs
+            .last()
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+        let last_log_id = match last {
+            Some((_, v)) => {
+                let s: StoredLogId = serde_json::from_slice(&v)
+                    .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+                Some(s.log_id)
+            }
+            None => last_purged_log_id,
+        };
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
+        self.put_meta(KEY_VOTE, vote, ErrorSubject::Vote)?;
+        // Vote must be durable before returning.
+        self.flush(ErrorSubject::Vote).await
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
+        self.get_meta(KEY_VOTE, ErrorSubject::Vote)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
+        // Not flushed here (it would cost an fsync per commit): the next append/vote flush,
+        // or sled's periodic flush (every 500ms by default), persists it. A stale
+        // `committed` only means fewer entries are re-applied inside `Raft::new()`; the rest
+        // is re-committed and applied once the node has a leader again.
+        self.put_meta(KEY_COMMITTED, &committed, ErrorSubject::Store)
+    }
+
+    async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
+        let committed = self
+            .get_meta::<Option<LogId<NodeId>>>(KEY_COMMITTED, ErrorSubject::Store)?
+            .flatten();
+        // Defensive: openraft re-applies (last_applied, committed] from the log at startup and
+        // fails if an entry is missing. Never report a committed id beyond the last stored log
+        // (a lower committed is always safe to return).
+        let last_log_id = self.get_log_state().await?.last_log_id;
+        match (committed, last_log_id) {
+            (Some(c), Some(last)) if c.index > last.index => Ok(Some(last)),
+            (Some(_), None) => Ok(None),
+            (c, _) => Ok(c),
+        }
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            let v = serde_json::to_vec(&entry)
+                .map_err(|e| StorageIOError::write_log_entry(entry.log_id, AnyError::new(&e)))?;
+            batch.insert(&idx_key(entry.log_id.index)[..], v);
+        }
+        self.logs
+            .apply_batch(batch)
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+
+        // Entries are readable now; report them flushed only once they are on disk.
+        match self.db.flush_async().await {
+            Ok(_) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                let err = io_err(
+                    ErrorSubject::Logs,
+                    ErrorVerb::Write,
+                    io::Error::other(e.to_string()),
+                );
+                callback.log_io_completed(Err(io::Error::from(e)));
+                Err(err)
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        tracing::debug!(%log_id, "truncate logs since (inclusive)");
+        self.remove_range(idx_key(log_id.index)..)?;
+        self.flush(ErrorSubject::Logs).await
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        tracing::debug!(%log_id, "purge logs upto (inclusive)");
+        if self.last_purged()?.as_ref() >= Some(&log_id) {
+            return Ok(());
+        }
+        // Record last_purged first: if we crash between the two writes, the remaining
+        // entries <= last_purged are simply ignored/removed later, never a hole.
+        self.put_meta(KEY_LAST_PURGED, &log_id, ErrorSubject::Logs)?;
+        self.remove_range(..=idx_key(log_id.index))?;
+        Ok(())
+    }
+}

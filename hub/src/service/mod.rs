@@ -1,0 +1,5 @@
+//! The gRPC services a hub serves.
+
+pub mod admin;
+pub mod agent;
+pub mod node;

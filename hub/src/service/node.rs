@@ -1,0 +1,347 @@
+//! NodeService: joining with a token, and the long-lived session stream of each node.
+
+use std::{pin::Pin, time::Duration};
+
+use flotilla_common::token::hash_secret;
+use flotilla_proto::{
+    hub_message, node_message, node_service_server::NodeService, EventKind, HubMessage,
+    JoinRequest, JoinResponse, NodeMessage, ResultAck, TaskEvent, Welcome,
+};
+use futures::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    app::Hub,
+    auth, convert,
+    error::{HubError, HubResult},
+    sessions::LiveServer,
+    state::{self, Command, Rejection, TaskStatus},
+};
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HEARTBEAT_INTERVAL_MS: u64 = flotilla_common::config::defaults::HEARTBEAT_MS;
+
+pub struct NodeApi {
+    pub hub: Hub,
+}
+
+fn valid_node_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && !s.starts_with('-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+fn live_servers(servers: &[flotilla_proto::ServerStatus]) -> Vec<LiveServer> {
+    servers
+        .iter()
+        .map(|s| LiveServer {
+            name: s.name.clone(),
+            state: flotilla_proto::ServerState::try_from(s.state).unwrap_or_default(),
+            error: s.error.clone(),
+            running: s.running,
+        })
+        .collect()
+}
+
+type HubStream = Pin<Box<dyn Stream<Item = Result<HubMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl NodeService for NodeApi {
+    async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let r = req.into_inner();
+        let token_id = r.token_id.clone();
+        let refuse = |why: &str| {
+            // The secret is never logged; the token id is not secret.
+            tracing::warn!(token_id = %token_id, reason = why, "join refused");
+            HubError::Unauthenticated(
+                "join token is unknown, expired or used up; create a new one with `flotilla token create`".into(),
+            )
+        };
+        if !valid_node_name(&r.name) {
+            return Err(HubError::InvalidArgument(
+                "node name must be 1-63 characters of a-z, 0-9 and '-'".into(),
+            )
+            .into());
+        }
+        let hash = hash_secret(&r.token_secret);
+        let now = flotilla_common::now_ms();
+        {
+            let state = self.hub.state();
+            let ok = state.join_tokens.get(&r.token_id).is_some_and(|t| {
+                t.uses_left > 0
+                    && t.expires_at_ms > now
+                    && flotilla_common::secret_eq(&t.secret_hash, &hash)
+            });
+            if !ok {
+                return Err(refuse("unknown, expired, used up or wrong secret").into());
+            }
+            if state.nodes.contains_key(&r.name) {
+                return Err(HubError::AlreadyExists(format!(
+                    "a node named {:?} has joined already; pick another name",
+                    r.name
+                ))
+                .into());
+            }
+        }
+        // Sign first: a bad CSR must not use up the token.
+        let cert = self
+            .hub
+            .ca()
+            .sign_node_csr(&r.csr_pem, &r.name)
+            .map_err(|e| HubError::InvalidArgument(e.to_string()))?;
+        let cmd = Command::RegisterNode {
+            node_id: r.name.clone(),
+            token_id: r.token_id.clone(),
+            secret_hash: hash,
+            labels: Default::default(),
+            at_ms: now,
+        };
+        match self.hub.write(cmd).await? {
+            state::Response::Done => {}
+            state::Response::Rejected(Rejection::NodeExists(n)) => {
+                return Err(HubError::AlreadyExists(format!(
+                    "a node named {n:?} has joined already"
+                ))
+                .into())
+            }
+            state::Response::Rejected(_) => {
+                return Err(refuse("lost a race for the last use").into())
+            }
+            other => return Err(HubError::Internal(format!("join answered {other:?}")).into()),
+        }
+        tracing::info!(node_id = %r.name, token_id = %r.token_id, "node joined");
+        Ok(Response::new(JoinResponse {
+            node_id: r.name,
+            certificate_pem: cert,
+            ca_pem: self.hub.ca().cert_pem().to_owned(),
+            hub_endpoints: vec![self.hub.config().advertise.clone()],
+        }))
+    }
+
+    type SessionStream = HubStream;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<NodeMessage>>,
+    ) -> Result<Response<HubStream>, Status> {
+        let node_id = auth::node(&req)?;
+        if !self.hub.state().nodes.contains_key(&node_id) {
+            return Err(HubError::PermissionDenied(format!(
+                "node {node_id:?} is not registered in this cluster"
+            ))
+            .into());
+        }
+        self.hub.require_leader()?;
+        let mut inbound = req.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(NodeMessage {
+                msg: Some(node_message::Msg::Hello(h)),
+            }))) => h,
+            Ok(Err(e)) => return Err(e),
+            _ => {
+                return Err(
+                    HubError::InvalidArgument("a session must start with hello".into()).into(),
+                )
+            }
+        };
+        let servers = convert::offered_servers(&hello).map_err(HubError::InvalidArgument)?;
+        let live: Vec<LiveServer> = hello
+            .servers
+            .iter()
+            .map(|s| LiveServer {
+                name: s.name.clone(),
+                state: flotilla_proto::ServerState::try_from(s.state).unwrap_or_default(),
+                error: s.error.clone(),
+                running: 0,
+            })
+            .collect();
+        self.hub
+            .write(Command::NodeHello {
+                node_id: node_id.clone(),
+                labels: hello.labels.into_iter().collect(),
+                servers,
+                at_ms: flotilla_common::now_ms(),
+            })
+            .await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let session = self.hub.sessions.open(&node_id, tx.clone(), live);
+        let _ = tx
+            .send(HubMessage {
+                msg: Some(hub_message::Msg::Welcome(Welcome {
+                    node_id: node_id.clone(),
+                    heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS,
+                })),
+            })
+            .await;
+        // Assignments that may not have reached the node: send them again. The node
+        // ignores an (task, attempt) it already has.
+        let resend: Vec<HubMessage> = {
+            let state = self.hub.state();
+            state
+                .tasks
+                .values()
+                .filter(|t| t.status == TaskStatus::Assigned)
+                .filter_map(|t| {
+                    let a = t.current_attempt()?;
+                    (a.node_id == node_id)
+                        .then(|| convert::assign_message(t, &a.server, a.number, a.fence))
+                })
+                .collect()
+        };
+        for m in resend {
+            let _ = tx.send(m).await;
+        }
+        tracing::info!(node_id = %node_id, session, "node session open");
+        self.hub.wake();
+        let hub = self.hub.clone();
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(msg)) => handle(&hub, &node_id, session, &tx, msg),
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::info!(node_id = %node_id, error = %e, "node session broken");
+                        break;
+                    }
+                }
+            }
+            hub.sessions.close(&node_id, session);
+            tracing::info!(node_id = %node_id, session, "node session closed");
+            hub.wake();
+        });
+        let out = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            Ok::<_, Status>,
+        );
+        Ok(Response::new(Box::pin(out)))
+    }
+}
+
+fn handle(
+    hub: &Hub,
+    node_id: &str,
+    session: u64,
+    tx: &tokio::sync::mpsc::Sender<HubMessage>,
+    msg: NodeMessage,
+) {
+    let Some(msg) = msg.msg else { return };
+    match msg {
+        node_message::Msg::Hello(_) => {
+            tracing::warn!(node_id, "second hello on one session ignored");
+        }
+        node_message::Msg::Heartbeat(hb) => {
+            hub.sessions.heartbeat(
+                node_id,
+                session,
+                hb.cpu_percent,
+                hb.running,
+                live_servers(&hb.servers),
+            );
+            hub.wake();
+        }
+        node_message::Msg::Started(s) => {
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                let cmd = Command::StartTask {
+                    task_id: s.task_id.clone(),
+                    attempt: s.attempt,
+                    fence: s.fence,
+                    at_ms: flotilla_common::now_ms(),
+                };
+                if let Ok(state::Response::Rejected(r)) = hub.write(cmd).await {
+                    tracing::debug!(task_id = %s.task_id, attempt = s.attempt, reason = %r, "start not recorded");
+                }
+            });
+        }
+        node_message::Msg::Progress(p) => {
+            let current = hub.state().tasks.get(&p.task_id).is_some_and(|t| {
+                t.status.is_active()
+                    && t.current_attempt()
+                        .is_some_and(|a| a.number == p.attempt && a.fence == p.fence)
+            });
+            if current {
+                hub.events.progress(TaskEvent {
+                    seq: 0,
+                    task_id: p.task_id,
+                    kind: EventKind::Progress as i32,
+                    at_ms: flotilla_common::now_ms(),
+                    node_id: node_id.to_owned(),
+                    attempt: p.attempt,
+                    progress: p.progress,
+                    total: p.total,
+                    message: p.message,
+                    ..Default::default()
+                });
+            }
+        }
+        node_message::Msg::Result(r) => {
+            let hub = hub.clone();
+            let tx = tx.clone();
+            let node_id = node_id.to_owned();
+            tokio::spawn(async move {
+                if let Err(e) = record_result(&hub, &node_id, &tx, r).await {
+                    // Not acknowledged: the node sends it again after reconnecting.
+                    tracing::warn!(node_id = %node_id, error = %e, "result not recorded");
+                }
+            });
+        }
+    }
+}
+
+async fn record_result(
+    hub: &Hub,
+    node_id: &str,
+    tx: &tokio::sync::mpsc::Sender<HubMessage>,
+    r: flotilla_proto::TaskResult,
+) -> HubResult<()> {
+    let result = if r.result.is_empty() {
+        None
+    } else {
+        match serde_json::from_slice(&r.result) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::warn!(node_id, task_id = %r.task_id, error = %e, "node sent a result that is not JSON");
+                None
+            }
+        }
+    };
+    let error = if r.error.is_empty() {
+        result
+            .is_none()
+            .then(|| "node sent an unreadable result".to_owned())
+    } else {
+        Some(r.error.clone())
+    };
+    let cmd = Command::FinishTask {
+        task_id: r.task_id.clone(),
+        attempt: r.attempt,
+        fence: r.fence,
+        at_ms: flotilla_common::now_ms(),
+        result,
+        error,
+    };
+    let accepted = match hub.write(cmd).await? {
+        state::Response::TaskNow(status) => {
+            tracing::info!(node_id, task_id = %r.task_id, attempt = r.attempt, ?status, "task finished");
+            true
+        }
+        state::Response::Rejected(rej) => {
+            tracing::info!(node_id, task_id = %r.task_id, attempt = r.attempt, reason = %rej, "stale result refused");
+            false
+        }
+        other => return Err(HubError::Internal(format!("finish answered {other:?}"))),
+    };
+    let _ = tx
+        .send(HubMessage {
+            msg: Some(hub_message::Msg::ResultAck(ResultAck {
+                task_id: r.task_id,
+                attempt: r.attempt,
+                accepted,
+            })),
+        })
+        .await;
+    hub.wake();
+    Ok(())
+}

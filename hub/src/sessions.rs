@@ -1,0 +1,121 @@
+//! Nodes connected to this hub right now: their outgoing message queue and their live
+//! load. Nothing here is replicated; after a failover nodes reconnect and say hello again.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Instant,
+};
+
+use flotilla_proto::{HubMessage, ServerState};
+use tokio::sync::mpsc;
+
+#[derive(Clone, Debug)]
+pub struct LiveServer {
+    pub name: String,
+    pub state: ServerState,
+    pub error: String,
+    pub running: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct LiveNode {
+    pub session: u64,
+    pub tx: mpsc::Sender<HubMessage>,
+    pub cpu_percent: f64,
+    pub running: u32,
+    pub servers: Vec<LiveServer>,
+    pub last_seen: Instant,
+    pub last_seen_ms: i64,
+}
+
+impl LiveNode {
+    pub fn server_ready(&self, name: &str) -> bool {
+        self.servers
+            .iter()
+            .any(|s| s.name == name && s.state == ServerState::Ready)
+    }
+}
+
+#[derive(Clone, Default)]
+pub struct Sessions {
+    inner: Arc<Mutex<HashMap<String, LiveNode>>>,
+    next_session: Arc<AtomicU64>,
+}
+
+impl Sessions {
+    /// Registers a node's session, replacing an older one. Returns the session number.
+    pub fn open(
+        &self,
+        node_id: &str,
+        tx: mpsc::Sender<HubMessage>,
+        servers: Vec<LiveServer>,
+    ) -> u64 {
+        let session = self.next_session.fetch_add(1, Ordering::Relaxed) + 1;
+        let live = LiveNode {
+            session,
+            tx,
+            cpu_percent: 0.0,
+            running: 0,
+            servers,
+            last_seen: Instant::now(),
+            last_seen_ms: flotilla_common::now_ms(),
+        };
+        self.inner
+            .lock()
+            .expect("sessions lock")
+            .insert(node_id.to_owned(), live);
+        session
+    }
+
+    /// Removes the node's session if it is still `session` (a newer one stays).
+    pub fn close(&self, node_id: &str, session: u64) {
+        let mut m = self.inner.lock().expect("sessions lock");
+        if m.get(node_id).is_some_and(|l| l.session == session) {
+            m.remove(node_id);
+        }
+    }
+
+    pub fn heartbeat(
+        &self,
+        node_id: &str,
+        session: u64,
+        cpu: f64,
+        running: u32,
+        servers: Vec<LiveServer>,
+    ) {
+        let mut m = self.inner.lock().expect("sessions lock");
+        if let Some(l) = m.get_mut(node_id).filter(|l| l.session == session) {
+            l.cpu_percent = cpu;
+            l.running = running;
+            if !servers.is_empty() {
+                l.servers = servers;
+            }
+            l.last_seen = Instant::now();
+            l.last_seen_ms = flotilla_common::now_ms();
+        }
+    }
+
+    pub fn get(&self, node_id: &str) -> Option<LiveNode> {
+        self.inner
+            .lock()
+            .expect("sessions lock")
+            .get(node_id)
+            .cloned()
+    }
+
+    pub fn snapshot(&self) -> HashMap<String, LiveNode> {
+        self.inner.lock().expect("sessions lock").clone()
+    }
+
+    /// Queues a message for a node; false when it is not connected or its queue is full.
+    pub fn send(&self, node_id: &str, msg: HubMessage) -> bool {
+        match self.get(node_id) {
+            Some(l) => l.tx.try_send(msg).is_ok(),
+            None => false,
+        }
+    }
+}
