@@ -117,6 +117,86 @@ pub fn place(
     }
 }
 
+/// The scheduling loop: runs a pass whenever something changed (or every second), while
+/// this hub is the leader.
+pub async fn run(hub: crate::app::Hub, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = hub.wake_signal().notified() => {}
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if hub.is_leader() {
+            pass(&hub).await;
+        }
+    }
+}
+
+async fn pass(hub: &crate::app::Hub) {
+    use crate::state::{Command, Response};
+    let live = hub.sessions.snapshot();
+    let plans: Vec<(String, Placement)> = {
+        let state = hub.state();
+        let mut in_flight = state.active_counts();
+        let mut plans = Vec::new();
+        for t in queue_order(&state) {
+            match place(&state, &live, &in_flight, t) {
+                Ok(p) => {
+                    *in_flight
+                        .entry((p.node_id.clone(), p.server.clone()))
+                        .or_default() += 1;
+                    plans.push((t.id.clone(), p));
+                }
+                Err(reason) => hub.pending.set(&t.id, reason),
+            }
+        }
+        plans
+    };
+    let writes = plans.into_iter().map(|(task_id, p)| async move {
+        hub.pending.clear(&task_id);
+        let cmd = Command::AssignTask {
+            task_id: task_id.clone(),
+            node_id: p.node_id.clone(),
+            server: p.server.clone(),
+            at_ms: flotilla_common::now_ms(),
+        };
+        let (attempt, fence) = match hub.write(cmd).await {
+            Ok(Response::Assigned { attempt, fence }) => (attempt, fence),
+            Ok(other) => {
+                tracing::debug!(task_id, ?other, "assignment not committed");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(task_id, error = %e, "assignment not committed");
+                return;
+            }
+        };
+        let msg = {
+            let state = hub.state();
+            match state.tasks.get(&task_id) {
+                Some(t) => crate::convert::assign_message(t, &p.server, attempt, fence),
+                None => return,
+            }
+        };
+        tracing::info!(task_id, node_id = %p.node_id, server = %p.server, attempt, fence, "task assigned");
+        if !hub.sessions.send(&p.node_id, msg) {
+            // The node went away before the assignment could be sent: it never ran it.
+            let cmd = Command::RequeueTask {
+                task_id: task_id.clone(),
+                attempt,
+                fence,
+                at_ms: flotilla_common::now_ms(),
+                reason: format!("node {} disconnected before the assignment reached it", p.node_id),
+            };
+            if let Err(e) = hub.write(cmd).await {
+                tracing::warn!(task_id, error = %e, "requeue not committed");
+            }
+        }
+    });
+    futures::future::join_all(writes).await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,84 +308,4 @@ mod tests {
         let order: Vec<_> = queue_order(&s).iter().map(|t| t.id.as_str()).collect();
         assert_eq!(order, ["y", "z", "x"]);
     }
-}
-
-/// The scheduling loop: runs a pass whenever something changed (or every second), while
-/// this hub is the leader.
-pub async fn run(hub: crate::app::Hub, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            _ = hub.wake_signal().notified() => {}
-            _ = tick.tick() => {}
-            _ = stop.changed() => return,
-        }
-        if hub.is_leader() {
-            pass(&hub).await;
-        }
-    }
-}
-
-async fn pass(hub: &crate::app::Hub) {
-    use crate::state::{Command, Response};
-    let live = hub.sessions.snapshot();
-    let plans: Vec<(String, Placement)> = {
-        let state = hub.state();
-        let mut in_flight = state.active_counts();
-        let mut plans = Vec::new();
-        for t in queue_order(&state) {
-            match place(&state, &live, &in_flight, t) {
-                Ok(p) => {
-                    *in_flight
-                        .entry((p.node_id.clone(), p.server.clone()))
-                        .or_default() += 1;
-                    plans.push((t.id.clone(), p));
-                }
-                Err(reason) => hub.pending.set(&t.id, reason),
-            }
-        }
-        plans
-    };
-    let writes = plans.into_iter().map(|(task_id, p)| async move {
-        hub.pending.clear(&task_id);
-        let cmd = Command::AssignTask {
-            task_id: task_id.clone(),
-            node_id: p.node_id.clone(),
-            server: p.server.clone(),
-            at_ms: flotilla_common::now_ms(),
-        };
-        let (attempt, fence) = match hub.write(cmd).await {
-            Ok(Response::Assigned { attempt, fence }) => (attempt, fence),
-            Ok(other) => {
-                tracing::debug!(task_id, ?other, "assignment not committed");
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(task_id, error = %e, "assignment not committed");
-                return;
-            }
-        };
-        let msg = {
-            let state = hub.state();
-            match state.tasks.get(&task_id) {
-                Some(t) => crate::convert::assign_message(t, &p.server, attempt, fence),
-                None => return,
-            }
-        };
-        tracing::info!(task_id, node_id = %p.node_id, server = %p.server, attempt, fence, "task assigned");
-        if !hub.sessions.send(&p.node_id, msg) {
-            // The node went away before the assignment could be sent: it never ran it.
-            let cmd = Command::RequeueTask {
-                task_id: task_id.clone(),
-                attempt,
-                fence,
-                at_ms: flotilla_common::now_ms(),
-                reason: format!("node {} disconnected before the assignment reached it", p.node_id),
-            };
-            if let Err(e) = hub.write(cmd).await {
-                tracing::warn!(task_id, error = %e, "requeue not committed");
-            }
-        }
-    });
-    futures::future::join_all(writes).await;
 }
