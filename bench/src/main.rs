@@ -1,1 +1,227 @@
-fn main() {}
+//! `flotilla-bench`: drives N concurrent agents making tool calls through a real hub and node
+//! (separate processes, TLS, Raft commits on sled), and makes the same calls directly to the
+//! same MCP server with rmcp, side by side in one run. The difference is what Flotilla adds.
+//!
+//! Build the release binaries first, then run:
+//!   cargo build --release --bin flotilla -p flotilla-bench
+//!   target/release/flotilla-bench --agents 16 --calls 2000
+
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use clap::Parser;
+use flotilla_node::mcp_client::McpClient;
+use flotilla_proto as pb;
+use flotilla_tests::{Cluster, NodeSpec};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+struct Args {
+    /// Concurrent agents (and concurrent direct callers).
+    #[arg(long, default_value_t = 16)]
+    agents: usize,
+    /// Calls in total, per side.
+    #[arg(long, default_value_t = 2000)]
+    calls: usize,
+    /// Slots on the node's demo server.
+    #[arg(long, default_value_t = 64)]
+    max_concurrency: u32,
+    /// The flotilla binary [default: next to this one]
+    #[arg(long)]
+    flotilla: Option<PathBuf>,
+}
+
+struct Stats {
+    wall: Duration,
+    lat: Vec<Duration>,
+    errors: usize,
+}
+
+impl Stats {
+    fn pct(&self, p: f64) -> f64 {
+        if self.lat.is_empty() {
+            return 0.0;
+        }
+        let i = ((self.lat.len() as f64 - 1.0) * p).round() as usize;
+        self.lat[i].as_secs_f64() * 1000.0
+    }
+    fn rate(&self) -> f64 {
+        self.lat.len() as f64 / self.wall.as_secs_f64()
+    }
+}
+
+/// Runs `calls` calls with `conc` workers; `f` makes one call.
+async fn drive<F, Fut>(conc: usize, calls: usize, f: F) -> Stats
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let f = Arc::new(f);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let workers: Vec<_> = (0..conc)
+        .map(|_| {
+            let f = f.clone();
+            let next = next.clone();
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut errors = 0;
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= calls {
+                        break;
+                    }
+                    let t = Instant::now();
+                    match f(i).await {
+                        Ok(()) => lat.push(t.elapsed()),
+                        Err(e) => {
+                            errors += 1;
+                            if errors < 3 {
+                                eprintln!("call failed: {e:#}");
+                            }
+                        }
+                    }
+                }
+                (lat, errors)
+            })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for w in workers {
+        if let Ok((l, e)) = w.await {
+            lat.extend(l);
+            errors += e;
+        }
+    }
+    let wall = start.elapsed();
+    lat.sort();
+    Stats { wall, lat, errors }
+}
+
+fn rss_kib(pid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let bin = match args.flotilla {
+        Some(p) => p,
+        None => std::env::current_exe()?.with_file_name("flotilla"),
+    };
+    anyhow::ensure!(
+        bin.exists(),
+        "no flotilla binary at {}; build it or pass --flotilla",
+        bin.display()
+    );
+    // The harness starts processes from FLOTILLA_BIN.
+    std::env::set_var("FLOTILLA_BIN", &bin);
+
+    // Direct: the same demo MCP server, called with rmcp, no hub in between.
+    let direct = McpClient::spawn(
+        &bin.display().to_string(),
+        &["mcp-demo".into()],
+        &Default::default(),
+    )
+    .await
+    .context("starting the demo MCP server")?;
+    let d = direct.clone();
+    let direct_stats = drive(args.agents, args.calls, move |i| {
+        let d = d.clone();
+        async move {
+            let mut m = serde_json::Map::new();
+            m.insert("text".into(), json!(format!("call {i}")));
+            d.call_tool("echo", m, None, CancellationToken::new())
+                .await?;
+            Ok(())
+        }
+    })
+    .await;
+    direct.shutdown().await;
+
+    // Through Flotilla: hub + node processes, every call committed through Raft.
+    let mut cluster = Cluster::start().await?;
+    let mut spec = NodeSpec::demo("bench-1");
+    spec.servers[0].max_concurrency = args.max_concurrency;
+    cluster.add_node(spec).await?;
+    let agent = cluster.agent();
+    let through_stats = drive(args.agents, args.calls, move |i| {
+        let mut agent = agent.clone();
+        async move {
+            let id = agent
+                .submit_task(pb::SubmitTaskRequest {
+                    tool: "echo".into(),
+                    arguments: serde_json::to_vec(&json!({"text": format!("call {i}")}))?,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .task_id;
+            let mut events = agent
+                .watch_task(pb::WatchTaskRequest {
+                    task_id: id,
+                    from_seq: 1,
+                })
+                .await?
+                .into_inner();
+            while let Some(ev) = events.message().await? {
+                match pb::EventKind::try_from(ev.kind)? {
+                    pb::EventKind::Succeeded => return Ok(()),
+                    pb::EventKind::Failed | pb::EventKind::Cancelled | pb::EventKind::Lost => {
+                        anyhow::bail!("task ended {:?}: {}", ev.kind, ev.error)
+                    }
+                    _ => {}
+                }
+            }
+            anyhow::bail!("watch ended early")
+        }
+    })
+    .await;
+    let hub_rss = rss_kib(cluster.hub.pid());
+    let node_rss = cluster.nodes.get("bench-1").and_then(|n| rss_kib(n.pid()));
+
+    let row = |name: &str, s: &Stats| {
+        format!(
+            "| {name} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} |",
+            s.lat.len(),
+            s.errors,
+            s.rate(),
+            s.pct(0.5),
+            s.pct(0.99),
+            s.pct(1.0)
+        )
+    };
+    println!(
+        "agents: {}, calls per side: {}, tool: echo",
+        args.agents, args.calls
+    );
+    println!();
+    println!("| path | calls ok | errors | calls/s | p50 ms | p99 ms | max ms |");
+    println!("|---|---|---|---|---|---|---|");
+    println!("{}", row("direct rmcp to the MCP server", &direct_stats));
+    println!("{}", row("through Flotilla (hub + node)", &through_stats));
+    println!();
+    println!(
+        "throughput ratio (Flotilla / direct): {:.3}; p50 added: {:.2} ms",
+        through_stats.rate() / direct_stats.rate(),
+        through_stats.pct(0.5) - direct_stats.pct(0.5)
+    );
+    println!(
+        "RSS after the run: hub {} MiB, node {} MiB",
+        hub_rss.map_or("?".into(), |k| format!("{:.1}", k as f64 / 1024.0)),
+        node_rss.map_or("?".into(), |k| format!("{:.1}", k as f64 / 1024.0))
+    );
+    Ok(())
+}

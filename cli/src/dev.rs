@@ -268,12 +268,6 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
     )
     .await?;
 
-    let default_dir = a.data_dir.is_none();
-    let cfg_flag = if default_dir {
-        String::new()
-    } else {
-        format!(" --config {}", client_toml.display())
-    };
     println!(
         "Flotilla dev cluster is up: 1 hub at {hub_addr}, {} node(s) serving the demo MCP server.",
         a.nodes
@@ -281,13 +275,13 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
     println!("Data, logs and credentials: {}", dir.display());
     println!();
     println!("In another shell, try:");
-    println!("  flotilla{cfg_flag} call echo --args '{{\"text\":\"hi\"}}'");
-    println!("  flotilla{cfg_flag} call sleep --args '{{\"ms\":2000}}'");
-    println!("  flotilla{cfg_flag} tools");
-    println!("  flotilla{cfg_flag} nodes");
-    if !default_dir {
-        println!("(or export FLOTILLA_CONFIG={})", client_toml.display());
+    if a.data_dir.is_some() {
+        println!("  export FLOTILLA_CONFIG={}", client_toml.display());
     }
+    println!("  flotilla call echo --args '{{\"text\":\"hi\"}}'");
+    println!("  flotilla call sleep --args '{{\"ms\":2000}}'");
+    println!("  flotilla tools");
+    println!("  flotilla nodes");
     println!();
     println!("Ctrl-C stops the cluster; its state stays in the data dir.");
     Ok(())

@@ -4,7 +4,7 @@
 pub mod identity;
 pub mod load;
 pub mod mcp;
-mod mcp_client;
+pub mod mcp_client;
 pub mod session;
 
 use std::{future::Future, sync::Arc};

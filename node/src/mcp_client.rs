@@ -28,7 +28,7 @@ pub struct Progress {
 }
 
 #[derive(Debug, Clone)]
-pub(crate) struct ToolInfo {
+pub struct ToolInfo {
     pub name: String,
     pub description: Option<String>,
     pub input_schema: Value,
@@ -38,7 +38,7 @@ pub(crate) struct ToolInfo {
 }
 
 #[derive(Debug)]
-pub(crate) enum CallError {
+pub enum CallError {
     /// JSON-RPC error from the server (e.g. -32602 invalid params, unknown tool).
     Mcp(ErrorData),
     /// We cancelled the call (notifications/cancelled was sent).
@@ -186,7 +186,7 @@ struct Shared {
 
 /// Cheap to clone; all clones share one MCP session, calls may run concurrently.
 #[derive(Clone)]
-pub(crate) struct McpClient {
+pub struct McpClient {
     peer: Peer<RoleClient>,
     progress: ProgressRouter,
     shared: Arc<Shared>,
@@ -194,7 +194,7 @@ pub(crate) struct McpClient {
 
 impl McpClient {
     /// Spawn `program args` (no shell) with extra `env`, and run the MCP initialize handshake.
-    pub(crate) async fn spawn(
+    pub async fn spawn(
         program: &str,
         args: &[String],
         env: &HashMap<String, String>,
@@ -242,11 +242,11 @@ impl McpClient {
         })
     }
 
-    pub(crate) fn pid(&self) -> Option<u32> {
+    pub fn pid(&self) -> Option<u32> {
         self.shared.pid
     }
 
-    pub(crate) async fn list_tools(&self) -> Result<Vec<ToolInfo>, CallError> {
+    pub async fn list_tools(&self) -> Result<Vec<ToolInfo>, CallError> {
         let tools = self.peer.list_all_tools().await?;
         Ok(tools
             .into_iter()
@@ -267,7 +267,7 @@ impl McpClient {
     /// Call a tool. Progress notifications for this call go to `progress` (if given).
     /// Cancelling `cancel` (or dropping the returned future) sends notifications/cancelled
     /// with this request's id. Returns the CallToolResult as MCP wire JSON.
-    pub(crate) async fn call_tool(
+    pub async fn call_tool(
         &self,
         name: &str,
         args: Map<String, Value>,
@@ -307,7 +307,7 @@ impl McpClient {
     }
 
     /// Resolves when the server process exits (use it to trigger a restart).
-    pub(crate) async fn wait_exit(&self) -> Option<ExitStatus> {
+    pub async fn wait_exit(&self) -> Option<ExitStatus> {
         let mut rx = self.shared.exit.clone();
         let status = rx
             .wait_for(|s| s.is_some())
@@ -319,7 +319,7 @@ impl McpClient {
     }
 
     /// Close the session (closes the child's stdin), wait up to 3 s, then kill.
-    pub(crate) async fn shutdown(&self) -> Option<ExitStatus> {
+    pub async fn shutdown(&self) -> Option<ExitStatus> {
         if let Some(mut running) = self.shared.running.lock().await.take() {
             let _ = running.close_with_timeout(Duration::from_secs(3)).await;
         }

@@ -256,3 +256,65 @@ async fn cancellation_reaches_the_mcp_server() -> anyhow::Result<()> {
     assert_eq!(again.code(), tonic::Code::FailedPrecondition);
     Ok(())
 }
+
+#[tokio::test]
+async fn health_and_reflection_serve_generic_grpc_tools() -> anyhow::Result<()> {
+    use tonic_health::pb::{
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    };
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+
+    let c = Cluster::start().await?;
+    let mut health = HealthClient::new(c.channel());
+    for svc in [
+        "flotilla.v1.AgentService",
+        "flotilla.v1.NodeService",
+        "flotilla.v1.AdminService",
+    ] {
+        let r = health
+            .check(HealthCheckRequest {
+                service: svc.into(),
+            })
+            .await?
+            .into_inner();
+        assert_eq!(r.status, ServingStatus::Serving as i32, "{svc}");
+    }
+    let e = health
+        .check(HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+
+    let mut refl = ServerReflectionClient::new(c.channel());
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = refl
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await?
+        .into_inner();
+    let msg = resp.message().await?.expect("a reflection answer");
+    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
+        panic!("unexpected reflection answer: {msg:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for svc in [
+        "flotilla.v1.AgentService",
+        "flotilla.v1.NodeService",
+        "flotilla.v1.AdminService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == svc),
+            "{svc} missing from {names:?}"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,178 @@
+//! The CLI as a user runs it: `flotilla dev` in one process, client commands in others that
+//! find the cluster through the client config it wrote.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+};
+
+use flotilla_tests::{flotilla_bin, wait_until, READY};
+
+/// Runs a client command the way a second shell would after `flotilla dev`: no flags, no
+/// FLOTILLA_* variables, only the same home directory.
+fn flotilla(home: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(flotilla_bin())
+        .args(args)
+        .env("HOME", home)
+        .env_remove("FLOTILLA_CONFIG")
+        .env_remove("FLOTILLA_TOKEN")
+        .env_remove("FLOTILLA_HUB")
+        .env_remove("FLOTILLA_CA")
+        .output()
+        .expect("running flotilla")
+}
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn dev_cluster_then_client_commands() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let home = dir.path();
+    let mut dev = Command::new(flotilla_bin())
+        .args(["dev", "--listen", "127.0.0.1:0", "--nodes", "2"])
+        .env("HOME", home)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    // `dev` prints its banner once the nodes serve the demo tools.
+    let out = dev.stdout.take().expect("stdout");
+    let banner = tokio::task::spawn_blocking(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(out).lines() {
+            let line = line.unwrap_or_default();
+            let done = line.contains("Ctrl-C");
+            lines.push(line);
+            if done {
+                break;
+            }
+        }
+        lines.join("\n")
+    });
+    let banner = tokio::time::timeout(READY, banner).await??;
+    assert!(banner.contains("dev cluster is up"), "{banner}");
+    assert!(home.join(".flotilla/dev/client.toml").exists());
+
+    let o = flotilla(home, &["call", "echo", "--args", r#"{"text":"hi"}"#]);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(stdout(&o), "hi\n");
+
+    let o = flotilla(
+        home,
+        &[
+            "call",
+            "hash",
+            "--args",
+            r#"{"data":"abc","algorithm":"sha256"}"#,
+            "-o",
+            "json",
+        ],
+    );
+    let task: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    assert_eq!(task["state"], "succeeded");
+    assert_eq!(
+        task["result"]["content"][0]["text"],
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    let id = task["id"].as_str().expect("id").to_owned();
+    let node = task["attempts"][0]["node"]
+        .as_str()
+        .expect("node")
+        .to_owned();
+
+    let o = flotilla(home, &["task", "get", &id, "-o", "json"]);
+    let got: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    assert_eq!(got["id"], id.as_str());
+    let o = flotilla(
+        home,
+        &["task", "list", "--state", "succeeded", "-o", "json"],
+    );
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    assert!(list
+        .as_array()
+        .expect("array")
+        .iter()
+        .any(|t| t["id"] == id.as_str()));
+
+    // A failing tool: non-zero exit, the tool's message on stderr.
+    let o = flotilla(home, &["call", "fail", "--args", r#"{"message":"boom"}"#]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("boom"));
+    // Bad arguments: a precise error, non-zero exit.
+    let o = flotilla(home, &["call", "echo", "--args", r#"{"nope":1}"#]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("InvalidArgument"),
+        "{o:?}"
+    );
+
+    let o = flotilla(home, &["nodes", "-o", "json"]);
+    let nodes: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    let nodes = nodes.as_array().expect("array");
+    assert_eq!(nodes.len(), 2);
+    assert!(nodes
+        .iter()
+        .any(|n| n["id"] == node.as_str() && n["connected"] == true));
+    let zones: Vec<&str> = nodes.iter().filter_map(|n| n["zone"].as_str()).collect();
+    assert!(zones.contains(&"a") && zones.contains(&"b"), "{zones:?}");
+
+    let o = flotilla(home, &["tools"]);
+    assert!(stdout(&o).contains("sleep"));
+    let o = flotilla(home, &["cluster", "status", "-o", "json"]);
+    let st: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    assert_eq!(st["leader_id"], 1);
+    assert!(st["members"][0]["address"]
+        .as_str()
+        .expect("address")
+        .starts_with("https://127.0.0.1:"));
+
+    let o = flotilla(home, &["token", "create", "--uses", "2"]);
+    assert!(stdout(&o).starts_with("flt1."), "{o:?}");
+    let o = flotilla(
+        home,
+        &[
+            "agent-token",
+            "issue",
+            "--subject",
+            "ci",
+            "--scopes",
+            "tools",
+        ],
+    );
+    let jwt = stdout(&o).trim().to_owned();
+    assert_eq!(jwt.split('.').count(), 3, "{o:?}");
+    // The issued token works for calls but not for admin commands.
+    let o = Command::new(flotilla_bin())
+        .args([
+            "call",
+            "echo",
+            "--args",
+            r#"{"text":"as ci"}"#,
+            "--token",
+            &jwt,
+        ])
+        .env("HOME", home)
+        .output()?;
+    assert_eq!(stdout(&o), "as ci\n");
+    let o = Command::new(flotilla_bin())
+        .args(["nodes", "--token", &jwt])
+        .env("HOME", home)
+        .output()?;
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("PermissionDenied"));
+
+    // Ctrl-C (SIGINT) stops the whole cluster.
+    Command::new("kill")
+        .args(["-INT", &dev.id().to_string()])
+        .status()?;
+    let status = wait_until("dev to stop", READY, || {
+        let s = dev.try_wait().ok().flatten();
+        async move { s }
+    })
+    .await?;
+    assert!(status.success(), "{status}");
+    let o = flotilla(home, &["tools"]);
+    assert!(!o.status.success(), "the hub is gone after dev stopped");
+    Ok(())
+}
