@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/flotilla/v1/agent.proto",
         "proto/flotilla/v1/node.proto",
         "proto/flotilla/v1/admin.proto",
+        "proto/flotilla/v1/raft.proto",
     ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("flotilla_descriptor.bin"))

@@ -189,7 +189,7 @@ async fn main() -> anyhow::Result<()> {
         }
     })
     .await;
-    let hub_rss = rss_kib(cluster.hub.pid());
+    let hub_rss = rss_kib(cluster.hubs[0].proc.pid());
     let node_rss = cluster.nodes.get("bench-1").and_then(|n| rss_kib(n.pid()));
 
     let row = |name: &str, s: &Stats| {

@@ -17,6 +17,8 @@ use tokio::process::{Child, Command};
 
 /// A hub writes the address it actually listens on into this file in its data dir.
 pub(crate) const LISTEN_ADDR_FILE: &str = "listen.addr";
+/// ...and the address of its Raft port into this one.
+pub(crate) const RAFT_ADDR_FILE: &str = "raft.addr";
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Args)]
@@ -24,10 +26,11 @@ pub(crate) struct DevArgs {
     /// Where the cluster keeps its state and credentials [default: ~/.flotilla/dev]
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Address the hub listens on (port 0 picks a free port).
+    /// Address the first hub listens on; hub N uses the ports after it (API, then Raft).
+    /// Port 0 picks free ports.
     #[arg(long, default_value = flotilla_common::config::defaults::HUB_LISTEN)]
     listen: String,
-    /// Number of hubs (one for now; a replicated cluster is coming).
+    /// Number of hubs (1, 3 or 5), each a separate process.
     #[arg(long, default_value_t = 1)]
     hubs: u32,
     /// Number of nodes, each running the demo MCP server, in zones a, b, c...
@@ -145,33 +148,73 @@ pub(crate) async fn run(a: DevArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> anyhow::Result<()> {
-    // The hub.
-    let hub_dir = dir.join("hub-1");
-    std::fs::create_dir_all(&hub_dir)?;
-    let _ = std::fs::remove_file(hub_dir.join(LISTEN_ADDR_FILE));
-    let hub_cfg = HubFile {
-        id: 1,
-        data_dir: hub_dir.clone(),
-        listen: a.listen.clone(),
-        advertise: None,
-        bootstrap: true,
-        cluster_name: "flotilla-dev".into(),
-        tls_names: vec![],
-        node_ttl_ms: flotilla_common::config::defaults::NODE_TTL_MS,
+/// The API and Raft listen addresses of hub `i` (0-based): consecutive ports after `listen`.
+fn hub_addrs(listen: &str, i: u32) -> anyhow::Result<(String, String)> {
+    let addr: std::net::SocketAddr = listen
+        .parse()
+        .with_context(|| format!("--listen {listen:?} is not IP:PORT"))?;
+    if addr.port() == 0 {
+        return Ok((listen.to_owned(), listen.to_owned()));
+    }
+    let port = |k: u32| -> anyhow::Result<u16> {
+        u16::try_from(u32::from(addr.port()) + k).context("--listen port too high")
     };
-    let hub_toml = hub_dir.join("hub.toml");
-    std::fs::write(&hub_toml, toml::to_string(&hub_cfg)?)?;
-    let child = spawn(exe, "hub", &hub_toml, &hub_dir.join("hub.log"))?;
-    children.0.push(("hub-1".into(), child));
-    let addr_file = hub_dir.join(LISTEN_ADDR_FILE);
+    Ok((
+        std::net::SocketAddr::new(addr.ip(), port(2 * i)?).to_string(),
+        std::net::SocketAddr::new(addr.ip(), port(2 * i + 1)?).to_string(),
+    ))
+}
+
+async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> anyhow::Result<()> {
+    // One CA for the whole cluster.
+    let pki = dir.join("pki");
+    flotilla_common::pki::Ca::load_or_generate(&pki, "flotilla-dev")?;
+    let mut hubs = Vec::new();
+    for i in 0..a.hubs {
+        let id = u64::from(i) + 1;
+        let hub_dir = dir.join(format!("hub-{id}"));
+        std::fs::create_dir_all(&hub_dir)?;
+        let _ = std::fs::remove_file(hub_dir.join(LISTEN_ADDR_FILE));
+        let _ = std::fs::remove_file(hub_dir.join(RAFT_ADDR_FILE));
+        let (listen, raft_listen) = hub_addrs(&a.listen, i)?;
+        let hub_cfg = HubFile {
+            id,
+            data_dir: hub_dir.clone(),
+            listen,
+            advertise: None,
+            raft_listen,
+            raft_advertise: None,
+            // The first hub starts the cluster; the others are added to it below.
+            bootstrap: id == 1,
+            peers: vec![],
+            ca_cert: Some(pki.join("ca.pem")),
+            ca_key: Some(pki.join("ca.key")),
+            cluster_name: "flotilla-dev".into(),
+            tls_names: vec![],
+            node_ttl_ms: flotilla_common::config::defaults::NODE_TTL_MS,
+        };
+        let hub_toml = hub_dir.join("hub.toml");
+        std::fs::write(&hub_toml, toml::to_string(&hub_cfg)?)?;
+        let child = spawn(exe, "hub", &hub_toml, &hub_dir.join("hub.log"))?;
+        children.0.push((format!("hub-{id}"), child));
+        hubs.push((id, hub_dir));
+    }
+    let mut addrs = Vec::new();
+    for (id, hub_dir) in &hubs {
+        let api_file = hub_dir.join(LISTEN_ADDR_FILE);
+        let raft_file = hub_dir.join(RAFT_ADDR_FILE);
+        let api = wait_for(&format!("hub {id} to listen"), children, || async {
+            std::fs::read_to_string(&api_file).ok()
+        })
+        .await?;
+        let raft = std::fs::read_to_string(&raft_file)?;
+        addrs.push((*id, api, raft));
+    }
+    let hub_dir = hubs[0].1.clone();
+    let hub_addr = addrs[0].1.clone();
     let token_file = hub_dir.join(flotilla_hub::ADMIN_TOKEN_FILE);
-    let hub_addr = wait_for("the hub to listen", children, || async {
-        std::fs::read_to_string(&addr_file).ok()
-    })
-    .await?;
     let admin_token = wait_for(
-        "the hub to elect itself and issue an admin token",
+        "the first hub to elect itself and issue an admin token",
         children,
         || async {
             std::fs::read_to_string(&token_file)
@@ -184,7 +227,7 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
     // The client config other shells use.
     let client = ClientFile {
         hub: Some(hub_addr.clone()),
-        ca: Some(hub_dir.join("pki").join("ca.pem")),
+        ca: Some(pki.join("ca.pem")),
         token: Some(admin_token),
     };
     let client_toml = dir.join("client.toml");

@@ -121,17 +121,28 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Hub { config: path } => {
             let file = path.display().to_string();
             let cfg = config::load_toml::<config::HubFile>(&path)?.validate(&file)?;
-            let listener = tokio::net::TcpListener::bind(cfg.listen)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+            let bind = |addr: std::net::SocketAddr| async move {
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
+            };
+            let listeners = flotilla_hub::Listeners {
+                api: bind(cfg.listen).await?,
+                raft: bind(cfg.raft_listen).await?,
+            };
             // Tell whoever started us where we listen (port 0 picks a free port).
             std::fs::create_dir_all(&cfg.data_dir)?;
-            let bound = listener.local_addr()?;
+            let api = listeners.api.local_addr()?;
+            let raft = listeners.raft.local_addr()?;
+            std::fs::write(
+                cfg.data_dir.join(dev::RAFT_ADDR_FILE),
+                format!("https://{raft}"),
+            )?;
             std::fs::write(
                 cfg.data_dir.join(dev::LISTEN_ADDR_FILE),
-                format!("https://{bound}"),
+                format!("https://{api}"),
             )?;
-            flotilla_hub::run(cfg, listener, shutdown_signal()).await?;
+            flotilla_hub::run(cfg, listeners, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Node { config: path } => {

@@ -63,6 +63,7 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(
 /// Defaults, defined once and used by `Default` and `--help`.
 pub mod defaults {
     pub const HUB_LISTEN: &str = "127.0.0.1:7443";
+    pub const HUB_RAFT_LISTEN: &str = "127.0.0.1:7444";
     pub const CLUSTER_NAME: &str = "flotilla";
     pub const HEARTBEAT_MS: u64 = 1000;
     pub const NODE_TTL_MS: u64 = 10_000;
@@ -84,9 +85,25 @@ pub struct HubFile {
     /// The address others use to reach `listen`; defaults to `https://<listen>`.
     #[serde(default)]
     pub advertise: Option<String>,
-    /// Start a new cluster with this hub as its only voter when the data dir is empty.
+    /// Where other hubs reach this hub's Raft service (hub certificates only).
+    #[serde(default = "default_raft_listen")]
+    pub raft_listen: String,
+    /// The address other hubs use to reach `raft_listen`; defaults to `https://<raft_listen>`.
+    #[serde(default)]
+    pub raft_advertise: Option<String>,
+    /// Start a new cluster when the data dir is empty: with the `peers` as voters, or with
+    /// this hub alone when `peers` is empty. Hubs started without it wait to be added.
     #[serde(default)]
     pub bootstrap: bool,
+    /// The initial voters, this hub included (bootstrap from a static member list).
+    #[serde(default)]
+    pub peers: Vec<PeerFile>,
+    /// The cluster CA, shared by all hubs. Unset: `<data_dir>/pki/ca.pem` and `ca.key`,
+    /// generated on first start (fine for a single hub).
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub ca_key: Option<PathBuf>,
     #[serde(default = "default_cluster_name")]
     pub cluster_name: String,
     /// Names (DNS or IP) the hub certificate is valid for, besides localhost and 127.0.0.1.
@@ -99,6 +116,20 @@ pub struct HubFile {
 
 fn default_listen() -> String {
     defaults::HUB_LISTEN.to_owned()
+}
+fn default_raft_listen() -> String {
+    defaults::HUB_RAFT_LISTEN.to_owned()
+}
+
+/// One member of the initial hub cluster.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerFile {
+    pub id: u64,
+    /// API address, `https://HOST:PORT`.
+    pub api: String,
+    /// Raft address, `https://HOST:PORT`.
+    pub raft: String,
 }
 fn default_cluster_name() -> String {
     defaults::CLUSTER_NAME.to_owned()
@@ -114,7 +145,12 @@ pub struct HubConfig {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     pub advertise: String,
+    pub raft_listen: SocketAddr,
+    pub raft_advertise: String,
     pub bootstrap: bool,
+    pub peers: Vec<PeerFile>,
+    /// (certificate, key) of a shared CA, when configured.
+    pub ca: Option<(PathBuf, PathBuf)>,
     pub cluster_name: String,
     pub tls_names: Vec<String>,
     pub node_ttl_ms: u64,
@@ -156,12 +192,56 @@ impl HubFile {
             }
             None => format!("https://{listen}"),
         };
+        let raft_listen: SocketAddr = self.raft_listen.parse().map_err(|_| {
+            invalid(
+                file,
+                "raft_listen",
+                format!("{:?} is not HOST:PORT with an IP host", self.raft_listen),
+            )
+        })?;
+        let raft_advertise = match self.raft_advertise {
+            Some(a) => {
+                crate::tls::split_address(&a)
+                    .map_err(|e| invalid(file, "raft_advertise", e.to_string()))?;
+                a
+            }
+            None => format!("https://{raft_listen}"),
+        };
+        let mut ids = std::collections::HashSet::new();
+        for (i, p) in self.peers.iter().enumerate() {
+            if p.id == 0 || !ids.insert(p.id) {
+                return Err(invalid(
+                    file,
+                    format!("peers[{i}].id"),
+                    "must be positive and unique",
+                ));
+            }
+            crate::tls::split_address(&p.api)
+                .map_err(|e| invalid(file, format!("peers[{i}].api"), e.to_string()))?;
+            crate::tls::split_address(&p.raft)
+                .map_err(|e| invalid(file, format!("peers[{i}].raft"), e.to_string()))?;
+        }
+        if !self.peers.is_empty() && !ids.contains(&self.id) {
+            return Err(invalid(
+                file,
+                "peers",
+                format!("must include this hub (id {})", self.id),
+            ));
+        }
+        let ca = match (self.ca_cert, self.ca_key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            (Some(_), None) => return Err(invalid(file, "ca_key", "is required with ca_cert")),
+            (None, Some(_)) => return Err(invalid(file, "ca_cert", "is required with ca_key")),
+        };
         let mut tls_names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
         if !listen.ip().is_unspecified() {
             tls_names.push(listen.ip().to_string());
         }
-        if let Ok((host, _)) = crate::tls::split_address(&advertise) {
-            tls_names.push(host);
+        for a in [&advertise, &raft_advertise] {
+            if let Ok((host, _)) = crate::tls::split_address(a) {
+                tls_names.push(host);
+            }
         }
         tls_names.extend(self.tls_names);
         tls_names.sort();
@@ -171,7 +251,11 @@ impl HubFile {
             data_dir: self.data_dir,
             listen,
             advertise,
+            raft_listen,
+            raft_advertise,
             bootstrap: self.bootstrap,
+            peers: self.peers,
+            ca,
             cluster_name: self.cluster_name,
             tls_names,
             node_ttl_ms: self.node_ttl_ms,

@@ -92,6 +92,26 @@ pub fn server_config(ca_pem: &str, identity: &CertifiedKey) -> Result<Arc<Server
     Ok(Arc::new(cfg))
 }
 
+/// Server side for hub-to-hub traffic: like [`server_config`], but a client certificate from
+/// the cluster CA is required (the service then checks it was issued to a hub).
+pub fn server_config_mtls(
+    ca_pem: &str,
+    identity: &CertifiedKey,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider())
+            .build()?;
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            parse_certs(&identity.cert_pem)?,
+            parse_key(&identity.key_pem)?,
+        )?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
 /// Client side, trusting the cluster CA, optionally presenting a client certificate.
 pub fn client_config(
     ca_pem: &str,

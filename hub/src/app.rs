@@ -3,26 +3,47 @@
 //! already-bound listener so tests can start hubs on port 0.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     future::Future,
     sync::{Arc, RwLock, RwLockReadGuard},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context;
 use flotilla_common::{config::HubConfig, jwt::SigningKey, pki::Ca, tls};
 use flotilla_proto as pb;
-use openraft::{error::ClientWriteError, error::RaftError, BasicNode};
+use openraft::{
+    error::{ClientWriteError, RaftError},
+    ChangeMembers,
+};
 use tokio::{net::TcpListener, sync::Notify};
 
 use crate::{
     error::{HubError, HubResult},
     events::EventLogs,
-    raft::{self, ApplyHook, Raft},
+    raft::{
+        self,
+        network::{decode, encode, Network},
+        service::{ClusterView, MemberView, MembershipChange, PeerError},
+        ApplyHook, HubNode, Raft,
+    },
     scheduler::PendingReasons,
     sessions::Sessions,
     state::{Command, Response, State},
 };
+
+/// How long a write or read waits for a leader before answering UNAVAILABLE.
+const LEADER_WAIT: Duration = Duration::from_secs(10);
+/// Metadata key carrying the leader's API address on a redirect.
+pub const LEADER_HEADER: &str = "x-flotilla-leader";
+
+/// The two listeners a hub serves on, already bound.
+pub struct Listeners {
+    /// Agents, nodes and admins.
+    pub api: TcpListener,
+    /// Other hubs (Raft).
+    pub raft: TcpListener,
+}
 
 /// Largest gRPC message accepted or sent.
 pub const MAX_MESSAGE_BYTES: usize = flotilla_common::config::defaults::MAX_MESSAGE_BYTES;
@@ -35,6 +56,7 @@ struct Inner {
     state: Arc<RwLock<State>>,
     ca: Ca,
     wake: Arc<Notify>,
+    net: Network,
 }
 
 /// A running hub's shared handles.
@@ -115,6 +137,14 @@ impl Hub {
         self.inner.raft.metrics().borrow().current_leader == Some(self.id())
     }
 
+    /// The current leader's id and node, if one is known.
+    pub fn leader(&self) -> Option<(u64, HubNode)> {
+        let m = self.inner.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let node = m.membership_config.membership().get_node(&id)?.clone();
+        Some((id, node))
+    }
+
     pub fn require_leader(&self) -> HubResult<()> {
         if self.is_leader() {
             return Ok(());
@@ -123,34 +153,253 @@ impl Hub {
     }
 
     fn not_leader(&self) -> HubError {
-        let m = self.inner.raft.metrics().borrow().clone();
-        match m.current_leader {
-            Some(l) => {
-                let addr = m
-                    .membership_config
-                    .membership()
-                    .get_node(&l)
-                    .map(|n| n.addr.clone())
-                    .unwrap_or_default();
-                HubError::Unavailable(format!("this hub is not the leader; hub {l} at {addr} is"))
-            }
+        match self.leader() {
+            Some((id, node)) => HubError::NotLeader {
+                leader_id: id,
+                leader_api: node.api,
+            },
             None => HubError::Unavailable("no leader elected yet; retry shortly".into()),
         }
     }
 
-    /// Commits a command through Raft and returns what applying it did.
+    /// Commits a command through Raft and returns what applying it did. On a follower the
+    /// command is forwarded to the leader, so any hub serves every write.
     pub async fn write(&self, cmd: Command) -> HubResult<Response> {
+        let deadline = Instant::now() + LEADER_WAIT;
+        loop {
+            let retry = match self.inner.raft.client_write(cmd.clone()).await {
+                Ok(r) => return Ok(r.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    match f.leader_node {
+                        Some(node) => match self.forward(&node, &cmd).await {
+                            Ok(r) => return Ok(r),
+                            Err(ForwardFailure::Retry(why)) => why,
+                            Err(ForwardFailure::Final(e)) => return Err(e),
+                        },
+                        None => "no leader elected yet".to_owned(),
+                    }
+                }
+                Err(RaftError::APIError(e)) => {
+                    return Err(HubError::Unavailable(format!("cannot commit: {e}")))
+                }
+                Err(RaftError::Fatal(e)) => {
+                    return Err(HubError::Unavailable(format!("raft stopped: {e}")))
+                }
+            };
+            if Instant::now() > deadline {
+                return Err(HubError::Unavailable(format!("{retry}; retry shortly")));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn forward(&self, leader: &HubNode, cmd: &Command) -> Result<Response, ForwardFailure> {
+        let mut client = self
+            .inner
+            .net
+            .client(&leader.raft)
+            .map_err(|e| ForwardFailure::Final(HubError::Internal(e.to_string())))?;
+        match client.forward(encode(cmd)).await {
+            Ok(reply) => match decode::<Result<Response, PeerError>>(reply.get_ref()) {
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err(PeerError::NotLeader)) => Err(ForwardFailure::Retry("the leader changed".into())),
+                Ok(Err(PeerError::Failed(e))) => Err(ForwardFailure::Final(HubError::Unavailable(e))),
+                Err(e) => Err(ForwardFailure::Final(HubError::Internal(format!("leader reply: {e}")))),
+            },
+            // Not connected: nothing was sent, so trying again cannot commit twice.
+            Err(s) if s.code() == tonic::Code::Unavailable && s.message().contains("connect") => {
+                Err(ForwardFailure::Retry(format!("leader unreachable: {}", s.message())))
+            }
+            Err(s) => Err(ForwardFailure::Final(HubError::Unavailable(format!(
+                "forwarding to the leader failed ({}); the outcome is unknown, retry with an idempotency key",
+                s.message()
+            )))),
+        }
+    }
+
+    /// Only on the leader: commit a forwarded command.
+    pub(crate) async fn write_as_leader(&self, cmd: Command) -> Result<Response, PeerError> {
         match self.inner.raft.client_write(cmd).await {
             Ok(r) => Ok(r.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-                Err(self.not_leader())
+                Err(PeerError::NotLeader)
             }
-            Err(RaftError::APIError(e)) => {
-                Err(HubError::Unavailable(format!("cannot commit: {e}")))
-            }
-            Err(RaftError::Fatal(e)) => Err(HubError::Internal(format!("raft stopped: {e}"))),
+            Err(e) => Err(PeerError::Failed(e.to_string())),
         }
     }
+
+    /// Only on the leader: the index a linearizable read must wait for.
+    pub(crate) async fn read_index_as_leader(&self) -> Result<u64, PeerError> {
+        match self.inner.raft.get_read_log_id().await {
+            Ok((read, _applied)) => Ok(read.map_or(0, |l| l.index)),
+            Err(RaftError::APIError(_)) => Err(PeerError::NotLeader),
+            Err(e) => Err(PeerError::Failed(e.to_string())),
+        }
+    }
+
+    /// Waits until this hub has applied everything committed before the call: a read after
+    /// it sees every write acknowledged before it, whichever hub took the write.
+    pub async fn read_barrier(&self) -> HubResult<()> {
+        let deadline = Instant::now() + LEADER_WAIT;
+        let index = loop {
+            let r = if self.is_leader() {
+                self.read_index_as_leader().await
+            } else if let Some((_, node)) = self.leader() {
+                match self.inner.net.client(&node.raft) {
+                    Ok(mut c) => match c.read_index(encode(&())).await {
+                        Ok(reply) => decode::<Result<u64, PeerError>>(reply.get_ref())
+                            .unwrap_or_else(|e| Err(PeerError::Failed(e.to_string()))),
+                        Err(s) => Err(PeerError::Failed(s.message().to_owned())),
+                    },
+                    Err(e) => Err(PeerError::Failed(e.to_string())),
+                }
+            } else {
+                Err(PeerError::NotLeader)
+            };
+            match r {
+                Ok(i) => break i,
+                Err(e) if Instant::now() > deadline => {
+                    return Err(HubError::Unavailable(format!(
+                        "cannot confirm a consistent read: {e}"
+                    )))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        self.inner
+            .raft
+            .wait(Some(LEADER_WAIT))
+            .applied_index_at_least(Some(index), "read barrier")
+            .await
+            .map_err(|e| HubError::Unavailable(format!("this hub is behind: {e}")))?;
+        Ok(())
+    }
+
+    /// Adds or removes a hub (on the leader; forwarded from a follower).
+    pub async fn change_membership(&self, change: MembershipChange) -> HubResult<()> {
+        let deadline = Instant::now() + LEADER_WAIT;
+        loop {
+            let r = if self.is_leader() {
+                self.change_membership_as_leader(change.clone()).await
+            } else if let Some((_, node)) = self.leader() {
+                match self.inner.net.client(&node.raft) {
+                    Ok(mut c) => match c.change_membership(encode(&change)).await {
+                        Ok(reply) => decode::<Result<(), PeerError>>(reply.get_ref())
+                            .unwrap_or_else(|e| Err(PeerError::Failed(e.to_string()))),
+                        Err(s) => Err(PeerError::Failed(s.message().to_owned())),
+                    },
+                    Err(e) => Err(PeerError::Failed(e.to_string())),
+                }
+            } else {
+                Err(PeerError::NotLeader)
+            };
+            match r {
+                Ok(()) => return Ok(()),
+                Err(PeerError::NotLeader) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => {
+                    return Err(HubError::FailedPrecondition(format!(
+                        "membership change failed: {e}"
+                    )))
+                }
+            }
+        }
+    }
+
+    pub(crate) async fn change_membership_as_leader(
+        &self,
+        change: MembershipChange,
+    ) -> Result<(), PeerError> {
+        let map = |e: RaftError<u64, ClientWriteError<u64, HubNode>>| match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => PeerError::NotLeader,
+            other => PeerError::Failed(other.to_string()),
+        };
+        let raft = &self.inner.raft;
+        match change {
+            MembershipChange::Add { id, node } => {
+                tracing::info!(hub = id, %node, "adding hub as learner");
+                raft.add_learner(id, node, true).await.map_err(map)?;
+                tracing::info!(hub = id, "learner caught up; promoting to voter");
+                raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                    .await
+                    .map_err(map)?;
+            }
+            MembershipChange::Remove { id } => {
+                tracing::info!(hub = id, "removing hub");
+                raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+                    .await
+                    .map_err(map)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// This hub's own view of the cluster.
+    pub fn local_view(&self) -> ClusterView {
+        let m = self.inner.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: Vec<u64> = membership.voter_ids().collect();
+        let last = m.last_log_index.unwrap_or(0);
+        let replication = m.replication.clone().unwrap_or_default();
+        let members = membership
+            .nodes()
+            .map(|(id, node)| {
+                let matched = if Some(*id) == m.current_leader && *id == m.id {
+                    Some(last)
+                } else {
+                    replication.get(id).map(|l| l.map_or(0, |l| l.index))
+                };
+                MemberView {
+                    id: *id,
+                    api: node.api.clone(),
+                    raft: node.raft.clone(),
+                    role: if Some(*id) == m.current_leader {
+                        "leader"
+                    } else if voters.contains(id) {
+                        "follower"
+                    } else {
+                        "learner"
+                    }
+                    .into(),
+                    matched_index: matched.unwrap_or(0),
+                    lag: matched.map_or(0, |x| last.saturating_sub(x)),
+                }
+            })
+            .collect();
+        ClusterView {
+            this_hub: m.id,
+            leader_id: m.current_leader,
+            term: m.current_term,
+            last_log_index: last,
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            members,
+        }
+    }
+
+    /// The leader's view when it can be reached (it knows replication lag), else our own.
+    pub async fn cluster_view(&self) -> ClusterView {
+        if !self.is_leader() {
+            if let Some((_, node)) = self.leader() {
+                if let Ok(mut c) = self.inner.net.client(&node.raft) {
+                    if let Ok(Ok(reply)) =
+                        tokio::time::timeout(Duration::from_secs(2), c.status(encode(&()))).await
+                    {
+                        if let Ok(mut v) = decode::<ClusterView>(reply.get_ref()) {
+                            v.this_hub = self.id();
+                            return v;
+                        }
+                    }
+                }
+            }
+        }
+        self.local_view()
+    }
+}
+
+enum ForwardFailure {
+    Retry(String),
+    Final(HubError),
 }
 
 fn raft_config() -> anyhow::Result<Arc<openraft::Config>> {
@@ -166,26 +415,49 @@ fn raft_config() -> anyhow::Result<Arc<openraft::Config>> {
     Ok(Arc::new(cfg.validate().context("raft configuration")?))
 }
 
-/// Starts a hub on `listener` and serves until `shutdown` resolves.
+/// Loads the shared CA named in the config, or the hub's own under `<data_dir>/pki`
+/// (generated on first start).
+fn load_ca(config: &HubConfig) -> anyhow::Result<Ca> {
+    match &config.ca {
+        Some((cert, key)) => {
+            let cert_pem = std::fs::read_to_string(cert)
+                .with_context(|| format!("reading {}", cert.display()))?;
+            let key_pem = std::fs::read_to_string(key)
+                .with_context(|| format!("reading {}", key.display()))?;
+            Ok(Ca::from_pem(&cert_pem, &key_pem)?)
+        }
+        None => Ok(Ca::load_or_generate(
+            &config.data_dir.join("pki"),
+            &config.cluster_name,
+        )?),
+    }
+}
+
+/// Starts a hub on already-bound listeners and serves until `shutdown` resolves.
 pub async fn run(
     mut config: HubConfig,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let bound = listener.local_addr()?;
+    let api_addr = listeners.api.local_addr()?;
+    let raft_addr = listeners.raft.local_addr()?;
+    // Listening on port 0: advertise the ports actually bound.
     if config.advertise.ends_with(":0") {
-        // Listening on port 0: advertise the port actually bound.
-        config.advertise = format!("https://{bound}");
+        config.advertise = format!("https://{api_addr}");
+    }
+    if config.raft_advertise.ends_with(":0") {
+        config.raft_advertise = format!("https://{raft_addr}");
     }
     let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;
-    let pki_dir = data_dir.join("pki");
-    let ca = Ca::load_or_generate(&pki_dir, &config.cluster_name).context("cluster CA")?;
+    let ca = load_ca(&config).context("cluster CA")?;
     let identity = ca
         .issue_hub(&format!("hub-{}", config.id), &config.tls_names)
         .context("hub certificate")?;
-    let tls_config = tls::server_config(ca.cert_pem(), &identity)?;
+    let api_tls = tls::server_config(ca.cert_pem(), &identity)?;
+    let raft_tls = tls::server_config_mtls(ca.cert_pem(), &identity)?;
+    let net = Network::new(tls::client_config(ca.cert_pem(), Some(&identity))?);
 
     let events = EventLogs::default();
     let wake = Arc::new(Notify::new());
@@ -195,28 +467,40 @@ pub async fn run(
     });
     let (log_store, sm_store) = raft::open(&data_dir.join("raft"), hooks)?;
     let state = sm_store.state();
-    let raft = Raft::new(
-        config.id,
-        raft_config()?,
-        raft::network::Network,
-        log_store,
-        sm_store,
-    )
-    .await
-    .context("starting raft")?;
+    let raft = Raft::new(config.id, raft_config()?, net.clone(), log_store, sm_store)
+        .await
+        .context("starting raft")?;
 
     if config.bootstrap && !raft.is_initialized().await? {
-        let mut members = BTreeMap::new();
-        members.insert(
-            config.id,
-            BasicNode {
-                addr: config.advertise.clone(),
-            },
-        );
-        raft.initialize(members)
-            .await
-            .context("bootstrapping the cluster")?;
-        tracing::info!(hub = config.id, "bootstrapped a new cluster");
+        let members: BTreeMap<u64, HubNode> = if config.peers.is_empty() {
+            BTreeMap::from([(
+                config.id,
+                HubNode {
+                    api: config.advertise.clone(),
+                    raft: config.raft_advertise.clone(),
+                },
+            )])
+        } else {
+            config
+                .peers
+                .iter()
+                .map(|p| {
+                    (
+                        p.id,
+                        HubNode {
+                            api: p.api.clone(),
+                            raft: p.raft.clone(),
+                        },
+                    )
+                })
+                .collect()
+        };
+        let ids: Vec<u64> = members.keys().copied().collect();
+        match raft.initialize(members).await {
+            Ok(()) => tracing::info!(hub = config.id, voters = ?ids, "bootstrapped a new cluster"),
+            // Another peer initialized first with the same members: nothing to do.
+            Err(e) => tracing::info!(hub = config.id, error = %e, "cluster already initialized"),
+        }
     }
 
     let hub = Hub {
@@ -226,6 +510,7 @@ pub async fn run(
             state,
             ca,
             wake,
+            net,
         }),
         events,
         sessions: Sessions::default(),
@@ -235,6 +520,7 @@ pub async fn run(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(leader_housekeeping(hub.clone(), stop_rx.clone()));
     tokio::spawn(crate::scheduler::run(hub.clone(), stop_rx.clone()));
+    tokio::spawn(follow_leadership(hub.clone(), stop_rx.clone()));
 
     let (health, health_svc) = tonic_health::server::health_reporter();
     health
@@ -267,8 +553,21 @@ pub async fn run(
         pb::admin_service_server::AdminServiceServer::new(crate::service::admin::AdminApi {
             hub: hub.clone(),
         });
+    let raft_svc = pb::raft_service_server::RaftServiceServer::new(raft::service::RaftApi {
+        hub: hub.clone(),
+    })
+    .max_decoding_message_size(64 * 1024 * 1024)
+    .max_encoding_message_size(64 * 1024 * 1024);
 
-    tracing::info!(hub = hub.id(), addr = %bound, "hub serving");
+    tracing::info!(hub = hub.id(), api = %api_addr, raft = %raft_addr, "hub serving");
+    let (raft_stop_tx, raft_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let raft_server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(raft_svc)
+            .serve_with_incoming_shutdown(tls::incoming(listeners.raft, raft_tls), async {
+                let _ = raft_stop_rx.await;
+            }),
+    );
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -277,15 +576,44 @@ pub async fn run(
         .add_service(agent)
         .add_service(node)
         .add_service(admin)
-        .serve_with_incoming_shutdown(tls::incoming(listener, tls_config), shutdown)
+        .serve_with_incoming_shutdown(tls::incoming(listeners.api, api_tls), shutdown)
         .await;
     let _ = stop_tx.send(true);
+    hub.sessions.close_all();
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");
     }
+    let _ = raft_stop_tx.send(());
+    let _ = raft_server.await;
     result.context("grpc server")?;
     tracing::info!("hub stopped");
     Ok(())
+}
+
+/// Node sessions belong with the leader: when this hub stops being leader, it ends them so
+/// the nodes reconnect to the new one.
+async fn follow_leadership(hub: Hub, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut metrics = hub.raft().metrics();
+    let mut was_leader = false;
+    loop {
+        let leader = hub.is_leader();
+        if was_leader && !leader {
+            tracing::warn!(hub = hub.id(), "lost leadership; closing node sessions");
+            hub.sessions.close_all();
+        }
+        if !was_leader && leader {
+            tracing::info!(
+                hub = hub.id(),
+                term = metrics.borrow().current_term,
+                "became leader"
+            );
+        }
+        was_leader = leader;
+        tokio::select! {
+            r = metrics.changed() => if r.is_err() { return },
+            _ = stop.changed() => return,
+        }
+    }
 }
 
 /// What only the leader does once: make sure a signing key exists, and leave a bootstrap

@@ -17,9 +17,12 @@ pub enum HubError {
     FailedPrecondition(String),
     #[error("{0}")]
     AlreadyExists(String),
-    /// Retryable: no leader, not the leader, shutting down.
+    /// Retryable: no leader, shutting down.
     #[error("{0}")]
     Unavailable(String),
+    /// This hub is not the leader and the caller must talk to the leader (node sessions).
+    #[error("this hub is not the leader; hub {leader_id} at {leader_api} is")]
+    NotLeader { leader_id: u64, leader_api: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -36,6 +39,16 @@ impl From<HubError> for Status {
             HubError::FailedPrecondition(m) => (Code::FailedPrecondition, m),
             HubError::AlreadyExists(m) => (Code::AlreadyExists, m),
             HubError::Unavailable(m) => (Code::Unavailable, m),
+            e @ HubError::NotLeader { .. } => {
+                let HubError::NotLeader { leader_api, .. } = &e else {
+                    unreachable!()
+                };
+                let mut status = Status::new(Code::Unavailable, e.to_string());
+                if let Ok(v) = leader_api.parse() {
+                    status.metadata_mut().insert(crate::app::LEADER_HEADER, v);
+                }
+                return status;
+            }
             HubError::Internal(m) => {
                 tracing::error!(error = %m, "internal error");
                 (

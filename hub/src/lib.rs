@@ -12,4 +12,4 @@ pub mod service;
 pub mod sessions;
 pub mod state;
 
-pub use app::{run, Hub, ADMIN_TOKEN_FILE};
+pub use app::{run, Hub, Listeners, ADMIN_TOKEN_FILE};

@@ -225,6 +225,7 @@ mod tests {
         LiveNode {
             session: 1,
             tx: tokio::sync::mpsc::channel(1).0,
+            ended: Default::default(),
             cpu_percent: cpu,
             running: 0,
             servers: vec![crate::sessions::LiveServer {

@@ -12,6 +12,7 @@ use std::{
 
 use flotilla_proto::{HubMessage, ServerState};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Clone, Debug)]
 pub struct LiveServer {
@@ -25,6 +26,8 @@ pub struct LiveServer {
 pub struct LiveNode {
     pub session: u64,
     pub tx: mpsc::Sender<HubMessage>,
+    /// Cancelled to end the session from the hub's side.
+    pub ended: CancellationToken,
     pub cpu_percent: f64,
     pub running: u32,
     pub servers: Vec<LiveServer>,
@@ -47,28 +50,42 @@ pub struct Sessions {
 }
 
 impl Sessions {
-    /// Registers a node's session, replacing an older one. Returns the session number.
+    /// Registers a node's session, replacing (and ending) an older one. Returns the session
+    /// number and the token that ends it.
     pub fn open(
         &self,
         node_id: &str,
         tx: mpsc::Sender<HubMessage>,
         servers: Vec<LiveServer>,
-    ) -> u64 {
+    ) -> (u64, CancellationToken) {
         let session = self.next_session.fetch_add(1, Ordering::Relaxed) + 1;
+        let ended = CancellationToken::new();
         let live = LiveNode {
             session,
             tx,
+            ended: ended.clone(),
             cpu_percent: 0.0,
             running: 0,
             servers,
             last_seen: Instant::now(),
             last_seen_ms: flotilla_common::now_ms(),
         };
-        self.inner
+        if let Some(old) = self
+            .inner
             .lock()
             .expect("sessions lock")
-            .insert(node_id.to_owned(), live);
-        session
+            .insert(node_id.to_owned(), live)
+        {
+            old.ended.cancel();
+        }
+        (session, ended)
+    }
+
+    /// Ends every session (this hub is no longer the leader, or is stopping).
+    pub fn close_all(&self) {
+        for (_, l) in self.inner.lock().expect("sessions lock").drain() {
+            l.ended.cancel();
+        }
     }
 
     /// Removes the node's session if it is still `session` (a newer one stays).

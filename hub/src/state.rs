@@ -279,6 +279,13 @@ impl State {
     fn try_apply(&mut self, index: u64, cmd: &Command) -> Result<Response, Rejection> {
         match cmd {
             Command::SubmitTask(task) => {
+                // The same submission committed twice (a forwarded write retried) is one task.
+                if self.tasks.contains_key(&task.id) {
+                    return Ok(Response::Submitted {
+                        task_id: task.id.clone(),
+                        deduplicated: true,
+                    });
+                }
                 if let Some(key) = &task.idempotency_key {
                     let ix = idempotency_index(&task.tenant, key);
                     if let Some(existing) = self.idempotency.get(&ix) {

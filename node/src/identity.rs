@@ -18,6 +18,8 @@ pub struct Identity {
     pub node_id: String,
     pub key: CertifiedKey,
     pub ca_pem: String,
+    /// Hub API addresses learned when joining.
+    pub hubs: Vec<String>,
 }
 
 fn dir(data_dir: &Path) -> PathBuf {
@@ -36,10 +38,19 @@ impl Identity {
             .context("reading identity/node-id")?
             .trim()
             .to_owned();
+        let hubs = std::fs::read_to_string(d.join("hubs"))
+            .map(|s| {
+                s.lines()
+                    .map(str::to_owned)
+                    .filter(|l| !l.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
         Ok(Some(Self {
             node_id,
             key,
             ca_pem,
+            hubs,
         }))
     }
 
@@ -48,6 +59,7 @@ impl Identity {
         self.key.write(&d, "node")?;
         std::fs::write(d.join("ca.pem"), &self.ca_pem)?;
         std::fs::write(d.join("node-id"), &self.node_id)?;
+        std::fs::write(d.join("hubs"), self.hubs.join("\n"))?;
         Ok(())
     }
 
@@ -96,6 +108,7 @@ pub async fn load_or_join(cfg: &NodeConfig) -> anyhow::Result<Identity> {
             key_pem,
         },
         ca_pem: resp.ca_pem,
+        hubs: resp.hub_endpoints,
     };
     id.save(&cfg.data_dir)?;
     tracing::info!(node_id = %id.node_id, "joined the cluster");

@@ -52,20 +52,50 @@ impl Session {
         }
     }
 
-    /// Keeps a session open until `shutdown` is cancelled.
+    /// The hubs to try, the configured one first.
+    fn endpoints(&self) -> Vec<String> {
+        let mut v = vec![self.cfg.hub.clone()];
+        for h in &self.identity.hubs {
+            if !v.contains(h) {
+                v.push(h.clone());
+            }
+        }
+        v
+    }
+
+    /// Keeps a session open until `shutdown` is cancelled. A hub that is not the leader
+    /// answers with the leader's address, and the node goes there; when a hub cannot be
+    /// reached the node tries the next one it knows.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let tls = self.identity.client_tls()?;
+        let endpoints = self.endpoints();
+        let mut next = 0usize;
+        let mut target = endpoints[0].clone();
         let mut backoff = Duration::from_millis(100);
         loop {
             let started = std::time::Instant::now();
             let result = tokio::select! {
-                r = self.once(tls.clone()) => r,
+                r = self.once(&target, tls.clone()) => r,
                 _ = shutdown.cancelled() => break,
             };
             self.work.lock().expect("work lock").out = None;
             match result {
-                Ok(()) => tracing::info!("hub closed the session; reconnecting"),
-                Err(e) => tracing::warn!(error = %e, "session with the hub ended; reconnecting"),
+                Ok(()) => tracing::info!(hub = %target, "hub closed the session; reconnecting"),
+                Err(SessionError {
+                    leader: Some(leader),
+                    ..
+                }) if leader != target => {
+                    tracing::info!(from = %target, to = %leader, "following the leader");
+                    target = leader;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(hub = %target, error = %e.message, "session with the hub ended; reconnecting");
+                    if e.unreachable {
+                        next = (next + 1) % endpoints.len();
+                        target = endpoints[next].clone();
+                    }
+                }
             }
             if started.elapsed() > Duration::from_secs(10) {
                 backoff = Duration::from_millis(100);
@@ -84,8 +114,8 @@ impl Session {
         Ok(())
     }
 
-    async fn once(&self, tls: Arc<rustls::ClientConfig>) -> anyhow::Result<()> {
-        let channel = tls::channel(&self.cfg.hub, tls)?;
+    async fn once(&self, hub: &str, tls: Arc<rustls::ClientConfig>) -> Result<(), SessionError> {
+        let channel = tls::channel(hub, tls).map_err(SessionError::other)?;
         let mut client = NodeServiceClient::new(channel)
             .max_decoding_message_size(flotilla_common::config::defaults::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(flotilla_common::config::defaults::MAX_MESSAGE_BYTES);
@@ -95,11 +125,12 @@ impl Session {
             servers: self.servers.hello_info(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
         })))
-        .await?;
+        .await
+        .map_err(SessionError::other)?;
         let mut inbound = client
             .session(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
-            .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
+            .map_err(SessionError::from_status)?
             .into_inner();
         // Connected: results the hub has not acknowledged go again.
         let pending: Vec<TaskResult> = {
@@ -108,7 +139,9 @@ impl Session {
             w.unacked.values().cloned().collect()
         };
         for r in pending {
-            tx.send(msg(node_message::Msg::Result(r))).await?;
+            tx.send(msg(node_message::Msg::Result(r)))
+                .await
+                .map_err(SessionError::other)?;
         }
         let hb = tokio::spawn(self.clone().heartbeats(tx.clone()));
         let mut tools_changed = self.servers.tools_changed();
@@ -116,7 +149,7 @@ impl Session {
         let result = async {
             loop {
                 let m = tokio::select! {
-                    m = inbound.message() => match m? {
+                    m = inbound.message() => match m.map_err(SessionError::from_status)? {
                         Some(m) => m,
                         None => break,
                     },
@@ -147,7 +180,7 @@ impl Session {
                     None => {}
                 }
             }
-            Ok::<_, anyhow::Error>(())
+            Ok::<_, SessionError>(())
         }
         .await;
         hb.abort();
@@ -248,6 +281,39 @@ impl Session {
         }
         let _ = forward.await;
         result
+    }
+}
+
+/// Why a session ended, and where to go next.
+#[derive(Debug)]
+struct SessionError {
+    message: String,
+    /// The leader's address, when the hub said it is not the leader.
+    leader: Option<String>,
+    /// The hub could not be reached at all.
+    unreachable: bool,
+}
+
+impl SessionError {
+    fn other(e: impl std::fmt::Display) -> Self {
+        Self {
+            message: e.to_string(),
+            leader: None,
+            unreachable: false,
+        }
+    }
+
+    fn from_status(s: tonic::Status) -> Self {
+        let leader = s
+            .metadata()
+            .get("x-flotilla-leader")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        Self {
+            unreachable: s.code() == tonic::Code::Unavailable && leader.is_none(),
+            message: format!("{:?}: {}", s.code(), s.message()),
+            leader,
+        }
     }
 }
 

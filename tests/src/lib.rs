@@ -196,115 +196,198 @@ impl NodeSpec {
     }
 }
 
-/// One hub and any number of nodes, each a real process.
+/// A hub process and where it listens.
+pub struct HubMember {
+    pub id: u64,
+    pub dir: PathBuf,
+    pub proc: Proc,
+    pub api: String,
+    pub raft: String,
+}
+
+/// Hubs and nodes, each a real process.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
-    pub hub: Proc,
+    pub hubs: Vec<HubMember>,
+    /// The hub address clients use (hub 1's unless changed).
     pub hub_addr: String,
     pub ca_pem: String,
     pub admin_token: String,
     pub nodes: BTreeMap<String, Proc>,
 }
 
+fn spawn_hub(dir: &Path, id: u64) -> anyhow::Result<Proc> {
+    let _ = std::fs::remove_file(dir.join("listen.addr"));
+    let _ = std::fs::remove_file(dir.join("raft.addr"));
+    let toml = dir.join("hub.toml");
+    Proc::spawn(
+        &format!("hub-{id}"),
+        &["hub", "--config", toml.to_str().unwrap_or_default()],
+        &dir.join("hub.log"),
+    )
+}
+
+async fn wait_hub_listening(proc: &mut Proc, dir: &Path) -> anyhow::Result<(String, String)> {
+    let api = wait_until("hub to listen", READY, || {
+        let exited = proc.exited();
+        let v = std::fs::read_to_string(dir.join("listen.addr")).ok();
+        async move {
+            if let Some(st) = exited {
+                panic!("hub exited early: {st}");
+            }
+            v
+        }
+    })
+    .await?;
+    let raft = std::fs::read_to_string(dir.join("raft.addr"))?;
+    Ok((api, raft))
+}
+
 impl Cluster {
-    /// Starts a bootstrapped hub on port 0 and waits until it has issued its admin token.
+    /// One bootstrapped hub on port 0.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::with_hubs(1).await
+    }
+
+    /// `n` hubs sharing one CA: hub 1 bootstraps, the others are added as learners and
+    /// promoted to voters through the admin API, as an operator would.
+    pub async fn with_hubs(n: u64) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        let hub_dir = dir.path().join("hub-1");
-        std::fs::create_dir_all(&hub_dir)?;
-        let cfg = HubFile {
-            id: 1,
-            data_dir: hub_dir.clone(),
-            listen: "127.0.0.1:0".into(),
-            advertise: None,
-            bootstrap: true,
-            cluster_name: "test".into(),
-            tls_names: vec![],
-            node_ttl_ms: 10_000,
-        };
-        std::fs::write(hub_dir.join("hub.toml"), toml::to_string(&cfg)?)?;
-        let hub = Self::spawn_hub(&hub_dir)?;
+        let pki = dir.path().join("pki");
+        let ca = flotilla_common::pki::Ca::load_or_generate(&pki, "test")?;
+        let mut hubs = Vec::new();
+        for id in 1..=n {
+            let hub_dir = dir.path().join(format!("hub-{id}"));
+            std::fs::create_dir_all(&hub_dir)?;
+            let cfg = HubFile {
+                id,
+                data_dir: hub_dir.clone(),
+                listen: "127.0.0.1:0".into(),
+                advertise: None,
+                raft_listen: "127.0.0.1:0".into(),
+                raft_advertise: None,
+                bootstrap: id == 1,
+                peers: vec![],
+                ca_cert: Some(pki.join("ca.pem")),
+                ca_key: Some(pki.join("ca.key")),
+                cluster_name: "test".into(),
+                tls_names: vec![],
+                node_ttl_ms: 10_000,
+            };
+            std::fs::write(hub_dir.join("hub.toml"), toml::to_string(&cfg)?)?;
+            let mut proc = spawn_hub(&hub_dir, id)?;
+            let (api, raft) = wait_hub_listening(&mut proc, &hub_dir).await?;
+            hubs.push(HubMember {
+                id,
+                dir: hub_dir,
+                proc,
+                api,
+                raft,
+            });
+        }
         let mut c = Self {
+            hub_addr: hubs[0].api.clone(),
             dir,
-            hub,
-            hub_addr: String::new(),
-            ca_pem: String::new(),
+            hubs,
+            ca_pem: ca.cert_pem().to_owned(),
             admin_token: String::new(),
             nodes: BTreeMap::new(),
         };
-        c.wait_hub_ready().await?;
-        Ok(c)
-    }
-
-    fn hub_dir(&self) -> PathBuf {
-        self.dir.path().join("hub-1")
-    }
-
-    fn spawn_hub(hub_dir: &Path) -> anyhow::Result<Proc> {
-        let _ = std::fs::remove_file(hub_dir.join("listen.addr"));
-        let toml = hub_dir.join("hub.toml");
-        Proc::spawn(
-            "hub-1",
-            &["hub", "--config", toml.to_str().unwrap_or_default()],
-            &hub_dir.join("hub.log"),
-        )
-    }
-
-    async fn wait_hub_ready(&mut self) -> anyhow::Result<()> {
-        let hub_dir = self.hub_dir();
-        let hub = &mut self.hub;
-        let addr = wait_until("hub to listen", READY, || {
-            let exited = hub.exited();
-            let v = std::fs::read_to_string(hub_dir.join("listen.addr")).ok();
-            async move {
-                if let Some(st) = exited {
-                    panic!("hub exited early: {st}");
-                }
-                v
-            }
-        })
-        .await?;
-        let token = wait_until("admin token", READY, || {
-            let v = std::fs::read_to_string(hub_dir.join("admin.token"))
+        let token_file = c.hubs[0].dir.join("admin.token");
+        c.admin_token = wait_until("admin token", READY, || {
+            let v = std::fs::read_to_string(&token_file)
                 .ok()
                 .filter(|t| !t.is_empty());
             async move { v }
         })
         .await?;
-        self.hub_addr = addr;
-        self.ca_pem = std::fs::read_to_string(hub_dir.join("pki").join("ca.pem"))?;
-        self.admin_token = token;
-        // Ready for writes: a join token can be created.
-        let mut admin = self.admin();
-        wait_until("hub to accept admin calls", READY, || {
+        c.wait_leader().await?;
+        for i in 1..c.hubs.len() {
+            let (id, api, raft) = (c.hubs[i].id, c.hubs[i].api.clone(), c.hubs[i].raft.clone());
+            c.admin()
+                .add_hub(pb::AddHubRequest {
+                    id,
+                    api_address: api,
+                    raft_address: raft,
+                })
+                .await
+                .with_context(|| format!("adding hub {id}"))?;
+        }
+        Ok(c)
+    }
+
+    pub fn hub(&self, id: u64) -> &HubMember {
+        self.hubs.iter().find(|h| h.id == id).expect("no such hub")
+    }
+
+    pub fn hub_mut(&mut self, id: u64) -> &mut HubMember {
+        self.hubs
+            .iter_mut()
+            .find(|h| h.id == id)
+            .expect("no such hub")
+    }
+
+    /// Waits until the hub clients use reports a leader; returns its id.
+    pub async fn wait_leader(&self) -> anyhow::Result<u64> {
+        let admin = self.admin();
+        wait_until("a leader", READY, || {
             let mut admin = admin.clone();
             async move {
-                admin
+                let s = admin
                     .cluster_status(pb::ClusterStatusRequest {})
                     .await
-                    .ok()
-                    .filter(|s| s.get_ref().leader_id != 0)
+                    .ok()?
+                    .into_inner();
+                (s.leader_id != 0).then_some(s.leader_id)
             }
         })
-        .await?;
-        admin.list_nodes(pb::ListNodesRequest {}).await?;
+        .await
+    }
+
+    /// kill -9 one hub.
+    pub fn kill_hub(&mut self, id: u64) {
+        self.hub_mut(id).proc.kill();
+    }
+
+    /// Starts a stopped hub again from its data dir, on the same addresses.
+    pub async fn start_hub(&mut self, id: u64) -> anyhow::Result<()> {
+        let h = self.hub_mut(id);
+        let toml_path = h.dir.join("hub.toml");
+        let mut cfg: HubFile = toml::from_str(&std::fs::read_to_string(&toml_path)?)?;
+        cfg.listen = h.api.trim_start_matches("https://").to_owned();
+        cfg.raft_listen = h.raft.trim_start_matches("https://").to_owned();
+        std::fs::write(&toml_path, toml::to_string(&cfg)?)?;
+        h.proc = spawn_hub(&h.dir, id)?;
+        let dir = h.dir.clone();
+        wait_hub_listening(&mut h.proc, &dir).await?;
         Ok(())
     }
 
-    /// Stops the hub (SIGTERM or kill -9) and starts it again from its data dir.
+    /// Stops hub 1 (SIGTERM or kill -9) and starts it again from its data dir.
     pub async fn restart_hub(&mut self, hard: bool) -> anyhow::Result<()> {
         if hard {
-            self.hub.kill();
+            self.hubs[0].proc.kill();
         } else {
-            self.hub.terminate();
+            self.hubs[0].proc.terminate();
         }
-        // Come back on the same address, as a real hub would, so nodes find it again.
-        let toml_path = self.hub_dir().join("hub.toml");
-        let mut cfg: HubFile = toml::from_str(&std::fs::read_to_string(&toml_path)?)?;
-        cfg.listen = self.hub_addr.trim_start_matches("https://").to_owned();
-        std::fs::write(&toml_path, toml::to_string(&cfg)?)?;
-        self.hub = Self::spawn_hub(&self.hub_dir())?;
-        self.wait_hub_ready().await
+        let id = self.hubs[0].id;
+        self.start_hub(id).await?;
+        self.wait_leader().await?;
+        Ok(())
+    }
+
+    /// A channel to a given hub.
+    pub fn channel_to(&self, id: u64) -> Channel {
+        let addr = &self.hub(id).api;
+        tls::channel(
+            addr,
+            tls::client_config(&self.ca_pem, None).expect("tls config"),
+        )
+        .expect("channel")
+    }
+
+    pub fn agent_at(&self, id: u64, token: &str) -> Agent {
+        AgentServiceClient::with_interceptor(self.channel_to(id), Bearer::new(token))
     }
 
     pub fn channel(&self) -> Channel {

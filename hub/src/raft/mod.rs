@@ -1,14 +1,17 @@
 //! Raft for the hub group, split the way openraft's examples split it: `store` (log on
 //! sled), `sm` (state machine: in memory, durable through snapshots and the log),
-//! `network` (RPC client between hubs).
+//! `network` (RPC client between hubs), `service` (RPC server between hubs).
 
 #![allow(clippy::result_large_err)] // openraft's StorageError is large; every storage fn returns it
 
 pub mod network;
+pub mod service;
 pub mod sm;
 pub mod store;
 
 use std::{io::Cursor, path::Path, sync::Arc};
+
+use serde::{Deserialize, Serialize};
 
 use crate::state::{Command, Response, State};
 
@@ -18,13 +21,26 @@ openraft::declare_raft_types!(
         D = Command,
         R = Response,
         NodeId = u64,
-        Node = openraft::BasicNode,
+        Node = HubNode,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = Cursor<Vec<u8>>,
         AsyncRuntime = openraft::TokioRuntime,
 );
 
 pub type NodeId = u64;
+
+/// A hub as Raft knows it: where agents and nodes reach it, and where hubs reach its Raft port.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HubNode {
+    pub api: String,
+    pub raft: String,
+}
+
+impl std::fmt::Display for HubNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "api={} raft={}", self.api, self.raft)
+    }
+}
 pub type Raft = openraft::Raft<TypeConfig>;
 pub type StorageResult<T> = Result<T, openraft::StorageError<NodeId>>;
 

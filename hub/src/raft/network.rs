@@ -1,66 +1,161 @@
-//! Raft RPC client between hubs. With a single voter no RPC is ever sent; the gRPC transport
-//! between hubs (on its own port, hub certificates only) replaces this when clusters grow.
+//! Raft RPC client between hubs: gRPC over TLS 1.3 with the hub's own certificate, to the
+//! peer's Raft port. openraft's request and response types travel as JSON.
 
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use flotilla_common::tls;
+use flotilla_proto::{raft_service_client::RaftServiceClient, RaftMessage};
 use openraft::{
-    error::{InstallSnapshotError, RPCError, RaftError, Unreachable},
+    error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable},
     network::{RPCOption, RaftNetwork, RaftNetworkFactory},
     raft::{
         AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest,
         InstallSnapshotResponse, VoteRequest, VoteResponse,
     },
-    BasicNode,
 };
+use serde::{de::DeserializeOwned, Serialize};
+use tonic::transport::Channel;
 
-use super::{NodeId, TypeConfig};
+use super::{HubNode, NodeId, TypeConfig};
 
-pub struct Network;
+/// Makes clients to other hubs; channels are cached per peer address.
+#[derive(Clone)]
+pub struct Network {
+    tls: Arc<rustls::ClientConfig>,
+    channels: Arc<std::sync::Mutex<HashMap<String, Channel>>>,
+}
+
+impl Network {
+    pub fn new(tls: Arc<rustls::ClientConfig>) -> Self {
+        Self {
+            tls,
+            channels: Arc::default(),
+        }
+    }
+
+    /// A client for the Raft service at `addr`.
+    pub fn client(&self, addr: &str) -> Result<RaftServiceClient<Channel>, tls::TlsError> {
+        let mut m = self.channels.lock().expect("channel cache");
+        let ch = match m.get(addr) {
+            Some(c) => c.clone(),
+            None => {
+                let c = tls::channel(addr, self.tls.clone())?;
+                m.insert(addr.to_owned(), c.clone());
+                c
+            }
+        };
+        Ok(RaftServiceClient::new(ch)
+            .max_decoding_message_size(64 * 1024 * 1024)
+            .max_encoding_message_size(64 * 1024 * 1024))
+    }
+}
 
 pub struct Client {
     target: NodeId,
+    addr: String,
+    net: Network,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Client;
-    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Client {
-        Client { target }
+    async fn new_client(&mut self, target: NodeId, node: &HubNode) -> Client {
+        Client {
+            target,
+            addr: node.raft.clone(),
+            net: self.clone(),
+        }
     }
 }
 
+/// Encodes a request as a RaftMessage.
+pub fn encode<T: Serialize>(v: &T) -> RaftMessage {
+    RaftMessage {
+        json: serde_json::to_vec(v).unwrap_or_default(),
+    }
+}
+
+pub fn decode<T: DeserializeOwned>(m: &RaftMessage) -> Result<T, serde_json::Error> {
+    serde_json::from_slice(&m.json)
+}
+
 impl Client {
-    fn unreachable<E: std::error::Error>(&self) -> RPCError<NodeId, BasicNode, E> {
-        let e = std::io::Error::other(format!(
-            "hub {} is unreachable: this build has no hub-to-hub transport yet",
-            self.target
-        ));
-        RPCError::Unreachable(Unreachable::new(&e))
+    /// Sends one RPC; `call` picks the method. Transport failures are `Unreachable` (openraft
+    /// backs off) and the remote's own error comes back as `RemoteError`.
+    async fn rpc<Req, Resp, E, F, Fut>(
+        &self,
+        req: &Req,
+        timeout: Duration,
+        call: F,
+    ) -> Result<Resp, RPCError<NodeId, HubNode, E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+        F: FnOnce(RaftServiceClient<Channel>, RaftMessage) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<RaftMessage>, tonic::Status>>,
+    {
+        let client = self
+            .net
+            .client(&self.addr)
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let reply = match tokio::time::timeout(timeout, call(client, encode(req))).await {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(status)) => {
+                let e = std::io::Error::other(format!("hub {}: {}", self.target, status.message()));
+                return Err(if status.code() == tonic::Code::Unavailable {
+                    RPCError::Unreachable(Unreachable::new(&e))
+                } else {
+                    RPCError::Network(NetworkError::new(&e))
+                });
+            }
+            Err(_) => {
+                let e = std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("hub {} timed out", self.target),
+                );
+                return Err(RPCError::Network(NetworkError::new(&e)));
+            }
+        };
+        let result: Result<Resp, E> =
+            decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
 
 impl RaftNetwork<TypeConfig> for Client {
     async fn append_entries(
         &mut self,
-        _rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        Err(self.unreachable())
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, HubNode, RaftError<NodeId>>> {
+        self.rpc(&rpc, option.hard_ttl(), |mut c, m| async move {
+            c.append_entries(m).await
+        })
+        .await
     }
 
     async fn install_snapshot(
         &mut self,
-        _rpc: InstallSnapshotRequest<TypeConfig>,
-        _option: RPCOption,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
     ) -> Result<
         InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+        RPCError<NodeId, HubNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        Err(self.unreachable())
+        self.rpc(&rpc, option.hard_ttl(), |mut c, m| async move {
+            c.install_snapshot(m).await
+        })
+        .await
     }
 
     async fn vote(
         &mut self,
-        _rpc: VoteRequest<NodeId>,
-        _option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        Err(self.unreachable())
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, HubNode, RaftError<NodeId>>> {
+        self.rpc(&rpc, option.hard_ttl(), |mut c, m| async move {
+            c.vote(m).await
+        })
+        .await
     }
 }

@@ -6,9 +6,9 @@
 use std::io::Cursor;
 use std::sync::Arc;
 
+use super::HubNode as BasicNode;
 use openraft::storage::RaftStateMachine;
 use openraft::AnyError;
-use openraft::BasicNode;
 use openraft::Entry;
 use openraft::EntryPayload;
 use openraft::ErrorSubject;

@@ -5,9 +5,10 @@ use flotilla_common::{
     token::JoinToken,
 };
 use flotilla_proto::{
-    admin_service_server::AdminService, ClusterMember, ClusterStatusRequest, ClusterStatusResponse,
-    CreateJoinTokenRequest, CreateJoinTokenResponse, IssueAgentTokenRequest,
+    admin_service_server::AdminService, AddHubRequest, ClusterMember, ClusterStatusRequest,
+    ClusterStatusResponse, CreateJoinTokenRequest, CreateJoinTokenResponse, IssueAgentTokenRequest,
     IssueAgentTokenResponse, ListNodesRequest, ListNodesResponse, NodeInfo, NodeServer,
+    RemoveHubRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -15,6 +16,10 @@ use crate::{
     app::Hub,
     auth, convert,
     error::HubError,
+    raft::{
+        service::{ClusterView, MembershipChange},
+        HubNode,
+    },
     state::{Command, JoinTokenRecord},
 };
 
@@ -187,32 +192,81 @@ impl AdminService for AdminApi {
         req: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
         auth::admin(&req, &self.hub.state())?;
-        let m = self.hub.raft().metrics().borrow().clone();
-        let membership = m.membership_config.membership();
-        let voters: Vec<u64> = membership.voter_ids().collect();
-        let members = membership
-            .nodes()
-            .map(|(id, node)| ClusterMember {
-                id: *id,
-                address: node.addr.clone(),
-                role: if Some(*id) == m.current_leader {
-                    "leader"
-                } else if voters.contains(id) {
-                    "follower"
-                } else {
-                    "learner"
-                }
-                .to_owned(),
+        Ok(Response::new(status_response(
+            self.hub.cluster_view().await,
+        )))
+    }
+
+    async fn add_hub(
+        &self,
+        req: Request<AddHubRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        let claims = auth::admin(&req, &self.hub.state())?;
+        let r = req.into_inner();
+        if r.id == 0 {
+            return Err(HubError::InvalidArgument("hub id must be positive".into()).into());
+        }
+        for (name, a) in [
+            ("api_address", &r.api_address),
+            ("raft_address", &r.raft_address),
+        ] {
+            flotilla_common::tls::split_address(a)
+                .map_err(|e| HubError::InvalidArgument(format!("{name}: {e}")))?;
+        }
+        tracing::info!(hub = r.id, by = %claims.sub, "adding hub");
+        self.hub
+            .change_membership(MembershipChange::Add {
+                id: r.id,
+                node: HubNode {
+                    api: r.api_address,
+                    raft: r.raft_address,
+                },
             })
-            .collect();
-        Ok(Response::new(ClusterStatusResponse {
-            leader_id: m.current_leader.unwrap_or(0),
-            term: m.current_term,
-            last_log_index: m.last_log_index.unwrap_or(0),
-            commit_index: m.last_applied.map_or(0, |l| l.index),
-            applied_index: m.last_applied.map_or(0, |l| l.index),
-            members,
-            this_hub: m.id,
-        }))
+            .await?;
+        Ok(Response::new(status_response(
+            self.hub.cluster_view().await,
+        )))
+    }
+
+    async fn remove_hub(
+        &self,
+        req: Request<RemoveHubRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        let claims = auth::admin(&req, &self.hub.state())?;
+        let id = req.into_inner().id;
+        let view = self.hub.cluster_view().await;
+        if !view.members.iter().any(|m| m.id == id) {
+            return Err(HubError::NotFound(format!("hub {id} is not a member")).into());
+        }
+        tracing::info!(hub = id, by = %claims.sub, "removing hub");
+        self.hub
+            .change_membership(MembershipChange::Remove { id })
+            .await?;
+        Ok(Response::new(status_response(
+            self.hub.cluster_view().await,
+        )))
+    }
+}
+
+fn status_response(v: ClusterView) -> ClusterStatusResponse {
+    ClusterStatusResponse {
+        leader_id: v.leader_id.unwrap_or(0),
+        term: v.term,
+        last_log_index: v.last_log_index,
+        commit_index: v.applied_index,
+        applied_index: v.applied_index,
+        members: v
+            .members
+            .into_iter()
+            .map(|m| ClusterMember {
+                id: m.id,
+                address: m.api,
+                role: m.role,
+                raft_address: m.raft,
+                matched_index: m.matched_index,
+                lag: m.lag,
+            })
+            .collect(),
+        this_hub: v.this_hub,
     }
 }

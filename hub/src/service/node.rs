@@ -116,7 +116,13 @@ impl NodeService for NodeApi {
             node_id: r.name,
             certificate_pem: cert,
             ca_pem: self.hub.ca().cert_pem().to_owned(),
-            hub_endpoints: vec![self.hub.config().advertise.clone()],
+            hub_endpoints: self
+                .hub
+                .local_view()
+                .members
+                .into_iter()
+                .map(|m| m.api)
+                .collect(),
         }))
     }
 
@@ -166,7 +172,7 @@ impl NodeService for NodeApi {
             })
             .await?;
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
-        let session = self.hub.sessions.open(&node_id, tx.clone(), live);
+        let (session, ended) = self.hub.sessions.open(&node_id, tx.clone(), live);
         let _ = tx
             .send(HubMessage {
                 msg: Some(hub_message::Msg::Welcome(Welcome {
@@ -196,9 +202,14 @@ impl NodeService for NodeApi {
         tracing::info!(node_id = %node_id, session, "node session open");
         self.hub.wake();
         let hub = self.hub.clone();
+        let ended_in = ended.clone();
         tokio::spawn(async move {
             loop {
-                match inbound.message().await {
+                let m = tokio::select! {
+                    m = inbound.message() => m,
+                    _ = ended_in.cancelled() => break,
+                };
+                match m {
                     Ok(Some(msg)) => handle(&hub, &node_id, session, &tx, msg),
                     Ok(None) => break,
                     Err(e) => {
@@ -211,11 +222,14 @@ impl NodeService for NodeApi {
             tracing::info!(node_id = %node_id, session, "node session closed");
             hub.wake();
         });
-        let out = tokio_stream::StreamExt::map(
+        let out = futures::StreamExt::take_until(
             tokio_stream::wrappers::ReceiverStream::new(rx),
-            Ok::<_, Status>,
+            ended.cancelled_owned(),
         );
-        Ok(Response::new(Box::pin(out)))
+        Ok(Response::new(Box::pin(futures::StreamExt::map(
+            out,
+            Ok::<_, Status>,
+        ))))
     }
 }
 
