@@ -1,5 +1,7 @@
 //! openraft's own storage conformance suite against the hub's sled log and state machine.
 
+#![allow(clippy::result_large_err)] // openraft's StorageError is what its suite returns
+
 use std::sync::Arc;
 
 use flotilla_hub::{
