@@ -66,6 +66,16 @@ pub(crate) struct HashArgs {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[schemars(crate = "rmcp::schemars")]
+pub(crate) struct RecordArgs {
+    /// A line to append to the file named by FLOTILLA_DEMO_RECORD
+    pub(crate) key: String,
+}
+
+/// Environment variable naming the file `record` appends to.
+pub(crate) const RECORD_ENV: &str = "FLOTILLA_DEMO_RECORD";
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
 pub(crate) struct FailArgs {
     pub message: String,
 }
@@ -139,6 +149,28 @@ impl Demo {
             HashAlgorithm::Sha256 => run::<Sha256>(a.data.as_bytes(), a.rounds),
             HashAlgorithm::Sha512 => run::<Sha512>(a.data.as_bytes(), a.rounds),
         })
+    }
+
+    /// Append `key` as a line to the file named by FLOTILLA_DEMO_RECORD: a tool with a side effect, to see which calls really ran.
+    #[tool]
+    async fn record(&self, Parameters(a): Parameters<RecordArgs>) -> Result<String, String> {
+        use std::io::Write;
+        let path = std::env::var(RECORD_ENV)
+            .map_err(|_| format!("{RECORD_ENV} is not set for this server"))?;
+        if a.key.contains('\n') {
+            return Err("key must be one line".into());
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| format!("cannot open {path}: {e}"))?;
+        // One write of the whole line: O_APPEND keeps concurrent calls' lines whole.
+        f.write_all(format!("{}\n", a.key).as_bytes())
+            .map_err(|e| format!("cannot write {path}: {e}"))?;
+        f.sync_data()
+            .map_err(|e| format!("cannot sync {path}: {e}"))?;
+        Ok(format!("recorded {}", a.key))
     }
 
     /// Return a tool error (isError = true) with the given message.
