@@ -69,6 +69,9 @@ pub(crate) struct HashArgs {
 pub(crate) struct RecordArgs {
     /// A line to append to the file named by FLOTILLA_DEMO_RECORD
     pub(crate) key: String,
+    /// Wait this long first (at most a minute), so a call can be caught in flight
+    #[serde(default)]
+    pub(crate) delay_ms: u64,
 }
 
 /// Environment variable naming the file `record` appends to.
@@ -160,6 +163,10 @@ impl Demo {
         if a.key.contains('\n') {
             return Err("key must be one line".into());
         }
+        if a.delay_ms > 60_000 {
+            return Err("delay_ms may be at most 60000".into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(a.delay_ms)).await;
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -89,6 +89,14 @@ impl ApplyHook for Hooks {
             | (Command::FinishTask { task_id, .. }, _)
             | (Command::RequeueTask { task_id, .. }, _)
             | (Command::CancelTask { task_id, .. }, _) => Some(task_id),
+            (Command::NodeDown { .. }, Response::NodeWentDown { requeued, lost }) => {
+                for id in requeued.iter().chain(lost) {
+                    if let Some(t) = state.tasks.get(id) {
+                        self.events.transition(t);
+                    }
+                }
+                None
+            }
             _ => None,
         };
         if let Some(t) = task_id.and_then(|id| state.tasks.get(id)) {
@@ -521,6 +529,7 @@ pub async fn run(
     tokio::spawn(leader_housekeeping(hub.clone(), stop_rx.clone()));
     tokio::spawn(crate::scheduler::run(hub.clone(), stop_rx.clone()));
     tokio::spawn(follow_leadership(hub.clone(), stop_rx.clone()));
+    tokio::spawn(crate::liveness::run(hub.clone(), stop_rx.clone()));
 
     let (health, health_svc) = tonic_health::server::health_reporter();
     health

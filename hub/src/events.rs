@@ -1,7 +1,9 @@
 //! Task events as agents see them through WatchTask: state transitions (emitted as the
 //! state machine applies them, on every hub) and progress (from node sessions, on the
-//! leader only, never replicated). Each task has its own log with sequence numbers from 1,
-//! so a watcher can resume from the last number it saw.
+//! leader only, never replicated). Sequence numbers are the same on every hub: the k-th
+//! transition of a task (counted in the replicated state) is `k * SEQ_STRIDE + 1`, and the
+//! progress events after it take the numbers that follow. A watcher that resumes from the
+//! last number it saw, on any hub, misses no transition; progress is best effort.
 
 use std::{
     collections::HashMap,
@@ -13,12 +15,13 @@ use tokio::sync::broadcast;
 
 use crate::state::{TaskRecord, TaskStatus};
 
-/// Progress events kept per task; older ones are dropped (transitions are always kept).
-const MAX_PROGRESS_EVENTS: usize = 1000;
+/// Sequence numbers reserved per transition: the transition itself and the progress after it.
+pub const SEQ_STRIDE: u64 = 1 << 20;
+/// Progress events kept after one transition; later ones are dropped.
+const MAX_PROGRESS_EVENTS: u64 = 1000;
 
 struct TaskLog {
     events: Vec<TaskEvent>,
-    progress_kept: usize,
     tx: broadcast::Sender<TaskEvent>,
 }
 
@@ -26,23 +29,29 @@ impl TaskLog {
     fn new() -> Self {
         Self {
             events: Vec::new(),
-            progress_kept: 0,
             tx: broadcast::channel(256).0,
         }
     }
 
-    fn push(&mut self, mut ev: TaskEvent) {
-        let last_seq = self.events.last().map_or(0, |e| e.seq);
-        if ev.kind == EventKind::Progress as i32 {
-            if self.progress_kept >= MAX_PROGRESS_EVENTS {
-                return;
-            }
-            self.progress_kept += 1;
+    /// Appends an event whose `seq` is set; older or repeated numbers are ignored.
+    fn push(&mut self, ev: TaskEvent) {
+        if self.events.last().is_some_and(|e| e.seq >= ev.seq) {
+            return;
         }
-        ev.seq = last_seq + 1;
         let _ = self.tx.send(ev.clone());
         self.events.push(ev);
     }
+
+    /// The number for a progress event now, if there is room after the last transition.
+    fn next_progress_seq(&self) -> Option<u64> {
+        let last = self.events.last()?.seq;
+        let base = (last - 1) / SEQ_STRIDE * SEQ_STRIDE + 1;
+        (last + 1 - base <= MAX_PROGRESS_EVENTS).then_some(last + 1)
+    }
+}
+
+fn transition_seq(task: &TaskRecord) -> u64 {
+    u64::from(task.transitions) * SEQ_STRIDE + 1
 }
 
 #[derive(Clone, Default)]
@@ -66,7 +75,7 @@ pub fn kind_of(status: TaskStatus) -> EventKind {
 pub fn transition_event(task: &TaskRecord) -> TaskEvent {
     let attempt = task.current_attempt();
     let mut ev = TaskEvent {
-        seq: 0,
+        seq: transition_seq(task),
         task_id: task.id.clone(),
         kind: kind_of(task.status) as i32,
         at_ms: task.updated_at_ms,
@@ -101,10 +110,13 @@ impl EventLogs {
     }
 
     /// Records progress reported by the node running `task_id`.
-    pub fn progress(&self, ev: TaskEvent) {
+    pub fn progress(&self, mut ev: TaskEvent) {
         let mut logs = self.inner.lock().expect("event log lock");
         if let Some(log) = logs.get_mut(&ev.task_id) {
-            log.push(ev);
+            if let Some(seq) = log.next_progress_seq() {
+                ev.seq = seq;
+                log.push(ev);
+            }
         }
     }
 

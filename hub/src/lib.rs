@@ -6,6 +6,7 @@ pub mod auth;
 pub mod convert;
 pub mod error;
 pub mod events;
+pub mod liveness;
 pub mod raft;
 pub mod scheduler;
 pub mod service;

@@ -254,6 +254,7 @@ mod tests {
             priority: 0,
             idempotency_key: None,
             attempts: vec![],
+            transitions: 0,
         }
     }
 

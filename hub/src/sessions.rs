@@ -92,7 +92,9 @@ impl Sessions {
     pub fn close(&self, node_id: &str, session: u64) {
         let mut m = self.inner.lock().expect("sessions lock");
         if m.get(node_id).is_some_and(|l| l.session == session) {
-            m.remove(node_id);
+            if let Some(l) = m.remove(node_id) {
+                l.ended.cancel();
+            }
         }
     }
 

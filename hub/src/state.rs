@@ -62,6 +62,10 @@ pub struct TaskRecord {
     pub priority: i32,
     pub idempotency_key: Option<String>,
     pub attempts: Vec<AttemptRecord>,
+    /// How many state transitions the task has made (0 when queued): numbers its events
+    /// the same way on every hub.
+    #[serde(default)]
+    pub transitions: u32,
 }
 
 impl TaskRecord {
@@ -210,6 +214,12 @@ pub enum Command {
         at_ms: i64,
     },
     AddSigningKey(SigningKey),
+    /// A node stayed silent past its TTL. Its unfinished tasks are re-queued when the tool
+    /// is read-only or idempotent, and end `lost` otherwise.
+    NodeDown {
+        node_id: String,
+        at_ms: i64,
+    },
 }
 
 /// What applying a command did.
@@ -226,6 +236,11 @@ pub enum Response {
     },
     /// Applied to a task: its status afterwards.
     TaskNow(TaskStatus),
+    /// A node went down: the tasks it had, re-queued and lost.
+    NodeWentDown {
+        requeued: Vec<String>,
+        lost: Vec<String>,
+    },
     /// The command was refused by the state machine; nothing changed.
     Rejected(Rejection),
 }
@@ -328,6 +343,7 @@ impl State {
                 });
                 t.status = TaskStatus::Assigned;
                 t.updated_at_ms = *at_ms;
+                t.transitions += 1;
                 Ok(Response::Assigned {
                     attempt,
                     fence: index,
@@ -346,6 +362,7 @@ impl State {
                 }
                 t.status = TaskStatus::Running;
                 t.updated_at_ms = *at_ms;
+                t.transitions += 1;
                 if let Some(a) = t.attempts.last_mut() {
                     a.started_at_ms = Some(*at_ms);
                 }
@@ -377,6 +394,7 @@ impl State {
                 t.result = result.clone();
                 t.error = error.clone();
                 t.updated_at_ms = *at_ms;
+                t.transitions += 1;
                 if let Some(a) = t.attempts.last_mut() {
                     a.finished_at_ms = Some(*at_ms);
                     a.error = error.clone();
@@ -397,6 +415,7 @@ impl State {
                 }
                 t.status = TaskStatus::Queued;
                 t.updated_at_ms = *at_ms;
+                t.transitions += 1;
                 if let Some(a) = t.attempts.last_mut() {
                     a.finished_at_ms = Some(*at_ms);
                     a.error = Some(reason.clone());
@@ -410,6 +429,7 @@ impl State {
                 }
                 t.status = TaskStatus::Cancelled;
                 t.updated_at_ms = *at_ms;
+                t.transitions += 1;
                 if let Some(a) = t.attempts.last_mut() {
                     if a.finished_at_ms.is_none() {
                         a.finished_at_ms = Some(*at_ms);
@@ -499,10 +519,50 @@ impl State {
                     records.push(rec);
                 }
                 let node = self.nodes.get_mut(node_id).expect("checked above");
+                if node.status == NodeStatus::Down {
+                    node.status = NodeStatus::Ready;
+                }
                 node.labels = labels.clone();
                 node.servers = records;
                 node.last_hello_ms = Some(*at_ms);
                 Ok(Response::Done)
+            }
+            Command::NodeDown { node_id, at_ms } => {
+                let node = self
+                    .nodes
+                    .get_mut(node_id)
+                    .ok_or_else(|| Rejection::NoSuchNode(node_id.clone()))?;
+                node.status = NodeStatus::Down;
+                let mut requeued = Vec::new();
+                let mut lost = Vec::new();
+                for t in self.tasks.values_mut().filter(|t| t.status.is_active()) {
+                    if t.current_attempt().map(|a| a.node_id.as_str()) != Some(node_id.as_str()) {
+                        continue;
+                    }
+                    let rerun = self
+                        .catalogue
+                        .get(&t.tool)
+                        .is_some_and(|e| e.def.read_only || e.def.idempotent);
+                    let a = t.attempts.last_mut().expect("active task has an attempt");
+                    a.finished_at_ms = Some(*at_ms);
+                    t.updated_at_ms = *at_ms;
+                    t.transitions += 1;
+                    if rerun {
+                        a.error = Some(format!("node {node_id} was lost; re-running (the tool is read-only or idempotent)"));
+                        t.status = TaskStatus::Queued;
+                        requeued.push(t.id.clone());
+                    } else {
+                        let why = format!(
+                            "node {node_id} was lost while the task was {}; the tool is not marked idempotent, so it was not re-run",
+                            if t.status == TaskStatus::Running { "running" } else { "assigned" }
+                        );
+                        a.error = Some(why.clone());
+                        t.error = Some(why);
+                        t.status = TaskStatus::Lost;
+                        lost.push(t.id.clone());
+                    }
+                }
+                Ok(Response::NodeWentDown { requeued, lost })
             }
             Command::AddSigningKey(key) => {
                 if !self.signing_keys.iter().any(|k| k.kid == key.kid) {
@@ -557,6 +617,7 @@ mod tests {
             priority: 0,
             idempotency_key: key.map(Into::into),
             attempts: vec![],
+            transitions: 0,
         }))
     }
 
@@ -729,6 +790,57 @@ mod tests {
         assert!(matches!(
             s.apply(5, &reg("b", "h", 10)),
             Response::Rejected(Rejection::BadJoinToken)
+        ));
+    }
+
+    #[test]
+    fn node_down_reruns_idempotent_tools_and_loses_the_others() {
+        let mut s = with_node();
+        let def = |name: &str, idempotent: bool| CatalogueEntry {
+            def: ToolDef {
+                name: name.into(),
+                description: String::new(),
+                input_schema: json!({"type": "object"}),
+                read_only: false,
+                idempotent,
+                destructive: !idempotent,
+            },
+            required_scope: "tools".into(),
+            first_seen_node: "n1".into(),
+            first_seen_at_ms: 0,
+        };
+        s.catalogue.insert("echo".into(), def("echo", true));
+        s.catalogue.insert("charge".into(), def("charge", false));
+        s.apply(1, &task("safe", None));
+        let mut unsafe_task = task("risky", None);
+        if let Command::SubmitTask(t) = &mut unsafe_task {
+            t.tool = "charge".into();
+        }
+        s.apply(2, &unsafe_task);
+        s.apply(3, &assign("safe"));
+        s.apply(4, &assign("risky"));
+        let down = Command::NodeDown {
+            node_id: "n1".into(),
+            at_ms: 9,
+        };
+        assert_eq!(
+            s.apply(5, &down),
+            Response::NodeWentDown {
+                requeued: vec!["safe".into()],
+                lost: vec!["risky".into()]
+            }
+        );
+        assert_eq!(s.tasks["safe"].status, TaskStatus::Queued);
+        assert_eq!(s.tasks["risky"].status, TaskStatus::Lost);
+        assert_eq!(s.nodes["n1"].status, NodeStatus::Down);
+        // The lost attempt's late result is refused; the re-queued one's too.
+        assert!(matches!(
+            s.apply(6, &finish("risky", 1, 4)),
+            Response::Rejected(_)
+        ));
+        assert!(matches!(
+            s.apply(7, &finish("safe", 1, 3)),
+            Response::Rejected(_)
         ));
     }
 

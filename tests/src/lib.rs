@@ -25,6 +25,8 @@ pub use pb::{admin_service_client::AdminServiceClient, agent_service_client::Age
 
 /// How long readiness waits may take before a test fails.
 pub const READY: Duration = Duration::from_secs(60);
+/// The node TTL of test hubs: short, so node-loss tests are quick.
+pub const NODE_TTL_MS: u64 = 3000;
 
 /// The `flotilla` binary, built once per test process so tests never run a stale one.
 pub fn flotilla_bin() -> &'static Path {
@@ -129,6 +131,23 @@ impl Proc {
         self.kill();
     }
 
+    fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    /// SIGSTOP: the process freezes, its sockets stay open.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
     }
@@ -140,6 +159,7 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        self.resume();
         self.kill();
     }
 }
@@ -252,7 +272,11 @@ impl Cluster {
     /// `n` hubs sharing one CA: hub 1 bootstraps, the others are added as learners and
     /// promoted to voters through the admin API, as an operator would.
     pub async fn with_hubs(n: u64) -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
+        // FLOTILLA_KEEP_TEST_DIRS=1 keeps data dirs and logs for a look after a failure.
+        let dir = tempfile::Builder::new()
+            .prefix("flotilla-test-")
+            .disable_cleanup(std::env::var_os("FLOTILLA_KEEP_TEST_DIRS").is_some())
+            .tempdir()?;
         let pki = dir.path().join("pki");
         let ca = flotilla_common::pki::Ca::load_or_generate(&pki, "test")?;
         let mut hubs = Vec::new();
@@ -272,7 +296,7 @@ impl Cluster {
                 ca_key: Some(pki.join("ca.key")),
                 cluster_name: "test".into(),
                 tls_names: vec![],
-                node_ttl_ms: 10_000,
+                node_ttl_ms: NODE_TTL_MS,
             };
             std::fs::write(hub_dir.join("hub.toml"), toml::to_string(&cfg)?)?;
             let mut proc = spawn_hub(&hub_dir, id)?;

@@ -235,3 +235,197 @@ async fn killing_the_leader_under_load_loses_no_acknowledged_task() -> anyhow::R
     let _ = old.list_tools(pb::ListToolsRequest {}).await?;
     Ok(())
 }
+
+/// Sequence numbers of transition events (the ones every hub numbers the same way).
+fn is_transition(ev: &pb::TaskEvent) -> bool {
+    ev.kind != pb::EventKind::Progress as i32
+}
+
+#[tokio::test]
+async fn a_watch_broken_by_a_leader_crash_resumes_on_another_hub_without_gaps() -> anyhow::Result<()>
+{
+    let mut c = Cluster::with_hubs(3).await?;
+    c.add_node(NodeSpec::demo("edge-1")).await?;
+    let leader = c.wait_leader().await?;
+    let other = (1..=3).find(|h| *h != leader).expect("a follower");
+
+    let mut agent = c.agent_at(leader, &c.admin_token);
+    let id = agent
+        .submit_task(pb::SubmitTaskRequest {
+            tool: "sleep".into(),
+            arguments: serde_json::to_vec(&json!({"ms": 4000, "steps": 8}))?,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .task_id;
+    let mut stream = agent
+        .watch_task(pb::WatchTaskRequest {
+            task_id: id.clone(),
+            from_seq: 1,
+        })
+        .await?
+        .into_inner();
+    let mut seen = Vec::new();
+    // Read until the call runs and has reported some progress, then kill the leader.
+    while let Some(ev) = stream.message().await? {
+        let progress = ev.kind == pb::EventKind::Progress as i32;
+        seen.push(ev);
+        if progress {
+            break;
+        }
+    }
+    c.kill_hub(leader);
+    // The old stream breaks (or ends); resume on another hub from the last number seen.
+    while let Ok(Some(ev)) = stream.message().await {
+        seen.push(ev);
+    }
+    let last = seen.last().map(|e| e.seq).unwrap_or(0);
+    let mut agent = c.agent_at(other, &c.admin_token);
+    let mut resumed = wait_until("the watch to resume on another hub", READY, || {
+        let mut agent = agent.clone();
+        let id = id.clone();
+        async move {
+            agent
+                .watch_task(pb::WatchTaskRequest {
+                    task_id: id,
+                    from_seq: last + 1,
+                })
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+        }
+    })
+    .await?;
+    while let Some(ev) = resumed.message().await? {
+        assert!(ev.seq > last, "resumed events come after the last one seen");
+        seen.push(ev);
+    }
+    let kinds: Vec<pb::EventKind> = seen
+        .iter()
+        .filter(|e| is_transition(e))
+        .map(|e| pb::EventKind::try_from(e.kind).unwrap_or_default())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            pb::EventKind::Queued,
+            pb::EventKind::Assigned,
+            pb::EventKind::Started,
+            pb::EventKind::Succeeded
+        ],
+        "every transition exactly once, across the leader change"
+    );
+    let t = c.wait_task(&mut agent, &id).await?;
+    assert_eq!(result_text(&t), "slept 4000 ms in 8 steps");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_paused_leader_steps_down_and_no_task_is_recorded_twice() -> anyhow::Result<()> {
+    let mut c = Cluster::with_hubs(3).await?;
+    let (spec, record) = recording_node(&c, "edge-1");
+    c.add_node(spec).await?;
+    let leader = c.wait_leader().await?;
+    let others: Vec<u64> = (1..=3).filter(|h| *h != leader).collect();
+
+    // Work in flight when the leader freezes.
+    let mut agent = c.agent_at(others[0], &c.admin_token);
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            agent
+                .submit_task(pb::SubmitTaskRequest {
+                    tool: "record".into(),
+                    arguments: serde_json::to_vec(
+                        &json!({"key": format!("before-{i}"), "delay_ms": 1500}),
+                    )?,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .task_id,
+        );
+    }
+    c.hub(leader).proc.pause();
+    // The others elect a new leader and keep taking work.
+    c.hub_addr = c.hub(others[0]).api.clone();
+    let new_leader = wait_until("a new leader", READY, || {
+        let mut admin = c.admin();
+        async move {
+            let s = admin
+                .cluster_status(pb::ClusterStatusRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            (s.leader_id != 0 && s.leader_id != leader).then_some(s.leader_id)
+        }
+    })
+    .await?;
+    assert_ne!(new_leader, leader);
+    for i in 0..5 {
+        let key = format!("during-{i}");
+        let id = wait_until("a submission during the pause", READY, || {
+            let mut agent = agent.clone();
+            let key = key.clone();
+            async move {
+                agent
+                    .submit_task(pb::SubmitTaskRequest {
+                        tool: "record".into(),
+                        arguments: serde_json::to_vec(&json!({"key": key})).ok()?,
+                        idempotency_key: key.clone(),
+                        priority: 0,
+                    })
+                    .await
+                    .ok()
+                    .map(|r| r.into_inner().task_id)
+            }
+        })
+        .await?;
+        ids.push(id);
+    }
+    // Thaw the old leader: it must step down and follow.
+    c.hub(leader).proc.resume();
+    let mut old = flotilla_tests::AdminServiceClient::with_interceptor(
+        c.channel_to(leader),
+        flotilla_tests::Bearer::new(&c.admin_token),
+    );
+    wait_until("the old leader to follow the new one", READY, || {
+        let mut old = old.clone();
+        async move {
+            let s = old
+                .cluster_status(pb::ClusterStatusRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            (s.leader_id != leader && s.leader_id != 0).then_some(())
+        }
+    })
+    .await?;
+    let _ = old.list_nodes(pb::ListNodesRequest {}).await?;
+
+    let mut recorded = 0;
+    for id in &ids {
+        let t = c.wait_task(&mut agent, id).await?;
+        assert!(pb::TaskState::try_from(t.state)?.is_terminal());
+        let results = t
+            .attempts
+            .iter()
+            .filter(|a| a.finished_at_ms != 0 && a.error.is_empty())
+            .count();
+        assert!(results <= 1, "a result recorded twice: {:?}", t.attempts);
+        if t.state == pb::TaskState::Succeeded as i32 {
+            recorded += 1;
+        }
+    }
+    // Tasks that succeeded ran; each key appears in the record at least once.
+    let lines = std::fs::read_to_string(&record)?;
+    assert!(
+        recorded >= 5,
+        "work submitted during the pause succeeded ({recorded})"
+    );
+    for key in (0..5).map(|i| format!("during-{i}")) {
+        assert!(lines.lines().any(|l| l == key), "{key} never ran");
+    }
+    Ok(())
+}

@@ -143,6 +143,7 @@ impl AgentService for AgentApi {
             priority: req.priority,
             idempotency_key: key,
             attempts: Vec::new(),
+            transitions: 0,
         };
         match self.hub.write(Command::SubmitTask(Box::new(task))).await? {
             state::Response::Submitted {
@@ -160,6 +161,7 @@ impl AgentService for AgentApi {
     }
 
     async fn get_task(&self, req: Request<GetTaskRequest>) -> Result<Response<Task>, Status> {
+        self.hub.read_barrier().await?;
         let state = self.hub.state();
         let claims = auth::agent(&req, &state)?;
         let t = visible_task(&state, &claims, &req.get_ref().task_id)?;
@@ -176,6 +178,7 @@ impl AgentService for AgentApi {
         &self,
         req: Request<WatchTaskRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        self.hub.read_barrier().await?;
         let (task, from) = {
             let state = self.hub.state();
             let claims = auth::agent(&req, &state)?;
@@ -272,6 +275,7 @@ impl AgentService for AgentApi {
         &self,
         req: Request<ListTasksRequest>,
     ) -> Result<Response<ListTasksResponse>, Status> {
+        self.hub.read_barrier().await?;
         let state = self.hub.state();
         let claims = auth::agent(&req, &state)?;
         let r = req.get_ref();

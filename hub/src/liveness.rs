@@ -1,0 +1,67 @@
+//! Node liveness, on the leader: a node whose session is gone, or silent, for longer than
+//! its TTL is marked down through Raft, and its unfinished tasks are handled by policy (see
+//! `Command::NodeDown`). A new leader counts the TTL from when it took over, so nodes get a
+//! grace period to reconnect after a failover.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    app::Hub,
+    state::{Command, NodeStatus, Response},
+};
+
+pub async fn run(hub: Hub, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let ttl = Duration::from_millis(hub.config().node_ttl_ms);
+    let mut tick = tokio::time::interval((ttl / 4).max(Duration::from_millis(100)));
+    let mut gone_since: HashMap<String, Instant> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if !hub.is_leader() {
+            gone_since.clear();
+            continue;
+        }
+        let live = hub.sessions.snapshot();
+        // A session whose stream is open but that stopped heartbeating is dead too.
+        for (id, l) in &live {
+            if l.last_seen.elapsed() > ttl {
+                tracing::warn!(node_id = %id, silent_ms = l.last_seen.elapsed().as_millis() as u64, "node stopped heartbeating; closing its session");
+                hub.sessions.close(id, l.session);
+            }
+        }
+        let live = hub.sessions.snapshot();
+        let absent: Vec<String> = hub
+            .state()
+            .nodes
+            .values()
+            .filter(|n| n.status != NodeStatus::Down && !live.contains_key(&n.id))
+            .map(|n| n.id.clone())
+            .collect();
+        gone_since.retain(|id, _| absent.contains(id));
+        let now = Instant::now();
+        for id in absent {
+            let since = *gone_since.entry(id.clone()).or_insert(now);
+            if now.duration_since(since) < ttl {
+                continue;
+            }
+            let cmd = Command::NodeDown {
+                node_id: id.clone(),
+                at_ms: flotilla_common::now_ms(),
+            };
+            match hub.write(cmd).await {
+                Ok(Response::NodeWentDown { requeued, lost }) => {
+                    tracing::warn!(node_id = %id, requeued = requeued.len(), lost = lost.len(), "node marked down");
+                    gone_since.remove(&id);
+                    hub.wake();
+                }
+                Ok(other) => tracing::debug!(node_id = %id, ?other, "node down not applied"),
+                Err(e) => tracing::warn!(node_id = %id, error = %e, "could not mark node down"),
+            }
+        }
+    }
+}
