@@ -2,9 +2,13 @@
 //! (separate processes, TLS, Raft commits on sled), and makes the same calls directly to the
 //! same MCP server with rmcp, side by side in one run. The difference is what Flotilla adds.
 //!
+//! `flotilla-bench failover` kills the leader of a three-hub cluster again and again and
+//! measures the time from the kill to the next acknowledged submission.
+//!
 //! Build the release binaries first, then run:
-//!   cargo build --release --bin flotilla -p flotilla-bench
-//!   target/release/flotilla-bench --agents 16 --calls 2000
+//!   cargo build --release -p flotilla-cli -p flotilla-bench
+//!   target/release/flotilla-bench calls --agents 16 --calls 2000
+//!   target/release/flotilla-bench failover --trials 20
 
 use std::{
     path::PathBuf,
@@ -21,6 +25,26 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
+struct Cli {
+    /// The flotilla binary [default: next to this one]
+    #[arg(long, global = true)]
+    flotilla: Option<PathBuf>,
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+#[derive(clap::Subcommand)]
+enum BenchCommand {
+    /// Tool calls through hub and node, next to the same calls made directly.
+    Calls(Args),
+    /// Leader kill to next acknowledged submission, on a three-hub cluster.
+    Failover {
+        #[arg(long, default_value_t = 20)]
+        trials: usize,
+    },
+}
+
+#[derive(clap::Args)]
 struct Args {
     /// Concurrent agents (and concurrent direct callers).
     #[arg(long, default_value_t = 16)]
@@ -31,9 +55,6 @@ struct Args {
     /// Slots on the node's demo server.
     #[arg(long, default_value_t = 64)]
     max_concurrency: u32,
-    /// The flotilla binary [default: next to this one]
-    #[arg(long)]
-    flotilla: Option<PathBuf>,
 }
 
 struct Stats {
@@ -44,11 +65,7 @@ struct Stats {
 
 impl Stats {
     fn pct(&self, p: f64) -> f64 {
-        if self.lat.is_empty() {
-            return 0.0;
-        }
-        let i = ((self.lat.len() as f64 - 1.0) * p).round() as usize;
-        self.lat[i].as_secs_f64() * 1000.0
+        percentile(&self.lat, p)
     }
     fn rate(&self) -> f64 {
         self.lat.len() as f64 / self.wall.as_secs_f64()
@@ -116,19 +133,93 @@ fn rss_kib(pid: i32) -> Option<u64> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let bin = match args.flotilla {
+    let cli = Cli::parse();
+    let bin = match cli.flotilla {
         Some(p) => p,
         None => std::env::current_exe()?.with_file_name("flotilla"),
     };
-    anyhow::ensure!(
-        bin.exists(),
-        "no flotilla binary at {}; build it or pass --flotilla",
-        bin.display()
-    );
+    anyhow::ensure!(bin.exists(), "no flotilla binary at {}; build it or pass --flotilla", bin.display());
     // The harness starts processes from FLOTILLA_BIN.
     std::env::set_var("FLOTILLA_BIN", &bin);
+    match cli.command {
+        BenchCommand::Calls(args) => calls(&bin, args).await,
+        BenchCommand::Failover { trials } => failover(trials).await,
+    }
+}
 
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+/// Kill -9 the leader, then submit through the surviving hubs until one acknowledges.
+async fn failover(trials: usize) -> anyhow::Result<()> {
+    let mut c = Cluster::with_hubs(3).await?;
+    c.add_node(NodeSpec::demo("bench-1")).await?;
+    let mut times = Vec::new();
+    for trial in 0..trials {
+        let leader = c.wait_leader().await?;
+        let survivors: Vec<u64> = (1..=3).filter(|h| *h != leader).collect();
+        let agents: Vec<_> = survivors.iter().map(|h| c.agent_at(*h, &c.admin_token)).collect();
+        let req = pb::SubmitTaskRequest {
+            tool: "echo".into(),
+            arguments: serde_json::to_vec(&json!({"text": format!("trial {trial}")}))?,
+            idempotency_key: format!("failover-{trial}"),
+            priority: 0,
+        };
+        c.kill_hub(leader);
+        let killed = Instant::now();
+        let mut i = 0;
+        loop {
+            let mut a = agents[i % agents.len()].clone();
+            i += 1;
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), a.submit_task(req.clone())).await {
+                break;
+            }
+            anyhow::ensure!(killed.elapsed() < Duration::from_secs(60), "no submission acknowledged within 60 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let took = killed.elapsed();
+        eprintln!(
+            "trial {trial}: hub {leader} killed, next acknowledged submission after {:.0} ms",
+            took.as_secs_f64() * 1000.0
+        );
+        times.push(took);
+        // Bring the hub back and let it catch up before the next trial.
+        c.hub_addr = c.hub(survivors[0]).api.clone();
+        c.start_hub(leader).await?;
+        let admin = c.admin();
+        flotilla_tests::wait_until("the restarted hub to catch up", flotilla_tests::READY, || {
+            let mut admin = admin.clone();
+            async move {
+                let s = admin.cluster_status(pb::ClusterStatusRequest {}).await.ok()?.into_inner();
+                (s.leader_id != 0
+                    && s.members.len() == 3
+                    && s.members.iter().all(|m| m.lag == 0 && m.matched_index > 0))
+                .then_some(())
+            }
+        })
+        .await?;
+    }
+    times.sort();
+    println!(
+        "failover over {} trials (kill -9 of the leader of 3 hubs, to the next acknowledged submission):",
+        times.len()
+    );
+    println!(
+        "p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms, min {:.0} ms",
+        percentile(&times, 0.5),
+        percentile(&times, 0.99),
+        percentile(&times, 1.0),
+        percentile(&times, 0.0)
+    );
+    Ok(())
+}
+
+async fn calls(bin: &std::path::Path, args: Args) -> anyhow::Result<()> {
     // Direct: the same demo MCP server, called with rmcp, no hub in between.
     let direct = McpClient::spawn(
         &bin.display().to_string(),
