@@ -138,7 +138,11 @@ async fn main() -> anyhow::Result<()> {
         Some(p) => p,
         None => std::env::current_exe()?.with_file_name("flotilla"),
     };
-    anyhow::ensure!(bin.exists(), "no flotilla binary at {}; build it or pass --flotilla", bin.display());
+    anyhow::ensure!(
+        bin.exists(),
+        "no flotilla binary at {}; build it or pass --flotilla",
+        bin.display()
+    );
     // The harness starts processes from FLOTILLA_BIN.
     std::env::set_var("FLOTILLA_BIN", &bin);
     match cli.command {
@@ -163,7 +167,10 @@ async fn failover(trials: usize) -> anyhow::Result<()> {
     for trial in 0..trials {
         let leader = c.wait_leader().await?;
         let survivors: Vec<u64> = (1..=3).filter(|h| *h != leader).collect();
-        let agents: Vec<_> = survivors.iter().map(|h| c.agent_at(*h, &c.admin_token)).collect();
+        let agents: Vec<_> = survivors
+            .iter()
+            .map(|h| c.agent_at(*h, &c.admin_token))
+            .collect();
         let req = pb::SubmitTaskRequest {
             tool: "echo".into(),
             arguments: serde_json::to_vec(&json!({"text": format!("trial {trial}")}))?,
@@ -176,10 +183,15 @@ async fn failover(trials: usize) -> anyhow::Result<()> {
         loop {
             let mut a = agents[i % agents.len()].clone();
             i += 1;
-            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), a.submit_task(req.clone())).await {
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_millis(300), a.submit_task(req.clone())).await
+            {
                 break;
             }
-            anyhow::ensure!(killed.elapsed() < Duration::from_secs(60), "no submission acknowledged within 60 s");
+            anyhow::ensure!(
+                killed.elapsed() < Duration::from_secs(60),
+                "no submission acknowledged within 60 s"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let took = killed.elapsed();
@@ -192,16 +204,24 @@ async fn failover(trials: usize) -> anyhow::Result<()> {
         c.hub_addr = c.hub(survivors[0]).api.clone();
         c.start_hub(leader).await?;
         let admin = c.admin();
-        flotilla_tests::wait_until("the restarted hub to catch up", flotilla_tests::READY, || {
-            let mut admin = admin.clone();
-            async move {
-                let s = admin.cluster_status(pb::ClusterStatusRequest {}).await.ok()?.into_inner();
-                (s.leader_id != 0
-                    && s.members.len() == 3
-                    && s.members.iter().all(|m| m.lag == 0 && m.matched_index > 0))
-                .then_some(())
-            }
-        })
+        flotilla_tests::wait_until(
+            "the restarted hub to catch up",
+            flotilla_tests::READY,
+            || {
+                let mut admin = admin.clone();
+                async move {
+                    let s = admin
+                        .cluster_status(pb::ClusterStatusRequest {})
+                        .await
+                        .ok()?
+                        .into_inner();
+                    (s.leader_id != 0
+                        && s.members.len() == 3
+                        && s.members.iter().all(|m| m.lag == 0 && m.matched_index > 0))
+                    .then_some(())
+                }
+            },
+        )
         .await?;
     }
     times.sort();

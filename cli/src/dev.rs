@@ -75,6 +75,19 @@ impl Children {
             _ => None,
         })
     }
+
+    /// Reports children that exited since the last call (and forgets them); true when
+    /// none is left running.
+    fn reap(&mut self) -> bool {
+        self.0.retain_mut(|(name, c)| match c.try_wait() {
+            Ok(Some(status)) => {
+                eprintln!("{name} exited ({status}); the rest of the cluster carries on");
+                false
+            }
+            _ => true,
+        });
+        self.0.is_empty()
+    }
 }
 
 fn spawn(exe: &Path, role: &str, config: &Path, log: &Path) -> anyhow::Result<Child> {
@@ -116,11 +129,8 @@ where
 }
 
 pub(crate) async fn run(a: DevArgs) -> anyhow::Result<ExitCode> {
-    if a.hubs != 1 {
-        bail!(
-            "--hubs {} is not supported yet: this build runs a single hub",
-            a.hubs
-        );
+    if ![1, 3, 5].contains(&a.hubs) {
+        bail!("--hubs must be 1, 3 or 5 (a Raft group wants an odd number of voters)");
     }
     if a.nodes == 0 || a.nodes > 26 {
         bail!("--nodes must be between 1 and 26");
@@ -135,14 +145,21 @@ pub(crate) async fn run(a: DevArgs) -> anyhow::Result<ExitCode> {
         children.stop().await;
         return Err(e);
     }
-    tokio::select! {
-        _ = crate::shutdown_signal() => eprintln!("\nstopping the dev cluster"),
-        why = async {
-            loop {
-                if let Some(why) = children.exited() { return why; }
-                tokio::time::sleep(Duration::from_millis(500)).await;
+    // Members may be killed on purpose (to watch a failover): report it and carry on.
+    let mut signal = std::pin::pin!(crate::shutdown_signal());
+    loop {
+        tokio::select! {
+            _ = &mut signal => {
+                eprintln!("\nstopping the dev cluster");
+                break;
             }
-        } => eprintln!("{why}; stopping the dev cluster"),
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                if children.reap() {
+                    eprintln!("every member has exited");
+                    break;
+                }
+            }
+        }
     }
     children.stop().await;
     Ok(ExitCode::SUCCESS)
@@ -192,6 +209,8 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
             cluster_name: "flotilla-dev".into(),
             tls_names: vec![],
             node_ttl_ms: flotilla_common::config::defaults::NODE_TTL_MS,
+            raft_heartbeat_ms: flotilla_common::config::defaults::RAFT_HEARTBEAT_MS,
+            raft_election_timeout_ms: flotilla_common::config::defaults::RAFT_ELECTION_TIMEOUT_MS,
         };
         let hub_toml = hub_dir.join("hub.toml");
         std::fs::write(&hub_toml, toml::to_string(&hub_cfg)?)?;
@@ -241,6 +260,31 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
     )?;
     let mut admin = crate::client::admin_client(&settings)?;
     let agent = crate::client::agent_client(&settings)?;
+
+    // The other hubs join as learners, catch up, and become voters.
+    let members: Vec<u64> = admin
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await
+        .map_err(crate::client::status_error)?
+        .into_inner()
+        .members
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    for (id, api, raft) in addrs.iter().skip(1) {
+        if members.contains(id) {
+            continue;
+        }
+        admin
+            .add_hub(pb::AddHubRequest {
+                id: *id,
+                api_address: api.clone(),
+                raft_address: raft.clone(),
+            })
+            .await
+            .map_err(crate::client::status_error)
+            .with_context(|| format!("adding hub {id}"))?;
+    }
 
     // The nodes.
     for i in 0..a.nodes {
@@ -312,7 +356,13 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
     .await?;
 
     println!(
-        "Flotilla dev cluster is up: 1 hub at {hub_addr}, {} node(s) serving the demo MCP server.",
+        "Flotilla dev cluster is up: {} hub(s) ({}), {} node(s) serving the demo MCP server.",
+        a.hubs,
+        addrs
+            .iter()
+            .map(|(_, api, _)| api.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
         a.nodes
     );
     println!("Data, logs and credentials: {}", dir.display());

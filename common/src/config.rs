@@ -64,6 +64,11 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(
 pub mod defaults {
     pub const HUB_LISTEN: &str = "127.0.0.1:7443";
     pub const HUB_RAFT_LISTEN: &str = "127.0.0.1:7444";
+    pub const RAFT_HEARTBEAT_MS: u64 = 100;
+    /// The lower bound of the randomized election timeout; the upper bound is twice this.
+    /// openraft 0.9 starts an election after its leader lease (the upper bound) plus the
+    /// timeout, so a leader's death is noticed after 0.9-1.2 s with these defaults.
+    pub const RAFT_ELECTION_TIMEOUT_MS: u64 = 300;
     pub const CLUSTER_NAME: &str = "flotilla";
     pub const HEARTBEAT_MS: u64 = 1000;
     pub const NODE_TTL_MS: u64 = 10_000;
@@ -112,6 +117,21 @@ pub struct HubFile {
     /// A node silent this long is treated as gone.
     #[serde(default = "default_node_ttl")]
     pub node_ttl_ms: u64,
+    /// Leader heartbeat interval.
+    #[serde(default = "default_raft_heartbeat")]
+    pub raft_heartbeat_ms: u64,
+    /// Election timeout: a follower that hears no leader for a random time between this and
+    /// twice this starts an election. Lower fails over faster; too low for the network and
+    /// load causes needless elections.
+    #[serde(default = "default_raft_election_timeout")]
+    pub raft_election_timeout_ms: u64,
+}
+
+fn default_raft_heartbeat() -> u64 {
+    defaults::RAFT_HEARTBEAT_MS
+}
+fn default_raft_election_timeout() -> u64 {
+    defaults::RAFT_ELECTION_TIMEOUT_MS
 }
 
 fn default_listen() -> String {
@@ -154,6 +174,8 @@ pub struct HubConfig {
     pub cluster_name: String,
     pub tls_names: Vec<String>,
     pub node_ttl_ms: u64,
+    pub raft_heartbeat_ms: u64,
+    pub raft_election_timeout_ms: u64,
 }
 
 impl HubFile {
@@ -173,6 +195,20 @@ impl HubFile {
         }
         if self.cluster_name.trim().is_empty() {
             return Err(invalid(file, "cluster_name", "must not be empty"));
+        }
+        if self.raft_heartbeat_ms == 0 || self.raft_heartbeat_ms > 10_000 {
+            return Err(invalid(
+                file,
+                "raft_heartbeat_ms",
+                "must be between 1 and 10000",
+            ));
+        }
+        if self.raft_election_timeout_ms < 3 * self.raft_heartbeat_ms {
+            return Err(invalid(
+                file,
+                "raft_election_timeout_ms",
+                "must be at least three heartbeats (raft_heartbeat_ms)",
+            ));
         }
         if self.node_ttl_ms < 2 * defaults::HEARTBEAT_MS {
             return Err(invalid(
@@ -259,6 +295,8 @@ impl HubFile {
             cluster_name: self.cluster_name,
             tls_names,
             node_ttl_ms: self.node_ttl_ms,
+            raft_heartbeat_ms: self.raft_heartbeat_ms,
+            raft_election_timeout_ms: self.raft_election_timeout_ms,
         })
     }
 }

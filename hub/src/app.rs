@@ -410,12 +410,12 @@ enum ForwardFailure {
     Final(HubError),
 }
 
-fn raft_config() -> anyhow::Result<Arc<openraft::Config>> {
+fn raft_config(c: &HubConfig) -> anyhow::Result<Arc<openraft::Config>> {
     let cfg = openraft::Config {
-        cluster_name: "flotilla".into(),
-        heartbeat_interval: 250,
-        election_timeout_min: 1000,
-        election_timeout_max: 2000,
+        cluster_name: c.cluster_name.clone(),
+        heartbeat_interval: c.raft_heartbeat_ms,
+        election_timeout_min: c.raft_election_timeout_ms,
+        election_timeout_max: 2 * c.raft_election_timeout_ms,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(10_000),
         max_in_snapshot_log_to_keep: 1000,
         ..Default::default()
@@ -475,9 +475,15 @@ pub async fn run(
     });
     let (log_store, sm_store) = raft::open(&data_dir.join("raft"), hooks)?;
     let state = sm_store.state();
-    let raft = Raft::new(config.id, raft_config()?, net.clone(), log_store, sm_store)
-        .await
-        .context("starting raft")?;
+    let raft = Raft::new(
+        config.id,
+        raft_config(&config)?,
+        net.clone(),
+        log_store,
+        sm_store,
+    )
+    .await
+    .context("starting raft")?;
 
     if config.bootstrap && !raft.is_initialized().await? {
         let members: BTreeMap<u64, HubNode> = if config.peers.is_empty() {

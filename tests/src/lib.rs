@@ -297,6 +297,9 @@ impl Cluster {
                 cluster_name: "test".into(),
                 tls_names: vec![],
                 node_ttl_ms: NODE_TTL_MS,
+                raft_heartbeat_ms: flotilla_common::config::defaults::RAFT_HEARTBEAT_MS,
+                raft_election_timeout_ms:
+                    flotilla_common::config::defaults::RAFT_ELECTION_TIMEOUT_MS,
             };
             std::fs::write(hub_dir.join("hub.toml"), toml::to_string(&cfg)?)?;
             let mut proc = spawn_hub(&hub_dir, id)?;
