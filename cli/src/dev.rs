@@ -211,6 +211,7 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
             node_ttl_ms: flotilla_common::config::defaults::NODE_TTL_MS,
             raft_heartbeat_ms: flotilla_common::config::defaults::RAFT_HEARTBEAT_MS,
             raft_election_timeout_ms: flotilla_common::config::defaults::RAFT_ELECTION_TIMEOUT_MS,
+            snapshot_logs: flotilla_common::config::defaults::SNAPSHOT_LOGS,
         };
         let hub_toml = hub_dir.join("hub.toml");
         std::fs::write(&hub_toml, toml::to_string(&hub_cfg)?)?;

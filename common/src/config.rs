@@ -65,6 +65,7 @@ pub mod defaults {
     pub const HUB_LISTEN: &str = "127.0.0.1:7443";
     pub const HUB_RAFT_LISTEN: &str = "127.0.0.1:7444";
     pub const RAFT_HEARTBEAT_MS: u64 = 100;
+    pub const SNAPSHOT_LOGS: u64 = 10_000;
     /// The lower bound of the randomized election timeout; the upper bound is twice this.
     /// openraft 0.9 starts an election after its leader lease (the upper bound) plus the
     /// timeout, so a leader's death is noticed after 0.9-1.2 s with these defaults.
@@ -125,6 +126,13 @@ pub struct HubFile {
     /// load causes needless elections.
     #[serde(default = "default_raft_election_timeout")]
     pub raft_election_timeout_ms: u64,
+    /// Build a snapshot after this many log entries; the log behind it is then purged.
+    #[serde(default = "default_snapshot_logs")]
+    pub snapshot_logs: u64,
+}
+
+fn default_snapshot_logs() -> u64 {
+    defaults::SNAPSHOT_LOGS
 }
 
 fn default_raft_heartbeat() -> u64 {
@@ -176,6 +184,7 @@ pub struct HubConfig {
     pub node_ttl_ms: u64,
     pub raft_heartbeat_ms: u64,
     pub raft_election_timeout_ms: u64,
+    pub snapshot_logs: u64,
 }
 
 impl HubFile {
@@ -209,6 +218,9 @@ impl HubFile {
                 "raft_election_timeout_ms",
                 "must be at least three heartbeats (raft_heartbeat_ms)",
             ));
+        }
+        if self.snapshot_logs < 10 {
+            return Err(invalid(file, "snapshot_logs", "must be at least 10"));
         }
         if self.node_ttl_ms < 2 * defaults::HEARTBEAT_MS {
             return Err(invalid(
@@ -297,6 +309,7 @@ impl HubFile {
             node_ttl_ms: self.node_ttl_ms,
             raft_heartbeat_ms: self.raft_heartbeat_ms,
             raft_election_timeout_ms: self.raft_election_timeout_ms,
+            snapshot_logs: self.snapshot_logs,
         })
     }
 }

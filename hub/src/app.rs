@@ -32,6 +32,8 @@ use crate::{
     state::{Command, Response, State},
 };
 
+/// How long a stopping hub lets open calls and streams finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a write or read waits for a leader before answering UNAVAILABLE.
 const LEADER_WAIT: Duration = Duration::from_secs(10);
 /// Metadata key carrying the leader's API address on a redirect.
@@ -416,8 +418,10 @@ fn raft_config(c: &HubConfig) -> anyhow::Result<Arc<openraft::Config>> {
         heartbeat_interval: c.raft_heartbeat_ms,
         election_timeout_min: c.raft_election_timeout_ms,
         election_timeout_max: 2 * c.raft_election_timeout_ms,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(10_000),
-        max_in_snapshot_log_to_keep: 1000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(c.snapshot_logs),
+        // Keep some log behind a snapshot so a briefly lagging follower catches up from
+        // the log; one further behind gets the snapshot.
+        max_in_snapshot_log_to_keep: (c.snapshot_logs / 10).min(1000),
         ..Default::default()
     };
     Ok(Arc::new(cfg.validate().context("raft configuration")?))
@@ -583,7 +587,18 @@ pub async fn run(
                 let _ = raft_stop_rx.await;
             }),
     );
-    let result = tonic::transport::Server::builder()
+    // On shutdown: end node sessions first (nodes move to another hub at once), then give
+    // in-flight calls and watches a bounded time to finish.
+    let (drain_tx, mut drain_rx) = tokio::sync::watch::channel(false);
+    let sessions = hub.sessions.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down: closing node sessions");
+        sessions.close_all();
+        let _ = drain_tx.send(true);
+    });
+    let mut drain_signal = drain_rx.clone();
+    let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_svc)
@@ -591,8 +606,19 @@ pub async fn run(
         .add_service(agent)
         .add_service(node)
         .add_service(admin)
-        .serve_with_incoming_shutdown(tls::incoming(listeners.api, api_tls), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(tls::incoming(listeners.api, api_tls), async move {
+            let _ = drain_signal.wait_for(|d| *d).await;
+        });
+    let result = tokio::select! {
+        r = server => r,
+        _ = async {
+            let _ = drain_rx.wait_for(|d| *d).await;
+            tokio::time::sleep(DRAIN_TIMEOUT).await;
+        } => {
+            tracing::warn!(timeout_s = DRAIN_TIMEOUT.as_secs(), "streams still open after the drain timeout; closing them");
+            Ok(())
+        }
+    };
     let _ = stop_tx.send(true);
     hub.sessions.close_all();
     if let Err(e) = raft.shutdown().await {

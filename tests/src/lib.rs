@@ -216,6 +216,21 @@ impl NodeSpec {
     }
 }
 
+/// Settings a test may change.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Log entries between snapshots.
+    pub snapshot_logs: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            snapshot_logs: flotilla_common::config::defaults::SNAPSHOT_LOGS,
+        }
+    }
+}
+
 /// A hub process and where it listens.
 pub struct HubMember {
     pub id: u64,
@@ -229,6 +244,7 @@ pub struct HubMember {
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub hubs: Vec<HubMember>,
+    pub opts: Options,
     /// The hub address clients use (hub 1's unless changed).
     pub hub_addr: String,
     pub ca_pem: String,
@@ -263,7 +279,84 @@ async fn wait_hub_listening(proc: &mut Proc, dir: &Path) -> anyhow::Result<(Stri
     Ok((api, raft))
 }
 
+/// Writes a hub's config (shared CA, port 0) and starts it.
+async fn start_member(
+    root: &Path,
+    id: u64,
+    bootstrap: bool,
+    opts: &Options,
+) -> anyhow::Result<HubMember> {
+    let pki = root.join("pki");
+    let hub_dir = root.join(format!("hub-{id}"));
+    std::fs::create_dir_all(&hub_dir)?;
+    let cfg = HubFile {
+        id,
+        data_dir: hub_dir.clone(),
+        listen: "127.0.0.1:0".into(),
+        advertise: None,
+        raft_listen: "127.0.0.1:0".into(),
+        raft_advertise: None,
+        bootstrap,
+        peers: vec![],
+        ca_cert: Some(pki.join("ca.pem")),
+        ca_key: Some(pki.join("ca.key")),
+        cluster_name: "test".into(),
+        tls_names: vec![],
+        node_ttl_ms: NODE_TTL_MS,
+        raft_heartbeat_ms: flotilla_common::config::defaults::RAFT_HEARTBEAT_MS,
+        raft_election_timeout_ms: flotilla_common::config::defaults::RAFT_ELECTION_TIMEOUT_MS,
+        snapshot_logs: opts.snapshot_logs,
+    };
+    std::fs::write(hub_dir.join("hub.toml"), toml::to_string(&cfg)?)?;
+    let mut proc = spawn_hub(&hub_dir, id)?;
+    let (api, raft) = wait_hub_listening(&mut proc, &hub_dir).await?;
+    Ok(HubMember {
+        id,
+        dir: hub_dir,
+        proc,
+        api,
+        raft,
+    })
+}
+
 impl Cluster {
+    /// Starts a new hub process (not bootstrapped) and adds it to the cluster through the
+    /// admin API: learner first, then voter.
+    pub async fn add_hub(&mut self, id: u64) -> anyhow::Result<()> {
+        let m = start_member(self.dir.path(), id, false, &self.opts).await?;
+        let (api, raft) = (m.api.clone(), m.raft.clone());
+        self.hubs.push(m);
+        self.admin()
+            .add_hub(pb::AddHubRequest {
+                id,
+                api_address: api,
+                raft_address: raft,
+            })
+            .await
+            .with_context(|| format!("adding hub {id}"))?;
+        Ok(())
+    }
+
+    /// Removes a hub from the cluster through the admin API and stops its process.
+    pub async fn remove_hub(&mut self, id: u64) -> anyhow::Result<()> {
+        if self.hub_addr == self.hub(id).api {
+            let other = self
+                .hubs
+                .iter()
+                .find(|h| h.id != id)
+                .expect("another hub")
+                .api
+                .clone();
+            self.hub_addr = other;
+        }
+        self.admin()
+            .remove_hub(pb::RemoveHubRequest { id })
+            .await
+            .with_context(|| format!("removing hub {id}"))?;
+        self.hub_mut(id).proc.terminate();
+        Ok(())
+    }
+
     /// One bootstrapped hub on port 0.
     pub async fn start() -> anyhow::Result<Self> {
         Self::with_hubs(1).await
@@ -272,50 +365,25 @@ impl Cluster {
     /// `n` hubs sharing one CA: hub 1 bootstraps, the others are added as learners and
     /// promoted to voters through the admin API, as an operator would.
     pub async fn with_hubs(n: u64) -> anyhow::Result<Self> {
+        Self::with_options(n, Options::default()).await
+    }
+
+    pub async fn with_options(n: u64, opts: Options) -> anyhow::Result<Self> {
         // FLOTILLA_KEEP_TEST_DIRS=1 keeps data dirs and logs for a look after a failure.
         let dir = tempfile::Builder::new()
             .prefix("flotilla-test-")
             .disable_cleanup(std::env::var_os("FLOTILLA_KEEP_TEST_DIRS").is_some())
             .tempdir()?;
-        let pki = dir.path().join("pki");
-        let ca = flotilla_common::pki::Ca::load_or_generate(&pki, "test")?;
+        let ca = flotilla_common::pki::Ca::load_or_generate(&dir.path().join("pki"), "test")?;
         let mut hubs = Vec::new();
         for id in 1..=n {
-            let hub_dir = dir.path().join(format!("hub-{id}"));
-            std::fs::create_dir_all(&hub_dir)?;
-            let cfg = HubFile {
-                id,
-                data_dir: hub_dir.clone(),
-                listen: "127.0.0.1:0".into(),
-                advertise: None,
-                raft_listen: "127.0.0.1:0".into(),
-                raft_advertise: None,
-                bootstrap: id == 1,
-                peers: vec![],
-                ca_cert: Some(pki.join("ca.pem")),
-                ca_key: Some(pki.join("ca.key")),
-                cluster_name: "test".into(),
-                tls_names: vec![],
-                node_ttl_ms: NODE_TTL_MS,
-                raft_heartbeat_ms: flotilla_common::config::defaults::RAFT_HEARTBEAT_MS,
-                raft_election_timeout_ms:
-                    flotilla_common::config::defaults::RAFT_ELECTION_TIMEOUT_MS,
-            };
-            std::fs::write(hub_dir.join("hub.toml"), toml::to_string(&cfg)?)?;
-            let mut proc = spawn_hub(&hub_dir, id)?;
-            let (api, raft) = wait_hub_listening(&mut proc, &hub_dir).await?;
-            hubs.push(HubMember {
-                id,
-                dir: hub_dir,
-                proc,
-                api,
-                raft,
-            });
+            hubs.push(start_member(dir.path(), id, id == 1, &opts).await?);
         }
         let mut c = Self {
             hub_addr: hubs[0].api.clone(),
             dir,
             hubs,
+            opts,
             ca_pem: ca.cert_pem().to_owned(),
             admin_token: String::new(),
             nodes: BTreeMap::new(),
@@ -576,6 +644,165 @@ impl Cluster {
         })
         .await
     }
+}
+
+/// Agents submitting `record` calls continuously, spread over every hub; on a failure
+/// they retry the same idempotency key on the next hub, as a client behind a load balancer
+/// would. `stop()` returns every acknowledged key with its task id.
+pub struct Load {
+    stop: tokio::sync::watch::Sender<bool>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+    pub acked: std::sync::Arc<std::sync::Mutex<BTreeMap<String, String>>>,
+}
+
+impl Load {
+    pub fn start(c: &Cluster, workers: usize) -> Self {
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let acked: std::sync::Arc<std::sync::Mutex<BTreeMap<String, String>>> = Default::default();
+        let handles = (0..workers)
+            .map(|w| {
+                let agents: Vec<Agent> = c
+                    .hubs
+                    .iter()
+                    .map(|h| c.agent_at(h.id, &c.admin_token))
+                    .collect();
+                let acked = acked.clone();
+                let rx = rx.clone();
+                tokio::spawn(async move {
+                    let mut hub = w;
+                    let mut n = 0u64;
+                    while !*rx.borrow() {
+                        let key = format!("w{w}-{n}");
+                        let req = pb::SubmitTaskRequest {
+                            tool: "record".into(),
+                            arguments: serde_json::to_vec(&serde_json::json!({"key": key}))
+                                .unwrap_or_default(),
+                            idempotency_key: key.clone(),
+                            priority: 0,
+                        };
+                        let mut tries = 0;
+                        loop {
+                            let mut a = agents[hub % agents.len()].clone();
+                            match tokio::time::timeout(
+                                Duration::from_secs(10),
+                                a.submit_task(req.clone()),
+                            )
+                            .await
+                            {
+                                Ok(Ok(r)) => {
+                                    acked
+                                        .lock()
+                                        .expect("acked")
+                                        .insert(key.clone(), r.into_inner().task_id);
+                                    break;
+                                }
+                                _ => {
+                                    tries += 1;
+                                    hub += 1;
+                                    assert!(tries < 600, "submission {key} never succeeded");
+                                    tokio::time::sleep(Duration::from_millis(50)).await;
+                                }
+                            }
+                        }
+                        n += 1;
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            workers: handles,
+            acked,
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.acked.lock().expect("acked").len()
+    }
+
+    /// Waits until `more` further submissions were acknowledged.
+    pub async fn wait_more(&self, more: usize) -> anyhow::Result<()> {
+        let target = self.count() + more;
+        wait_until(
+            &format!("{more} more acknowledged submissions"),
+            READY,
+            || {
+                let n = self.count();
+                async move { (n >= target).then_some(()) }
+            },
+        )
+        .await
+    }
+
+    pub async fn stop(self) -> anyhow::Result<BTreeMap<String, String>> {
+        let _ = self.stop.send(true);
+        for w in self.workers {
+            w.await?;
+        }
+        let acked = self.acked.lock().expect("acked").clone();
+        Ok(acked)
+    }
+}
+
+/// The core invariant: every acknowledged task succeeded exactly once, with the result of
+/// the call that ran, and the tool's own record shows every one of them ran.
+pub async fn check_every_acknowledged_task_ran_once(
+    c: &Cluster,
+    hub: u64,
+    acked: &BTreeMap<String, String>,
+    record: &Path,
+) -> anyhow::Result<()> {
+    let ids: std::collections::BTreeSet<&String> = acked.values().collect();
+    anyhow::ensure!(
+        ids.len() == acked.len(),
+        "idempotency keys map to distinct tasks"
+    );
+    let mut agent = c.agent_at(hub, &c.admin_token);
+    for (key, id) in acked {
+        let t = c.wait_task(&mut agent, id).await?;
+        anyhow::ensure!(t.state == pb::TaskState::Succeeded as i32, "{key}: {t:?}");
+        anyhow::ensure!(
+            result_text(&t) == format!("recorded {key}"),
+            "{key}: {}",
+            result_text(&t)
+        );
+        let produced = t
+            .attempts
+            .iter()
+            .filter(|a| a.finished_at_ms != 0 && a.error.is_empty())
+            .count();
+        anyhow::ensure!(
+            produced == 1,
+            "{key}: exactly one attempt produced the result: {:?}",
+            t.attempts
+        );
+    }
+    let lines = std::fs::read_to_string(record)?;
+    let ran: std::collections::BTreeSet<&str> = lines.lines().collect();
+    for key in acked.keys() {
+        anyhow::ensure!(
+            ran.contains(key.as_str()),
+            "acknowledged task {key} never ran"
+        );
+    }
+    Ok(())
+}
+
+/// A node spec whose demo server's `record` tool appends to a file; returns the file.
+pub fn recording_node(c: &Cluster, name: &str) -> (NodeSpec, PathBuf) {
+    let record = c.dir.path().join(format!("{name}.record"));
+    let mut server = demo_server("demo", 16);
+    server
+        .env
+        .insert("FLOTILLA_DEMO_RECORD".into(), record.display().to_string());
+    (
+        NodeSpec {
+            name: name.into(),
+            labels: Default::default(),
+            servers: vec![server],
+        },
+        record,
+    )
 }
 
 /// The text blocks of a task's CallToolResult, joined.

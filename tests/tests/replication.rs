@@ -2,31 +2,14 @@
 //! and the core invariant under a leader crash: every acknowledged task reaches exactly one
 //! terminal state and no acknowledged task is lost.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::collections::BTreeMap;
 
 use flotilla_proto as pb;
-use flotilla_tests::{demo_server, result_text, wait_until, Cluster, NodeSpec, READY};
+use flotilla_tests::{
+    check_every_acknowledged_task_ran_once, recording_node, result_text, wait_until, Cluster, Load,
+    NodeSpec, READY,
+};
 use serde_json::json;
-
-fn recording_node(c: &Cluster, name: &str) -> (NodeSpec, std::path::PathBuf) {
-    let record = c.dir.path().join(format!("{name}.record"));
-    let mut server = demo_server("demo", 16);
-    server
-        .env
-        .insert("FLOTILLA_DEMO_RECORD".into(), record.display().to_string());
-    (
-        NodeSpec {
-            name: name.into(),
-            labels: Default::default(),
-            servers: vec![server],
-        },
-        record,
-    )
-}
 
 #[tokio::test]
 async fn three_hubs_any_hub_serves_writes_and_consistent_reads() -> anyhow::Result<()> {
@@ -112,108 +95,20 @@ async fn killing_the_leader_under_load_loses_no_acknowledged_task() -> anyhow::R
     c.add_node(spec).await?;
     let leader = c.wait_leader().await?;
 
-    // Submitters spread over every hub; on a failure they retry the same idempotency key on
-    // the next hub, as a client behind a load balancer would.
-    let acked: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let mut workers = Vec::new();
-    for w in 0..4u64 {
-        let agents: Vec<_> = (1..=3).map(|h| c.agent_at(h, &c.admin_token)).collect();
-        let acked = acked.clone();
-        let stop = stop.clone();
-        workers.push(tokio::spawn(async move {
-            let mut n = 0u64;
-            let mut hub = w as usize;
-            while !*stop.borrow() {
-                let key = format!("w{w}-{n}");
-                let req = pb::SubmitTaskRequest {
-                    tool: "record".into(),
-                    arguments: serde_json::to_vec(&json!({"key": key})).unwrap_or_default(),
-                    idempotency_key: key.clone(),
-                    priority: 0,
-                };
-                let mut tries = 0;
-                loop {
-                    let mut a = agents[hub % 3].clone();
-                    match tokio::time::timeout(Duration::from_secs(15), a.submit_task(req.clone()))
-                        .await
-                    {
-                        Ok(Ok(r)) => {
-                            acked
-                                .lock()
-                                .unwrap()
-                                .insert(key.clone(), r.into_inner().task_id);
-                            break;
-                        }
-                        _ => {
-                            tries += 1;
-                            hub += 1;
-                            assert!(tries < 200, "submission {key} never succeeded");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    }
-                }
-                n += 1;
-            }
-        }));
-    }
-    // Let load build, kill -9 the leader, and keep submitting through the election.
-    wait_until("some acknowledged submissions", READY, || {
-        let n = acked.lock().unwrap().len();
-        async move { (n >= 20).then_some(()) }
-    })
-    .await?;
+    let load = Load::start(&c, 4);
+    load.wait_more(20).await?;
+    // kill -9 the leader and keep submitting through the election.
     c.kill_hub(leader);
-    let before_kill = acked.lock().unwrap().len();
-    wait_until("submissions to continue after the kill", READY, || {
-        let n = acked.lock().unwrap().len();
-        async move { (n >= before_kill + 40).then_some(()) }
-    })
-    .await?;
-    stop_tx.send(true)?;
-    for w in workers {
-        w.await?;
-    }
+    load.wait_more(40).await?;
+    let acked = load.stop().await?;
 
     // A new leader was elected among the survivors.
     let survivor = (1..=3).find(|id| *id != leader).expect("a survivor");
     c.hub_addr = c.hub(survivor).api.clone();
     let new_leader = c.wait_leader().await?;
     assert_ne!(new_leader, leader);
+    check_every_acknowledged_task_ran_once(&c, survivor, &acked, &record).await?;
 
-    // Every acknowledged task reaches exactly one terminal state: succeeded, once.
-    let acked = acked.lock().unwrap().clone();
-    let ids: BTreeSet<&String> = acked.values().collect();
-    assert_eq!(
-        ids.len(),
-        acked.len(),
-        "idempotency keys map to distinct tasks"
-    );
-    let mut agent = c.agent_at(survivor, &c.admin_token);
-    for (key, id) in &acked {
-        let t = c.wait_task(&mut agent, id).await?;
-        assert_eq!(t.state, pb::TaskState::Succeeded as i32, "{key}: {t:?}");
-        assert_eq!(result_text(&t), format!("recorded {key}"));
-        let finished = t
-            .attempts
-            .iter()
-            .filter(|a| a.finished_at_ms != 0 && a.error.is_empty())
-            .count();
-        assert_eq!(
-            finished, 1,
-            "{key}: exactly one attempt produced the result: {:?}",
-            t.attempts
-        );
-    }
-    // The tool really ran for every acknowledged task.
-    let lines = std::fs::read_to_string(&record)?;
-    let ran: BTreeSet<&str> = lines.lines().collect();
-    for key in acked.keys() {
-        assert!(
-            ran.contains(key.as_str()),
-            "acknowledged task {key} never ran"
-        );
-    }
     // And the restarted old leader catches up and agrees.
     c.start_hub(leader).await?;
     let mut old = c.agent_at(leader, &c.admin_token);

@@ -1,0 +1,160 @@
+//! Changing and restarting the hub cluster while agents keep submitting: snapshots for hubs
+//! that fell behind, adding and removing hubs, rolling restarts, restarting everything.
+
+use flotilla_proto as pb;
+use flotilla_tests::{
+    check_every_acknowledged_task_ran_once, recording_node, result_text, wait_until, Cluster, Load,
+    NodeSpec, Options, READY,
+};
+use serde_json::json;
+
+/// Waits until every member of `c` reports lag 0 in the leader's view.
+async fn converged(c: &Cluster, members: usize) -> anyhow::Result<()> {
+    let admin = c.admin();
+    wait_until("the cluster to converge", READY, || {
+        let mut admin = admin.clone();
+        async move {
+            let s = admin
+                .cluster_status(pb::ClusterStatusRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            (s.leader_id != 0
+                && s.members.len() == members
+                && s.members.iter().all(|m| m.lag == 0 && m.matched_index > 0))
+            .then_some(())
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_hub_far_behind_and_a_new_hub_catch_up_from_a_snapshot() -> anyhow::Result<()> {
+    let mut c = Cluster::with_options(3, Options { snapshot_logs: 20 }).await?;
+    c.add_node(NodeSpec::demo("edge-1")).await?;
+    let leader = c.wait_leader().await?;
+    let behind = (1..=3).find(|h| *h != leader).expect("a follower");
+    c.kill_hub(behind);
+
+    // Enough writes for several snapshots; the log behind them is purged.
+    let mut agent = c.agent();
+    let mut first = None;
+    for i in 0..30 {
+        let t = c
+            .call(&mut agent, "echo", json!({"text": format!("n{i}")}))
+            .await?;
+        first.get_or_insert(t.id);
+    }
+    let first = first.expect("a task");
+
+    // The hub that was down comes back and gets the state (a snapshot, then the log tail).
+    c.start_hub(behind).await?;
+    converged(&c, 3).await?;
+    let mut there = c.agent_at(behind, &c.admin_token);
+    let t = there
+        .get_task(pb::GetTaskRequest {
+            task_id: first.clone(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(result_text(&t), "n0");
+    assert!(
+        c.hub(behind).proc.log_text().contains("install snapshot"),
+        "the lagging hub caught up through a snapshot"
+    );
+
+    // A brand-new hub is added and catches up the same way.
+    c.add_hub(4).await?;
+    converged(&c, 4).await?;
+    let mut four = c.agent_at(4, &c.admin_token);
+    let t = four
+        .get_task(pb::GetTaskRequest { task_id: first })
+        .await?
+        .into_inner();
+    assert_eq!(result_text(&t), "n0");
+    assert!(c.hub(4).proc.log_text().contains("install snapshot"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn membership_changes_under_load_keep_every_acknowledged_task() -> anyhow::Result<()> {
+    let mut c = Cluster::with_hubs(3).await?;
+    let (spec, record) = recording_node(&c, "edge-1");
+    c.add_node(spec).await?;
+    let load = Load::start(&c, 3);
+    load.wait_more(20).await?;
+
+    // Grow to four hubs, then remove the current leader.
+    c.add_hub(4).await?;
+    load.wait_more(20).await?;
+    let leader = c.wait_leader().await?;
+    c.remove_hub(leader).await?;
+    load.wait_more(20).await?;
+    let acked = load.stop().await?;
+
+    let status = c
+        .admin()
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await?
+        .into_inner();
+    let ids: Vec<u64> = status.members.iter().map(|m| m.id).collect();
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert!(!ids.contains(&leader) && ids.contains(&4), "{ids:?}");
+    assert_ne!(status.leader_id, leader);
+    let any = status.members[0].id;
+    check_every_acknowledged_task_ran_once(&c, any, &acked, &record).await
+}
+
+#[tokio::test]
+async fn a_rolling_restart_under_load_fails_no_request_for_good() -> anyhow::Result<()> {
+    let mut c = Cluster::with_hubs(3).await?;
+    let (spec, record) = recording_node(&c, "edge-1");
+    c.add_node(spec).await?;
+    let load = Load::start(&c, 3);
+    load.wait_more(10).await?;
+    for id in 1..=3 {
+        c.hub_mut(id).proc.terminate();
+        load.wait_more(5).await?;
+        // Clients of the admin API follow the hubs that are up.
+        c.hub_addr = c
+            .hubs
+            .iter()
+            .find(|h| h.id != id)
+            .expect("another hub")
+            .api
+            .clone();
+        c.start_hub(id).await?;
+        converged(&c, 3).await?;
+        load.wait_more(5).await?;
+    }
+    let acked = load.stop().await?;
+    check_every_acknowledged_task_ran_once(&c, 1, &acked, &record).await
+}
+
+#[tokio::test]
+async fn restarting_every_hub_at_once_brings_every_task_and_node_back() -> anyhow::Result<()> {
+    let mut c = Cluster::with_hubs(3).await?;
+    let (spec, record) = recording_node(&c, "edge-1");
+    c.add_node(spec).await?;
+    let load = Load::start(&c, 2);
+    load.wait_more(20).await?;
+    let acked = load.stop().await?;
+    check_every_acknowledged_task_ran_once(&c, 1, &acked, &record).await?;
+
+    for id in 1..=3 {
+        c.kill_hub(id);
+    }
+    for id in 1..=3 {
+        c.start_hub(id).await?;
+    }
+    c.wait_leader().await?;
+    // Every task, with its result, and the node are back from disk.
+    check_every_acknowledged_task_ran_once(&c, 2, &acked, &record).await?;
+    c.wait_node_connected("edge-1").await?;
+    let mut agent = c.agent();
+    let t = c
+        .call(&mut agent, "record", json!({"key": "after-restart"}))
+        .await?;
+    assert_eq!(result_text(&t), "recorded after-restart");
+    Ok(())
+}
