@@ -143,8 +143,25 @@ impl Hub {
         &self.inner.wake
     }
 
+    /// True when this hub leads and a quorum acknowledged it recently. A leader cut off
+    /// from its quorum keeps believing it leads (openraft 0.9 does not step down by itself);
+    /// treating it as not leading makes it stop scheduling and send its nodes elsewhere.
     pub fn is_leader(&self) -> bool {
-        self.inner.raft.metrics().borrow().current_leader == Some(self.id())
+        let m = self.inner.raft.metrics();
+        let m = m.borrow();
+        if m.current_leader != Some(self.id()) {
+            return false;
+        }
+        if m.membership_config.membership().voter_ids().count() <= 1 {
+            return true;
+        }
+        m.millis_since_quorum_ack
+            .is_none_or(|ms| ms <= self.quorum_grace_ms())
+    }
+
+    /// How long a leader may go without a quorum's acknowledgement: two leader leases.
+    fn quorum_grace_ms(&self) -> u64 {
+        4 * self.inner.config.raft_election_timeout_ms
     }
 
     /// The current leader's id and node, if one is known.
@@ -164,6 +181,9 @@ impl Hub {
 
     fn not_leader(&self) -> HubError {
         match self.leader() {
+            Some((id, _)) if id == self.id() => HubError::Unavailable(
+                "this hub has lost contact with the other hubs; try another one".into(),
+            ),
             Some((id, node)) => HubError::NotLeader {
                 leader_id: id,
                 leader_api: node.api,
@@ -177,7 +197,15 @@ impl Hub {
     pub async fn write(&self, cmd: Command) -> HubResult<Response> {
         let deadline = Instant::now() + LEADER_WAIT;
         loop {
-            let retry = match self.inner.raft.client_write(cmd.clone()).await {
+            let written =
+                tokio::time::timeout(LEADER_WAIT, self.inner.raft.client_write(cmd.clone())).await;
+            let Ok(written) = written else {
+                return Err(HubError::Unavailable(format!(
+                    "the write was not committed within {}s (no quorum?); its outcome is unknown, retry with an idempotency key",
+                    LEADER_WAIT.as_secs()
+                )));
+            };
+            let retry = match written {
                 Ok(r) => return Ok(r.data),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                     match f.leader_node {
@@ -229,7 +257,13 @@ impl Hub {
 
     /// Only on the leader: commit a forwarded command.
     pub(crate) async fn write_as_leader(&self, cmd: Command) -> Result<Response, PeerError> {
-        match self.inner.raft.client_write(cmd).await {
+        let written = tokio::time::timeout(LEADER_WAIT, self.inner.raft.client_write(cmd)).await;
+        let Ok(written) = written else {
+            return Err(PeerError::Failed(
+                "the write was not committed in time (no quorum?); its outcome is unknown".into(),
+            ));
+        };
+        match written {
             Ok(r) => Ok(r.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
                 Err(PeerError::NotLeader)
@@ -240,10 +274,14 @@ impl Hub {
 
     /// Only on the leader: the index a linearizable read must wait for.
     pub(crate) async fn read_index_as_leader(&self) -> Result<u64, PeerError> {
-        match self.inner.raft.get_read_log_id().await {
-            Ok((read, _applied)) => Ok(read.map_or(0, |l| l.index)),
-            Err(RaftError::APIError(_)) => Err(PeerError::NotLeader),
-            Err(e) => Err(PeerError::Failed(e.to_string())),
+        match tokio::time::timeout(Duration::from_secs(2), self.inner.raft.get_read_log_id()).await
+        {
+            Ok(Ok((read, _applied))) => Ok(read.map_or(0, |l| l.index)),
+            Ok(Err(RaftError::APIError(_))) => Err(PeerError::NotLeader),
+            Ok(Err(e)) => Err(PeerError::Failed(e.to_string())),
+            Err(_) => Err(PeerError::Failed(
+                "no quorum confirmed the leader in time".into(),
+            )),
         }
     }
 

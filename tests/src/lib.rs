@@ -87,11 +87,21 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, args: &[&str], log: &Path) -> anyhow::Result<Self> {
+        Self::spawn_program(&flotilla_bin().display().to_string(), name, args, log)
+    }
+
+    /// Like [`Proc::spawn`] for another program (e.g. `ip netns exec ... flotilla`).
+    pub fn spawn_program(
+        program: &str,
+        name: &str,
+        args: &[&str],
+        log: &Path,
+    ) -> anyhow::Result<Self> {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)?;
-        let child = Command::new(flotilla_bin())
+        let child = Command::new(program)
             .args(args)
             .env("RUST_LOG", "info,openraft=warn")
             .stdin(Stdio::null())
