@@ -55,6 +55,12 @@ struct Args {
     /// Slots on the node's demo server.
     #[arg(long, default_value_t = 64)]
     max_concurrency: u32,
+    /// Hubs in the cluster (1, 3 or 5); agents spread over all of them.
+    #[arg(long, default_value_t = 1)]
+    hubs: u64,
+    /// Skip the direct-to-MCP side.
+    #[arg(long)]
+    no_direct: bool,
 }
 
 struct Stats {
@@ -241,35 +247,41 @@ async fn failover(trials: usize) -> anyhow::Result<()> {
 
 async fn calls(bin: &std::path::Path, args: Args) -> anyhow::Result<()> {
     // Direct: the same demo MCP server, called with rmcp, no hub in between.
-    let direct = McpClient::spawn(
-        &bin.display().to_string(),
-        &["mcp-demo".into()],
-        &Default::default(),
-    )
-    .await
-    .context("starting the demo MCP server")?;
-    let d = direct.clone();
-    let direct_stats = drive(args.agents, args.calls, move |i| {
-        let d = d.clone();
-        async move {
-            let mut m = serde_json::Map::new();
-            m.insert("text".into(), json!(format!("call {i}")));
-            d.call_tool("echo", m, None, CancellationToken::new())
-                .await?;
-            Ok(())
-        }
-    })
-    .await;
-    direct.shutdown().await;
+    let skip_direct = args.no_direct;
+    let direct_stats = if skip_direct {
+        None
+    } else {
+        let direct = McpClient::spawn(
+            &bin.display().to_string(),
+            &["mcp-demo".into()],
+            &Default::default(),
+        )
+        .await
+        .context("starting the demo MCP server")?;
+        let d = direct.clone();
+        let direct_stats = drive(args.agents, args.calls, move |i| {
+            let d = d.clone();
+            async move {
+                let mut m = serde_json::Map::new();
+                m.insert("text".into(), json!(format!("call {i}")));
+                d.call_tool("echo", m, None, CancellationToken::new())
+                    .await?;
+                Ok(())
+            }
+        })
+        .await;
+        direct.shutdown().await;
+        Some(direct_stats)
+    };
 
     // Through Flotilla: hub + node processes, every call committed through Raft.
-    let mut cluster = Cluster::start().await?;
+    let mut cluster = Cluster::with_hubs(args.hubs).await?;
     let mut spec = NodeSpec::demo("bench-1");
     spec.servers[0].max_concurrency = args.max_concurrency;
     cluster.add_node(spec).await?;
-    let agent = cluster.agent();
+    let agents: Vec<_> = cluster.hubs.iter().map(|h| cluster.agent_at(h.id, &cluster.admin_token)).collect();
     let through_stats = drive(args.agents, args.calls, move |i| {
-        let mut agent = agent.clone();
+        let mut agent = agents[i % agents.len()].clone();
         async move {
             let id = agent
                 .submit_task(pb::SubmitTaskRequest {
@@ -315,20 +327,26 @@ async fn calls(bin: &std::path::Path, args: Args) -> anyhow::Result<()> {
         )
     };
     println!(
-        "agents: {}, calls per side: {}, tool: echo",
-        args.agents, args.calls
+        "agents: {}, calls per side: {}, hubs: {}, tool: echo",
+        args.agents, args.calls, args.hubs
     );
     println!();
     println!("| path | calls ok | errors | calls/s | p50 ms | p99 ms | max ms |");
     println!("|---|---|---|---|---|---|---|");
-    println!("{}", row("direct rmcp to the MCP server", &direct_stats));
-    println!("{}", row("through Flotilla (hub + node)", &through_stats));
+    if let Some(d) = &direct_stats {
+        println!("{}", row("direct rmcp to the MCP server", d));
+    }
+    println!("{}", row(&format!("through Flotilla ({} hub(s) + node)", args.hubs), &through_stats));
     println!();
-    println!(
-        "throughput ratio (Flotilla / direct): {:.3}; p50 added: {:.2} ms",
-        through_stats.rate() / direct_stats.rate(),
-        through_stats.pct(0.5) - direct_stats.pct(0.5)
-    );
+    if let Some(d) = &direct_stats {
+        println!(
+            "throughput ratio (Flotilla / direct): {:.3}; p50 added: {:.2} ms",
+            through_stats.rate() / d.rate(),
+            through_stats.pct(0.5) - d.pct(0.5)
+        );
+    }
+    // A line scripts can read.
+    println!("flotilla_calls_per_second {:.1}", through_stats.rate());
     println!(
         "RSS after the run: hub {} MiB, node {} MiB",
         hub_rss.map_or("?".into(), |k| format!("{:.1}", k as f64 / 1024.0)),

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Side by side, same machine, same run, same client concurrency: end-to-end tool calls on a
+# three-hub Flotilla cluster (durable writes) and single-key puts on a three-member etcd
+# cluster (Debian's etcd-server). Prints both tables and the ratio.
+#   bench/compare-etcd.sh [CLIENTS] [TOTAL]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+clients=${1:-16}
+total=${2:-2000}
+
+if ! command -v etcd >/dev/null || ! command -v protoc >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq etcd-server protobuf-compiler
+fi
+cargo build --release -q -p flotilla-cli -p flotilla-bench
+CARGO_TARGET_DIR=target/etcd-put cargo build --release -q --manifest-path bench/etcd-put/Cargo.toml
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+# Six free loopback ports for three members (client, peer).
+read -r -a ports < <(python3 -c '
+import socket
+socks=[socket.socket() for _ in range(6)]
+for s in socks: s.bind(("127.0.0.1",0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))')
+cluster=""
+for i in 0 1 2; do cluster+="e$i=http://127.0.0.1:${ports[$((2*i+1))]},"; done
+cluster=${cluster%,}
+endpoints=""
+for i in 0 1 2; do
+  c=${ports[$((2*i))]}; p=${ports[$((2*i+1))]}
+  etcd --name "e$i" --data-dir "$work/e$i" \
+    --listen-client-urls "http://127.0.0.1:$c" --advertise-client-urls "http://127.0.0.1:$c" \
+    --listen-peer-urls "http://127.0.0.1:$p" --initial-advertise-peer-urls "http://127.0.0.1:$p" \
+    --initial-cluster "$cluster" --initial-cluster-state new --initial-cluster-token bench \
+    >"$work/e$i.log" 2>&1 &
+  pids+=($!)
+  endpoints+="http://127.0.0.1:$c,"
+done
+endpoints=${endpoints%,}
+for _ in $(seq 1 100); do
+  if ETCDCTL_API=3 etcdctl --endpoints "$endpoints" endpoint health >/dev/null 2>&1; then break; fi
+  sleep 0.2
+done
+ETCDCTL_API=3 etcdctl --endpoints "$endpoints" endpoint health >/dev/null
+
+echo "clients: $clients, operations per side: $total, date: $(date -u +%F)"
+echo
+echo "| system | operations | ops/s | p50 ms | p99 ms | max ms |"
+echo "|---|---|---|---|---|---|"
+etcd_out=$(target/etcd-put/release/etcd-put --endpoints "$endpoints" --clients "$clients" --total "$total")
+echo "$etcd_out" | grep '^|'
+flt_out=$(target/release/flotilla-bench calls --hubs 3 --agents "$clients" --calls "$total" --no-direct 2>/dev/null)
+echo "$flt_out" | grep '^| through' | awk -F'|' '{printf "| Flotilla 3 hubs, end-to-end tool calls |%s|%s|%s|%s|%s|\n", $3, $5, $6, $7, $8}'
+e=$(echo "$etcd_out" | awk '/^etcd_puts_per_second/ {print $2}')
+f=$(echo "$flt_out" | awk '/^flotilla_calls_per_second/ {print $2}')
+echo
+python3 -c "print(f'ratio Flotilla calls/s / etcd puts/s: {$f/$e:.3f}')"
