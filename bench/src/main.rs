@@ -170,6 +170,7 @@ async fn failover(trials: usize) -> anyhow::Result<()> {
     let mut c = Cluster::with_hubs(3).await?;
     c.add_node(NodeSpec::demo("bench-1")).await?;
     let mut times = Vec::new();
+    let mut node_times = Vec::new();
     for trial in 0..trials {
         let leader = c.wait_leader().await?;
         let survivors: Vec<u64> = (1..=3).filter(|h| *h != leader).collect();
@@ -201,6 +202,29 @@ async fn failover(trials: usize) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let took = killed.elapsed();
+        // The node's session moves to the new leader.
+        let survivor_admin = flotilla_tests::AdminServiceClient::with_interceptor(
+            c.channel_to(survivors[0]),
+            flotilla_tests::Bearer::new(&c.admin_token),
+        );
+        flotilla_tests::wait_until(
+            "the node to reach the new leader",
+            flotilla_tests::READY,
+            || {
+                let mut a = survivor_admin.clone();
+                async move {
+                    let n = a
+                        .list_nodes(pb::ListNodesRequest {})
+                        .await
+                        .ok()?
+                        .into_inner()
+                        .nodes;
+                    n.iter().any(|n| n.connected).then_some(())
+                }
+            },
+        )
+        .await?;
+        node_times.push(killed.elapsed());
         eprintln!(
             "trial {trial}: hub {leader} killed, next acknowledged submission after {:.0} ms",
             took.as_secs_f64() * 1000.0
@@ -231,6 +255,7 @@ async fn failover(trials: usize) -> anyhow::Result<()> {
         .await?;
     }
     times.sort();
+    node_times.sort();
     println!(
         "failover over {} trials (kill -9 of the leader of 3 hubs, to the next acknowledged submission):",
         times.len()
@@ -241,6 +266,12 @@ async fn failover(trials: usize) -> anyhow::Result<()> {
         percentile(&times, 0.99),
         percentile(&times, 1.0),
         percentile(&times, 0.0)
+    );
+    println!(
+        "node session on the new leader after: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        percentile(&node_times, 0.5),
+        percentile(&node_times, 0.99),
+        percentile(&node_times, 1.0)
     );
     Ok(())
 }
@@ -279,7 +310,11 @@ async fn calls(bin: &std::path::Path, args: Args) -> anyhow::Result<()> {
     let mut spec = NodeSpec::demo("bench-1");
     spec.servers[0].max_concurrency = args.max_concurrency;
     cluster.add_node(spec).await?;
-    let agents: Vec<_> = cluster.hubs.iter().map(|h| cluster.agent_at(h.id, &cluster.admin_token)).collect();
+    let agents: Vec<_> = cluster
+        .hubs
+        .iter()
+        .map(|h| cluster.agent_at(h.id, &cluster.admin_token))
+        .collect();
     let through_stats = drive(args.agents, args.calls, move |i| {
         let mut agent = agents[i % agents.len()].clone();
         async move {
@@ -336,7 +371,13 @@ async fn calls(bin: &std::path::Path, args: Args) -> anyhow::Result<()> {
     if let Some(d) = &direct_stats {
         println!("{}", row("direct rmcp to the MCP server", d));
     }
-    println!("{}", row(&format!("through Flotilla ({} hub(s) + node)", args.hubs), &through_stats));
+    println!(
+        "{}",
+        row(
+            &format!("through Flotilla ({} hub(s) + node)", args.hubs),
+            &through_stats
+        )
+    );
     println!();
     if let Some(d) = &direct_stats {
         println!(

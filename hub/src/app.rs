@@ -425,6 +425,27 @@ impl Hub {
         }
     }
 
+    /// Connected nodes and their live load: held by the leader, asked for from a follower
+    /// (empty when no leader can be reached).
+    pub async fn live_nodes(&self) -> std::collections::HashMap<String, crate::sessions::LiveView> {
+        if self.is_leader() {
+            return self.sessions.views();
+        }
+        let Some((id, node)) = self.leader() else {
+            return Default::default();
+        };
+        if id == self.id() {
+            return Default::default();
+        }
+        let Ok(mut c) = self.inner.net.client(&node.raft) else {
+            return Default::default();
+        };
+        match tokio::time::timeout(Duration::from_secs(2), c.live(encode(&()))).await {
+            Ok(Ok(reply)) => decode(reply.get_ref()).unwrap_or_default(),
+            _ => Default::default(),
+        }
+    }
+
     /// The leader's view when it can be reached (it knows replication lag), else our own.
     pub async fn cluster_view(&self) -> ClusterView {
         if !self.is_leader() {

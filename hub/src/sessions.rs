@@ -14,6 +14,22 @@ use flotilla_proto::{HubMessage, ServerState};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+/// What the leader knows live about a connected node, as followers see it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct LiveView {
+    pub cpu_percent: f64,
+    pub running: u32,
+    pub servers: Vec<LiveServerView>,
+    pub last_seen_ms: i64,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct LiveServerView {
+    pub name: String,
+    pub state: i32,
+    pub error: String,
+}
+
 #[derive(Clone, Debug)]
 pub struct LiveServer {
     pub name: String,
@@ -124,6 +140,34 @@ impl Sessions {
             .expect("sessions lock")
             .get(node_id)
             .cloned()
+    }
+
+    /// Every connected node's live view.
+    pub fn views(&self) -> HashMap<String, LiveView> {
+        self.inner
+            .lock()
+            .expect("sessions lock")
+            .iter()
+            .map(|(id, l)| {
+                (
+                    id.clone(),
+                    LiveView {
+                        cpu_percent: l.cpu_percent,
+                        running: l.running,
+                        servers: l
+                            .servers
+                            .iter()
+                            .map(|s| LiveServerView {
+                                name: s.name.clone(),
+                                state: s.state as i32,
+                                error: s.error.clone(),
+                            })
+                            .collect(),
+                        last_seen_ms: l.last_seen_ms,
+                    },
+                )
+            })
+            .collect()
     }
 
     pub fn snapshot(&self) -> HashMap<String, LiveNode> {

@@ -84,6 +84,24 @@ async fn three_hubs_any_hub_serves_writes_and_consistent_reads() -> anyhow::Resu
         assert_eq!(s.leader_id, leader);
         assert_eq!(s.this_hub, h);
         assert_eq!(s.members.len(), 3);
+        // Live node state is the leader's; every hub reports it.
+        let nodes = admin
+            .list_nodes(pb::ListNodesRequest {})
+            .await?
+            .into_inner()
+            .nodes;
+        assert!(
+            nodes.iter().any(|n| n.id == "edge-1" && n.connected),
+            "hub {h}: {nodes:?}"
+        );
+        let tools = c
+            .agent_at(h, &c.admin_token)
+            .list_tools(pb::ListToolsRequest {})
+            .await?
+            .into_inner()
+            .tools;
+        let echo = tools.iter().find(|t| t.name == "echo").expect("echo");
+        assert_eq!(echo.nodes, vec!["edge-1".to_string()], "hub {h}");
     }
     Ok(())
 }

@@ -131,4 +131,9 @@ impl RaftService for RaftApi {
         check_hub(&req)?;
         Ok(Response::new(encode(&self.hub.local_view())))
     }
+
+    async fn live(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        check_hub(&req)?;
+        Ok(Response::new(encode(&self.hub.sessions.views())))
+    }
 }

@@ -106,9 +106,9 @@ impl AdminService for AdminApi {
         &self,
         req: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesResponse>, Status> {
+        auth::admin(&req, &self.hub.state())?;
+        let live = self.hub.live_nodes().await;
         let state = self.hub.state();
-        auth::admin(&req, &state)?;
-        let live = self.hub.sessions.snapshot();
         let in_flight = state.active_counts();
         let nodes = state
             .nodes
@@ -123,7 +123,12 @@ impl AdminService for AdminApi {
                         NodeServer {
                             name: s.name.clone(),
                             state: ls
-                                .map(|x| convert::server_state_name(x.state))
+                                .map(|x| {
+                                    convert::server_state_name(
+                                        flotilla_proto::ServerState::try_from(x.state)
+                                            .unwrap_or_default(),
+                                    )
+                                })
                                 .unwrap_or("disconnected")
                                 .to_owned(),
                             max_concurrency: s.max_concurrency,
