@@ -105,7 +105,9 @@ impl Session {
                 _ = tokio::time::sleep(backoff + jitter) => {}
                 _ = shutdown.cancelled() => break,
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            // Capped low: after a failover the node must reach the new leader well within
+            // the hub's node TTL, or its running work is treated as lost.
+            backoff = (backoff * 2).min(MAX_RECONNECT_BACKOFF);
         }
         // Stop running calls; their results would have nowhere to go.
         for (_, ct) in self.work.lock().expect("work lock").running.drain() {
@@ -283,6 +285,9 @@ impl Session {
         result
     }
 }
+
+/// The longest pause between reconnection attempts (plus up to half of it as jitter).
+const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Why a session ended, and where to go next.
 #[derive(Debug)]

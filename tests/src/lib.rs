@@ -26,7 +26,7 @@ pub use pb::{admin_service_client::AdminServiceClient, agent_service_client::Age
 /// How long readiness waits may take before a test fails.
 pub const READY: Duration = Duration::from_secs(60);
 /// The node TTL of test hubs: short, so node-loss tests are quick.
-pub const NODE_TTL_MS: u64 = 3000;
+pub const NODE_TTL_MS: u64 = 5000;
 
 /// The `flotilla` binary, built once per test process so tests never run a stale one.
 pub fn flotilla_bin() -> &'static Path {
