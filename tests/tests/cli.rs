@@ -95,6 +95,27 @@ async fn dev_cluster_then_client_commands() -> anyhow::Result<()> {
         .iter()
         .any(|t| t["id"] == id.as_str()));
 
+    // Watching a finished task prints its result; cancelling a running one ends it.
+    let o = flotilla(home, &["task", "watch", &id]);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(
+        stdout(&o),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\n"
+    );
+    let o = flotilla(
+        home,
+        &["call", "sleep", "--args", r#"{"ms":60000}"#, "--no-wait"],
+    );
+    let long = stdout(&o).trim().to_owned();
+    wait_until("the sleep to run", READY, || {
+        let o = flotilla(home, &["task", "get", &long, "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        async move { (v["state"] == "running").then_some(()) }
+    })
+    .await?;
+    let o = flotilla(home, &["task", "cancel", &long]);
+    assert!(stdout(&o).contains("cancelled"), "{o:?}");
+
     // A failing tool: non-zero exit, the tool's message on stderr.
     let o = flotilla(home, &["call", "fail", "--args", r#"{"message":"boom"}"#]);
     assert!(!o.status.success());

@@ -342,3 +342,53 @@ async fn a_paused_leader_steps_down_and_no_task_is_recorded_twice() -> anyhow::R
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn the_raft_port_accepts_only_hub_certificates() -> anyhow::Result<()> {
+    use flotilla_common::{pki, tls};
+    use flotilla_proto::{raft_service_client::RaftServiceClient, RaftMessage};
+
+    let c = Cluster::with_hubs(3).await?;
+    let ca_key = std::fs::read_to_string(c.dir.path().join("pki/ca.key"))?;
+    let ca = pki::Ca::from_pem(&c.ca_pem, &ca_key)?;
+    let raft_addr = c.hub(1).raft.clone();
+    let status = |identity: Option<pki::CertifiedKey>| {
+        let ch = tls::channel(
+            &raft_addr,
+            tls::client_config(&c.ca_pem, identity.as_ref()).expect("tls"),
+        );
+        async move {
+            let mut client = RaftServiceClient::new(ch?);
+            anyhow::Ok(
+                client
+                    .status(RaftMessage {
+                        json: b"null".to_vec(),
+                    })
+                    .await,
+            )
+        }
+    };
+
+    // An agent's client certificate from the same CA: refused.
+    let agent_cert = ca.issue_client("mallory")?;
+    let e = status(Some(agent_cert)).await?.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());
+
+    // A node's certificate (what joining gives a node): refused.
+    let (key_pem, csr) = pki::node_key_and_csr("edge-x")?;
+    let node_cert = pki::CertifiedKey {
+        cert_pem: ca.sign_node_csr(&csr, "edge-x")?,
+        key_pem,
+    };
+    let e = status(Some(node_cert)).await?.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());
+
+    // No client certificate at all: the TLS handshake itself fails.
+    assert!(status(None).await?.is_err());
+
+    // A hub certificate is accepted.
+    let hub_cert = ca.issue_hub("hub-9", &["localhost".into()])?;
+    let ok = status(Some(hub_cert)).await?;
+    assert!(ok.is_ok(), "{ok:?}");
+    Ok(())
+}
