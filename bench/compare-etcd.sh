@@ -44,7 +44,7 @@ for _ in $(seq 1 100); do
   if ETCDCTL_API=3 etcdctl --endpoints "$endpoints" endpoint health >/dev/null 2>&1; then break; fi
   sleep 0.2
 done
-ETCDCTL_API=3 etcdctl --endpoints "$endpoints" endpoint health >/dev/null
+ETCDCTL_API=3 etcdctl --endpoints "$endpoints" endpoint health >/dev/null 2>&1
 
 echo "clients: $clients, operations per side: $total, date: $(date -u +%F)"
 echo

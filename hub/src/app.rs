@@ -38,6 +38,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 const LEADER_WAIT: Duration = Duration::from_secs(10);
 /// Metadata key carrying the leader's API address on a redirect.
 pub const LEADER_HEADER: &str = "x-flotilla-leader";
+/// Metadata key set when no leader is known yet (an election is under way).
+pub const NO_LEADER_HEADER: &str = "x-flotilla-no-leader";
 
 /// The two listeners a hub serves on, already bound.
 pub struct Listeners {
@@ -188,7 +190,7 @@ impl Hub {
                 leader_id: id,
                 leader_api: node.api,
             },
-            None => HubError::Unavailable("no leader elected yet; retry shortly".into()),
+            None => HubError::NoLeader,
         }
     }
 

@@ -20,6 +20,9 @@ pub enum HubError {
     /// Retryable: no leader, shutting down.
     #[error("{0}")]
     Unavailable(String),
+    /// No leader is known right now (an election is under way): retry the same hub shortly.
+    #[error("no leader elected yet; retry shortly")]
+    NoLeader,
     /// This hub is not the leader and the caller must talk to the leader (node sessions).
     #[error("this hub is not the leader; hub {leader_id} at {leader_api} is")]
     NotLeader { leader_id: u64, leader_api: String },
@@ -28,6 +31,10 @@ pub enum HubError {
 }
 
 pub type HubResult<T> = Result<T, HubError>;
+
+fn e_no_leader() -> String {
+    HubError::NoLeader.to_string()
+}
 
 impl From<HubError> for Status {
     fn from(e: HubError) -> Self {
@@ -39,6 +46,14 @@ impl From<HubError> for Status {
             HubError::FailedPrecondition(m) => (Code::FailedPrecondition, m),
             HubError::AlreadyExists(m) => (Code::AlreadyExists, m),
             HubError::Unavailable(m) => (Code::Unavailable, m),
+            HubError::NoLeader => {
+                let mut status = Status::new(Code::Unavailable, e_no_leader());
+                status.metadata_mut().insert(
+                    crate::app::NO_LEADER_HEADER,
+                    tonic::metadata::MetadataValue::from_static("1"),
+                );
+                return status;
+            }
             e @ HubError::NotLeader { .. } => {
                 let HubError::NotLeader { leader_api, .. } = &e else {
                     unreachable!()

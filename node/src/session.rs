@@ -64,14 +64,16 @@ impl Session {
     }
 
     /// Keeps a session open until `shutdown` is cancelled. A hub that is not the leader
-    /// answers with the leader's address, and the node goes there; when a hub cannot be
-    /// reached the node tries the next one it knows.
+    /// answers with the leader's address, and the node goes there at once; a hub with no
+    /// leader yet (an election) is asked again shortly; an unreachable hub is skipped for
+    /// the next one the node knows, and only a full round of failures backs off.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let tls = self.identity.client_tls()?;
         let endpoints = self.endpoints();
         let mut next = 0usize;
         let mut target = endpoints[0].clone();
         let mut backoff = Duration::from_millis(100);
+        let mut unreachable_in_a_row = 0usize;
         loop {
             let started = std::time::Instant::now();
             let result = tokio::select! {
@@ -79,35 +81,57 @@ impl Session {
                 _ = shutdown.cancelled() => break,
             };
             self.work.lock().expect("work lock").out = None;
-            match result {
-                Ok(()) => tracing::info!(hub = %target, "hub closed the session; reconnecting"),
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff = Duration::from_millis(100);
+            }
+            let pause = match result {
+                Ok(()) => {
+                    tracing::info!(hub = %target, "hub closed the session; reconnecting");
+                    unreachable_in_a_row = 0;
+                    Some(Duration::from_millis(100))
+                }
                 Err(SessionError {
                     leader: Some(leader),
                     ..
                 }) if leader != target => {
                     tracing::info!(from = %target, to = %leader, "following the leader");
                     target = leader;
-                    continue;
+                    unreachable_in_a_row = 0;
+                    None
+                }
+                Err(e) if e.no_leader => {
+                    tracing::debug!(hub = %target, "no leader yet; asking again shortly");
+                    unreachable_in_a_row = 0;
+                    Some(NO_LEADER_RETRY)
+                }
+                Err(e) if e.unreachable => {
+                    tracing::warn!(hub = %target, error = %e.message, "hub unreachable; trying the next one");
+                    next = (next + 1) % endpoints.len();
+                    target = endpoints[next].clone();
+                    unreachable_in_a_row += 1;
+                    if unreachable_in_a_row < endpoints.len() {
+                        None
+                    } else {
+                        unreachable_in_a_row = 0;
+                        Some(backoff)
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(hub = %target, error = %e.message, "session with the hub ended; reconnecting");
-                    if e.unreachable {
-                        next = (next + 1) % endpoints.len();
-                        target = endpoints[next].clone();
-                    }
+                    Some(backoff)
                 }
-            }
-            if started.elapsed() > Duration::from_secs(10) {
-                backoff = Duration::from_millis(100);
-            }
-            let jitter = Duration::from_millis(rand_ms(backoff.as_millis() as u64 / 2 + 1));
+            };
+            let Some(pause) = pause else { continue };
+            let jitter = Duration::from_millis(rand_ms(pause.as_millis() as u64 / 2 + 1));
             tokio::select! {
-                _ = tokio::time::sleep(backoff + jitter) => {}
+                _ = tokio::time::sleep(pause + jitter) => {}
                 _ = shutdown.cancelled() => break,
             }
-            // Capped low: after a failover the node must reach the new leader well within
-            // the hub's node TTL, or its running work is treated as lost.
-            backoff = (backoff * 2).min(MAX_RECONNECT_BACKOFF);
+            if pause == backoff {
+                // Capped low: after a failover the node must reach the new leader well
+                // within the hub's node TTL, or its running work is treated as lost.
+                backoff = (backoff * 2).min(MAX_RECONNECT_BACKOFF);
+            }
         }
         // Stop running calls; their results would have nowhere to go.
         for (_, ct) in self.work.lock().expect("work lock").running.drain() {
@@ -288,6 +312,8 @@ impl Session {
 
 /// The longest pause between reconnection attempts (plus up to half of it as jitter).
 const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(1);
+/// How soon to ask a hub again while it has no leader (an election takes about a second).
+const NO_LEADER_RETRY: Duration = Duration::from_millis(150);
 
 /// Why a session ended, and where to go next.
 #[derive(Debug)]
@@ -295,8 +321,10 @@ struct SessionError {
     message: String,
     /// The leader's address, when the hub said it is not the leader.
     leader: Option<String>,
-    /// The hub could not be reached at all.
+    /// The hub could not be reached, or the connection to it broke.
     unreachable: bool,
+    /// The hub is up but knows no leader yet.
+    no_leader: bool,
 }
 
 impl SessionError {
@@ -305,6 +333,7 @@ impl SessionError {
             message: e.to_string(),
             leader: None,
             unreachable: false,
+            no_leader: false,
         }
     }
 
@@ -314,8 +343,17 @@ impl SessionError {
             .get("x-flotilla-leader")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
+        let no_leader = s.metadata().get("x-flotilla-no-leader").is_some();
+        let broken = matches!(
+            s.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::Unknown
+                | tonic::Code::Cancelled
+                | tonic::Code::Internal
+        );
         Self {
-            unreachable: s.code() == tonic::Code::Unavailable && leader.is_none(),
+            unreachable: broken && leader.is_none() && !no_leader,
+            no_leader,
             message: format!("{:?}: {}", s.code(), s.message()),
             leader,
         }
