@@ -197,3 +197,96 @@ async fn dev_cluster_then_client_commands() -> anyhow::Result<()> {
     assert!(!o.status.success(), "the hub is gone after dev stopped");
     Ok(())
 }
+
+#[tokio::test]
+async fn dev_with_three_hubs_survives_killing_the_leader() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let home = dir.path();
+    let mut dev = Command::new(flotilla_bin())
+        .args(["dev", "--listen", "127.0.0.1:0", "--hubs", "3"])
+        .env("HOME", home)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let out = dev.stdout.take().expect("stdout");
+    let banner = tokio::task::spawn_blocking(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(out).lines() {
+            let line = line.unwrap_or_default();
+            let done = line.contains("Ctrl-C");
+            lines.push(line);
+            if done {
+                break;
+            }
+        }
+        lines.join("\n")
+    });
+    let banner = tokio::time::timeout(READY, banner).await??;
+    assert!(banner.contains("3 hub(s)"), "{banner}");
+
+    let o = flotilla(home, &["cluster", "status", "-o", "json"]);
+    let st: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    let members = st["members"].as_array().expect("members");
+    assert_eq!(members.len(), 3, "{st}");
+    let leader = st["leader_id"].as_u64().expect("leader");
+
+    // Each hub is its own process: kill -9 the leader's.
+    let config = home.join(format!(".flotilla/dev/hub-{leader}/hub.toml"));
+    let pgrep = Command::new("pgrep")
+        .args(["-f", &config.display().to_string()])
+        .output()?;
+    let pid = String::from_utf8_lossy(&pgrep.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(!pid.is_empty(), "the leader hub's process");
+    Command::new("kill").args(["-9", &pid]).status()?;
+
+    // The client config names hub 1; when that is the one killed, point at another hub.
+    let other = members
+        .iter()
+        .filter_map(|m| m["id"].as_u64().zip(m["address"].as_str()))
+        .find(|(id, _)| *id != leader)
+        .map(|(_, a)| a.to_owned())
+        .expect("another hub");
+    let o = wait_until("a call after the failover", READY, || {
+        let o = Command::new(flotilla_bin())
+            .args([
+                "call",
+                "echo",
+                "--args",
+                r#"{"text":"still here"}"#,
+                "--hub",
+                &other,
+            ])
+            .env("HOME", home)
+            .output();
+        async move { o.ok().filter(|o| o.status.success()) }
+    })
+    .await?;
+    assert_eq!(stdout(&o), "still here\n");
+    let st: serde_json::Value = serde_json::from_slice(
+        &Command::new(flotilla_bin())
+            .args(["cluster", "status", "-o", "json", "--hub", &other])
+            .env("HOME", home)
+            .output()?
+            .stdout,
+    )?;
+    assert_ne!(st["leader_id"].as_u64(), Some(leader), "a new leader: {st}");
+
+    // dev kept running through the kill.
+    assert!(
+        dev.try_wait()?.is_none(),
+        "dev must not stop when a member dies"
+    );
+    Command::new("kill")
+        .args(["-INT", &dev.id().to_string()])
+        .status()?;
+    wait_until("dev to stop", READY, || {
+        let s = dev.try_wait().ok().flatten();
+        async move { s }
+    })
+    .await?;
+    Ok(())
+}
