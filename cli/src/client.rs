@@ -361,6 +361,13 @@ pub(crate) enum TaskCommand {
         #[command(flatten)]
         flags: ClientFlags,
     },
+    /// Cancel every unfinished task of a tenant (admin, emergency control).
+    CancelAll {
+        #[arg(long)]
+        tenant: String,
+        #[command(flatten)]
+        flags: ClientFlags,
+    },
 }
 
 fn parse_state(s: &str) -> anyhow::Result<pb::TaskState> {
@@ -449,6 +456,22 @@ pub(crate) async fn task(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
             print_result(&t, flags.output);
             Ok(exit_for(&t))
         }
+        TaskCommand::CancelAll { tenant, flags } => {
+            let r = admin_client(&settings(&flags)?)?
+                .cancel_tenant_tasks(pb::CancelTenantTasksRequest {
+                    tenant: tenant.clone(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            match flags.output {
+                Format::Json => output::json(&json!({"tenant": tenant, "cancelled": r.task_ids})),
+                Format::Table => {
+                    println!("cancelled {} task(s) of tenant {tenant}", r.task_ids.len())
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         TaskCommand::Cancel { id, flags } => {
             let t = agent_client(&settings(&flags)?)?
                 .cancel_task(pb::CancelTaskRequest { task_id: id })
@@ -507,6 +530,83 @@ pub(crate) async fn tools(flags: ClientFlags) -> anyhow::Result<ExitCode> {
                 })
                 .collect::<Vec<_>>(),
         ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
+pub(crate) struct NodesArgs {
+    #[command(subcommand)]
+    action: Option<NodesAction>,
+    #[command(flatten)]
+    flags: ClientFlags,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum NodesAction {
+    /// No new work for the node; running tasks go on.
+    Cordon { node: String },
+    /// Ready for work again.
+    Uncordon { node: String },
+    /// No new work; running tasks may finish until the deadline, then read-only or idempotent
+    /// ones run again elsewhere and the others are cancelled.
+    Drain {
+        node: String,
+        /// Seconds running tasks may go on.
+        #[arg(long, default_value_t = 300)]
+        deadline: u64,
+    },
+}
+
+pub(crate) async fn nodes_command(a: NodesArgs) -> anyhow::Result<ExitCode> {
+    let Some(action) = a.action else {
+        return nodes(a.flags).await;
+    };
+    let mut admin = admin_client(&settings(&a.flags)?)?;
+    let r = match action {
+        NodesAction::Cordon { node } => admin.cordon_node(pb::NodeRequest { node_id: node }).await,
+        NodesAction::Uncordon { node } => {
+            admin.uncordon_node(pb::NodeRequest { node_id: node }).await
+        }
+        NodesAction::Drain { node, deadline } => {
+            admin
+                .drain_node(pb::DrainNodeRequest {
+                    node_id: node,
+                    deadline_seconds: deadline,
+                })
+                .await
+        }
+    }
+    .map_err(status_error)?
+    .into_inner();
+    match a.flags.output {
+        Format::Json => output::json(&json!({"node": r.node_id, "status": r.status})),
+        Format::Table => println!("node {} is {}", r.node_id, r.status),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Subcommand)]
+pub(crate) enum SchedulingCommand {
+    /// Stop placing tasks (queued tasks wait; running ones go on).
+    Pause(crate::ClientOnly),
+    /// Place tasks again.
+    Resume(crate::ClientOnly),
+}
+
+pub(crate) async fn scheduling(cmd: SchedulingCommand) -> anyhow::Result<ExitCode> {
+    let (paused, c) = match cmd {
+        SchedulingCommand::Pause(c) => (true, c),
+        SchedulingCommand::Resume(c) => (false, c),
+    };
+    let r = admin_client(&settings(&c.flags)?)?
+        .set_scheduling_paused(pb::SetSchedulingPausedRequest { paused })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    match c.flags.output {
+        Format::Json => output::json(&json!({"paused": r.paused})),
+        Format::Table => println!("scheduling {}", if r.paused { "paused" } else { "running" }),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -48,8 +48,11 @@ enum Command {
     Task(client::TaskCommand),
     /// List the tools you may call.
     Tools(ClientOnly),
-    /// List nodes (admin).
-    Nodes(ClientOnly),
+    /// List nodes; cordon, uncordon or drain one (admin).
+    Nodes(client::NodesArgs),
+    /// Pause or resume all scheduling (admin, emergency control).
+    #[command(subcommand)]
+    Scheduling(client::SchedulingCommand),
     /// Cluster state (admin).
     #[command(subcommand)]
     Cluster(client::ClusterCommand),
@@ -158,7 +161,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Call(args) => client::call(args).await,
         Command::Task(cmd) => client::task(cmd).await,
         Command::Tools(c) => client::tools(c.flags).await,
-        Command::Nodes(c) => client::nodes(c.flags).await,
+        Command::Nodes(a) => client::nodes_command(a).await,
+        Command::Scheduling(cmd) => client::scheduling(cmd).await,
         Command::Cluster(cmd) => client::cluster(cmd).await,
         Command::Token(cmd) => client::token(cmd).await,
         Command::AgentToken(cmd) => client::agent_token(cmd).await,

@@ -93,7 +93,18 @@ impl ApplyHook for Hooks {
             | (Command::FinishTask { task_id, .. }, _)
             | (Command::RequeueTask { task_id, .. }, _)
             | (Command::CancelTask { task_id, .. }, _) => Some(task_id),
-            (Command::NodeDown { .. }, Response::NodeWentDown { requeued, lost }) => {
+            (Command::CancelTenantTasks { .. }, Response::TasksCancelled(ids)) => {
+                for id in ids {
+                    if let Some(t) = state.tasks.get(id) {
+                        self.events.transition(t);
+                    }
+                }
+                None
+            }
+            (
+                Command::NodeDown { .. } | Command::EvictNode { .. },
+                Response::NodeWentDown { requeued, lost },
+            ) => {
                 for id in requeued.iter().chain(lost) {
                     if let Some(t) = state.tasks.get(id) {
                         self.events.transition(t);

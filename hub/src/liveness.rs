@@ -43,6 +43,62 @@ pub async fn run(hub: Hub, mut stop: tokio::sync::watch::Receiver<bool>) {
             .map(|n| n.id.clone())
             .collect();
         gone_since.retain(|id, _| absent.contains(id));
+        // Draining nodes past their deadline give up what they still run.
+        let now_ms = flotilla_common::now_ms();
+        let overdue: Vec<String> = {
+            let state = hub.state();
+            let active = state.active_counts();
+            state
+                .nodes
+                .values()
+                .filter(|n| {
+                    n.status == NodeStatus::Draining
+                        && n.drain_deadline_ms.is_some_and(|d| d <= now_ms)
+                })
+                .filter(|n| active.keys().any(|(node, _)| node == &n.id))
+                .map(|n| n.id.clone())
+                .collect()
+        };
+        for id in overdue {
+            let cmd = Command::EvictNode {
+                node_id: id.clone(),
+                at_ms: now_ms,
+            };
+            match hub.write(cmd).await {
+                Ok(Response::NodeWentDown { requeued, lost }) => {
+                    tracing::warn!(node_id = %id, requeued = requeued.len(), cancelled = lost.len(), "drain deadline passed; took unfinished tasks off the node");
+                    for task_id in &lost {
+                        if let Some(a) = hub
+                            .state()
+                            .tasks
+                            .get(task_id)
+                            .and_then(|t| t.current_attempt().cloned())
+                        {
+                            hub.sessions
+                                .send(&id, crate::convert::cancel_message(task_id, a.number));
+                        }
+                    }
+                    for task_id in &requeued {
+                        let attempt = hub.state().tasks.get(task_id).and_then(|t| {
+                            t.attempts
+                                .iter()
+                                .rev()
+                                .find(|a| a.node_id == id)
+                                .map(|a| a.number)
+                        });
+                        if let Some(n) = attempt {
+                            hub.sessions
+                                .send(&id, crate::convert::cancel_message(task_id, n));
+                        }
+                    }
+                    hub.wake();
+                }
+                Ok(other) => tracing::debug!(node_id = %id, ?other, "eviction not applied"),
+                Err(e) => {
+                    tracing::warn!(node_id = %id, error = %e, "could not evict the drained node's tasks")
+                }
+            }
+        }
         let now = Instant::now();
         for id in absent {
             let since = *gone_since.entry(id.clone()).or_insert(now);

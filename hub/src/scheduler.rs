@@ -138,6 +138,13 @@ async fn pass(hub: &crate::app::Hub) {
     let live = hub.sessions.snapshot();
     let plans: Vec<(String, Placement)> = {
         let state = hub.state();
+        if state.scheduling_paused {
+            for t in queue_order(&state) {
+                hub.pending
+                    .set(&t.id, "scheduling is paused by an admin".into());
+            }
+            return;
+        }
         let mut in_flight = state.active_counts();
         let mut plans = Vec::new();
         for t in queue_order(&state) {
@@ -211,6 +218,7 @@ mod tests {
             status,
             joined_at_ms: 0,
             last_hello_ms: Some(0),
+            drain_deadline_ms: None,
             servers: vec![ServerRecord {
                 name: "demo".into(),
                 max_concurrency: max,

@@ -141,6 +141,9 @@ pub struct NodeRecord {
     pub joined_at_ms: i64,
     pub last_hello_ms: Option<i64>,
     pub servers: Vec<ServerRecord>,
+    /// While draining: when unfinished tasks are taken off the node.
+    #[serde(default)]
+    pub drain_deadline_ms: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -220,6 +223,30 @@ pub enum Command {
         node_id: String,
         at_ms: i64,
     },
+    /// Cordon (no new work) or make ready again. A down node stays down until it says hello.
+    SetNodeStatus {
+        node_id: String,
+        status: NodeStatus,
+        at_ms: i64,
+    },
+    /// No new work; running tasks may finish until the deadline.
+    DrainNode {
+        node_id: String,
+        deadline_ms: i64,
+        at_ms: i64,
+    },
+    /// A draining node's deadline passed: its unfinished tasks are re-queued when the tool
+    /// is read-only or idempotent, and cancelled otherwise.
+    EvictNode {
+        node_id: String,
+        at_ms: i64,
+    },
+    SetSchedulingPaused(bool),
+    /// Cancels every unfinished task of a tenant.
+    CancelTenantTasks {
+        tenant: String,
+        at_ms: i64,
+    },
 }
 
 /// What applying a command did.
@@ -236,11 +263,13 @@ pub enum Response {
     },
     /// Applied to a task: its status afterwards.
     TaskNow(TaskStatus),
-    /// A node went down: the tasks it had, re-queued and lost.
+    /// A node went down (or was evicted): the tasks it had, re-queued and ended.
     NodeWentDown {
         requeued: Vec<String>,
         lost: Vec<String>,
     },
+    /// Tasks cancelled at once.
+    TasksCancelled(Vec<String>),
     /// The command was refused by the state machine; nothing changed.
     Rejected(Rejection),
 }
@@ -270,6 +299,9 @@ pub struct State {
     pub join_tokens: BTreeMap<String, JoinTokenRecord>,
     pub signing_keys: Vec<SigningKey>,
     pub catalogue: BTreeMap<String, CatalogueEntry>,
+    /// An admin stopped all placement (emergency control).
+    #[serde(default)]
+    pub scheduling_paused: bool,
 }
 
 pub fn idempotency_index(tenant: &str, key: &str) -> String {
@@ -471,6 +503,7 @@ impl State {
                         joined_at_ms: *at_ms,
                         last_hello_ms: None,
                         servers: Vec::new(),
+                        drain_deadline_ms: None,
                     },
                 );
                 Ok(Response::Done)
@@ -533,36 +566,77 @@ impl State {
                     .get_mut(node_id)
                     .ok_or_else(|| Rejection::NoSuchNode(node_id.clone()))?;
                 node.status = NodeStatus::Down;
-                let mut requeued = Vec::new();
-                let mut lost = Vec::new();
-                for t in self.tasks.values_mut().filter(|t| t.status.is_active()) {
-                    if t.current_attempt().map(|a| a.node_id.as_str()) != Some(node_id.as_str()) {
-                        continue;
-                    }
-                    let rerun = self
-                        .catalogue
-                        .get(&t.tool)
-                        .is_some_and(|e| e.def.read_only || e.def.idempotent);
-                    let a = t.attempts.last_mut().expect("active task has an attempt");
-                    a.finished_at_ms = Some(*at_ms);
-                    t.updated_at_ms = *at_ms;
-                    t.transitions += 1;
-                    if rerun {
-                        a.error = Some(format!("node {node_id} was lost; re-running (the tool is read-only or idempotent)"));
-                        t.status = TaskStatus::Queued;
-                        requeued.push(t.id.clone());
-                    } else {
-                        let why = format!(
-                            "node {node_id} was lost while the task was {}; the tool is not marked idempotent, so it was not re-run",
-                            if t.status == TaskStatus::Running { "running" } else { "assigned" }
-                        );
-                        a.error = Some(why.clone());
-                        t.error = Some(why);
-                        t.status = TaskStatus::Lost;
-                        lost.push(t.id.clone());
-                    }
+                node.drain_deadline_ms = None;
+                let (requeued, lost) = self.release_tasks(node_id, *at_ms, TaskStatus::Lost, |running| {
+                    format!(
+                        "node {node_id} was lost while the task was {}; the tool is not marked idempotent, so it was not re-run",
+                        if running { "running" } else { "assigned" }
+                    )
+                });
+                Ok(Response::NodeWentDown { requeued, lost })
+            }
+            Command::SetNodeStatus {
+                node_id, status, ..
+            } => {
+                let node = self
+                    .nodes
+                    .get_mut(node_id)
+                    .ok_or_else(|| Rejection::NoSuchNode(node_id.clone()))?;
+                if node.status != NodeStatus::Down {
+                    node.status = *status;
+                }
+                node.drain_deadline_ms = None;
+                Ok(Response::Done)
+            }
+            Command::DrainNode {
+                node_id,
+                deadline_ms,
+                ..
+            } => {
+                let node = self
+                    .nodes
+                    .get_mut(node_id)
+                    .ok_or_else(|| Rejection::NoSuchNode(node_id.clone()))?;
+                node.status = NodeStatus::Draining;
+                node.drain_deadline_ms = Some(*deadline_ms);
+                Ok(Response::Done)
+            }
+            Command::EvictNode { node_id, at_ms } => {
+                if !self.nodes.contains_key(node_id) {
+                    return Err(Rejection::NoSuchNode(node_id.clone()));
+                }
+                let (requeued, lost) = self.release_tasks(node_id, *at_ms, TaskStatus::Cancelled, |_| {
+                    format!("node {node_id} was drained before the task finished; the tool is not marked idempotent, so it was cancelled rather than re-run")
+                });
+                if let Some(n) = self.nodes.get_mut(node_id) {
+                    n.drain_deadline_ms = None;
                 }
                 Ok(Response::NodeWentDown { requeued, lost })
+            }
+            Command::SetSchedulingPaused(paused) => {
+                self.scheduling_paused = *paused;
+                Ok(Response::Done)
+            }
+            Command::CancelTenantTasks { tenant, at_ms } => {
+                let mut cancelled = Vec::new();
+                for t in self
+                    .tasks
+                    .values_mut()
+                    .filter(|t| &t.tenant == tenant && !t.status.is_terminal())
+                {
+                    t.status = TaskStatus::Cancelled;
+                    t.updated_at_ms = *at_ms;
+                    t.transitions += 1;
+                    t.error = Some("cancelled with every task of the tenant by an admin".into());
+                    if let Some(a) = t.attempts.last_mut() {
+                        if a.finished_at_ms.is_none() {
+                            a.finished_at_ms = Some(*at_ms);
+                            a.error = Some("cancelled".into());
+                        }
+                    }
+                    cancelled.push(t.id.clone());
+                }
+                Ok(Response::TasksCancelled(cancelled))
             }
             Command::AddSigningKey(key) => {
                 if !self.signing_keys.iter().any(|k| k.kid == key.kid) {
@@ -571,6 +645,49 @@ impl State {
                 Ok(Response::Done)
             }
         }
+    }
+
+    /// Takes a node's unfinished tasks off it: re-queued when the tool is read-only or
+    /// idempotent, otherwise ended with `other` and the reason `why(running)`.
+    fn release_tasks(
+        &mut self,
+        node_id: &str,
+        at_ms: i64,
+        other: TaskStatus,
+        why: impl Fn(bool) -> String,
+    ) -> (Vec<String>, Vec<String>) {
+        let mut requeued = Vec::new();
+        let mut ended = Vec::new();
+        for t in self.tasks.values_mut().filter(|t| t.status.is_active()) {
+            if t.current_attempt().map(|a| a.node_id.as_str()) != Some(node_id) {
+                continue;
+            }
+            let rerun = self
+                .catalogue
+                .get(&t.tool)
+                .is_some_and(|e| e.def.read_only || e.def.idempotent);
+            let running = t.status == TaskStatus::Running;
+            let Some(a) = t.attempts.last_mut() else {
+                continue;
+            };
+            a.finished_at_ms = Some(at_ms);
+            t.updated_at_ms = at_ms;
+            t.transitions += 1;
+            if rerun {
+                a.error = Some(format!(
+                    "node {node_id} was lost or drained; re-running (the tool is read-only or idempotent)"
+                ));
+                t.status = TaskStatus::Queued;
+                requeued.push(t.id.clone());
+            } else {
+                let reason = why(running);
+                a.error = Some(reason.clone());
+                t.error = Some(reason);
+                t.status = other;
+                ended.push(t.id.clone());
+            }
+        }
+        (requeued, ended)
     }
 
     /// The key new tokens are signed with: the newest.
@@ -632,6 +749,7 @@ mod tests {
                 joined_at_ms: 0,
                 last_hello_ms: None,
                 servers: vec![],
+                drain_deadline_ms: None,
             },
         );
         s

@@ -5,10 +5,11 @@ use flotilla_common::{
     token::JoinToken,
 };
 use flotilla_proto::{
-    admin_service_server::AdminService, AddHubRequest, ClusterMember, ClusterStatusRequest,
-    ClusterStatusResponse, CreateJoinTokenRequest, CreateJoinTokenResponse, IssueAgentTokenRequest,
-    IssueAgentTokenResponse, ListNodesRequest, ListNodesResponse, NodeInfo, NodeServer,
-    RemoveHubRequest,
+    admin_service_server::AdminService, AddHubRequest, CancelTenantTasksRequest,
+    CancelTenantTasksResponse, ClusterMember, ClusterStatusRequest, ClusterStatusResponse,
+    CreateJoinTokenRequest, CreateJoinTokenResponse, DrainNodeRequest, IssueAgentTokenRequest,
+    IssueAgentTokenResponse, ListNodesRequest, ListNodesResponse, NodeInfo, NodeRequest,
+    NodeServer, NodeStatusResponse, RemoveHubRequest, SetSchedulingPausedRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -20,8 +21,36 @@ use crate::{
         service::{ClusterView, MembershipChange},
         HubNode,
     },
-    state::{Command, JoinTokenRecord},
+    state::{self, Command, JoinTokenRecord, NodeStatus},
 };
+
+impl AdminApi {
+    async fn node_status(
+        &self,
+        node_id: &str,
+        cmd: Command,
+    ) -> Result<Response<NodeStatusResponse>, Status> {
+        if !self.hub.state().nodes.contains_key(node_id) {
+            return Err(HubError::NotFound(format!("no node {node_id:?}")).into());
+        }
+        if let state::Response::Rejected(r) = self.hub.write(cmd).await? {
+            return Err(HubError::FailedPrecondition(r.to_string()).into());
+        }
+        let status = self
+            .hub
+            .state()
+            .nodes
+            .get(node_id)
+            .map(|n| n.status.as_str().to_owned())
+            .unwrap_or_default();
+        tracing::info!(node_id, status = %status, "node status changed by an admin");
+        self.hub.wake();
+        Ok(Response::new(NodeStatusResponse {
+            node_id: node_id.to_owned(),
+            status,
+        }))
+    }
+}
 
 const DEFAULT_JOIN_TTL_S: u64 = 3600;
 const MAX_JOIN_TTL_S: u64 = 7 * 24 * 3600;
@@ -250,6 +279,106 @@ impl AdminService for AdminApi {
         Ok(Response::new(status_response(
             self.hub.cluster_view().await,
         )))
+    }
+
+    async fn cordon_node(
+        &self,
+        req: Request<NodeRequest>,
+    ) -> Result<Response<NodeStatusResponse>, Status> {
+        auth::admin(&req, &self.hub.state())?;
+        let id = req.into_inner().node_id;
+        let cmd = Command::SetNodeStatus {
+            node_id: id.clone(),
+            status: NodeStatus::Cordoned,
+            at_ms: flotilla_common::now_ms(),
+        };
+        self.node_status(&id, cmd).await
+    }
+
+    async fn uncordon_node(
+        &self,
+        req: Request<NodeRequest>,
+    ) -> Result<Response<NodeStatusResponse>, Status> {
+        auth::admin(&req, &self.hub.state())?;
+        let id = req.into_inner().node_id;
+        let cmd = Command::SetNodeStatus {
+            node_id: id.clone(),
+            status: NodeStatus::Ready,
+            at_ms: flotilla_common::now_ms(),
+        };
+        self.node_status(&id, cmd).await
+    }
+
+    async fn drain_node(
+        &self,
+        req: Request<DrainNodeRequest>,
+    ) -> Result<Response<NodeStatusResponse>, Status> {
+        auth::admin(&req, &self.hub.state())?;
+        let r = req.into_inner();
+        let secs = if r.deadline_seconds == 0 {
+            300
+        } else {
+            r.deadline_seconds.min(7 * 24 * 3600)
+        };
+        let now = flotilla_common::now_ms();
+        let cmd = Command::DrainNode {
+            node_id: r.node_id.clone(),
+            deadline_ms: now + secs as i64 * 1000,
+            at_ms: now,
+        };
+        self.node_status(&r.node_id, cmd).await
+    }
+
+    async fn set_scheduling_paused(
+        &self,
+        req: Request<SetSchedulingPausedRequest>,
+    ) -> Result<Response<SetSchedulingPausedRequest>, Status> {
+        let claims = auth::admin(&req, &self.hub.state())?;
+        let paused = req.into_inner().paused;
+        self.hub.write(Command::SetSchedulingPaused(paused)).await?;
+        tracing::warn!(paused, by = %claims.sub, "scheduling paused state changed");
+        self.hub.wake();
+        Ok(Response::new(SetSchedulingPausedRequest { paused }))
+    }
+
+    async fn cancel_tenant_tasks(
+        &self,
+        req: Request<CancelTenantTasksRequest>,
+    ) -> Result<Response<CancelTenantTasksResponse>, Status> {
+        let claims = auth::admin(&req, &self.hub.state())?;
+        let tenant = req.into_inner().tenant;
+        if tenant.is_empty() {
+            return Err(HubError::InvalidArgument("tenant must not be empty".into()).into());
+        }
+        // Running attempts, to tell their nodes after the commit.
+        let running: Vec<(String, String, u32)> = self
+            .hub
+            .state()
+            .tasks
+            .values()
+            .filter(|t| t.tenant == tenant && t.status.is_active())
+            .filter_map(|t| {
+                t.current_attempt()
+                    .map(|a| (t.id.clone(), a.node_id.clone(), a.number))
+            })
+            .collect();
+        let cmd = Command::CancelTenantTasks {
+            tenant: tenant.clone(),
+            at_ms: flotilla_common::now_ms(),
+        };
+        let ids = match self.hub.write(cmd).await? {
+            state::Response::TasksCancelled(ids) => ids,
+            other => {
+                return Err(HubError::Internal(format!("cancel-all answered {other:?}")).into())
+            }
+        };
+        for (task_id, node, attempt) in running {
+            self.hub
+                .sessions
+                .send(&node, convert::cancel_message(&task_id, attempt));
+        }
+        tracing::warn!(tenant = %tenant, cancelled = ids.len(), by = %claims.sub, "cancelled every task of a tenant");
+        Ok(Response::new(CancelTenantTasksResponse { task_ids: ids }))
     }
 }
 
