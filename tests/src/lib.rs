@@ -815,6 +815,32 @@ pub fn recording_node(c: &Cluster, name: &str) -> (NodeSpec, PathBuf) {
     )
 }
 
+/// A submission of `tool` with `args`.
+pub fn submit(tool: &str, args: serde_json::Value) -> pb::SubmitTaskRequest {
+    pb::SubmitTaskRequest {
+        tool: tool.into(),
+        arguments: serde_json::to_vec(&args).unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
+/// Polls a task until it is in `want`; returns it.
+pub async fn wait_state(agent: &Agent, id: &str, want: pb::TaskState) -> anyhow::Result<pb::Task> {
+    wait_until(&format!("task {id} to be {want:?}"), READY, || {
+        let mut a = agent.clone();
+        let id = id.to_owned();
+        async move {
+            let t = a
+                .get_task(pb::GetTaskRequest { task_id: id })
+                .await
+                .ok()?
+                .into_inner();
+            (t.state == want as i32).then_some(t)
+        }
+    })
+    .await
+}
+
 /// The text blocks of a task's CallToolResult, joined.
 pub fn result_text(t: &pb::Task) -> String {
     let v: serde_json::Value = serde_json::from_slice(&t.result).unwrap_or_default();

@@ -2,36 +2,8 @@
 //! scheduling, cancelling every task of a tenant.
 
 use flotilla_proto as pb;
-use flotilla_tests::{recording_node, result_text, wait_until, Cluster, READY};
+use flotilla_tests::{recording_node, result_text, submit, wait_state, wait_until, Cluster, READY};
 use serde_json::json;
-
-fn submit(tool: &str, args: serde_json::Value) -> pb::SubmitTaskRequest {
-    pb::SubmitTaskRequest {
-        tool: tool.into(),
-        arguments: serde_json::to_vec(&args).unwrap_or_default(),
-        ..Default::default()
-    }
-}
-
-async fn state_of(
-    agent: &flotilla_tests::Agent,
-    id: &str,
-    want: pb::TaskState,
-) -> anyhow::Result<pb::Task> {
-    wait_until(&format!("task {id} to be {want:?}"), READY, || {
-        let mut a = agent.clone();
-        let id = id.to_owned();
-        async move {
-            let t = a
-                .get_task(pb::GetTaskRequest { task_id: id })
-                .await
-                .ok()?
-                .into_inner();
-            (t.state == want as i32).then_some(t)
-        }
-    })
-    .await
-}
 
 #[tokio::test]
 async fn cordon_pause_and_cancel_all() -> anyhow::Result<()> {
@@ -123,7 +95,7 @@ async fn cordon_pause_and_cancel_all() -> anyhow::Result<()> {
         .await?
         .into_inner()
         .task_id;
-    state_of(&a, &a_ids[0], pb::TaskState::Running).await?;
+    wait_state(&a, &a_ids[0], pb::TaskState::Running).await?;
     let r = admin
         .cancel_tenant_tasks(pb::CancelTenantTasksRequest {
             tenant: "tenant-a".into(),
@@ -173,7 +145,7 @@ async fn drain_lets_work_finish_then_moves_or_cancels_the_rest() -> anyhow::Resu
         .into_inner()
         .task_id;
     for id in [&short, &long_safe, &long_risky] {
-        state_of(&agent, id, pb::TaskState::Running).await?;
+        wait_state(&agent, id, pb::TaskState::Running).await?;
     }
     let (two, _) = recording_node(&c, "edge-2");
     c.add_node(two).await?;

@@ -22,21 +22,19 @@ fn flotilla(home: &std::path::Path, args: &[&str]) -> std::process::Output {
         .expect("running flotilla")
 }
 
-fn stdout(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-#[tokio::test]
-async fn dev_cluster_then_client_commands() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let home = dir.path();
+/// Starts `flotilla dev` with a private HOME on port 0 and returns it with its banner, read
+/// once the cluster serves the demo tools.
+async fn start_dev(
+    home: &std::path::Path,
+    args: &[&str],
+) -> anyhow::Result<(std::process::Child, String)> {
     let mut dev = Command::new(flotilla_bin())
-        .args(["dev", "--listen", "127.0.0.1:0", "--nodes", "2"])
+        .args(["dev", "--listen", "127.0.0.1:0"])
+        .args(args)
         .env("HOME", home)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;
-    // `dev` prints its banner once the nodes serve the demo tools.
     let out = dev.stdout.take().expect("stdout");
     let banner = tokio::task::spawn_blocking(move || {
         let mut lines = Vec::new();
@@ -51,6 +49,18 @@ async fn dev_cluster_then_client_commands() -> anyhow::Result<()> {
         lines.join("\n")
     });
     let banner = tokio::time::timeout(READY, banner).await??;
+    Ok((dev, banner))
+}
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn dev_cluster_then_client_commands() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let home = dir.path();
+    let (mut dev, banner) = start_dev(home, &["--nodes", "2"]).await?;
     assert!(banner.contains("dev cluster is up"), "{banner}");
     assert!(home.join(".flotilla/dev/client.toml").exists());
 
@@ -202,26 +212,7 @@ async fn dev_cluster_then_client_commands() -> anyhow::Result<()> {
 async fn dev_with_three_hubs_survives_killing_the_leader() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let home = dir.path();
-    let mut dev = Command::new(flotilla_bin())
-        .args(["dev", "--listen", "127.0.0.1:0", "--hubs", "3"])
-        .env("HOME", home)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let out = dev.stdout.take().expect("stdout");
-    let banner = tokio::task::spawn_blocking(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(out).lines() {
-            let line = line.unwrap_or_default();
-            let done = line.contains("Ctrl-C");
-            lines.push(line);
-            if done {
-                break;
-            }
-        }
-        lines.join("\n")
-    });
-    let banner = tokio::time::timeout(READY, banner).await??;
+    let (mut dev, banner) = start_dev(home, &["--hubs", "3"]).await?;
     assert!(banner.contains("3 hub(s)"), "{banner}");
 
     let o = flotilla(home, &["cluster", "status", "-o", "json"]);

@@ -2,7 +2,7 @@
 //! tool's task runs again on another node, a non-idempotent one ends `lost`.
 
 use flotilla_proto as pb;
-use flotilla_tests::{demo_server, result_text, wait_until, Cluster, NodeSpec, READY};
+use flotilla_tests::{demo_server, result_text, submit, wait_state, Cluster, NodeSpec};
 use serde_json::json;
 
 fn node(c: &Cluster, name: &str) -> NodeSpec {
@@ -18,26 +18,13 @@ fn node(c: &Cluster, name: &str) -> NodeSpec {
     }
 }
 
-async fn running_on(
-    c: &Cluster,
-    agent: &flotilla_tests::Agent,
-    id: &str,
-) -> anyhow::Result<String> {
-    wait_until("the task to run", READY, || {
-        let mut agent = agent.clone();
-        let id = id.to_owned();
-        async move {
-            let t = agent
-                .get_task(pb::GetTaskRequest { task_id: id })
-                .await
-                .ok()?
-                .into_inner();
-            (t.state == pb::TaskState::Running as i32)
-                .then(|| t.attempts.last().map(|a| a.node_id.clone()))?
-        }
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("{e} (hub log: {})", c.hubs[0].proc.log.display()))
+/// The node running task `id`, once it runs.
+async fn running_on(agent: &flotilla_tests::Agent, id: &str) -> anyhow::Result<String> {
+    let t = wait_state(agent, id, pb::TaskState::Running).await?;
+    Ok(t.attempts
+        .last()
+        .map(|a| a.node_id.clone())
+        .unwrap_or_default())
 }
 
 #[tokio::test]
@@ -45,11 +32,6 @@ async fn a_lost_node_reruns_idempotent_work_elsewhere_and_loses_the_rest() -> an
     let mut c = Cluster::start().await?;
     c.add_node(node(&c, "edge-1")).await?;
     let mut agent = c.agent();
-    let submit = |tool: &str, args: serde_json::Value| pb::SubmitTaskRequest {
-        tool: tool.into(),
-        arguments: serde_json::to_vec(&args).unwrap_or_default(),
-        ..Default::default()
-    };
 
     // Two calls in flight on edge-1: a read-only, idempotent one and a non-idempotent one.
     let safe = agent
@@ -62,8 +44,8 @@ async fn a_lost_node_reruns_idempotent_work_elsewhere_and_loses_the_rest() -> an
         .await?
         .into_inner()
         .task_id;
-    assert_eq!(running_on(&c, &agent, &safe).await?, "edge-1");
-    assert_eq!(running_on(&c, &agent, &risky).await?, "edge-1");
+    assert_eq!(running_on(&agent, &safe).await?, "edge-1");
+    assert_eq!(running_on(&agent, &risky).await?, "edge-1");
 
     // A second node joins; then edge-1 dies (kill -9).
     c.add_node(node(&c, "edge-2")).await?;

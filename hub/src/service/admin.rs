@@ -25,6 +25,21 @@ use crate::{
 };
 
 impl AdminApi {
+    async fn set_status(
+        &self,
+        req: Request<NodeRequest>,
+        status: NodeStatus,
+    ) -> Result<Response<NodeStatusResponse>, Status> {
+        auth::admin(&req, &self.hub.state())?;
+        let id = req.into_inner().node_id;
+        let cmd = Command::SetNodeStatus {
+            node_id: id.clone(),
+            status,
+            at_ms: flotilla_common::now_ms(),
+        };
+        self.node_status(&id, cmd).await
+    }
+
     async fn node_status(
         &self,
         node_id: &str,
@@ -285,28 +300,14 @@ impl AdminService for AdminApi {
         &self,
         req: Request<NodeRequest>,
     ) -> Result<Response<NodeStatusResponse>, Status> {
-        auth::admin(&req, &self.hub.state())?;
-        let id = req.into_inner().node_id;
-        let cmd = Command::SetNodeStatus {
-            node_id: id.clone(),
-            status: NodeStatus::Cordoned,
-            at_ms: flotilla_common::now_ms(),
-        };
-        self.node_status(&id, cmd).await
+        self.set_status(req, NodeStatus::Cordoned).await
     }
 
     async fn uncordon_node(
         &self,
         req: Request<NodeRequest>,
     ) -> Result<Response<NodeStatusResponse>, Status> {
-        auth::admin(&req, &self.hub.state())?;
-        let id = req.into_inner().node_id;
-        let cmd = Command::SetNodeStatus {
-            node_id: id.clone(),
-            status: NodeStatus::Ready,
-            at_ms: flotilla_common::now_ms(),
-        };
-        self.node_status(&id, cmd).await
+        self.set_status(req, NodeStatus::Ready).await
     }
 
     async fn drain_node(
