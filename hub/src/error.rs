@@ -1,7 +1,7 @@
 //! The hub's error kinds and their one mapping to gRPC status codes. Callers get a clear,
 //! safe message; internal details go to the log only.
 
-use tonic::{Code, Status};
+use tonic::{metadata::MetadataValue, Code, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
@@ -32,46 +32,43 @@ pub enum HubError {
 
 pub type HubResult<T> = Result<T, HubError>;
 
-fn e_no_leader() -> String {
-    HubError::NoLeader.to_string()
-}
-
 impl From<HubError> for Status {
     fn from(e: HubError) -> Self {
-        let (code, msg) = match e {
-            HubError::Unauthenticated(m) => (Code::Unauthenticated, m),
-            HubError::PermissionDenied(m) => (Code::PermissionDenied, m),
-            HubError::NotFound(m) => (Code::NotFound, m),
-            HubError::InvalidArgument(m) => (Code::InvalidArgument, m),
-            HubError::FailedPrecondition(m) => (Code::FailedPrecondition, m),
-            HubError::AlreadyExists(m) => (Code::AlreadyExists, m),
-            HubError::Unavailable(m) => (Code::Unavailable, m),
+        let code = match &e {
+            HubError::Unauthenticated(_) => Code::Unauthenticated,
+            HubError::PermissionDenied(_) => Code::PermissionDenied,
+            HubError::NotFound(_) => Code::NotFound,
+            HubError::InvalidArgument(_) => Code::InvalidArgument,
+            HubError::FailedPrecondition(_) => Code::FailedPrecondition,
+            HubError::AlreadyExists(_) => Code::AlreadyExists,
+            HubError::Unavailable(_) | HubError::NoLeader | HubError::NotLeader { .. } => {
+                Code::Unavailable
+            }
+            HubError::Internal(_) => Code::Internal,
+        };
+        let message = match &e {
+            HubError::Internal(m) => {
+                tracing::error!(error = %m, "internal error");
+                "internal error; the hub log has the details".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let mut status = Status::new(code, message);
+        // Hints a node's session loop acts on.
+        match &e {
             HubError::NoLeader => {
-                let mut status = Status::new(Code::Unavailable, e_no_leader());
                 status.metadata_mut().insert(
                     crate::app::NO_LEADER_HEADER,
-                    tonic::metadata::MetadataValue::from_static("1"),
+                    MetadataValue::from_static("1"),
                 );
-                return status;
             }
-            e @ HubError::NotLeader { .. } => {
-                let HubError::NotLeader { leader_api, .. } = &e else {
-                    unreachable!()
-                };
-                let mut status = Status::new(Code::Unavailable, e.to_string());
+            HubError::NotLeader { leader_api, .. } => {
                 if let Ok(v) = leader_api.parse() {
                     status.metadata_mut().insert(crate::app::LEADER_HEADER, v);
                 }
-                return status;
             }
-            HubError::Internal(m) => {
-                tracing::error!(error = %m, "internal error");
-                (
-                    Code::Internal,
-                    "internal error; the hub log has the details".to_owned(),
-                )
-            }
-        };
-        Status::new(code, msg)
+            _ => {}
+        }
+        status
     }
 }
