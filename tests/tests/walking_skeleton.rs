@@ -221,19 +221,7 @@ async fn cancellation_reaches_the_mcp_server() -> anyhow::Result<()> {
         .await?
         .into_inner()
         .task_id;
-    wait_until("the sleep to run", READY, || {
-        let mut agent = agent.clone();
-        let id = id.clone();
-        async move {
-            let t = agent
-                .get_task(pb::GetTaskRequest { task_id: id })
-                .await
-                .ok()?
-                .into_inner();
-            (t.state == pb::TaskState::Running as i32).then_some(())
-        }
-    })
-    .await?;
+    flotilla_tests::wait_state(&agent, &id, pb::TaskState::Running).await?;
     let t = agent
         .cancel_task(pb::CancelTaskRequest {
             task_id: id.clone(),

@@ -306,10 +306,10 @@ impl AgentService for AgentApi {
         &self,
         req: Request<ListToolsRequest>,
     ) -> Result<Response<ListToolsResponse>, Status> {
-        auth::agent(&req, &self.hub.state())?;
+        // Verify first, then ask for live state (which may await the leader).
+        let claims = auth::agent(&req, &self.hub.state())?;
         let live = self.hub.live_nodes().await;
         let state = self.hub.state();
-        let claims = auth::agent(&req, &state)?;
         let tools = state
             .catalogue
             .values()
