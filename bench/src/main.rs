@@ -183,6 +183,7 @@ async fn failover(trials: usize) -> anyhow::Result<()> {
             arguments: serde_json::to_vec(&json!({"text": format!("trial {trial}")}))?,
             idempotency_key: format!("failover-{trial}"),
             priority: 0,
+            options: None,
         };
         c.kill_hub(leader);
         let killed = Instant::now();

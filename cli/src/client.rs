@@ -39,7 +39,7 @@ pub(crate) fn default_client_config() -> PathBuf {
     crate::dev::default_data_dir().join("client.toml")
 }
 
-fn settings(flags: &ClientFlags) -> anyhow::Result<ClientSettings> {
+pub(crate) fn settings(flags: &ClientFlags) -> anyhow::Result<ClientSettings> {
     let env: HashMap<String, String> = std::env::vars().collect();
     Ok(ClientSettings::resolve(
         ClientFile {
@@ -97,6 +97,8 @@ pub(crate) struct CallArgs {
     #[arg(long)]
     no_wait: bool,
     #[command(flatten)]
+    options: crate::workflow::OptionFlags,
+    #[command(flatten)]
     flags: ClientFlags,
 }
 
@@ -113,6 +115,7 @@ pub(crate) async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
             arguments: serde_json::to_vec(&args)?,
             idempotency_key: a.idempotency_key.unwrap_or_default(),
             priority: a.priority,
+            options: a.options.to_proto()?,
         })
         .await
         .map_err(status_error)?
@@ -287,12 +290,28 @@ pub(crate) fn task_json(t: &pb::Task) -> Value {
             "finished_at": output::time(a.finished_at_ms),
             "error": if a.error.is_empty() { Value::Null } else { Value::String(a.error.clone()) },
         })).collect::<Vec<_>>(),
+        "dead_lettered": t.dead_lettered,
+        "replicas": t.replicas.iter().map(|r| json!({
+            "task_id": r.task_id,
+            "state": state_name(r.state),
+            "node": r.node_id,
+            "result": json_bytes(&r.result),
+            "error": if r.error.is_empty() { Value::Null } else { Value::String(r.error.clone()) },
+            "agreed": r.agreed,
+        })).collect::<Vec<_>>(),
+        "parent_id": if t.parent_id.is_empty() { Value::Null } else { Value::String(t.parent_id.clone()) },
+        "workflow_id": if t.workflow_id.is_empty() { Value::Null } else { Value::String(t.workflow_id.clone()) },
+        "step": if t.step.is_empty() { Value::Null } else { Value::String(t.step.clone()) },
     })
 }
 
-/// The text a person wants from a CallToolResult: its text blocks, else its JSON.
+/// The text a person wants from a task's result.
 fn result_text(t: &pb::Task) -> String {
-    let r = json_bytes(&t.result);
+    text_of(&json_bytes(&t.result))
+}
+
+/// The text a person wants from a CallToolResult: its text blocks, else its JSON.
+pub(crate) fn text_of(r: &Value) -> String {
     let texts: Vec<&str> = r
         .get("content")
         .and_then(Value::as_array)
@@ -307,7 +326,7 @@ fn result_text(t: &pb::Task) -> String {
     } else if r.is_null() {
         String::new()
     } else {
-        serde_json::to_string_pretty(&r).unwrap_or_default()
+        serde_json::to_string_pretty(r).unwrap_or_default()
     }
 }
 
@@ -346,6 +365,9 @@ pub(crate) enum TaskCommand {
         state: Vec<String>,
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Only dead letters: tasks that failed or were lost after their last attempt.
+        #[arg(long)]
+        dead: bool,
         #[command(flatten)]
         flags: ClientFlags,
     },
@@ -429,6 +451,7 @@ pub(crate) async fn task(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
         TaskCommand::List {
             state,
             limit,
+            dead,
             flags,
         } => {
             let states = state
@@ -436,7 +459,11 @@ pub(crate) async fn task(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
                 .map(|s| parse_state(s).map(|s| s as i32))
                 .collect::<anyhow::Result<_>>()?;
             let tasks = agent_client(&settings(&flags)?)?
-                .list_tasks(pb::ListTasksRequest { states, limit })
+                .list_tasks(pb::ListTasksRequest {
+                    states,
+                    limit,
+                    dead_lettered: dead,
+                })
                 .await
                 .map_err(status_error)?
                 .into_inner()
@@ -508,15 +535,26 @@ pub(crate) async fn tools(flags: ClientFlags) -> anyhow::Result<ExitCode> {
                         "idempotent": t.idempotent,
                         "destructive": t.destructive,
                         "nodes": t.nodes,
+                        "stats": t.stats.as_ref().map(|s| json!({
+                            "calls": s.calls,
+                            "succeeded": s.succeeded,
+                            "failed": s.failed,
+                            "estimated_duration_ms": s.estimated_duration_ms,
+                        })),
+                        "node_stats": t.node_stats.iter().map(|n| {
+                            let s = n.stats.clone().unwrap_or_default();
+                            json!({"node": n.node_id, "calls": s.calls, "succeeded": s.succeeded, "failed": s.failed, "estimated_duration_ms": s.estimated_duration_ms})
+                        }).collect::<Vec<_>>(),
                     })
                 })
                 .collect(),
         )),
         Format::Table => output::table(
-            &["TOOL", "SCOPE", "NODES", "DESCRIPTION"],
+            &["TOOL", "SCOPE", "NODES", "CALLS", "OK%", "EST", "DESCRIPTION"],
             &tools
                 .iter()
                 .map(|t| {
+                    let s = t.stats.clone().unwrap_or_default();
                     vec![
                         t.name.clone(),
                         t.required_scope.clone(),
@@ -525,6 +563,9 @@ pub(crate) async fn tools(flags: ClientFlags) -> anyhow::Result<ExitCode> {
                         } else {
                             t.nodes.join(",")
                         },
+                        s.calls.to_string(),
+                        if s.calls == 0 { "-".into() } else { format!("{:.0}", 100.0 * s.succeeded as f64 / s.calls as f64) },
+                        if s.calls == 0 { "-".into() } else { format!("{}ms", s.estimated_duration_ms) },
                         t.description.lines().next().unwrap_or_default().to_owned(),
                     ]
                 })
@@ -641,7 +682,10 @@ pub(crate) async fn nodes(flags: ClientFlags) -> anyhow::Result<ExitCode> {
                             "running": s.running,
                             "tools": s.tools,
                             "error": if s.error.is_empty() { Value::Null } else { Value::String(s.error.clone()) },
+                            "breaker": s.breaker,
+                            "consecutive_failures": s.consecutive_failures,
                         })).collect::<Vec<_>>(),
+                        "tenants": n.tenants,
                     })
                 })
                 .collect(),
@@ -660,7 +704,14 @@ pub(crate) async fn nodes(flags: ClientFlags) -> anyhow::Result<ExitCode> {
                         n.running.to_string(),
                         n.servers
                             .iter()
-                            .map(|s| format!("{}({} {}/{})", s.name, s.state, s.running, s.max_concurrency))
+                            .map(|s| {
+                                let breaker = if s.breaker == "closed" || s.breaker.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!(" breaker {}", s.breaker)
+                                };
+                                format!("{}({} {}/{}{breaker})", s.name, s.state, s.running, s.max_concurrency)
+                            })
                             .collect::<Vec<_>>()
                             .join(" "),
                     ]
@@ -837,6 +888,12 @@ pub(crate) enum AgentTokenCommand {
         /// Lifetime in seconds.
         #[arg(long, default_value_t = 86_400)]
         ttl: u64,
+        /// Where the agent runs: its tasks prefer nodes in this region...
+        #[arg(long, default_value = "")]
+        region: String,
+        /// ...and, more, in this zone.
+        #[arg(long, default_value = "")]
+        zone: String,
         #[command(flatten)]
         flags: ClientFlags,
     },
@@ -848,6 +905,8 @@ pub(crate) async fn agent_token(cmd: AgentTokenCommand) -> anyhow::Result<ExitCo
         scopes,
         tenant,
         ttl,
+        region,
+        zone,
         flags,
     } = cmd;
     let r = admin_client(&settings(&flags)?)?
@@ -856,6 +915,8 @@ pub(crate) async fn agent_token(cmd: AgentTokenCommand) -> anyhow::Result<ExitCo
             tenant,
             scopes,
             ttl_seconds: ttl,
+            region,
+            zone,
         })
         .await
         .map_err(status_error)?

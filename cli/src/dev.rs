@@ -212,6 +212,8 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
             raft_heartbeat_ms: flotilla_common::config::defaults::RAFT_HEARTBEAT_MS,
             raft_election_timeout_ms: flotilla_common::config::defaults::RAFT_ELECTION_TIMEOUT_MS,
             snapshot_logs: flotilla_common::config::defaults::SNAPSHOT_LOGS,
+            breaker_failures: flotilla_common::config::defaults::BREAKER_FAILURES,
+            breaker_cooldown_ms: flotilla_common::config::defaults::BREAKER_COOLDOWN_MS,
         };
         let hub_toml = hub_dir.join("hub.toml");
         std::fs::write(&hub_toml, toml::to_string(&hub_cfg)?)?;
@@ -320,6 +322,8 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
             .into_iter()
             .collect(),
             heartbeat_ms: flotilla_common::config::defaults::HEARTBEAT_MS,
+            tenants: Vec::new(),
+            cpu_high_water_percent: 0.0,
             servers: vec![McpServerConfig {
                 name: "demo".into(),
                 command: exe.display().to_string(),

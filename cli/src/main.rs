@@ -5,6 +5,7 @@ mod client;
 mod demo;
 mod dev;
 mod output;
+mod workflow;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -46,7 +47,10 @@ enum Command {
     /// Inspect and control tasks.
     #[command(subcommand)]
     Task(client::TaskCommand),
-    /// List the tools you may call.
+    /// Run and follow workflows (DAGs of tool calls).
+    #[command(subcommand)]
+    Workflow(workflow::WorkflowCommand),
+    /// List the tools you may call, with what each is expected to take.
     Tools(ClientOnly),
     /// List nodes; cordon, uncordon or drain one (admin).
     Nodes(client::NodesArgs),
@@ -160,6 +164,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Call(args) => client::call(args).await,
         Command::Task(cmd) => client::task(cmd).await,
+        Command::Workflow(c) => workflow::workflow(c).await,
         Command::Tools(c) => client::tools(c.flags).await,
         Command::Nodes(a) => client::nodes_command(a).await,
         Command::Scheduling(cmd) => client::scheduling(cmd).await,

@@ -66,6 +66,8 @@ pub mod defaults {
     pub const HUB_RAFT_LISTEN: &str = "127.0.0.1:7444";
     pub const RAFT_HEARTBEAT_MS: u64 = 100;
     pub const SNAPSHOT_LOGS: u64 = 10_000;
+    pub const BREAKER_FAILURES: u32 = 3;
+    pub const BREAKER_COOLDOWN_MS: u64 = 10_000;
     /// The lower bound of the randomized election timeout; the upper bound is twice this.
     /// openraft 0.9 starts an election after its leader lease (the upper bound) plus the
     /// timeout, so a leader's death is noticed after 0.9-1.2 s with these defaults.
@@ -129,6 +131,20 @@ pub struct HubFile {
     /// Build a snapshot after this many log entries; the log behind it is then purged.
     #[serde(default = "default_snapshot_logs")]
     pub snapshot_logs: u64,
+    /// Failures in a row of one MCP server on one node that open its circuit breaker.
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: u32,
+    /// How long an open breaker keeps work away before one trial call (half-open).
+    #[serde(default = "default_breaker_cooldown")]
+    pub breaker_cooldown_ms: u64,
+}
+
+fn default_breaker_failures() -> u32 {
+    defaults::BREAKER_FAILURES
+}
+
+fn default_breaker_cooldown() -> u64 {
+    defaults::BREAKER_COOLDOWN_MS
 }
 
 fn default_snapshot_logs() -> u64 {
@@ -185,6 +201,8 @@ pub struct HubConfig {
     pub raft_heartbeat_ms: u64,
     pub raft_election_timeout_ms: u64,
     pub snapshot_logs: u64,
+    pub breaker_failures: u32,
+    pub breaker_cooldown_ms: u64,
 }
 
 impl HubFile {
@@ -218,6 +236,9 @@ impl HubFile {
                 "raft_election_timeout_ms",
                 "must be at least three heartbeats (raft_heartbeat_ms)",
             ));
+        }
+        if self.breaker_failures == 0 {
+            return Err(invalid(file, "breaker_failures", "must be at least 1"));
         }
         if self.snapshot_logs < 10 {
             return Err(invalid(file, "snapshot_logs", "must be at least 10"));
@@ -310,6 +331,8 @@ impl HubFile {
             raft_heartbeat_ms: self.raft_heartbeat_ms,
             raft_election_timeout_ms: self.raft_election_timeout_ms,
             snapshot_logs: self.snapshot_logs,
+            breaker_failures: self.breaker_failures,
+            breaker_cooldown_ms: self.breaker_cooldown_ms,
         })
     }
 }
@@ -357,6 +380,12 @@ pub struct NodeFile {
     pub heartbeat_ms: u64,
     #[serde(default)]
     pub servers: Vec<McpServerConfig>,
+    /// Tenants whose tasks this node runs; empty: every tenant.
+    #[serde(default)]
+    pub tenants: Vec<String>,
+    /// No new work while whole-machine CPU is at or above this percent; 0: no limit.
+    #[serde(default)]
+    pub cpu_high_water_percent: f64,
 }
 
 fn default_heartbeat() -> u64 {
@@ -392,6 +421,13 @@ impl NodeFile {
                 file,
                 "heartbeat_ms",
                 "must be between 100 and 60000",
+            ));
+        }
+        if !(0.0..=100.0).contains(&self.cpu_high_water_percent) {
+            return Err(invalid(
+                file,
+                "cpu_high_water_percent",
+                "must be between 0 (no limit) and 100",
             ));
         }
         let mut seen = std::collections::HashSet::new();

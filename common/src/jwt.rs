@@ -23,6 +23,11 @@ pub struct Claims {
     pub iat: i64,
     pub exp: i64,
     pub jti: String,
+    /// Where the agent runs: the default locality of its tasks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
 }
 
 impl Claims {
@@ -147,6 +152,8 @@ mod tests {
             iat: 0,
             exp,
             jti: "j".into(),
+            region: None,
+            zone: None,
         }
     }
 

@@ -29,7 +29,7 @@ use crate::{
     },
     scheduler::PendingReasons,
     sessions::Sessions,
-    state::{Command, Response, State},
+    state::{Command, Effects, Response, State},
 };
 
 /// How long a stopping hub lets open calls and streams finish.
@@ -70,58 +70,44 @@ pub struct Hub {
     pub events: EventLogs,
     pub sessions: Sessions,
     pub pending: PendingReasons,
+    /// Bumped whenever a workflow changes: WatchWorkflow streams wait on it.
+    pub workflows: tokio::sync::watch::Sender<u64>,
 }
 
 struct Hooks {
     events: EventLogs,
     wake: Arc<Notify>,
+    sessions: Sessions,
+    workflows: tokio::sync::watch::Sender<u64>,
 }
 
 impl ApplyHook for Hooks {
-    fn applied(&self, state: &State, cmd: &Command, resp: &Response) {
-        let task_id = match (cmd, resp) {
-            (_, Response::Rejected(_)) => None,
-            (
-                Command::SubmitTask(_),
-                Response::Submitted {
-                    deduplicated: true, ..
-                },
-            ) => None,
-            (Command::SubmitTask(t), _) => Some(&t.id),
-            (Command::AssignTask { task_id, .. }, _)
-            | (Command::StartTask { task_id, .. }, _)
-            | (Command::FinishTask { task_id, .. }, _)
-            | (Command::RequeueTask { task_id, .. }, _)
-            | (Command::CancelTask { task_id, .. }, _) => Some(task_id),
-            (Command::CancelTenantTasks { .. }, Response::TasksCancelled(ids)) => {
-                for id in ids {
-                    if let Some(t) = state.tasks.get(id) {
-                        self.events.transition(t);
-                    }
+    fn applied(&self, state: &State, _resp: &Response, effects: &Effects) {
+        let mut seen = std::collections::HashSet::new();
+        for id in &effects.touched {
+            if seen.insert(id) {
+                if let Some(t) = state.tasks.get(id) {
+                    self.events.transition(t);
                 }
-                None
             }
-            (
-                Command::NodeDown { .. } | Command::EvictNode { .. },
-                Response::NodeWentDown { requeued, lost },
-            ) => {
-                for id in requeued.iter().chain(lost) {
-                    if let Some(t) = state.tasks.get(id) {
-                        self.events.transition(t);
-                    }
-                }
-                None
-            }
-            _ => None,
-        };
-        if let Some(t) = task_id.and_then(|id| state.tasks.get(id)) {
-            self.events.transition(t);
+        }
+        // Attempts the hub ended (cancel, timeout, a decided fan-out, a failed workflow,
+        // a drain deadline): tell their node. Only the leader has node sessions.
+        for s in &effects.stopped {
+            self.sessions.send(
+                &s.node_id,
+                crate::convert::cancel_message(&s.task_id, s.attempt),
+            );
+        }
+        if !effects.workflows.is_empty() {
+            self.workflows.send_modify(|v| *v += 1);
         }
         self.wake.notify_one();
     }
 
     fn replaced(&self, _state: &State) {
         self.events.clear();
+        self.workflows.send_modify(|v| *v += 1);
         self.wake.notify_one();
     }
 }
@@ -545,9 +531,13 @@ pub async fn run(
 
     let events = EventLogs::default();
     let wake = Arc::new(Notify::new());
+    let sessions = Sessions::default();
+    let (workflows, _) = tokio::sync::watch::channel(0u64);
     let hooks = Arc::new(Hooks {
         events: events.clone(),
         wake: wake.clone(),
+        sessions: sessions.clone(),
+        workflows: workflows.clone(),
     });
     let (log_store, sm_store) = raft::open(&data_dir.join("raft"), hooks)?;
     let state = sm_store.state();
@@ -603,8 +593,9 @@ pub async fn run(
             net,
         }),
         events,
-        sessions: Sessions::default(),
+        sessions,
         pending: PendingReasons::default(),
+        workflows,
     };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -612,6 +603,7 @@ pub async fn run(
     tokio::spawn(crate::scheduler::run(hub.clone(), stop_rx.clone()));
     tokio::spawn(follow_leadership(hub.clone(), stop_rx.clone()));
     tokio::spawn(crate::liveness::run(hub.clone(), stop_rx.clone()));
+    tokio::spawn(crate::timers::run(hub.clone(), stop_rx.clone()));
 
     let (health, health_svc) = tonic_health::server::health_reporter();
     health
@@ -763,6 +755,7 @@ async fn leader_housekeeping(hub: Hub, mut stop: tokio::sync::watch::Receiver<bo
                 flotilla_common::jwt::DEFAULT_TENANT,
                 vec!["*".into()],
                 365 * 24 * 3600,
+                (None, None),
             ) {
                 Ok((token, _)) => {
                     if let Err(e) = flotilla_common::pki::write_secret(&path, token.as_bytes()) {

@@ -3,7 +3,16 @@
 
 use flotilla_proto as pb;
 
-use crate::state::{AttemptRecord, OfferedServer, TaskRecord, TaskStatus, ToolDef};
+use crate::state::{
+    Aggregation, AttemptRecord, Constraints, Deadlines, FailureKind, FailurePolicy, OfferedServer,
+    RetryPolicy, State, StepState, TaskRecord, TaskSpec, TaskStatus, ToolDef, WorkflowRecord,
+    WorkflowStatus,
+};
+
+/// Most replicas one task may ask for.
+pub const MAX_REPLICAS: u32 = 16;
+/// Most attempts one task may ask for.
+pub const MAX_ATTEMPTS: u32 = 100;
 
 pub fn task_state(s: TaskStatus) -> pb::TaskState {
     match s {
@@ -26,11 +35,41 @@ fn attempt(a: &AttemptRecord) -> pb::Attempt {
         assigned_at_ms: a.assigned_at_ms,
         finished_at_ms: a.finished_at_ms.unwrap_or(0),
         error: a.error.clone().unwrap_or_default(),
+        started_at_ms: a.started_at_ms.unwrap_or(0),
     }
 }
 
 /// A task as agents see it; `pending` is the scheduler's reason for a queued task.
-pub fn task(t: &TaskRecord, pending: Option<String>) -> pb::Task {
+pub fn task(state: &State, t: &TaskRecord, pending: Option<String>) -> pb::Task {
+    let json = |v: &Option<serde_json::Value>| {
+        v.as_ref()
+            .map(|r| serde_json::to_vec(r).unwrap_or_default())
+            .unwrap_or_default()
+    };
+    let winner = t
+        .result
+        .as_ref()
+        .filter(|_| t.spec.aggregation.needed(1).is_some() && t.status == TaskStatus::Succeeded)
+        .map(crate::state::vote_of);
+    let replicas = t
+        .group
+        .iter()
+        .flat_map(|g| &g.replicas)
+        .filter_map(|id| state.tasks.get(id))
+        .map(|r| pb::Replica {
+            task_id: r.id.clone(),
+            state: task_state(r.status) as i32,
+            node_id: r
+                .current_attempt()
+                .map(|a| a.node_id.clone())
+                .unwrap_or_default(),
+            result: json(&r.result),
+            error: r.error.clone().unwrap_or_default(),
+            agreed: r.status == TaskStatus::Succeeded
+                && winner.is_some()
+                && r.result.as_ref().map(crate::state::vote_of) == winner,
+        })
+        .collect();
     pb::Task {
         id: t.id.clone(),
         tool: t.tool.clone(),
@@ -54,7 +93,249 @@ pub fn task(t: &TaskRecord, pending: Option<String>) -> pb::Task {
         attempts: t.attempts.iter().map(attempt).collect(),
         priority: t.priority,
         idempotency_key: t.idempotency_key.clone().unwrap_or_default(),
+        options: Some(options(&t.spec)),
+        dead_lettered: t.dead_lettered,
+        not_before_ms: t.not_before_ms.unwrap_or(0),
+        replicas,
+        parent_id: t.parent.clone().unwrap_or_default(),
+        workflow_id: t
+            .workflow
+            .as_ref()
+            .map(|w| w.workflow_id.clone())
+            .unwrap_or_default(),
+        step: t
+            .workflow
+            .as_ref()
+            .map(|w| w.step.clone())
+            .unwrap_or_default(),
     }
+}
+
+fn failure_kind(k: FailureKind) -> pb::FailureKind {
+    match k {
+        FailureKind::NodeLost => pb::FailureKind::NodeLost,
+        FailureKind::Timeout => pb::FailureKind::Timeout,
+        FailureKind::ToolError => pb::FailureKind::ToolError,
+    }
+}
+
+/// A task's options as the API shows them.
+pub fn options(s: &TaskSpec) -> pb::TaskOptions {
+    let (aggregation, quorum) = match s.aggregation {
+        Aggregation::All => (pb::Aggregation::All, 0),
+        Aggregation::First => (pb::Aggregation::First, 0),
+        Aggregation::Majority => (pb::Aggregation::Majority, 0),
+        Aggregation::Quorum(k) => (pb::Aggregation::Quorum, k),
+    };
+    pb::TaskOptions {
+        retry: Some(pb::RetryPolicy {
+            max_attempts: s.retry.max_attempts,
+            initial_backoff_ms: s.retry.initial_backoff_ms,
+            max_backoff_ms: s.retry.max_backoff_ms,
+            retry_on: s
+                .retry
+                .retry_on
+                .iter()
+                .map(|k| failure_kind(*k) as i32)
+                .collect(),
+        }),
+        deadlines: Some(pb::Deadlines {
+            queue_timeout_ms: s.deadlines.queue_timeout_ms,
+            attempt_timeout_ms: s.deadlines.attempt_timeout_ms,
+            total_timeout_ms: s.deadlines.total_timeout_ms,
+        }),
+        placement: Some(pb::PlacementConstraints {
+            region: s.placement.region.clone().unwrap_or_default(),
+            zone: s.placement.zone.clone().unwrap_or_default(),
+            required_labels: s.placement.required.clone().into_iter().collect(),
+            preferred_labels: s.placement.preferred.clone().into_iter().collect(),
+        }),
+        replicas: s.replicas.max(1),
+        aggregation: aggregation as i32,
+        quorum,
+    }
+}
+
+/// A task's options from a request, checked. The placement's locality defaults to the
+/// token's (`region`, `zone`).
+pub fn spec(
+    o: Option<&pb::TaskOptions>,
+    region: Option<&str>,
+    zone: Option<&str>,
+) -> Result<TaskSpec, String> {
+    let default = pb::TaskOptions::default();
+    let o = o.unwrap_or(&default);
+    let mut s = TaskSpec::default();
+    if let Some(r) = &o.retry {
+        if r.max_attempts > MAX_ATTEMPTS {
+            return Err(format!(
+                "retry.max_attempts is {}; the limit is {MAX_ATTEMPTS}",
+                r.max_attempts
+            ));
+        }
+        let d = RetryPolicy::default();
+        let mut retry_on = Vec::new();
+        for k in &r.retry_on {
+            retry_on.push(match pb::FailureKind::try_from(*k) {
+                Ok(pb::FailureKind::NodeLost) => FailureKind::NodeLost,
+                Ok(pb::FailureKind::Timeout) => FailureKind::Timeout,
+                Ok(pb::FailureKind::ToolError) => FailureKind::ToolError,
+                _ => return Err(format!(
+                    "retry.retry_on: {k} is not a failure kind (node_lost, timeout, tool_error)"
+                )),
+            });
+        }
+        s.retry = RetryPolicy {
+            max_attempts: r.max_attempts.max(1),
+            initial_backoff_ms: if r.initial_backoff_ms == 0 {
+                d.initial_backoff_ms
+            } else {
+                r.initial_backoff_ms
+            },
+            max_backoff_ms: if r.max_backoff_ms == 0 {
+                d.max_backoff_ms
+            } else {
+                r.max_backoff_ms
+            },
+            retry_on,
+        };
+        if s.retry.max_attempts > 1 && s.retry.retry_on.is_empty() {
+            return Err("retry.max_attempts > 1 needs retry_on: which failures (node_lost, timeout, tool_error) to retry".into());
+        }
+    }
+    if let Some(d) = &o.deadlines {
+        s.deadlines = Deadlines {
+            queue_timeout_ms: d.queue_timeout_ms,
+            attempt_timeout_ms: d.attempt_timeout_ms,
+            total_timeout_ms: d.total_timeout_ms,
+        };
+    }
+    let p = o.placement.clone().unwrap_or_default();
+    let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    s.placement = Constraints {
+        region: nonempty(&p.region).or(region.map(str::to_owned)),
+        zone: nonempty(&p.zone).or(zone.map(str::to_owned)),
+        required: p.required_labels.into_iter().collect(),
+        preferred: p.preferred_labels.into_iter().collect(),
+    };
+    if o.replicas > MAX_REPLICAS {
+        return Err(format!(
+            "replicas is {}; the limit is {MAX_REPLICAS}",
+            o.replicas
+        ));
+    }
+    s.replicas = o.replicas.max(1);
+    s.aggregation = match pb::Aggregation::try_from(o.aggregation) {
+        Ok(pb::Aggregation::Unspecified | pb::Aggregation::All) => Aggregation::All,
+        Ok(pb::Aggregation::First) => Aggregation::First,
+        Ok(pb::Aggregation::Majority) => Aggregation::Majority,
+        Ok(pb::Aggregation::Quorum) => {
+            if o.quorum == 0 || o.quorum > s.replicas {
+                return Err(format!(
+                    "quorum must be between 1 and replicas ({}); it is {}",
+                    s.replicas, o.quorum
+                ));
+            }
+            Aggregation::Quorum(o.quorum)
+        }
+        Err(_) => return Err(format!("aggregation {} is unknown", o.aggregation)),
+    };
+    Ok(s)
+}
+
+pub fn workflow_state(s: WorkflowStatus) -> pb::WorkflowState {
+    match s {
+        WorkflowStatus::Running => pb::WorkflowState::Running,
+        WorkflowStatus::Succeeded => pb::WorkflowState::Succeeded,
+        WorkflowStatus::Failed => pb::WorkflowState::Failed,
+        WorkflowStatus::Cancelled => pb::WorkflowState::Cancelled,
+    }
+}
+
+pub fn step_state(s: StepState) -> pb::StepState {
+    match s {
+        StepState::Pending => pb::StepState::Pending,
+        StepState::Queued => pb::StepState::Queued,
+        StepState::Running => pb::StepState::Running,
+        StepState::Succeeded => pb::StepState::Succeeded,
+        StepState::Failed => pb::StepState::Failed,
+        StepState::Skipped => pb::StepState::Skipped,
+        StepState::Cancelled => pb::StepState::Cancelled,
+    }
+}
+
+fn bytes(v: &Option<serde_json::Value>) -> Vec<u8> {
+    v.as_ref()
+        .map(|v| serde_json::to_vec(v).unwrap_or_default())
+        .unwrap_or_default()
+}
+
+pub fn workflow(w: &WorkflowRecord) -> pb::Workflow {
+    pb::Workflow {
+        id: w.id.clone(),
+        name: w.name.clone(),
+        tenant: w.tenant.clone(),
+        agent: w.agent.clone(),
+        state: workflow_state(w.status) as i32,
+        failure_policy: match w.failure_policy {
+            FailurePolicy::FailFast => pb::FailurePolicy::FailFast,
+            FailurePolicy::Continue => pb::FailurePolicy::Continue,
+        } as i32,
+        steps: w
+            .steps
+            .iter()
+            .map(|s| pb::Step {
+                name: s.name.clone(),
+                tool: s.tool.clone(),
+                depends_on: s.depends_on.clone(),
+                state: step_state(s.state) as i32,
+                task_id: s.task_id.clone().unwrap_or_default(),
+                arguments: bytes(&s.resolved),
+                result: bytes(&s.result),
+                error: s.error.clone().unwrap_or_default(),
+            })
+            .collect(),
+        created_at_ms: w.created_at_ms,
+        updated_at_ms: w.updated_at_ms,
+        error: w.error.clone().unwrap_or_default(),
+        idempotency_key: w.idempotency_key.clone().unwrap_or_default(),
+    }
+}
+
+/// A workflow's events numbered `from` or later, in order: each step's latest change, then
+/// the workflow's end. Steps not started yet have no event.
+pub fn workflow_events(w: &WorkflowRecord, from: u64) -> Vec<pb::WorkflowEvent> {
+    let mut steps: Vec<_> = w
+        .steps
+        .iter()
+        .filter(|s| s.seq >= from && s.seq > 0)
+        .collect();
+    steps.sort_by_key(|s| s.seq);
+    let mut out: Vec<pb::WorkflowEvent> = steps
+        .into_iter()
+        .map(|s| pb::WorkflowEvent {
+            seq: s.seq,
+            workflow_id: w.id.clone(),
+            step: s.name.clone(),
+            step_state: step_state(s.state) as i32,
+            workflow_state: pb::WorkflowState::Running as i32,
+            task_id: s.task_id.clone().unwrap_or_default(),
+            at_ms: s.changed_at_ms,
+            result: bytes(&s.result),
+            error: s.error.clone().unwrap_or_default(),
+        })
+        .collect();
+    if let Some(seq) = w.ended_seq.filter(|s| *s >= from) {
+        out.push(pb::WorkflowEvent {
+            seq,
+            workflow_id: w.id.clone(),
+            workflow_state: workflow_state(w.status) as i32,
+            at_ms: w.updated_at_ms,
+            error: w.error.clone().unwrap_or_default(),
+            ..Default::default()
+        });
+    }
+    out
 }
 
 pub fn cancel_message(task_id: &str, attempt: u32) -> pb::HubMessage {

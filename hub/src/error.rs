@@ -32,6 +32,20 @@ pub enum HubError {
 
 pub type HubResult<T> = Result<T, HubError>;
 
+impl HubError {
+    /// The same error with `what` in front of a caller-facing message.
+    pub fn context(self, what: &str) -> Self {
+        match self {
+            Self::Unauthenticated(m) => Self::Unauthenticated(format!("{what}: {m}")),
+            Self::PermissionDenied(m) => Self::PermissionDenied(format!("{what}: {m}")),
+            Self::NotFound(m) => Self::NotFound(format!("{what}: {m}")),
+            Self::InvalidArgument(m) => Self::InvalidArgument(format!("{what}: {m}")),
+            Self::FailedPrecondition(m) => Self::FailedPrecondition(format!("{what}: {m}")),
+            other => other,
+        }
+    }
+}
+
 impl From<HubError> for Status {
     fn from(e: HubError) -> Self {
         let code = match &e {

@@ -12,5 +12,6 @@ pub mod scheduler;
 pub mod service;
 pub mod sessions;
 pub mod state;
+pub mod timers;
 
 pub use app::{run, Hub, Listeners, ADMIN_TOKEN_FILE};

@@ -47,7 +47,6 @@ pub async fn run(hub: Hub, mut stop: tokio::sync::watch::Receiver<bool>) {
         let now_ms = flotilla_common::now_ms();
         let overdue: Vec<String> = {
             let state = hub.state();
-            let active = state.active_counts();
             state
                 .nodes
                 .values()
@@ -55,7 +54,7 @@ pub async fn run(hub: Hub, mut stop: tokio::sync::watch::Receiver<bool>) {
                     n.status == NodeStatus::Draining
                         && n.drain_deadline_ms.is_some_and(|d| d <= now_ms)
                 })
-                .filter(|n| active.keys().any(|(node, _)| node == &n.id))
+                .filter(|n| state.index.on_node.contains_key(&n.id))
                 .map(|n| n.id.clone())
                 .collect()
         };
@@ -66,31 +65,8 @@ pub async fn run(hub: Hub, mut stop: tokio::sync::watch::Receiver<bool>) {
             };
             match hub.write(cmd).await {
                 Ok(Response::NodeWentDown { requeued, lost }) => {
+                    // The node is told to stop each of them as the eviction is applied.
                     tracing::warn!(node_id = %id, requeued = requeued.len(), cancelled = lost.len(), "drain deadline passed; took unfinished tasks off the node");
-                    for task_id in &lost {
-                        if let Some(a) = hub
-                            .state()
-                            .tasks
-                            .get(task_id)
-                            .and_then(|t| t.current_attempt().cloned())
-                        {
-                            hub.sessions
-                                .send(&id, crate::convert::cancel_message(task_id, a.number));
-                        }
-                    }
-                    for task_id in &requeued {
-                        let attempt = hub.state().tasks.get(task_id).and_then(|t| {
-                            t.attempts
-                                .iter()
-                                .rev()
-                                .find(|a| a.node_id == id)
-                                .map(|a| a.number)
-                        });
-                        if let Some(n) = attempt {
-                            hub.sessions
-                                .send(&id, crate::convert::cancel_message(task_id, n));
-                        }
-                    }
                     hub.wake();
                 }
                 Ok(other) => tracing::debug!(node_id = %id, ?other, "eviction not applied"),

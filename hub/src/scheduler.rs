@@ -1,25 +1,85 @@
-//! Placement, minimal but real: among the connected, ready nodes whose MCP server offers the
-//! tool (with a definition matching the catalogue and the scope the task needs) and has a
-//! free slot, pick the one with the most free slots; ties go to the lower CPU load. Queued
-//! tasks are taken by priority, then age. A task no node can take waits, with the reason
-//! kept for GetTask. Only the leader schedules; each assignment is committed through Raft
-//! before it is sent to the node.
+//! Placement. Only the leader schedules; each assignment is committed through Raft before it
+//! is sent to the node.
+//!
+//! A pass takes queued tasks tenant by tenant, always from the tenant with the fewest tasks
+//! in flight (fair share: one tenant's flood cannot starve another), and within a tenant by
+//! priority, then age. For each task it looks at the (node, server) pairs offering the tool
+//! (an index kept by the state machine), drops those that cannot take it (the filters), and
+//! picks the best by score. Beyond `SAMPLE_ALL` candidates it scores a random sample of
+//! about log2(n) feasible ones instead of all of them (the power of k choices), so a pass
+//! costs in proportion to the tasks it places, not to the fleet. A task no node can take
+//! waits, with the reason kept for GetTask.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    cmp::Reverse,
+    collections::{BTreeMap, BinaryHeap, HashMap},
     sync::{Arc, Mutex},
 };
 
+use rand::Rng;
+
 use crate::{
     sessions::LiveNode,
-    state::{NodeStatus, State, TaskRecord, TaskStatus},
+    state::{breaker_key, NodeRecord, NodeStatus, ServerRecord, State, TaskRecord},
 };
+
+/// Up to this many candidates, every one is scored.
+pub const SAMPLE_ALL: usize = 32;
 
 /// Where a task should run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Placement {
     pub node_id: String,
     pub server: String,
+}
+
+/// The hub's breaker thresholds.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub breaker_failures: u32,
+    pub breaker_cooldown_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            breaker_failures: flotilla_common::config::defaults::BREAKER_FAILURES,
+            breaker_cooldown_ms: flotilla_common::config::defaults::BREAKER_COOLDOWN_MS,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Breaker {
+    Closed,
+    /// Too many failures in a row, recently: no work.
+    Open,
+    /// The cooldown passed: one trial call at a time.
+    HalfOpen,
+}
+
+impl Breaker {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Open => "open",
+            Self::HalfOpen => "half_open",
+        }
+    }
+}
+
+/// The breaker of one MCP server on one node, now.
+pub fn breaker(state: &State, node: &str, server: &str, limits: Limits, now_ms: i64) -> Breaker {
+    match state.breakers.get(&breaker_key(node, server)) {
+        Some(b) if b.consecutive_failures >= limits.breaker_failures => {
+            if now_ms < b.last_failure_ms + limits.breaker_cooldown_ms as i64 {
+                Breaker::Open
+            } else {
+                Breaker::HalfOpen
+            }
+        }
+        _ => Breaker::Closed,
+    }
 }
 
 /// Why queued tasks are waiting, kept in memory by the leader.
@@ -33,6 +93,12 @@ impl PendingReasons {
             .expect("pending lock")
             .insert(task_id.to_owned(), reason);
     }
+    pub fn set_many(&self, reasons: Vec<(String, String)>) {
+        let mut m = self.0.lock().expect("pending lock");
+        for (id, r) in reasons {
+            m.insert(id, r);
+        }
+    }
     pub fn clear(&self, task_id: &str) {
         self.0.lock().expect("pending lock").remove(task_id);
     }
@@ -41,86 +107,402 @@ impl PendingReasons {
     }
 }
 
-/// Queued tasks in the order they should be placed.
-pub fn queue_order(state: &State) -> Vec<&TaskRecord> {
-    let mut q: Vec<&TaskRecord> = state
-        .tasks
-        .values()
-        .filter(|t| t.status == TaskStatus::Queued)
+/// Why one candidate was passed over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Miss {
+    NotReady,
+    Disconnected,
+    ServerNotReady,
+    Tenant,
+    Scope,
+    Labels,
+    ReplicaThere,
+    BreakerOpen,
+    CpuHigh,
+    Full,
+}
+
+impl Miss {
+    fn describe(self) -> &'static str {
+        match self {
+            Self::NotReady => "cordoned, draining or down",
+            Self::Disconnected => "not connected",
+            Self::ServerNotReady => "MCP server not ready",
+            Self::Tenant => "not serving this tenant",
+            Self::Scope => "server needs a scope the agent lacks",
+            Self::Labels => "labels do not match the required ones",
+            Self::ReplicaThere => "already running another replica",
+            Self::BreakerOpen => "circuit breaker open",
+            Self::CpuHigh => "CPU above its high-water mark",
+            Self::Full => "at capacity",
+        }
+    }
+}
+
+/// What a pass knows besides the state: live load, limits, the time.
+pub struct Context<'a> {
+    pub live: &'a HashMap<String, LiveNode>,
+    pub limits: Limits,
+    pub now_ms: i64,
+}
+
+/// Per-pass facts about a task's fan-out siblings.
+#[derive(Default)]
+struct Siblings<'a> {
+    nodes: Vec<&'a str>,
+    zones: Vec<&'a str>,
+}
+
+fn siblings<'a>(state: &'a State, task: &TaskRecord) -> Siblings<'a> {
+    let mut s = Siblings::default();
+    let Some(group) = task
+        .parent
+        .as_ref()
+        .and_then(|p| state.tasks.get(p))
+        .and_then(|p| p.group.as_ref())
+    else {
+        return s;
+    };
+    for id in group.replicas.iter().filter(|id| **id != task.id) {
+        let Some(r) = state.tasks.get(id) else {
+            continue;
+        };
+        if r.status == crate::state::TaskStatus::Queued {
+            continue;
+        }
+        if let Some(a) = r.current_attempt() {
+            s.nodes.push(a.node_id.as_str());
+            if let Some(z) = state
+                .nodes
+                .get(&a.node_id)
+                .and_then(|n| n.labels.get("zone"))
+            {
+                s.zones.push(z.as_str());
+            }
+        }
+    }
+    s
+}
+
+fn check(
+    state: &State,
+    cx: &Context<'_>,
+    in_flight: &BTreeMap<(String, String), u32>,
+    task: &TaskRecord,
+    sib: &Siblings<'_>,
+    node: &NodeRecord,
+    server: &ServerRecord,
+) -> Result<u32, Miss> {
+    if node.status != NodeStatus::Ready {
+        return Err(Miss::NotReady);
+    }
+    let Some(l) = cx.live.get(&node.id) else {
+        return Err(Miss::Disconnected);
+    };
+    if !l.server_ready(&server.name) {
+        return Err(Miss::ServerNotReady);
+    }
+    if !node.serves(&task.tenant) {
+        return Err(Miss::Tenant);
+    }
+    if !flotilla_common::jwt::scope_allows(&task.scopes, &server.required_scope) {
+        return Err(Miss::Scope);
+    }
+    if !task.spec.placement.admits(&node.labels) {
+        return Err(Miss::Labels);
+    }
+    if sib.nodes.contains(&node.id.as_str()) {
+        return Err(Miss::ReplicaThere);
+    }
+    let used = in_flight
+        .get(&(node.id.clone(), server.name.clone()))
+        .copied()
+        .unwrap_or(0);
+    match breaker(state, &node.id, &server.name, cx.limits, cx.now_ms) {
+        Breaker::Open => return Err(Miss::BreakerOpen),
+        Breaker::HalfOpen if used > 0 => return Err(Miss::BreakerOpen),
+        _ => {}
+    }
+    if node.cpu_high_water_percent > 0.0 && l.cpu_percent >= node.cpu_high_water_percent {
+        return Err(Miss::CpuHigh);
+    }
+    let free = server.max_concurrency.saturating_sub(used);
+    if free == 0 {
+        return Err(Miss::Full);
+    }
+    Ok(free)
+}
+
+/// How good a feasible candidate is; higher is better. The parts, each about 0..1:
+/// free capacity (slots, then CPU), locality (same zone, else same region), preferred
+/// labels, history (success rate and speed of this tool on this node), and for replicas a
+/// zone not used by a sibling. A node where this task failed before is avoided.
+fn score(
+    state: &State,
+    cx: &Context<'_>,
+    task: &TaskRecord,
+    sib: &Siblings<'_>,
+    tool_mean_ms: u64,
+    node: &NodeRecord,
+    server: &ServerRecord,
+    free: u32,
+) -> f64 {
+    let cpu = cx.live.get(&node.id).map_or(100.0, |l| l.cpu_percent);
+    let mut s = f64::from(free) / f64::from(server.max_concurrency.max(1));
+    s += 0.5 * (1.0 - (cpu / 100.0).clamp(0.0, 1.0));
+    let p = &task.spec.placement;
+    let zone = node.labels.get("zone");
+    if p.zone.is_some() && zone == p.zone.as_ref() {
+        s += 1.0;
+    } else if p.region.is_some() && node.labels.get("region") == p.region.as_ref() {
+        s += 0.5;
+    }
+    if !p.preferred.is_empty() {
+        let hits = p
+            .preferred
+            .iter()
+            .filter(|(k, v)| node.labels.get(*k) == Some(*v))
+            .count();
+        s += 0.5 * hits as f64 / p.preferred.len() as f64;
+    }
+    if let Some(h) = state
+        .tool_stats
+        .get(&task.tool)
+        .and_then(|m| m.get(&node.id))
+    {
+        s += h.success_rate() - 0.5;
+        if tool_mean_ms > 0 {
+            let speed = tool_mean_ms as f64 / (tool_mean_ms + h.ewma_ms).max(1) as f64;
+            s += 0.5 * (speed - 0.5);
+        }
+    }
+    if zone.is_some_and(|z| sib.zones.contains(&z.as_str())) {
+        s -= 0.5;
+    }
+    if task
+        .attempts
+        .iter()
+        .any(|a| a.node_id == node.id && a.error.is_some())
+    {
+        s -= 1.0;
+    }
+    s
+}
+
+/// Candidates per tool and the tool's mean duration, built once per pass.
+#[derive(Default)]
+struct PassCache<'a> {
+    candidates: HashMap<&'a str, Vec<(&'a NodeRecord, &'a ServerRecord)>>,
+    mean_ms: HashMap<&'a str, u64>,
+}
+
+impl<'a> PassCache<'a> {
+    fn candidates(
+        &mut self,
+        state: &'a State,
+        tool: &'a str,
+    ) -> &[(&'a NodeRecord, &'a ServerRecord)] {
+        self.candidates.entry(tool).or_insert_with(|| {
+            state
+                .index
+                .tool_nodes
+                .get(tool)
+                .into_iter()
+                .flatten()
+                .filter_map(|(n, s)| {
+                    let node = state.nodes.get(n)?;
+                    let server = node.servers.iter().find(|x| &x.name == s)?;
+                    Some((node, server))
+                })
+                .collect()
+        })
+    }
+
+    fn mean_ms(&mut self, state: &State, tool: &'a str) -> u64 {
+        *self.mean_ms.entry(tool).or_insert_with(|| {
+            let m = state.tool_stats.get(tool);
+            let (sum, n) = m
+                .into_iter()
+                .flatten()
+                .fold((0u64, 0u64), |(s, n), (_, h)| (s + h.ewma_ms, n + 1));
+            sum.checked_div(n).unwrap_or(0)
+        })
+    }
+}
+
+fn explain(task: &TaskRecord, offered: usize, misses: &BTreeMap<Miss, usize>) -> String {
+    if offered == 0 {
+        return format!("no node offers {:?}; waiting for one", task.tool);
+    }
+    let parts: Vec<String> = misses
+        .iter()
+        .map(|(m, n)| format!("{n} {}", m.describe()))
         .collect();
-    q.sort_by(|a, b| {
-        b.priority
-            .cmp(&a.priority)
-            .then(a.created_at_ms.cmp(&b.created_at_ms))
-            .then(a.id.cmp(&b.id))
-    });
-    q
+    format!(
+        "{offered} node(s) offer {:?}, none can take it now: {}",
+        task.tool,
+        parts.join(", ")
+    )
 }
 
 /// Chooses a node for `task`, or says why none fits. `in_flight` counts tasks assigned or
 /// running per (node, server), including ones placed earlier in this pass.
 pub fn place(
     state: &State,
-    live: &HashMap<String, LiveNode>,
+    cx: &Context<'_>,
     in_flight: &BTreeMap<(String, String), u32>,
     task: &TaskRecord,
+    rng: &mut impl Rng,
 ) -> Result<Placement, String> {
-    let mut offered = false;
-    let mut best: Option<(u32, f64, Placement)> = None;
-    for (node_id, node) in &state.nodes {
-        if node.status != NodeStatus::Ready {
-            continue;
-        }
-        let Some(l) = live.get(node_id) else { continue };
-        for s in &node.servers {
-            if !s.tools.iter().any(|t| t == &task.tool) {
-                continue;
+    place_cached(state, cx, in_flight, task, rng, &mut PassCache::default())
+}
+
+fn place_cached<'a>(
+    state: &'a State,
+    cx: &Context<'_>,
+    in_flight: &BTreeMap<(String, String), u32>,
+    task: &'a TaskRecord,
+    rng: &mut impl Rng,
+    cache: &mut PassCache<'a>,
+) -> Result<Placement, String> {
+    let sib = siblings(state, task);
+    let mean = cache.mean_ms(state, &task.tool);
+    let cands = cache.candidates(state, &task.tool);
+    let n = cands.len();
+    let mut best: Option<(f64, usize)> = None;
+    let mut consider = |i: usize, misses: &mut BTreeMap<Miss, usize>| -> bool {
+        let (node, server) = cands[i];
+        match check(state, cx, in_flight, task, &sib, node, server) {
+            Ok(free) => {
+                let s = score(state, cx, task, &sib, mean, node, server, free);
+                if best.is_none_or(|(b, _)| s > b) {
+                    best = Some((s, i));
+                }
+                true
             }
-            if !l.server_ready(&s.name) {
-                continue;
-            }
-            offered = true;
-            let used = in_flight
-                .get(&(node_id.clone(), s.name.clone()))
-                .copied()
-                .unwrap_or(0);
-            let free = s.max_concurrency.saturating_sub(used);
-            if free == 0 {
-                continue;
-            }
-            let better = match &best {
-                None => true,
-                Some((bf, bcpu, _)) => free > *bf || (free == *bf && l.cpu_percent < *bcpu),
-            };
-            if better {
-                best = Some((
-                    free,
-                    l.cpu_percent,
-                    Placement {
-                        node_id: node_id.clone(),
-                        server: s.name.clone(),
-                    },
-                ));
+            Err(m) => {
+                *misses.entry(m).or_default() += 1;
+                false
             }
         }
+    };
+    let mut misses = BTreeMap::new();
+    if n > SAMPLE_ALL {
+        // Sample until k feasible candidates were scored (or give up and look at all).
+        let k = (usize::BITS - n.leading_zeros()) as usize;
+        let mut found = 0;
+        for _ in 0..4 * k {
+            if consider(rng.gen_range(0..n), &mut misses) {
+                found += 1;
+                if found == k {
+                    break;
+                }
+            }
+        }
+        if found == 0 {
+            misses.clear();
+            (0..n).for_each(|i| {
+                consider(i, &mut misses);
+            });
+        }
+    } else {
+        (0..n).for_each(|i| {
+            consider(i, &mut misses);
+        });
     }
     match best {
-        Some((_, _, p)) => Ok(p),
-        None if offered => Err(format!(
-            "every connected node offering {:?} is at capacity",
-            task.tool
-        )),
-        None => Err(format!(
-            "no connected, ready node offers {:?}; waiting for one",
-            task.tool
-        )),
+        Some((_, i)) => Ok(Placement {
+            node_id: cands[i].0.id.clone(),
+            server: cands[i].1.name.clone(),
+        }),
+        None => Err(explain(task, n, &misses)),
     }
 }
 
-/// The scheduling loop: runs a pass whenever something changed (or every second), while
-/// this hub is the leader.
+/// The outcome of a pass.
+#[derive(Default, Debug)]
+pub struct Plan {
+    pub assign: Vec<(String, Placement)>,
+    /// Queued tasks left waiting, with why.
+    pub waiting: Vec<(String, String)>,
+}
+
+/// Plans one pass over the queue (see the module comment).
+pub fn plan(state: &State, cx: &Context<'_>, rng: &mut impl Rng) -> Plan {
+    let mut out = Plan::default();
+    let mut in_flight = state.index.active.clone();
+    let mut cache = PassCache::default();
+    // A tool (with the same constraints) no node could take stays that way for this pass:
+    // placements only use capacity up.
+    let mut exhausted: HashMap<String, String> = HashMap::new();
+    let mut cursors: HashMap<&str, _> = state
+        .index
+        .queue
+        .iter()
+        .map(|(tenant, q)| (tenant.as_str(), q.iter()))
+        .collect();
+    let mut turn: BinaryHeap<(Reverse<u32>, Reverse<&str>)> = cursors
+        .keys()
+        .map(|t| {
+            let active = state.index.active_by_tenant.get(*t).copied().unwrap_or(0);
+            (Reverse(active), Reverse(*t))
+        })
+        .collect();
+    while let Some((Reverse(active), Reverse(tenant))) = turn.pop() {
+        let Some(next) = cursors.get_mut(tenant).and_then(Iterator::next) else {
+            continue;
+        };
+        let Some(task) = state.tasks.get(&next.2) else {
+            turn.push((Reverse(active), Reverse(tenant)));
+            continue;
+        };
+        if let Some(at) = task.not_before_ms.filter(|at| *at > cx.now_ms) {
+            let reason = task.error.clone().unwrap_or_default();
+            out.waiting.push((
+                task.id.clone(),
+                format!(
+                    "retrying no sooner than {} ms from now ({reason})",
+                    at - cx.now_ms
+                ),
+            ));
+            turn.push((Reverse(active), Reverse(tenant)));
+            continue;
+        }
+        let memo = task.parent.is_none().then(|| {
+            format!(
+                "{}\0{}\0{:?}\0{:?}",
+                task.tool, task.tenant, task.spec.placement.required, task.scopes
+            )
+        });
+        if let Some(why) = memo.as_ref().and_then(|k| exhausted.get(k)) {
+            out.waiting.push((task.id.clone(), why.clone()));
+            turn.push((Reverse(active), Reverse(tenant)));
+            continue;
+        }
+        match place_cached(state, cx, &in_flight, task, rng, &mut cache) {
+            Ok(p) => {
+                *in_flight
+                    .entry((p.node_id.clone(), p.server.clone()))
+                    .or_default() += 1;
+                out.assign.push((task.id.clone(), p));
+                turn.push((Reverse(active + 1), Reverse(tenant)));
+            }
+            Err(why) => {
+                if let Some(k) = memo {
+                    exhausted.insert(k, why.clone());
+                }
+                out.waiting.push((task.id.clone(), why));
+                turn.push((Reverse(active), Reverse(tenant)));
+            }
+        }
+    }
+    out
+}
+
+/// The scheduling loop: runs a pass whenever something changed (or every 250 ms, which
+/// also ends retry backoffs), while this hub is the leader.
 pub async fn run(hub: crate::app::Hub, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
     loop {
         tokio::select! {
             _ = hub.wake_signal().notified() => {}
@@ -133,32 +515,37 @@ pub async fn run(hub: crate::app::Hub, mut stop: tokio::sync::watch::Receiver<bo
     }
 }
 
+pub fn limits(hub: &crate::app::Hub) -> Limits {
+    Limits {
+        breaker_failures: hub.config().breaker_failures,
+        breaker_cooldown_ms: hub.config().breaker_cooldown_ms,
+    }
+}
+
 async fn pass(hub: &crate::app::Hub) {
     use crate::state::{Command, Response};
     let live = hub.sessions.snapshot();
     let plans: Vec<(String, Placement)> = {
         let state = hub.state();
         if state.scheduling_paused {
-            for t in queue_order(&state) {
-                hub.pending
-                    .set(&t.id, "scheduling is paused by an admin".into());
-            }
+            let waiting = state
+                .index
+                .queue
+                .values()
+                .flatten()
+                .map(|k| (k.2.clone(), "scheduling is paused by an admin".to_owned()))
+                .collect();
+            hub.pending.set_many(waiting);
             return;
         }
-        let mut in_flight = state.active_counts();
-        let mut plans = Vec::new();
-        for t in queue_order(&state) {
-            match place(&state, &live, &in_flight, t) {
-                Ok(p) => {
-                    *in_flight
-                        .entry((p.node_id.clone(), p.server.clone()))
-                        .or_default() += 1;
-                    plans.push((t.id.clone(), p));
-                }
-                Err(reason) => hub.pending.set(&t.id, reason),
-            }
-        }
-        plans
+        let cx = Context {
+            live: &live,
+            limits: limits(hub),
+            now_ms: flotilla_common::now_ms(),
+        };
+        let plan = plan(&state, &cx, &mut rand::thread_rng());
+        hub.pending.set_many(plan.waiting);
+        plan.assign
     };
     let writes = plans.into_iter().map(|(task_id, p)| async move {
         hub.pending.clear(&task_id);
@@ -194,7 +581,10 @@ async fn pass(hub: &crate::app::Hub) {
                 attempt,
                 fence,
                 at_ms: flotilla_common::now_ms(),
-                reason: format!("node {} disconnected before the assignment reached it", p.node_id),
+                reason: format!(
+                    "node {} disconnected before the assignment reached it",
+                    p.node_id
+                ),
             };
             if let Err(e) = hub.write(cmd).await {
                 tracing::warn!(task_id, error = %e, "requeue not committed");
@@ -205,117 +595,4 @@ async fn pass(hub: &crate::app::Hub) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::state::{NodeRecord, ServerRecord};
-    use flotilla_proto::ServerState;
-    use serde_json::json;
-
-    fn node(id: &str, max: u32, status: NodeStatus) -> NodeRecord {
-        NodeRecord {
-            id: id.into(),
-            labels: Default::default(),
-            status,
-            joined_at_ms: 0,
-            last_hello_ms: Some(0),
-            drain_deadline_ms: None,
-            servers: vec![ServerRecord {
-                name: "demo".into(),
-                max_concurrency: max,
-                required_scope: "tools".into(),
-                tools: vec!["echo".into()],
-                conflicting_tools: vec![],
-            }],
-        }
-    }
-
-    fn live(cpu: f64) -> LiveNode {
-        LiveNode {
-            session: 1,
-            tx: tokio::sync::mpsc::channel(1).0,
-            ended: Default::default(),
-            cpu_percent: cpu,
-            running: 0,
-            servers: vec![crate::sessions::LiveServer {
-                name: "demo".into(),
-                state: ServerState::Ready,
-                error: String::new(),
-                running: 0,
-            }],
-            last_seen: std::time::Instant::now(),
-            last_seen_ms: 0,
-        }
-    }
-
-    fn task(tool: &str) -> TaskRecord {
-        TaskRecord {
-            id: "t".into(),
-            tool: tool.into(),
-            tenant: "t".into(),
-            agent: "a".into(),
-            arguments: json!({}),
-            status: TaskStatus::Queued,
-            result: None,
-            error: None,
-            created_at_ms: 0,
-            updated_at_ms: 0,
-            priority: 0,
-            idempotency_key: None,
-            attempts: vec![],
-            transitions: 0,
-        }
-    }
-
-    #[test]
-    fn most_free_capacity_wins_and_full_or_unready_nodes_are_skipped() {
-        let mut s = State::default();
-        s.nodes.insert("a".into(), node("a", 4, NodeStatus::Ready));
-        s.nodes.insert("b".into(), node("b", 4, NodeStatus::Ready));
-        s.nodes
-            .insert("c".into(), node("c", 8, NodeStatus::Cordoned));
-        let live: HashMap<_, _> = [("a", 0.0), ("b", 0.0), ("c", 0.0)]
-            .into_iter()
-            .map(|(k, c)| (k.to_string(), live(c)))
-            .collect();
-        let mut fl = BTreeMap::new();
-        fl.insert(("a".to_string(), "demo".to_string()), 3);
-        fl.insert(("b".to_string(), "demo".to_string()), 1);
-        assert_eq!(place(&s, &live, &fl, &task("echo")).unwrap().node_id, "b");
-        fl.insert(("b".to_string(), "demo".to_string()), 4);
-        assert_eq!(place(&s, &live, &fl, &task("echo")).unwrap().node_id, "a");
-        fl.insert(("a".to_string(), "demo".to_string()), 4);
-        let why = place(&s, &live, &fl, &task("echo")).unwrap_err();
-        assert!(why.contains("capacity"), "{why}");
-        let why = place(&s, &live, &fl, &task("other")).unwrap_err();
-        assert!(why.contains("no connected"), "{why}");
-    }
-
-    #[test]
-    fn cpu_breaks_ties_and_disconnected_nodes_are_not_used() {
-        let mut s = State::default();
-        s.nodes.insert("a".into(), node("a", 4, NodeStatus::Ready));
-        s.nodes.insert("b".into(), node("b", 4, NodeStatus::Ready));
-        s.nodes
-            .insert("gone".into(), node("gone", 100, NodeStatus::Ready));
-        let live: HashMap<_, _> = [("a", 90.0), ("b", 10.0)]
-            .into_iter()
-            .map(|(k, c)| (k.to_string(), live(c)))
-            .collect();
-        let p = place(&s, &live, &BTreeMap::new(), &task("echo")).unwrap();
-        assert_eq!(p.node_id, "b");
-    }
-
-    #[test]
-    fn queue_is_by_priority_then_age() {
-        let mut s = State::default();
-        for (id, prio, at) in [("x", 0, 1), ("y", 5, 3), ("z", 0, 0)] {
-            let mut t = task("echo");
-            t.id = id.into();
-            t.priority = prio;
-            t.created_at_ms = at;
-            s.tasks.insert(id.into(), t);
-        }
-        let order: Vec<_> = queue_order(&s).iter().map(|t| t.id.as_str()).collect();
-        assert_eq!(order, ["y", "z", "x"]);
-    }
-}
+mod tests;

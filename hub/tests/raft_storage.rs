@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use flotilla_hub::{
     raft::{self, sm::StateMachineStore, store::LogStore, ApplyHook, TypeConfig},
-    state::{Command, Response, State},
+    state::{Effects, Response, State},
 };
 use openraft::{
     testing::{StoreBuilder, Suite},
@@ -17,7 +17,7 @@ use tempfile::TempDir;
 struct NoHooks;
 
 impl ApplyHook for NoHooks {
-    fn applied(&self, _: &State, _: &Command, _: &Response) {}
+    fn applied(&self, _: &State, _: &Response, _: &Effects) {}
     fn replaced(&self, _: &State) {}
 }
 

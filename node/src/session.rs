@@ -150,6 +150,8 @@ impl Session {
             labels: self.cfg.labels.clone().into_iter().collect(),
             servers: self.servers.hello_info(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            tenants: self.cfg.tenants.clone(),
+            cpu_high_water_percent: self.cfg.cpu_high_water_percent,
         })))
         .await
         .map_err(SessionError::other)?;

@@ -212,6 +212,8 @@ pub struct NodeSpec {
     pub name: String,
     pub labels: BTreeMap<String, String>,
     pub servers: Vec<McpServerConfig>,
+    /// Tenants it serves; empty: all.
+    pub tenants: Vec<String>,
 }
 
 impl NodeSpec {
@@ -222,7 +224,14 @@ impl NodeSpec {
                 .into_iter()
                 .collect(),
             servers: vec![demo_server("demo", 4)],
+            tenants: Vec::new(),
         }
+    }
+
+    /// Sets a label.
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
     }
 }
 
@@ -316,6 +325,8 @@ async fn start_member(
         raft_heartbeat_ms: flotilla_common::config::defaults::RAFT_HEARTBEAT_MS,
         raft_election_timeout_ms: flotilla_common::config::defaults::RAFT_ELECTION_TIMEOUT_MS,
         snapshot_logs: opts.snapshot_logs,
+        breaker_failures: flotilla_common::config::defaults::BREAKER_FAILURES,
+        breaker_cooldown_ms: 2_000,
     };
     std::fs::write(hub_dir.join("hub.toml"), toml::to_string(&cfg)?)?;
     let mut proc = spawn_hub(&hub_dir, id)?;
@@ -550,6 +561,7 @@ impl Cluster {
                 tenant: tenant.into(),
                 scopes: scopes.iter().map(|s| s.to_string()).collect(),
                 ttl_seconds: 600,
+                ..Default::default()
             })
             .await?
             .into_inner()
@@ -577,6 +589,8 @@ impl Cluster {
             labels: spec.labels.clone(),
             heartbeat_ms: 200,
             servers: spec.servers.clone(),
+            tenants: spec.tenants.clone(),
+            cpu_high_water_percent: 0.0,
         };
         let path = dir.join("node.toml");
         std::fs::write(&path, toml::to_string(&cfg)?)?;
@@ -689,6 +703,7 @@ impl Load {
                                 .unwrap_or_default(),
                             idempotency_key: key.clone(),
                             priority: 0,
+                            options: None,
                         };
                         let mut tries = 0;
                         loop {
@@ -810,6 +825,7 @@ pub fn recording_node(c: &Cluster, name: &str) -> (NodeSpec, PathBuf) {
             name: name.into(),
             labels: Default::default(),
             servers: vec![server],
+            tenants: Vec::new(),
         },
         record,
     )

@@ -119,6 +119,8 @@ async fn tokens_scopes_and_tenants_are_enforced() -> anyhow::Result<()> {
             iat: 0,
             exp: i64::MAX / 2,
             jti: "x".into(),
+            region: None,
+            zone: None,
         },
     )?;
     let e = c
@@ -136,6 +138,7 @@ async fn tokens_scopes_and_tenants_are_enforced() -> anyhow::Result<()> {
             tenant: "default".into(),
             scopes: vec!["tools".into()],
             ttl_seconds: 1,
+            ..Default::default()
         })
         .await?
         .into_inner()
@@ -306,6 +309,7 @@ async fn crashing_and_missing_mcp_servers_fail_tasks_not_the_node() -> anyhow::R
         name: "edge-1".into(),
         labels: Default::default(),
         servers: vec![demo_server("demo", 4), broken],
+        tenants: Vec::new(),
     })
     .await?;
 

@@ -15,6 +15,7 @@ fn node(c: &Cluster, name: &str) -> NodeSpec {
         name: name.into(),
         labels: Default::default(),
         servers: vec![server],
+        tenants: Vec::new(),
     }
 }
 

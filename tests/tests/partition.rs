@@ -192,6 +192,8 @@ async fn a_partitioned_leader_commits_nothing_and_the_majority_carries_on() -> a
             raft_heartbeat_ms: flotilla_common::config::defaults::RAFT_HEARTBEAT_MS,
             raft_election_timeout_ms: flotilla_common::config::defaults::RAFT_ELECTION_TIMEOUT_MS,
             snapshot_logs: flotilla_common::config::defaults::SNAPSHOT_LOGS,
+            breaker_failures: flotilla_common::config::defaults::BREAKER_FAILURES,
+            breaker_cooldown_ms: 2_000,
         };
         let toml_path = hub_dir.join("hub.toml");
         std::fs::write(&toml_path, toml::to_string(&cfg)?)?;
@@ -271,6 +273,8 @@ async fn a_partitioned_leader_commits_nothing_and_the_majority_carries_on() -> a
         join_token: Some(join),
         labels: Default::default(),
         heartbeat_ms: 200,
+        tenants: Vec::new(),
+        cpu_high_water_percent: 0.0,
         servers: vec![McpServerConfig {
             name: "demo".into(),
             command: flotilla_bin().display().to_string(),
@@ -302,6 +306,7 @@ async fn a_partitioned_leader_commits_nothing_and_the_majority_carries_on() -> a
                     arguments: serde_json::to_vec(&json!({"key": "before"})).ok()?,
                     idempotency_key: "before".into(),
                     priority: 0,
+                    options: None,
                 })
                 .await
                 .ok()?
@@ -351,6 +356,7 @@ async fn a_partitioned_leader_commits_nothing_and_the_majority_carries_on() -> a
                     arguments: serde_json::to_vec(&json!({"key": key})).ok()?,
                     idempotency_key: key.clone(),
                     priority: 0,
+                    options: None,
                 })
                 .await
                 .ok()
@@ -369,6 +375,7 @@ async fn a_partitioned_leader_commits_nothing_and_the_majority_carries_on() -> a
             arguments: serde_json::to_vec(&json!({"key": "to-old-leader"}))?,
             idempotency_key: "to-old-leader".into(),
             priority: 0,
+            options: None,
         }),
     )
     .await?;

@@ -288,6 +288,7 @@ async fn a_paused_leader_steps_down_and_no_task_is_recorded_twice() -> anyhow::R
                         arguments: serde_json::to_vec(&json!({"key": key})).ok()?,
                         idempotency_key: key.clone(),
                         priority: 0,
+                        options: None,
                     })
                     .await
                     .ok()

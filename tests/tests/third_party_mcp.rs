@@ -39,6 +39,7 @@ async fn mcp_server_time_answers_through_the_hub() -> anyhow::Result<()> {
             max_concurrency: 2,
             scope: "time".into(),
         }],
+        tenants: Vec::new(),
     })
     .await?;
 

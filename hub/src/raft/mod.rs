@@ -13,7 +13,7 @@ use std::{io::Cursor, path::Path, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::{Command, Response, State};
+use crate::state::{Command, Effects, Response, State};
 
 openraft::declare_raft_types!(
     /// Type config of the hub Raft group.
@@ -53,7 +53,7 @@ impl Default for Response {
 
 /// Told about every applied command, on every hub, in log order, while the state is locked.
 pub trait ApplyHook: Send + Sync + 'static {
-    fn applied(&self, state: &State, cmd: &Command, resp: &Response);
+    fn applied(&self, state: &State, resp: &Response, effects: &Effects);
     /// The whole state was replaced by a snapshot.
     fn replaced(&self, state: &State);
 }

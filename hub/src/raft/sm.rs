@@ -184,6 +184,7 @@ fn decode_snapshot(meta: &Meta, bytes: &[u8]) -> StorageResult<SmData> {
     // The meta is authoritative (it is what openraft reasons about).
     d.last_applied = meta.last_log_id;
     d.last_membership = meta.last_membership.clone();
+    d.state.rebuild_index();
     Ok(d)
 }
 
@@ -257,7 +258,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 EntryPayload::Blank => Response::default(),
                 EntryPayload::Normal(ref cmd) => {
                     let r = state.apply(entry.log_id.index, cmd);
-                    self.hooks.applied(&state, cmd, &r);
+                    let effects = state.take_effects();
+                    self.hooks.applied(&state, &r, &effects);
                     r
                 }
                 EntryPayload::Membership(m) => {

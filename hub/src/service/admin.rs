@@ -83,6 +83,7 @@ pub fn issue_agent_token(
     tenant: &str,
     scopes: Vec<String>,
     ttl_s: u64,
+    locality: (Option<String>, Option<String>),
 ) -> Result<(String, i64), HubError> {
     let state = hub.state();
     let key = state
@@ -99,6 +100,8 @@ pub fn issue_agent_token(
         iat: now_s,
         exp,
         jti: flotilla_common::random_id(12),
+        region: locality.0,
+        zone: locality.1,
     };
     let token = jwt::sign(key, &claims).map_err(|e| HubError::Internal(e.to_string()))?;
     Ok((token, exp * 1000))
@@ -154,6 +157,8 @@ impl AdminService for AdminApi {
         let live = self.hub.live_nodes().await;
         let state = self.hub.state();
         let in_flight = state.active_counts();
+        let limits = crate::scheduler::limits(&self.hub);
+        let now = flotilla_common::now_ms();
         let nodes = state
             .nodes
             .values()
@@ -182,6 +187,13 @@ impl AdminService for AdminApi {
                                 .unwrap_or(0),
                             tools: s.tools.clone(),
                             error: ls.map(|x| x.error.clone()).unwrap_or_default(),
+                            breaker: crate::scheduler::breaker(&state, &n.id, &s.name, limits, now)
+                                .as_str()
+                                .to_owned(),
+                            consecutive_failures: state
+                                .breakers
+                                .get(&crate::state::breaker_key(&n.id, &s.name))
+                                .map_or(0, |b| b.consecutive_failures),
                         }
                     })
                     .collect();
@@ -196,6 +208,8 @@ impl AdminService for AdminApi {
                     servers,
                     joined_at_ms: n.joined_at_ms,
                     last_seen_ms: l.map_or(n.last_hello_ms.unwrap_or(0), |l| l.last_seen_ms),
+                    tenants: n.tenants.clone(),
+                    cpu_high_water_percent: n.cpu_high_water_percent,
                 }
             })
             .collect();
@@ -227,8 +241,17 @@ impl AdminService for AdminApi {
         } else {
             r.tenant
         };
-        let (token, expires_at_ms) =
-            issue_agent_token(&self.hub, &r.subject, &tenant, r.scopes.clone(), ttl)?;
+        let (token, expires_at_ms) = issue_agent_token(
+            &self.hub,
+            &r.subject,
+            &tenant,
+            r.scopes.clone(),
+            ttl,
+            (
+                (!r.region.is_empty()).then(|| r.region.clone()),
+                (!r.zone.is_empty()).then(|| r.zone.clone()),
+            ),
+        )?;
         tracing::info!(subject = %r.subject, tenant = %tenant, scopes = ?r.scopes, by = %claims.sub, "agent token issued");
         Ok(Response::new(IssueAgentTokenResponse {
             token,

@@ -4,9 +4,11 @@ use std::pin::Pin;
 
 use flotilla_common::jwt::Claims;
 use flotilla_proto::{
-    agent_service_server::AgentService, CancelTaskRequest, GetTaskRequest, ListTasksRequest,
-    ListTasksResponse, ListToolsRequest, ListToolsResponse, SubmitTaskRequest, SubmitTaskResponse,
-    Task, TaskEvent, TaskState, Tool, WatchTaskRequest,
+    agent_service_server::AgentService, CancelTaskRequest, CancelWorkflowRequest, FailurePolicy,
+    GetTaskRequest, GetWorkflowRequest, ListTasksRequest, ListTasksResponse, ListToolsRequest,
+    ListToolsResponse, NodeToolStats, SubmitTaskRequest, SubmitTaskResponse, SubmitWorkflowRequest,
+    SubmitWorkflowResponse, Task, TaskEvent, TaskState, Tool, ToolStats, WatchTaskRequest,
+    WatchWorkflowRequest, Workflow, WorkflowEvent,
 };
 use futures::Stream;
 use serde_json::Value;
@@ -17,7 +19,7 @@ use crate::{
     auth, convert,
     error::{HubError, HubResult},
     events::is_terminal_event,
-    state::{self, Command, State, TaskRecord, TaskStatus},
+    state::{self, Command, State, StepRecord, TaskRecord, WorkflowRecord},
 };
 
 /// Largest accepted `arguments` document.
@@ -41,74 +43,171 @@ fn visible_task(state: &State, claims: &Claims, id: &str) -> HubResult<TaskRecor
     Ok(t.clone())
 }
 
+/// Parses a request's `arguments`: a JSON object of at most `MAX_ARGUMENT_BYTES`.
+fn parse_arguments(raw: &[u8]) -> HubResult<Value> {
+    if raw.len() > MAX_ARGUMENT_BYTES {
+        return Err(HubError::InvalidArgument(format!(
+            "arguments are {} bytes; the limit is {MAX_ARGUMENT_BYTES}",
+            raw.len()
+        )));
+    }
+    let args: Value = if raw.is_empty() {
+        Value::Object(Default::default())
+    } else {
+        serde_json::from_slice(raw)
+            .map_err(|e| HubError::InvalidArgument(format!("arguments are not valid JSON: {e}")))?
+    };
+    if !args.is_object() {
+        return Err(HubError::InvalidArgument(
+            "arguments must be a JSON object".into(),
+        ));
+    }
+    Ok(args)
+}
+
+/// Checks that the caller may call `tool` and, unless `args` is `None` (a workflow step
+/// whose arguments refer to earlier results), that they match its input schema.
+fn check_call(state: &State, claims: &Claims, tool: &str, args: Option<&Value>) -> HubResult<()> {
+    let entry = state.catalogue.get(tool).ok_or_else(|| {
+        HubError::NotFound(format!(
+            "unknown tool {tool:?}; `flotilla tools` lists the tools you may call"
+        ))
+    })?;
+    if !claims.has_scope(&entry.required_scope) {
+        return Err(HubError::PermissionDenied(format!(
+            "tool {tool:?} needs scope {:?}, which this token does not hold",
+            entry.required_scope
+        )));
+    }
+    let Some(args) = args else { return Ok(()) };
+    let validator = jsonschema::validator_for(&entry.def.input_schema).map_err(|e| {
+        HubError::FailedPrecondition(format!(
+            "tool {tool:?} has an input schema that cannot be compiled: {e}"
+        ))
+    })?;
+    let problems: Vec<String> = validator
+        .iter_errors(args)
+        .take(5)
+        .map(|e| {
+            let at = e.instance_path().to_string();
+            if at.is_empty() {
+                e.to_string()
+            } else {
+                format!("{at}: {e}")
+            }
+        })
+        .collect();
+    if !problems.is_empty() {
+        return Err(HubError::InvalidArgument(format!(
+            "arguments do not match the input schema of {tool:?}: {}",
+            problems.join("; ")
+        )));
+    }
+    Ok(())
+}
+
+/// Sums per-node statistics; the estimated duration is the call-weighted mean.
+fn tool_stats<'a>(per_node: impl IntoIterator<Item = &'a state::ToolStats>) -> ToolStats {
+    let mut out = ToolStats::default();
+    let mut weighted = 0u128;
+    for s in per_node {
+        out.calls += s.calls;
+        out.succeeded += s.succeeded;
+        out.failed += s.failed;
+        weighted += u128::from(s.ewma_ms) * u128::from(s.calls);
+    }
+    if out.calls > 0 {
+        out.estimated_duration_ms = (weighted / u128::from(out.calls)) as u64;
+    }
+    out
+}
+
+/// A workflow the caller may see.
+fn visible_workflow(state: &State, claims: &Claims, id: &str) -> HubResult<WorkflowRecord> {
+    let w = state
+        .workflows
+        .get(id)
+        .ok_or_else(|| HubError::NotFound(format!("no workflow {id:?}")))?;
+    if w.tenant != claims.tenant {
+        return Err(HubError::PermissionDenied(format!(
+            "workflow {id:?} belongs to another tenant"
+        )));
+    }
+    Ok(w.clone())
+}
+
+/// Most steps in one workflow.
+pub const MAX_STEPS: usize = 200;
+
 impl AgentApi {
     fn validate_submission(
         &self,
         claims: &Claims,
         req: &SubmitTaskRequest,
     ) -> HubResult<(Value, Option<String>)> {
-        if req.arguments.len() > MAX_ARGUMENT_BYTES {
-            return Err(HubError::InvalidArgument(format!(
-                "arguments are {} bytes; the limit is {MAX_ARGUMENT_BYTES}",
-                req.arguments.len()
-            )));
-        }
-        let args: Value = if req.arguments.is_empty() {
-            Value::Object(Default::default())
-        } else {
-            serde_json::from_slice(&req.arguments).map_err(|e| {
-                HubError::InvalidArgument(format!("arguments are not valid JSON: {e}"))
-            })?
-        };
-        if !args.is_object() {
-            return Err(HubError::InvalidArgument(
-                "arguments must be a JSON object".into(),
-            ));
-        }
-        let state = self.hub.state();
-        let entry = state.catalogue.get(&req.tool).ok_or_else(|| {
-            HubError::NotFound(format!(
-                "unknown tool {:?}; `flotilla tools` lists the tools you may call",
-                req.tool
-            ))
-        })?;
-        if !claims.has_scope(&entry.required_scope) {
-            return Err(HubError::PermissionDenied(format!(
-                "tool {:?} needs scope {:?}, which this token does not hold",
-                req.tool, entry.required_scope
-            )));
-        }
-        let validator = jsonschema::validator_for(&entry.def.input_schema).map_err(|e| {
-            HubError::FailedPrecondition(format!(
-                "tool {:?} has an input schema that cannot be compiled: {e}",
-                req.tool
-            ))
-        })?;
-        let problems: Vec<String> = validator
-            .iter_errors(&args)
-            .take(5)
-            .map(|e| {
-                let at = e.instance_path().to_string();
-                if at.is_empty() {
-                    e.to_string()
-                } else {
-                    format!("{at}: {e}")
-                }
-            })
-            .collect();
-        if !problems.is_empty() {
-            return Err(HubError::InvalidArgument(format!(
-                "arguments do not match the input schema of {:?}: {}",
-                req.tool,
-                problems.join("; ")
-            )));
-        }
+        let args = parse_arguments(&req.arguments)?;
+        check_call(&self.hub.state(), claims, &req.tool, Some(&args))?;
         let key = (!req.idempotency_key.is_empty()).then(|| req.idempotency_key.clone());
         Ok((args, key))
+    }
+
+    fn build_workflow(
+        &self,
+        claims: &Claims,
+        req: SubmitWorkflowRequest,
+    ) -> HubResult<WorkflowRecord> {
+        if req.steps.len() > MAX_STEPS {
+            return Err(HubError::InvalidArgument(format!(
+                "the workflow has {} steps; the limit is {MAX_STEPS}",
+                req.steps.len()
+            )));
+        }
+        let state = self.hub.state();
+        let mut steps = Vec::with_capacity(req.steps.len());
+        for s in req.steps {
+            let at = |e: HubError| e.context(&format!("step {:?}", s.name));
+            let args = parse_arguments(&s.arguments).map_err(at)?;
+            let refers = !state::workflow_references(&args)
+                .map_err(|e| at(HubError::InvalidArgument(e)))?
+                .is_empty();
+            check_call(&state, claims, &s.tool, (!refers).then_some(&args)).map_err(at)?;
+            let spec = convert::spec(
+                s.options.as_ref(),
+                claims.region.as_deref(),
+                claims.zone.as_deref(),
+            )
+            .map_err(|e| at(HubError::InvalidArgument(e)))?;
+            let mut step = StepRecord::new(&s.name, &s.tool, args, s.depends_on);
+            step.spec = spec;
+            step.priority = s.priority;
+            steps.push(step);
+        }
+        state::check_workflow_shape(&steps).map_err(HubError::InvalidArgument)?;
+        let now = flotilla_common::now_ms();
+        Ok(WorkflowRecord {
+            id: uuid::Uuid::now_v7().to_string(),
+            name: req.name,
+            tenant: claims.tenant.clone(),
+            agent: claims.sub.clone(),
+            scopes: claims.scopes.clone(),
+            failure_policy: match FailurePolicy::try_from(req.failure_policy) {
+                Ok(FailurePolicy::Continue) => state::FailurePolicy::Continue,
+                _ => state::FailurePolicy::FailFast,
+            },
+            status: state::WorkflowStatus::Running,
+            steps,
+            created_at_ms: now,
+            updated_at_ms: now,
+            error: None,
+            idempotency_key: (!req.idempotency_key.is_empty()).then_some(req.idempotency_key),
+            seq: 0,
+            ended_seq: None,
+        })
     }
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<TaskEvent, Status>> + Send>>;
+type WorkflowEventStream = Pin<Box<dyn Stream<Item = Result<WorkflowEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl AgentService for AgentApi {
@@ -128,23 +227,24 @@ impl AgentService for AgentApi {
                 }));
             }
         }
-        let now = flotilla_common::now_ms();
-        let task = TaskRecord {
-            id: uuid::Uuid::now_v7().to_string(),
-            tool: req.tool,
-            tenant: claims.tenant.clone(),
-            agent: claims.sub.clone(),
-            arguments: args,
-            status: TaskStatus::Queued,
-            result: None,
-            error: None,
-            created_at_ms: now,
-            updated_at_ms: now,
-            priority: req.priority,
-            idempotency_key: key,
-            attempts: Vec::new(),
-            transitions: 0,
-        };
+        let spec = convert::spec(
+            req.options.as_ref(),
+            claims.region.as_deref(),
+            claims.zone.as_deref(),
+        )
+        .map_err(HubError::InvalidArgument)?;
+        let mut task = TaskRecord::new(
+            &uuid::Uuid::now_v7().to_string(),
+            &req.tool,
+            &claims.tenant,
+            &claims.sub,
+            args,
+            flotilla_common::now_ms(),
+        );
+        task.priority = req.priority;
+        task.idempotency_key = key;
+        task.spec = spec;
+        task.scopes = claims.scopes.clone();
         match self.hub.write(Command::SubmitTask(Box::new(task))).await? {
             state::Response::Submitted {
                 task_id,
@@ -165,8 +265,8 @@ impl AgentService for AgentApi {
         let state = self.hub.state();
         let claims = auth::agent(&req, &state)?;
         let t = visible_task(&state, &claims, &req.get_ref().task_id)?;
-        drop(state);
         Ok(Response::new(convert::task(
+            &state,
             &t,
             self.hub.pending.get(&t.id),
         )))
@@ -256,19 +356,10 @@ impl AgentService for AgentApi {
             }
             other => return Err(HubError::Internal(format!("cancel answered {other:?}")).into()),
         }
-        if let Some(a) = task.current_attempt().filter(|_| task.status.is_active()) {
-            self.hub
-                .sessions
-                .send(&a.node_id, convert::cancel_message(&task.id, a.number));
-        }
-        let now = self
-            .hub
-            .state()
-            .tasks
-            .get(&task.id)
-            .cloned()
-            .unwrap_or(task);
-        Ok(Response::new(convert::task(&now, None)))
+        // The node running it (if any) was told to stop as the cancel was applied.
+        let state = self.hub.state();
+        let now = state.tasks.get(&task.id).unwrap_or(&task);
+        Ok(Response::new(convert::task(&state, now, None)))
     }
 
     async fn list_tasks(
@@ -296,8 +387,9 @@ impl AgentService for AgentApi {
             .rev()
             .filter(|t| t.tenant == claims.tenant)
             .filter(|t| wanted.is_empty() || wanted.contains(&convert::task_state(t.status)))
+            .filter(|t| !r.dead_lettered || t.dead_lettered)
             .take(limit)
-            .map(|t| convert::task(t, self.hub.pending.get(&t.id)))
+            .map(|t| convert::task(&state, t, self.hub.pending.get(&t.id)))
             .collect();
         Ok(Response::new(ListTasksResponse { tasks }))
     }
@@ -331,10 +423,146 @@ impl AgentService for AgentApi {
                     idempotent: e.def.idempotent,
                     destructive: e.def.destructive,
                     nodes,
+                    stats: Some(tool_stats(
+                        state
+                            .tool_stats
+                            .get(&e.def.name)
+                            .into_iter()
+                            .flatten()
+                            .map(|(_, s)| s),
+                    )),
+                    node_stats: state
+                        .tool_stats
+                        .get(&e.def.name)
+                        .into_iter()
+                        .flatten()
+                        .map(|(node, s)| NodeToolStats {
+                            node_id: node.clone(),
+                            stats: Some(tool_stats([s])),
+                        })
+                        .collect(),
                 }
             })
             .collect();
         Ok(Response::new(ListToolsResponse { tools }))
+    }
+
+    async fn submit_workflow(
+        &self,
+        req: Request<SubmitWorkflowRequest>,
+    ) -> Result<Response<SubmitWorkflowResponse>, Status> {
+        let claims = auth::agent(&req, &self.hub.state())?;
+        let req = req.into_inner();
+        if !req.idempotency_key.is_empty() {
+            let ix = state::idempotency_index(&claims.tenant, &req.idempotency_key);
+            if let Some(id) = self.hub.state().workflow_idempotency.get(&ix) {
+                return Ok(Response::new(SubmitWorkflowResponse {
+                    workflow_id: id.clone(),
+                    deduplicated: true,
+                }));
+            }
+        }
+        let wf = self.build_workflow(&claims, req)?;
+        let steps = wf.steps.len();
+        match self
+            .hub
+            .write(Command::SubmitWorkflow(Box::new(wf)))
+            .await?
+        {
+            state::Response::WorkflowSubmitted {
+                workflow_id,
+                deduplicated,
+            } => {
+                tracing::info!(workflow_id, steps, agent = %claims.sub, tenant = %claims.tenant, deduplicated, "workflow accepted");
+                Ok(Response::new(SubmitWorkflowResponse {
+                    workflow_id,
+                    deduplicated,
+                }))
+            }
+            other => Err(HubError::Internal(format!("submit workflow answered {other:?}")).into()),
+        }
+    }
+
+    async fn get_workflow(
+        &self,
+        req: Request<GetWorkflowRequest>,
+    ) -> Result<Response<Workflow>, Status> {
+        self.hub.read_barrier().await?;
+        let state = self.hub.state();
+        let claims = auth::agent(&req, &state)?;
+        let w = visible_workflow(&state, &claims, &req.get_ref().workflow_id)?;
+        Ok(Response::new(convert::workflow(&w)))
+    }
+
+    type WatchWorkflowStream = WorkflowEventStream;
+
+    async fn watch_workflow(
+        &self,
+        req: Request<WatchWorkflowRequest>,
+    ) -> Result<Response<WorkflowEventStream>, Status> {
+        self.hub.read_barrier().await?;
+        let (claims, id, from) = {
+            let state = self.hub.state();
+            let claims = auth::agent(&req, &state)?;
+            let r = req.get_ref();
+            visible_workflow(&state, &claims, &r.workflow_id)?;
+            (claims, r.workflow_id.clone(), r.from_seq)
+        };
+        let hub = self.hub.clone();
+        let stream = async_stream(move |tx| async move {
+            let mut changed = hub.workflows.subscribe();
+            let mut next = from;
+            loop {
+                changed.mark_unchanged();
+                let found = visible_workflow(&hub.state(), &claims, &id);
+                let events = match found {
+                    Ok(w) => convert::workflow_events(&w, next),
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                };
+                for ev in events {
+                    next = ev.seq + 1;
+                    let done = ev.step.is_empty();
+                    if tx.send(Ok(ev)).await.is_err() || done {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    r = changed.changed() => if r.is_err() { return },
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn cancel_workflow(
+        &self,
+        req: Request<CancelWorkflowRequest>,
+    ) -> Result<Response<Workflow>, Status> {
+        let (claims, id) = {
+            let state = self.hub.state();
+            let claims = auth::agent(&req, &state)?;
+            let w = visible_workflow(&state, &claims, &req.get_ref().workflow_id)?;
+            (claims, w.id)
+        };
+        let cmd = Command::CancelWorkflow {
+            workflow_id: id.clone(),
+            at_ms: flotilla_common::now_ms(),
+        };
+        match self.hub.write(cmd).await? {
+            state::Response::WorkflowNow(_) => {}
+            state::Response::Rejected(r) => {
+                return Err(HubError::FailedPrecondition(r.to_string()).into())
+            }
+            other => return Err(HubError::Internal(format!("cancel answered {other:?}")).into()),
+        }
+        tracing::info!(workflow_id = %id, by = %claims.sub, "workflow cancelled");
+        let state = self.hub.state();
+        let w = visible_workflow(&state, &claims, &id)?;
+        Ok(Response::new(convert::workflow(&w)))
     }
 }
 

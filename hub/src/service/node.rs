@@ -169,6 +169,8 @@ impl NodeService for NodeApi {
                 labels: hello.labels.into_iter().collect(),
                 servers,
                 at_ms: flotilla_common::now_ms(),
+                tenants: hello.tenants,
+                cpu_high_water_percent: hello.cpu_high_water_percent,
             })
             .await?;
         let (tx, rx) = tokio::sync::mpsc::channel(1024);

@@ -1,0 +1,1258 @@
+//! The replicated state machine: every durable fact of the cluster (tasks and their
+//! transitions, workflows, nodes, join tokens, signing keys, the tool catalogue, what past
+//! results taught about each node) and the only code that changes it. `apply` is
+//! deterministic: commands carry their own timestamps, and the fence of an assignment is the
+//! Raft log index that committed it.
+//!
+//! Every change to a task goes through `State::update`, which keeps the derived indexes
+//! (`index`) exact and records the effects the hub acts on after the apply (`Effects`:
+//! which tasks moved, which running attempts a node must stop). Changes then settle: a
+//! replica that ends may decide its fan-out task, a step that ends may start or skip others.
+
+mod fanout;
+pub mod index;
+pub mod spec;
+mod workflow;
+
+use std::collections::BTreeMap;
+
+use flotilla_common::jwt::SigningKey;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub use self::{
+    fanout::vote_of,
+    index::Index,
+    spec::{Aggregation, Constraints, Deadlines, FailureKind, RetryPolicy, TaskSpec, Timeout},
+    workflow::{
+        check_shape as check_workflow_shape, referenced_steps as workflow_references,
+        FailurePolicy, StepRecord, StepState, WorkflowRecord, WorkflowStatus,
+    },
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskStatus {
+    Queued,
+    Assigned,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    Lost,
+}
+
+impl TaskStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            Self::Succeeded | Self::Failed | Self::Cancelled | Self::Lost
+        )
+    }
+    /// Assigned or running on a node.
+    pub fn is_active(self) -> bool {
+        matches!(self, Self::Assigned | Self::Running)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    pub number: u32,
+    pub node_id: String,
+    pub server: String,
+    pub fence: u64,
+    pub assigned_at_ms: i64,
+    pub started_at_ms: Option<i64>,
+    pub finished_at_ms: Option<i64>,
+    pub error: Option<String>,
+}
+
+/// A fan-out task's replicas.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Group {
+    pub replicas: Vec<String>,
+}
+
+/// The workflow step a task runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepRef {
+    pub workflow_id: String,
+    pub step: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub id: String,
+    pub tool: String,
+    pub tenant: String,
+    pub agent: String,
+    pub arguments: Value,
+    pub status: TaskStatus,
+    /// MCP CallToolResult, when the server answered.
+    pub result: Option<Value>,
+    pub error: Option<String>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub priority: i32,
+    pub idempotency_key: Option<String>,
+    pub attempts: Vec<AttemptRecord>,
+    /// How many state transitions the task has made (0 when queued): numbers its events
+    /// the same way on every hub.
+    #[serde(default)]
+    pub transitions: u32,
+    #[serde(default)]
+    pub spec: TaskSpec,
+    /// The submitting agent's scopes: a node's server is only used if they allow it.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// A queued task backing off before its next attempt is not placed before this.
+    #[serde(default)]
+    pub not_before_ms: Option<i64>,
+    /// Ended failed or lost after its last allowed attempt.
+    #[serde(default)]
+    pub dead_lettered: bool,
+    /// Set on a fan-out task; it is never placed itself.
+    #[serde(default)]
+    pub group: Option<Group>,
+    /// Set on a replica: its fan-out task.
+    #[serde(default)]
+    pub parent: Option<String>,
+    #[serde(default)]
+    pub workflow: Option<StepRef>,
+}
+
+impl TaskRecord {
+    /// A queued task with default options.
+    pub fn new(
+        id: &str,
+        tool: &str,
+        tenant: &str,
+        agent: &str,
+        arguments: Value,
+        at_ms: i64,
+    ) -> Self {
+        Self {
+            id: id.to_owned(),
+            tool: tool.to_owned(),
+            tenant: tenant.to_owned(),
+            agent: agent.to_owned(),
+            arguments,
+            status: TaskStatus::Queued,
+            result: None,
+            error: None,
+            created_at_ms: at_ms,
+            updated_at_ms: at_ms,
+            priority: 0,
+            idempotency_key: None,
+            attempts: Vec::new(),
+            transitions: 0,
+            spec: TaskSpec::default(),
+            scopes: Vec::new(),
+            not_before_ms: None,
+            dead_lettered: false,
+            group: None,
+            parent: None,
+            workflow: None,
+        }
+    }
+
+    pub fn current_attempt(&self) -> Option<&AttemptRecord> {
+        self.attempts.last()
+    }
+
+    /// Moves to `status` as one transition.
+    fn set(&mut self, status: TaskStatus, at_ms: i64) {
+        self.status = status;
+        self.updated_at_ms = at_ms;
+        self.transitions += 1;
+    }
+
+    /// Ends the current attempt, if it is still open, with `why`.
+    fn close_attempt(&mut self, at_ms: i64, why: &str) {
+        if let Some(a) = self.attempts.last_mut() {
+            if a.finished_at_ms.is_none() {
+                a.finished_at_ms = Some(at_ms);
+                a.error = Some(why.to_owned());
+            }
+        }
+    }
+
+    /// After a failure of `kind`: back to the queue (after a backoff) when the retry
+    /// policy allows another attempt, otherwise ended `end` with `why` and dead-lettered.
+    fn fail_or_retry(&mut self, kind: FailureKind, end: TaskStatus, why: String, at_ms: i64) {
+        let made = self.attempts.len();
+        if self.spec.retry.allows(kind, made) {
+            let wait = self.spec.retry.backoff_ms(made as u32 + 1, &self.id);
+            self.not_before_ms = Some(at_ms + wait as i64);
+            self.error = Some(format!("{why}; attempt {} in {wait} ms", made + 1));
+            self.set(TaskStatus::Queued, at_ms);
+        } else {
+            self.error = Some(why);
+            self.dead_lettered = true;
+            self.set(end, at_ms);
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeStatus {
+    Ready,
+    Cordoned,
+    Draining,
+    Down,
+}
+
+impl NodeStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ready => "ready",
+            Self::Cordoned => "cordoned",
+            Self::Draining => "draining",
+            Self::Down => "down",
+        }
+    }
+}
+
+/// A tool definition as first seen. Later offers must match it to be used.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToolDef {
+    pub name: String,
+    pub description: String,
+    pub input_schema: Value,
+    pub read_only: bool,
+    pub idempotent: bool,
+    pub destructive: bool,
+}
+
+impl ToolDef {
+    /// Same name, description and schema: the same tool (annotations may differ).
+    pub fn same_definition(&self, other: &ToolDef) -> bool {
+        self.name == other.name
+            && self.description == other.description
+            && self.input_schema == other.input_schema
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CatalogueEntry {
+    pub def: ToolDef,
+    pub required_scope: String,
+    pub first_seen_node: String,
+    pub first_seen_at_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServerRecord {
+    pub name: String,
+    pub max_concurrency: u32,
+    pub required_scope: String,
+    /// Tools this server offers whose definition matches the catalogue.
+    pub tools: Vec<String>,
+    /// Tools offered under a name the catalogue holds with another definition: not used.
+    pub conflicting_tools: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+    pub status: NodeStatus,
+    pub joined_at_ms: i64,
+    pub last_hello_ms: Option<i64>,
+    pub servers: Vec<ServerRecord>,
+    /// While draining: when unfinished tasks are taken off the node.
+    #[serde(default)]
+    pub drain_deadline_ms: Option<i64>,
+    /// Tenants whose tasks it runs; empty: all.
+    #[serde(default)]
+    pub tenants: Vec<String>,
+    /// No new work while its CPU is at or above this; 0: no limit.
+    #[serde(default)]
+    pub cpu_high_water_percent: f64,
+}
+
+impl NodeRecord {
+    pub fn serves(&self, tenant: &str) -> bool {
+        self.tenants.is_empty() || self.tenants.iter().any(|t| t == tenant)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JoinTokenRecord {
+    pub id: String,
+    /// SHA-256 hex of the secret; the secret itself is never stored.
+    pub secret_hash: String,
+    pub expires_at_ms: i64,
+    pub uses_left: u32,
+    pub description: String,
+    pub created_at_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OfferedServer {
+    pub name: String,
+    pub max_concurrency: u32,
+    pub required_scope: String,
+    pub tools: Vec<ToolDef>,
+}
+
+/// What past results say about one tool on one node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolStats {
+    pub calls: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    /// Moving average (1/8 weight to each new call) of start-to-result time.
+    pub ewma_ms: u64,
+}
+
+impl ToolStats {
+    fn record(&mut self, ok: bool, duration_ms: u64) {
+        self.ewma_ms = if self.calls == 0 {
+            duration_ms
+        } else {
+            (self.ewma_ms * 7 + duration_ms) / 8
+        };
+        self.calls += 1;
+        if ok {
+            self.succeeded += 1;
+        } else {
+            self.failed += 1;
+        }
+    }
+
+    /// Success rate with one imagined success and failure, so one result is not certainty.
+    pub fn success_rate(&self) -> f64 {
+        (self.succeeded as f64 + 1.0) / (self.calls as f64 + 2.0)
+    }
+}
+
+/// Failures in a row of one MCP server on one node. Whether that makes the breaker open or
+/// half-open depends on the time and the hub's thresholds (see `scheduler::breaker`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BreakerRecord {
+    pub consecutive_failures: u32,
+    pub last_failure_ms: i64,
+}
+
+pub fn breaker_key(node: &str, server: &str) -> String {
+    format!("{node}\0{server}")
+}
+
+/// A change to the replicated state. Everything a command needs is inside it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    SubmitTask(Box<TaskRecord>),
+    AssignTask {
+        task_id: String,
+        node_id: String,
+        server: String,
+        at_ms: i64,
+    },
+    StartTask {
+        task_id: String,
+        attempt: u32,
+        fence: u64,
+        at_ms: i64,
+    },
+    FinishTask {
+        task_id: String,
+        attempt: u32,
+        fence: u64,
+        at_ms: i64,
+        result: Option<Value>,
+        error: Option<String>,
+    },
+    /// Puts an assigned task that never started back in the queue.
+    RequeueTask {
+        task_id: String,
+        attempt: u32,
+        fence: u64,
+        at_ms: i64,
+        reason: String,
+    },
+    CancelTask {
+        task_id: String,
+        at_ms: i64,
+    },
+    /// A deadline passed (checked by the leader's timers; `attempt` for attempt timeouts).
+    TimeoutTask {
+        task_id: String,
+        kind: Timeout,
+        attempt: u32,
+        at_ms: i64,
+        /// Why it was still waiting, for queue timeouts.
+        detail: String,
+    },
+    CreateJoinToken(JoinTokenRecord),
+    /// Consumes one use of a join token and records the node.
+    RegisterNode {
+        node_id: String,
+        token_id: String,
+        secret_hash: String,
+        labels: BTreeMap<String, String>,
+        at_ms: i64,
+    },
+    NodeHello {
+        node_id: String,
+        labels: BTreeMap<String, String>,
+        servers: Vec<OfferedServer>,
+        at_ms: i64,
+        #[serde(default)]
+        tenants: Vec<String>,
+        #[serde(default)]
+        cpu_high_water_percent: f64,
+    },
+    AddSigningKey(SigningKey),
+    /// A node stayed silent past its TTL. Its unfinished tasks are re-queued when the tool
+    /// is read-only or idempotent (or the task's retry policy says so), and end `lost`
+    /// otherwise.
+    NodeDown {
+        node_id: String,
+        at_ms: i64,
+    },
+    /// Cordon (no new work) or make ready again. A down node stays down until it says hello.
+    SetNodeStatus {
+        node_id: String,
+        status: NodeStatus,
+        at_ms: i64,
+    },
+    /// No new work; running tasks may finish until the deadline.
+    DrainNode {
+        node_id: String,
+        deadline_ms: i64,
+        at_ms: i64,
+    },
+    /// A draining node's deadline passed: its unfinished tasks are re-queued when the tool
+    /// is read-only or idempotent, and cancelled otherwise.
+    EvictNode {
+        node_id: String,
+        at_ms: i64,
+    },
+    SetSchedulingPaused(bool),
+    /// Cancels every unfinished task and workflow of a tenant.
+    CancelTenantTasks {
+        tenant: String,
+        at_ms: i64,
+    },
+    SubmitWorkflow(Box<WorkflowRecord>),
+    CancelWorkflow {
+        workflow_id: String,
+        at_ms: i64,
+    },
+}
+
+impl Command {
+    fn at_ms(&self) -> i64 {
+        match self {
+            Self::SubmitTask(t) => t.created_at_ms,
+            Self::SubmitWorkflow(w) => w.created_at_ms,
+            Self::AssignTask { at_ms, .. }
+            | Self::StartTask { at_ms, .. }
+            | Self::FinishTask { at_ms, .. }
+            | Self::RequeueTask { at_ms, .. }
+            | Self::CancelTask { at_ms, .. }
+            | Self::TimeoutTask { at_ms, .. }
+            | Self::RegisterNode { at_ms, .. }
+            | Self::NodeHello { at_ms, .. }
+            | Self::NodeDown { at_ms, .. }
+            | Self::SetNodeStatus { at_ms, .. }
+            | Self::DrainNode { at_ms, .. }
+            | Self::EvictNode { at_ms, .. }
+            | Self::CancelTenantTasks { at_ms, .. }
+            | Self::CancelWorkflow { at_ms, .. } => *at_ms,
+            Self::CreateJoinToken(t) => t.created_at_ms,
+            Self::AddSigningKey(_) | Self::SetSchedulingPaused(_) => 0,
+        }
+    }
+}
+
+/// What applying a command did.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    Done,
+    Submitted {
+        task_id: String,
+        deduplicated: bool,
+    },
+    Assigned {
+        attempt: u32,
+        fence: u64,
+    },
+    /// Applied to a task: its status afterwards.
+    TaskNow(TaskStatus),
+    /// A node went down (or was evicted): the tasks it had, re-queued and ended.
+    NodeWentDown {
+        requeued: Vec<String>,
+        lost: Vec<String>,
+    },
+    /// Tasks cancelled at once.
+    TasksCancelled(Vec<String>),
+    WorkflowSubmitted {
+        workflow_id: String,
+        deduplicated: bool,
+    },
+    WorkflowNow(WorkflowStatus),
+    /// The command was refused by the state machine; nothing changed.
+    Rejected(Rejection),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    #[error("no task {0}")]
+    NoSuchTask(String),
+    #[error("no node {0}")]
+    NoSuchNode(String),
+    #[error("stale attempt or fence: the task has moved on")]
+    Stale,
+    #[error("task is {0:?}, which does not allow this")]
+    WrongState(TaskStatus),
+    #[error("join token is unknown, expired or used up")]
+    BadJoinToken,
+    #[error("a node named {0} exists already")]
+    NodeExists(String),
+    #[error("no workflow {0}")]
+    NoSuchWorkflow(String),
+    #[error("the workflow already ended")]
+    WorkflowEnded,
+    #[error("the deadline has not passed")]
+    NotDue,
+}
+
+/// A running attempt the hub ended: its node should stop it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stopped {
+    pub task_id: String,
+    pub node_id: String,
+    pub attempt: u32,
+}
+
+/// What an apply did that the hub acts on: filled by `apply`, drained by `take_effects`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Effects {
+    /// Tasks that made a transition (their events go to watchers).
+    pub touched: Vec<String>,
+    /// Running attempts ended by the hub rather than by their node.
+    pub stopped: Vec<Stopped>,
+    /// Workflows that changed.
+    pub workflows: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub tasks: BTreeMap<String, TaskRecord>,
+    /// `tenant` NUL `key` → task id.
+    pub idempotency: BTreeMap<String, String>,
+    pub nodes: BTreeMap<String, NodeRecord>,
+    pub join_tokens: BTreeMap<String, JoinTokenRecord>,
+    pub signing_keys: Vec<SigningKey>,
+    pub catalogue: BTreeMap<String, CatalogueEntry>,
+    /// An admin stopped all placement (emergency control).
+    #[serde(default)]
+    pub scheduling_paused: bool,
+    #[serde(default)]
+    pub workflows: BTreeMap<String, WorkflowRecord>,
+    /// `tenant` NUL `key` → workflow id.
+    #[serde(default)]
+    pub workflow_idempotency: BTreeMap<String, String>,
+    /// Tool → node → what its results taught.
+    #[serde(default)]
+    pub tool_stats: BTreeMap<String, BTreeMap<String, ToolStats>>,
+    /// `breaker_key(node, server)` → failures in a row.
+    #[serde(default)]
+    pub breakers: BTreeMap<String, BreakerRecord>,
+    #[serde(skip)]
+    pub index: Index,
+    #[serde(skip)]
+    effects: Effects,
+}
+
+pub fn idempotency_index(tenant: &str, key: &str) -> String {
+    format!("{tenant}\0{key}")
+}
+
+impl State {
+    /// Applies one command committed at log index `index`.
+    pub fn apply(&mut self, index: u64, cmd: &Command) -> Response {
+        let settled_to = self.effects.touched.len();
+        match self.try_apply(index, cmd) {
+            Ok(r) => {
+                self.settle(settled_to, cmd.at_ms());
+                r
+            }
+            Err(rej) => Response::Rejected(rej),
+        }
+    }
+
+    /// What the applies since the last call did.
+    pub fn take_effects(&mut self) -> Effects {
+        std::mem::take(&mut self.effects)
+    }
+
+    /// Makes the derived indexes anew (after loading a snapshot).
+    pub fn rebuild_index(&mut self) {
+        let mut ix = Index::default();
+        for t in self.tasks.values() {
+            ix.link_task(t);
+        }
+        for n in self.nodes.values() {
+            ix.link_node(n);
+        }
+        self.index = ix;
+    }
+
+    /// Changes task `id` through `f`, keeping indexes and effects true. `f` must check
+    /// before it changes anything: on `Err` the task must be as it was. `by_node` says the
+    /// change came from the node running it (which then needs no cancel).
+    fn update<R>(
+        &mut self,
+        id: &str,
+        by_node: bool,
+        f: impl FnOnce(&mut TaskRecord) -> Result<R, Rejection>,
+    ) -> Result<R, Rejection> {
+        let t = self
+            .tasks
+            .get_mut(id)
+            .ok_or_else(|| Rejection::NoSuchTask(id.to_owned()))?;
+        let transitions = t.transitions;
+        let was = t
+            .status
+            .is_active()
+            .then(|| t.current_attempt().map(|a| (a.number, a.node_id.clone())))
+            .flatten();
+        self.index.unlink_task(t);
+        let r = f(t);
+        self.index.link_task(t);
+        if t.transitions != transitions {
+            self.effects.touched.push(id.to_owned());
+        }
+        if let Some((attempt, node_id)) = was {
+            let still =
+                t.status.is_active() && t.current_attempt().map(|a| a.number) == Some(attempt);
+            if !still && !by_node {
+                self.effects.stopped.push(Stopped {
+                    task_id: id.to_owned(),
+                    node_id,
+                    attempt,
+                });
+            }
+        }
+        r
+    }
+
+    /// Adds a new task (a submission, a replica, a workflow step).
+    fn insert_task(&mut self, t: TaskRecord) {
+        self.index.link_task(&t);
+        self.effects.touched.push(t.id.clone());
+        self.tasks.insert(t.id.clone(), t);
+    }
+
+    /// Ends a task that has not ended (and, for a fan-out task, its replicas).
+    fn end_task(&mut self, id: &str, status: TaskStatus, why: &str, at_ms: i64) {
+        let replicas = self
+            .tasks
+            .get(id)
+            .and_then(|t| t.group.as_ref())
+            .map(|g| g.replicas.clone())
+            .unwrap_or_default();
+        for r in replicas {
+            self.end_task(&r, TaskStatus::Cancelled, why, at_ms);
+        }
+        let _ = self.update(id, false, |t| {
+            if t.status.is_terminal() {
+                return Err(Rejection::WrongState(t.status));
+            }
+            t.close_attempt(at_ms, why);
+            t.error = Some(why.to_owned());
+            t.set(status, at_ms);
+            Ok(())
+        });
+    }
+
+    /// Carries changes through: replicas decide fan-out tasks, steps move workflows on.
+    /// Handles tasks touched from position `from` of the effects, including ones the
+    /// handling itself touches.
+    fn settle(&mut self, from: usize, at_ms: i64) {
+        let mut i = from;
+        while i < self.effects.touched.len() {
+            let id = self.effects.touched[i].clone();
+            i += 1;
+            let Some(t) = self.tasks.get(&id) else {
+                continue;
+            };
+            let parent = t.parent.clone();
+            let step = t.workflow.clone();
+            if let Some(p) = parent {
+                self.aggregate(&p, at_ms);
+            }
+            if let Some(s) = step {
+                self.step_changed(&s, &id, at_ms);
+            }
+        }
+    }
+
+    fn try_apply(&mut self, index: u64, cmd: &Command) -> Result<Response, Rejection> {
+        match cmd {
+            Command::SubmitTask(task) => Ok(self.submit(task)),
+            Command::AssignTask {
+                task_id,
+                node_id,
+                server,
+                at_ms,
+            } => {
+                if !self.nodes.contains_key(node_id) {
+                    return Err(Rejection::NoSuchNode(node_id.clone()));
+                }
+                self.update(task_id, false, |t| {
+                    if t.status != TaskStatus::Queued || t.group.is_some() {
+                        return Err(Rejection::WrongState(t.status));
+                    }
+                    let attempt = t.attempts.len() as u32 + 1;
+                    t.attempts.push(AttemptRecord {
+                        number: attempt,
+                        node_id: node_id.clone(),
+                        server: server.clone(),
+                        fence: index,
+                        assigned_at_ms: *at_ms,
+                        started_at_ms: None,
+                        finished_at_ms: None,
+                        error: None,
+                    });
+                    t.not_before_ms = None;
+                    t.set(TaskStatus::Assigned, *at_ms);
+                    Ok(Response::Assigned {
+                        attempt,
+                        fence: index,
+                    })
+                })
+            }
+            Command::StartTask {
+                task_id,
+                attempt,
+                fence,
+                at_ms,
+            } => self.update(task_id, true, |t| {
+                check_current(t, *attempt, *fence)?;
+                if t.status != TaskStatus::Assigned {
+                    return Err(Rejection::WrongState(t.status));
+                }
+                t.set(TaskStatus::Running, *at_ms);
+                if let Some(a) = t.attempts.last_mut() {
+                    a.started_at_ms = Some(*at_ms);
+                }
+                Ok(Response::TaskNow(t.status))
+            }),
+            Command::FinishTask {
+                task_id,
+                attempt,
+                fence,
+                at_ms,
+                result,
+                error,
+            } => {
+                let (status, tool, node, server, ok, took) = self.update(task_id, true, |t| {
+                    check_current(t, *attempt, *fence)?;
+                    if !t.status.is_active() {
+                        return Err(Rejection::WrongState(t.status));
+                    }
+                    let tool_error = result
+                        .as_ref()
+                        .and_then(|r| r.get("isError"))
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false);
+                    let ok = result.is_some() && error.is_none() && !tool_error;
+                    let a = t
+                        .attempts
+                        .last_mut()
+                        .expect("an active task has an attempt");
+                    a.finished_at_ms = Some(*at_ms);
+                    a.error = error
+                        .clone()
+                        .or_else(|| tool_error.then(|| "the tool returned isError".into()));
+                    let took = (*at_ms - a.started_at_ms.unwrap_or(a.assigned_at_ms)).max(0) as u64;
+                    let (node, server) = (a.node_id.clone(), a.server.clone());
+                    t.result = result.clone();
+                    if ok {
+                        t.error = None;
+                        t.set(TaskStatus::Succeeded, *at_ms);
+                    } else {
+                        let why = error.clone().unwrap_or_else(|| {
+                            format!("attempt {attempt} on {node}: the tool returned isError")
+                        });
+                        t.fail_or_retry(FailureKind::ToolError, TaskStatus::Failed, why, *at_ms);
+                    }
+                    Ok((t.status, t.tool.clone(), node, server, ok, took))
+                })?;
+                // A tool's own isError is its answer; only failures of the call itself
+                // count against the server's breaker.
+                self.learn(&tool, &node, &server, ok, error.is_none(), took, *at_ms);
+                Ok(Response::TaskNow(status))
+            }
+            Command::RequeueTask {
+                task_id,
+                attempt,
+                fence,
+                at_ms,
+                reason,
+            } => self.update(task_id, false, |t| {
+                check_current(t, *attempt, *fence)?;
+                if t.status != TaskStatus::Assigned {
+                    return Err(Rejection::WrongState(t.status));
+                }
+                t.close_attempt(*at_ms, reason);
+                t.set(TaskStatus::Queued, *at_ms);
+                Ok(Response::TaskNow(t.status))
+            }),
+            Command::CancelTask { task_id, at_ms } => {
+                let t = self
+                    .tasks
+                    .get(task_id)
+                    .ok_or_else(|| Rejection::NoSuchTask(task_id.clone()))?;
+                if t.status.is_terminal() {
+                    return Err(Rejection::WrongState(t.status));
+                }
+                self.end_task(task_id, TaskStatus::Cancelled, "cancelled", *at_ms);
+                Ok(Response::TaskNow(TaskStatus::Cancelled))
+            }
+            Command::TimeoutTask {
+                task_id,
+                kind,
+                attempt,
+                at_ms,
+                detail,
+            } => self.timeout(task_id, *kind, *attempt, *at_ms, detail),
+            Command::CreateJoinToken(rec) => {
+                self.join_tokens.insert(rec.id.clone(), rec.clone());
+                Ok(Response::Done)
+            }
+            Command::RegisterNode {
+                node_id,
+                token_id,
+                secret_hash,
+                labels,
+                at_ms,
+            } => {
+                let tok = self
+                    .join_tokens
+                    .get_mut(token_id)
+                    .filter(|t| {
+                        t.uses_left > 0
+                            && t.expires_at_ms > *at_ms
+                            && flotilla_common::secret_eq(&t.secret_hash, secret_hash)
+                    })
+                    .ok_or(Rejection::BadJoinToken)?;
+                if self.nodes.contains_key(node_id) {
+                    return Err(Rejection::NodeExists(node_id.clone()));
+                }
+                tok.uses_left -= 1;
+                self.nodes.insert(
+                    node_id.clone(),
+                    NodeRecord {
+                        id: node_id.clone(),
+                        labels: labels.clone(),
+                        status: NodeStatus::Ready,
+                        joined_at_ms: *at_ms,
+                        last_hello_ms: None,
+                        servers: Vec::new(),
+                        drain_deadline_ms: None,
+                        tenants: Vec::new(),
+                        cpu_high_water_percent: 0.0,
+                    },
+                );
+                Ok(Response::Done)
+            }
+            Command::NodeHello {
+                node_id,
+                labels,
+                servers,
+                at_ms,
+                tenants,
+                cpu_high_water_percent,
+            } => {
+                if !self.nodes.contains_key(node_id) {
+                    return Err(Rejection::NoSuchNode(node_id.clone()));
+                }
+                let records = servers
+                    .iter()
+                    .map(|s| self.check_offer(node_id, s, *at_ms))
+                    .collect();
+                let node = self.nodes.get_mut(node_id).expect("checked above");
+                self.index.unlink_node(node);
+                if node.status == NodeStatus::Down {
+                    node.status = NodeStatus::Ready;
+                }
+                node.labels = labels.clone();
+                node.servers = records;
+                node.last_hello_ms = Some(*at_ms);
+                node.tenants = tenants.clone();
+                node.cpu_high_water_percent = *cpu_high_water_percent;
+                self.index.link_node(node);
+                Ok(Response::Done)
+            }
+            Command::NodeDown { node_id, at_ms } => {
+                let node = self
+                    .nodes
+                    .get_mut(node_id)
+                    .ok_or_else(|| Rejection::NoSuchNode(node_id.clone()))?;
+                node.status = NodeStatus::Down;
+                node.drain_deadline_ms = None;
+                let (requeued, lost) =
+                    self.release_tasks(node_id, *at_ms, true, TaskStatus::Lost, |running| {
+                        format!(
+                            "node {node_id} was lost while the task was {}; the tool is not marked idempotent and the retry policy does not cover node loss, so it was not re-run",
+                            if running { "running" } else { "assigned" }
+                        )
+                    });
+                Ok(Response::NodeWentDown { requeued, lost })
+            }
+            Command::SetNodeStatus {
+                node_id, status, ..
+            } => {
+                let node = self
+                    .nodes
+                    .get_mut(node_id)
+                    .ok_or_else(|| Rejection::NoSuchNode(node_id.clone()))?;
+                if node.status != NodeStatus::Down {
+                    node.status = *status;
+                }
+                node.drain_deadline_ms = None;
+                Ok(Response::Done)
+            }
+            Command::DrainNode {
+                node_id,
+                deadline_ms,
+                ..
+            } => {
+                let node = self
+                    .nodes
+                    .get_mut(node_id)
+                    .ok_or_else(|| Rejection::NoSuchNode(node_id.clone()))?;
+                node.status = NodeStatus::Draining;
+                node.drain_deadline_ms = Some(*deadline_ms);
+                Ok(Response::Done)
+            }
+            Command::EvictNode { node_id, at_ms } => {
+                if !self.nodes.contains_key(node_id) {
+                    return Err(Rejection::NoSuchNode(node_id.clone()));
+                }
+                let (requeued, lost) = self.release_tasks(node_id, *at_ms, false, TaskStatus::Cancelled, |_| {
+                    format!("node {node_id} was drained before the task finished; the tool is not marked idempotent, so it was cancelled rather than re-run")
+                });
+                if let Some(n) = self.nodes.get_mut(node_id) {
+                    n.drain_deadline_ms = None;
+                }
+                Ok(Response::NodeWentDown { requeued, lost })
+            }
+            Command::SetSchedulingPaused(paused) => {
+                self.scheduling_paused = *paused;
+                Ok(Response::Done)
+            }
+            Command::CancelTenantTasks { tenant, at_ms } => {
+                let why = "cancelled with every task of the tenant by an admin";
+                let workflows: Vec<String> = self
+                    .workflows
+                    .values()
+                    .filter(|w| &w.tenant == tenant && !w.status.is_terminal())
+                    .map(|w| w.id.clone())
+                    .collect();
+                for w in workflows {
+                    self.cancel_workflow(&w, why, *at_ms);
+                }
+                // Fan-out tasks first: they end their replicas with them.
+                let mut ids: Vec<(bool, String)> = self
+                    .index
+                    .open
+                    .iter()
+                    .filter_map(|id| self.tasks.get(id))
+                    .filter(|t| &t.tenant == tenant)
+                    .map(|t| (t.group.is_none(), t.id.clone()))
+                    .collect();
+                ids.sort();
+                let mut cancelled = Vec::new();
+                for (_, id) in ids {
+                    if self.tasks.get(&id).is_some_and(|t| !t.status.is_terminal()) {
+                        self.end_task(&id, TaskStatus::Cancelled, why, *at_ms);
+                        cancelled.push(id);
+                    }
+                }
+                Ok(Response::TasksCancelled(cancelled))
+            }
+            Command::AddSigningKey(key) => {
+                if !self.signing_keys.iter().any(|k| k.kid == key.kid) {
+                    self.signing_keys.push(key.clone());
+                }
+                Ok(Response::Done)
+            }
+            Command::SubmitWorkflow(wf) => Ok(self.submit_workflow(wf)),
+            Command::CancelWorkflow { workflow_id, at_ms } => {
+                let w = self
+                    .workflows
+                    .get(workflow_id)
+                    .ok_or_else(|| Rejection::NoSuchWorkflow(workflow_id.clone()))?;
+                if w.status.is_terminal() {
+                    return Err(Rejection::WorkflowEnded);
+                }
+                self.cancel_workflow(workflow_id, "workflow cancelled", *at_ms);
+                Ok(Response::WorkflowNow(self.workflows[workflow_id].status))
+            }
+        }
+    }
+
+    fn submit(&mut self, task: &TaskRecord) -> Response {
+        // The same submission committed twice (a forwarded write retried) is one task.
+        if self.tasks.contains_key(&task.id) {
+            return Response::Submitted {
+                task_id: task.id.clone(),
+                deduplicated: true,
+            };
+        }
+        if let Some(key) = &task.idempotency_key {
+            let ix = idempotency_index(&task.tenant, key);
+            if let Some(existing) = self.idempotency.get(&ix) {
+                return Response::Submitted {
+                    task_id: existing.clone(),
+                    deduplicated: true,
+                };
+            }
+            self.idempotency.insert(ix, task.id.clone());
+        }
+        self.insert_with_replicas((*task).clone());
+        Response::Submitted {
+            task_id: task.id.clone(),
+            deduplicated: false,
+        }
+    }
+
+    /// Inserts a task; one asking for several replicas becomes a fan-out task plus one
+    /// task per replica (ids `<id>-r<i>`).
+    fn insert_with_replicas(&mut self, mut task: TaskRecord) {
+        let n = task.spec.replicas;
+        if n <= 1 {
+            self.insert_task(task);
+            return;
+        }
+        let ids: Vec<String> = (0..n).map(|i| format!("{}-r{i}", task.id)).collect();
+        task.group = Some(Group {
+            replicas: ids.clone(),
+        });
+        for id in ids {
+            let mut r = task.clone();
+            r.id = id;
+            r.group = None;
+            r.parent = Some(task.id.clone());
+            r.idempotency_key = None;
+            r.workflow = None;
+            r.spec.replicas = 1;
+            self.insert_task(r);
+        }
+        self.insert_task(task);
+    }
+
+    /// The server record for an offer, checked against the tool catalogue (pinning).
+    fn check_offer(&mut self, node_id: &str, s: &OfferedServer, at_ms: i64) -> ServerRecord {
+        let mut rec = ServerRecord {
+            name: s.name.clone(),
+            max_concurrency: s.max_concurrency,
+            required_scope: s.required_scope.clone(),
+            tools: Vec::new(),
+            conflicting_tools: Vec::new(),
+        };
+        for def in &s.tools {
+            match self.catalogue.get(&def.name) {
+                Some(e) if e.def.same_definition(def) && e.required_scope == s.required_scope => {
+                    rec.tools.push(def.name.clone())
+                }
+                Some(_) => rec.conflicting_tools.push(def.name.clone()),
+                None => {
+                    self.catalogue.insert(
+                        def.name.clone(),
+                        CatalogueEntry {
+                            def: def.clone(),
+                            required_scope: s.required_scope.clone(),
+                            first_seen_node: node_id.to_owned(),
+                            first_seen_at_ms: at_ms,
+                        },
+                    );
+                    rec.tools.push(def.name.clone());
+                }
+            }
+        }
+        rec
+    }
+
+    fn timeout(
+        &mut self,
+        task_id: &str,
+        kind: Timeout,
+        attempt: u32,
+        at_ms: i64,
+        detail: &str,
+    ) -> Result<Response, Rejection> {
+        let t = self
+            .tasks
+            .get(task_id)
+            .ok_or_else(|| Rejection::NoSuchTask(task_id.to_owned()))?;
+        let d = &t.spec.deadlines;
+        match kind {
+            Timeout::Queue => {
+                if t.status != TaskStatus::Queued || t.group.is_some() {
+                    return Err(Rejection::WrongState(t.status));
+                }
+                let limit = d.queue_timeout_ms;
+                if limit == 0 || at_ms < t.created_at_ms + limit as i64 {
+                    return Err(Rejection::NotDue);
+                }
+                let why = if detail.is_empty() {
+                    format!("not placed within its queue timeout of {limit} ms")
+                } else {
+                    format!("not placed within its queue timeout of {limit} ms: {detail}")
+                };
+                self.update(task_id, false, |t| {
+                    t.error = Some(why);
+                    t.dead_lettered = true;
+                    t.set(TaskStatus::Failed, at_ms);
+                    Ok(())
+                })?;
+            }
+            Timeout::Attempt => {
+                let limit = d.attempt_timeout_ms;
+                let a = t.current_attempt().filter(|a| a.number == attempt);
+                let Some(a) = a.filter(|_| t.status.is_active()) else {
+                    return Err(Rejection::Stale);
+                };
+                if limit == 0 || at_ms < a.assigned_at_ms + limit as i64 {
+                    return Err(Rejection::NotDue);
+                }
+                let (tool, node, server) = (t.tool.clone(), a.node_id.clone(), a.server.clone());
+                let why = format!("attempt {attempt} on {node} timed out after {limit} ms");
+                self.update(task_id, false, |t| {
+                    t.close_attempt(at_ms, &why);
+                    t.fail_or_retry(FailureKind::Timeout, TaskStatus::Failed, why.clone(), at_ms);
+                    Ok(())
+                })?;
+                self.learn(&tool, &node, &server, false, false, limit, at_ms);
+            }
+            Timeout::Total => {
+                if t.status.is_terminal() {
+                    return Err(Rejection::WrongState(t.status));
+                }
+                let limit = d.total_timeout_ms;
+                if limit == 0 || at_ms < t.created_at_ms + limit as i64 {
+                    return Err(Rejection::NotDue);
+                }
+                let why = format!("did not finish within its total timeout of {limit} ms");
+                self.end_task(task_id, TaskStatus::Failed, &why, at_ms);
+                if let Some(t) = self.tasks.get_mut(task_id) {
+                    t.dead_lettered = true;
+                }
+            }
+        }
+        Ok(Response::TaskNow(self.tasks[task_id].status))
+    }
+
+    /// Records what a finished attempt taught: the tool's statistics on that node, and the
+    /// server's breaker (when `call_ok` is false the call itself failed).
+    #[allow(clippy::too_many_arguments)]
+    fn learn(
+        &mut self,
+        tool: &str,
+        node: &str,
+        server: &str,
+        ok: bool,
+        call_ok: bool,
+        took_ms: u64,
+        at_ms: i64,
+    ) {
+        self.tool_stats
+            .entry(tool.to_owned())
+            .or_default()
+            .entry(node.to_owned())
+            .or_default()
+            .record(ok, took_ms);
+        let b = self.breakers.entry(breaker_key(node, server)).or_default();
+        if call_ok {
+            b.consecutive_failures = 0;
+        } else {
+            b.consecutive_failures += 1;
+            b.last_failure_ms = at_ms;
+        }
+    }
+
+    /// Takes a node's unfinished tasks off it: re-queued when the tool is read-only or
+    /// idempotent (up to `NODE_LOSS_RERUNS` attempts) or the task's retry policy covers node
+    /// loss, otherwise ended with `other` and the reason `why(running)`.
+    fn release_tasks(
+        &mut self,
+        node_id: &str,
+        at_ms: i64,
+        by_node: bool,
+        other: TaskStatus,
+        why: impl Fn(bool) -> String,
+    ) -> (Vec<String>, Vec<String>) {
+        let mut requeued = Vec::new();
+        let mut ended = Vec::new();
+        let ids: Vec<String> = self
+            .index
+            .on_node
+            .get(node_id)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default();
+        for id in ids {
+            let Some(t) = self.tasks.get(&id) else {
+                continue;
+            };
+            let safe = self
+                .catalogue
+                .get(&t.tool)
+                .is_some_and(|e| e.def.read_only || e.def.idempotent);
+            let made = t.attempts.len();
+            let rerun = (safe
+                && made < t.spec.retry.max_attempts.max(spec::NODE_LOSS_RERUNS) as usize)
+                || t.spec.retry.allows(FailureKind::NodeLost, made);
+            let running = t.status == TaskStatus::Running;
+            let _ = self.update(&id, by_node, |t| {
+                if rerun {
+                    t.close_attempt(
+                        at_ms,
+                        &format!("node {node_id} was lost or drained; running it again"),
+                    );
+                    t.set(TaskStatus::Queued, at_ms);
+                } else {
+                    let reason = why(running);
+                    t.close_attempt(at_ms, &reason);
+                    t.error = Some(reason);
+                    t.dead_lettered = other == TaskStatus::Lost;
+                    t.set(other, at_ms);
+                }
+                Ok(())
+            });
+            if rerun {
+                requeued.push(id);
+            } else {
+                ended.push(id);
+            }
+        }
+        (requeued, ended)
+    }
+
+    /// The key new tokens are signed with: the newest.
+    pub fn active_signing_key(&self) -> Option<&SigningKey> {
+        self.signing_keys.iter().max_by_key(|k| k.created_at_ms)
+    }
+
+    /// How many tasks are assigned or running on each (node, server).
+    pub fn active_counts(&self) -> &BTreeMap<(String, String), u32> {
+        &self.index.active
+    }
+}
+
+fn check_current(t: &TaskRecord, attempt: u32, fence: u64) -> Result<(), Rejection> {
+    match t.current_attempt() {
+        Some(a) if a.number == attempt && a.fence == fence => Ok(()),
+        _ => Err(Rejection::Stale),
+    }
+}
+
+#[cfg(test)]
+mod tests;
