@@ -180,9 +180,11 @@ pub fn spec(
                 Ok(pb::FailureKind::NodeLost) => FailureKind::NodeLost,
                 Ok(pb::FailureKind::Timeout) => FailureKind::Timeout,
                 Ok(pb::FailureKind::ToolError) => FailureKind::ToolError,
-                _ => return Err(format!(
+                _ => {
+                    return Err(format!(
                     "retry.retry_on: {k} is not a failure kind (node_lost, timeout, tool_error)"
-                )),
+                ))
+                }
             });
         }
         s.retry = RetryPolicy {

@@ -196,7 +196,7 @@ async fn a_task_waits_for_a_node_that_offers_its_tool() -> anyhow::Result<()> {
     .await?;
     assert_eq!(waiting.state, pb::TaskState::Queued as i32);
     assert!(
-        waiting.pending_reason.contains("no connected"),
+        waiting.pending_reason.contains("not connected"),
         "{}",
         waiting.pending_reason
     );

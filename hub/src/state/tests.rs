@@ -269,3 +269,440 @@ fn a_changed_tool_definition_is_not_used() {
     );
     assert_eq!(s.catalogue["echo"].def.description, "first");
 }
+
+/// A state with `nodes` ready nodes offering `echo`, and a log index counter.
+struct Sm {
+    s: State,
+    ix: u64,
+}
+
+impl Sm {
+    fn new(nodes: &[&str]) -> Self {
+        let mut s = State::default();
+        for n in nodes {
+            s.nodes.insert(
+                n.to_string(),
+                NodeRecord {
+                    id: n.to_string(),
+                    labels: Default::default(),
+                    status: NodeStatus::Ready,
+                    joined_at_ms: 0,
+                    last_hello_ms: None,
+                    servers: vec![],
+                    drain_deadline_ms: None,
+                    tenants: vec![],
+                    cpu_high_water_percent: 0.0,
+                },
+            );
+        }
+        s.catalogue.insert(
+            "echo".into(),
+            CatalogueEntry {
+                def: ToolDef {
+                    name: "echo".into(),
+                    description: String::new(),
+                    input_schema: json!({"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}}}),
+                    read_only: true,
+                    idempotent: true,
+                    destructive: false,
+                },
+                required_scope: "tools".into(),
+                first_seen_node: "n".into(),
+                first_seen_at_ms: 0,
+            },
+        );
+        Self { s, ix: 0 }
+    }
+
+    fn apply(&mut self, c: Command) -> Response {
+        self.ix += 1;
+        self.s.apply(self.ix, &c)
+    }
+
+    fn submit(&mut self, id: &str, f: impl FnOnce(&mut TaskRecord)) {
+        let mut t = TaskRecord::new(id, "echo", "t", "a", json!({"text": "x"}), 1);
+        f(&mut t);
+        self.apply(Command::SubmitTask(Box::new(t)));
+    }
+
+    /// Assigns and returns (attempt, fence).
+    fn assign(&mut self, id: &str, node: &str, at_ms: i64) -> (u32, u64) {
+        match self.apply(Command::AssignTask {
+            task_id: id.into(),
+            node_id: node.into(),
+            server: "demo".into(),
+            at_ms,
+        }) {
+            Response::Assigned { attempt, fence } => (attempt, fence),
+            other => panic!("assign {id}: {other:?}"),
+        }
+    }
+
+    fn finish(&mut self, id: &str, (attempt, fence): (u32, u64), text: &str, ok: bool) -> Response {
+        self.apply(Command::FinishTask {
+            task_id: id.into(),
+            attempt,
+            fence,
+            at_ms: 10,
+            result: Some(json!({"content": [{"type": "text", "text": text}], "isError": !ok})),
+            error: None,
+        })
+    }
+
+    fn status(&self, id: &str) -> TaskStatus {
+        self.s.tasks[id].status
+    }
+
+    /// The incrementally kept index equals one built from scratch.
+    fn check_index(&self) {
+        let mut fresh = self.s.clone();
+        fresh.rebuild_index();
+        assert_eq!(fresh.index, self.s.index);
+    }
+}
+
+#[test]
+fn a_retryable_failure_requeues_with_backoff_and_the_last_one_dead_letters() {
+    let mut m = Sm::new(&["n1"]);
+    m.submit("t", |t| {
+        t.spec.retry = RetryPolicy {
+            max_attempts: 2,
+            initial_backoff_ms: 100,
+            max_backoff_ms: 1000,
+            retry_on: vec![FailureKind::ToolError],
+        }
+    });
+    let a1 = m.assign("t", "n1", 2);
+    assert_eq!(
+        m.finish("t", a1, "bad", false),
+        Response::TaskNow(TaskStatus::Queued)
+    );
+    let nb = m.s.tasks["t"].not_before_ms.unwrap();
+    assert!((60..=110).contains(&nb), "backoff ends at {nb}");
+    assert!(!m.s.tasks["t"].dead_lettered);
+    let a2 = m.assign("t", "n1", 200);
+    assert_eq!(
+        m.finish("t", a2, "bad again", false),
+        Response::TaskNow(TaskStatus::Failed)
+    );
+    assert!(m.s.tasks["t"].dead_lettered);
+    assert_eq!(m.s.tool_stats["echo"]["n1"].failed, 2);
+    // isError is the tool's answer: the server's breaker is not charged for it.
+    assert_eq!(
+        m.s.breakers[&breaker_key("n1", "demo")].consecutive_failures,
+        0
+    );
+    m.check_index();
+}
+
+#[test]
+fn timeouts_are_checked_against_the_command_time_and_stop_the_node() {
+    let mut m = Sm::new(&["n1"]);
+    m.submit("q", |t| t.spec.deadlines.queue_timeout_ms = 50);
+    let early = Command::TimeoutTask {
+        task_id: "q".into(),
+        kind: Timeout::Queue,
+        attempt: 0,
+        at_ms: 20,
+        detail: String::new(),
+    };
+    assert_eq!(m.apply(early), Response::Rejected(Rejection::NotDue));
+    let due = Command::TimeoutTask {
+        task_id: "q".into(),
+        kind: Timeout::Queue,
+        attempt: 0,
+        at_ms: 60,
+        detail: "no node offers it".into(),
+    };
+    assert_eq!(m.apply(due), Response::TaskNow(TaskStatus::Failed));
+    assert!(m.s.tasks["q"]
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("no node offers it"));
+
+    m.submit("a", |t| {
+        t.spec.deadlines.attempt_timeout_ms = 100;
+        t.spec.retry.max_attempts = 2;
+        t.spec.retry.retry_on = vec![FailureKind::Timeout];
+    });
+    let a1 = m.assign("a", "n1", 100);
+    m.s.take_effects();
+    let late = |attempt, at_ms| Command::TimeoutTask {
+        task_id: "a".into(),
+        kind: Timeout::Attempt,
+        attempt,
+        at_ms,
+        detail: String::new(),
+    };
+    assert_eq!(m.apply(late(1, 150)), Response::Rejected(Rejection::NotDue));
+    assert_eq!(m.apply(late(1, 200)), Response::TaskNow(TaskStatus::Queued));
+    let fx = m.s.take_effects();
+    assert_eq!(
+        fx.stopped,
+        vec![Stopped {
+            task_id: "a".into(),
+            node_id: "n1".into(),
+            attempt: 1
+        }]
+    );
+    // The timed-out attempt's late result is refused.
+    assert!(matches!(
+        m.finish("a", a1, "late", true),
+        Response::Rejected(_)
+    ));
+    let _ = m.assign("a", "n1", 300);
+    assert_eq!(m.apply(late(2, 400)), Response::TaskNow(TaskStatus::Failed));
+    assert!(m.s.tasks["a"].dead_lettered);
+    assert_eq!(
+        m.s.breakers[&breaker_key("n1", "demo")].consecutive_failures,
+        2
+    );
+
+    m.submit("tot", |t| t.spec.deadlines.total_timeout_ms = 500);
+    let _ = m.assign("tot", "n1", 2);
+    let total = Command::TimeoutTask {
+        task_id: "tot".into(),
+        kind: Timeout::Total,
+        attempt: 0,
+        at_ms: 501,
+        detail: String::new(),
+    };
+    assert_eq!(m.apply(total), Response::TaskNow(TaskStatus::Failed));
+    m.check_index();
+}
+
+#[test]
+fn majority_fan_out_wins_over_one_disagreeing_replica() {
+    let mut m = Sm::new(&["n1", "n2", "n3"]);
+    m.submit("f", |t| {
+        t.spec.replicas = 3;
+        t.spec.aggregation = Aggregation::Majority;
+    });
+    assert_eq!(m.s.tasks["f"].group.as_ref().unwrap().replicas.len(), 3);
+    assert!(
+        !m.s.index.queue["t"].iter().any(|k| k.2 == "f"),
+        "the fan-out task itself is never placed"
+    );
+    let a0 = m.assign("f-r0", "n1", 2);
+    assert_eq!(m.status("f"), TaskStatus::Running);
+    let a1 = m.assign("f-r1", "n2", 2);
+    let a2 = m.assign("f-r2", "n3", 2);
+    m.finish("f-r0", a0, "42", true);
+    m.finish("f-r1", a1, "41", true);
+    assert_eq!(m.status("f"), TaskStatus::Running);
+    m.s.take_effects();
+    m.finish("f-r2", a2, "42", true);
+    assert_eq!(m.status("f"), TaskStatus::Succeeded);
+    assert_eq!(
+        fanout::vote_of(m.s.tasks["f"].result.as_ref().unwrap()),
+        fanout::vote_of(&json!({"content": [{"type": "text", "text": "42"}]}))
+    );
+    m.check_index();
+}
+
+#[test]
+fn first_fan_out_cancels_the_rest_and_quorum_fails_when_it_cannot_be_reached() {
+    let mut m = Sm::new(&["n1", "n2", "n3"]);
+    m.submit("f", |t| {
+        t.spec.replicas = 3;
+        t.spec.aggregation = Aggregation::First;
+    });
+    let a0 = m.assign("f-r0", "n1", 2);
+    let _ = m.assign("f-r1", "n2", 2);
+    m.s.take_effects();
+    m.finish("f-r0", a0, "fast", true);
+    assert_eq!(m.status("f"), TaskStatus::Succeeded);
+    assert_eq!(m.status("f-r1"), TaskStatus::Cancelled);
+    assert_eq!(m.status("f-r2"), TaskStatus::Cancelled);
+    let fx = m.s.take_effects();
+    assert_eq!(
+        fx.stopped.len(),
+        1,
+        "only the running replica needs a cancel: {:?}",
+        fx.stopped
+    );
+    assert_eq!(fx.stopped[0].task_id, "f-r1");
+
+    m.submit("q", |t| {
+        t.spec.replicas = 3;
+        t.spec.aggregation = Aggregation::Quorum(3);
+    });
+    let b0 = m.assign("q-r0", "n1", 2);
+    let b1 = m.assign("q-r1", "n2", 2);
+    m.finish("q-r0", b0, "1", true);
+    m.finish("q-r1", b1, "2", true);
+    assert_eq!(m.status("q"), TaskStatus::Failed);
+    assert!(m.s.tasks["q"]
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("quorum(3)"));
+    assert_eq!(m.status("q-r2"), TaskStatus::Cancelled);
+
+    // Cancelling a fan-out task cancels its replicas.
+    m.submit("c", |t| t.spec.replicas = 2);
+    let _ = m.assign("c-r0", "n1", 2);
+    m.apply(Command::CancelTask {
+        task_id: "c".into(),
+        at_ms: 5,
+    });
+    assert_eq!(m.status("c"), TaskStatus::Cancelled);
+    assert_eq!(m.status("c-r0"), TaskStatus::Cancelled);
+    m.check_index();
+}
+
+fn workflow(steps: Vec<StepRecord>, policy: FailurePolicy) -> Command {
+    Command::SubmitWorkflow(Box::new(WorkflowRecord {
+        id: "w".into(),
+        name: "test".into(),
+        tenant: "t".into(),
+        agent: "a".into(),
+        scopes: vec!["tools".into()],
+        failure_policy: policy,
+        status: WorkflowStatus::Running,
+        steps,
+        created_at_ms: 1,
+        updated_at_ms: 1,
+        error: None,
+        idempotency_key: None,
+        seq: 0,
+        ended_seq: None,
+    }))
+}
+
+fn step(name: &str, deps: &[&str], args: serde_json::Value) -> StepRecord {
+    StepRecord::new(
+        name,
+        "echo",
+        args,
+        deps.iter().map(|d| d.to_string()).collect(),
+    )
+}
+
+#[test]
+fn a_workflow_runs_a_parallel_phase_and_hands_results_on() {
+    let mut m = Sm::new(&["n1", "n2"]);
+    m.apply(workflow(
+        vec![
+            step("a", &[], json!({"text": "seed"})),
+            step("b", &["a"], json!({"text": "b got ${steps.a.text}"})),
+            step("c", &["a"], json!({"text": "c got ${steps.a.text}"})),
+            step(
+                "d",
+                &["b", "c"],
+                json!({"text": "${steps.b.text} + ${steps.c.text}"}),
+            ),
+        ],
+        FailurePolicy::FailFast,
+    ));
+    assert_eq!(m.s.workflows["w"].steps[0].state, StepState::Queued);
+    assert!(!m.s.tasks.contains_key("w.b"));
+    let a = m.assign("w.a", "n1", 2);
+    m.finish("w.a", a, "seed-out", true);
+    // b and c start together: a parallel phase.
+    assert_eq!(
+        m.s.tasks["w.b"].arguments,
+        json!({"text": "b got seed-out"})
+    );
+    assert_eq!(
+        m.s.tasks["w.c"].arguments,
+        json!({"text": "c got seed-out"})
+    );
+    let b = m.assign("w.b", "n1", 3);
+    let c = m.assign("w.c", "n2", 3);
+    m.finish("w.c", c, "C", true);
+    assert!(!m.s.tasks.contains_key("w.d"));
+    m.finish("w.b", b, "B", true);
+    assert_eq!(m.s.tasks["w.d"].arguments, json!({"text": "B + C"}));
+    let d = m.assign("w.d", "n1", 4);
+    m.finish("w.d", d, "done", true);
+    let w = &m.s.workflows["w"];
+    assert_eq!(w.status, WorkflowStatus::Succeeded);
+    assert!(w.ended_seq.unwrap() > w.steps.iter().map(|s| s.seq).max().unwrap());
+    m.check_index();
+}
+
+#[test]
+fn fail_fast_cancels_running_steps_and_continue_only_skips_dependents() {
+    let mut m = Sm::new(&["n1", "n2"]);
+    m.apply(workflow(
+        vec![
+            step("a", &[], json!({"text": "1"})),
+            step("b", &[], json!({"text": "2"})),
+            step("c", &["a"], json!({"text": "3"})),
+        ],
+        FailurePolicy::FailFast,
+    ));
+    let a = m.assign("w.a", "n1", 2);
+    let _ = m.assign("w.b", "n2", 2);
+    m.s.take_effects();
+    m.finish("w.a", a, "broken", false);
+    let w = &m.s.workflows["w"];
+    assert_eq!(w.status, WorkflowStatus::Failed);
+    let states: Vec<StepState> = w.steps.iter().map(|s| s.state).collect();
+    assert_eq!(
+        states,
+        [StepState::Failed, StepState::Cancelled, StepState::Skipped]
+    );
+    let fx = m.s.take_effects();
+    assert!(
+        fx.stopped.iter().any(|s| s.task_id == "w.b"),
+        "{:?}",
+        fx.stopped
+    );
+
+    let mut m = Sm::new(&["n1", "n2"]);
+    m.apply(workflow(
+        vec![
+            step("a", &[], json!({"text": "1"})),
+            step("b", &[], json!({"text": "2"})),
+            step("c", &["a"], json!({"text": "3"})),
+            // Resolved arguments that break the schema fail the step, not the hub.
+            step("d", &["b"], json!({"text": "${steps.b.structured}"})),
+        ],
+        FailurePolicy::Continue,
+    ));
+    let a = m.assign("w.a", "n1", 2);
+    let b = m.assign("w.b", "n2", 2);
+    m.finish("w.a", a, "broken", false);
+    assert_eq!(m.s.workflows["w"].status, WorkflowStatus::Running);
+    assert_eq!(m.s.workflows["w"].steps[2].state, StepState::Skipped);
+    m.finish("w.b", b, "{\"not\": \"text\"}", true);
+    let w = &m.s.workflows["w"];
+    assert_eq!(w.steps[1].state, StepState::Succeeded);
+    assert_eq!(w.steps[3].state, StepState::Failed);
+    assert!(
+        w.steps[3].error.as_deref().unwrap().contains("schema"),
+        "{:?}",
+        w.steps[3].error
+    );
+    assert_eq!(w.status, WorkflowStatus::Failed);
+    m.check_index();
+}
+
+#[test]
+fn cancel_all_of_a_tenant_reaches_workflows_and_fan_outs() {
+    let mut m = Sm::new(&["n1", "n2"]);
+    m.apply(workflow(
+        vec![
+            step("a", &[], json!({"text": "1"})),
+            step("b", &["a"], json!({"text": "2"})),
+        ],
+        FailurePolicy::FailFast,
+    ));
+    m.submit("f", |t| t.spec.replicas = 2);
+    let _ = m.assign("f-r0", "n1", 2);
+    let r = m.apply(Command::CancelTenantTasks {
+        tenant: "t".into(),
+        at_ms: 9,
+    });
+    let Response::TasksCancelled(ids) = r else {
+        panic!("{r:?}")
+    };
+    assert!(ids.contains(&"f".to_string()));
+    assert_eq!(m.s.workflows["w"].status, WorkflowStatus::Cancelled);
+    assert_eq!(m.status("f"), TaskStatus::Cancelled);
+    assert!(m.s.index.open.is_empty(), "{:?}", m.s.index.open);
+    m.check_index();
+}
