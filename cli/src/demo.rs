@@ -76,6 +76,8 @@ pub(crate) struct RecordArgs {
 
 /// Environment variable naming the file `record` appends to.
 pub(crate) const RECORD_ENV: &str = "FLOTILLA_DEMO_RECORD";
+/// What the `vote` tool answers (default "yes").
+pub(crate) const VOTE_ENV: &str = "FLOTILLA_DEMO_VOTE";
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[schemars(crate = "rmcp::schemars")]
@@ -184,6 +186,12 @@ impl Demo {
     #[tool]
     async fn fail(&self, Parameters(a): Parameters<FailArgs>) -> CallToolResult {
         CallToolResult::error(vec![ContentBlock::text(a.message)])
+    }
+
+    /// Answer this server's vote (FLOTILLA_DEMO_VOTE, default "yes"): servers configured to disagree show how fan-out aggregation decides.
+    #[tool(annotations(read_only_hint = true, idempotent_hint = true))]
+    async fn vote(&self) -> String {
+        std::env::var(VOTE_ENV).unwrap_or_else(|_| "yes".into())
     }
 
     /// Exit the server process with code 3 (to see a crashing MCP server handled).
