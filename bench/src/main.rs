@@ -10,6 +10,9 @@
 //!   target/release/flotilla-bench calls --agents 16 --calls 2000
 //!   target/release/flotilla-bench failover --trials 20
 
+mod faults;
+mod placement;
+
 use std::{
     path::PathBuf,
     sync::Arc,
@@ -42,6 +45,26 @@ enum BenchCommand {
         #[arg(long, default_value_t = 20)]
         trials: usize,
     },
+    /// Placement decisions per second on simulated nodes (in process, no network).
+    Placement {
+        /// Fleet sizes to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+        nodes: Vec<usize>,
+        #[arg(long, default_value_t = 100_000)]
+        queued: usize,
+        #[arg(long, default_value_t = 4)]
+        slots: u32,
+    },
+    /// Kill -9 a node running tasks; time until they all run on another node.
+    NodeLoss {
+        #[arg(long, default_value_t = 5)]
+        trials: usize,
+        /// Tasks running on the node when it dies.
+        #[arg(long, default_value_t = 8)]
+        tasks: usize,
+    },
+    /// Calls/s with four healthy nodes next to one of four failing every call.
+    Failing(Args),
 }
 
 #[derive(clap::Args)]
@@ -154,6 +177,16 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         BenchCommand::Calls(args) => calls(&bin, args).await,
         BenchCommand::Failover { trials } => failover(trials).await,
+        BenchCommand::Placement {
+            nodes,
+            queued,
+            slots,
+        } => {
+            placement::run(&nodes, queued, slots);
+            Ok(())
+        }
+        BenchCommand::NodeLoss { trials, tasks } => faults::node_loss(trials, tasks).await,
+        BenchCommand::Failing(args) => faults::failing(args.agents, args.calls).await,
     }
 }
 

@@ -542,7 +542,7 @@ pub(crate) async fn tools(flags: ClientFlags) -> anyhow::Result<ExitCode> {
                             "estimated_duration_ms": s.estimated_duration_ms,
                         })),
                         "node_stats": t.node_stats.iter().map(|n| {
-                            let s = n.stats.clone().unwrap_or_default();
+                            let s = n.stats.unwrap_or_default();
                             json!({"node": n.node_id, "calls": s.calls, "succeeded": s.succeeded, "failed": s.failed, "estimated_duration_ms": s.estimated_duration_ms})
                         }).collect::<Vec<_>>(),
                     })
@@ -554,7 +554,7 @@ pub(crate) async fn tools(flags: ClientFlags) -> anyhow::Result<ExitCode> {
             &tools
                 .iter()
                 .map(|t| {
-                    let s = t.stats.clone().unwrap_or_default();
+                    let s = t.stats.unwrap_or_default();
                     vec![
                         t.name.clone(),
                         t.required_scope.clone(),

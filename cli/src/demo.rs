@@ -76,6 +76,8 @@ pub(crate) struct RecordArgs {
 
 /// Environment variable naming the file `record` appends to.
 pub(crate) const RECORD_ENV: &str = "FLOTILLA_DEMO_RECORD";
+/// Set: `echo` fails every call with an MCP error (a broken server, for benchmarks).
+pub(crate) const BROKEN_ENV: &str = "FLOTILLA_DEMO_BROKEN";
 /// What the `vote` tool answers (default "yes").
 pub(crate) const VOTE_ENV: &str = "FLOTILLA_DEMO_VOTE";
 
@@ -95,10 +97,16 @@ impl Demo {
         annotations(read_only_hint = true, idempotent_hint = true),
         output_schema = schema_for_output::<EchoOut>()
     )]
-    async fn echo(&self, Parameters(a): Parameters<EchoArgs>) -> CallToolResult {
+    async fn echo(&self, Parameters(a): Parameters<EchoArgs>) -> Result<CallToolResult, ErrorData> {
+        if std::env::var_os(BROKEN_ENV).is_some() {
+            return Err(ErrorData::internal_error(
+                format!("this server is configured broken ({BROKEN_ENV})"),
+                None,
+            ));
+        }
         let mut r = CallToolResult::success(vec![ContentBlock::text(a.text.clone())]);
         r.structured_content = Some(serde_json::json!({ "text": a.text }));
-        r
+        Ok(r)
     }
 
     /// Sleep `ms` milliseconds in `steps` parts, reporting progress after each; stops early when cancelled.

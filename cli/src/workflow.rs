@@ -197,7 +197,7 @@ impl OptionFlags {
             on: self.retry_on.clone(),
         });
         let timeouts = (self.queue_timeout_ms + self.attempt_timeout_ms + self.timeout_ms > 0)
-            .then(|| Timeouts {
+            .then_some(Timeouts {
                 queue_ms: self.queue_timeout_ms,
                 attempt_ms: self.attempt_timeout_ms,
                 total_ms: self.timeout_ms,

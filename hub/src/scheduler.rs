@@ -144,6 +144,9 @@ pub struct Context<'a> {
     pub live: &'a HashMap<String, LiveNode>,
     pub limits: Limits,
     pub now_ms: i64,
+    /// Above this many candidates, score a sample (`SAMPLE_ALL`; the placement benchmark
+    /// raises it to compare with scoring every node).
+    pub sample_above: usize,
 }
 
 /// Per-pass facts about a task's fan-out siblings.
@@ -243,9 +246,7 @@ fn score(
     task: &TaskRecord,
     sib: &Siblings<'_>,
     tool_mean_ms: u64,
-    node: &NodeRecord,
-    server: &ServerRecord,
-    free: u32,
+    (node, server, free): (&NodeRecord, &ServerRecord, u32),
 ) -> f64 {
     let cpu = cx.live.get(&node.id).map_or(100.0, |l| l.cpu_percent);
     let mut s = f64::from(free) / f64::from(server.max_concurrency.max(1));
@@ -374,7 +375,7 @@ fn place_cached<'a>(
         let (node, server) = cands[i];
         match check(state, cx, in_flight, task, &sib, node, server) {
             Ok(free) => {
-                let s = score(state, cx, task, &sib, mean, node, server, free);
+                let s = score(state, cx, task, &sib, mean, (node, server, free));
                 if best.is_none_or(|(b, _)| s > b) {
                     best = Some((s, i));
                 }
@@ -387,7 +388,7 @@ fn place_cached<'a>(
         }
     };
     let mut misses = BTreeMap::new();
-    if n > SAMPLE_ALL {
+    if n > cx.sample_above {
         // Sample until k feasible candidates were scored (or give up and look at all).
         let k = (usize::BITS - n.leading_zeros()) as usize;
         let mut found = 0;
@@ -542,6 +543,7 @@ async fn pass(hub: &crate::app::Hub) {
             live: &live,
             limits: limits(hub),
             now_ms: flotilla_common::now_ms(),
+            sample_above: SAMPLE_ALL,
         };
         let plan = plan(&state, &cx, &mut rand::thread_rng());
         hub.pending.set_many(plan.waiting);

@@ -105,6 +105,7 @@ impl World {
             live: &self.live,
             limits: Limits::default(),
             now_ms: 1_000,
+            sample_above: SAMPLE_ALL,
         }
     }
 
@@ -231,6 +232,7 @@ fn breaker_opens_after_failures_and_lets_one_trial_through_after_the_cooldown() 
         live: &w.live,
         limits,
         now_ms: later,
+        sample_above: SAMPLE_ALL,
     };
     let mut rng = StdRng::seed_from_u64(1);
     let p = place(
