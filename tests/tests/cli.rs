@@ -193,6 +193,102 @@ async fn dev_cluster_then_client_commands() -> anyhow::Result<()> {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("PermissionDenied"));
 
+    // Options a user sets on the command line: a required zone, fan-out, retries.
+    let o = flotilla(
+        home,
+        &[
+            "call",
+            "echo",
+            "--args",
+            r#"{"text":"z"}"#,
+            "--require",
+            "zone=b",
+            "-o",
+            "json",
+        ],
+    );
+    let t: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    let on = t["attempts"][0]["node"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let zone_of = |n: &str| {
+        nodes
+            .iter()
+            .find(|x| x["id"] == n)
+            .and_then(|x| x["zone"].as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(zone_of(&on), "b", "{t}");
+    let o = flotilla(
+        home,
+        &[
+            "call",
+            "vote",
+            "--replicas",
+            "2",
+            "--aggregate",
+            "majority",
+            "-o",
+            "json",
+        ],
+    );
+    let t: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    assert_eq!(t["state"], "succeeded", "{t}");
+    assert_eq!(t["replicas"].as_array().map(Vec::len), Some(2), "{t}");
+    let o = flotilla(
+        home,
+        &[
+            "call",
+            "fail",
+            "--args",
+            r#"{"message":"x"}"#,
+            "--max-attempts",
+            "2",
+            "--retry-on",
+            "tool_error",
+            "--backoff-ms",
+            "10",
+        ],
+    );
+    assert!(!o.status.success());
+    let o = flotilla(home, &["task", "list", "--dead", "-o", "json"]);
+    let dead: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    assert!(
+        dead.as_array().is_some_and(|d| d
+            .iter()
+            .any(|t| t["tool"] == "fail" && t["attempts"].as_array().map(Vec::len) == Some(2))),
+        "{dead}"
+    );
+
+    // The example workflow from the docs runs as a user would run it.
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/workflow.yaml");
+    let o = flotilla(
+        home,
+        &[
+            "workflow",
+            "run",
+            example.to_str().unwrap_or_default(),
+            "-o",
+            "json",
+        ],
+    );
+    assert!(o.status.success(), "{o:?}");
+    let w: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    assert_eq!(w["state"], "succeeded", "{w}");
+    let report = w["steps"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "report"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        report["result"]["content"][0]["text"],
+        "sha256(abc) = ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad; slept 500 ms in 2 steps; vote yes",
+        "{w}"
+    );
+
     // Ctrl-C (SIGINT) stops the whole cluster.
     Command::new("kill")
         .args(["-INT", &dev.id().to_string()])

@@ -188,8 +188,12 @@ impl NodeService for NodeApi {
         let resend: Vec<HubMessage> = {
             let state = self.hub.state();
             state
-                .tasks
-                .values()
+                .index
+                .on_node
+                .get(&node_id)
+                .into_iter()
+                .flatten()
+                .filter_map(|id| state.tasks.get(id))
                 .filter(|t| t.status == TaskStatus::Assigned)
                 .filter_map(|t| {
                     let a = t.current_attempt()?;
