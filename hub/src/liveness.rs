@@ -15,8 +15,12 @@ use crate::{
 
 pub async fn run(hub: Hub, mut stop: tokio::sync::watch::Receiver<bool>) {
     let ttl = Duration::from_millis(hub.config().node_ttl_ms);
-    let mut tick = tokio::time::interval((ttl / 4).max(Duration::from_millis(100)));
+    // The tick bounds how late past its TTL a node is marked down.
+    let mut tick = tokio::time::interval(
+        (ttl / 20).clamp(Duration::from_millis(100), Duration::from_millis(500)),
+    );
     let mut gone_since: HashMap<String, Instant> = HashMap::new();
+    let mut leading_since: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -24,8 +28,10 @@ pub async fn run(hub: Hub, mut stop: tokio::sync::watch::Receiver<bool>) {
         }
         if !hub.is_leader() {
             gone_since.clear();
+            leading_since = None;
             continue;
         }
+        let leading_since = *leading_since.get_or_insert_with(Instant::now);
         let live = hub.sessions.snapshot();
         // A session whose stream is open but that stopped heartbeating is dead too.
         for (id, l) in &live {
@@ -77,7 +83,13 @@ pub async fn run(hub: Hub, mut stop: tokio::sync::watch::Receiver<bool>) {
         }
         let now = Instant::now();
         for id in absent {
-            let since = *gone_since.entry(id.clone()).or_insert(now);
+            // Counted from when it was last heard (if its session closed on this leader),
+            // never from before this hub took over: nodes get a grace period after failover.
+            let since = *gone_since.entry(id.clone()).or_insert_with(|| {
+                hub.sessions
+                    .departed_at(&id)
+                    .map_or(now, |t| t.max(leading_since))
+            });
             if now.duration_since(since) < ttl {
                 continue;
             }

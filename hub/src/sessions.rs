@@ -62,6 +62,8 @@ impl LiveNode {
 #[derive(Clone, Default)]
 pub struct Sessions {
     inner: Arc<Mutex<HashMap<String, LiveNode>>>,
+    /// When each node whose session closed was last heard from.
+    departed: Arc<Mutex<HashMap<String, Instant>>>,
     next_session: Arc<AtomicU64>,
 }
 
@@ -74,6 +76,7 @@ impl Sessions {
         tx: mpsc::Sender<HubMessage>,
         servers: Vec<LiveServer>,
     ) -> (u64, CancellationToken) {
+        self.departed.lock().expect("departed lock").remove(node_id);
         let session = self.next_session.fetch_add(1, Ordering::Relaxed) + 1;
         let ended = CancellationToken::new();
         let live = LiveNode {
@@ -110,8 +113,21 @@ impl Sessions {
         if m.get(node_id).is_some_and(|l| l.session == session) {
             if let Some(l) = m.remove(node_id) {
                 l.ended.cancel();
+                self.departed
+                    .lock()
+                    .expect("departed lock")
+                    .insert(node_id.to_owned(), l.last_seen);
             }
         }
+    }
+
+    /// When a node whose session closed was last heard from (none once it reconnected).
+    pub fn departed_at(&self, node_id: &str) -> Option<Instant> {
+        self.departed
+            .lock()
+            .expect("departed lock")
+            .get(node_id)
+            .copied()
     }
 
     pub fn heartbeat(
