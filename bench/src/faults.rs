@@ -185,8 +185,16 @@ fn is_terminal(kind: i32) -> bool {
 
 pub(crate) async fn failing(agents: usize, calls: usize) -> anyhow::Result<()> {
     let mut rows = Vec::new();
-    for broken in [false, true] {
-        let mut c = Cluster::start().await?;
+    for (broken, breaker) in [(false, true), (true, true), (true, false)] {
+        let opts = flotilla_tests::Options {
+            breaker_failures: if breaker {
+                flotilla_common::config::defaults::BREAKER_FAILURES
+            } else {
+                u32::MAX
+            },
+            ..Default::default()
+        };
+        let mut c = Cluster::with_options(1, opts).await?;
         for i in 0..4 {
             let mut n = node(&format!("n{i}"), "a", 16);
             if broken && i == 0 {
@@ -197,24 +205,25 @@ pub(crate) async fn failing(agents: usize, calls: usize) -> anyhow::Result<()> {
             c.add_node(n).await?;
         }
         let (rate, failed, extra) = drive(&c, agents, calls).await?;
-        rows.push((broken, rate, failed, extra));
+        rows.push((broken, breaker, rate, failed, extra));
     }
     println!("agents: {agents}, calls per run: {calls}, tool: echo with retry (4 attempts on tool errors)");
     println!();
     println!("| nodes | calls/s | calls failed | retries |");
     println!("|---|---|---|---|");
-    for (broken, rate, failed, extra) in &rows {
-        let what = if *broken {
-            "3 healthy + 1 failing every call"
-        } else {
-            "4 healthy"
+    for (broken, breaker, rate, failed, extra) in &rows {
+        let what = match (broken, breaker) {
+            (false, _) => "4 healthy",
+            (true, true) => "3 healthy + 1 failing every call",
+            (true, false) => "3 healthy + 1 failing, breaker off",
         };
         println!("| {what} | {rate:.0} | {failed} | {extra} |");
     }
     println!();
     println!(
-        "throughput ratio (one failing / all healthy): {:.2}",
-        rows[1].1 / rows[0].1
+        "throughput ratio to all healthy: one failing {:.2}, one failing without the breaker {:.2}",
+        rows[1].2 / rows[0].2,
+        rows[2].2 / rows[0].2
     );
     Ok(())
 }

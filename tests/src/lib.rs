@@ -240,12 +240,15 @@ impl NodeSpec {
 pub struct Options {
     /// Log entries between snapshots.
     pub snapshot_logs: u64,
+    /// Failures in a row that open a server's breaker.
+    pub breaker_failures: u32,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Self {
             snapshot_logs: flotilla_common::config::defaults::SNAPSHOT_LOGS,
+            breaker_failures: flotilla_common::config::defaults::BREAKER_FAILURES,
         }
     }
 }
@@ -325,7 +328,7 @@ async fn start_member(
         raft_heartbeat_ms: flotilla_common::config::defaults::RAFT_HEARTBEAT_MS,
         raft_election_timeout_ms: flotilla_common::config::defaults::RAFT_ELECTION_TIMEOUT_MS,
         snapshot_logs: opts.snapshot_logs,
-        breaker_failures: flotilla_common::config::defaults::BREAKER_FAILURES,
+        breaker_failures: opts.breaker_failures,
         breaker_cooldown_ms: 2_000,
     };
     std::fs::write(hub_dir.join("hub.toml"), toml::to_string(&cfg)?)?;

@@ -30,7 +30,14 @@ async fn converged(c: &Cluster, members: usize) -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn a_hub_far_behind_and_a_new_hub_catch_up_from_a_snapshot() -> anyhow::Result<()> {
-    let mut c = Cluster::with_options(3, Options { snapshot_logs: 20 }).await?;
+    let mut c = Cluster::with_options(
+        3,
+        Options {
+            snapshot_logs: 20,
+            ..Default::default()
+        },
+    )
+    .await?;
     c.add_node(NodeSpec::demo("edge-1")).await?;
     let leader = c.wait_leader().await?;
     let behind = (1..=3).find(|h| *h != leader).expect("a follower");
