@@ -13,6 +13,17 @@ use crate::state::{
 pub const MAX_REPLICAS: u32 = 16;
 /// Most attempts one task may ask for.
 pub const MAX_ATTEMPTS: u32 = 100;
+/// Longest deadline or backoff a task may ask for: 30 days.
+pub const MAX_DURATION_MS: u64 = 30 * 24 * 3600 * 1000;
+
+fn duration(what: &str, ms: u64) -> Result<u64, String> {
+    if ms > MAX_DURATION_MS {
+        return Err(format!(
+            "{what} is {ms} ms; the limit is {MAX_DURATION_MS} (30 days)"
+        ));
+    }
+    Ok(ms)
+}
 
 pub fn task_state(s: TaskStatus) -> pb::TaskState {
     match s {
@@ -192,12 +203,12 @@ pub fn spec(
             initial_backoff_ms: if r.initial_backoff_ms == 0 {
                 d.initial_backoff_ms
             } else {
-                r.initial_backoff_ms
+                duration("retry.initial_backoff_ms", r.initial_backoff_ms)?
             },
             max_backoff_ms: if r.max_backoff_ms == 0 {
                 d.max_backoff_ms
             } else {
-                r.max_backoff_ms
+                duration("retry.max_backoff_ms", r.max_backoff_ms)?
             },
             retry_on,
         };
@@ -207,9 +218,9 @@ pub fn spec(
     }
     if let Some(d) = &o.deadlines {
         s.deadlines = Deadlines {
-            queue_timeout_ms: d.queue_timeout_ms,
-            attempt_timeout_ms: d.attempt_timeout_ms,
-            total_timeout_ms: d.total_timeout_ms,
+            queue_timeout_ms: duration("deadlines.queue_timeout_ms", d.queue_timeout_ms)?,
+            attempt_timeout_ms: duration("deadlines.attempt_timeout_ms", d.attempt_timeout_ms)?,
+            total_timeout_ms: duration("deadlines.total_timeout_ms", d.total_timeout_ms)?,
         };
     }
     let p = o.placement.clone().unwrap_or_default();

@@ -156,8 +156,16 @@ struct Siblings<'a> {
     zones: Vec<&'a str>,
 }
 
-fn siblings<'a>(state: &'a State, task: &TaskRecord) -> Siblings<'a> {
+/// Where `task`'s sibling replicas run, plus `placed`: nodes given to siblings earlier in
+/// this pass (not committed yet, so not in the state).
+fn siblings<'a>(state: &'a State, task: &TaskRecord, placed: &[&'a str]) -> Siblings<'a> {
     let mut s = Siblings::default();
+    for n in placed {
+        s.nodes.push(n);
+        if let Some(z) = state.nodes.get(*n).and_then(|n| n.labels.get("zone")) {
+            s.zones.push(z.as_str());
+        }
+    }
     let Some(group) = task
         .parent
         .as_ref()
@@ -355,7 +363,15 @@ pub fn place(
     task: &TaskRecord,
     rng: &mut impl Rng,
 ) -> Result<Placement, String> {
-    place_cached(state, cx, in_flight, task, rng, &mut PassCache::default())
+    place_cached(
+        state,
+        cx,
+        in_flight,
+        task,
+        rng,
+        &mut PassCache::default(),
+        &[],
+    )
 }
 
 fn place_cached<'a>(
@@ -365,8 +381,9 @@ fn place_cached<'a>(
     task: &'a TaskRecord,
     rng: &mut impl Rng,
     cache: &mut PassCache<'a>,
+    placed: &[&'a str],
 ) -> Result<Placement, String> {
-    let sib = siblings(state, task);
+    let sib = siblings(state, task, placed);
     let mean = cache.mean_ms(state, &task.tool);
     let cands = cache.candidates(state, &task.tool);
     let n = cands.len();
@@ -436,6 +453,9 @@ pub fn plan(state: &State, cx: &Context<'_>, rng: &mut impl Rng) -> Plan {
     // A tool (with the same constraints) no node could take stays that way for this pass:
     // placements only use capacity up.
     let mut exhausted: HashMap<String, String> = HashMap::new();
+    // Fan-out task → nodes its replicas got in this pass: replicas stay on distinct nodes
+    // even when several are placed at once.
+    let mut replicas_placed: HashMap<&str, Vec<&str>> = HashMap::new();
     let mut cursors: HashMap<&str, _> = state
         .index
         .queue
@@ -480,8 +500,23 @@ pub fn plan(state: &State, cx: &Context<'_>, rng: &mut impl Rng) -> Plan {
             turn.push((Reverse(active), Reverse(tenant)));
             continue;
         }
-        match place_cached(state, cx, &in_flight, task, rng, &mut cache) {
+        let placed = task
+            .parent
+            .as_deref()
+            .and_then(|p| replicas_placed.get(p))
+            .cloned()
+            .unwrap_or_default();
+        match place_cached(state, cx, &in_flight, task, rng, &mut cache, &placed) {
             Ok(p) => {
+                if let (Some(parent), Some((node, _))) = (
+                    task.parent.as_deref(),
+                    state.nodes.get_key_value(&p.node_id),
+                ) {
+                    replicas_placed
+                        .entry(parent)
+                        .or_default()
+                        .push(node.as_str());
+                }
                 *in_flight
                     .entry((p.node_id.clone(), p.server.clone()))
                     .or_default() += 1;

@@ -21,7 +21,9 @@ pub fn due(state: &State, now_ms: i64) -> Vec<(String, Timeout, u32)> {
             continue;
         };
         let d = &t.spec.deadlines;
-        if d.total_timeout_ms > 0 && now_ms >= t.created_at_ms + d.total_timeout_ms as i64 {
+        if d.total_timeout_ms > 0
+            && now_ms >= t.created_at_ms.saturating_add(d.total_timeout_ms as i64)
+        {
             // A replica ends with its fan-out task.
             if t.parent.is_none() {
                 out.push((id.clone(), Timeout::Total, 0));
@@ -30,14 +32,13 @@ pub fn due(state: &State, now_ms: i64) -> Vec<(String, Timeout, u32)> {
         }
         if t.status == TaskStatus::Queued
             && t.group.is_none()
-            && d.queue_timeout_ms > 0
-            && now_ms >= t.created_at_ms + d.queue_timeout_ms as i64
+            && t.queue_deadline_ms().is_some_and(|due| now_ms >= due)
         {
             out.push((id.clone(), Timeout::Queue, 0));
         }
         if t.status.is_active() && d.attempt_timeout_ms > 0 {
             if let Some(a) = t.current_attempt() {
-                if now_ms >= a.assigned_at_ms + d.attempt_timeout_ms as i64 {
+                if now_ms >= a.assigned_at_ms.saturating_add(d.attempt_timeout_ms as i64) {
                     out.push((id.clone(), Timeout::Attempt, a.number));
                 }
             }

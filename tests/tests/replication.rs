@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use flotilla_proto as pb;
 use flotilla_tests::{
-    check_every_acknowledged_task_ran_once, recording_node, result_text, wait_until, Cluster, Load,
-    NodeSpec, READY,
+    check_every_acknowledged_task_ran_once, recording_node, result_text, wait_state, wait_until,
+    Cluster, Load, NodeSpec, READY,
 };
 use serde_json::json;
 
@@ -391,5 +391,114 @@ async fn the_raft_port_accepts_only_hub_certificates() -> anyhow::Result<()> {
     let hub_cert = ca.issue_hub("hub-9", &["localhost".into()])?;
     let ok = status(Some(hub_cert)).await?;
     assert!(ok.is_ok(), "{ok:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_workflow_and_a_fan_out_carry_on_across_a_leader_crash() -> anyhow::Result<()> {
+    let mut c = Cluster::with_hubs(3).await?;
+    c.add_node(NodeSpec::demo("edge-1")).await?;
+    c.add_node(NodeSpec::demo("edge-2")).await?;
+    let leader = c.wait_leader().await?;
+    let other = (1..=3).find(|h| *h != leader).expect("a follower");
+    let mut agent = c.agent_at(leader, &c.admin_token);
+    let step = |name: &str, tool: &str, deps: &[&str], args: serde_json::Value| pb::StepSpec {
+        name: name.into(),
+        tool: tool.into(),
+        arguments: serde_json::to_vec(&args).unwrap_or_default(),
+        depends_on: deps.iter().map(|d| d.to_string()).collect(),
+        ..Default::default()
+    };
+    let wf = agent
+        .submit_workflow(pb::SubmitWorkflowRequest {
+            name: "across".into(),
+            steps: vec![
+                step("slow", "sleep", &[], json!({"ms": 1500, "steps": 3})),
+                step(
+                    "x",
+                    "echo",
+                    &["slow"],
+                    json!({"text": "x:${steps.slow.text}"}),
+                ),
+                step("y", "echo", &["slow"], json!({"text": "y"})),
+                step(
+                    "z",
+                    "echo",
+                    &["x", "y"],
+                    json!({"text": "${steps.x.text}|${steps.y.text}"}),
+                ),
+            ],
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .workflow_id;
+    let fan = agent
+        .submit_task(pb::SubmitTaskRequest {
+            tool: "sleep".into(),
+            arguments: serde_json::to_vec(&json!({"ms": 1500, "steps": 3}))?,
+            options: Some(pb::TaskOptions {
+                replicas: 2,
+                aggregation: pb::Aggregation::All as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .task_id;
+    wait_state(&agent, &fan, pb::TaskState::Running).await?;
+    c.kill_hub(leader);
+
+    let mut agent = c.agent_at(other, &c.admin_token);
+    let w = wait_until("the workflow to end on the new leader", READY, || {
+        let mut a = agent.clone();
+        let id = wf.clone();
+        async move {
+            let w = a
+                .get_workflow(pb::GetWorkflowRequest { workflow_id: id })
+                .await
+                .ok()?
+                .into_inner();
+            (w.state != pb::WorkflowState::Running as i32).then_some(w)
+        }
+    })
+    .await?;
+    assert_eq!(w.state, pb::WorkflowState::Succeeded as i32, "{w:?}");
+    let z = w.steps.iter().find(|s| s.name == "z").expect("z");
+    let args: serde_json::Value = serde_json::from_slice(&z.arguments)?;
+    assert_eq!(args["text"], "x:slept 1500 ms in 3 steps|y");
+    // A watch on a follower replays every step's end and the workflow's.
+    let mut events = agent
+        .watch_workflow(pb::WatchWorkflowRequest {
+            workflow_id: wf.clone(),
+            from_seq: 0,
+        })
+        .await?
+        .into_inner();
+    let mut ended = Vec::new();
+    while let Some(ev) = events.message().await? {
+        if ev.step.is_empty() {
+            break;
+        }
+        ended.push(ev.step);
+    }
+    assert_eq!(ended.len(), 4, "{ended:?}");
+
+    let t = c.wait_task(&mut agent, &fan).await?;
+    assert_eq!(t.state, pb::TaskState::Succeeded as i32, "{t:?}");
+    let nodes: std::collections::BTreeSet<&str> =
+        t.replicas.iter().map(|r| r.node_id.as_str()).collect();
+    assert_eq!(nodes.len(), 2, "replicas on distinct nodes: {t:?}");
+    for r in &t.replicas {
+        let rt = agent
+            .get_task(pb::GetTaskRequest {
+                task_id: r.task_id.clone(),
+            })
+            .await?
+            .into_inner();
+        assert_eq!(rt.state, pb::TaskState::Succeeded as i32);
+        assert_eq!(rt.parent_id, fan);
+    }
     Ok(())
 }

@@ -324,6 +324,19 @@ async fn deadlines_retries_and_dead_letters() -> anyhow::Result<()> {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("retry_on"), "{}", e.message());
+    let huge = pb::TaskOptions {
+        deadlines: Some(pb::Deadlines {
+            queue_timeout_ms: u64::MAX,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let e = agent
+        .submit_task(with("echo", json!({"text": "x"}), huge))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("30 days"), "{}", e.message());
     Ok(())
 }
 

@@ -367,9 +367,9 @@ fn replicas_go_to_distinct_nodes_and_spread_over_zones() {
     w.live.insert("b1".into(), live(80.0));
     w.submit("f", "t", |t| t.spec.replicas = 2);
     assert!(w.state.tasks["f"].group.is_some());
-    let r0 = w.place("f-r0").unwrap();
-    w.assign("f-r0", &r0);
-    let r1 = w.place("f-r1").unwrap();
+    let r0 = w.place("f/r0").unwrap();
+    w.assign("f/r0", &r0);
+    let r1 = w.place("f/r1").unwrap();
     assert_ne!(r0, r1);
     let zone = |n: &str| w.state.nodes[n].labels["zone"].clone();
     assert_ne!(zone(&r0), zone(&r1), "{r0} and {r1} share a zone");
@@ -377,8 +377,8 @@ fn replicas_go_to_distinct_nodes_and_spread_over_zones() {
     let mut solo = World::new();
     solo.node("a1", 4, &[]);
     solo.submit("f", "t", |t| t.spec.replicas = 2);
-    solo.assign("f-r0", "a1");
-    assert!(solo.place("f-r1").unwrap_err().contains("another replica"));
+    solo.assign("f/r0", "a1");
+    assert!(solo.place("f/r1").unwrap_err().contains("another replica"));
     let _ = Group { replicas: vec![] };
 }
 
@@ -439,4 +439,37 @@ fn backoff_keeps_a_task_waiting_until_its_time() {
     let p = plan(&w.state, &w.cx(), &mut StdRng::seed_from_u64(1));
     assert!(p.assign.is_empty());
     assert!(p.waiting[0].1.contains("retrying"), "{:?}", p.waiting);
+}
+
+#[test]
+fn replicas_placed_in_one_pass_still_go_to_distinct_nodes() {
+    let mut w = World::new();
+    w.node("a", 8, &[("zone", "a")])
+        .node("b", 8, &[("zone", "b")])
+        .node("c", 8, &[("zone", "c")]);
+    // Zone a is preferred: without pass-level bookkeeping every replica would pick a.
+    w.submit("f", "t", |t| {
+        t.spec.replicas = 3;
+        t.spec.placement.zone = Some("a".into());
+    });
+    let plan = plan(&w.state, &w.cx(), &mut StdRng::seed_from_u64(5));
+    let mut nodes: Vec<&str> = plan
+        .assign
+        .iter()
+        .map(|(_, p)| p.node_id.as_str())
+        .collect();
+    nodes.sort();
+    assert_eq!(nodes, ["a", "b", "c"]);
+    // And the state machine refuses a second replica on a node anyway.
+    w.assign("f/r0", "a");
+    let r = w.apply(Command::AssignTask {
+        task_id: "f/r1".into(),
+        node_id: "a".into(),
+        server: "demo".into(),
+        at_ms: 3,
+    });
+    assert_eq!(
+        r,
+        crate::state::Response::Rejected(crate::state::Rejection::SiblingOnNode)
+    );
 }

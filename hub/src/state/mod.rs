@@ -65,6 +65,9 @@ pub struct AttemptRecord {
     pub started_at_ms: Option<i64>,
     pub finished_at_ms: Option<i64>,
     pub error: Option<String>,
+    /// Taken back before it reached the node: it does not count as a try.
+    #[serde(default)]
+    pub requeued: bool,
 }
 
 /// A fan-out task's replicas.
@@ -108,6 +111,9 @@ pub struct TaskRecord {
     /// A queued task backing off before its next attempt is not placed before this.
     #[serde(default)]
     pub not_before_ms: Option<i64>,
+    /// When it last went (back) to the queue; the queue timeout counts from here.
+    #[serde(default)]
+    pub queued_at_ms: Option<i64>,
     /// Ended failed or lost after its last allowed attempt.
     #[serde(default)]
     pub dead_lettered: bool,
@@ -149,6 +155,7 @@ impl TaskRecord {
             spec: TaskSpec::default(),
             scopes: Vec::new(),
             not_before_ms: None,
+            queued_at_ms: None,
             dead_lettered: false,
             group: None,
             parent: None,
@@ -165,6 +172,27 @@ impl TaskRecord {
         self.status = status;
         self.updated_at_ms = at_ms;
         self.transitions += 1;
+        if status == TaskStatus::Queued {
+            self.queued_at_ms = Some(at_ms);
+        }
+    }
+
+    /// Attempts that count as tries: every one that was not taken back before it ran.
+    pub fn tries(&self) -> usize {
+        self.attempts.iter().filter(|a| !a.requeued).count()
+    }
+
+    /// When a queued task's queue timeout runs out: counted from when it (last) went to the
+    /// queue, or from the end of its backoff.
+    pub fn queue_deadline_ms(&self) -> Option<i64> {
+        let limit = self.spec.deadlines.queue_timeout_ms;
+        (limit > 0).then(|| {
+            let from = self
+                .queued_at_ms
+                .unwrap_or(self.created_at_ms)
+                .max(self.not_before_ms.unwrap_or(i64::MIN));
+            from.saturating_add(limit as i64)
+        })
     }
 
     /// Ends the current attempt, if it is still open, with `why`.
@@ -180,10 +208,10 @@ impl TaskRecord {
     /// After a failure of `kind`: back to the queue (after a backoff) when the retry
     /// policy allows another attempt, otherwise ended `end` with `why` and dead-lettered.
     fn fail_or_retry(&mut self, kind: FailureKind, end: TaskStatus, why: String, at_ms: i64) {
-        let made = self.attempts.len();
+        let made = self.tries();
         if self.spec.retry.allows(kind, made) {
             let wait = self.spec.retry.backoff_ms(made as u32 + 1, &self.id);
-            self.not_before_ms = Some(at_ms + wait as i64);
+            self.not_before_ms = Some(at_ms.saturating_add(wait as i64));
             self.error = Some(format!("{why}; attempt {} in {wait} ms", made + 1));
             self.set(TaskStatus::Queued, at_ms);
         } else {
@@ -518,6 +546,8 @@ pub enum Rejection {
     WorkflowEnded,
     #[error("the deadline has not passed")]
     NotDue,
+    #[error("another replica of the same fan-out task is on that node")]
+    SiblingOnNode,
 }
 
 /// A running attempt the hub ended: its node should stop it.
@@ -641,8 +671,12 @@ impl State {
         r
     }
 
-    /// Adds a new task (a submission, a replica, a workflow step).
+    /// Adds a new task (a submission, a replica, a workflow step). An id that exists is
+    /// left alone (generated ids cannot collide; this keeps the index true if one did).
     fn insert_task(&mut self, t: TaskRecord) {
+        if self.tasks.contains_key(&t.id) {
+            return;
+        }
         self.index.link_task(&t);
         self.effects.touched.push(t.id.clone());
         self.tasks.insert(t.id.clone(), t);
@@ -704,6 +738,9 @@ impl State {
                 if !self.nodes.contains_key(node_id) {
                     return Err(Rejection::NoSuchNode(node_id.clone()));
                 }
+                if self.sibling_on(task_id, node_id) {
+                    return Err(Rejection::SiblingOnNode);
+                }
                 self.update(task_id, false, |t| {
                     if t.status != TaskStatus::Queued || t.group.is_some() {
                         return Err(Rejection::WrongState(t.status));
@@ -718,6 +755,7 @@ impl State {
                         started_at_ms: None,
                         finished_at_ms: None,
                         error: None,
+                        requeued: false,
                     });
                     t.not_before_ms = None;
                     t.set(TaskStatus::Assigned, *at_ms);
@@ -801,6 +839,9 @@ impl State {
                     return Err(Rejection::WrongState(t.status));
                 }
                 t.close_attempt(*at_ms, reason);
+                if let Some(a) = t.attempts.last_mut() {
+                    a.requeued = true;
+                }
                 t.set(TaskStatus::Queued, *at_ms);
                 Ok(Response::TaskNow(t.status))
             }),
@@ -999,6 +1040,24 @@ impl State {
         }
     }
 
+    /// Whether another replica of `task_id`'s fan-out task is assigned or running on `node`.
+    fn sibling_on(&self, task_id: &str, node: &str) -> bool {
+        let Some(group) = self
+            .tasks
+            .get(task_id)
+            .and_then(|t| t.parent.as_ref())
+            .and_then(|p| self.tasks.get(p))
+            .and_then(|p| p.group.as_ref())
+        else {
+            return false;
+        };
+        group.replicas.iter().filter(|r| *r != task_id).any(|r| {
+            self.tasks.get(r).is_some_and(|s| {
+                s.status.is_active() && s.current_attempt().is_some_and(|a| a.node_id == node)
+            })
+        })
+    }
+
     fn submit(&mut self, task: &TaskRecord) -> Response {
         // The same submission committed twice (a forwarded write retried) is one task.
         if self.tasks.contains_key(&task.id) {
@@ -1025,14 +1084,14 @@ impl State {
     }
 
     /// Inserts a task; one asking for several replicas becomes a fan-out task plus one
-    /// task per replica (ids `<id>-r<i>`).
+    /// task per replica (ids `<id>/r<i>`: `/` is in no step name or generated id).
     fn insert_with_replicas(&mut self, mut task: TaskRecord) {
         let n = task.spec.replicas;
         if n <= 1 {
             self.insert_task(task);
             return;
         }
-        let ids: Vec<String> = (0..n).map(|i| format!("{}-r{i}", task.id)).collect();
+        let ids: Vec<String> = (0..n).map(|i| format!("{}/r{i}", task.id)).collect();
         task.group = Some(Group {
             replicas: ids.clone(),
         });
@@ -1100,7 +1159,7 @@ impl State {
                     return Err(Rejection::WrongState(t.status));
                 }
                 let limit = d.queue_timeout_ms;
-                if limit == 0 || at_ms < t.created_at_ms + limit as i64 {
+                if t.queue_deadline_ms().is_none_or(|due| at_ms < due) {
                     return Err(Rejection::NotDue);
                 }
                 let why = if detail.is_empty() {
@@ -1121,7 +1180,7 @@ impl State {
                 let Some(a) = a.filter(|_| t.status.is_active()) else {
                     return Err(Rejection::Stale);
                 };
-                if limit == 0 || at_ms < a.assigned_at_ms + limit as i64 {
+                if limit == 0 || at_ms < a.assigned_at_ms.saturating_add(limit as i64) {
                     return Err(Rejection::NotDue);
                 }
                 let (tool, node, server) = (t.tool.clone(), a.node_id.clone(), a.server.clone());
@@ -1138,7 +1197,7 @@ impl State {
                     return Err(Rejection::WrongState(t.status));
                 }
                 let limit = d.total_timeout_ms;
-                if limit == 0 || at_ms < t.created_at_ms + limit as i64 {
+                if limit == 0 || at_ms < t.created_at_ms.saturating_add(limit as i64) {
                     return Err(Rejection::NotDue);
                 }
                 let why = format!("did not finish within its total timeout of {limit} ms");
@@ -1206,11 +1265,17 @@ impl State {
                 .catalogue
                 .get(&t.tool)
                 .is_some_and(|e| e.def.read_only || e.def.idempotent);
-            let made = t.attempts.len();
+            let made = t.tries();
             let rerun = (safe
                 && made < t.spec.retry.max_attempts.max(spec::NODE_LOSS_RERUNS) as usize)
                 || t.spec.retry.allows(FailureKind::NodeLost, made);
             let running = t.status == TaskStatus::Running;
+            let on_node = |t: &TaskRecord| {
+                t.status.is_active() && t.current_attempt().is_some_and(|a| a.node_id == node_id)
+            };
+            if !on_node(t) {
+                continue;
+            }
             let _ = self.update(&id, by_node, |t| {
                 if rerun {
                     t.close_attempt(

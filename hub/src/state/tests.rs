@@ -484,15 +484,15 @@ fn majority_fan_out_wins_over_one_disagreeing_replica() {
         !m.s.index.queue["t"].iter().any(|k| k.2 == "f"),
         "the fan-out task itself is never placed"
     );
-    let a0 = m.assign("f-r0", "n1", 2);
+    let a0 = m.assign("f/r0", "n1", 2);
     assert_eq!(m.status("f"), TaskStatus::Running);
-    let a1 = m.assign("f-r1", "n2", 2);
-    let a2 = m.assign("f-r2", "n3", 2);
-    m.finish("f-r0", a0, "42", true);
-    m.finish("f-r1", a1, "41", true);
+    let a1 = m.assign("f/r1", "n2", 2);
+    let a2 = m.assign("f/r2", "n3", 2);
+    m.finish("f/r0", a0, "42", true);
+    m.finish("f/r1", a1, "41", true);
     assert_eq!(m.status("f"), TaskStatus::Running);
     m.s.take_effects();
-    m.finish("f-r2", a2, "42", true);
+    m.finish("f/r2", a2, "42", true);
     assert_eq!(m.status("f"), TaskStatus::Succeeded);
     assert_eq!(
         fanout::vote_of(m.s.tasks["f"].result.as_ref().unwrap()),
@@ -508,13 +508,13 @@ fn first_fan_out_cancels_the_rest_and_quorum_fails_when_it_cannot_be_reached() {
         t.spec.replicas = 3;
         t.spec.aggregation = Aggregation::First;
     });
-    let a0 = m.assign("f-r0", "n1", 2);
-    let _ = m.assign("f-r1", "n2", 2);
+    let a0 = m.assign("f/r0", "n1", 2);
+    let _ = m.assign("f/r1", "n2", 2);
     m.s.take_effects();
-    m.finish("f-r0", a0, "fast", true);
+    m.finish("f/r0", a0, "fast", true);
     assert_eq!(m.status("f"), TaskStatus::Succeeded);
-    assert_eq!(m.status("f-r1"), TaskStatus::Cancelled);
-    assert_eq!(m.status("f-r2"), TaskStatus::Cancelled);
+    assert_eq!(m.status("f/r1"), TaskStatus::Cancelled);
+    assert_eq!(m.status("f/r2"), TaskStatus::Cancelled);
     let fx = m.s.take_effects();
     assert_eq!(
         fx.stopped.len(),
@@ -522,33 +522,33 @@ fn first_fan_out_cancels_the_rest_and_quorum_fails_when_it_cannot_be_reached() {
         "only the running replica needs a cancel: {:?}",
         fx.stopped
     );
-    assert_eq!(fx.stopped[0].task_id, "f-r1");
+    assert_eq!(fx.stopped[0].task_id, "f/r1");
 
     m.submit("q", |t| {
         t.spec.replicas = 3;
         t.spec.aggregation = Aggregation::Quorum(3);
     });
-    let b0 = m.assign("q-r0", "n1", 2);
-    let b1 = m.assign("q-r1", "n2", 2);
-    m.finish("q-r0", b0, "1", true);
-    m.finish("q-r1", b1, "2", true);
+    let b0 = m.assign("q/r0", "n1", 2);
+    let b1 = m.assign("q/r1", "n2", 2);
+    m.finish("q/r0", b0, "1", true);
+    m.finish("q/r1", b1, "2", true);
     assert_eq!(m.status("q"), TaskStatus::Failed);
     assert!(m.s.tasks["q"]
         .error
         .as_deref()
         .unwrap()
         .contains("quorum(3)"));
-    assert_eq!(m.status("q-r2"), TaskStatus::Cancelled);
+    assert_eq!(m.status("q/r2"), TaskStatus::Cancelled);
 
     // Cancelling a fan-out task cancels its replicas.
     m.submit("c", |t| t.spec.replicas = 2);
-    let _ = m.assign("c-r0", "n1", 2);
+    let _ = m.assign("c/r0", "n1", 2);
     m.apply(Command::CancelTask {
         task_id: "c".into(),
         at_ms: 5,
     });
     assert_eq!(m.status("c"), TaskStatus::Cancelled);
-    assert_eq!(m.status("c-r0"), TaskStatus::Cancelled);
+    assert_eq!(m.status("c/r0"), TaskStatus::Cancelled);
     m.check_index();
 }
 
@@ -692,7 +692,7 @@ fn cancel_all_of_a_tenant_reaches_workflows_and_fan_outs() {
         FailurePolicy::FailFast,
     ));
     m.submit("f", |t| t.spec.replicas = 2);
-    let _ = m.assign("f-r0", "n1", 2);
+    let _ = m.assign("f/r0", "n1", 2);
     let r = m.apply(Command::CancelTenantTasks {
         tenant: "t".into(),
         at_ms: 9,
@@ -704,5 +704,54 @@ fn cancel_all_of_a_tenant_reaches_workflows_and_fan_outs() {
     assert_eq!(m.s.workflows["w"].status, WorkflowStatus::Cancelled);
     assert_eq!(m.status("f"), TaskStatus::Cancelled);
     assert!(m.s.index.open.is_empty(), "{:?}", m.s.index.open);
+    m.check_index();
+}
+
+#[test]
+fn a_requeued_task_counts_its_queue_timeout_from_its_return_and_requeues_are_not_tries() {
+    let mut m = Sm::new(&["n1"]);
+    m.submit("t", |t| {
+        t.spec.deadlines.queue_timeout_ms = 100;
+        t.spec.retry = RetryPolicy {
+            max_attempts: 2,
+            initial_backoff_ms: 50,
+            max_backoff_ms: 50,
+            retry_on: vec![FailureKind::ToolError],
+        };
+    });
+    // Taken back before it reached the node: not a try.
+    let (attempt, fence) = m.assign("t", "n1", 5);
+    m.apply(Command::RequeueTask {
+        task_id: "t".into(),
+        attempt,
+        fence,
+        at_ms: 6,
+        reason: "gone".into(),
+    });
+    assert_eq!(m.s.tasks["t"].tries(), 0);
+    let a = m.assign("t", "n1", 7);
+    // Ran long, then failed at 1000: back in the queue after its backoff.
+    m.apply(Command::FinishTask {
+        task_id: "t".into(),
+        attempt: a.0,
+        fence: a.1,
+        at_ms: 1000,
+        result: None,
+        error: Some("boom".into()),
+    });
+    assert_eq!(m.status("t"), TaskStatus::Queued);
+    let due = m.s.tasks["t"].queue_deadline_ms().unwrap();
+    assert!(
+        due >= 1000 + 100,
+        "the queue timeout counts from the requeue: {due}"
+    );
+    let early = Command::TimeoutTask {
+        task_id: "t".into(),
+        kind: Timeout::Queue,
+        attempt: 0,
+        at_ms: 1010,
+        detail: String::new(),
+    };
+    assert_eq!(m.apply(early), Response::Rejected(Rejection::NotDue));
     m.check_index();
 }
