@@ -8,7 +8,7 @@ use std::{collections::HashMap, time::Instant};
 use flotilla_hub::{
     scheduler::{self, Context, Limits},
     sessions::{LiveNode, LiveServer},
-    state::{Command, NodeRecord, NodeStatus, OfferedServer, State, TaskRecord, ToolDef},
+    state::{Command, NodeRecord, OfferedServer, State, TaskRecord, ToolDef},
 };
 use flotilla_proto::ServerState;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -29,20 +29,8 @@ fn world(nodes: usize, queued: usize, slots: u32) -> (State, HashMap<String, Liv
     };
     for i in 0..nodes {
         let id = format!("node-{i:05}");
-        s.nodes.insert(
-            id.clone(),
-            NodeRecord {
-                id: id.clone(),
-                labels: Default::default(),
-                status: NodeStatus::Ready,
-                joined_at_ms: 0,
-                last_hello_ms: None,
-                servers: vec![],
-                drain_deadline_ms: None,
-                tenants: vec![],
-                cpu_high_water_percent: 0.0,
-            },
-        );
+        s.nodes
+            .insert(id.clone(), NodeRecord::new(&id, Default::default(), 0));
         ix += 1;
         s.apply(
             ix,

@@ -843,6 +843,34 @@ pub fn submit(tool: &str, args: serde_json::Value) -> pb::SubmitTaskRequest {
     }
 }
 
+/// Polls a task until the scheduler says why it waits; returns it.
+pub async fn wait_pending(agent: &Agent, id: &str) -> anyhow::Result<pb::Task> {
+    wait_until(&format!("task {id} to show why it waits"), READY, || {
+        let mut a = agent.clone();
+        let id = id.to_owned();
+        async move {
+            let t = a
+                .get_task(pb::GetTaskRequest { task_id: id })
+                .await
+                .ok()?
+                .into_inner();
+            (!t.pending_reason.is_empty()).then_some(t)
+        }
+    })
+    .await
+}
+
+/// A workflow step calling `tool` after `deps` with `args`.
+pub fn step(name: &str, tool: &str, deps: &[&str], args: serde_json::Value) -> pb::StepSpec {
+    pb::StepSpec {
+        name: name.into(),
+        tool: tool.into(),
+        arguments: serde_json::to_vec(&args).unwrap_or_default(),
+        depends_on: deps.iter().map(|d| d.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
 /// Polls a task until it is in `want`; returns it.
 pub async fn wait_state(agent: &Agent, id: &str, want: pb::TaskState) -> anyhow::Result<pb::Task> {
     wait_until(&format!("task {id} to be {want:?}"), READY, || {

@@ -2,7 +2,7 @@
 //! scheduling, cancelling every task of a tenant.
 
 use flotilla_proto as pb;
-use flotilla_tests::{recording_node, result_text, submit, wait_state, wait_until, Cluster, READY};
+use flotilla_tests::{recording_node, result_text, submit, wait_pending, wait_state, Cluster};
 use serde_json::json;
 
 #[tokio::test]
@@ -53,19 +53,7 @@ async fn cordon_pause_and_cancel_all() -> anyhow::Result<()> {
         .await?
         .into_inner()
         .task_id;
-    let waiting = wait_until("the pause to show", READY, || {
-        let mut a = agent.clone();
-        let id = id.clone();
-        async move {
-            let t = a
-                .get_task(pb::GetTaskRequest { task_id: id })
-                .await
-                .ok()?
-                .into_inner();
-            (!t.pending_reason.is_empty()).then_some(t)
-        }
-    })
-    .await?;
+    let waiting = wait_pending(&agent, &id).await?;
     assert_eq!(waiting.state, pb::TaskState::Queued as i32);
     assert!(
         waiting.pending_reason.contains("paused"),

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use flotilla_proto as pb;
 use flotilla_tests::{
-    check_every_acknowledged_task_ran_once, recording_node, result_text, wait_state, wait_until,
-    Cluster, Load, NodeSpec, READY,
+    check_every_acknowledged_task_ran_once, recording_node, result_text, step, wait_state,
+    wait_until, Cluster, Load, NodeSpec, READY,
 };
 use serde_json::json;
 
@@ -402,13 +402,6 @@ async fn a_workflow_and_a_fan_out_carry_on_across_a_leader_crash() -> anyhow::Re
     let leader = c.wait_leader().await?;
     let other = (1..=3).find(|h| *h != leader).expect("a follower");
     let mut agent = c.agent_at(leader, &c.admin_token);
-    let step = |name: &str, tool: &str, deps: &[&str], args: serde_json::Value| pb::StepSpec {
-        name: name.into(),
-        tool: tool.into(),
-        arguments: serde_json::to_vec(&args).unwrap_or_default(),
-        depends_on: deps.iter().map(|d| d.to_string()).collect(),
-        ..Default::default()
-    };
     let wf = agent
         .submit_workflow(pb::SubmitWorkflowRequest {
             name: "across".into(),

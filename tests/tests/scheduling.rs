@@ -5,7 +5,8 @@
 
 use flotilla_proto as pb;
 use flotilla_tests::{
-    demo_server, result_text, submit, wait_state, wait_until, Agent, Cluster, NodeSpec, READY,
+    demo_server, result_text, step, submit, wait_pending, wait_state, wait_until, Agent, Cluster,
+    NodeSpec, READY,
 };
 use serde_json::json;
 
@@ -104,19 +105,7 @@ async fn placement_follows_locality_labels_tenants_and_load() -> anyhow::Result<
         .await?
         .into_inner()
         .task_id;
-    let waiting = wait_until("the reason to show", READY, || {
-        let mut a = agent.clone();
-        let id = id.clone();
-        async move {
-            let t = a
-                .get_task(pb::GetTaskRequest { task_id: id })
-                .await
-                .ok()?
-                .into_inner();
-            (!t.pending_reason.is_empty()).then_some(t)
-        }
-    })
-    .await?;
+    let waiting = wait_pending(&agent, &id).await?;
     assert!(
         waiting.pending_reason.contains("tenant"),
         "{}",
@@ -384,13 +373,6 @@ async fn a_workflow_runs_a_parallel_phase_and_hands_results_on() -> anyhow::Resu
     c.add_node(zone_node("w1", "a")).await?;
     c.add_node(zone_node("w2", "b")).await?;
     let mut agent = c.agent();
-    let step = |name: &str, tool: &str, deps: &[&str], args: serde_json::Value| pb::StepSpec {
-        name: name.into(),
-        tool: tool.into(),
-        arguments: serde_json::to_vec(&args).unwrap_or_default(),
-        depends_on: deps.iter().map(|d| d.to_string()).collect(),
-        ..Default::default()
-    };
     let req = pb::SubmitWorkflowRequest {
         name: "fan".into(),
         steps: vec![

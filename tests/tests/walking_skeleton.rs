@@ -2,7 +2,7 @@
 //! and runs the built-in demo MCP server, and an agent calling tools through the hub.
 
 use flotilla_proto as pb;
-use flotilla_tests::{result_text, wait_until, Cluster, NodeSpec, READY};
+use flotilla_tests::{result_text, wait_pending, wait_until, Cluster, NodeSpec, READY};
 use serde_json::json;
 
 #[tokio::test]
@@ -181,19 +181,7 @@ async fn a_task_waits_for_a_node_that_offers_its_tool() -> anyhow::Result<()> {
         .await?
         .into_inner()
         .task_id;
-    let waiting = wait_until("a pending reason", READY, || {
-        let mut agent = agent.clone();
-        let id = id.clone();
-        async move {
-            let t = agent
-                .get_task(pb::GetTaskRequest { task_id: id })
-                .await
-                .ok()?
-                .into_inner();
-            (!t.pending_reason.is_empty()).then_some(t)
-        }
-    })
-    .await?;
+    let waiting = wait_pending(&agent, &id).await?;
     assert_eq!(waiting.state, pb::TaskState::Queued as i32);
     assert!(
         waiting.pending_reason.contains("not connected"),

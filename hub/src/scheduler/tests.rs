@@ -52,20 +52,9 @@ impl World {
     }
 
     fn node(&mut self, id: &str, slots: u32, labels: &[(&str, &str)]) -> &mut Self {
-        self.state.nodes.insert(
-            id.into(),
-            NodeRecord {
-                id: id.into(),
-                labels: Default::default(),
-                status: NodeStatus::Ready,
-                joined_at_ms: 0,
-                last_hello_ms: None,
-                servers: vec![],
-                drain_deadline_ms: None,
-                tenants: vec![],
-                cpu_high_water_percent: 0.0,
-            },
-        );
+        self.state
+            .nodes
+            .insert(id.into(), NodeRecord::new(id, Default::default(), 0));
         self.apply(Command::NodeHello {
             node_id: id.into(),
             labels: labels

@@ -301,6 +301,21 @@ pub struct NodeRecord {
 }
 
 impl NodeRecord {
+    /// A ready node that has not said hello yet.
+    pub fn new(id: &str, labels: BTreeMap<String, String>, at_ms: i64) -> Self {
+        Self {
+            id: id.to_owned(),
+            labels,
+            status: NodeStatus::Ready,
+            joined_at_ms: at_ms,
+            last_hello_ms: None,
+            servers: Vec::new(),
+            drain_deadline_ms: None,
+            tenants: Vec::new(),
+            cpu_high_water_percent: 0.0,
+        }
+    }
+
     pub fn serves(&self, tenant: &str) -> bool {
         self.tenants.is_empty() || self.tenants.iter().any(|t| t == tenant)
     }
@@ -889,17 +904,7 @@ impl State {
                 tok.uses_left -= 1;
                 self.nodes.insert(
                     node_id.clone(),
-                    NodeRecord {
-                        id: node_id.clone(),
-                        labels: labels.clone(),
-                        status: NodeStatus::Ready,
-                        joined_at_ms: *at_ms,
-                        last_hello_ms: None,
-                        servers: Vec::new(),
-                        drain_deadline_ms: None,
-                        tenants: Vec::new(),
-                        cpu_high_water_percent: 0.0,
-                    },
+                    NodeRecord::new(node_id, labels.clone(), *at_ms),
                 );
                 Ok(Response::Done)
             }

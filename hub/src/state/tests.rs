@@ -11,20 +11,8 @@ fn task(id: &str, key: Option<&str>) -> Command {
 
 fn with_node() -> State {
     let mut s = State::default();
-    s.nodes.insert(
-        "n1".into(),
-        NodeRecord {
-            id: "n1".into(),
-            labels: Default::default(),
-            status: NodeStatus::Ready,
-            joined_at_ms: 0,
-            last_hello_ms: None,
-            servers: vec![],
-            drain_deadline_ms: None,
-            tenants: vec![],
-            cpu_high_water_percent: 0.0,
-        },
-    );
+    s.nodes
+        .insert("n1".into(), NodeRecord::new("n1", Default::default(), 0));
     s
 }
 
@@ -280,20 +268,8 @@ impl Sm {
     fn new(nodes: &[&str]) -> Self {
         let mut s = State::default();
         for n in nodes {
-            s.nodes.insert(
-                n.to_string(),
-                NodeRecord {
-                    id: n.to_string(),
-                    labels: Default::default(),
-                    status: NodeStatus::Ready,
-                    joined_at_ms: 0,
-                    last_hello_ms: None,
-                    servers: vec![],
-                    drain_deadline_ms: None,
-                    tenants: vec![],
-                    cpu_high_water_percent: 0.0,
-                },
-            );
+            s.nodes
+                .insert(n.to_string(), NodeRecord::new(n, Default::default(), 0));
         }
         s.catalogue.insert(
             "echo".into(),
