@@ -146,22 +146,22 @@ fn exit_for(t: &pb::Task) -> ExitCode {
     }
 }
 
-/// Follows a task's events (resuming after a broken stream) until it ends; returns the task.
-async fn watch_until_done(
-    agent: &mut Agent,
-    task_id: &str,
-    people: bool,
-) -> anyhow::Result<pb::Task> {
-    let mut from = 1;
+/// Reads a resumable event stream until `on` says the end was seen: `open(from)` opens it
+/// from sequence number `from`, `on(event)` returns the event's number and whether it was the
+/// last. A stream broken by an unavailable hub (a failover) is reopened after the last
+/// number seen.
+pub(crate) async fn follow_events<E, Open, Fut>(
+    mut from: u64,
+    mut open: Open,
+    mut on: impl FnMut(&E) -> (u64, bool),
+) -> anyhow::Result<()>
+where
+    Open: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<tonic::Streaming<E>>, Status>>,
+{
     let mut failures = 0;
     loop {
-        let stream = agent
-            .watch_task(pb::WatchTaskRequest {
-                task_id: task_id.to_owned(),
-                from_seq: from,
-            })
-            .await;
-        let mut stream = match stream {
+        let mut stream = match open(from).await {
             Ok(s) => s.into_inner(),
             Err(s) if s.code() == tonic::Code::Unavailable && failures < 30 => {
                 failures += 1;
@@ -173,18 +173,10 @@ async fn watch_until_done(
         loop {
             match stream.message().await {
                 Ok(Some(ev)) => {
-                    from = ev.seq + 1;
-                    if people {
-                        print_event(&ev);
-                    }
-                    if is_terminal(ev.kind) {
-                        return agent
-                            .get_task(pb::GetTaskRequest {
-                                task_id: task_id.to_owned(),
-                            })
-                            .await
-                            .map(|r| r.into_inner())
-                            .map_err(status_error);
+                    let (seq, last) = on(&ev);
+                    from = seq + 1;
+                    if last {
+                        return Ok(());
                     }
                 }
                 Ok(None) => break,
@@ -196,6 +188,43 @@ async fn watch_until_done(
             }
         }
     }
+}
+
+/// Follows a task's events until it ends; returns the task.
+async fn watch_until_done(
+    agent: &mut Agent,
+    task_id: &str,
+    people: bool,
+) -> anyhow::Result<pb::Task> {
+    let watcher = agent.clone();
+    follow_events(
+        1,
+        |from| {
+            let mut a = watcher.clone();
+            let task_id = task_id.to_owned();
+            async move {
+                a.watch_task(pb::WatchTaskRequest {
+                    task_id,
+                    from_seq: from,
+                })
+                .await
+            }
+        },
+        |ev: &pb::TaskEvent| {
+            if people {
+                print_event(ev);
+            }
+            (ev.seq, is_terminal(ev.kind))
+        },
+    )
+    .await?;
+    agent
+        .get_task(pb::GetTaskRequest {
+            task_id: task_id.to_owned(),
+        })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(status_error)
 }
 
 fn is_terminal(kind: i32) -> bool {

@@ -429,63 +429,47 @@ fn exit_for(w: &pb::Workflow) -> ExitCode {
     }
 }
 
-/// Follows a workflow's events (printing them for people) until it ends; resumes after a
-/// broken stream from the last event seen.
+/// Follows a workflow's events (printing them for people) until it ends; returns it.
 async fn follow(
     agent: &mut crate::client::Agent,
     id: &str,
     people: bool,
 ) -> anyhow::Result<pb::Workflow> {
-    let mut next = 0;
-    let mut failures = 0;
-    loop {
-        let stream = agent
-            .watch_workflow(pb::WatchWorkflowRequest {
-                workflow_id: id.to_owned(),
-                from_seq: next,
-            })
-            .await;
-        let mut stream = match stream {
-            Ok(s) => s.into_inner(),
-            Err(s) if s.code() == tonic::Code::Unavailable && failures < 20 => {
-                failures += 1;
-                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-                continue;
+    let watcher = agent.clone();
+    crate::client::follow_events(
+        0,
+        |from| {
+            let mut a = watcher.clone();
+            let workflow_id = id.to_owned();
+            async move {
+                a.watch_workflow(pb::WatchWorkflowRequest {
+                    workflow_id,
+                    from_seq: from,
+                })
+                .await
             }
-            Err(s) => return Err(status_error(s)),
-        };
-        loop {
-            match stream.message().await {
-                Ok(Some(ev)) => {
-                    next = ev.seq + 1;
-                    if ev.step.is_empty() {
-                        return agent
-                            .get_workflow(pb::GetWorkflowRequest {
-                                workflow_id: id.to_owned(),
-                            })
-                            .await
-                            .map(|r| r.into_inner())
-                            .map_err(status_error);
-                    }
-                    if people {
-                        let note = if ev.error.is_empty() {
-                            String::new()
-                        } else {
-                            format!(": {}", ev.error)
-                        };
-                        eprintln!("step {} {}{note}", ev.step, step_state(ev.step_state));
-                    }
-                }
-                Ok(None) => break,
-                Err(s) if s.code() == tonic::Code::Unavailable && failures < 20 => {
-                    failures += 1;
-                    break;
-                }
-                Err(s) => return Err(status_error(s)),
+        },
+        |ev: &pb::WorkflowEvent| {
+            let last = ev.step.is_empty();
+            if people && !last {
+                let note = if ev.error.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", ev.error)
+                };
+                eprintln!("step {} {}{note}", ev.step, step_state(ev.step_state));
             }
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+            (ev.seq, last)
+        },
+    )
+    .await?;
+    agent
+        .get_workflow(pb::GetWorkflowRequest {
+            workflow_id: id.to_owned(),
+        })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(status_error)
 }
 
 pub(crate) async fn workflow(cmd: WorkflowCommand) -> anyhow::Result<ExitCode> {
