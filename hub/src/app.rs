@@ -99,7 +99,7 @@ impl ApplyHook for Hooks {
                 crate::convert::cancel_message(&s.task_id, s.attempt),
             );
         }
-        if !effects.workflows.is_empty() {
+        if effects.workflows_changed {
             self.workflows.send_modify(|v| *v += 1);
         }
         self.wake.notify_one();

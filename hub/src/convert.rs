@@ -52,11 +52,6 @@ fn attempt(a: &AttemptRecord) -> pb::Attempt {
 
 /// A task as agents see it; `pending` is the scheduler's reason for a queued task.
 pub fn task(state: &State, t: &TaskRecord, pending: Option<String>) -> pb::Task {
-    let json = |v: &Option<serde_json::Value>| {
-        v.as_ref()
-            .map(|r| serde_json::to_vec(r).unwrap_or_default())
-            .unwrap_or_default()
-    };
     let winner = t
         .result
         .as_ref()
@@ -74,7 +69,7 @@ pub fn task(state: &State, t: &TaskRecord, pending: Option<String>) -> pb::Task 
                 .current_attempt()
                 .map(|a| a.node_id.clone())
                 .unwrap_or_default(),
-            result: json(&r.result),
+            result: bytes(&r.result),
             error: r.error.clone().unwrap_or_default(),
             agreed: r.status == TaskStatus::Succeeded
                 && winner.is_some()
@@ -88,11 +83,7 @@ pub fn task(state: &State, t: &TaskRecord, pending: Option<String>) -> pb::Task 
         agent: t.agent.clone(),
         state: task_state(t.status) as i32,
         arguments: serde_json::to_vec(&t.arguments).unwrap_or_default(),
-        result: t
-            .result
-            .as_ref()
-            .map(|r| serde_json::to_vec(r).unwrap_or_default())
-            .unwrap_or_default(),
+        result: bytes(&t.result),
         error: t.error.clone().unwrap_or_default(),
         created_at_ms: t.created_at_ms,
         updated_at_ms: t.updated_at_ms,
@@ -277,6 +268,7 @@ pub fn step_state(s: StepState) -> pb::StepState {
     }
 }
 
+/// An optional JSON value as UTF-8 JSON bytes; empty when absent.
 fn bytes(v: &Option<serde_json::Value>) -> Vec<u8> {
     v.as_ref()
         .map(|v| serde_json::to_vec(v).unwrap_or_default())

@@ -87,12 +87,6 @@ pub fn breaker(state: &State, node: &str, server: &str, limits: Limits, now_ms: 
 pub struct PendingReasons(Arc<Mutex<HashMap<String, String>>>);
 
 impl PendingReasons {
-    pub fn set(&self, task_id: &str, reason: String) {
-        self.0
-            .lock()
-            .expect("pending lock")
-            .insert(task_id.to_owned(), reason);
-    }
     pub fn set_many(&self, reasons: Vec<(String, String)>) {
         let mut m = self.0.lock().expect("pending lock");
         for (id, r) in reasons {

@@ -16,7 +16,7 @@ const TICK: Duration = Duration::from_millis(100);
 /// The deadlines due at `now_ms`: (task, kind, attempt).
 pub fn due(state: &State, now_ms: i64) -> Vec<(String, Timeout, u32)> {
     let mut out = Vec::new();
-    for id in &state.index.open {
+    for id in &state.index.timed {
         let Some(t) = state.tasks.get(id) else {
             continue;
         };

@@ -156,7 +156,7 @@ impl AdminService for AdminApi {
         auth::admin(&req, &self.hub.state())?;
         let live = self.hub.live_nodes().await;
         let state = self.hub.state();
-        let in_flight = state.active_counts();
+        let in_flight = &state.index.active;
         let limits = crate::scheduler::limits(&self.hub);
         let now = flotilla_common::now_ms();
         let nodes = state

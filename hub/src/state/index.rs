@@ -27,6 +27,8 @@ pub struct Index {
     pub on_node: BTreeMap<String, BTreeSet<String>>,
     /// Tasks not yet ended.
     pub open: BTreeSet<String>,
+    /// Tasks not yet ended that have a deadline: what the leader's timers look at.
+    pub timed: BTreeSet<String>,
     /// Tool name → (node, server) offering it.
     pub tool_nodes: BTreeMap<String, BTreeSet<(String, String)>>,
 }
@@ -67,6 +69,9 @@ impl Index {
         }
         if !t.status.is_terminal() {
             self.open.insert(t.id.clone());
+            if t.spec.deadlines != Default::default() {
+                self.timed.insert(t.id.clone());
+            }
         }
     }
 
@@ -92,6 +97,7 @@ impl Index {
             }
         }
         self.open.remove(&t.id);
+        self.timed.remove(&t.id);
     }
 
     pub fn link_node(&mut self, n: &NodeRecord) {
@@ -116,10 +122,5 @@ impl Index {
                 }
             }
         }
-    }
-
-    /// Queued tasks in total.
-    pub fn queued(&self) -> usize {
-        self.queue.values().map(BTreeSet::len).sum()
     }
 }

@@ -580,8 +580,8 @@ pub struct Effects {
     pub touched: Vec<String>,
     /// Running attempts ended by the hub rather than by their node.
     pub stopped: Vec<Stopped>,
-    /// Workflows that changed.
-    pub workflows: Vec<String>,
+    /// Some workflow changed (its watchers look again).
+    pub workflows_changed: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -1309,11 +1309,6 @@ impl State {
     /// The key new tokens are signed with: the newest.
     pub fn active_signing_key(&self) -> Option<&SigningKey> {
         self.signing_keys.iter().max_by_key(|k| k.created_at_ms)
-    }
-
-    /// How many tasks are assigned or running on each (node, server).
-    pub fn active_counts(&self) -> &BTreeMap<(String, String), u32> {
-        &self.index.active
     }
 }
 

@@ -373,7 +373,7 @@ impl State {
             self.workflow_idempotency.insert(ix, wf.id.clone());
         }
         self.workflows.insert(wf.id.clone(), wf.clone());
-        self.effects.workflows.push(wf.id.clone());
+        self.effects.workflows_changed = true;
         self.advance(&wf.id, wf.created_at_ms);
         super::Response::WorkflowSubmitted {
             workflow_id: wf.id.clone(),
@@ -405,7 +405,7 @@ impl State {
         s.error = error;
         s.seq = w.seq;
         s.changed_at_ms = at_ms;
-        self.effects.workflows.push(wf_id.to_owned());
+        self.effects.workflows_changed = true;
     }
 
     /// A step's task moved: the step follows it, and the workflow moves on.
@@ -588,7 +588,7 @@ impl State {
             w.error = Some(why.to_owned());
             w.updated_at_ms = at_ms;
             w.ended_seq = Some(w.seq);
-            self.effects.workflows.push(wf_id.to_owned());
+            self.effects.workflows_changed = true;
         }
     }
 
@@ -626,7 +626,7 @@ impl State {
         w.seq += 1;
         w.updated_at_ms = at_ms;
         w.ended_seq = Some(w.seq);
-        self.effects.workflows.push(wf_id.to_owned());
+        self.effects.workflows_changed = true;
     }
 }
 
