@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use flotilla_proto as pb;
 use flotilla_tests::{
-    check_every_acknowledged_task_ran_once, recording_node, result_text, step, wait_state,
+    check_every_acknowledged_task_ran_once, recording_node, result_text, step, submit, wait_state,
     wait_until, Cluster, Load, NodeSpec, READY,
 };
 use serde_json::json;
@@ -49,11 +49,7 @@ async fn three_hubs_any_hub_serves_writes_and_consistent_reads() -> anyhow::Resu
     let mut reader = c.agent_at(followers[1], &c.admin_token);
     for i in 0..5 {
         let id = writer
-            .submit_task(pb::SubmitTaskRequest {
-                tool: "echo".into(),
-                arguments: serde_json::to_vec(&json!({"text": format!("via follower {i}")}))?,
-                ..Default::default()
-            })
+            .submit_task(submit("echo", json!({"text": format!("via follower {i}")})))
             .await?
             .into_inner()
             .task_id;
@@ -164,11 +160,7 @@ async fn a_watch_broken_by_a_leader_crash_resumes_on_another_hub_without_gaps() 
 
     let mut agent = c.agent_at(leader, &c.admin_token);
     let id = agent
-        .submit_task(pb::SubmitTaskRequest {
-            tool: "sleep".into(),
-            arguments: serde_json::to_vec(&json!({"ms": 4000, "steps": 8}))?,
-            ..Default::default()
-        })
+        .submit_task(submit("sleep", json!({"ms": 4000, "steps": 8})))
         .await?
         .into_inner()
         .task_id;

@@ -5,7 +5,7 @@ use std::process::Command;
 
 use flotilla_common::config::McpServerConfig;
 use flotilla_proto as pb;
-use flotilla_tests::{Cluster, NodeSpec};
+use flotilla_tests::{submit, Cluster, NodeSpec};
 use serde_json::json;
 
 fn python() -> String {
@@ -88,11 +88,7 @@ async fn mcp_server_time_answers_through_the_hub() -> anyhow::Result<()> {
 
     // Hub-side schema validation uses the server's published schema.
     let e = agent
-        .submit_task(pb::SubmitTaskRequest {
-            tool: "get_current_time".into(),
-            arguments: serde_json::to_vec(&json!({}))?,
-            ..Default::default()
-        })
+        .submit_task(submit("get_current_time", json!({})))
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);

@@ -2,7 +2,7 @@
 //! and runs the built-in demo MCP server, and an agent calling tools through the hub.
 
 use flotilla_proto as pb;
-use flotilla_tests::{result_text, wait_pending, wait_until, Cluster, NodeSpec, READY};
+use flotilla_tests::{result_text, submit, wait_pending, wait_until, Cluster, NodeSpec, READY};
 use serde_json::json;
 
 #[tokio::test]
@@ -34,11 +34,7 @@ async fn agent_calls_demo_tools_through_hub_and_node() -> anyhow::Result<()> {
 
     // Progress streams through WatchTask, in order, ending with the result.
     let id = agent
-        .submit_task(pb::SubmitTaskRequest {
-            tool: "sleep".into(),
-            arguments: serde_json::to_vec(&json!({"ms": 400, "steps": 4}))?,
-            ..Default::default()
-        })
+        .submit_task(submit("sleep", json!({"ms": 400, "steps": 4})))
         .await?
         .into_inner()
         .task_id;
@@ -173,11 +169,7 @@ async fn a_task_waits_for_a_node_that_offers_its_tool() -> anyhow::Result<()> {
 
     let mut agent = c.agent();
     let id = agent
-        .submit_task(pb::SubmitTaskRequest {
-            tool: "echo".into(),
-            arguments: serde_json::to_vec(&json!({"text": "patience"}))?,
-            ..Default::default()
-        })
+        .submit_task(submit("echo", json!({"text": "patience"})))
         .await?
         .into_inner()
         .task_id;
@@ -201,11 +193,7 @@ async fn cancellation_reaches_the_mcp_server() -> anyhow::Result<()> {
     c.add_node(NodeSpec::demo("edge-1")).await?;
     let mut agent = c.agent();
     let id = agent
-        .submit_task(pb::SubmitTaskRequest {
-            tool: "sleep".into(),
-            arguments: serde_json::to_vec(&json!({"ms": 60000, "steps": 600}))?,
-            ..Default::default()
-        })
+        .submit_task(submit("sleep", json!({"ms": 60000, "steps": 600})))
         .await?
         .into_inner()
         .task_id;
