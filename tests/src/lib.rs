@@ -654,22 +654,7 @@ impl Cluster {
     }
 
     pub async fn wait_task(&self, agent: &mut Agent, id: &str) -> anyhow::Result<pb::Task> {
-        wait_until(&format!("task {id} to end"), READY, || {
-            let mut agent = agent.clone();
-            let id = id.to_owned();
-            async move {
-                let t = agent
-                    .get_task(pb::GetTaskRequest { task_id: id })
-                    .await
-                    .ok()?
-                    .into_inner();
-                pb::TaskState::try_from(t.state)
-                    .ok()?
-                    .is_terminal()
-                    .then_some(t)
-            }
-        })
-        .await
+        wait_done(agent, id).await
     }
 }
 
@@ -841,6 +826,26 @@ pub fn submit(tool: &str, args: serde_json::Value) -> pb::SubmitTaskRequest {
         arguments: serde_json::to_vec(&args).unwrap_or_default(),
         ..Default::default()
     }
+}
+
+/// Polls a task until it ended; returns it.
+pub async fn wait_done(agent: &Agent, id: &str) -> anyhow::Result<pb::Task> {
+    wait_until(&format!("task {id} to end"), READY, || {
+        let mut agent = agent.clone();
+        let id = id.to_owned();
+        async move {
+            let t = agent
+                .get_task(pb::GetTaskRequest { task_id: id })
+                .await
+                .ok()?
+                .into_inner();
+            pb::TaskState::try_from(t.state)
+                .ok()?
+                .is_terminal()
+                .then_some(t)
+        }
+    })
+    .await
 }
 
 /// Polls a task until the scheduler says why it waits; returns it.

@@ -17,8 +17,8 @@ use flotilla_common::{
 };
 use flotilla_proto as pb;
 use flotilla_tests::{
-    flotilla_bin, result_text, wait_until, AdminServiceClient, Agent, AgentServiceClient, Bearer,
-    Proc, READY,
+    flotilla_bin, result_text, wait_done, wait_until, AdminServiceClient, Agent,
+    AgentServiceClient, Bearer, Proc, READY,
 };
 use serde_json::json;
 
@@ -393,26 +393,8 @@ async fn a_partitioned_leader_commits_nothing_and_the_majority_carries_on() -> a
     })
     .await?;
     for (key, id, _) in &ok {
-        let t = wait_until(
-            "every call made during the partition to finish",
-            READY,
-            || {
-                let mut a = a1.clone();
-                let id = id.clone();
-                async move {
-                    let t = a
-                        .get_task(pb::GetTaskRequest { task_id: id })
-                        .await
-                        .ok()?
-                        .into_inner();
-                    pb::TaskState::try_from(t.state)
-                        .ok()?
-                        .is_terminal()
-                        .then_some(t)
-                }
-            },
-        )
-        .await?;
+        // Every call made during the partition finishes.
+        let t = wait_done(&a1, id).await?;
         assert_eq!(t.state, pb::TaskState::Succeeded as i32, "{key}: {t:?}");
         assert_eq!(result_text(&t), format!("recorded {key}"));
         // The same answer from the old leader once healed.
