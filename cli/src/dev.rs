@@ -136,7 +136,8 @@ pub(crate) async fn run(a: DevArgs) -> anyhow::Result<ExitCode> {
         bail!("--nodes must be between 1 and 26");
     }
     let dir = a.data_dir.clone().unwrap_or_else(default_data_dir);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    flotilla_common::pki::private_dir(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
     let exe = std::env::current_exe().context("locating the flotilla binary")?;
     let mut children = Children(Vec::new());
@@ -190,7 +191,7 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
     for i in 0..a.hubs {
         let id = u64::from(i) + 1;
         let hub_dir = dir.join(format!("hub-{id}"));
-        std::fs::create_dir_all(&hub_dir)?;
+        flotilla_common::pki::private_dir(&hub_dir)?;
         let _ = std::fs::remove_file(hub_dir.join(LISTEN_ADDR_FILE));
         let _ = std::fs::remove_file(hub_dir.join(RAFT_ADDR_FILE));
         let (listen, raft_listen) = hub_addrs(&a.listen, i)?;
@@ -214,6 +215,7 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
             snapshot_logs: flotilla_common::config::defaults::SNAPSHOT_LOGS,
             breaker_failures: flotilla_common::config::defaults::BREAKER_FAILURES,
             breaker_cooldown_ms: flotilla_common::config::defaults::BREAKER_COOLDOWN_MS,
+            limits: Default::default(),
         };
         let hub_toml = hub_dir.join("hub.toml");
         std::fs::write(&hub_toml, toml::to_string(&hub_cfg)?)?;
@@ -253,7 +255,6 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
         token: Some(admin_token),
     };
     let client_toml = dir.join("client.toml");
-    std::fs::write(&client_toml, toml::to_string(&client)?)?;
     flotilla_common::pki::write_secret(&client_toml, toml::to_string(&client)?.as_bytes())?;
     let settings = ClientSettings::resolve(
         ClientFile::default(),
@@ -293,7 +294,7 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
     for i in 0..a.nodes {
         let name = format!("node-{}", i + 1);
         let node_dir = dir.join(&name);
-        std::fs::create_dir_all(&node_dir)?;
+        flotilla_common::pki::private_dir(&node_dir)?;
         let needs_join = !node_dir.join("identity").join("node.pem").exists();
         let join_token = if needs_join {
             let r = admin

@@ -138,7 +138,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 raft: bind(cfg.raft_listen).await?,
             };
             // Tell whoever started us where we listen (port 0 picks a free port).
-            std::fs::create_dir_all(&cfg.data_dir)?;
+            flotilla_common::pki::private_dir(&cfg.data_dir)?;
             let api = listeners.api.local_addr()?;
             let raft = listeners.raft.local_addr()?;
             std::fs::write(

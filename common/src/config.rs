@@ -78,6 +78,95 @@ pub mod defaults {
     pub const MAX_CONCURRENCY: u32 = 4;
     pub const SERVER_SCOPE: &str = "tools";
     pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+    pub const AGENT_REQUESTS_PER_S: u32 = 1_000;
+    pub const AGENT_BURST: u32 = 2_000;
+    pub const TENANT_REQUESTS_PER_S: u32 = 0;
+    pub const TENANT_BURST: u32 = 0;
+    pub const AGENT_STREAMS: u32 = 64;
+    pub const TENANT_QUEUED_TASKS: u32 = 10_000;
+    pub const TENANT_SLOT_SHARE: f64 = 0.75;
+    pub const MAX_CONNECTIONS: u32 = 4_096;
+    pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+    pub const JOIN_FAILURES_PER_MIN: u32 = 10;
+}
+
+/// `[limits]` in hub.toml: what one agent, tenant or connection may use. 0 turns a rate
+/// or count limit off. docs/security.md explains each.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Requests per second one agent (tenant + subject) may make, on average.
+    pub agent_requests_per_s: u32,
+    /// Requests one agent may make at once above that rate.
+    pub agent_burst: u32,
+    /// Requests per second all agents of one tenant may make together.
+    pub tenant_requests_per_s: u32,
+    pub tenant_burst: u32,
+    /// Watch streams one agent may hold open at once.
+    pub agent_streams: u32,
+    /// Tasks one tenant may have waiting in the queue.
+    pub tenant_queued_tasks: u32,
+    /// The most of one MCP server's slots a tenant may hold (at least one), so another
+    /// tenant's call finds a free slot. 1.0 lets one tenant take every slot.
+    pub tenant_slot_share: f64,
+    /// Open client connections on the API port.
+    pub max_connections: u32,
+    /// A connection must finish its TLS handshake and send the HTTP/2 preface within this.
+    pub handshake_timeout_ms: u64,
+    /// Failed joins allowed from one address per minute; more are refused at once.
+    pub join_failures_per_min: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            agent_requests_per_s: defaults::AGENT_REQUESTS_PER_S,
+            agent_burst: defaults::AGENT_BURST,
+            tenant_requests_per_s: defaults::TENANT_REQUESTS_PER_S,
+            tenant_burst: defaults::TENANT_BURST,
+            agent_streams: defaults::AGENT_STREAMS,
+            tenant_queued_tasks: defaults::TENANT_QUEUED_TASKS,
+            tenant_slot_share: defaults::TENANT_SLOT_SHARE,
+            max_connections: defaults::MAX_CONNECTIONS,
+            handshake_timeout_ms: defaults::HANDSHAKE_TIMEOUT_MS,
+            join_failures_per_min: defaults::JOIN_FAILURES_PER_MIN,
+        }
+    }
+}
+
+impl Limits {
+    fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("limits.{k}");
+        if !(self.tenant_slot_share > 0.0 && self.tenant_slot_share <= 1.0) {
+            return Err(invalid(
+                file,
+                key("tenant_slot_share"),
+                "must be above 0 and at most 1",
+            ));
+        }
+        if self.agent_requests_per_s > 0 && self.agent_burst == 0 {
+            return Err(invalid(
+                file,
+                key("agent_burst"),
+                "must be at least 1 when agent_requests_per_s is set",
+            ));
+        }
+        if self.tenant_requests_per_s > 0 && self.tenant_burst == 0 {
+            return Err(invalid(
+                file,
+                key("tenant_burst"),
+                "must be at least 1 when tenant_requests_per_s is set",
+            ));
+        }
+        if self.handshake_timeout_ms == 0 {
+            return Err(invalid(
+                file,
+                key("handshake_timeout_ms"),
+                "must be positive",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `hub.toml`.
@@ -137,6 +226,8 @@ pub struct HubFile {
     /// How long an open breaker keeps work away before one trial call (half-open).
     #[serde(default = "default_breaker_cooldown")]
     pub breaker_cooldown_ms: u64,
+    #[serde(default)]
+    pub limits: Limits,
 }
 
 fn default_breaker_failures() -> u32 {
@@ -203,6 +294,7 @@ pub struct HubConfig {
     pub snapshot_logs: u64,
     pub breaker_failures: u32,
     pub breaker_cooldown_ms: u64,
+    pub limits: Limits,
 }
 
 impl HubFile {
@@ -240,6 +332,7 @@ impl HubFile {
         if self.breaker_failures == 0 {
             return Err(invalid(file, "breaker_failures", "must be at least 1"));
         }
+        self.limits.validate(file)?;
         if self.snapshot_logs < 10 {
             return Err(invalid(file, "snapshot_logs", "must be at least 10"));
         }
@@ -333,6 +426,7 @@ impl HubFile {
             snapshot_logs: self.snapshot_logs,
             breaker_failures: self.breaker_failures,
             breaker_cooldown_ms: self.breaker_cooldown_ms,
+            limits: self.limits,
         })
     }
 }

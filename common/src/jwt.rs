@@ -12,7 +12,7 @@ pub const ADMIN_SCOPE: &str = "admin";
 /// The tenant of a token that does not name one.
 pub const DEFAULT_TENANT: &str = "default";
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Claims {
     pub iss: String,
     pub aud: String,
@@ -22,6 +22,9 @@ pub struct Claims {
     pub scopes: Vec<String>,
     pub iat: i64,
     pub exp: i64,
+    /// Not valid before this (seconds since the epoch), when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
     pub jti: String,
     /// Where the agent runs: the default locality of its tasks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -98,6 +101,9 @@ impl JwtError {
         match self {
             JwtError::Invalid(e) => match e.kind() {
                 K::ExpiredSignature => "invalid token: it has expired; issue a new one".into(),
+                K::ImmatureSignature => {
+                    "invalid token: not valid yet (its nbf is in the future)".into()
+                }
                 K::InvalidSignature => "invalid token: signature does not verify".into(),
                 K::InvalidIssuer => "invalid token: wrong issuer".into(),
                 K::InvalidAudience => "invalid token: wrong audience".into(),
@@ -134,6 +140,7 @@ pub fn verify<'a>(
     v.set_issuer(&[ISSUER]);
     v.set_audience(&[AUDIENCE]);
     v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+    v.validate_nbf = true;
     v.leeway = 5;
     Ok(jsonwebtoken::decode::<Claims>(token, &dec, &v)?.claims)
 }
@@ -151,6 +158,7 @@ mod tests {
             scopes: vec!["tools".into()],
             iat: 0,
             exp,
+            nbf: None,
             jti: "j".into(),
             region: None,
             zone: None,
@@ -177,6 +185,16 @@ mod tests {
         let expired = sign(&k1, &claims(now() - 600)).unwrap();
         assert!(matches!(verify(&expired, [&k1]), Err(JwtError::Invalid(_))));
         assert!(verify("not.a.jwt", [&k1]).is_err());
+        let early = sign(
+            &k1,
+            &Claims {
+                nbf: Some(now() + 600),
+                ..claims(now() + 3600)
+            },
+        )
+        .unwrap();
+        let e = verify(&early, [&k1]).unwrap_err();
+        assert!(e.user_message().contains("not valid yet"), "{e}");
     }
 
     #[test]

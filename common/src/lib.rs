@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod jwt;
+pub mod limits;
 pub mod pki;
 pub mod telemetry;
 pub mod tls;

@@ -53,7 +53,7 @@ impl std::fmt::Debug for CertifiedKey {
 impl CertifiedKey {
     /// Writes `NAME.pem` and `NAME.key` (mode 0600) into `dir`.
     pub fn write(&self, dir: &Path, name: &str) -> Result<(), PkiError> {
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        private_dir(dir)?;
         let cert = dir.join(format!("{name}.pem"));
         std::fs::write(&cert, &self.cert_pem).map_err(io_err(&cert))?;
         write_secret(&dir.join(format!("{name}.key")), self.key_pem.as_bytes())
@@ -66,6 +66,7 @@ impl CertifiedKey {
             return Ok(None);
         }
         let key = dir.join(format!("{name}.key"));
+        private_file(&key)?;
         Ok(Some(Self {
             cert_pem: std::fs::read_to_string(&cert).map_err(io_err(&cert))?,
             key_pem: std::fs::read_to_string(&key).map_err(io_err(&key))?,
@@ -73,17 +74,69 @@ impl CertifiedKey {
     }
 }
 
-/// Writes a file only the owner can read.
+/// Writes a file only the owner can read: created 0600, and an existing file is made 0600
+/// before a byte is written.
 pub fn write_secret(path: &Path, data: &[u8]) -> Result<(), PkiError> {
     use std::io::Write;
     #[cfg(unix)]
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true).create(true);
     #[cfg(unix)]
     opts.mode(0o600);
     let mut f = opts.open(path).map_err(io_err(path))?;
+    #[cfg(unix)]
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(io_err(path))?;
+    f.set_len(0).map_err(io_err(path))?;
     f.write_all(data).map_err(io_err(path))
+}
+
+/// Makes an existing secret file 0600 if others could read it, with a warning.
+pub fn private_file(path: &Path) -> Result<(), PkiError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .map_err(io_err(path))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(file = %path.display(), mode = format!("{:o}", mode & 0o777), "secret file was open to other users; made it 0600");
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(io_err(path))?;
+        }
+    }
+    Ok(())
+}
+
+/// Creates `dir` (and missing parents) as a directory only the owner can enter (0700), or
+/// tightens an existing one that others could read, with a warning: data directories hold
+/// private keys and the signing keys inside sled's files.
+pub fn private_dir(dir: &Path) -> Result<(), PkiError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io_err(dir))?;
+        }
+        let mode = std::fs::metadata(dir)
+            .map_err(io_err(dir))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(dir = %dir.display(), mode = format!("{:o}", mode & 0o777), "data directory was open to other users; made it 0700");
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io_err(dir))?;
+        }
+        Ok(())
+    }
+    #[cfg(not(unix))]
+    std::fs::create_dir_all(dir).map_err(io_err(dir))
 }
 
 /// The cluster certificate authority.

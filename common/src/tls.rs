@@ -217,10 +217,35 @@ pub struct PeerInfo {
     pub client_cert: Option<Arc<CertificateDer<'static>>>,
 }
 
-/// An accepted TLS connection, as handed to tonic.
+/// An accepted TLS connection, as handed to tonic. The HTTP/2 preface, read before the
+/// connection was handed over, is replayed first; the permit counts it against the cap
+/// until it closes.
 pub struct TlsConn {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     info: PeerInfo,
+    preface: Option<([u8; PREFACE.len()], usize)>,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// What every HTTP/2 client sends first.
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Limits on the connections a listener accepts.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnLimits {
+    /// Open connections at once; more wait in the kernel's backlog. 0: no limit.
+    pub max_connections: u32,
+    /// From accept to a finished TLS handshake and the HTTP/2 preface.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 0,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+        }
+    }
 }
 
 impl Connected for TlsConn {
@@ -236,6 +261,15 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if let Some((bytes, at)) = &mut self.preface {
+            let n = (bytes.len() - *at).min(buf.remaining());
+            buf.put_slice(&bytes[*at..*at + n]);
+            *at += n;
+            if *at == bytes.len() {
+                self.preface = None;
+            }
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
@@ -269,16 +303,45 @@ impl AsyncWrite for TlsConn {
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts TCP connections on an already-bound listener and completes TLS handshakes
-/// concurrently (a slow or hostile peer does not hold up others). Failed handshakes are
-/// logged and dropped. The stream ends when the consumer goes away.
+/// concurrently (a slow or hostile peer does not hold up others). A connection must finish
+/// its handshake and send the HTTP/2 preface within `limits.handshake_timeout`; failures
+/// are logged and dropped. At most `limits.max_connections` are open at once. The stream
+/// ends when the consumer goes away.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
+    limits: ConnLimits,
 ) -> ReceiverStream<Result<TlsConn, io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let slots = (limits.max_connections > 0)
+        .then(|| Arc::new(tokio::sync::Semaphore::new(limits.max_connections as usize)));
     tokio::spawn(async move {
+        let mut warned = false;
         loop {
+            let permit = match &slots {
+                Some(s) => {
+                    if s.available_permits() == 0 && !warned {
+                        tracing::warn!(
+                            max = limits.max_connections,
+                            "connection limit reached; new connections wait"
+                        );
+                        warned = true;
+                    }
+                    let p = tokio::select! {
+                        p = s.clone().acquire_owned() => p,
+                        _ = tx.closed() => return,
+                    };
+                    match p {
+                        Ok(p) => Some(p),
+                        Err(_) => return,
+                    }
+                }
+                None => None,
+            };
+            if slots.as_ref().is_some_and(|s| s.available_permits() > 0) {
+                warned = false;
+            }
             let (tcp, addr) = tokio::select! {
                 r = listener.accept() => match r {
                     Ok(c) => c,
@@ -294,8 +357,20 @@ pub fn incoming(
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
+                let handshake = async {
+                    let mut tls = acceptor.accept(tcp).await?;
+                    let mut preface = [0u8; PREFACE.len()];
+                    tokio::io::AsyncReadExt::read_exact(&mut tls, &mut preface).await?;
+                    if &preface != PREFACE {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "the client did not speak HTTP/2",
+                        ));
+                    }
+                    Ok::<_, io::Error>((tls, preface))
+                };
+                match tokio::time::timeout(limits.handshake_timeout, handshake).await {
+                    Ok(Ok((tls, preface))) => {
                         let client_cert = tls
                             .get_ref()
                             .1
@@ -306,10 +381,19 @@ pub fn incoming(
                             remote_addr: Some(addr),
                             client_cert,
                         };
-                        let _ = tx.send(Ok(TlsConn { inner: tls, info })).await;
+                        let conn = TlsConn {
+                            inner: tls,
+                            info,
+                            preface: Some((preface, 0)),
+                            _permit: permit,
+                        };
+                        let _ = tx.send(Ok(conn)).await;
                     }
                     Ok(Err(e)) => tracing::info!(peer = %addr, error = %e, "tls handshake failed"),
-                    Err(_) => tracing::info!(peer = %addr, "tls handshake timed out"),
+                    Err(_) => tracing::info!(
+                        peer = %addr,
+                        "no tls handshake and http/2 preface in time; closed"
+                    ),
                 }
             });
         }

@@ -70,6 +70,8 @@ pub struct Hub {
     pub events: EventLogs,
     pub sessions: Sessions,
     pub pending: PendingReasons,
+    /// Per-agent and per-tenant limits on what callers may use of this hub.
+    pub quota: crate::quota::Quota,
     /// Bumped whenever a workflow changes: WatchWorkflow streams wait on it.
     pub workflows: tokio::sync::watch::Sender<u64>,
 }
@@ -519,7 +521,7 @@ pub async fn run(
         config.raft_advertise = format!("https://{raft_addr}");
     }
     let data_dir = config.data_dir.clone();
-    std::fs::create_dir_all(&data_dir)
+    flotilla_common::pki::private_dir(&data_dir)
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;
     let ca = load_ca(&config).context("cluster CA")?;
     let identity = ca
@@ -583,6 +585,7 @@ pub async fn run(
         }
     }
 
+    let quota = crate::quota::Quota::new(config.limits.clone());
     let hub = Hub {
         inner: Arc::new(Inner {
             config,
@@ -595,6 +598,7 @@ pub async fn run(
         events,
         sessions,
         pending: PendingReasons::default(),
+        quota,
         workflows,
     };
 
@@ -647,9 +651,12 @@ pub async fn run(
     let raft_server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(raft_svc)
-            .serve_with_incoming_shutdown(tls::incoming(listeners.raft, raft_tls), async {
-                let _ = raft_stop_rx.await;
-            }),
+            .serve_with_incoming_shutdown(
+                tls::incoming(listeners.raft, raft_tls, Default::default()),
+                async {
+                    let _ = raft_stop_rx.await;
+                },
+            ),
     );
     // On shutdown: end node sessions first (nodes move to another hub at once), then give
     // in-flight calls and watches a bounded time to finish.
@@ -662,6 +669,11 @@ pub async fn run(
         let _ = drain_tx.send(true);
     });
     let mut drain_signal = drain_rx.clone();
+    let limits = &hub.config().limits;
+    let conn_limits = tls::ConnLimits {
+        max_connections: limits.max_connections,
+        handshake_timeout: Duration::from_millis(limits.handshake_timeout_ms),
+    };
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -670,9 +682,12 @@ pub async fn run(
         .add_service(agent)
         .add_service(node)
         .add_service(admin)
-        .serve_with_incoming_shutdown(tls::incoming(listeners.api, api_tls), async move {
-            let _ = drain_signal.wait_for(|d| *d).await;
-        });
+        .serve_with_incoming_shutdown(
+            tls::incoming(listeners.api, api_tls, conn_limits),
+            async move {
+                let _ = drain_signal.wait_for(|d| *d).await;
+            },
+        );
     let result = tokio::select! {
         r = server => r,
         _ = async {

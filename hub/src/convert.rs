@@ -1,6 +1,7 @@
 //! Conversions between the replicated state's types and the `flotilla.v1` wire types, in one
 //! place.
 
+use flotilla_common::limits;
 use flotilla_proto as pb;
 
 use crate::state::{
@@ -177,8 +178,10 @@ pub fn spec(
         }
         let d = RetryPolicy::default();
         let mut retry_on = Vec::new();
+        // Checked before the loop: a million repeats must not cost a million look-ups.
+        limits::check_count("retry.retry_on", r.retry_on.len(), limits::MAX_RETRY_ON * 4)?;
         for k in &r.retry_on {
-            retry_on.push(match pb::FailureKind::try_from(*k) {
+            let kind = match pb::FailureKind::try_from(*k) {
                 Ok(pb::FailureKind::NodeLost) => FailureKind::NodeLost,
                 Ok(pb::FailureKind::Timeout) => FailureKind::Timeout,
                 Ok(pb::FailureKind::ToolError) => FailureKind::ToolError,
@@ -187,7 +190,10 @@ pub fn spec(
                     "retry.retry_on: {k} is not a failure kind (node_lost, timeout, tool_error)"
                 ))
                 }
-            });
+            };
+            if !retry_on.contains(&kind) {
+                retry_on.push(kind);
+            }
         }
         s.retry = RetryPolicy {
             max_attempts: r.max_attempts.max(1),
@@ -215,6 +221,7 @@ pub fn spec(
         };
     }
     let p = o.placement.clone().unwrap_or_default();
+    check_placement(&p)?;
     let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
     s.placement = Constraints {
         region: nonempty(&p.region).or(region.map(str::to_owned)),
@@ -245,6 +252,22 @@ pub fn spec(
         Err(_) => return Err(format!("aggregation {} is unknown", o.aggregation)),
     };
     Ok(s)
+}
+
+/// Placement wishes within the limits: few labels, short names.
+fn check_placement(p: &pb::PlacementConstraints) -> Result<(), String> {
+    limits::check_count(
+        "placement labels (required and preferred)",
+        p.required_labels.len() + p.preferred_labels.len(),
+        limits::MAX_LABELS,
+    )?;
+    limits::check_len("placement.region", &p.region, limits::MAX_NAME_BYTES)?;
+    limits::check_len("placement.zone", &p.zone, limits::MAX_NAME_BYTES)?;
+    for (k, v) in p.required_labels.iter().chain(&p.preferred_labels) {
+        limits::check_len("a placement label key", k, limits::MAX_NAME_BYTES)?;
+        limits::check_len("a placement label value", v, limits::MAX_NAME_BYTES)?;
+    }
+    Ok(())
 }
 
 pub fn workflow_state(s: WorkflowStatus) -> pb::WorkflowState {
@@ -365,21 +388,55 @@ pub fn assign_message(t: &TaskRecord, server: &str, attempt: u32, fence: u64) ->
     }
 }
 
-/// A node's hello, checked: tool schemas must be JSON objects.
+/// Most MCP servers one node may offer, and tools one server may offer.
+pub const MAX_SERVERS: usize = 64;
+pub const MAX_TOOLS_PER_SERVER: usize = 512;
+/// Longest tool description.
+pub const MAX_DESCRIPTION_BYTES: usize = 16 * 1024;
+
+/// A node's hello, checked: within the limits, tool schemas JSON objects.
 pub fn offered_servers(hello: &pb::Hello) -> Result<Vec<OfferedServer>, String> {
+    limits::check_count("servers", hello.servers.len(), MAX_SERVERS)?;
+    limits::check_count("labels", hello.labels.len(), limits::MAX_LABELS)?;
+    for (k, v) in &hello.labels {
+        limits::check_len("a label key", k, limits::MAX_NAME_BYTES)?;
+        limits::check_len("a label value", v, limits::MAX_NAME_BYTES)?;
+    }
+    limits::check_count("tenants", hello.tenants.len(), limits::MAX_LABELS)?;
+    for t in &hello.tenants {
+        limits::check_len("a tenant", t, limits::MAX_NAME_BYTES)?;
+    }
     hello
         .servers
         .iter()
         .map(|s| {
+            limits::check_len("a server name", &s.name, limits::MAX_NAME_BYTES)?;
+            limits::check_len(
+                "a server's scope",
+                &s.required_scope,
+                limits::MAX_NAME_BYTES,
+            )?;
+            limits::check_count(
+                &format!("server {:?}'s tools", s.name),
+                s.tools.len(),
+                MAX_TOOLS_PER_SERVER,
+            )?;
             let tools = s
                 .tools
                 .iter()
                 .map(|t| {
+                    limits::check_len("a tool name", &t.name, limits::MAX_NAME_BYTES)?;
+                    limits::check_len(
+                        &format!("tool {:?}'s description", t.name),
+                        &t.description,
+                        MAX_DESCRIPTION_BYTES,
+                    )?;
                     let schema: serde_json::Value = serde_json::from_slice(&t.input_schema)
                         .map_err(|e| format!("tool {:?}: input schema is not JSON: {e}", t.name))?;
                     if !schema.is_object() {
                         return Err(format!("tool {:?}: input schema is not an object", t.name));
                     }
+                    limits::check_depth(&format!("tool {:?}'s input schema", t.name), &schema)?;
                     Ok(ToolDef {
                         name: t.name.clone(),
                         description: t.description.clone(),

@@ -26,9 +26,18 @@ pub enum HubError {
     /// This hub is not the leader and the caller must talk to the leader (node sessions).
     #[error("this hub is not the leader; hub {leader_id} at {leader_api} is")]
     NotLeader { leader_id: u64, leader_api: String },
+    /// Over a rate or quota: retry after the hint.
+    #[error("{message}; retry in {retry_after_ms} ms")]
+    ResourceExhausted {
+        message: String,
+        retry_after_ms: u64,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
+
+/// Metadata key carrying how long to wait before retrying a RESOURCE_EXHAUSTED call.
+pub const RETRY_AFTER_HEADER: &str = "x-flotilla-retry-after-ms";
 
 pub type HubResult<T> = Result<T, HubError>;
 
@@ -58,6 +67,7 @@ impl From<HubError> for Status {
             HubError::Unavailable(_) | HubError::NoLeader | HubError::NotLeader { .. } => {
                 Code::Unavailable
             }
+            HubError::ResourceExhausted { .. } => Code::ResourceExhausted,
             HubError::Internal(_) => Code::Internal,
         };
         let message = match &e {
@@ -75,6 +85,11 @@ impl From<HubError> for Status {
                     crate::app::NO_LEADER_HEADER,
                     MetadataValue::from_static("1"),
                 );
+            }
+            HubError::ResourceExhausted { retry_after_ms, .. } => {
+                status
+                    .metadata_mut()
+                    .insert(RETRY_AFTER_HEADER, MetadataValue::from(*retry_after_ms));
             }
             HubError::NotLeader { leader_api, .. } => {
                 if let Ok(v) = leader_api.parse() {

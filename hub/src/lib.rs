@@ -7,6 +7,7 @@ pub mod convert;
 pub mod error;
 pub mod events;
 pub mod liveness;
+pub mod quota;
 pub mod raft;
 pub mod scheduler;
 pub mod service;

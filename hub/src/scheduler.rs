@@ -33,20 +33,59 @@ pub struct Placement {
     pub server: String,
 }
 
-/// The hub's breaker thresholds.
+/// The hub's breaker thresholds and tenant share.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     pub breaker_failures: u32,
     pub breaker_cooldown_ms: u64,
+    /// The most of one server's slots a tenant may hold (at least one slot), so another
+    /// tenant's call finds one free; 1.0 lets a tenant take them all.
+    pub tenant_slot_share: f64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
+        use flotilla_common::config::defaults;
         Self {
-            breaker_failures: flotilla_common::config::defaults::BREAKER_FAILURES,
-            breaker_cooldown_ms: flotilla_common::config::defaults::BREAKER_COOLDOWN_MS,
+            breaker_failures: defaults::BREAKER_FAILURES,
+            breaker_cooldown_ms: defaults::BREAKER_COOLDOWN_MS,
+            tenant_slot_share: defaults::TENANT_SLOT_SHARE,
         }
     }
+}
+
+/// Tasks assigned or running, per server and per tenant on a server, including those
+/// placed earlier in the current pass.
+#[derive(Clone, Debug, Default)]
+pub struct InFlight {
+    pub per_server: BTreeMap<(String, String), u32>,
+    pub per_tenant: BTreeMap<(String, String, String), u32>,
+}
+
+impl InFlight {
+    /// What the state says is in flight now.
+    pub fn of(state: &State) -> Self {
+        Self {
+            per_server: state.index.active.clone(),
+            per_tenant: state.index.active_by_tenant_server.clone(),
+        }
+    }
+
+    fn add(&mut self, tenant: &str, p: &Placement) {
+        *self
+            .per_server
+            .entry((p.node_id.clone(), p.server.clone()))
+            .or_default() += 1;
+        *self
+            .per_tenant
+            .entry((tenant.to_owned(), p.node_id.clone(), p.server.clone()))
+            .or_default() += 1;
+    }
+}
+
+/// How many of a server's `slots` one tenant may hold.
+pub fn tenant_cap(slots: u32, share: f64) -> u32 {
+    ((f64::from(slots) * share).floor() as u32).clamp(1, slots.max(1))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,6 +153,7 @@ enum Miss {
     BreakerOpen,
     CpuHigh,
     Full,
+    TenantShare,
 }
 
 impl Miss {
@@ -129,6 +169,7 @@ impl Miss {
             Self::BreakerOpen => "circuit breaker open",
             Self::CpuHigh => "CPU above its high-water mark",
             Self::Full => "at capacity",
+            Self::TenantShare => "running as many of this tenant's calls as its share allows",
         }
     }
 }
@@ -192,7 +233,7 @@ fn siblings<'a>(state: &'a State, task: &TaskRecord, placed: &[&'a str]) -> Sibl
 fn check(
     state: &State,
     cx: &Context<'_>,
-    in_flight: &BTreeMap<(String, String), u32>,
+    in_flight: &InFlight,
     task: &TaskRecord,
     sib: &Siblings<'_>,
     node: &NodeRecord,
@@ -220,6 +261,7 @@ fn check(
         return Err(Miss::ReplicaThere);
     }
     let used = in_flight
+        .per_server
         .get(&(node.id.clone(), server.name.clone()))
         .copied()
         .unwrap_or(0);
@@ -234,6 +276,18 @@ fn check(
     let free = server.max_concurrency.saturating_sub(used);
     if free == 0 {
         return Err(Miss::Full);
+    }
+    // A node that serves only this tenant has nobody to keep a slot for.
+    let only_this = node.tenants.len() == 1 && node.tenants[0] == task.tenant;
+    if !only_this {
+        let mine = in_flight
+            .per_tenant
+            .get(&(task.tenant.clone(), node.id.clone(), server.name.clone()))
+            .copied()
+            .unwrap_or(0);
+        if mine >= tenant_cap(server.max_concurrency, cx.limits.tenant_slot_share) {
+            return Err(Miss::TenantShare);
+        }
     }
     Ok(free)
 }
@@ -353,7 +407,7 @@ fn explain(task: &TaskRecord, offered: usize, misses: &BTreeMap<Miss, usize>) ->
 pub fn place(
     state: &State,
     cx: &Context<'_>,
-    in_flight: &BTreeMap<(String, String), u32>,
+    in_flight: &InFlight,
     task: &TaskRecord,
     rng: &mut impl Rng,
 ) -> Result<Placement, String> {
@@ -371,7 +425,7 @@ pub fn place(
 fn place_cached<'a>(
     state: &'a State,
     cx: &Context<'_>,
-    in_flight: &BTreeMap<(String, String), u32>,
+    in_flight: &InFlight,
     task: &'a TaskRecord,
     rng: &mut impl Rng,
     cache: &mut PassCache<'a>,
@@ -442,7 +496,7 @@ pub struct Plan {
 /// Plans one pass over the queue (see the module comment).
 pub fn plan(state: &State, cx: &Context<'_>, rng: &mut impl Rng) -> Plan {
     let mut out = Plan::default();
-    let mut in_flight = state.index.active.clone();
+    let mut in_flight = InFlight::of(state);
     let mut cache = PassCache::default();
     // A tool (with the same constraints) no node could take stays that way for this pass:
     // placements only use capacity up.
@@ -511,9 +565,7 @@ pub fn plan(state: &State, cx: &Context<'_>, rng: &mut impl Rng) -> Plan {
                         .or_default()
                         .push(node.as_str());
                 }
-                *in_flight
-                    .entry((p.node_id.clone(), p.server.clone()))
-                    .or_default() += 1;
+                in_flight.add(&task.tenant, &p);
                 out.assign.push((task.id.clone(), p));
                 turn.push((Reverse(active + 1), Reverse(tenant)));
             }
@@ -549,6 +601,7 @@ pub fn limits(hub: &crate::app::Hub) -> Limits {
     Limits {
         breaker_failures: hub.config().breaker_failures,
         breaker_cooldown_ms: hub.config().breaker_cooldown_ms,
+        tenant_slot_share: hub.config().limits.tenant_slot_share,
     }
 }
 

@@ -17,6 +17,7 @@ pub async fn run(
     cfg: NodeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    flotilla_common::pki::private_dir(&cfg.data_dir)?;
     let identity = identity::load_or_join(&cfg).await?;
     tracing::info!(node_id = %identity.node_id, hub = %cfg.hub, "node starting");
     let servers = mcp::Servers::start(&cfg.servers).await;

@@ -242,6 +242,8 @@ pub struct Options {
     pub snapshot_logs: u64,
     /// Failures in a row that open a server's breaker.
     pub breaker_failures: u32,
+    /// hub.toml's `[limits]`.
+    pub limits: flotilla_common::config::Limits,
 }
 
 impl Default for Options {
@@ -249,6 +251,7 @@ impl Default for Options {
         Self {
             snapshot_logs: flotilla_common::config::defaults::SNAPSHOT_LOGS,
             breaker_failures: flotilla_common::config::defaults::BREAKER_FAILURES,
+            limits: Default::default(),
         }
     }
 }
@@ -330,6 +333,7 @@ async fn start_member(
         snapshot_logs: opts.snapshot_logs,
         breaker_failures: opts.breaker_failures,
         breaker_cooldown_ms: 2_000,
+        limits: opts.limits.clone(),
     };
     std::fs::write(hub_dir.join("hub.toml"), toml::to_string(&cfg)?)?;
     let mut proc = spawn_hub(&hub_dir, id)?;

@@ -119,8 +119,7 @@ async fn tokens_scopes_and_tenants_are_enforced() -> anyhow::Result<()> {
             iat: 0,
             exp: i64::MAX / 2,
             jti: "x".into(),
-            region: None,
-            zone: None,
+            ..Default::default()
         },
     )?;
     let e = c
@@ -182,24 +181,26 @@ async fn tokens_scopes_and_tenants_are_enforced() -> anyhow::Result<()> {
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
 
-    // Tenants never see each other's tasks.
+    // Tenants never see each other's tasks: another tenant's id answers exactly as an id
+    // that does not exist (no existence oracle).
     let mut alice = c.agent_with(&c.agent_token("alice", "tenant-a", &["tools"]).await?);
     let mut carol = c.agent_with(&c.agent_token("carol", "tenant-b", &["tools"]).await?);
     let t = c.call(&mut alice, "echo", json!({"text": "mine"})).await?;
-    let e = carol
-        .get_task(pb::GetTaskRequest {
-            task_id: t.id.clone(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::PermissionDenied);
-    let e = carol
-        .cancel_task(pb::CancelTaskRequest {
-            task_id: t.id.clone(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::PermissionDenied);
+    let missing = "0190d000-0000-7000-8000-000000000000";
+    for id in [t.id.as_str(), missing] {
+        let e = carol
+            .get_task(pb::GetTaskRequest { task_id: id.into() })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+        assert_eq!(e.message(), format!("no task {id:?}"));
+        let e = carol
+            .cancel_task(pb::CancelTaskRequest { task_id: id.into() })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+        assert_eq!(e.message(), format!("no task {id:?}"));
+    }
     let listed = carol
         .list_tasks(pb::ListTasksRequest::default())
         .await?

@@ -194,6 +194,7 @@ async fn a_partitioned_leader_commits_nothing_and_the_majority_carries_on() -> a
             snapshot_logs: flotilla_common::config::defaults::SNAPSHOT_LOGS,
             breaker_failures: flotilla_common::config::defaults::BREAKER_FAILURES,
             breaker_cooldown_ms: 2_000,
+            limits: Default::default(),
         };
         let toml_path = hub_dir.join("hub.toml");
         std::fs::write(&toml_path, toml::to_string(&cfg)?)?;

@@ -75,7 +75,7 @@ pub fn encode<T: Serialize>(v: &T) -> RaftMessage {
 }
 
 pub fn decode<T: DeserializeOwned>(m: &RaftMessage) -> Result<T, serde_json::Error> {
-    serde_json::from_slice(&m.json)
+    super::codec::decode(&m.json)
 }
 
 impl Client {

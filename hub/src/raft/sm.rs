@@ -137,7 +137,7 @@ impl StateMachineStore {
                 .get(KEY_SNAPSHOT_META)
                 .map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?
             {
-                let cur: Meta = serde_json::from_slice(&cur)
+                let cur: Meta = super::codec::decode(&cur)
                     .map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
                 if cur.last_log_id > meta.last_log_id {
                     tracing::info!(current = %cur, built = %meta, "not replacing newer persisted snapshot");
@@ -166,8 +166,7 @@ fn read_persisted_snapshot(snapshots: &sled::Tree) -> StorageResult<Option<(Meta
         .get(KEY_SNAPSHOT_META)
         .map_err(|e| snap_err(None, ErrorVerb::Read, e))?;
     let Some(meta) = meta else { return Ok(None) };
-    let meta: Meta =
-        serde_json::from_slice(&meta).map_err(|e| snap_err(None, ErrorVerb::Read, e))?;
+    let meta: Meta = super::codec::decode(&meta).map_err(|e| snap_err(None, ErrorVerb::Read, e))?;
     let data = snapshots
         .get(KEY_SNAPSHOT_DATA)
         .map_err(|e| snap_err(Some(&meta), ErrorVerb::Read, e))?;
@@ -180,7 +179,7 @@ fn read_persisted_snapshot(snapshots: &sled::Tree) -> StorageResult<Option<(Meta
 
 fn decode_snapshot(meta: &Meta, bytes: &[u8]) -> StorageResult<SmData> {
     let mut d: SmData =
-        serde_json::from_slice(bytes).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
+        super::codec::decode(bytes).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
     // The meta is authoritative (it is what openraft reasons about).
     d.last_applied = meta.last_log_id;
     d.last_membership = meta.last_membership.clone();

@@ -83,7 +83,7 @@ impl LogStore {
         else {
             return Ok(None);
         };
-        let v = serde_json::from_slice(&bytes).map_err(|e| io_err(subject, ErrorVerb::Read, e))?;
+        let v = super::codec::decode(&bytes).map_err(|e| io_err(subject, ErrorVerb::Read, e))?;
         Ok(Some(v))
     }
 
@@ -155,7 +155,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let mut entries = Vec::new();
         for kv in self.logs.range(idx_key(lo)..=idx_key(hi)) {
             let (k, v) = kv.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-            let entry: Entry<TypeConfig> = serde_json::from_slice(&v).map_err(|e| {
+            let entry: Entry<TypeConfig> = super::codec::decode(&v).map_err(|e| {
                 let index = k
                     .as_ref()
                     .try_into()
@@ -180,7 +180,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
         let last_log_id = match last {
             Some((_, v)) => {
-                let s: StoredLogId = serde_json::from_slice(&v)
+                let s: StoredLogId = super::codec::decode(&v)
                     .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
                 Some(s.log_id)
             }
@@ -278,5 +278,39 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.put_meta(KEY_LAST_PURGED, &log_id, ErrorSubject::Logs)?;
         self.remove_range(..=idx_key(log_id.index))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Command, TaskRecord};
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    /// The poison entry of issue #8: arguments nested close to serde_json's limit, wrapped
+    /// by the entry in more levels. It must read back, or Raft stops for good.
+    #[tokio::test]
+    async fn an_entry_deeper_than_serde_json_allows_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let store = LogStore::new(db).unwrap();
+        let mut args = serde_json::json!("x");
+        for _ in 0..300 {
+            args = serde_json::json!({ "a": args });
+        }
+        let task = TaskRecord::new("t", "echo", "t", "a", args, 1);
+        let entry = Entry::<TypeConfig> {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 7),
+            payload: EntryPayload::Normal(Command::SubmitTask(Box::new(task.clone()))),
+        };
+        let bytes = serde_json::to_vec(&entry).unwrap();
+        assert!(serde_json::from_slice::<Entry<TypeConfig>>(&bytes).is_err());
+        store.logs.insert(idx_key(7), bytes).unwrap();
+        let mut reader = store.clone();
+        let got = reader.try_get_log_entries(7..8).await.unwrap();
+        match &got[0].payload {
+            EntryPayload::Normal(Command::SubmitTask(t)) => assert_eq!(**t, task),
+            other => panic!("{other:?}"),
+        }
     }
 }

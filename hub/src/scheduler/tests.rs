@@ -35,14 +35,20 @@ struct World {
     state: State,
     live: HashMap<String, LiveNode>,
     index: u64,
+    limits: Limits,
 }
 
 impl World {
+    /// Most tests look at one rule at a time: the tenant share is off unless a test sets it.
     fn new() -> Self {
         Self {
             state: State::default(),
             live: HashMap::new(),
             index: 0,
+            limits: Limits {
+                tenant_slot_share: 1.0,
+                ..Limits::default()
+            },
         }
     }
 
@@ -92,7 +98,7 @@ impl World {
     fn cx(&self) -> Context<'_> {
         Context {
             live: &self.live,
-            limits: Limits::default(),
+            limits: self.limits,
             now_ms: 1_000,
             sample_above: SAMPLE_ALL,
         }
@@ -102,7 +108,7 @@ impl World {
         place(
             &self.state,
             &self.cx(),
-            &self.state.index.active,
+            &InFlight::of(&self.state),
             &self.state.tasks[id],
             &mut StdRng::seed_from_u64(7),
         )
@@ -142,6 +148,35 @@ fn most_free_capacity_wins_and_full_nodes_are_skipped() {
     w.assign("x3", "a");
     let why = w.place("t1").unwrap_err();
     assert!(why.contains("2 at capacity"), "{why}");
+}
+
+#[test]
+fn a_tenant_holds_at_most_its_share_of_a_server_and_others_still_get_in() {
+    let mut w = World::new();
+    w.limits.tenant_slot_share = 0.75;
+    w.node("a", 4, &[]);
+    assert_eq!(tenant_cap(4, 0.75), 3);
+    assert_eq!(
+        tenant_cap(1, 0.75),
+        1,
+        "a one-slot server still serves someone"
+    );
+    for i in 0..3 {
+        w.submit(&format!("a{i}"), "big", |_| {});
+        w.assign(&format!("a{i}"), "a");
+    }
+    w.submit("a3", "big", |_| {});
+    let why = w.place("a3").unwrap_err();
+    assert!(why.contains("share"), "{why}");
+    w.submit("b0", "small", |_| {});
+    assert_eq!(w.place("b0").unwrap(), "a");
+    // A pass does the same: the last slot goes to the other tenant.
+    let plan = plan(&w.state, &w.cx(), &mut StdRng::seed_from_u64(3));
+    let ids: Vec<&str> = plan.assign.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, ["b0"]);
+    // A node serving only that tenant keeps nothing back.
+    w.state.nodes.get_mut("a").unwrap().tenants = vec!["big".into()];
+    assert_eq!(w.place("a3").unwrap(), "a");
 }
 
 #[test]
@@ -227,13 +262,13 @@ fn breaker_opens_after_failures_and_lets_one_trial_through_after_the_cooldown() 
     let p = place(
         &w.state,
         &cx,
-        &w.state.index.active,
+        &InFlight::of(&w.state),
         &w.state.tasks["t1"],
         &mut rng,
     );
     assert_eq!(p.unwrap().node_id, "a");
-    let mut busy = w.state.index.active.clone();
-    busy.insert(("a".into(), "demo".into()), 1);
+    let mut busy = InFlight::of(&w.state);
+    busy.per_server.insert(("a".into(), "demo".into()), 1);
     let p = place(&w.state, &cx, &busy, &w.state.tasks["t1"], &mut rng);
     assert_eq!(p.unwrap().node_id, "b", "a trial is already running on a");
 }
@@ -254,6 +289,7 @@ fn a_failing_server_trips_its_breaker_through_results() {
             at_ms: 500,
             result: None,
             error: Some("MCP server exited".into()),
+            node_id: String::new(),
         });
     }
     assert_eq!(
@@ -342,6 +378,7 @@ fn a_retry_avoids_the_node_it_failed_on() {
         at_ms: 3,
         result: None,
         error: Some("boom".into()),
+        node_id: String::new(),
     });
     assert_eq!(r, crate::state::Response::TaskNow(TaskStatus::Queued));
     assert_eq!(w.place("t1").unwrap(), "b");

@@ -99,6 +99,7 @@ pub fn issue_agent_token(
         scopes,
         iat: now_s,
         exp,
+        nbf: None,
         jti: flotilla_common::random_id(12),
         region: locality.0,
         zone: locality.1,
@@ -126,6 +127,8 @@ impl AdminService for AdminApi {
             ))
             .into());
         }
+        flotilla_common::limits::check_len("description", &r.description, 1024)
+            .map_err(HubError::InvalidArgument)?;
         let uses = if r.uses == 0 { 1 } else { r.uses };
         let token = JoinToken::generate(&self.hub.ca().pin());
         let now = flotilla_common::now_ms();
@@ -140,7 +143,7 @@ impl AdminService for AdminApi {
                 created_at_ms: now,
             }))
             .await?;
-        tracing::info!(token_id = %token.id, by = %claims.sub, uses, ttl_s = ttl, "join token created");
+        tracing::info!(token_id = ?token.id, by = ?claims.sub, uses, ttl_s = ttl, "join token created");
         Ok(Response::new(CreateJoinTokenResponse {
             token: token.to_string(),
             token_id: token.id.clone(),
@@ -252,7 +255,7 @@ impl AdminService for AdminApi {
                 (!r.zone.is_empty()).then(|| r.zone.clone()),
             ),
         )?;
-        tracing::info!(subject = %r.subject, tenant = %tenant, scopes = ?r.scopes, by = %claims.sub, "agent token issued");
+        tracing::info!(subject = ?r.subject, tenant = ?tenant, scopes = ?r.scopes, by = ?claims.sub, "agent token issued");
         Ok(Response::new(IssueAgentTokenResponse {
             token,
             expires_at_ms,
@@ -285,7 +288,7 @@ impl AdminService for AdminApi {
             flotilla_common::tls::split_address(a)
                 .map_err(|e| HubError::InvalidArgument(format!("{name}: {e}")))?;
         }
-        tracing::info!(hub = r.id, by = %claims.sub, "adding hub");
+        tracing::info!(hub = r.id, by = ?claims.sub, "adding hub");
         self.hub
             .change_membership(MembershipChange::Add {
                 id: r.id,
@@ -310,7 +313,7 @@ impl AdminService for AdminApi {
         if !view.members.iter().any(|m| m.id == id) {
             return Err(HubError::NotFound(format!("hub {id} is not a member")).into());
         }
-        tracing::info!(hub = id, by = %claims.sub, "removing hub");
+        tracing::info!(hub = id, by = ?claims.sub, "removing hub");
         self.hub
             .change_membership(MembershipChange::Remove { id })
             .await?;
@@ -360,7 +363,7 @@ impl AdminService for AdminApi {
         let claims = auth::admin(&req, &self.hub.state())?;
         let paused = req.into_inner().paused;
         self.hub.write(Command::SetSchedulingPaused(paused)).await?;
-        tracing::warn!(paused, by = %claims.sub, "scheduling paused state changed");
+        tracing::warn!(paused, by = ?claims.sub, "scheduling paused state changed");
         self.hub.wake();
         Ok(Response::new(SetSchedulingPausedRequest { paused }))
     }
@@ -401,7 +404,7 @@ impl AdminService for AdminApi {
                 .sessions
                 .send(&node, convert::cancel_message(&task_id, attempt));
         }
-        tracing::warn!(tenant = %tenant, cancelled = ids.len(), by = %claims.sub, "cancelled every task of a tenant");
+        tracing::warn!(tenant = %tenant, cancelled = ids.len(), by = ?claims.sub, "cancelled every task of a tenant");
         Ok(Response::new(CancelTenantTasksResponse { task_ids: ids }))
     }
 }

@@ -2,7 +2,10 @@
 
 use std::pin::Pin;
 
-use flotilla_common::jwt::Claims;
+use flotilla_common::{
+    jwt::Claims,
+    limits::{self, MAX_ARGUMENT_BYTES, MAX_STEPS},
+};
 use flotilla_proto::{
     agent_service_server::AgentService, CancelTaskRequest, CancelWorkflowRequest, FailurePolicy,
     GetTaskRequest, GetWorkflowRequest, ListTasksRequest, ListTasksResponse, ListToolsRequest,
@@ -22,28 +25,23 @@ use crate::{
     state::{self, Command, State, StepRecord, TaskRecord, WorkflowRecord},
 };
 
-/// Largest accepted `arguments` document.
-pub const MAX_ARGUMENT_BYTES: usize = 1024 * 1024;
-
 pub struct AgentApi {
     pub hub: Hub,
 }
 
-/// A task the caller may see: it must exist and belong to the caller's tenant.
+/// A task the caller may see: it must exist and belong to the caller's tenant. Another
+/// tenant's task answers exactly as a missing one, so ids reveal nothing across tenants.
 fn visible_task(state: &State, claims: &Claims, id: &str) -> HubResult<TaskRecord> {
-    let t = state
+    state
         .tasks
         .get(id)
-        .ok_or_else(|| HubError::NotFound(format!("no task {id:?}")))?;
-    if t.tenant != claims.tenant {
-        return Err(HubError::PermissionDenied(format!(
-            "task {id:?} belongs to another tenant"
-        )));
-    }
-    Ok(t.clone())
+        .filter(|t| t.tenant == claims.tenant)
+        .cloned()
+        .ok_or_else(|| HubError::NotFound(format!("no task {id:?}")))
 }
 
-/// Parses a request's `arguments`: a JSON object of at most `MAX_ARGUMENT_BYTES`.
+/// Parses a request's `arguments`: a JSON object of at most `MAX_ARGUMENT_BYTES`, nested at
+/// most `MAX_JSON_DEPTH` deep.
 fn parse_arguments(raw: &[u8]) -> HubResult<Value> {
     if raw.len() > MAX_ARGUMENT_BYTES {
         return Err(HubError::InvalidArgument(format!(
@@ -62,7 +60,21 @@ fn parse_arguments(raw: &[u8]) -> HubResult<Value> {
             "arguments must be a JSON object".into(),
         ));
     }
+    limits::check_depth("arguments", &args).map_err(HubError::InvalidArgument)?;
     Ok(args)
+}
+
+/// The names a request carries are within the limits.
+fn check_names(name: &str, idempotency_key: &str) -> HubResult<()> {
+    limits::check_len("the tool or workflow name", name, limits::MAX_NAME_BYTES)
+        .and_then(|()| {
+            limits::check_len(
+                "idempotency_key",
+                idempotency_key,
+                limits::MAX_IDEMPOTENCY_KEY_BYTES,
+            )
+        })
+        .map_err(HubError::InvalidArgument)
 }
 
 /// Checks that the caller may call `tool` and, unless `args` is `None` (a workflow step
@@ -124,27 +136,40 @@ fn tool_stats<'a>(per_node: impl IntoIterator<Item = &'a state::ToolStats>) -> T
 
 /// A workflow the caller may see.
 fn visible_workflow(state: &State, claims: &Claims, id: &str) -> HubResult<WorkflowRecord> {
-    let w = state
+    state
         .workflows
         .get(id)
-        .ok_or_else(|| HubError::NotFound(format!("no workflow {id:?}")))?;
-    if w.tenant != claims.tenant {
-        return Err(HubError::PermissionDenied(format!(
-            "workflow {id:?} belongs to another tenant"
-        )));
-    }
-    Ok(w.clone())
+        .filter(|w| w.tenant == claims.tenant)
+        .cloned()
+        .ok_or_else(|| HubError::NotFound(format!("no workflow {id:?}")))
 }
 
-/// Most steps in one workflow.
-pub const MAX_STEPS: usize = 200;
-
 impl AgentApi {
+    /// The verified caller, counted against its agent's and tenant's request rate.
+    fn caller<T>(&self, req: &Request<T>) -> HubResult<Claims> {
+        let claims = auth::agent(req, &self.hub.state())?;
+        self.hub.quota.request(&claims)?;
+        Ok(claims)
+    }
+
+    /// Refuses `adding` more tasks when the caller's tenant has a full queue.
+    fn room_in_queue(&self, claims: &Claims, adding: usize) -> HubResult<()> {
+        let queued = self
+            .hub
+            .state()
+            .index
+            .queue
+            .get(&claims.tenant)
+            .map_or(0, |q| q.len());
+        self.hub.quota.queue(&claims.tenant, queued, adding)
+    }
+
     fn validate_submission(
         &self,
         claims: &Claims,
         req: &SubmitTaskRequest,
     ) -> HubResult<(Value, Option<String>)> {
+        check_names(&req.tool, &req.idempotency_key)?;
         let args = parse_arguments(&req.arguments)?;
         check_call(&self.hub.state(), claims, &req.tool, Some(&args))?;
         let key = (!req.idempotency_key.is_empty()).then(|| req.idempotency_key.clone());
@@ -156,16 +181,21 @@ impl AgentApi {
         claims: &Claims,
         req: SubmitWorkflowRequest,
     ) -> HubResult<WorkflowRecord> {
-        if req.steps.len() > MAX_STEPS {
-            return Err(HubError::InvalidArgument(format!(
-                "the workflow has {} steps; the limit is {MAX_STEPS}",
-                req.steps.len()
-            )));
-        }
+        limits::check_count("steps", req.steps.len(), MAX_STEPS)
+            .map_err(HubError::InvalidArgument)?;
+        check_names(&req.name, &req.idempotency_key)?;
         let state = self.hub.state();
         let mut steps = Vec::with_capacity(req.steps.len());
-        for s in req.steps {
+        for mut s in req.steps {
+            limits::check_len("a step name", &s.name, limits::MAX_NAME_BYTES)
+                .map_err(HubError::InvalidArgument)?;
             let at = |e: HubError| e.context(&format!("step {:?}", s.name));
+            check_names(&s.tool, "").map_err(at)?;
+            // Repeats say nothing more; dropping them keeps the shape check linear.
+            let mut seen = std::collections::HashSet::new();
+            s.depends_on.retain(|d| seen.insert(d.clone()));
+            limits::check_count("depends_on", s.depends_on.len(), limits::MAX_DEPENDS_ON)
+                .map_err(|e| at(HubError::InvalidArgument(e)))?;
             let args = parse_arguments(&s.arguments).map_err(at)?;
             let refers = !state::workflow_references(&args)
                 .map_err(|e| at(HubError::InvalidArgument(e)))?
@@ -215,9 +245,10 @@ impl AgentService for AgentApi {
         &self,
         req: Request<SubmitTaskRequest>,
     ) -> Result<Response<SubmitTaskResponse>, Status> {
-        let claims = auth::agent(&req, &self.hub.state())?;
+        let claims = self.caller(&req)?;
         let req = req.into_inner();
         let (args, key) = self.validate_submission(&claims, &req)?;
+        self.room_in_queue(&claims, 1)?;
         if let Some(k) = &key {
             let ix = state::idempotency_index(&claims.tenant, k);
             if let Some(id) = self.hub.state().idempotency.get(&ix) {
@@ -250,7 +281,7 @@ impl AgentService for AgentApi {
                 task_id,
                 deduplicated,
             } => {
-                tracing::info!(task_id, agent = %claims.sub, tenant = %claims.tenant, deduplicated, "task accepted");
+                tracing::info!(task_id, agent = ?claims.sub, tenant = ?claims.tenant, deduplicated, "task accepted");
                 Ok(Response::new(SubmitTaskResponse {
                     task_id,
                     deduplicated,
@@ -261,9 +292,9 @@ impl AgentService for AgentApi {
     }
 
     async fn get_task(&self, req: Request<GetTaskRequest>) -> Result<Response<Task>, Status> {
+        let claims = self.caller(&req)?;
         self.hub.read_barrier().await?;
         let state = self.hub.state();
-        let claims = auth::agent(&req, &state)?;
         let t = visible_task(&state, &claims, &req.get_ref().task_id)?;
         Ok(Response::new(convert::task(
             &state,
@@ -279,15 +310,17 @@ impl AgentService for AgentApi {
         req: Request<WatchTaskRequest>,
     ) -> Result<Response<EventStream>, Status> {
         self.hub.read_barrier().await?;
-        let (task, from) = {
+        let (task, from, permit) = {
+            let claims = self.caller(&req)?;
             let state = self.hub.state();
-            let claims = auth::agent(&req, &state)?;
             let r = req.get_ref();
-            (visible_task(&state, &claims, &r.task_id)?, r.from_seq)
+            let task = visible_task(&state, &claims, &r.task_id)?;
+            (task, r.from_seq, self.hub.quota.stream(&claims)?)
         };
         let (backlog, mut rx) = self.hub.events.subscribe(&task, from);
         let events = self.hub.events.clone();
         let stream = async_stream(move |tx| async move {
+            let _permit = permit;
             let mut last = from.saturating_sub(1);
             for ev in backlog {
                 last = ev.seq;
@@ -297,7 +330,12 @@ impl AgentService for AgentApi {
                 }
             }
             loop {
-                match rx.recv().await {
+                // A client that went away ends the watch now, not at the task's next event.
+                let next = tokio::select! {
+                    r = rx.recv() => r,
+                    _ = tx.closed() => return,
+                };
+                match next {
                     Ok(ev) if ev.seq <= last => continue,
                     Ok(ev) => {
                         last = ev.seq;
@@ -334,8 +372,8 @@ impl AgentService for AgentApi {
 
     async fn cancel_task(&self, req: Request<CancelTaskRequest>) -> Result<Response<Task>, Status> {
         let task = {
+            let claims = self.caller(&req)?;
             let state = self.hub.state();
-            let claims = auth::agent(&req, &state)?;
             visible_task(&state, &claims, &req.get_ref().task_id)?
         };
         if task.status.is_terminal() {
@@ -366,9 +404,9 @@ impl AgentService for AgentApi {
         &self,
         req: Request<ListTasksRequest>,
     ) -> Result<Response<ListTasksResponse>, Status> {
+        let claims = self.caller(&req)?;
         self.hub.read_barrier().await?;
         let state = self.hub.state();
-        let claims = auth::agent(&req, &state)?;
         let r = req.get_ref();
         let wanted: Vec<TaskState> = r
             .states
@@ -399,7 +437,7 @@ impl AgentService for AgentApi {
         req: Request<ListToolsRequest>,
     ) -> Result<Response<ListToolsResponse>, Status> {
         // Verify first, then ask for live state (which may await the leader).
-        let claims = auth::agent(&req, &self.hub.state())?;
+        let claims = self.caller(&req)?;
         let live = self.hub.live_nodes().await;
         let state = self.hub.state();
         let tools = state
@@ -451,7 +489,7 @@ impl AgentService for AgentApi {
         &self,
         req: Request<SubmitWorkflowRequest>,
     ) -> Result<Response<SubmitWorkflowResponse>, Status> {
-        let claims = auth::agent(&req, &self.hub.state())?;
+        let claims = self.caller(&req)?;
         let req = req.into_inner();
         if !req.idempotency_key.is_empty() {
             let ix = state::idempotency_index(&claims.tenant, &req.idempotency_key);
@@ -464,6 +502,7 @@ impl AgentService for AgentApi {
         }
         let wf = self.build_workflow(&claims, req)?;
         let steps = wf.steps.len();
+        self.room_in_queue(&claims, steps)?;
         match self
             .hub
             .write(Command::SubmitWorkflow(Box::new(wf)))
@@ -473,7 +512,7 @@ impl AgentService for AgentApi {
                 workflow_id,
                 deduplicated,
             } => {
-                tracing::info!(workflow_id, steps, agent = %claims.sub, tenant = %claims.tenant, deduplicated, "workflow accepted");
+                tracing::info!(workflow_id, steps, agent = ?claims.sub, tenant = ?claims.tenant, deduplicated, "workflow accepted");
                 Ok(Response::new(SubmitWorkflowResponse {
                     workflow_id,
                     deduplicated,
@@ -487,9 +526,9 @@ impl AgentService for AgentApi {
         &self,
         req: Request<GetWorkflowRequest>,
     ) -> Result<Response<Workflow>, Status> {
+        let claims = self.caller(&req)?;
         self.hub.read_barrier().await?;
         let state = self.hub.state();
-        let claims = auth::agent(&req, &state)?;
         let w = visible_workflow(&state, &claims, &req.get_ref().workflow_id)?;
         Ok(Response::new(convert::workflow(&w)))
     }
@@ -502,14 +541,16 @@ impl AgentService for AgentApi {
     ) -> Result<Response<WorkflowEventStream>, Status> {
         self.hub.read_barrier().await?;
         let (claims, id, from) = {
+            let claims = self.caller(&req)?;
             let state = self.hub.state();
-            let claims = auth::agent(&req, &state)?;
             let r = req.get_ref();
             visible_workflow(&state, &claims, &r.workflow_id)?;
             (claims, r.workflow_id.clone(), r.from_seq)
         };
+        let permit = self.hub.quota.stream(&claims)?;
         let hub = self.hub.clone();
         let stream = async_stream(move |tx| async move {
+            let _permit = permit;
             let mut changed = hub.workflows.subscribe();
             let mut next = from;
             loop {
@@ -543,8 +584,8 @@ impl AgentService for AgentApi {
         req: Request<CancelWorkflowRequest>,
     ) -> Result<Response<Workflow>, Status> {
         let (claims, id) = {
+            let claims = self.caller(&req)?;
             let state = self.hub.state();
-            let claims = auth::agent(&req, &state)?;
             let w = visible_workflow(&state, &claims, &req.get_ref().workflow_id)?;
             (claims, w.id)
         };
@@ -559,7 +600,7 @@ impl AgentService for AgentApi {
             }
             other => return Err(HubError::Internal(format!("cancel answered {other:?}")).into()),
         }
-        tracing::info!(workflow_id = %id, by = %claims.sub, "workflow cancelled");
+        tracing::info!(workflow_id = %id, by = ?claims.sub, "workflow cancelled");
         let state = self.hub.state();
         let w = visible_workflow(&state, &claims, &id)?;
         Ok(Response::new(convert::workflow(&w)))

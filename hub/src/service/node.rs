@@ -2,7 +2,7 @@
 
 use std::{pin::Pin, time::Duration};
 
-use flotilla_common::token::hash_secret;
+use flotilla_common::{limits, token::hash_secret};
 use flotilla_proto::{
     hub_message, node_message, node_service_server::NodeService, EventKind, HubMessage,
     JoinRequest, JoinResponse, NodeMessage, ResultAck, TaskEvent, Welcome,
@@ -50,11 +50,20 @@ type HubStream = Pin<Box<dyn Stream<Item = Result<HubMessage, Status>> + Send>>;
 #[tonic::async_trait]
 impl NodeService for NodeApi {
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        // Failed joins are throttled per source address, so a token cannot be guessed.
+        let source = req
+            .extensions()
+            .get::<flotilla_common::tls::PeerInfo>()
+            .and_then(|p| p.remote_addr)
+            .map_or_else(|| "unknown".to_owned(), |a| a.ip().to_string());
+        self.hub.quota.join_allowed(&source)?;
         let r = req.into_inner();
-        let token_id = r.token_id.clone();
+        // Logged when refused: never more of it than a real id could be.
+        let token_id: String = r.token_id.chars().take(32).collect();
         let refuse = |why: &str| {
             // The secret is never logged; the token id is not secret.
-            tracing::warn!(token_id = %token_id, reason = why, "join refused");
+            tracing::warn!(token_id = ?token_id, source = %source, reason = why, "join refused");
+            self.hub.quota.join_failed(&source);
             HubError::Unauthenticated(
                 "join token is unknown, expired or used up; create a new one with `flotilla token create`".into(),
             )
@@ -111,7 +120,7 @@ impl NodeService for NodeApi {
             }
             other => return Err(HubError::Internal(format!("join answered {other:?}")).into()),
         }
-        tracing::info!(node_id = %r.name, token_id = %r.token_id, "node joined");
+        tracing::info!(node_id = %r.name, token_id = ?r.token_id, "node joined");
         Ok(Response::new(JoinResponse {
             node_id: r.name,
             certificate_pem: cert,
@@ -263,23 +272,32 @@ fn handle(
         }
         node_message::Msg::Started(s) => {
             let hub = hub.clone();
+            let node_id = node_id.to_owned();
             tokio::spawn(async move {
                 let cmd = Command::StartTask {
                     task_id: s.task_id.clone(),
                     attempt: s.attempt,
                     fence: s.fence,
                     at_ms: flotilla_common::now_ms(),
+                    node_id: node_id.clone(),
                 };
-                if let Ok(state::Response::Rejected(r)) = hub.write(cmd).await {
-                    tracing::debug!(task_id = %s.task_id, attempt = s.attempt, reason = %r, "start not recorded");
+                match hub.write(cmd).await {
+                    Ok(state::Response::Rejected(Rejection::NotYourAttempt)) => {
+                        tracing::warn!(node_id = %node_id, task_id = ?s.task_id, attempt = s.attempt, "node reported a start for an attempt another node holds; refused");
+                    }
+                    Ok(state::Response::Rejected(r)) => {
+                        tracing::debug!(task_id = ?s.task_id, attempt = s.attempt, reason = %r, "start not recorded");
+                    }
+                    _ => {}
                 }
             });
         }
         node_message::Msg::Progress(p) => {
             let current = hub.state().tasks.get(&p.task_id).is_some_and(|t| {
                 t.status.is_active()
-                    && t.current_attempt()
-                        .is_some_and(|a| a.number == p.attempt && a.fence == p.fence)
+                    && t.current_attempt().is_some_and(|a| {
+                        a.number == p.attempt && a.fence == p.fence && a.node_id == node_id
+                    })
             });
             if current {
                 hub.events.progress(TaskEvent {
@@ -316,21 +334,24 @@ async fn record_result(
     tx: &tokio::sync::mpsc::Sender<HubMessage>,
     r: flotilla_proto::TaskResult,
 ) -> HubResult<()> {
-    let result = if r.result.is_empty() {
-        None
+    let (result, unreadable) = if r.result.is_empty() {
+        (None, None)
     } else {
-        match serde_json::from_slice(&r.result) {
-            Ok(v) => Some(v),
+        match serde_json::from_slice::<serde_json::Value>(&r.result)
+            .map_err(|e| format!("the node's result is not JSON: {e}"))
+            .and_then(|v| limits::check_depth("the node's result", &v).map(|()| v))
+        {
+            Ok(v) => (Some(v), None),
             Err(e) => {
-                tracing::warn!(node_id, task_id = %r.task_id, error = %e, "node sent a result that is not JSON");
-                None
+                tracing::warn!(node_id, task_id = ?r.task_id, error = %e, "node sent an unusable result");
+                (None, Some(e))
             }
         }
     };
     let error = if r.error.is_empty() {
         result
             .is_none()
-            .then(|| "node sent an unreadable result".to_owned())
+            .then(|| unreadable.unwrap_or_else(|| "node sent an empty result".to_owned()))
     } else {
         Some(r.error.clone())
     };
@@ -341,14 +362,19 @@ async fn record_result(
         at_ms: flotilla_common::now_ms(),
         result,
         error,
+        node_id: node_id.to_owned(),
     };
     let accepted = match hub.write(cmd).await? {
         state::Response::TaskNow(status) => {
-            tracing::info!(node_id, task_id = %r.task_id, attempt = r.attempt, ?status, "task finished");
+            tracing::info!(node_id, task_id = ?r.task_id, attempt = r.attempt, ?status, "task finished");
             true
         }
+        state::Response::Rejected(Rejection::NotYourAttempt) => {
+            tracing::warn!(node_id, task_id = ?r.task_id, attempt = r.attempt, "node sent a result for an attempt another node holds; refused");
+            false
+        }
         state::Response::Rejected(rej) => {
-            tracing::info!(node_id, task_id = %r.task_id, attempt = r.attempt, reason = %rej, "stale result refused");
+            tracing::info!(node_id, task_id = ?r.task_id, attempt = r.attempt, reason = %rej, "stale result refused");
             false
         }
         other => return Err(HubError::Internal(format!("finish answered {other:?}"))),

@@ -23,6 +23,8 @@ pub struct Index {
     pub active: BTreeMap<(String, String), u32>,
     /// Assigned or running tasks per tenant (fair share).
     pub active_by_tenant: BTreeMap<String, u32>,
+    /// Assigned or running tasks per (tenant, node, server): a tenant's share of a server.
+    pub active_by_tenant_server: BTreeMap<(String, String, String), u32>,
     /// Assigned or running task ids per node.
     pub on_node: BTreeMap<String, BTreeSet<String>>,
     /// Tasks not yet ended.
@@ -61,6 +63,10 @@ impl Index {
                     .entry((a.node_id.clone(), a.server.clone()))
                     .or_default() += 1;
                 *self.active_by_tenant.entry(t.tenant.clone()).or_default() += 1;
+                *self
+                    .active_by_tenant_server
+                    .entry((t.tenant.clone(), a.node_id.clone(), a.server.clone()))
+                    .or_default() += 1;
                 self.on_node
                     .entry(a.node_id.clone())
                     .or_default()
@@ -88,6 +94,10 @@ impl Index {
             if let Some(a) = t.current_attempt() {
                 dec(&mut self.active, &(a.node_id.clone(), a.server.clone()));
                 dec(&mut self.active_by_tenant, &t.tenant);
+                dec(
+                    &mut self.active_by_tenant_server,
+                    &(t.tenant.clone(), a.node_id.clone(), a.server.clone()),
+                );
                 if let Some(s) = self.on_node.get_mut(&a.node_id) {
                     s.remove(&t.id);
                     if s.is_empty() {

@@ -393,11 +393,15 @@ pub enum Command {
         server: String,
         at_ms: i64,
     },
+    /// The node running the attempt started it. `node_id` is the reporting node's
+    /// certificate name; only the node holding the attempt may report on it.
     StartTask {
         task_id: String,
         attempt: u32,
         fence: u64,
         at_ms: i64,
+        #[serde(default)]
+        node_id: String,
     },
     FinishTask {
         task_id: String,
@@ -406,6 +410,8 @@ pub enum Command {
         at_ms: i64,
         result: Option<Value>,
         error: Option<String>,
+        #[serde(default)]
+        node_id: String,
     },
     /// Puts an assigned task that never started back in the queue.
     RequeueTask {
@@ -549,6 +555,8 @@ pub enum Rejection {
     NoSuchNode(String),
     #[error("stale attempt or fence: the task has moved on")]
     Stale,
+    #[error("the attempt is held by another node")]
+    NotYourAttempt,
     #[error("task is {0:?}, which does not allow this")]
     WrongState(TaskStatus),
     #[error("join token is unknown, expired or used up")]
@@ -785,8 +793,9 @@ impl State {
                 attempt,
                 fence,
                 at_ms,
+                node_id,
             } => self.update(task_id, true, |t| {
-                check_current(t, *attempt, *fence)?;
+                check_reporter(t, *attempt, *fence, node_id)?;
                 if t.status != TaskStatus::Assigned {
                     return Err(Rejection::WrongState(t.status));
                 }
@@ -803,9 +812,10 @@ impl State {
                 at_ms,
                 result,
                 error,
+                node_id,
             } => {
                 let (status, tool, node, server, ok, took) = self.update(task_id, true, |t| {
-                    check_current(t, *attempt, *fence)?;
+                    check_reporter(t, *attempt, *fence, node_id)?;
                     if !t.status.is_active() {
                         return Err(Rejection::WrongState(t.status));
                     }
@@ -1316,6 +1326,21 @@ fn check_current(t: &TaskRecord, attempt: u32, fence: u64) -> Result<(), Rejecti
     match t.current_attempt() {
         Some(a) if a.number == attempt && a.fence == fence => Ok(()),
         _ => Err(Rejection::Stale),
+    }
+}
+
+/// A node's report on an attempt: it must be the current one, and held by that node (an
+/// empty `node_id` is the hub speaking for itself, in entries written before the check).
+fn check_reporter(
+    t: &TaskRecord,
+    attempt: u32,
+    fence: u64,
+    node_id: &str,
+) -> Result<(), Rejection> {
+    check_current(t, attempt, fence)?;
+    match t.current_attempt() {
+        Some(a) if !node_id.is_empty() && a.node_id != node_id => Err(Rejection::NotYourAttempt),
+        _ => Ok(()),
     }
 }
 

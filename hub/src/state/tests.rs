@@ -33,7 +33,60 @@ fn finish(id: &str, attempt: u32, fence: u64) -> Command {
         at_ms: 3,
         result: Some(json!({"content": [], "isError": false})),
         error: None,
+        node_id: "n1".into(),
     }
+}
+
+#[test]
+fn only_the_node_holding_the_attempt_may_report_on_it() {
+    let mut s = with_node();
+    s.apply(1, &task("t1", None));
+    s.apply(2, &assign("t1"));
+    let forged = |cmd: Command| match cmd {
+        Command::FinishTask {
+            task_id,
+            attempt,
+            fence,
+            at_ms,
+            error,
+            ..
+        } => Command::FinishTask {
+            task_id,
+            attempt,
+            fence,
+            at_ms,
+            result: Some(json!({"content": [{"type": "text", "text": "forged"}]})),
+            error,
+            node_id: "n2".into(),
+        },
+        other => other,
+    };
+    let start = |node: &str| Command::StartTask {
+        task_id: "t1".into(),
+        attempt: 1,
+        fence: 2,
+        at_ms: 3,
+        node_id: node.into(),
+    };
+    assert_eq!(
+        s.apply(3, &start("n2")),
+        Response::Rejected(Rejection::NotYourAttempt)
+    );
+    assert_eq!(s.tasks["t1"].status, TaskStatus::Assigned);
+    assert_eq!(
+        s.apply(4, &forged(finish("t1", 1, 2))),
+        Response::Rejected(Rejection::NotYourAttempt)
+    );
+    assert_eq!(s.tasks["t1"].status, TaskStatus::Assigned);
+    assert_eq!(
+        s.apply(5, &start("n1")),
+        Response::TaskNow(TaskStatus::Running)
+    );
+    assert_eq!(
+        s.apply(6, &finish("t1", 1, 2)),
+        Response::TaskNow(TaskStatus::Succeeded)
+    );
+    assert_eq!(s.tasks["t1"].result.as_ref().unwrap()["content"], json!([]));
 }
 
 #[test]
@@ -121,6 +174,7 @@ fn tool_error_result_fails_the_task_and_cancel_is_terminal() {
         at_ms: 3,
         result: Some(json!({"content": [], "isError": true})),
         error: None,
+        node_id: String::new(),
     };
     assert_eq!(s.apply(3, &c), Response::TaskNow(TaskStatus::Failed));
     s.apply(4, &task("t2", None));
@@ -322,6 +376,7 @@ impl Sm {
             at_ms: 10,
             result: Some(json!({"content": [{"type": "text", "text": text}], "isError": !ok})),
             error: None,
+            node_id: String::new(),
         })
     }
 
@@ -714,6 +769,7 @@ fn a_requeued_task_counts_its_queue_timeout_from_its_return_and_requeues_are_not
         at_ms: 1000,
         result: None,
         error: Some("boom".into()),
+        node_id: String::new(),
     });
     assert_eq!(m.status("t"), TaskStatus::Queued);
     let due = m.s.tasks["t"].queue_deadline_ms().unwrap();

@@ -317,24 +317,48 @@ pub fn check_shape(steps: &[StepRecord]) -> Result<(), String> {
             }
         }
     }
-    // Kahn's algorithm: whatever cannot be ordered is on a cycle.
-    let mut order: Vec<&str> = Vec::new();
-    let mut left: Vec<&StepRecord> = steps.iter().collect();
-    while !left.is_empty() {
-        let (ready, rest): (Vec<&StepRecord>, Vec<&StepRecord>) = left
-            .into_iter()
-            .partition(|s| s.depends_on.iter().all(|d| order.contains(&d.as_str())));
-        if ready.is_empty() {
-            let names: Vec<&str> = rest.iter().map(|s| s.name.as_str()).collect();
-            return Err(format!(
-                "the steps {names:?} depend on each other in a cycle"
-            ));
+    // Kahn's algorithm with in-degrees (linear in steps + edges): whatever cannot be
+    // ordered is on a cycle.
+    let at: BTreeMap<&str, usize> = steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.name.as_str(), i))
+        .collect();
+    let mut waiting: Vec<usize> = steps.iter().map(|s| s.depends_on.len()).collect();
+    let mut children: Vec<Vec<usize>> = vec![Vec::new(); steps.len()];
+    for (i, s) in steps.iter().enumerate() {
+        for d in &s.depends_on {
+            children[at[d.as_str()]].push(i);
         }
-        order.extend(ready.iter().map(|s| s.name.as_str()));
-        left = rest;
+    }
+    let mut ready: Vec<usize> = (0..steps.len()).filter(|&i| waiting[i] == 0).collect();
+    let mut ordered = 0;
+    while let Some(i) = ready.pop() {
+        ordered += 1;
+        for &c in &children[i] {
+            waiting[c] -= 1;
+            if waiting[c] == 0 {
+                ready.push(c);
+            }
+        }
+    }
+    if ordered < steps.len() {
+        let names: Vec<&str> = steps
+            .iter()
+            .zip(&waiting)
+            .filter(|(_, w)| **w > 0)
+            .map(|(s, _)| s.name.as_str())
+            .collect();
+        return Err(format!(
+            "the steps {names:?} depend on each other in a cycle"
+        ));
     }
     let by_name: BTreeMap<&str, &StepRecord> = steps.iter().map(|s| (s.name.as_str(), s)).collect();
     for s in steps {
+        let refs = referenced_steps(&s.arguments).map_err(|e| format!("step {:?}: {e}", s.name))?;
+        if refs.is_empty() {
+            continue;
+        }
         let mut ancestors = BTreeSet::new();
         let mut stack: Vec<&str> = s.depends_on.iter().map(String::as_str).collect();
         while let Some(n) = stack.pop() {
@@ -342,7 +366,7 @@ pub fn check_shape(steps: &[StepRecord]) -> Result<(), String> {
                 stack.extend(by_name[n].depends_on.iter().map(String::as_str));
             }
         }
-        for r in referenced_steps(&s.arguments).map_err(|e| format!("step {:?}: {e}", s.name))? {
+        for r in refs {
             if !ancestors.contains(r.as_str()) {
                 return Err(format!(
                     "step {:?} refers to step {r:?}, which it does not depend on",
@@ -505,6 +529,7 @@ impl State {
             .filter_map(|s| s.result.as_ref().map(|r| (s.name.as_str(), r)))
             .collect();
         let args = resolve(&step.arguments, &results).and_then(|args| {
+            flotilla_common::limits::check_depth("resolved arguments", &args)?;
             match self.catalogue.get(&step.tool) {
                 None => Err(format!("unknown tool {:?}", step.tool)),
                 Some(e) => match jsonschema::validator_for(&e.def.input_schema) {
