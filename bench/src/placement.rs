@@ -51,6 +51,7 @@ fn world(nodes: usize, queued: usize, slots: u32) -> (State, HashMap<String, Liv
                 at_ms: 0,
                 tenants: vec![],
                 cpu_high_water_percent: 0.0,
+                may_add_tools: true,
             },
         );
         live.insert(

@@ -543,7 +543,45 @@ pub(crate) async fn task(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-pub(crate) async fn tools(flags: ClientFlags) -> anyhow::Result<ExitCode> {
+#[derive(Args)]
+pub(crate) struct ToolsArgs {
+    #[command(subcommand)]
+    action: Option<ToolsAction>,
+    #[command(flatten)]
+    flags: ClientFlags,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ToolsAction {
+    /// Make a tool name a node introduced usable (nodes not in hub.toml's
+    /// `trusted_tool_nodes` cannot make new names usable themselves).
+    Accept { name: String },
+}
+
+pub(crate) async fn tools_command(a: ToolsArgs) -> anyhow::Result<ExitCode> {
+    let Some(ToolsAction::Accept { name }) = a.action else {
+        return tools(a.flags).await;
+    };
+    let r = admin_client(&settings(&a.flags)?)?
+        .accept_tool(pb::AcceptToolRequest { name })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    match a.flags.output {
+        Format::Json => output::json(&json!({
+            "name": r.name,
+            "first_seen_node": r.first_seen_node,
+            "required_scope": r.required_scope,
+        })),
+        Format::Table => println!(
+            "tool {} (introduced by {}, scope {}) is accepted",
+            r.name, r.first_seen_node, r.required_scope
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn tools(flags: ClientFlags) -> anyhow::Result<ExitCode> {
     let tools = agent_client(&settings(&flags)?)?
         .list_tools(pb::ListToolsRequest {})
         .await
@@ -563,6 +601,7 @@ pub(crate) async fn tools(flags: ClientFlags) -> anyhow::Result<ExitCode> {
                         "read_only": t.read_only,
                         "idempotent": t.idempotent,
                         "destructive": t.destructive,
+                        "accepted": t.accepted,
                         "nodes": t.nodes,
                         "stats": t.stats.as_ref().map(|s| json!({
                             "calls": s.calls,
@@ -585,7 +624,11 @@ pub(crate) async fn tools(flags: ClientFlags) -> anyhow::Result<ExitCode> {
                 .map(|t| {
                     let s = t.stats.unwrap_or_default();
                     vec![
-                        t.name.clone(),
+                        if t.accepted {
+                            t.name.clone()
+                        } else {
+                            format!("{} (not accepted)", t.name)
+                        },
                         t.required_scope.clone(),
                         if t.nodes.is_empty() {
                             "-".into()

@@ -216,6 +216,8 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
             breaker_failures: flotilla_common::config::defaults::BREAKER_FAILURES,
             breaker_cooldown_ms: flotilla_common::config::defaults::BREAKER_COOLDOWN_MS,
             limits: Default::default(),
+            // Its own nodes, started just above: their tools are usable at once.
+            trusted_tool_nodes: vec!["*".into()],
         };
         let hub_toml = hub_dir.join("hub.toml");
         std::fs::write(&hub_toml, toml::to_string(&hub_cfg)?)?;

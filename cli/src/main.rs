@@ -50,8 +50,9 @@ enum Command {
     /// Run and follow workflows (DAGs of tool calls).
     #[command(subcommand)]
     Workflow(workflow::WorkflowCommand),
-    /// List the tools you may call, with what each is expected to take.
-    Tools(ClientOnly),
+    /// List the tools you may call, with what each is expected to take; accept a tool a
+    /// node introduced (admin).
+    Tools(client::ToolsArgs),
     /// List nodes; cordon, uncordon or drain one (admin).
     Nodes(client::NodesArgs),
     /// Pause or resume all scheduling (admin, emergency control).
@@ -165,7 +166,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Call(args) => client::call(args).await,
         Command::Task(cmd) => client::task(cmd).await,
         Command::Workflow(c) => workflow::workflow(c).await,
-        Command::Tools(c) => client::tools(c.flags).await,
+        Command::Tools(a) => client::tools_command(a).await,
         Command::Nodes(a) => client::nodes_command(a).await,
         Command::Scheduling(cmd) => client::scheduling(cmd).await,
         Command::Cluster(cmd) => client::cluster(cmd).await,

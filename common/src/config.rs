@@ -228,6 +228,11 @@ pub struct HubFile {
     pub breaker_cooldown_ms: u64,
     #[serde(default)]
     pub limits: Limits,
+    /// Nodes that may introduce tool names the cluster has not seen: node names, or a
+    /// prefix ending in `*` (`"*"` trusts every node). A name another node introduces waits
+    /// until an admin accepts it with `flotilla tools accept NAME`.
+    #[serde(default)]
+    pub trusted_tool_nodes: Vec<String>,
 }
 
 fn default_breaker_failures() -> u32 {
@@ -295,6 +300,19 @@ pub struct HubConfig {
     pub breaker_failures: u32,
     pub breaker_cooldown_ms: u64,
     pub limits: Limits,
+    pub trusted_tool_nodes: Vec<String>,
+}
+
+impl HubConfig {
+    /// Whether `node` may introduce new tool names (`trusted_tool_nodes`).
+    pub fn may_add_tools(&self, node: &str) -> bool {
+        self.trusted_tool_nodes
+            .iter()
+            .any(|p| match p.strip_suffix('*') {
+                Some(prefix) => node.starts_with(prefix),
+                None => p == node,
+            })
+    }
 }
 
 impl HubFile {
@@ -427,6 +445,7 @@ impl HubFile {
             breaker_failures: self.breaker_failures,
             breaker_cooldown_ms: self.breaker_cooldown_ms,
             limits: self.limits,
+            trusted_tool_nodes: self.trusted_tool_nodes,
         })
     }
 }

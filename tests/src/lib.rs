@@ -244,6 +244,8 @@ pub struct Options {
     pub breaker_failures: u32,
     /// hub.toml's `[limits]`.
     pub limits: flotilla_common::config::Limits,
+    /// hub.toml's `trusted_tool_nodes`: every test node by default.
+    pub trusted_tool_nodes: Vec<String>,
 }
 
 impl Default for Options {
@@ -252,6 +254,7 @@ impl Default for Options {
             snapshot_logs: flotilla_common::config::defaults::SNAPSHOT_LOGS,
             breaker_failures: flotilla_common::config::defaults::BREAKER_FAILURES,
             limits: Default::default(),
+            trusted_tool_nodes: vec!["*".into()],
         }
     }
 }
@@ -334,6 +337,7 @@ async fn start_member(
         breaker_failures: opts.breaker_failures,
         breaker_cooldown_ms: 2_000,
         limits: opts.limits.clone(),
+        trusted_tool_nodes: opts.trusted_tool_nodes.clone(),
     };
     std::fs::write(hub_dir.join("hub.toml"), toml::to_string(&cfg)?)?;
     let mut proc = spawn_hub(&hub_dir, id)?;

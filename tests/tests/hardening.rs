@@ -559,3 +559,74 @@ async fn secrets_on_disk_are_private() -> anyhow::Result<()> {
     assert_eq!(mode(c.dir.path().join("pki").join("ca.key"))?, 0o600);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_tool_name_from_an_untrusted_node_waits_for_an_admin() -> anyhow::Result<()> {
+    let mut c = Cluster::with_options(
+        1,
+        Options {
+            trusted_tool_nodes: vec![],
+            ..Default::default()
+        },
+    )
+    .await?;
+    c.add_node(NodeSpec::demo("edge-1")).await?;
+    let mut admin_agent = c.agent();
+    let listed = admin_agent
+        .list_tools(pb::ListToolsRequest {})
+        .await?
+        .into_inner()
+        .tools;
+    let echo = listed
+        .iter()
+        .find(|t| t.name == "echo")
+        .expect("echo listed");
+    assert!(!echo.accepted, "admins see it, not accepted");
+    assert_eq!(echo.nodes, ["edge-1"]);
+    let mut agent = c.agent_with(&c.agent_token("a", "default", &["tools"]).await?);
+    let tools = agent
+        .list_tools(pb::ListToolsRequest {})
+        .await?
+        .into_inner()
+        .tools;
+    assert!(
+        tools.is_empty(),
+        "agents see no tool waiting for acceptance: {tools:?}"
+    );
+    let e = agent
+        .submit_task(submit("echo", json!({"text": "x"})))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(
+        e.message().contains("flotilla tools accept echo"),
+        "{}",
+        e.message()
+    );
+    let r = c
+        .admin()
+        .accept_tool(pb::AcceptToolRequest {
+            name: "echo".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(r.first_seen_node, "edge-1");
+    let t = c
+        .call(&mut agent, "echo", json!({"text": "accepted"}))
+        .await?;
+    assert_eq!(result_text(&t), "accepted");
+    // Others stay waiting, and acceptance survives a restart (it is replicated state).
+    c.restart_hub(true).await?;
+    c.wait_node_connected("edge-1").await?;
+    let mut agent = c.agent_with(&c.agent_token("a", "default", &["tools"]).await?);
+    let names: Vec<String> = agent
+        .list_tools(pb::ListToolsRequest {})
+        .await?
+        .into_inner()
+        .tools
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(names, ["echo"]);
+    Ok(())
+}

@@ -195,6 +195,8 @@ async fn a_partitioned_leader_commits_nothing_and_the_majority_carries_on() -> a
             breaker_failures: flotilla_common::config::defaults::BREAKER_FAILURES,
             breaker_cooldown_ms: 2_000,
             limits: Default::default(),
+            // Its own nodes, started just above: their tools are usable at once.
+            trusted_tool_nodes: vec!["*".into()],
         };
         let toml_path = hub_dir.join("hub.toml");
         std::fs::write(&toml_path, toml::to_string(&cfg)?)?;

@@ -83,6 +83,7 @@ impl World {
             at_ms: 0,
             tenants: vec![],
             cpu_high_water_percent: 0.0,
+            may_add_tools: true,
         });
         self.live.insert(id.into(), live(10.0));
         self

@@ -404,8 +404,36 @@ impl AdminService for AdminApi {
                 .sessions
                 .send(&node, convert::cancel_message(&task_id, attempt));
         }
-        tracing::warn!(tenant = %tenant, cancelled = ids.len(), by = ?claims.sub, "cancelled every task of a tenant");
+        tracing::warn!(tenant = ?tenant, cancelled = ids.len(), by = ?claims.sub, "cancelled every task of a tenant");
         Ok(Response::new(CancelTenantTasksResponse { task_ids: ids }))
+    }
+
+    async fn accept_tool(
+        &self,
+        req: Request<flotilla_proto::AcceptToolRequest>,
+    ) -> Result<Response<flotilla_proto::AcceptToolResponse>, Status> {
+        let claims = auth::admin(&req, &self.hub.state())?;
+        let name = req.into_inner().name;
+        match self
+            .hub
+            .write(Command::AcceptTool { name: name.clone() })
+            .await?
+        {
+            state::Response::Done => {}
+            state::Response::Rejected(r) => return Err(HubError::NotFound(r.to_string()).into()),
+            other => return Err(HubError::Internal(format!("accept answered {other:?}")).into()),
+        }
+        let state = self.hub.state();
+        let e = state
+            .catalogue
+            .get(&name)
+            .ok_or_else(|| HubError::NotFound(format!("no tool {name:?} in the catalogue")))?;
+        tracing::warn!(tool = ?name, introduced_by = %e.first_seen_node, scope = ?e.required_scope, by = ?claims.sub, "tool accepted by an admin");
+        Ok(Response::new(flotilla_proto::AcceptToolResponse {
+            name,
+            first_seen_node: e.first_seen_node.clone(),
+            required_scope: e.required_scope.clone(),
+        }))
     }
 }
 

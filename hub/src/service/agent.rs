@@ -85,6 +85,12 @@ fn check_call(state: &State, claims: &Claims, tool: &str, args: Option<&Value>) 
             "unknown tool {tool:?}; `flotilla tools` lists the tools you may call"
         ))
     })?;
+    if !entry.accepted {
+        return Err(HubError::NotFound(format!(
+            "tool {tool:?} was introduced by node {:?} and waits for an admin to accept it (`flotilla tools accept {tool}`)",
+            entry.first_seen_node
+        )));
+    }
     if !claims.has_scope(&entry.required_scope) {
         return Err(HubError::PermissionDenied(format!(
             "tool {tool:?} needs scope {:?}, which this token does not hold",
@@ -444,12 +450,17 @@ impl AgentService for AgentApi {
             .catalogue
             .values()
             .filter(|e| claims.has_scope(&e.required_scope))
+            .filter(|e| e.accepted || claims.has_scope(flotilla_common::jwt::ADMIN_SCOPE))
             .map(|e| {
                 let nodes = state
                     .nodes
                     .values()
                     .filter(|n| live.contains_key(&n.id))
-                    .filter(|n| n.servers.iter().any(|s| s.tools.contains(&e.def.name)))
+                    .filter(|n| {
+                        n.servers.iter().any(|s| {
+                            s.tools.contains(&e.def.name) || s.pending_tools.contains(&e.def.name)
+                        })
+                    })
                     .map(|n| n.id.clone())
                     .collect();
                 Tool {
@@ -460,6 +471,7 @@ impl AgentService for AgentApi {
                     read_only: e.def.read_only,
                     idempotent: e.def.idempotent,
                     destructive: e.def.destructive,
+                    accepted: e.accepted,
                     nodes,
                     stats: Some(tool_stats(
                         state

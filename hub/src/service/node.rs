@@ -180,6 +180,7 @@ impl NodeService for NodeApi {
                 at_ms: flotilla_common::now_ms(),
                 tenants: hello.tenants,
                 cpu_high_water_percent: hello.cpu_high_water_percent,
+                may_add_tools: self.hub.config().may_add_tools(&node_id),
             })
             .await?;
         let (tx, rx) = tokio::sync::mpsc::channel(1024);

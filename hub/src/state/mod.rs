@@ -268,6 +268,15 @@ pub struct CatalogueEntry {
     pub required_scope: String,
     pub first_seen_node: String,
     pub first_seen_at_ms: i64,
+    /// Usable: introduced by a node trusted to add tools, or accepted by an admin. A tool
+    /// waiting for acceptance is offered by no node as far as scheduling and agents see.
+    #[serde(default = "accepted_by_default")]
+    pub accepted: bool,
+}
+
+/// Entries written before acceptance existed were usable.
+fn accepted_by_default() -> bool {
+    true
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -279,6 +288,9 @@ pub struct ServerRecord {
     pub tools: Vec<String>,
     /// Tools offered under a name the catalogue holds with another definition: not used.
     pub conflicting_tools: Vec<String>,
+    /// Tools whose name waits for an admin to accept it (`flotilla tools accept`).
+    #[serde(default)]
+    pub pending_tools: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -452,6 +464,14 @@ pub enum Command {
         tenants: Vec<String>,
         #[serde(default)]
         cpu_high_water_percent: f64,
+        /// The node may introduce tool names not seen before (hub.toml
+        /// `trusted_tool_nodes`); otherwise a new name waits for an admin.
+        #[serde(default = "accepted_by_default")]
+        may_add_tools: bool,
+    },
+    /// An admin accepts a tool name a node introduced: every node offering it may run it.
+    AcceptTool {
+        name: String,
     },
     AddSigningKey(SigningKey),
     /// A node stayed silent past its TTL. Its unfinished tasks are re-queued when the tool
@@ -512,7 +532,7 @@ impl Command {
             | Self::CancelTenantTasks { at_ms, .. }
             | Self::CancelWorkflow { at_ms, .. } => *at_ms,
             Self::CreateJoinToken(t) => t.created_at_ms,
-            Self::AddSigningKey(_) | Self::SetSchedulingPaused(_) => 0,
+            Self::AddSigningKey(_) | Self::SetSchedulingPaused(_) | Self::AcceptTool { .. } => 0,
         }
     }
 }
@@ -571,6 +591,8 @@ pub enum Rejection {
     NotDue,
     #[error("another replica of the same fan-out task is on that node")]
     SiblingOnNode,
+    #[error("no tool {0:?} in the catalogue")]
+    NoSuchTool(String),
 }
 
 /// A running attempt the hub ended: its node should stop it.
@@ -925,13 +947,14 @@ impl State {
                 at_ms,
                 tenants,
                 cpu_high_water_percent,
+                may_add_tools,
             } => {
                 if !self.nodes.contains_key(node_id) {
                     return Err(Rejection::NoSuchNode(node_id.clone()));
                 }
                 let records = servers
                     .iter()
-                    .map(|s| self.check_offer(node_id, s, *at_ms))
+                    .map(|s| self.check_offer(node_id, s, *at_ms, *may_add_tools))
                     .collect();
                 let node = self.nodes.get_mut(node_id).expect("checked above");
                 self.index.unlink_node(node);
@@ -1034,6 +1057,23 @@ impl State {
                 }
                 Ok(Response::TasksCancelled(cancelled))
             }
+            Command::AcceptTool { name } => {
+                let entry = self
+                    .catalogue
+                    .get_mut(name)
+                    .ok_or_else(|| Rejection::NoSuchTool(name.clone()))?;
+                entry.accepted = true;
+                for node in self.nodes.values_mut() {
+                    self.index.unlink_node(node);
+                    for s in &mut node.servers {
+                        if let Some(i) = s.pending_tools.iter().position(|t| t == name) {
+                            s.tools.push(s.pending_tools.remove(i));
+                        }
+                    }
+                    self.index.link_node(node);
+                }
+                Ok(Response::Done)
+            }
             Command::AddSigningKey(key) => {
                 if !self.signing_keys.iter().any(|k| k.kid == key.kid) {
                     self.signing_keys.push(key.clone());
@@ -1123,21 +1163,33 @@ impl State {
         self.insert_task(task);
     }
 
-    /// The server record for an offer, checked against the tool catalogue (pinning).
-    fn check_offer(&mut self, node_id: &str, s: &OfferedServer, at_ms: i64) -> ServerRecord {
+    /// The server record for an offer, checked against the tool catalogue (pinning). A
+    /// name not seen before enters the catalogue usable only when the node may add tools;
+    /// otherwise it waits for an admin to accept it.
+    fn check_offer(
+        &mut self,
+        node_id: &str,
+        s: &OfferedServer,
+        at_ms: i64,
+        may_add_tools: bool,
+    ) -> ServerRecord {
         let mut rec = ServerRecord {
             name: s.name.clone(),
             max_concurrency: s.max_concurrency,
             required_scope: s.required_scope.clone(),
             tools: Vec::new(),
             conflicting_tools: Vec::new(),
+            pending_tools: Vec::new(),
         };
         for def in &s.tools {
-            match self.catalogue.get(&def.name) {
+            let accepted = match self.catalogue.get(&def.name) {
                 Some(e) if e.def.same_definition(def) && e.required_scope == s.required_scope => {
-                    rec.tools.push(def.name.clone())
+                    e.accepted
                 }
-                Some(_) => rec.conflicting_tools.push(def.name.clone()),
+                Some(_) => {
+                    rec.conflicting_tools.push(def.name.clone());
+                    continue;
+                }
                 None => {
                     self.catalogue.insert(
                         def.name.clone(),
@@ -1146,10 +1198,16 @@ impl State {
                             required_scope: s.required_scope.clone(),
                             first_seen_node: node_id.to_owned(),
                             first_seen_at_ms: at_ms,
+                            accepted: may_add_tools,
                         },
                     );
-                    rec.tools.push(def.name.clone());
+                    may_add_tools
                 }
+            };
+            if accepted {
+                rec.tools.push(def.name.clone());
+            } else {
+                rec.pending_tools.push(def.name.clone());
             }
         }
         rec

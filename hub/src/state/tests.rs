@@ -241,6 +241,7 @@ fn node_down_reruns_idempotent_tools_and_loses_the_others() {
         required_scope: "tools".into(),
         first_seen_node: "n1".into(),
         first_seen_at_ms: 0,
+        accepted: true,
     };
     s.catalogue.insert("echo".into(), def("echo", true));
     s.catalogue.insert("charge".into(), def("charge", false));
@@ -300,6 +301,7 @@ fn a_changed_tool_definition_is_not_used() {
         at_ms: 1,
         tenants: vec![],
         cpu_high_water_percent: 0.0,
+        may_add_tools: true,
     };
     s.apply(1, &hello("first"));
     assert_eq!(s.nodes["n1"].servers[0].tools, vec!["echo".to_string()]);
@@ -310,6 +312,65 @@ fn a_changed_tool_definition_is_not_used() {
         vec!["echo".to_string()]
     );
     assert_eq!(s.catalogue["echo"].def.description, "first");
+}
+
+#[test]
+fn a_new_tool_name_from_an_untrusted_node_waits_for_an_admin() {
+    let mut s = with_node();
+    s.nodes
+        .insert("n2".into(), NodeRecord::new("n2", Default::default(), 0));
+    let hello = |node: &str, may_add_tools: bool| Command::NodeHello {
+        node_id: node.into(),
+        labels: Default::default(),
+        servers: vec![OfferedServer {
+            name: "x".into(),
+            max_concurrency: 2,
+            required_scope: "admin".into(),
+            tools: vec![ToolDef {
+                name: "exfiltrate".into(),
+                description: String::new(),
+                input_schema: json!({"type": "object"}),
+                read_only: false,
+                idempotent: false,
+                destructive: true,
+            }],
+        }],
+        at_ms: 1,
+        tenants: vec![],
+        cpu_high_water_percent: 0.0,
+        may_add_tools,
+    };
+    s.apply(1, &hello("n1", false));
+    assert!(!s.catalogue["exfiltrate"].accepted);
+    assert!(s.nodes["n1"].servers[0].tools.is_empty());
+    assert_eq!(s.nodes["n1"].servers[0].pending_tools, ["exfiltrate"]);
+    assert!(!s.index.tool_nodes.contains_key("exfiltrate"));
+    // A trusted node offering the same definition later does not make it usable either.
+    s.apply(2, &hello("n2", true));
+    assert!(!s.index.tool_nodes.contains_key("exfiltrate"));
+    assert_eq!(
+        s.apply(
+            3,
+            &Command::AcceptTool {
+                name: "nope".into()
+            }
+        ),
+        Response::Rejected(Rejection::NoSuchTool("nope".into()))
+    );
+    assert_eq!(
+        s.apply(
+            4,
+            &Command::AcceptTool {
+                name: "exfiltrate".into()
+            }
+        ),
+        Response::Done
+    );
+    assert_eq!(s.index.tool_nodes["exfiltrate"].len(), 2);
+    assert_eq!(s.nodes["n1"].servers[0].tools, ["exfiltrate"]);
+    let mut rebuilt = s.clone();
+    rebuilt.rebuild_index();
+    assert_eq!(rebuilt.index, s.index);
 }
 
 /// A state with `nodes` ready nodes offering `echo`, and a log index counter.
@@ -339,6 +400,7 @@ impl Sm {
                 required_scope: "tools".into(),
                 first_seen_node: "n".into(),
                 first_seen_at_ms: 0,
+                accepted: true,
             },
         );
         Self { s, ix: 0 }
