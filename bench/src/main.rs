@@ -344,11 +344,14 @@ async fn calls(bin: &std::path::Path, args: Args) -> anyhow::Result<()> {
     let mut spec = NodeSpec::demo("bench-1");
     spec.servers[0].max_concurrency = args.max_concurrency;
     cluster.add_node(spec).await?;
-    let agents: Vec<_> = cluster
-        .hubs
-        .iter()
-        .map(|h| cluster.agent_at(h.id, &cluster.admin_token))
-        .collect();
+    // One identity per agent (each has its own request quota), spread over the hubs.
+    let mut agents = Vec::new();
+    for j in 0..args.agents {
+        let token = cluster
+            .agent_token(&format!("bench-{j}"), "default", &["tools"])
+            .await?;
+        agents.push(cluster.agent_at(cluster.hubs[j % cluster.hubs.len()].id, &token));
+    }
     let through_stats = drive(args.agents, args.calls, move |i| {
         let mut agent = agents[i % agents.len()].clone();
         async move {

@@ -96,6 +96,7 @@ fn pass(s: &State, live: &HashMap<String, LiveNode>, sample_above: usize) -> (us
         live,
         limits: Limits::default(),
         now_ms: 1,
+        active_tenants: 1,
         sample_above,
     };
     let started = Instant::now();

@@ -1,6 +1,7 @@
 //! The Flotilla hub: Raft-replicated state (openraft on sled), the scheduler, node sessions
 //! and the gRPC services agents, nodes and admins call.
 
+pub mod admission;
 pub mod app;
 pub mod auth;
 pub mod convert;

@@ -179,6 +179,9 @@ pub struct Context<'a> {
     pub live: &'a HashMap<String, LiveNode>,
     pub limits: Limits,
     pub now_ms: i64,
+    /// Tenants with work recently (`TENANT_ACTIVE_WINDOW`): a tenant's share of a server
+    /// only applies while another one is active, so a single tenant gets every slot.
+    pub active_tenants: usize,
     /// Above this many candidates, score a sample (`SAMPLE_ALL`; the placement benchmark
     /// raises it to compare with scoring every node).
     pub sample_above: usize,
@@ -277,9 +280,9 @@ fn check(
     if free == 0 {
         return Err(Miss::Full);
     }
-    // A node that serves only this tenant has nobody to keep a slot for.
+    // Nobody to keep a slot for: no other tenant active, or a node serving only this one.
     let only_this = node.tenants.len() == 1 && node.tenants[0] == task.tenant;
-    if !only_this {
+    if cx.active_tenants > 1 && !only_this {
         let mine = in_flight
             .per_tenant
             .get(&(task.tenant.clone(), node.id.clone(), server.name.clone()))
@@ -581,10 +584,41 @@ pub fn plan(state: &State, cx: &Context<'_>, rng: &mut impl Rng) -> Plan {
     out
 }
 
+/// How long a tenant counts as active after it last had work queued or running.
+pub const TENANT_ACTIVE_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Tenants seen with work in the last `TENANT_ACTIVE_WINDOW`, as this leader saw them (a
+/// new leader starts empty and learns within one pass of each tenant's next task).
+#[derive(Default)]
+pub struct ActiveTenants(HashMap<String, std::time::Instant>);
+
+impl ActiveTenants {
+    /// Notes the tenants with queued or running work now; returns how many are active.
+    pub fn update(&mut self, state: &State, now: std::time::Instant) -> usize {
+        for t in state
+            .index
+            .queue
+            .keys()
+            .chain(state.index.active_by_tenant.keys())
+        {
+            match self.0.get_mut(t) {
+                Some(at) => *at = now,
+                None => {
+                    self.0.insert(t.clone(), now);
+                }
+            }
+        }
+        self.0
+            .retain(|_, at| now.saturating_duration_since(*at) < TENANT_ACTIVE_WINDOW);
+        self.0.len()
+    }
+}
+
 /// The scheduling loop: runs a pass whenever something changed (or every 250 ms, which
 /// also ends retry backoffs), while this hub is the leader.
 pub async fn run(hub: crate::app::Hub, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+    let mut tenants = ActiveTenants::default();
     loop {
         tokio::select! {
             _ = hub.wake_signal().notified() => {}
@@ -592,7 +626,9 @@ pub async fn run(hub: crate::app::Hub, mut stop: tokio::sync::watch::Receiver<bo
             _ = stop.changed() => return,
         }
         if hub.is_leader() {
-            pass(&hub).await;
+            pass(&hub, &mut tenants).await;
+        } else {
+            tenants = ActiveTenants::default();
         }
     }
 }
@@ -605,7 +641,7 @@ pub fn limits(hub: &crate::app::Hub) -> Limits {
     }
 }
 
-async fn pass(hub: &crate::app::Hub) {
+async fn pass(hub: &crate::app::Hub, tenants: &mut ActiveTenants) {
     use crate::state::{Command, Response};
     let live = hub.sessions.snapshot();
     let plans: Vec<(String, Placement)> = {
@@ -625,6 +661,7 @@ async fn pass(hub: &crate::app::Hub) {
             live: &live,
             limits: limits(hub),
             now_ms: flotilla_common::now_ms(),
+            active_tenants: tenants.update(&state, std::time::Instant::now()),
             sample_above: SAMPLE_ALL,
         };
         let plan = plan(&state, &cx, &mut rand::thread_rng());

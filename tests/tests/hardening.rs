@@ -451,6 +451,11 @@ async fn one_tenants_long_calls_leave_a_slot_for_another_tenant() -> anyhow::Res
     c.add_node(spec).await?;
     let a = c.agent_with(&c.agent_token("a", "tenant-a", &["tools"]).await?);
     let b = c.agent_with(&c.agent_token("b", "tenant-b", &["tools"]).await?);
+    // Tenant B has been working: from now on each tenant keeps to its share.
+    let t = c
+        .call(&mut b.clone(), "echo", json!({"text": "first"}))
+        .await?;
+    assert_eq!(result_text(&t), "first");
     let mut long = Vec::new();
     for _ in 0..6 {
         long.push(

@@ -36,6 +36,7 @@ struct World {
     live: HashMap<String, LiveNode>,
     index: u64,
     limits: Limits,
+    active_tenants: usize,
 }
 
 impl World {
@@ -49,6 +50,7 @@ impl World {
                 tenant_slot_share: 1.0,
                 ..Limits::default()
             },
+            active_tenants: 1,
         }
     }
 
@@ -101,6 +103,7 @@ impl World {
             live: &self.live,
             limits: self.limits,
             now_ms: 1_000,
+            active_tenants: self.active_tenants,
             sample_above: SAMPLE_ALL,
         }
     }
@@ -155,6 +158,7 @@ fn most_free_capacity_wins_and_full_nodes_are_skipped() {
 fn a_tenant_holds_at_most_its_share_of_a_server_and_others_still_get_in() {
     let mut w = World::new();
     w.limits.tenant_slot_share = 0.75;
+    w.active_tenants = 2;
     w.node("a", 4, &[]);
     assert_eq!(tenant_cap(4, 0.75), 3);
     assert_eq!(
@@ -175,9 +179,31 @@ fn a_tenant_holds_at_most_its_share_of_a_server_and_others_still_get_in() {
     let plan = plan(&w.state, &w.cx(), &mut StdRng::seed_from_u64(3));
     let ids: Vec<&str> = plan.assign.iter().map(|(id, _)| id.as_str()).collect();
     assert_eq!(ids, ["b0"]);
-    // A node serving only that tenant keeps nothing back.
+    // With no other tenant active, one tenant may take every slot.
+    w.active_tenants = 1;
+    assert_eq!(w.place("a3").unwrap(), "a");
+    // Nor does a node serving only that tenant keep anything back.
+    w.active_tenants = 2;
     w.state.nodes.get_mut("a").unwrap().tenants = vec!["big".into()];
     assert_eq!(w.place("a3").unwrap(), "a");
+}
+
+#[test]
+fn tenants_count_as_active_for_a_window_after_their_last_work() {
+    let mut w = World::new();
+    w.node("a", 4, &[]);
+    let mut seen = ActiveTenants::default();
+    let t0 = std::time::Instant::now();
+    w.submit("x", "one", |_| {});
+    assert_eq!(seen.update(&w.state, t0), 1);
+    w.submit("y", "two", |_| {});
+    w.assign("y", "a");
+    assert_eq!(seen.update(&w.state, t0), 2);
+    // Nothing queued or running any more: they age out after the window.
+    let mut empty = World::new();
+    empty.node("a", 4, &[]);
+    assert_eq!(seen.update(&empty.state, t0 + TENANT_ACTIVE_WINDOW / 2), 2);
+    assert_eq!(seen.update(&empty.state, t0 + TENANT_ACTIVE_WINDOW * 2), 0);
 }
 
 #[test]
@@ -257,6 +283,7 @@ fn breaker_opens_after_failures_and_lets_one_trial_through_after_the_cooldown() 
         live: &w.live,
         limits,
         now_ms: later,
+        active_tenants: 1,
         sample_above: SAMPLE_ALL,
     };
     let mut rng = StdRng::seed_from_u64(1);

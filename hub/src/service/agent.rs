@@ -2,10 +2,7 @@
 
 use std::pin::Pin;
 
-use flotilla_common::{
-    jwt::Claims,
-    limits::{self, MAX_ARGUMENT_BYTES, MAX_STEPS},
-};
+use flotilla_common::jwt::Claims;
 use flotilla_proto::{
     agent_service_server::AgentService, CancelTaskRequest, CancelWorkflowRequest, FailurePolicy,
     GetTaskRequest, GetWorkflowRequest, ListTasksRequest, ListTasksResponse, ListToolsRequest,
@@ -18,11 +15,12 @@ use serde_json::Value;
 use tonic::{Request, Response, Status};
 
 use crate::{
+    admission::{self, check_call, check_names, parse_arguments},
     app::Hub,
     auth, convert,
     error::{HubError, HubResult},
     events::is_terminal_event,
-    state::{self, Command, State, StepRecord, TaskRecord, WorkflowRecord},
+    state::{self, Command, State, TaskRecord, WorkflowRecord},
 };
 
 pub struct AgentApi {
@@ -38,90 +36,6 @@ fn visible_task(state: &State, claims: &Claims, id: &str) -> HubResult<TaskRecor
         .filter(|t| t.tenant == claims.tenant)
         .cloned()
         .ok_or_else(|| HubError::NotFound(format!("no task {id:?}")))
-}
-
-/// Parses a request's `arguments`: a JSON object of at most `MAX_ARGUMENT_BYTES`, nested at
-/// most `MAX_JSON_DEPTH` deep.
-fn parse_arguments(raw: &[u8]) -> HubResult<Value> {
-    if raw.len() > MAX_ARGUMENT_BYTES {
-        return Err(HubError::InvalidArgument(format!(
-            "arguments are {} bytes; the limit is {MAX_ARGUMENT_BYTES}",
-            raw.len()
-        )));
-    }
-    let args: Value = if raw.is_empty() {
-        Value::Object(Default::default())
-    } else {
-        serde_json::from_slice(raw)
-            .map_err(|e| HubError::InvalidArgument(format!("arguments are not valid JSON: {e}")))?
-    };
-    if !args.is_object() {
-        return Err(HubError::InvalidArgument(
-            "arguments must be a JSON object".into(),
-        ));
-    }
-    limits::check_depth("arguments", &args).map_err(HubError::InvalidArgument)?;
-    Ok(args)
-}
-
-/// The names a request carries are within the limits.
-fn check_names(name: &str, idempotency_key: &str) -> HubResult<()> {
-    limits::check_len("the tool or workflow name", name, limits::MAX_NAME_BYTES)
-        .and_then(|()| {
-            limits::check_len(
-                "idempotency_key",
-                idempotency_key,
-                limits::MAX_IDEMPOTENCY_KEY_BYTES,
-            )
-        })
-        .map_err(HubError::InvalidArgument)
-}
-
-/// Checks that the caller may call `tool` and, unless `args` is `None` (a workflow step
-/// whose arguments refer to earlier results), that they match its input schema.
-fn check_call(state: &State, claims: &Claims, tool: &str, args: Option<&Value>) -> HubResult<()> {
-    let entry = state.catalogue.get(tool).ok_or_else(|| {
-        HubError::NotFound(format!(
-            "unknown tool {tool:?}; `flotilla tools` lists the tools you may call"
-        ))
-    })?;
-    if !entry.accepted {
-        return Err(HubError::NotFound(format!(
-            "tool {tool:?} was introduced by node {:?} and waits for an admin to accept it (`flotilla tools accept {tool}`)",
-            entry.first_seen_node
-        )));
-    }
-    if !claims.has_scope(&entry.required_scope) {
-        return Err(HubError::PermissionDenied(format!(
-            "tool {tool:?} needs scope {:?}, which this token does not hold",
-            entry.required_scope
-        )));
-    }
-    let Some(args) = args else { return Ok(()) };
-    let validator = jsonschema::validator_for(&entry.def.input_schema).map_err(|e| {
-        HubError::FailedPrecondition(format!(
-            "tool {tool:?} has an input schema that cannot be compiled: {e}"
-        ))
-    })?;
-    let problems: Vec<String> = validator
-        .iter_errors(args)
-        .take(5)
-        .map(|e| {
-            let at = e.instance_path().to_string();
-            if at.is_empty() {
-                e.to_string()
-            } else {
-                format!("{at}: {e}")
-            }
-        })
-        .collect();
-    if !problems.is_empty() {
-        return Err(HubError::InvalidArgument(format!(
-            "arguments do not match the input schema of {tool:?}: {}",
-            problems.join("; ")
-        )));
-    }
-    Ok(())
 }
 
 /// Sums per-node statistics; the estimated duration is the call-weighted mean.
@@ -187,38 +101,16 @@ impl AgentApi {
         claims: &Claims,
         req: SubmitWorkflowRequest,
     ) -> HubResult<WorkflowRecord> {
-        limits::check_count("steps", req.steps.len(), MAX_STEPS)
-            .map_err(HubError::InvalidArgument)?;
         check_names(&req.name, &req.idempotency_key)?;
-        let state = self.hub.state();
-        let mut steps = Vec::with_capacity(req.steps.len());
-        for mut s in req.steps {
-            limits::check_len("a step name", &s.name, limits::MAX_NAME_BYTES)
-                .map_err(HubError::InvalidArgument)?;
-            let at = |e: HubError| e.context(&format!("step {:?}", s.name));
-            check_names(&s.tool, "").map_err(at)?;
-            // Repeats say nothing more; dropping them keeps the shape check linear.
-            let mut seen = std::collections::HashSet::new();
-            s.depends_on.retain(|d| seen.insert(d.clone()));
-            limits::check_count("depends_on", s.depends_on.len(), limits::MAX_DEPENDS_ON)
-                .map_err(|e| at(HubError::InvalidArgument(e)))?;
-            let args = parse_arguments(&s.arguments).map_err(at)?;
-            let refers = !state::workflow_references(&args)
-                .map_err(|e| at(HubError::InvalidArgument(e)))?
-                .is_empty();
-            check_call(&state, claims, &s.tool, (!refers).then_some(&args)).map_err(at)?;
-            let spec = convert::spec(
-                s.options.as_ref(),
+        let steps = {
+            let state = self.hub.state();
+            admission::workflow_steps(
+                req.steps,
                 claims.region.as_deref(),
                 claims.zone.as_deref(),
-            )
-            .map_err(|e| at(HubError::InvalidArgument(e)))?;
-            let mut step = StepRecord::new(&s.name, &s.tool, args, s.depends_on);
-            step.spec = spec;
-            step.priority = s.priority;
-            steps.push(step);
-        }
-        state::check_workflow_shape(&steps).map_err(HubError::InvalidArgument)?;
+                |tool, args| check_call(&state, claims, tool, args),
+            )?
+        };
         let now = flotilla_common::now_ms();
         Ok(WorkflowRecord {
             id: uuid::Uuid::now_v7().to_string(),

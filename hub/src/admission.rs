@@ -1,0 +1,144 @@
+//! Admission: whether a request may enter the hub, decided before anything is committed.
+//! The shape of a request (names, sizes, nesting, list lengths: `flotilla_common::limits`),
+//! its arguments, a workflow's DAG, and against the catalogue: the caller's scope and the
+//! tool's input schema. Services call these; the fuzz targets drive the same functions.
+
+use flotilla_common::{
+    jwt::Claims,
+    limits::{self, MAX_ARGUMENT_BYTES, MAX_STEPS},
+};
+use flotilla_proto as pb;
+use serde_json::Value;
+
+use crate::{
+    convert,
+    error::{HubError, HubResult},
+    state::{self, State, StepRecord},
+};
+
+/// Parses a request's `arguments`: a JSON object of at most `MAX_ARGUMENT_BYTES`, nested at
+/// most `MAX_JSON_DEPTH` deep.
+pub fn parse_arguments(raw: &[u8]) -> HubResult<Value> {
+    if raw.len() > MAX_ARGUMENT_BYTES {
+        return Err(HubError::InvalidArgument(format!(
+            "arguments are {} bytes; the limit is {MAX_ARGUMENT_BYTES}",
+            raw.len()
+        )));
+    }
+    let args: Value = if raw.is_empty() {
+        Value::Object(Default::default())
+    } else {
+        serde_json::from_slice(raw)
+            .map_err(|e| HubError::InvalidArgument(format!("arguments are not valid JSON: {e}")))?
+    };
+    if !args.is_object() {
+        return Err(HubError::InvalidArgument(
+            "arguments must be a JSON object".into(),
+        ));
+    }
+    limits::check_depth("arguments", &args).map_err(HubError::InvalidArgument)?;
+    Ok(args)
+}
+
+/// The names a request carries are within the limits.
+pub fn check_names(name: &str, idempotency_key: &str) -> HubResult<()> {
+    limits::check_len("the tool or workflow name", name, limits::MAX_NAME_BYTES)
+        .and_then(|()| {
+            limits::check_len(
+                "idempotency_key",
+                idempotency_key,
+                limits::MAX_IDEMPOTENCY_KEY_BYTES,
+            )
+        })
+        .map_err(HubError::InvalidArgument)
+}
+
+/// Checks that the caller may call `tool` and, unless `args` is `None` (a workflow step
+/// whose arguments refer to earlier results), that they match its input schema.
+pub fn check_call(
+    state: &State,
+    claims: &Claims,
+    tool: &str,
+    args: Option<&Value>,
+) -> HubResult<()> {
+    let entry = state.catalogue.get(tool).ok_or_else(|| {
+        HubError::NotFound(format!(
+            "unknown tool {tool:?}; `flotilla tools` lists the tools you may call"
+        ))
+    })?;
+    if !entry.accepted {
+        return Err(HubError::NotFound(format!(
+            "tool {tool:?} was introduced by node {:?} and waits for an admin to accept it (`flotilla tools accept {tool}`)",
+            entry.first_seen_node
+        )));
+    }
+    if !claims.has_scope(&entry.required_scope) {
+        return Err(HubError::PermissionDenied(format!(
+            "tool {tool:?} needs scope {:?}, which this token does not hold",
+            entry.required_scope
+        )));
+    }
+    let Some(args) = args else { return Ok(()) };
+    let validator = jsonschema::validator_for(&entry.def.input_schema).map_err(|e| {
+        HubError::FailedPrecondition(format!(
+            "tool {tool:?} has an input schema that cannot be compiled: {e}"
+        ))
+    })?;
+    let problems: Vec<String> = validator
+        .iter_errors(args)
+        .take(5)
+        .map(|e| {
+            let at = e.instance_path().to_string();
+            if at.is_empty() {
+                e.to_string()
+            } else {
+                format!("{at}: {e}")
+            }
+        })
+        .collect();
+    if !problems.is_empty() {
+        return Err(HubError::InvalidArgument(format!(
+            "arguments do not match the input schema of {tool:?}: {}",
+            problems.join("; ")
+        )));
+    }
+    Ok(())
+}
+
+/// A workflow's steps, admitted: within the limits, dependencies de-duplicated, arguments
+/// parsed, options converted (locality defaults from `region`/`zone`), and the DAG's shape
+/// checked. `check(tool, args)` decides whether the caller may call each step's tool (args
+/// are `None` for a step whose arguments refer to earlier results: checked once resolved).
+pub fn workflow_steps(
+    specs: Vec<pb::StepSpec>,
+    region: Option<&str>,
+    zone: Option<&str>,
+    mut check: impl FnMut(&str, Option<&Value>) -> HubResult<()>,
+) -> HubResult<Vec<StepRecord>> {
+    limits::check_count("steps", specs.len(), MAX_STEPS).map_err(HubError::InvalidArgument)?;
+    let mut steps = Vec::with_capacity(specs.len());
+    for mut s in specs {
+        limits::check_len("a step name", &s.name, limits::MAX_NAME_BYTES)
+            .map_err(HubError::InvalidArgument)?;
+        let at = |e: HubError| e.context(&format!("step {:?}", s.name));
+        check_names(&s.tool, "").map_err(at)?;
+        // Repeats say nothing more; dropping them keeps the shape check linear.
+        let mut seen = std::collections::HashSet::new();
+        s.depends_on.retain(|d| seen.insert(d.clone()));
+        limits::check_count("depends_on", s.depends_on.len(), limits::MAX_DEPENDS_ON)
+            .map_err(|e| at(HubError::InvalidArgument(e)))?;
+        let args = parse_arguments(&s.arguments).map_err(at)?;
+        let refers = !state::workflow_references(&args)
+            .map_err(|e| at(HubError::InvalidArgument(e)))?
+            .is_empty();
+        check(&s.tool, (!refers).then_some(&args)).map_err(at)?;
+        let spec = convert::spec(s.options.as_ref(), region, zone)
+            .map_err(|e| at(HubError::InvalidArgument(e)))?;
+        let mut step = StepRecord::new(&s.name, &s.tool, args, s.depends_on);
+        step.spec = spec;
+        step.priority = s.priority;
+        steps.push(step);
+    }
+    state::check_workflow_shape(&steps).map_err(HubError::InvalidArgument)?;
+    Ok(steps)
+}
