@@ -87,6 +87,7 @@ pub mod defaults {
     pub const TENANT_SLOT_SHARE: f64 = 0.75;
     pub const MAX_CONNECTIONS: u32 = 4_096;
     pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+    pub const IDLE_TIMEOUT_MS: u64 = 300_000;
     pub const JOIN_FAILURES_PER_MIN: u32 = 10;
 }
 
@@ -113,6 +114,8 @@ pub struct Limits {
     pub max_connections: u32,
     /// A connection must finish its TLS handshake and send the HTTP/2 preface within this.
     pub handshake_timeout_ms: u64,
+    /// A connection with no open request (call, watch or session) for this long is closed.
+    pub idle_timeout_ms: u64,
     /// Failed joins allowed from one address per minute; more are refused at once.
     pub join_failures_per_min: u32,
 }
@@ -129,6 +132,7 @@ impl Default for Limits {
             tenant_slot_share: defaults::TENANT_SLOT_SHARE,
             max_connections: defaults::MAX_CONNECTIONS,
             handshake_timeout_ms: defaults::HANDSHAKE_TIMEOUT_MS,
+            idle_timeout_ms: defaults::IDLE_TIMEOUT_MS,
             join_failures_per_min: defaults::JOIN_FAILURES_PER_MIN,
         }
     }

@@ -4,6 +4,7 @@
 //! through a connector that does the handshake.
 
 use std::{
+    future::Future,
     io,
     net::SocketAddr,
     pin::Pin,
@@ -215,6 +216,81 @@ pub struct PeerInfo {
     pub remote_addr: Option<SocketAddr>,
     /// The verified client certificate, when the peer presented one.
     pub client_cert: Option<Arc<CertificateDer<'static>>>,
+    /// The connection's open requests, when the listener closes idle connections.
+    pub activity: Option<Arc<Activity>>,
+}
+
+/// Requests open on one connection, and since when none is: the listener closes a
+/// connection that has had no open request for its idle timeout. A request is open from
+/// its start until its response body is dropped, so a long watch or a node session keeps
+/// its connection, and HTTP/2 pings do not.
+#[derive(Debug)]
+pub struct Activity {
+    state: std::sync::Mutex<(usize, std::time::Instant)>,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            state: std::sync::Mutex::new((0, std::time::Instant::now())),
+        }
+    }
+
+    /// Counts a request open until the guard is dropped.
+    pub fn begin(self: &Arc<Self>) -> ActivityGuard {
+        self.state.lock().expect("activity").0 += 1;
+        ActivityGuard(self.clone())
+    }
+
+    /// How long the connection has had no open request (`None` while one is open).
+    fn idle_for(&self) -> Option<Duration> {
+        let (open, since) = *self.state.lock().expect("activity");
+        (open == 0).then(|| since.elapsed())
+    }
+}
+
+/// An open request on a connection (see [`Activity`]).
+#[derive(Debug)]
+pub struct ActivityGuard(Arc<Activity>);
+
+impl Drop for ActivityGuard {
+    fn drop(&mut self) {
+        let mut s = self.0.state.lock().expect("activity");
+        s.0 = s.0.saturating_sub(1);
+        if s.0 == 0 {
+            s.1 = std::time::Instant::now();
+        }
+    }
+}
+
+/// Closes a connection once it has been idle (no open request) for `timeout`. Polled from
+/// the connection's reads, which hyper always has pending, so its timer wakes them.
+struct IdleTimer {
+    activity: Arc<Activity>,
+    timeout: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl IdleTimer {
+    /// `Err` once the connection is due to close.
+    fn poll(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        while self.sleep.as_mut().poll(cx).is_ready() {
+            let next = match self.activity.idle_for() {
+                None => self.timeout,
+                Some(idle) if idle >= self.timeout => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "closed an idle connection",
+                    ))
+                }
+                Some(idle) => self.timeout - idle,
+            };
+            self.sleep
+                .as_mut()
+                .reset(tokio::time::Instant::now() + next);
+        }
+        Ok(())
+    }
 }
 
 /// An accepted TLS connection, as handed to tonic. The HTTP/2 preface, read before the
@@ -225,6 +301,7 @@ pub struct TlsConn {
     info: PeerInfo,
     preface: Option<([u8; PREFACE.len()], usize)>,
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    idle: Option<IdleTimer>,
 }
 
 /// What every HTTP/2 client sends first.
@@ -237,6 +314,9 @@ pub struct ConnLimits {
     pub max_connections: u32,
     /// From accept to a finished TLS handshake and the HTTP/2 preface.
     pub handshake_timeout: Duration,
+    /// A connection with no open request for this long is closed (`None`: never). The
+    /// server must count requests with [`Activity::begin`] (the hub's `idle` layer).
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Default for ConnLimits {
@@ -244,6 +324,7 @@ impl Default for ConnLimits {
         Self {
             max_connections: 0,
             handshake_timeout: HANDSHAKE_TIMEOUT,
+            idle_timeout: None,
         }
     }
 }
@@ -261,6 +342,13 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if let Some(idle) = &mut this.idle {
+            if let Err(e) = idle.poll(cx) {
+                tracing::info!(peer = ?this.info.remote_addr, "closed an idle connection");
+                return Poll::Ready(Err(e));
+            }
+        }
         if let Some((bytes, at)) = &mut self.preface {
             let n = (bytes.len() - *at).min(buf.remaining());
             buf.put_slice(&bytes[*at..*at + n]);
@@ -377,15 +465,22 @@ pub fn incoming(
                             .peer_certificates()
                             .and_then(|c| c.first())
                             .map(|c| Arc::new(c.clone().into_owned()));
+                        let idle = limits.idle_timeout.map(|timeout| IdleTimer {
+                            activity: Arc::new(Activity::new()),
+                            timeout,
+                            sleep: Box::pin(tokio::time::sleep(timeout)),
+                        });
                         let info = PeerInfo {
                             remote_addr: Some(addr),
                             client_cert,
+                            activity: idle.as_ref().map(|i| i.activity.clone()),
                         };
                         let conn = TlsConn {
                             inner: tls,
                             info,
                             preface: Some((preface, 0)),
                             _permit: permit,
+                            idle,
                         };
                         let _ = tx.send(Ok(conn)).await;
                     }

@@ -673,10 +673,13 @@ pub async fn run(
     let conn_limits = tls::ConnLimits {
         max_connections: limits.max_connections,
         handshake_timeout: Duration::from_millis(limits.handshake_timeout_ms),
+        idle_timeout: (limits.idle_timeout_ms > 0)
+            .then(|| Duration::from_millis(limits.idle_timeout_ms)),
     };
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(crate::conn::track_requests())
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(agent)

@@ -635,3 +635,74 @@ async fn a_tool_name_from_an_untrusted_node_waits_for_an_admin() -> anyhow::Resu
     assert_eq!(names, ["echo"]);
     Ok(())
 }
+
+#[tokio::test]
+async fn idle_connections_are_closed_and_open_streams_keep_theirs() -> anyhow::Result<()> {
+    let mut c = Cluster::with_options(
+        1,
+        Options {
+            limits: Limits {
+                idle_timeout_ms: 1000,
+                ..Limits::default()
+            },
+            ..Default::default()
+        },
+    )
+    .await?;
+    c.add_node(NodeSpec::demo("edge-1")).await?;
+    // A client that speaks HTTP/2 (preface and settings) but never makes a request.
+    let (host, port) = tls::split_address(&c.hub_addr)?;
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+    let connector = tokio_rustls::TlsConnector::from(tls::client_config(&c.ca_pem, None)?);
+    let mut conn = connector
+        .connect(rustls::pki_types::ServerName::try_from(host.clone())?, tcp)
+        .await?;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
+    conn.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await?; // an empty SETTINGS frame
+    conn.flush().await?;
+    tokio::time::timeout(READY, async {
+        let mut buf = [0u8; 1024];
+        while matches!(conn.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await?;
+    assert!(c.hubs[0]
+        .proc
+        .log_text()
+        .contains("closed an idle connection"));
+
+    // A watch of a call that outlasts the idle timeout keeps its connection to the end,
+    // and so does the node's session.
+    let mut agent = c.agent();
+    let id = agent
+        .submit_task(submit("sleep", json!({"ms": 3000, "steps": 3})))
+        .await?
+        .into_inner()
+        .task_id;
+    let mut events = agent
+        .watch_task(pb::WatchTaskRequest {
+            task_id: id.clone(),
+            from_seq: 0,
+        })
+        .await?
+        .into_inner();
+    let mut last = None;
+    while let Some(ev) = events.message().await? {
+        last = Some(ev);
+    }
+    assert_eq!(
+        last.map(|e| e.kind()),
+        Some(pb::EventKind::Succeeded),
+        "the watch ran to the end"
+    );
+    assert_eq!(
+        c.hubs[0]
+            .proc
+            .log_text()
+            .matches("node session open")
+            .count(),
+        1,
+        "the node's session was never cut"
+    );
+    Ok(())
+}
