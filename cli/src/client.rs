@@ -44,6 +44,7 @@ pub(crate) fn settings(flags: &ClientFlags) -> anyhow::Result<ClientSettings> {
     Ok(ClientSettings::resolve(
         ClientFile {
             hub: flags.hub.clone(),
+            hubs: Vec::new(),
             ca: flags.ca.clone(),
             token: flags.token.clone(),
         },
@@ -53,11 +54,12 @@ pub(crate) fn settings(flags: &ClientFlags) -> anyhow::Result<ClientSettings> {
     )?)
 }
 
-/// A channel to the hub and an interceptor that adds the bearer token.
-pub(crate) fn connect_with(s: &ClientSettings) -> anyhow::Result<(Channel, Auth)> {
+/// A channel to the hubs (each connection tries them in turn, from the `start`th) and an
+/// interceptor that adds the bearer token.
+pub(crate) fn connect_with(s: &ClientSettings, start: usize) -> anyhow::Result<(Channel, Auth)> {
     let ca = std::fs::read_to_string(&s.ca)
         .with_context(|| format!("reading CA certificate {}", s.ca.display()))?;
-    let channel = tls::channel(&s.hub, tls::client_config(&ca, None)?)?;
+    let channel = tls::channel_any(&s.hubs, tls::client_config(&ca, None)?, start)?;
     let value: MetadataValue<_> = format!("Bearer {}", s.token.trim())
         .parse()
         .context("token contains characters not allowed in a header")?;
@@ -65,19 +67,77 @@ pub(crate) fn connect_with(s: &ClientSettings) -> anyhow::Result<(Channel, Auth)
 }
 
 pub(crate) fn agent_client(s: &ClientSettings) -> anyhow::Result<Agent> {
-    let (ch, auth) = connect_with(s)?;
+    agent_client_from(s, 0)
+}
+
+fn agent_client_from(s: &ClientSettings, start: usize) -> anyhow::Result<Agent> {
+    let (ch, auth) = connect_with(s, start)?;
     Ok(AgentServiceClient::with_interceptor(ch, auth)
         .max_decoding_message_size(flotilla_common::config::defaults::MAX_MESSAGE_BYTES))
 }
 
 pub(crate) fn admin_client(s: &ClientSettings) -> anyhow::Result<Admin> {
-    let (ch, auth) = connect_with(s)?;
+    let (ch, auth) = connect_with(s, 0)?;
     Ok(AdminServiceClient::with_interceptor(ch, auth))
 }
 
-/// A gRPC error as a one-line message for people.
+/// How long a submission keeps trying other hubs while they answer UNAVAILABLE.
+const FAILOVER_FOR: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Runs `f` (a submission made safe to repeat by its idempotency key) against the hubs:
+/// while it answers UNAVAILABLE (a hub down or cut off, an election under way) it tries
+/// again on the next hub, for up to `FAILOVER_FOR`.
+pub(crate) async fn with_failover<T, F, Fut>(s: &ClientSettings, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut(Agent) -> Fut,
+    Fut: std::future::Future<Output = Result<T, Status>>,
+{
+    let deadline = std::time::Instant::now() + FAILOVER_FOR;
+    let mut start = 0;
+    loop {
+        match f(agent_client_from(s, start)?).await {
+            Ok(v) => return Ok(v),
+            Err(e)
+                if e.code() == tonic::Code::Unavailable
+                    && !no_hub_answered(&e)
+                    && std::time::Instant::now() < deadline =>
+            {
+                start += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(status_error(e)),
+        }
+    }
+}
+
+/// Whether the call failed because not one hub accepted a connection (nothing to wait for).
+fn no_hub_answered(s: &Status) -> bool {
+    let mut cause = std::error::Error::source(s);
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// A gRPC error as a one-line message for people, with its cause (for a connection that
+/// failed: which hubs were tried and why).
 pub(crate) fn status_error(s: Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+    let mut msg = format!("{:?}: {}", s.code(), s.message());
+    let mut cause = std::error::Error::source(&s);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        cause = c.source();
+    }
+    anyhow::anyhow!(msg)
 }
 
 #[derive(Args)]
@@ -109,17 +169,21 @@ pub(crate) async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
     }
     let s = settings(&a.flags)?;
     let mut agent = agent_client(&s)?;
-    let resp = agent
-        .submit_task(pb::SubmitTaskRequest {
-            tool: a.tool.clone(),
-            arguments: serde_json::to_vec(&args)?,
-            idempotency_key: a.idempotency_key.unwrap_or_default(),
-            priority: a.priority,
-            options: a.options.to_proto()?,
-        })
-        .await
-        .map_err(status_error)?
-        .into_inner();
+    // A key of its own makes the submission safe to repeat on another hub.
+    let req = pb::SubmitTaskRequest {
+        tool: a.tool.clone(),
+        arguments: serde_json::to_vec(&args)?,
+        idempotency_key: a
+            .idempotency_key
+            .unwrap_or_else(|| format!("cli-{}", uuid::Uuid::new_v4())),
+        priority: a.priority,
+        options: a.options.to_proto()?,
+    };
+    let resp = with_failover(&s, |mut agent| {
+        let req = req.clone();
+        async move { agent.submit_task(req).await.map(|r| r.into_inner()) }
+    })
+    .await?;
     if a.no_wait {
         match a.flags.output {
             Format::Json => {

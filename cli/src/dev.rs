@@ -252,7 +252,8 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
 
     // The client config other shells use.
     let client = ClientFile {
-        hub: Some(hub_addr.clone()),
+        hub: None,
+        hubs: addrs.iter().map(|(_, api, _)| api.clone()).collect(),
         ca: Some(pki.join("ca.pem")),
         token: Some(admin_token),
     };

@@ -481,13 +481,16 @@ pub(crate) async fn workflow(cmd: WorkflowCommand) -> anyhow::Result<ExitCode> {
             flags,
         } => {
             let mut req = read_workflow(&file)?;
-            req.idempotency_key = idempotency_key.unwrap_or_default();
-            let mut agent = agent_client(&settings(&flags)?)?;
-            let r = agent
-                .submit_workflow(req)
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            // A key of its own makes the submission safe to repeat on another hub.
+            req.idempotency_key =
+                idempotency_key.unwrap_or_else(|| format!("cli-{}", uuid::Uuid::new_v4()));
+            let s = settings(&flags)?;
+            let mut agent = agent_client(&s)?;
+            let r = crate::client::with_failover(&s, |mut agent| {
+                let req = req.clone();
+                async move { agent.submit_workflow(req).await.map(|r| r.into_inner()) }
+            })
+            .await?;
             if no_wait {
                 match flags.output {
                     Format::Json => output::json(

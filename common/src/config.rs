@@ -582,7 +582,11 @@ impl NodeFile {
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientFile {
+    /// A hub's address, or several separated by commas (each is tried in turn).
     pub hub: Option<String>,
+    /// Every hub of the cluster, tried in turn when one does not answer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hubs: Vec<String>,
     /// Path of the cluster CA certificate (PEM).
     pub ca: Option<PathBuf>,
     /// The agent JWT.
@@ -592,7 +596,8 @@ pub struct ClientFile {
 /// Where client commands look for settings: flags first, then environment, then the file.
 #[derive(Clone, Debug)]
 pub struct ClientSettings {
-    pub hub: String,
+    /// Hub addresses, in the order to try them.
+    pub hubs: Vec<String>,
     pub ca: PathBuf,
     pub token: String,
 }
@@ -625,14 +630,26 @@ impl ClientSettings {
         let pick = |flag: Option<String>, env_key: &str, file: Option<String>| {
             flag.or_else(|| env.get(env_key).cloned()).or(file)
         };
-        let hub = pick(flags.hub, ENV_HUB, file.hub).ok_or_else(|| {
+        let listed = (!file.hubs.is_empty()).then(|| file.hubs.join(","));
+        let hub = pick(flags.hub, ENV_HUB, listed.or(file.hub)).ok_or_else(|| {
             invalid(
                 &name,
                 "hub",
                 format!("no hub address: pass --hub, set {ENV_HUB}, or run `flotilla dev`"),
             )
         })?;
-        crate::tls::split_address(&hub).map_err(|e| invalid(&name, "hub", e.to_string()))?;
+        let hubs: Vec<String> = hub
+            .split(',')
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if hubs.is_empty() {
+            return Err(invalid(&name, "hub", "no hub address in it"));
+        }
+        for h in &hubs {
+            crate::tls::split_address(h).map_err(|e| invalid(&name, "hub", e.to_string()))?;
+        }
         let ca = pick(
             flags.ca.map(|p| p.display().to_string()),
             ENV_CA,
@@ -653,7 +670,7 @@ impl ClientSettings {
             )
         })?;
         Ok(Self {
-            hub,
+            hubs,
             ca: PathBuf::from(ca),
             token,
         })
@@ -708,13 +725,25 @@ mod tests {
         env.insert(ENV_TOKEN.to_string(), "env".to_string());
         let s = ClientSettings::resolve(ClientFile::default(), None, &path, &env).unwrap();
         assert_eq!(s.token, "env");
-        assert_eq!(s.hub, "https://127.0.0.1:1");
+        assert_eq!(s.hubs, ["https://127.0.0.1:1"]);
         let flags = ClientFile {
             token: Some("flag".into()),
             ..Default::default()
         };
         let s = ClientSettings::resolve(flags, None, &path, &env).unwrap();
         assert_eq!(s.token, "flag");
+        // Several hubs: from a list in the file, or commas in a flag or the environment.
+        std::fs::write(
+            &path,
+            "hubs = [\"https://127.0.0.1:1\", \"https://127.0.0.1:2\"]\nca = \"/ca.pem\"\ntoken = \"t\"\n",
+        )
+        .unwrap();
+        let s =
+            ClientSettings::resolve(ClientFile::default(), None, &path, &HashMap::new()).unwrap();
+        assert_eq!(s.hubs, ["https://127.0.0.1:1", "https://127.0.0.1:2"]);
+        env.insert(ENV_HUB.to_string(), "https://a:1, https://b:2".to_string());
+        let s = ClientSettings::resolve(ClientFile::default(), None, &path, &env).unwrap();
+        assert_eq!(s.hubs, ["https://a:1", "https://b:2"]);
         let missing = dir.path().join("absent.toml");
         assert!(
             ClientSettings::resolve(ClientFile::default(), None, &missing, &HashMap::new())

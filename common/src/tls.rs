@@ -515,30 +515,83 @@ pub fn split_address(addr: &str) -> Result<(String, u16), TlsError> {
 
 /// A gRPC channel to `addr` over TLS with `config`. The channel reconnects by itself.
 pub fn channel(addr: &str, config: Arc<ClientConfig>) -> Result<Channel, TlsError> {
-    let (host, port) = split_address(addr)?;
+    channel_any(&[addr.to_owned()], config, 0)
+}
+
+/// How long one hub may take to accept a connection before the next one is tried.
+const HUB_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A channel to any of `addrs`: each new connection tries them in turn, from `start` at
+/// first and then from the one that last answered, so a dead hub costs a refused
+/// connection rather than an outage. When none answers, the error names each hub tried
+/// and why it failed.
+pub fn channel_any(
+    addrs: &[String],
+    config: Arc<ClientConfig>,
+    start: usize,
+) -> Result<Channel, TlsError> {
+    let hubs: Vec<(String, String, u16)> = addrs
+        .iter()
+        .map(|a| split_address(a).map(|(h, p)| (a.clone(), h, p)))
+        .collect::<Result<_, _>>()?;
+    let Some((_, first_host, first_port)) = hubs.first().cloned() else {
+        return Err(TlsError::BadAddress(String::new()));
+    };
+    let hubs = Arc::new(hubs);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(start % hubs.len()));
     // tonic only sees plain HTTP/2: TLS is done inside the connector below.
-    let endpoint = Endpoint::from_shared(format!("http://{}", host_port(&host, port)))
-        .map_err(|_| TlsError::BadAddress(addr.to_owned()))?
-        .connect_timeout(Duration::from_secs(5))
+    let endpoint = Endpoint::from_shared(format!("http://{}", host_port(&first_host, first_port)))
+        .map_err(|_| TlsError::BadAddress(addrs.join(",")))?
+        .connect_timeout(HUB_CONNECT_TIMEOUT * hubs.len() as u32)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true);
     let connector = tower::service_fn(move |_: Uri| {
         let config = config.clone();
-        let host = host.clone();
+        let hubs = hubs.clone();
+        let next = next.clone();
         async move {
-            let tcp = TcpStream::connect((host.as_str(), port)).await?;
-            tcp.set_nodelay(true)?;
-            let name = ServerName::try_from(host)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-            let tls = tokio_rustls::TlsConnector::from(config)
-                .connect(name, tcp)
-                .await?;
-            Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(tls))
+            let from = next.load(std::sync::atomic::Ordering::Relaxed);
+            let mut tried = Vec::new();
+            for k in 0..hubs.len() {
+                let i = (from + k) % hubs.len();
+                let (addr, host, port) = &hubs[i];
+                let attempt = tokio::time::timeout(
+                    HUB_CONNECT_TIMEOUT,
+                    connect_tls(host, *port, config.clone()),
+                );
+                match attempt.await {
+                    Ok(Ok(io)) => {
+                        next.store(i, std::sync::atomic::Ordering::Relaxed);
+                        return Ok(io);
+                    }
+                    Ok(Err(e)) => tried.push(format!("{addr} ({e})")),
+                    Err(_) => tried.push(format!("{addr} (no answer in {HUB_CONNECT_TIMEOUT:?})")),
+                }
+            }
+            Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                format!("no hub answered; tried {}", tried.join(", ")),
+            ))
         }
     });
     Ok(endpoint.connect_with_connector_lazy(connector))
+}
+
+async fn connect_tls(
+    host: &str,
+    port: u16,
+    config: Arc<ClientConfig>,
+) -> io::Result<hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>> {
+    let tcp = TcpStream::connect((host, port)).await?;
+    tcp.set_nodelay(true)?;
+    let name = ServerName::try_from(host.to_owned())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await?;
+    Ok(hyper_util::rt::TokioIo::new(tls))
 }
 
 fn host_port(host: &str, port: u16) -> String {

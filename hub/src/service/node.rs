@@ -249,6 +249,34 @@ impl NodeService for NodeApi {
     }
 }
 
+/// Whether `node_id` holds the current, active attempt `(attempt, fence)` of the task: the
+/// only reports a node may make. Checked before anything is written, so reports about other
+/// nodes' work or stale attempts cost no Raft commit; the state machine checks again.
+fn holds(hub: &Hub, node_id: &str, task_id: &str, attempt: u32, fence: u64) -> bool {
+    hub.state().tasks.get(task_id).is_some_and(|t| {
+        t.status.is_active()
+            && t.current_attempt()
+                .is_some_and(|a| a.number == attempt && a.fence == fence && a.node_id == node_id)
+    })
+}
+
+/// Logs a report about an attempt the node does not hold (another node's, or one that
+/// ended), at warning level when another node holds it.
+fn refused_report(hub: &Hub, node_id: &str, task_id: &str, attempt: u32, what: &str) {
+    let other = hub
+        .state()
+        .tasks
+        .get(task_id)
+        .and_then(|t| t.current_attempt().map(|a| a.node_id.clone()))
+        .filter(|holder| holder != node_id);
+    match other {
+        Some(holder) => {
+            tracing::warn!(node_id, task_id = ?task_id, attempt, holder = %holder, "node sent a {what} for an attempt another node holds; refused")
+        }
+        None => tracing::info!(node_id, task_id = ?task_id, attempt, "stale {what} refused"),
+    }
+}
+
 fn handle(
     hub: &Hub,
     node_id: &str,
@@ -272,6 +300,10 @@ fn handle(
             hub.wake();
         }
         node_message::Msg::Started(s) => {
+            if !holds(hub, node_id, &s.task_id, s.attempt, s.fence) {
+                refused_report(hub, node_id, &s.task_id, s.attempt, "start");
+                return;
+            }
             let hub = hub.clone();
             let node_id = node_id.to_owned();
             tokio::spawn(async move {
@@ -294,13 +326,7 @@ fn handle(
             });
         }
         node_message::Msg::Progress(p) => {
-            let current = hub.state().tasks.get(&p.task_id).is_some_and(|t| {
-                t.status.is_active()
-                    && t.current_attempt().is_some_and(|a| {
-                        a.number == p.attempt && a.fence == p.fence && a.node_id == node_id
-                    })
-            });
-            if current {
+            if holds(hub, node_id, &p.task_id, p.attempt, p.fence) {
                 hub.events.progress(TaskEvent {
                     seq: 0,
                     task_id: p.task_id,
@@ -316,6 +342,17 @@ fn handle(
             }
         }
         node_message::Msg::Result(r) => {
+            if !holds(hub, node_id, &r.task_id, r.attempt, r.fence) {
+                refused_report(hub, node_id, &r.task_id, r.attempt, "result");
+                let _ = tx.try_send(HubMessage {
+                    msg: Some(hub_message::Msg::ResultAck(ResultAck {
+                        task_id: r.task_id,
+                        attempt: r.attempt,
+                        accepted: false,
+                    })),
+                });
+                return;
+            }
             let hub = hub.clone();
             let tx = tx.clone();
             let node_id = node_id.to_owned();
