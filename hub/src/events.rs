@@ -4,10 +4,16 @@
 //! transition of a task (counted in the replicated state) is `k * SEQ_STRIDE + 1`, and the
 //! progress events after it take the numbers that follow. A watcher that resumes from the
 //! last number it saw, on any hub, misses no transition; progress is best effort.
+//!
+//! Logs are memory, so they are kept only while they matter: a task's log (and its
+//! broadcast channel, made when the first watcher comes) lives while the task is open and
+//! for `ENDED_GRACE` after it ends, for watchers to catch up; after that a watch of the
+//! task replays its final event from the task's record.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use flotilla_proto::{EventKind, TaskEvent};
@@ -19,17 +25,22 @@ use crate::state::{TaskRecord, TaskStatus};
 pub const SEQ_STRIDE: u64 = 1 << 20;
 /// Progress events kept after one transition; later ones are dropped.
 const MAX_PROGRESS_EVENTS: u64 = 1000;
+/// How long an ended task's log is kept for watchers to catch up.
+pub const ENDED_GRACE: Duration = Duration::from_secs(10);
+/// Events a slow watcher may fall behind by before it re-reads the log.
+const WATCH_BUFFER: usize = 64;
 
 struct TaskLog {
     events: Vec<TaskEvent>,
-    tx: broadcast::Sender<TaskEvent>,
+    /// Made when the first watcher subscribes: most tasks are never watched live.
+    tx: Option<broadcast::Sender<TaskEvent>>,
 }
 
 impl TaskLog {
     fn new() -> Self {
         Self {
             events: Vec::new(),
-            tx: broadcast::channel(256).0,
+            tx: None,
         }
     }
 
@@ -38,8 +49,16 @@ impl TaskLog {
         if self.events.last().is_some_and(|e| e.seq >= ev.seq) {
             return;
         }
-        let _ = self.tx.send(ev.clone());
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(ev.clone());
+        }
         self.events.push(ev);
+    }
+
+    fn subscribe(&mut self) -> broadcast::Receiver<TaskEvent> {
+        self.tx
+            .get_or_insert_with(|| broadcast::channel(WATCH_BUFFER).0)
+            .subscribe()
     }
 
     /// The number for a progress event now, if there is room after the last transition.
@@ -54,9 +73,29 @@ fn transition_seq(task: &TaskRecord) -> u64 {
     u64::from(task.transitions) * SEQ_STRIDE + 1
 }
 
+#[derive(Default)]
+struct Logs {
+    by_task: HashMap<String, TaskLog>,
+    /// Ended tasks in the order they ended: their logs go after `ENDED_GRACE`.
+    ended: VecDeque<(Instant, String)>,
+}
+
+impl Logs {
+    fn prune(&mut self, now: Instant) {
+        while let Some((at, _)) = self.ended.front() {
+            if now.saturating_duration_since(*at) < ENDED_GRACE {
+                break;
+            }
+            if let Some((_, id)) = self.ended.pop_front() {
+                self.by_task.remove(&id);
+            }
+        }
+    }
+}
+
 #[derive(Clone, Default)]
 pub struct EventLogs {
-    inner: Arc<Mutex<HashMap<String, TaskLog>>>,
+    inner: Arc<Mutex<Logs>>,
 }
 
 pub fn kind_of(status: TaskStatus) -> EventKind {
@@ -103,16 +142,25 @@ pub fn transition_event(task: &TaskRecord) -> TaskEvent {
 impl EventLogs {
     /// Records the transition `task` just made.
     pub fn transition(&self, task: &TaskRecord) {
+        self.transition_at(task, Instant::now());
+    }
+
+    fn transition_at(&self, task: &TaskRecord, now: Instant) {
         let mut logs = self.inner.lock().expect("event log lock");
-        logs.entry(task.id.clone())
+        logs.prune(now);
+        logs.by_task
+            .entry(task.id.clone())
             .or_insert_with(TaskLog::new)
             .push(transition_event(task));
+        if task.status.is_terminal() {
+            logs.ended.push_back((now, task.id.clone()));
+        }
     }
 
     /// Records progress reported by the node running `task_id`.
     pub fn progress(&self, mut ev: TaskEvent) {
         let mut logs = self.inner.lock().expect("event log lock");
-        if let Some(log) = logs.get_mut(&ev.task_id) {
+        if let Some(log) = logs.by_task.get_mut(&ev.task_id) {
             if let Some(seq) = log.next_progress_seq() {
                 ev.seq = seq;
                 log.push(ev);
@@ -121,30 +169,50 @@ impl EventLogs {
     }
 
     /// Events from `from_seq` on, and a receiver for later ones. A task with no log here
-    /// (known only from a snapshot) gets one made from its record.
+    /// (ended past the grace, or known only from a snapshot) is replayed from its record:
+    /// its last transition, which for an ended task is the final event.
     pub fn subscribe(
         &self,
         task: &TaskRecord,
         from_seq: u64,
     ) -> (Vec<TaskEvent>, broadcast::Receiver<TaskEvent>) {
         let mut logs = self.inner.lock().expect("event log lock");
-        let log = logs.entry(task.id.clone()).or_insert_with(|| {
-            let mut log = TaskLog::new();
-            log.push(transition_event(task));
-            log
-        });
-        let backlog = log
-            .events
-            .iter()
-            .filter(|e| e.seq >= from_seq)
-            .cloned()
-            .collect();
-        (backlog, log.tx.subscribe())
+        let from_log = |log: &TaskLog| -> Vec<TaskEvent> {
+            log.events
+                .iter()
+                .filter(|e| e.seq >= from_seq)
+                .cloned()
+                .collect()
+        };
+        if let Some(log) = logs.by_task.get_mut(&task.id) {
+            return (from_log(log), log.subscribe());
+        }
+        let mut log = TaskLog::new();
+        log.push(transition_event(task));
+        if task.status.is_terminal() {
+            // Nothing will follow: no log to keep, and a receiver nobody sends to.
+            return (from_log(&log), broadcast::channel(1).1);
+        }
+        let backlog = from_log(&log);
+        let rx = log.subscribe();
+        logs.by_task.insert(task.id.clone(), log);
+        (backlog, rx)
     }
 
     /// Forgets everything (after a snapshot replaced the state).
     pub fn clear(&self) {
-        self.inner.lock().expect("event log lock").clear();
+        let mut logs = self.inner.lock().expect("event log lock");
+        logs.by_task.clear();
+        logs.ended.clear();
+    }
+
+    /// Tasks with a log in memory.
+    pub fn len(&self) -> usize {
+        self.inner.lock().expect("event log lock").by_task.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -153,4 +221,56 @@ pub fn is_terminal_event(ev: &TaskEvent) -> bool {
         EventKind::try_from(ev.kind),
         Ok(EventKind::Succeeded | EventKind::Failed | EventKind::Cancelled | EventKind::Lost)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn task(id: &str, status: TaskStatus, transitions: u32) -> TaskRecord {
+        let mut t = TaskRecord::new(id, "echo", "t", "a", json!({}), 1);
+        t.status = status;
+        t.transitions = transitions;
+        t
+    }
+
+    #[test]
+    fn ended_tasks_logs_go_after_the_grace_and_replay_from_the_record() {
+        let logs = EventLogs::default();
+        let t0 = Instant::now();
+        for i in 0..100 {
+            let id = format!("t{i}");
+            logs.transition_at(&task(&id, TaskStatus::Queued, 0), t0);
+            logs.transition_at(&task(&id, TaskStatus::Succeeded, 3), t0);
+        }
+        logs.transition_at(&task("open", TaskStatus::Queued, 0), t0);
+        assert_eq!(logs.len(), 101);
+        // Within the grace a watcher still reads the whole log.
+        let (backlog, _) = logs.subscribe(&task("t1", TaskStatus::Succeeded, 3), 0);
+        assert_eq!(backlog.len(), 2);
+        logs.transition_at(&task("open", TaskStatus::Assigned, 1), t0 + ENDED_GRACE);
+        assert_eq!(logs.len(), 1, "only the open task keeps a log");
+        // After it, the record answers: the final event, numbered as before.
+        let done = task("t1", TaskStatus::Succeeded, 3);
+        let (backlog, _) = logs.subscribe(&done, 0);
+        assert_eq!(backlog.len(), 1);
+        assert_eq!(backlog[0].seq, 3 * SEQ_STRIDE + 1);
+        assert!(is_terminal_event(&backlog[0]));
+        assert_eq!(logs.len(), 1, "replaying an ended task keeps nothing");
+        let (backlog, _) = logs.subscribe(&done, 3 * SEQ_STRIDE + 2);
+        assert!(
+            backlog.is_empty(),
+            "a watcher that saw the end gets nothing more"
+        );
+    }
+
+    #[test]
+    fn a_watcher_of_an_open_task_gets_what_follows() {
+        let logs = EventLogs::default();
+        let (backlog, mut rx) = logs.subscribe(&task("x", TaskStatus::Queued, 0), 0);
+        assert_eq!(backlog.len(), 1);
+        logs.transition(&task("x", TaskStatus::Assigned, 1));
+        assert_eq!(rx.try_recv().unwrap().seq, SEQ_STRIDE + 1);
+    }
 }

@@ -216,7 +216,7 @@ impl AgentService for AgentApi {
             (task, r.from_seq, self.hub.quota.stream(&claims)?)
         };
         let (backlog, mut rx) = self.hub.events.subscribe(&task, from);
-        let events = self.hub.events.clone();
+        let hub = self.hub.clone();
         let stream = async_stream(move |tx| async move {
             let _permit = permit;
             let mut last = from.saturating_sub(1);
@@ -244,7 +244,11 @@ impl AgentService for AgentApi {
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                         // Fell behind: read what was missed from the log itself.
-                        let (missed, fresh) = events.subscribe(&task, last + 1);
+                        // The task as it is now (its log may be gone if it ended).
+                        let now = hub.state().tasks.get(&task.id).cloned();
+                        let (missed, fresh) = hub
+                            .events
+                            .subscribe(now.as_ref().unwrap_or(&task), last + 1);
                         rx = fresh;
                         for ev in missed {
                             last = ev.seq;
