@@ -21,6 +21,8 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(spec) = convert::spec(req.options.as_ref(), Some("r"), Some("z")) {
         assert!(spec.retry.retry_on.len() <= 3);
-        assert!(spec.placement.required.len() + spec.placement.preferred.len() <= limits::MAX_LABELS);
+        assert!(
+            spec.placement.required.len() + spec.placement.preferred.len() <= limits::MAX_LABELS
+        );
     }
 });

@@ -14,7 +14,11 @@ fn main() {
     use flotilla_proto as pb;
     let commands = flotilla_fuzz::seed_commands();
     for (i, c) in commands.iter().enumerate() {
-        write("committed_entry", &format!("cmd-{i}.json"), &serde_json::to_vec(c).unwrap());
+        write(
+            "committed_entry",
+            &format!("cmd-{i}.json"),
+            &serde_json::to_vec(c).unwrap(),
+        );
     }
     write(
         "committed_entry",
@@ -22,7 +26,11 @@ fn main() {
         &serde_json::to_vec(&commands).unwrap(),
     );
     let state = flotilla_fuzz::seeded_state();
-    write("snapshot", "state.json", &serde_json::to_vec(&state).unwrap());
+    write(
+        "snapshot",
+        "state.json",
+        &serde_json::to_vec(&state).unwrap(),
+    );
     let task = pb::SubmitTaskRequest {
         tool: "echo".into(),
         arguments: br#"{"text":"hi","n":[1,{"a":null}]}"#.to_vec(),
