@@ -215,6 +215,7 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
             snapshot_logs: flotilla_common::config::defaults::SNAPSHOT_LOGS,
             breaker_failures: flotilla_common::config::defaults::BREAKER_FAILURES,
             breaker_cooldown_ms: flotilla_common::config::defaults::BREAKER_COOLDOWN_MS,
+            storage_cache_mb: flotilla_common::config::defaults::STORAGE_CACHE_MB,
             limits: Default::default(),
             // Its own nodes, started just above: their tools are usable at once.
             trusted_tool_nodes: vec!["*".into()],

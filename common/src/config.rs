@@ -88,6 +88,8 @@ pub mod defaults {
     pub const MAX_CONNECTIONS: u32 = 4_096;
     pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
     pub const IDLE_TIMEOUT_MS: u64 = 300_000;
+    /// sled's page cache; sled's own default is 1 GiB, which a hub fills as it writes.
+    pub const STORAGE_CACHE_MB: u64 = 64;
     pub const JOIN_FAILURES_PER_MIN: u32 = 10;
 }
 
@@ -230,6 +232,9 @@ pub struct HubFile {
     /// How long an open breaker keeps work away before one trial call (half-open).
     #[serde(default = "default_breaker_cooldown")]
     pub breaker_cooldown_ms: u64,
+    /// Memory for the storage engine's page cache, in MiB.
+    #[serde(default = "default_storage_cache_mb")]
+    pub storage_cache_mb: u64,
     #[serde(default)]
     pub limits: Limits,
     /// Nodes that may introduce tool names the cluster has not seen: node names, or a
@@ -237,6 +242,10 @@ pub struct HubFile {
     /// until an admin accepts it with `flotilla tools accept NAME`.
     #[serde(default)]
     pub trusted_tool_nodes: Vec<String>,
+}
+
+fn default_storage_cache_mb() -> u64 {
+    defaults::STORAGE_CACHE_MB
 }
 
 fn default_breaker_failures() -> u32 {
@@ -303,6 +312,7 @@ pub struct HubConfig {
     pub snapshot_logs: u64,
     pub breaker_failures: u32,
     pub breaker_cooldown_ms: u64,
+    pub storage_cache_mb: u64,
     pub limits: Limits,
     pub trusted_tool_nodes: Vec<String>,
 }
@@ -355,6 +365,13 @@ impl HubFile {
             return Err(invalid(file, "breaker_failures", "must be at least 1"));
         }
         self.limits.validate(file)?;
+        if !(8..=65_536).contains(&self.storage_cache_mb) {
+            return Err(invalid(
+                file,
+                "storage_cache_mb",
+                "must be between 8 and 65536",
+            ));
+        }
         if self.snapshot_logs < 10 {
             return Err(invalid(file, "snapshot_logs", "must be at least 10"));
         }
@@ -448,6 +465,7 @@ impl HubFile {
             snapshot_logs: self.snapshot_logs,
             breaker_failures: self.breaker_failures,
             breaker_cooldown_ms: self.breaker_cooldown_ms,
+            storage_cache_mb: self.storage_cache_mb,
             limits: self.limits,
             trusted_tool_nodes: self.trusted_tool_nodes,
         })

@@ -541,7 +541,11 @@ pub async fn run(
         sessions: sessions.clone(),
         workflows: workflows.clone(),
     });
-    let (log_store, sm_store) = raft::open(&data_dir.join("raft"), hooks)?;
+    let (log_store, sm_store) = raft::open(
+        &data_dir.join("raft"),
+        config.storage_cache_mb * 1024 * 1024,
+        hooks,
+    )?;
     let state = sm_store.state();
     let raft = Raft::new(
         config.id,

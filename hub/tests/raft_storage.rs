@@ -26,7 +26,7 @@ struct SledBuilder;
 impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for SledBuilder {
     async fn build(&self) -> Result<(TempDir, LogStore, StateMachineStore), StorageError<u64>> {
         let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(AnyError::new(&e)))?;
-        let (log, sm) = raft::open(&dir.path().join("raft"), Arc::new(NoHooks))
+        let (log, sm) = raft::open(&dir.path().join("raft"), 16 << 20, Arc::new(NoHooks))
             .map_err(|e| StorageIOError::write(AnyError::error(e.to_string())))?;
         Ok((dir, log, sm))
     }

@@ -336,6 +336,7 @@ async fn start_member(
         snapshot_logs: opts.snapshot_logs,
         breaker_failures: opts.breaker_failures,
         breaker_cooldown_ms: 2_000,
+        storage_cache_mb: flotilla_common::config::defaults::STORAGE_CACHE_MB,
         limits: opts.limits.clone(),
         trusted_tool_nodes: opts.trusted_tool_nodes.clone(),
     };

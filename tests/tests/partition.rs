@@ -194,6 +194,7 @@ async fn a_partitioned_leader_commits_nothing_and_the_majority_carries_on() -> a
             snapshot_logs: flotilla_common::config::defaults::SNAPSHOT_LOGS,
             breaker_failures: flotilla_common::config::defaults::BREAKER_FAILURES,
             breaker_cooldown_ms: 2_000,
+            storage_cache_mb: flotilla_common::config::defaults::STORAGE_CACHE_MB,
             limits: Default::default(),
             // Its own nodes, started just above: their tools are usable at once.
             trusted_tool_nodes: vec!["*".into()],

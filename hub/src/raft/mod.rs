@@ -59,13 +59,16 @@ pub trait ApplyHook: Send + Sync + 'static {
     fn replaced(&self, state: &State);
 }
 
-/// Opens (or creates) the sled database at `path` and builds both stores on it.
+/// Opens (or creates) the sled database at `path`, with a page cache of at most
+/// `cache_bytes`, and builds both stores on it.
 pub fn open(
     path: &Path,
+    cache_bytes: u64,
     hooks: Arc<dyn ApplyHook>,
 ) -> anyhow::Result<(store::LogStore, sm::StateMachineStore)> {
     let db = sled::Config::new()
         .path(path)
+        .cache_capacity(cache_bytes)
         .open()
         .map_err(|e| anyhow::anyhow!("opening raft storage at {}: {e}", path.display()))?;
     let log = store::LogStore::new(db.clone())?;
