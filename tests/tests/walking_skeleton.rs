@@ -73,7 +73,7 @@ async fn agent_calls_demo_tools_through_hub_and_node() -> anyhow::Result<()> {
     // Resuming from a sequence number replays only what came after it.
     let mut again = agent
         .watch_task(pb::WatchTaskRequest {
-            task_id: id,
+            task_id: id.clone(),
             from_seq: last_seq,
         })
         .await?
@@ -82,6 +82,15 @@ async fn agent_calls_demo_tools_through_hub_and_node() -> anyhow::Result<()> {
     assert_eq!(ev.seq, last_seq);
     assert_eq!(pb::EventKind::try_from(ev.kind)?, pb::EventKind::Succeeded);
     assert!(again.message().await?.is_none());
+    // Past the end of an ended task, a watch simply ends (no error, no wait).
+    let mut after = agent
+        .watch_task(pb::WatchTaskRequest {
+            task_id: id,
+            from_seq: last_seq + 1,
+        })
+        .await?
+        .into_inner();
+    assert!(after.message().await?.is_none());
 
     // The catalogue lists the demo tools with their annotations and the node offering them.
     let tools = agent

@@ -227,6 +227,10 @@ impl AgentService for AgentApi {
                     return;
                 }
             }
+            if task.status.is_terminal() {
+                // It had ended and the caller already saw the end: nothing more will come.
+                return;
+            }
             loop {
                 // A client that went away ends the watch now, not at the task's next event.
                 let next = tokio::select! {
