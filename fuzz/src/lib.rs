@@ -55,6 +55,7 @@ pub fn seed_commands() -> Vec<Command> {
             result: Some(json!({"content": [{"type": "text", "text": "f"}]})),
             error: None,
             node_id: "n1".into(),
+            started_at_ms: None,
         },
     ]
 }

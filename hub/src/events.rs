@@ -34,6 +34,9 @@ struct TaskLog {
     events: Vec<TaskEvent>,
     /// Made when the first watcher subscribes: most tasks are never watched live.
     tx: Option<broadcast::Sender<TaskEvent>>,
+    /// (attempt, when) its node said it started the attempt: leader memory, like progress
+    /// (a start is not a Raft commit; the result carries the time into the record).
+    started: Option<(u32, i64)>,
 }
 
 impl TaskLog {
@@ -41,6 +44,7 @@ impl TaskLog {
         Self {
             events: Vec::new(),
             tx: None,
+            started: None,
         }
     }
 
@@ -157,6 +161,40 @@ impl EventLogs {
         }
     }
 
+    /// Records that the node running `task_id` started `attempt` at `at_ms`: a `Started`
+    /// event for watchers (numbered like progress) and the time, for the result.
+    pub fn started(&self, task_id: &str, node_id: &str, attempt: u32, at_ms: i64) {
+        let mut logs = self.inner.lock().expect("event log lock");
+        let Some(log) = logs.by_task.get_mut(task_id) else {
+            return;
+        };
+        if log.started.is_some_and(|(a, _)| a == attempt) {
+            return;
+        }
+        log.started = Some((attempt, at_ms));
+        if let Some(seq) = log.next_progress_seq() {
+            log.push(TaskEvent {
+                seq,
+                task_id: task_id.to_owned(),
+                kind: EventKind::Started as i32,
+                at_ms,
+                node_id: node_id.to_owned(),
+                attempt,
+                ..Default::default()
+            });
+        }
+    }
+
+    /// When `attempt` of `task_id` started, if its node said so to this hub.
+    pub fn started_at(&self, task_id: &str, attempt: u32) -> Option<i64> {
+        let logs = self.inner.lock().expect("event log lock");
+        logs.by_task
+            .get(task_id)?
+            .started
+            .filter(|(a, _)| *a == attempt)
+            .map(|(_, at)| at)
+    }
+
     /// Records progress reported by the node running `task_id`.
     pub fn progress(&self, mut ev: TaskEvent) {
         let mut logs = self.inner.lock().expect("event log lock");
@@ -263,6 +301,20 @@ mod tests {
             backlog.is_empty(),
             "a watcher that saw the end gets nothing more"
         );
+    }
+
+    #[test]
+    fn a_start_is_an_event_and_a_time_for_its_attempt_only() {
+        let logs = EventLogs::default();
+        let (_, mut rx) = logs.subscribe(&task("s", TaskStatus::Assigned, 2), 0);
+        logs.started("s", "n1", 1, 500);
+        logs.started("s", "n1", 1, 600);
+        let ev = rx.try_recv().unwrap();
+        assert_eq!(ev.kind(), EventKind::Started);
+        assert_eq!(ev.seq, 2 * SEQ_STRIDE + 2);
+        assert!(rx.try_recv().is_err(), "a repeated start is one event");
+        assert_eq!(logs.started_at("s", 1), Some(500));
+        assert_eq!(logs.started_at("s", 2), None);
     }
 
     #[test]

@@ -291,3 +291,49 @@ async fn health_and_reflection_serve_generic_grpc_tools() -> anyhow::Result<()> 
     }
     Ok(())
 }
+
+/// A call costs three Raft commits (accepted, assigned, finished): the node's "started" is an
+/// event and a time carried by the result, not a commit of its own. Watchers and GetTask
+/// still see the start.
+#[tokio::test]
+async fn a_call_costs_three_commits_and_still_reports_its_start() -> anyhow::Result<()> {
+    let mut c = Cluster::start().await?;
+    c.add_node(NodeSpec::demo("edge-1")).await?;
+    let mut agent = c.agent();
+    // Warm up (signing key, node hello, tool statistics are all committed by now).
+    c.call(&mut agent, "echo", json!({"text": "warm"})).await?;
+    let index = || async {
+        let st = c
+            .admin()
+            .cluster_status(pb::ClusterStatusRequest {})
+            .await?
+            .into_inner();
+        anyhow::Ok(st.last_log_index)
+    };
+    let before = index().await?;
+    let id = agent
+        .submit_task(submit("sleep", json!({"ms": 600, "steps": 2})))
+        .await?
+        .into_inner()
+        .task_id;
+    let running = flotilla_tests::wait_state(&agent, &id, pb::TaskState::Running).await?;
+    assert!(running.attempts[0].started_at_ms > 0, "{running:?}");
+    let mut events = agent
+        .watch_task(pb::WatchTaskRequest {
+            task_id: id.clone(),
+            from_seq: 0,
+        })
+        .await?
+        .into_inner();
+    let mut kinds = Vec::new();
+    while let Some(ev) = events.message().await? {
+        kinds.push(ev.kind());
+    }
+    assert!(kinds.contains(&pb::EventKind::Started), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&pb::EventKind::Succeeded));
+    let done = flotilla_tests::wait_done(&agent, &id).await?;
+    let a = &done.attempts[0];
+    assert!(a.started_at_ms >= a.assigned_at_ms && a.started_at_ms <= a.finished_at_ms);
+    assert_eq!(index().await? - before, 3, "accepted, assigned, finished");
+    Ok(())
+}

@@ -318,6 +318,7 @@ fn a_failing_server_trips_its_breaker_through_results() {
             result: None,
             error: Some("MCP server exited".into()),
             node_id: String::new(),
+            started_at_ms: None,
         });
     }
     assert_eq!(
@@ -407,6 +408,7 @@ fn a_retry_avoids_the_node_it_failed_on() {
         result: None,
         error: Some("boom".into()),
         node_id: String::new(),
+        started_at_ms: None,
     });
     assert_eq!(r, crate::state::Response::TaskNow(TaskStatus::Queued));
     assert_eq!(w.place("t1").unwrap(), "b");

@@ -38,6 +38,22 @@ fn visible_task(state: &State, claims: &Claims, id: &str) -> HubResult<TaskRecor
         .ok_or_else(|| HubError::NotFound(format!("no task {id:?}")))
 }
 
+/// A task as the API shows it: the record, plus what only this hub's memory knows (why a
+/// queued task waits; that an assigned task's node started it).
+fn task_view(hub: &Hub, state: &State, t: &TaskRecord) -> flotilla_proto::Task {
+    let mut view = convert::task(state, t, hub.pending.get(&t.id));
+    if t.status == state::TaskStatus::Assigned {
+        let at = t
+            .current_attempt()
+            .and_then(|a| hub.events.started_at(&t.id, a.number));
+        if let (Some(at), Some(a)) = (at, view.attempts.last_mut()) {
+            view.state = TaskState::Running as i32;
+            a.started_at_ms = at;
+        }
+    }
+    view
+}
+
 /// Sums per-node statistics; the estimated duration is the call-weighted mean.
 fn tool_stats<'a>(per_node: impl IntoIterator<Item = &'a state::ToolStats>) -> ToolStats {
     let mut out = ToolStats::default();
@@ -194,11 +210,7 @@ impl AgentService for AgentApi {
         self.hub.read_barrier().await?;
         let state = self.hub.state();
         let t = visible_task(&state, &claims, &req.get_ref().task_id)?;
-        Ok(Response::new(convert::task(
-            &state,
-            &t,
-            self.hub.pending.get(&t.id),
-        )))
+        Ok(Response::new(task_view(&self.hub, &state, &t)))
     }
 
     type WatchTaskStream = EventStream;
@@ -303,7 +315,7 @@ impl AgentService for AgentApi {
         // The node running it (if any) was told to stop as the cancel was applied.
         let state = self.hub.state();
         let now = state.tasks.get(&task.id).unwrap_or(&task);
-        Ok(Response::new(convert::task(&state, now, None)))
+        Ok(Response::new(task_view(&self.hub, &state, now)))
     }
 
     async fn list_tasks(
@@ -330,10 +342,17 @@ impl AgentService for AgentApi {
             .values()
             .rev()
             .filter(|t| t.tenant == claims.tenant)
-            .filter(|t| wanted.is_empty() || wanted.contains(&convert::task_state(t.status)))
             .filter(|t| !r.dead_lettered || t.dead_lettered)
+            // Cheap first: an assigned task may show as running (its node started it).
+            .filter(|t| {
+                wanted.is_empty()
+                    || wanted.contains(&convert::task_state(t.status))
+                    || (t.status == state::TaskStatus::Assigned
+                        && wanted.contains(&TaskState::Running))
+            })
+            .map(|t| task_view(&self.hub, &state, t))
+            .filter(|v| wanted.is_empty() || wanted.contains(&v.state()))
             .take(limit)
-            .map(|t| convert::task(&state, t, self.hub.pending.get(&t.id)))
             .collect();
         Ok(Response::new(ListTasksResponse { tasks }))
     }

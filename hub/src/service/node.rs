@@ -300,30 +300,14 @@ fn handle(
             hub.wake();
         }
         node_message::Msg::Started(s) => {
+            // Not a Raft commit: an event for watchers and a time the result carries into
+            // the record. The attempt and fence rules are those of the result.
             if !holds(hub, node_id, &s.task_id, s.attempt, s.fence) {
                 refused_report(hub, node_id, &s.task_id, s.attempt, "start");
                 return;
             }
-            let hub = hub.clone();
-            let node_id = node_id.to_owned();
-            tokio::spawn(async move {
-                let cmd = Command::StartTask {
-                    task_id: s.task_id.clone(),
-                    attempt: s.attempt,
-                    fence: s.fence,
-                    at_ms: flotilla_common::now_ms(),
-                    node_id: node_id.clone(),
-                };
-                match hub.write(cmd).await {
-                    Ok(state::Response::Rejected(Rejection::NotYourAttempt)) => {
-                        tracing::warn!(node_id = %node_id, task_id = ?s.task_id, attempt = s.attempt, "node reported a start for an attempt another node holds; refused");
-                    }
-                    Ok(state::Response::Rejected(r)) => {
-                        tracing::debug!(task_id = ?s.task_id, attempt = s.attempt, reason = %r, "start not recorded");
-                    }
-                    _ => {}
-                }
-            });
+            hub.events
+                .started(&s.task_id, node_id, s.attempt, flotilla_common::now_ms());
         }
         node_message::Msg::Progress(p) => {
             if holds(hub, node_id, &p.task_id, p.attempt, p.fence) {
@@ -401,6 +385,7 @@ async fn record_result(
         result,
         error,
         node_id: node_id.to_owned(),
+        started_at_ms: hub.events.started_at(&r.task_id, r.attempt),
     };
     let accepted = match hub.write(cmd).await? {
         state::Response::TaskNow(status) => {

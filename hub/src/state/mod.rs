@@ -424,6 +424,9 @@ pub enum Command {
         error: Option<String>,
         #[serde(default)]
         node_id: String,
+        /// When the node said it started the attempt (a start is not committed by itself).
+        #[serde(default)]
+        started_at_ms: Option<i64>,
     },
     /// Puts an assigned task that never started back in the queue.
     RequeueTask {
@@ -835,6 +838,7 @@ impl State {
                 result,
                 error,
                 node_id,
+                started_at_ms,
             } => {
                 let (status, tool, node, server, ok, took) = self.update(task_id, true, |t| {
                     check_reporter(t, *attempt, *fence, node_id)?;
@@ -851,6 +855,9 @@ impl State {
                         .attempts
                         .last_mut()
                         .expect("an active task has an attempt");
+                    if a.started_at_ms.is_none() {
+                        a.started_at_ms = started_at_ms.filter(|s| *s <= *at_ms);
+                    }
                     a.finished_at_ms = Some(*at_ms);
                     a.error = error
                         .clone()
@@ -977,10 +984,9 @@ impl State {
                 node.status = NodeStatus::Down;
                 node.drain_deadline_ms = None;
                 let (requeued, lost) =
-                    self.release_tasks(node_id, *at_ms, true, TaskStatus::Lost, |running| {
+                    self.release_tasks(node_id, *at_ms, true, TaskStatus::Lost, || {
                         format!(
-                            "node {node_id} was lost while the task was {}; the tool is not marked idempotent and the retry policy does not cover node loss, so it was not re-run",
-                            if running { "running" } else { "assigned" }
+                            "node {node_id} was lost before the task finished; the tool is not marked idempotent and the retry policy does not cover node loss, so it was not re-run"
                         )
                     });
                 Ok(Response::NodeWentDown { requeued, lost })
@@ -1015,7 +1021,7 @@ impl State {
                 if !self.nodes.contains_key(node_id) {
                     return Err(Rejection::NoSuchNode(node_id.clone()));
                 }
-                let (requeued, lost) = self.release_tasks(node_id, *at_ms, false, TaskStatus::Cancelled, |_| {
+                let (requeued, lost) = self.release_tasks(node_id, *at_ms, false, TaskStatus::Cancelled, || {
                     format!("node {node_id} was drained before the task finished; the tool is not marked idempotent, so it was cancelled rather than re-run")
                 });
                 if let Some(n) = self.nodes.get_mut(node_id) {
@@ -1313,14 +1319,14 @@ impl State {
 
     /// Takes a node's unfinished tasks off it: re-queued when the tool is read-only or
     /// idempotent (up to `NODE_LOSS_RERUNS` attempts) or the task's retry policy covers node
-    /// loss, otherwise ended with `other` and the reason `why(running)`.
+    /// loss, otherwise ended with `other` and the reason `why`.
     fn release_tasks(
         &mut self,
         node_id: &str,
         at_ms: i64,
         by_node: bool,
         other: TaskStatus,
-        why: impl Fn(bool) -> String,
+        why: impl Fn() -> String,
     ) -> (Vec<String>, Vec<String>) {
         let mut requeued = Vec::new();
         let mut ended = Vec::new();
@@ -1342,7 +1348,6 @@ impl State {
             let rerun = (safe
                 && made < t.spec.retry.max_attempts.max(spec::NODE_LOSS_RERUNS) as usize)
                 || t.spec.retry.allows(FailureKind::NodeLost, made);
-            let running = t.status == TaskStatus::Running;
             let on_node = |t: &TaskRecord| {
                 t.status.is_active() && t.current_attempt().is_some_and(|a| a.node_id == node_id)
             };
@@ -1357,7 +1362,7 @@ impl State {
                     );
                     t.set(TaskStatus::Queued, at_ms);
                 } else {
-                    let reason = why(running);
+                    let reason = why();
                     t.close_attempt(at_ms, &reason);
                     t.error = Some(reason);
                     t.dead_lettered = other == TaskStatus::Lost;

@@ -34,6 +34,7 @@ fn finish(id: &str, attempt: u32, fence: u64) -> Command {
         result: Some(json!({"content": [], "isError": false})),
         error: None,
         node_id: "n1".into(),
+        started_at_ms: None,
     }
 }
 
@@ -58,6 +59,7 @@ fn only_the_node_holding_the_attempt_may_report_on_it() {
             result: Some(json!({"content": [{"type": "text", "text": "forged"}]})),
             error,
             node_id: "n2".into(),
+            started_at_ms: None,
         },
         other => other,
     };
@@ -175,6 +177,7 @@ fn tool_error_result_fails_the_task_and_cancel_is_terminal() {
         result: Some(json!({"content": [], "isError": true})),
         error: None,
         node_id: String::new(),
+        started_at_ms: None,
     };
     assert_eq!(s.apply(3, &c), Response::TaskNow(TaskStatus::Failed));
     s.apply(4, &task("t2", None));
@@ -439,6 +442,7 @@ impl Sm {
             result: Some(json!({"content": [{"type": "text", "text": text}], "isError": !ok})),
             error: None,
             node_id: String::new(),
+            started_at_ms: None,
         })
     }
 
@@ -832,6 +836,7 @@ fn a_requeued_task_counts_its_queue_timeout_from_its_return_and_requeues_are_not
         result: None,
         error: Some("boom".into()),
         node_id: String::new(),
+        started_at_ms: None,
     });
     assert_eq!(m.status("t"), TaskStatus::Queued);
     let due = m.s.tasks["t"].queue_deadline_ms().unwrap();
