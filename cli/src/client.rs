@@ -617,8 +617,8 @@ pub(crate) struct ToolsArgs {
 
 #[derive(Subcommand)]
 pub(crate) enum ToolsAction {
-    /// Make a tool name a node introduced usable (nodes not in hub.toml's
-    /// `trusted_tool_nodes` cannot make new names usable themselves).
+    /// Make a tool name a node introduced usable (a node that joined without a
+    /// `--may-add-tools` token cannot make new names usable itself).
     Accept { name: String },
 }
 
@@ -980,6 +980,10 @@ pub(crate) enum TokenCommand {
         uses: u32,
         #[arg(long, default_value = "")]
         description: String,
+        /// Nodes joining with it may introduce tool names the cluster has not seen
+        /// (others' new names wait for `flotilla tools accept`).
+        #[arg(long)]
+        may_add_tools: bool,
         #[command(flatten)]
         flags: ClientFlags,
     },
@@ -990,6 +994,7 @@ pub(crate) async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
         ttl,
         uses,
         description,
+        may_add_tools,
         flags,
     } = cmd;
     let r = admin_client(&settings(&flags)?)?
@@ -997,6 +1002,7 @@ pub(crate) async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
             ttl_seconds: ttl,
             uses,
             description,
+            may_add_tools,
         })
         .await
         .map_err(status_error)?

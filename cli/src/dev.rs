@@ -218,7 +218,7 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
             storage_cache_mb: flotilla_common::config::defaults::STORAGE_CACHE_MB,
             limits: Default::default(),
             // Its own nodes, started just above: their tools are usable at once.
-            trusted_tool_nodes: vec!["*".into()],
+            trust_node_tools: true,
         };
         let hub_toml = hub_dir.join("hub.toml");
         std::fs::write(&hub_toml, toml::to_string(&hub_cfg)?)?;
@@ -306,6 +306,7 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
                     ttl_seconds: 600,
                     uses: 1,
                     description: format!("flotilla dev {name}"),
+                    may_add_tools: true,
                 })
                 .await
                 .map_err(crate::client::status_error)?

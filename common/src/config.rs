@@ -237,11 +237,13 @@ pub struct HubFile {
     pub storage_cache_mb: u64,
     #[serde(default)]
     pub limits: Limits,
-    /// Nodes that may introduce tool names the cluster has not seen: node names, or a
-    /// prefix ending in `*` (`"*"` trusts every node). A name another node introduces waits
-    /// until an admin accepts it with `flotilla tools accept NAME`.
+    /// Every node may introduce tool names the cluster has not seen (a single-owner
+    /// cluster such as `flotilla dev`). Otherwise only nodes that joined with a token
+    /// created with `--may-add-tools` may; a name another node introduces waits until an
+    /// admin accepts it with `flotilla tools accept NAME`. (Trust is never by node name: a
+    /// joining node chooses its own name.)
     #[serde(default)]
-    pub trusted_tool_nodes: Vec<String>,
+    pub trust_node_tools: bool,
 }
 
 fn default_storage_cache_mb() -> u64 {
@@ -314,19 +316,7 @@ pub struct HubConfig {
     pub breaker_cooldown_ms: u64,
     pub storage_cache_mb: u64,
     pub limits: Limits,
-    pub trusted_tool_nodes: Vec<String>,
-}
-
-impl HubConfig {
-    /// Whether `node` may introduce new tool names (`trusted_tool_nodes`).
-    pub fn may_add_tools(&self, node: &str) -> bool {
-        self.trusted_tool_nodes
-            .iter()
-            .any(|p| match p.strip_suffix('*') {
-                Some(prefix) => node.starts_with(prefix),
-                None => p == node,
-            })
-    }
+    pub trust_node_tools: bool,
 }
 
 impl HubFile {
@@ -467,7 +457,7 @@ impl HubFile {
             breaker_cooldown_ms: self.breaker_cooldown_ms,
             storage_cache_mb: self.storage_cache_mb,
             limits: self.limits,
-            trusted_tool_nodes: self.trusted_tool_nodes,
+            trust_node_tools: self.trust_node_tools,
         })
     }
 }

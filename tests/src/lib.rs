@@ -244,8 +244,10 @@ pub struct Options {
     pub breaker_failures: u32,
     /// hub.toml's `[limits]`.
     pub limits: flotilla_common::config::Limits,
-    /// hub.toml's `trusted_tool_nodes`: every test node by default.
-    pub trusted_tool_nodes: Vec<String>,
+    /// hub.toml's `trust_node_tools` (true by default: every test node may add tools).
+    pub trust_node_tools: bool,
+    /// Join tokens the harness creates let their nodes add tools.
+    pub trusted_join_tokens: bool,
 }
 
 impl Default for Options {
@@ -254,7 +256,8 @@ impl Default for Options {
             snapshot_logs: flotilla_common::config::defaults::SNAPSHOT_LOGS,
             breaker_failures: flotilla_common::config::defaults::BREAKER_FAILURES,
             limits: Default::default(),
-            trusted_tool_nodes: vec!["*".into()],
+            trust_node_tools: true,
+            trusted_join_tokens: false,
         }
     }
 }
@@ -338,7 +341,7 @@ async fn start_member(
         breaker_cooldown_ms: 2_000,
         storage_cache_mb: flotilla_common::config::defaults::STORAGE_CACHE_MB,
         limits: opts.limits.clone(),
-        trusted_tool_nodes: opts.trusted_tool_nodes.clone(),
+        trust_node_tools: opts.trust_node_tools,
     };
     std::fs::write(hub_dir.join("hub.toml"), toml::to_string(&cfg)?)?;
     let mut proc = spawn_hub(&hub_dir, id)?;
@@ -554,6 +557,7 @@ impl Cluster {
                 ttl_seconds: 600,
                 uses: 1,
                 description: "test".into(),
+                may_add_tools: self.opts.trusted_join_tokens,
             })
             .await?
             .into_inner()

@@ -580,7 +580,7 @@ async fn a_tool_name_from_an_untrusted_node_waits_for_an_admin() -> anyhow::Resu
     let mut c = Cluster::with_options(
         1,
         Options {
-            trusted_tool_nodes: vec![],
+            trust_node_tools: false,
             ..Default::default()
         },
     )
@@ -643,6 +643,34 @@ async fn a_tool_name_from_an_untrusted_node_waits_for_an_admin() -> anyhow::Resu
         .map(|t| t.name)
         .collect();
     assert_eq!(names, ["echo"]);
+
+    // A node that joined with a `--may-add-tools` token introduces a new name usable at
+    // once (trust comes with the token, never with a name the node chose).
+    c.opts.trusted_join_tokens = true;
+    c.add_node(NodeSpec {
+        name: "py-1".into(),
+        labels: Default::default(),
+        servers: vec![flotilla_common::config::McpServerConfig {
+            name: "time".into(),
+            command: "python3".into(),
+            args: vec!["-m".into(), "mcp_server_time".into()],
+            env: Default::default(),
+            max_concurrency: 2,
+            scope: "tools".into(),
+        }],
+        tenants: Vec::new(),
+    })
+    .await?;
+    let listed = agent
+        .list_tools(pb::ListToolsRequest {})
+        .await?
+        .into_inner()
+        .tools;
+    let time = listed
+        .iter()
+        .find(|t| t.name == "get_current_time")
+        .expect("the trusted node's tool is listed to agents");
+    assert!(time.accepted);
     Ok(())
 }
 

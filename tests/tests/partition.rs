@@ -197,7 +197,7 @@ async fn a_partitioned_leader_commits_nothing_and_the_majority_carries_on() -> a
             storage_cache_mb: flotilla_common::config::defaults::STORAGE_CACHE_MB,
             limits: Default::default(),
             // Its own nodes, started just above: their tools are usable at once.
-            trusted_tool_nodes: vec!["*".into()],
+            trust_node_tools: true,
         };
         let toml_path = hub_dir.join("hub.toml");
         std::fs::write(&toml_path, toml::to_string(&cfg)?)?;
@@ -263,6 +263,7 @@ async fn a_partitioned_leader_commits_nothing_and_the_majority_carries_on() -> a
             ttl_seconds: 600,
             uses: 1,
             description: String::new(),
+            may_add_tools: false,
         })
         .await?
         .into_inner()

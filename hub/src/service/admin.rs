@@ -141,9 +141,10 @@ impl AdminService for AdminApi {
                 uses_left: uses,
                 description: r.description,
                 created_at_ms: now,
+                may_add_tools: r.may_add_tools,
             }))
             .await?;
-        tracing::info!(token_id = ?token.id, by = ?claims.sub, uses, ttl_s = ttl, "join token created");
+        tracing::info!(token_id = ?token.id, by = ?claims.sub, uses, ttl_s = ttl, may_add_tools = r.may_add_tools, "join token created");
         Ok(Response::new(CreateJoinTokenResponse {
             token: token.to_string(),
             token_id: token.id.clone(),

@@ -162,7 +162,7 @@ impl AgentService for AgentApi {
         let claims = self.caller(&req)?;
         let req = req.into_inner();
         let (args, key) = self.validate_submission(&claims, &req)?;
-        self.room_in_queue(&claims, 1)?;
+        // A repeat of an accepted submission answers as it did, even with a full queue.
         if let Some(k) = &key {
             let ix = state::idempotency_index(&claims.tenant, k);
             if let Some(id) = self.hub.state().idempotency.get(&ix) {
@@ -172,6 +172,7 @@ impl AgentService for AgentApi {
                 }));
             }
         }
+        self.room_in_queue(&claims, 1)?;
         let spec = convert::spec(
             req.options.as_ref(),
             claims.region.as_deref(),
@@ -219,9 +220,10 @@ impl AgentService for AgentApi {
         &self,
         req: Request<WatchTaskRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        // Verified and counted before the read barrier costs a round trip to the leader.
+        let claims = self.caller(&req)?;
         self.hub.read_barrier().await?;
         let (task, from, permit) = {
-            let claims = self.caller(&req)?;
             let state = self.hub.state();
             let r = req.get_ref();
             let task = visible_task(&state, &claims, &r.task_id)?;
@@ -470,9 +472,9 @@ impl AgentService for AgentApi {
         &self,
         req: Request<WatchWorkflowRequest>,
     ) -> Result<Response<WorkflowEventStream>, Status> {
+        let claims = self.caller(&req)?;
         self.hub.read_barrier().await?;
         let (claims, id, from) = {
-            let claims = self.caller(&req)?;
             let state = self.hub.state();
             let r = req.get_ref();
             visible_workflow(&state, &claims, &r.workflow_id)?;

@@ -180,7 +180,13 @@ impl NodeService for NodeApi {
                 at_ms: flotilla_common::now_ms(),
                 tenants: hello.tenants,
                 cpu_high_water_percent: hello.cpu_high_water_percent,
-                may_add_tools: self.hub.config().may_add_tools(&node_id),
+                may_add_tools: self.hub.config().trust_node_tools
+                    || self
+                        .hub
+                        .state()
+                        .nodes
+                        .get(&node_id)
+                        .is_some_and(|n| n.may_add_tools),
             })
             .await?;
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
@@ -300,14 +306,42 @@ fn handle(
             hub.wake();
         }
         node_message::Msg::Started(s) => {
-            // Not a Raft commit: an event for watchers and a time the result carries into
-            // the record. The attempt and fence rules are those of the result.
             if !holds(hub, node_id, &s.task_id, s.attempt, s.fence) {
                 refused_report(hub, node_id, &s.task_id, s.attempt, "start");
                 return;
             }
-            hub.events
-                .started(&s.task_id, node_id, s.attempt, flotilla_common::now_ms());
+            let at_ms = flotilla_common::now_ms();
+            // For a read-only or idempotent tool a start is not a Raft commit: an event for
+            // watchers, and a time the result carries into the record. Running it twice
+            // would be harmless, so an assignment still marked assigned may be sent again
+            // (to a node that restarted). Any other tool's start is committed, so the task
+            // is never sent again once it ran.
+            let safe = {
+                let state = hub.state();
+                state
+                    .tasks
+                    .get(&s.task_id)
+                    .and_then(|t| state.catalogue.get(&t.tool))
+                    .is_some_and(|e| e.def.read_only || e.def.idempotent)
+            };
+            if safe {
+                hub.events.started(&s.task_id, node_id, s.attempt, at_ms);
+                return;
+            }
+            let hub = hub.clone();
+            let node_id = node_id.to_owned();
+            tokio::spawn(async move {
+                let cmd = Command::StartTask {
+                    task_id: s.task_id.clone(),
+                    attempt: s.attempt,
+                    fence: s.fence,
+                    at_ms,
+                    node_id,
+                };
+                if let Ok(state::Response::Rejected(r)) = hub.write(cmd).await {
+                    tracing::debug!(task_id = ?s.task_id, attempt = s.attempt, reason = %r, "start not recorded");
+                }
+            });
         }
         node_message::Msg::Progress(p) => {
             if holds(hub, node_id, &p.task_id, p.attempt, p.fence) {

@@ -310,6 +310,9 @@ pub struct NodeRecord {
     /// No new work while its CPU is at or above this; 0: no limit.
     #[serde(default)]
     pub cpu_high_water_percent: f64,
+    /// Joined with a token that lets it introduce new tool names.
+    #[serde(default)]
+    pub may_add_tools: bool,
 }
 
 impl NodeRecord {
@@ -325,6 +328,7 @@ impl NodeRecord {
             drain_deadline_ms: None,
             tenants: Vec::new(),
             cpu_high_water_percent: 0.0,
+            may_add_tools: false,
         }
     }
 
@@ -342,6 +346,9 @@ pub struct JoinTokenRecord {
     pub uses_left: u32,
     pub description: String,
     pub created_at_ms: i64,
+    /// Nodes that join with it may introduce new tool names.
+    #[serde(default)]
+    pub may_add_tools: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -467,8 +474,9 @@ pub enum Command {
         tenants: Vec<String>,
         #[serde(default)]
         cpu_high_water_percent: f64,
-        /// The node may introduce tool names not seen before (hub.toml
-        /// `trusted_tool_nodes`); otherwise a new name waits for an admin.
+        /// The node may introduce tool names not seen before (it joined with a token that
+        /// allows it, or hub.toml `trust_node_tools`); otherwise a new name waits for an
+        /// admin.
         #[serde(default = "accepted_by_default")]
         may_add_tools: bool,
     },
@@ -941,10 +949,9 @@ impl State {
                     return Err(Rejection::NodeExists(node_id.clone()));
                 }
                 tok.uses_left -= 1;
-                self.nodes.insert(
-                    node_id.clone(),
-                    NodeRecord::new(node_id, labels.clone(), *at_ms),
-                );
+                let mut node = NodeRecord::new(node_id, labels.clone(), *at_ms);
+                node.may_add_tools = tok.may_add_tools;
+                self.nodes.insert(node_id.clone(), node);
                 Ok(Response::Done)
             }
             Command::NodeHello {

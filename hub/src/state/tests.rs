@@ -205,6 +205,7 @@ fn join_token_uses_are_counted_and_expiry_checked() {
             uses_left: 1,
             description: String::new(),
             created_at_ms: 0,
+            may_add_tools: true,
         }),
     );
     let reg = |node: &str, hash: &str, at| Command::RegisterNode {
@@ -223,6 +224,10 @@ fn join_token_uses_are_counted_and_expiry_checked() {
         Response::Rejected(Rejection::BadJoinToken)
     ));
     assert_eq!(s.apply(4, &reg("a", "h", 10)), Response::Done);
+    assert!(
+        s.nodes["a"].may_add_tools,
+        "the token's trust goes to its node"
+    );
     assert!(matches!(
         s.apply(5, &reg("b", "h", 10)),
         Response::Rejected(Rejection::BadJoinToken)
