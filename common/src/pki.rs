@@ -95,17 +95,22 @@ pub fn write_secret(path: &Path, data: &[u8]) -> Result<(), PkiError> {
 /// Makes an existing secret file 0600 if others could read it, with a warning.
 pub fn private_file(path: &Path) -> Result<(), PkiError> {
     #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path)
-            .map_err(io_err(path))?
-            .permissions()
-            .mode();
-        if mode & 0o077 != 0 {
-            tracing::warn!(file = %path.display(), mode = format!("{:o}", mode & 0o777), "secret file was open to other users; made it 0600");
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-                .map_err(io_err(path))?;
-        }
+    tighten(path, 0o600)?;
+    Ok(())
+}
+
+/// Takes group and other permissions off `path` (to `mode`) if it has any, with a warning.
+#[cfg(unix)]
+fn tighten(path: &Path, mode: u32) -> Result<(), PkiError> {
+    use std::os::unix::fs::PermissionsExt;
+    let now = std::fs::metadata(path)
+        .map_err(io_err(path))?
+        .permissions()
+        .mode();
+    if now & 0o077 != 0 {
+        tracing::warn!(path = %path.display(), was = format!("{:o}", now & 0o777), now = format!("{mode:o}"), "a secret file or data directory was open to other users; tightened it");
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(io_err(path))?;
     }
     Ok(())
 }
@@ -116,7 +121,7 @@ pub fn private_file(path: &Path) -> Result<(), PkiError> {
 pub fn private_dir(dir: &Path) -> Result<(), PkiError> {
     #[cfg(unix)]
     {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        use std::os::unix::fs::DirBuilderExt;
         if !dir.exists() {
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -124,16 +129,7 @@ pub fn private_dir(dir: &Path) -> Result<(), PkiError> {
                 .create(dir)
                 .map_err(io_err(dir))?;
         }
-        let mode = std::fs::metadata(dir)
-            .map_err(io_err(dir))?
-            .permissions()
-            .mode();
-        if mode & 0o077 != 0 {
-            tracing::warn!(dir = %dir.display(), mode = format!("{:o}", mode & 0o777), "data directory was open to other users; made it 0700");
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                .map_err(io_err(dir))?;
-        }
-        Ok(())
+        tighten(dir, 0o700)
     }
     #[cfg(not(unix))]
     std::fs::create_dir_all(dir).map_err(io_err(dir))

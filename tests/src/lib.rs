@@ -841,6 +841,27 @@ pub fn submit(tool: &str, args: serde_json::Value) -> pb::SubmitTaskRequest {
     }
 }
 
+/// Watches a task from `from_seq` until the stream ends; returns every event.
+pub async fn watch_all(
+    agent: &Agent,
+    id: &str,
+    from_seq: u64,
+) -> anyhow::Result<Vec<pb::TaskEvent>> {
+    let mut stream = agent
+        .clone()
+        .watch_task(pb::WatchTaskRequest {
+            task_id: id.to_owned(),
+            from_seq,
+        })
+        .await?
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(ev) = stream.message().await? {
+        events.push(ev);
+    }
+    Ok(events)
+}
+
 /// Polls a task until it ended; returns it.
 pub async fn wait_done(agent: &Agent, id: &str) -> anyhow::Result<pb::Task> {
     wait_until(&format!("task {id} to end"), READY, || {

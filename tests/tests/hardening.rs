@@ -704,10 +704,7 @@ async fn idle_connections_are_closed_and_open_streams_keep_theirs() -> anyhow::R
         while matches!(conn.read(&mut buf).await, Ok(n) if n > 0) {}
     })
     .await?;
-    assert!(c.hubs[0]
-        .proc
-        .log_text()
-        .contains("closed an idle connection"));
+    wait_log(&c, "closed an idle connection").await?;
 
     // A watch of a call that outlasts the idle timeout keeps its connection to the end,
     // and so does the node's session.
@@ -717,19 +714,9 @@ async fn idle_connections_are_closed_and_open_streams_keep_theirs() -> anyhow::R
         .await?
         .into_inner()
         .task_id;
-    let mut events = agent
-        .watch_task(pb::WatchTaskRequest {
-            task_id: id.clone(),
-            from_seq: 0,
-        })
-        .await?
-        .into_inner();
-    let mut last = None;
-    while let Some(ev) = events.message().await? {
-        last = Some(ev);
-    }
+    let events = flotilla_tests::watch_all(&agent, &id, 0).await?;
     assert_eq!(
-        last.map(|e| e.kind()),
+        events.last().map(|e| e.kind()),
         Some(pb::EventKind::Succeeded),
         "the watch ran to the end"
     );

@@ -318,17 +318,11 @@ async fn a_call_costs_three_commits_and_still_reports_its_start() -> anyhow::Res
         .task_id;
     let running = flotilla_tests::wait_state(&agent, &id, pb::TaskState::Running).await?;
     assert!(running.attempts[0].started_at_ms > 0, "{running:?}");
-    let mut events = agent
-        .watch_task(pb::WatchTaskRequest {
-            task_id: id.clone(),
-            from_seq: 0,
-        })
+    let kinds: Vec<pb::EventKind> = flotilla_tests::watch_all(&agent, &id, 0)
         .await?
-        .into_inner();
-    let mut kinds = Vec::new();
-    while let Some(ev) = events.message().await? {
-        kinds.push(ev.kind());
-    }
+        .iter()
+        .map(|e| e.kind())
+        .collect();
     assert!(kinds.contains(&pb::EventKind::Started), "{kinds:?}");
     assert_eq!(kinds.last(), Some(&pb::EventKind::Succeeded));
     let done = flotilla_tests::wait_done(&agent, &id).await?;
