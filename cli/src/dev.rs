@@ -306,7 +306,7 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
                     ttl_seconds: 600,
                     uses: 1,
                     description: format!("flotilla dev {name}"),
-                    may_add_tools: true,
+                    may_add_tools: false,
                 })
                 .await
                 .map_err(crate::client::status_error)?

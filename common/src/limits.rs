@@ -16,8 +16,8 @@ pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
 pub const MAX_NAME_BYTES: usize = 256;
 /// Most placement labels (required plus preferred) on one task.
 pub const MAX_LABELS: usize = 32;
-/// Most distinct failure kinds in `retry_on` (there are three).
-pub const MAX_RETRY_ON: usize = 3;
+/// Most entries in `retry_on` (there are three kinds; repeats are dropped).
+pub const MAX_RETRY_ON: usize = 12;
 /// Most dependencies of one workflow step.
 pub const MAX_DEPENDS_ON: usize = 64;
 /// Most steps in one workflow.

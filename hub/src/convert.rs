@@ -179,7 +179,7 @@ pub fn spec(
         let d = RetryPolicy::default();
         let mut retry_on = Vec::new();
         // Checked before the loop: a million repeats must not cost a million look-ups.
-        limits::check_count("retry.retry_on", r.retry_on.len(), limits::MAX_RETRY_ON * 4)?;
+        limits::check_count("retry.retry_on", r.retry_on.len(), limits::MAX_RETRY_ON)?;
         for k in &r.retry_on {
             let kind = match pb::FailureKind::try_from(*k) {
                 Ok(pb::FailureKind::NodeLost) => FailureKind::NodeLost,

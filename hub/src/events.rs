@@ -34,9 +34,6 @@ struct TaskLog {
     events: Vec<TaskEvent>,
     /// Made when the first watcher subscribes: most tasks are never watched live.
     tx: Option<broadcast::Sender<TaskEvent>>,
-    /// (attempt, when) its node said it started the attempt: leader memory, like progress
-    /// (a start is not a Raft commit; the result carries the time into the record).
-    started: Option<(u32, i64)>,
 }
 
 impl TaskLog {
@@ -44,7 +41,6 @@ impl TaskLog {
         Self {
             events: Vec::new(),
             tx: None,
-            started: None,
         }
     }
 
@@ -82,6 +78,11 @@ struct Logs {
     by_task: HashMap<String, TaskLog>,
     /// Ended tasks in the order they ended: their logs go after `ENDED_GRACE`.
     ended: VecDeque<(Instant, String)>,
+    /// Task → (attempt, when) its node said it started the attempt: leader memory, like
+    /// progress (the start is not a Raft commit; the result carries the time into the
+    /// record). Kept apart from the logs, which may be missing (after a snapshot or a
+    /// restart), and dropped when the task leaves assigned/running.
+    started: HashMap<String, (u32, i64)>,
 }
 
 impl Logs {
@@ -159,19 +160,26 @@ impl EventLogs {
         if task.status.is_terminal() {
             logs.ended.push_back((now, task.id.clone()));
         }
+        if !task.status.is_active() {
+            logs.started.remove(&task.id);
+        }
     }
 
     /// Records that the node running `task_id` started `attempt` at `at_ms`: a `Started`
     /// event for watchers (numbered like progress) and the time, for the result.
     pub fn started(&self, task_id: &str, node_id: &str, attempt: u32, at_ms: i64) {
         let mut logs = self.inner.lock().expect("event log lock");
+        if logs
+            .started
+            .get(task_id)
+            .is_some_and(|(a, _)| *a == attempt)
+        {
+            return;
+        }
+        logs.started.insert(task_id.to_owned(), (attempt, at_ms));
         let Some(log) = logs.by_task.get_mut(task_id) else {
             return;
         };
-        if log.started.is_some_and(|(a, _)| a == attempt) {
-            return;
-        }
-        log.started = Some((attempt, at_ms));
         if let Some(seq) = log.next_progress_seq() {
             log.push(TaskEvent {
                 seq,
@@ -188,11 +196,10 @@ impl EventLogs {
     /// When `attempt` of `task_id` started, if its node said so to this hub.
     pub fn started_at(&self, task_id: &str, attempt: u32) -> Option<i64> {
         let logs = self.inner.lock().expect("event log lock");
-        logs.by_task
-            .get(task_id)?
-            .started
+        logs.started
+            .get(task_id)
             .filter(|(a, _)| *a == attempt)
-            .map(|(_, at)| at)
+            .map(|(_, at)| *at)
     }
 
     /// Records progress reported by the node running `task_id`.
@@ -242,6 +249,7 @@ impl EventLogs {
         let mut logs = self.inner.lock().expect("event log lock");
         logs.by_task.clear();
         logs.ended.clear();
+        logs.started.clear();
     }
 
     /// Tasks with a log in memory.
@@ -315,6 +323,12 @@ mod tests {
         assert!(rx.try_recv().is_err(), "a repeated start is one event");
         assert_eq!(logs.started_at("s", 1), Some(500));
         assert_eq!(logs.started_at("s", 2), None);
+        // A hub with no log for the task (after a snapshot) still keeps the time.
+        logs.started("other", "n1", 1, 700);
+        assert_eq!(logs.started_at("other", 1), Some(700));
+        // Gone when the task leaves assigned/running.
+        logs.transition(&task("s", TaskStatus::Succeeded, 3));
+        assert_eq!(logs.started_at("s", 1), None);
     }
 
     #[test]

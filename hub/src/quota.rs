@@ -154,10 +154,6 @@ impl Quota {
         }))
     }
 
-    pub fn limits(&self) -> &Limits {
-        &self.0.limits
-    }
-
     /// Counts one request of `c` against its agent's and its tenant's rate.
     pub fn request(&self, c: &Claims) -> HubResult<()> {
         let l = &self.0.limits;

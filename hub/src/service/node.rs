@@ -322,7 +322,7 @@ fn handle(
                     .tasks
                     .get(&s.task_id)
                     .and_then(|t| state.catalogue.get(&t.tool))
-                    .is_some_and(|e| e.def.read_only || e.def.idempotent)
+                    .is_some_and(|e| e.def.safe_to_rerun())
             };
             if safe {
                 hub.events.started(&s.task_id, node_id, s.attempt, at_ms);

@@ -254,6 +254,11 @@ pub struct ToolDef {
 }
 
 impl ToolDef {
+    /// Running it twice does no harm (its annotations say read-only or idempotent).
+    pub fn safe_to_rerun(&self) -> bool {
+        self.read_only || self.idempotent
+    }
+
     /// Same name, description and schema: the same tool (annotations may differ).
     pub fn same_definition(&self, other: &ToolDef) -> bool {
         self.name == other.name
@@ -1350,7 +1355,7 @@ impl State {
             let safe = self
                 .catalogue
                 .get(&t.tool)
-                .is_some_and(|e| e.def.read_only || e.def.idempotent);
+                .is_some_and(|e| e.def.safe_to_rerun());
             let made = t.tries();
             let rerun = (safe
                 && made < t.spec.retry.max_attempts.max(spec::NODE_LOSS_RERUNS) as usize)
