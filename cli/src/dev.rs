@@ -216,6 +216,8 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
             breaker_failures: flotilla_common::config::defaults::BREAKER_FAILURES,
             breaker_cooldown_ms: flotilla_common::config::defaults::BREAKER_COOLDOWN_MS,
             storage_cache_mb: flotilla_common::config::defaults::STORAGE_CACHE_MB,
+            retention_s: flotilla_common::config::defaults::RETENTION_S,
+            retention_max_tasks: flotilla_common::config::defaults::RETENTION_MAX_TASKS,
             limits: Default::default(),
             // Its own nodes, started just above: their tools are usable at once.
             trust_node_tools: true,

@@ -90,6 +90,9 @@ pub mod defaults {
     pub const IDLE_TIMEOUT_MS: u64 = 300_000;
     /// sled's page cache; sled's own default is 1 GiB, which a hub fills as it writes.
     pub const STORAGE_CACHE_MB: u64 = 64;
+    /// Finished tasks stay readable for a day.
+    pub const RETENTION_S: u64 = 24 * 3600;
+    pub const RETENTION_MAX_TASKS: u64 = 1_000_000;
     pub const JOIN_FAILURES_PER_MIN: u32 = 10;
 }
 
@@ -235,6 +238,14 @@ pub struct HubFile {
     /// Memory for the storage engine's page cache, in MiB.
     #[serde(default = "default_storage_cache_mb")]
     pub storage_cache_mb: u64,
+    /// How long a finished task or workflow stays readable (GetTask, ListTasks, watches),
+    /// in seconds, before it expires.
+    #[serde(default = "default_retention_s")]
+    pub retention_s: u64,
+    /// At most this many finished tasks and workflows are kept; beyond it the oldest expire
+    /// first. 0: no limit but the time.
+    #[serde(default = "default_retention_max_tasks")]
+    pub retention_max_tasks: u64,
     #[serde(default)]
     pub limits: Limits,
     /// Every node may introduce tool names the cluster has not seen (a single-owner
@@ -248,6 +259,14 @@ pub struct HubFile {
 
 fn default_storage_cache_mb() -> u64 {
     defaults::STORAGE_CACHE_MB
+}
+
+fn default_retention_s() -> u64 {
+    defaults::RETENTION_S
+}
+
+fn default_retention_max_tasks() -> u64 {
+    defaults::RETENTION_MAX_TASKS
 }
 
 fn default_breaker_failures() -> u32 {
@@ -315,6 +334,8 @@ pub struct HubConfig {
     pub breaker_failures: u32,
     pub breaker_cooldown_ms: u64,
     pub storage_cache_mb: u64,
+    pub retention_s: u64,
+    pub retention_max_tasks: u64,
     pub limits: Limits,
     pub trust_node_tools: bool,
 }
@@ -360,6 +381,13 @@ impl HubFile {
                 file,
                 "storage_cache_mb",
                 "must be between 8 and 65536",
+            ));
+        }
+        if self.retention_s == 0 {
+            return Err(invalid(
+                file,
+                "retention_s",
+                "must be at least 1 (finished tasks must stay readable for a while)",
             ));
         }
         if self.snapshot_logs < 10 {
@@ -456,6 +484,8 @@ impl HubFile {
             breaker_failures: self.breaker_failures,
             breaker_cooldown_ms: self.breaker_cooldown_ms,
             storage_cache_mb: self.storage_cache_mb,
+            retention_s: self.retention_s,
+            retention_max_tasks: self.retention_max_tasks,
             limits: self.limits,
             trust_node_tools: self.trust_node_tools,
         })

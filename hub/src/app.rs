@@ -86,9 +86,15 @@ struct Hooks {
 impl ApplyHook for Hooks {
     fn applied(&self, state: &State, _resp: &Response, effects: &Effects) {
         let mut seen = std::collections::HashSet::new();
+        let archived: std::collections::HashMap<&str, &crate::state::TaskRecord> = effects
+            .archived
+            .iter()
+            .map(|t| (t.id.as_str(), t))
+            .collect();
         for id in &effects.touched {
             if seen.insert(id) {
-                if let Some(t) = state.tasks.get(id) {
+                let t = state.tasks.get(id).or(archived.get(id.as_str()).copied());
+                if let Some(t) = t {
                     self.events.transition(t);
                 }
             }
@@ -612,6 +618,7 @@ pub async fn run(
     tokio::spawn(follow_leadership(hub.clone(), stop_rx.clone()));
     tokio::spawn(crate::liveness::run(hub.clone(), stop_rx.clone()));
     tokio::spawn(crate::timers::run(hub.clone(), stop_rx.clone()));
+    tokio::spawn(crate::retention::run(hub.clone(), stop_rx.clone()));
 
     let (health, health_svc) = tonic_health::server::health_reporter();
     health

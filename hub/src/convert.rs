@@ -62,7 +62,12 @@ pub fn task(state: &State, t: &TaskRecord, pending: Option<String>) -> pb::Task 
         .group
         .iter()
         .flat_map(|g| &g.replicas)
-        .filter_map(|id| state.tasks.get(id))
+        .filter_map(|id| {
+            state
+                .find_task(id)
+                .ok()
+                .and_then(crate::state::Lookup::found)
+        })
         .map(|r| pb::Replica {
             task_id: r.id.clone(),
             state: task_state(r.status) as i32,

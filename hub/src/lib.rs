@@ -11,6 +11,7 @@ pub mod events;
 pub mod liveness;
 pub mod quota;
 pub mod raft;
+pub mod retention;
 pub mod scheduler;
 pub mod service;
 pub mod sessions;

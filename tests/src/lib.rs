@@ -248,6 +248,8 @@ pub struct Options {
     pub trust_node_tools: bool,
     /// Join tokens the harness creates let their nodes add tools.
     pub trusted_join_tokens: bool,
+    /// hub.toml's `retention_s`: how long finished tasks stay readable.
+    pub retention_s: u64,
 }
 
 impl Default for Options {
@@ -258,6 +260,7 @@ impl Default for Options {
             limits: Default::default(),
             trust_node_tools: true,
             trusted_join_tokens: false,
+            retention_s: flotilla_common::config::defaults::RETENTION_S,
         }
     }
 }
@@ -340,6 +343,8 @@ async fn start_member(
         breaker_failures: opts.breaker_failures,
         breaker_cooldown_ms: 2_000,
         storage_cache_mb: flotilla_common::config::defaults::STORAGE_CACHE_MB,
+        retention_s: opts.retention_s,
+        retention_max_tasks: flotilla_common::config::defaults::RETENTION_MAX_TASKS,
         limits: opts.limits.clone(),
         trust_node_tools: opts.trust_node_tools,
     };

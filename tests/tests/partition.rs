@@ -195,6 +195,8 @@ async fn a_partitioned_leader_commits_nothing_and_the_majority_carries_on() -> a
             breaker_failures: flotilla_common::config::defaults::BREAKER_FAILURES,
             breaker_cooldown_ms: 2_000,
             storage_cache_mb: flotilla_common::config::defaults::STORAGE_CACHE_MB,
+            retention_s: flotilla_common::config::defaults::RETENTION_S,
+            retention_max_tasks: flotilla_common::config::defaults::RETENTION_MAX_TASKS,
             limits: Default::default(),
             // Its own nodes, started just above: their tools are usable at once.
             trust_node_tools: true,

@@ -1,7 +1,14 @@
-//! The state machine: the hub's [`State`] in memory, durable through snapshots persisted in
-//! the sled tree `snapshot` plus the Raft log. On open it is restored from the persisted
-//! snapshot; openraft then re-applies the log entries in `(snapshot, committed]` inside
-//! `Raft::new()` (see `LogStore::save_committed`).
+//! The state machine: the hub's live [`State`] in memory, durable through snapshots persisted
+//! in the sled tree `snapshot` plus the Raft log; finished work in the history store (sled
+//! trees written by apply, see `state::history`). On open the live state is restored from the
+//! persisted snapshot; openraft then re-applies the log entries in `(snapshot, committed]`
+//! inside `Raft::new()` (see `LogStore::save_committed`).
+//!
+//! Snapshot data is `MAGIC`, the length of the live state's JSON (u64, big-endian), that
+//! JSON, then the history store's records (`History::dump`). The persisted snapshot keeps
+//! only the live part: the history store is already on disk, and a snapshot sent to another
+//! hub appends the store as it is when sent (it may be ahead of the snapshot's index; the
+//! store is versioned for that).
 
 use std::io::Cursor;
 use std::sync::Arc;
@@ -27,10 +34,13 @@ use std::sync::RwLock;
 use tokio::sync::Mutex;
 
 use super::{ApplyHook, NodeId, StorageResult, TypeConfig};
-use crate::state::{Response, State};
+use crate::state::{History, Response, State};
 
 const KEY_SNAPSHOT_META: &[u8] = b"meta";
 const KEY_SNAPSHOT_DATA: &[u8] = b"data";
+/// Which generation of the history store's trees goes with the persisted snapshot.
+const KEY_HISTORY_GENERATION: &[u8] = b"history_generation";
+const MAGIC: &[u8] = b"flotilla-snapshot-2\n";
 
 type Meta = SnapshotMeta<NodeId, BasicNode>;
 
@@ -54,6 +64,7 @@ struct Applied {
 /// app for reads, hand one to `Raft::new`). It is also its own snapshot builder.
 pub struct StateMachineStore {
     state: Arc<RwLock<State>>,
+    history: History,
     applied: Arc<std::sync::Mutex<Applied>>,
     hooks: Arc<dyn ApplyHook>,
     db: sled::Db,
@@ -66,6 +77,7 @@ impl Clone for StateMachineStore {
     fn clone(&self) -> Self {
         Self {
             state: self.state.clone(),
+            history: self.history.clone(),
             applied: self.applied.clone(),
             hooks: self.hooks.clone(),
             db: self.db.clone(),
@@ -95,15 +107,26 @@ impl StateMachineStore {
             .open_tree("snapshot")
             .map_err(|e| snap_err(None, ErrorVerb::Read, e))?;
         let snapshot_lock = Arc::new(Mutex::new(()));
-        let initial = match read_persisted_snapshot(&snapshots)? {
+        let generation = match snapshots
+            .get(KEY_HISTORY_GENERATION)
+            .map_err(|e| snap_err(None, ErrorVerb::Read, e))?
+        {
+            Some(g) => super::codec::decode(&g).map_err(|e| snap_err(None, ErrorVerb::Read, e))?,
+            None => 0,
+        };
+        let history =
+            History::open(&db, generation).map_err(|e| snap_err(None, ErrorVerb::Read, e))?;
+        let mut initial = match read_persisted_snapshot(&snapshots)? {
             Some((meta, bytes)) => {
-                tracing::info!(snapshot = %meta, "state machine restored from snapshot");
-                decode_snapshot(&meta, &bytes)?
+                tracing::info!(snapshot = %meta, finished = history.len(), "state machine restored from snapshot");
+                decode_snapshot(&meta, &bytes, &history)?.0
             }
             None => SmData::default(),
         };
+        initial.state.history = history.clone();
         let sm = Self {
             state: Arc::new(RwLock::new(initial.state)),
+            history,
             applied: Arc::new(std::sync::Mutex::new(Applied {
                 last_applied: initial.last_applied,
                 last_membership: initial.last_membership,
@@ -128,8 +151,9 @@ impl StateMachineStore {
         &self,
         meta: &Meta,
         data: &[u8],
+        generation: u64,
         only_if_newer: bool,
-    ) -> StorageResult<()> {
+    ) -> StorageResult<bool> {
         let _g = self.snapshot_lock.lock().await;
         if only_if_newer {
             if let Some(cur) = self
@@ -141,7 +165,7 @@ impl StateMachineStore {
                     .map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
                 if cur.last_log_id > meta.last_log_id {
                     tracing::info!(current = %cur, built = %meta, "not replacing newer persisted snapshot");
-                    return Ok(());
+                    return Ok(false);
                 }
             }
         }
@@ -150,6 +174,10 @@ impl StateMachineStore {
         let mut batch = sled::Batch::default();
         batch.insert(KEY_SNAPSHOT_META, meta_bytes);
         batch.insert(KEY_SNAPSHOT_DATA, data);
+        batch.insert(
+            KEY_HISTORY_GENERATION,
+            serde_json::to_vec(&generation).expect("a number serializes"),
+        );
         self.snapshots
             .apply_batch(batch)
             .map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
@@ -157,8 +185,46 @@ impl StateMachineStore {
             .flush_async()
             .await
             .map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
-        Ok(())
+        Ok(true)
     }
+
+    /// Removes history tombstones the durable snapshot `meta` covers.
+    fn purge_history(&self, meta: &Meta) {
+        let Some(at) = meta.last_log_id.map(|l| l.index) else {
+            return;
+        };
+        match self.history.purge(at) {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(purged = n, through = at, "history tombstones purged"),
+            // Tombstones are only kept longer; the next snapshot tries again.
+            Err(e) => tracing::warn!(error = %e, "purging history tombstones failed"),
+        }
+    }
+}
+
+/// The live part of snapshot data: `MAGIC`, length, JSON.
+fn live_part(json: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(MAGIC.len() + 8 + json.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(json.len() as u64).to_be_bytes());
+    out.extend_from_slice(json);
+    out
+}
+
+/// Splits snapshot data into the live state's JSON and the history records (none in the
+/// format before finished work left memory: the whole state as JSON).
+fn split_snapshot(bytes: &[u8]) -> Result<(&[u8], &[u8]), std::io::Error> {
+    let Some(rest) = bytes.strip_prefix(MAGIC) else {
+        return Ok((bytes, &[]));
+    };
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "truncated snapshot");
+    let len: [u8; 8] = rest.get(..8).ok_or_else(bad)?.try_into().expect("8 bytes");
+    let len = usize::try_from(u64::from_be_bytes(len)).map_err(|_| bad())?;
+    let rest = &rest[8..];
+    if rest.len() < len {
+        return Err(bad());
+    }
+    Ok(rest.split_at(len))
 }
 
 fn read_persisted_snapshot(snapshots: &sled::Tree) -> StorageResult<Option<(Meta, Vec<u8>)>> {
@@ -177,14 +243,27 @@ fn read_persisted_snapshot(snapshots: &sled::Tree) -> StorageResult<Option<(Meta
     Ok(Some((meta, data.to_vec())))
 }
 
-fn decode_snapshot(meta: &Meta, bytes: &[u8]) -> StorageResult<SmData> {
+/// Decodes snapshot data: the live state (its finished work moved to `history` when the
+/// snapshot is from before finished work left memory) and the history records it carries.
+fn decode_snapshot<'a>(
+    meta: &Meta,
+    bytes: &'a [u8],
+    history: &History,
+) -> StorageResult<(SmData, &'a [u8])> {
+    let (live, records) =
+        split_snapshot(bytes).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
     let mut d: SmData =
-        super::codec::decode(bytes).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
+        super::codec::decode(live).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
     // The meta is authoritative (it is what openraft reasons about).
     d.last_applied = meta.last_log_id;
     d.last_membership = meta.last_membership.clone();
+    d.state.history = history.clone();
     d.state.rebuild_index();
-    Ok(d)
+    if !bytes.starts_with(MAGIC) {
+        d.state
+            .archive_all_ended(meta.last_log_id.map_or(0, |l| l.index));
+    }
+    Ok((d, records))
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
@@ -204,9 +283,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
                 last_membership: &a.last_membership,
                 state: &state,
             };
-            let bytes =
-                serde_json::to_vec(&cut).map_err(|e| snap_err(None, ErrorVerb::Write, e))?;
-            (bytes, a.last_applied, a.last_membership)
+            let json = serde_json::to_vec(&cut).map_err(|e| snap_err(None, ErrorVerb::Write, e))?;
+            (live_part(&json), a.last_applied, a.last_membership)
         };
 
         let unique = self
@@ -223,7 +301,16 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             snapshot_id,
         };
 
-        self.persist_snapshot(&meta, &bytes, true).await?;
+        // openraft keeps only the meta of a built snapshot; what is sent to another hub
+        // comes from `get_current_snapshot`, with the history store appended.
+        let generation = self.history.generation();
+        if self
+            .persist_snapshot(&meta, &bytes, generation, true)
+            .await?
+        {
+            let _g = self.snapshot_lock.lock().await;
+            self.purge_history(&meta);
+        }
 
         Ok(Snapshot {
             meta,
@@ -258,6 +345,15 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 EntryPayload::Normal(ref cmd) => {
                     let r = state.apply(entry.log_id.index, cmd);
                     let effects = state.take_effects();
+                    if let Some(e) = &effects.store_error {
+                        let e = std::io::Error::other(e.clone());
+                        return Err(StorageIOError::new(
+                            ErrorSubject::Apply(entry.log_id),
+                            ErrorVerb::Write,
+                            AnyError::new(&e),
+                        )
+                        .into());
+                    }
                     self.hooks.applied(&state, &r, &effects);
                     r
                 }
@@ -286,26 +382,59 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     ) -> StorageResult<()> {
         tracing::info!(snapshot = %meta, "install snapshot");
         let bytes = snapshot.into_inner();
-        let new_data = decode_snapshot(meta, &bytes)?;
-        // Persist first: if that fails, the in-memory state is left untouched.
-        self.persist_snapshot(meta, &bytes, false).await?;
+        let (live, records) =
+            split_snapshot(&bytes).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
+        // The history records go into a new generation of trees, durable before the
+        // snapshot that names it is persisted; if anything fails first, the hub keeps its
+        // state and store as they were.
+        let next = self
+            .history
+            .load_next(records)
+            .map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
+        let (mut new_data, _) = decode_snapshot(meta, &bytes, &next)?;
+        self.db
+            .flush_async()
+            .await
+            .map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
+        let live = live_part(live);
+        self.persist_snapshot(meta, &live, next.generation(), false)
+            .await?;
         let mut state = self.state.write().expect("state lock");
+        self.history
+            .replace_with(next)
+            .map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
+        new_data.state.history = self.history.clone();
         *state = new_data.state;
         *self.applied.lock().expect("applied lock") = Applied {
             last_applied: new_data.last_applied,
             last_membership: new_data.last_membership,
         };
         self.hooks.replaced(&state);
+        drop(state);
+        self.purge_history(meta);
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        // Under the lock, so no purge for a newer snapshot removes tombstones this one's
+        // receiver may still replay past.
         let _g = self.snapshot_lock.lock().await;
-        Ok(
-            read_persisted_snapshot(&self.snapshots)?.map(|(meta, data)| Snapshot {
+        let Some((meta, mut data)) = read_persisted_snapshot(&self.snapshots)? else {
+            return Ok(None);
+        };
+        if !data.starts_with(MAGIC) {
+            // Persisted by an older hub: the whole state as JSON, no store to append.
+            return Ok(Some(Snapshot {
                 meta,
                 snapshot: Box::new(Cursor::new(data)),
-            }),
-        )
+            }));
+        }
+        self.history
+            .dump(&mut data)
+            .map_err(|e| snap_err(Some(&meta), ErrorVerb::Read, e))?;
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
     }
 }

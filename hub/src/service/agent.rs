@@ -20,22 +20,56 @@ use crate::{
     auth, convert,
     error::{HubError, HubResult},
     events::is_terminal_event,
-    state::{self, Command, State, TaskRecord, WorkflowRecord},
+    state::{self, Command, Lookup, State, TaskRecord, WorkflowRecord},
 };
 
 pub struct AgentApi {
     pub hub: Hub,
 }
 
-/// A task the caller may see: it must exist and belong to the caller's tenant. Another
-/// tenant's task answers exactly as a missing one, so ids reveal nothing across tenants.
+/// A task the caller may see, live or finished: it must exist and belong to the caller's
+/// tenant. Another tenant's task answers exactly as a missing one, so ids reveal nothing
+/// across tenants; one whose retention ended says so.
 fn visible_task(state: &State, claims: &Claims, id: &str) -> HubResult<TaskRecord> {
-    state
-        .tasks
-        .get(id)
-        .filter(|t| t.tenant == claims.tenant)
-        .cloned()
-        .ok_or_else(|| HubError::NotFound(format!("no task {id:?}")))
+    let found = state
+        .find_task(id)
+        .map_err(|e| HubError::Internal(e.to_string()))?;
+    visible(found, claims, "task", id)
+}
+
+fn visible<T: Owned>(found: Lookup<T>, claims: &Claims, what: &str, id: &str) -> HubResult<T> {
+    match found {
+        Lookup::Found(t) if t.tenant() == claims.tenant => Ok(t),
+        Lookup::Expired {
+            tenant,
+            ended_at_ms,
+        } if tenant == claims.tenant => Err(HubError::NotFound(format!(
+            "{what} {id:?} expired: it ended {} s ago, and finished work is kept only as long as the hub's retention (retention_s, retention_max_tasks in hub.toml)",
+            (flotilla_common::now_ms() - ended_at_ms).max(0) / 1000
+        ))),
+        _ => Err(HubError::NotFound(format!("no {what} {id:?}"))),
+    }
+}
+
+/// Records that belong to a tenant.
+trait Owned {
+    fn tenant(&self) -> &str;
+}
+
+impl Owned for TaskRecord {
+    fn tenant(&self) -> &str {
+        &self.tenant
+    }
+}
+
+impl Owned for WorkflowRecord {
+    fn tenant(&self) -> &str {
+        &self.tenant
+    }
+}
+
+fn store_error(e: state::history::StoreError) -> HubError {
+    HubError::Internal(e.to_string())
 }
 
 /// A task as the API shows it: the record, plus what only this hub's memory knows (why a
@@ -70,14 +104,10 @@ fn tool_stats<'a>(per_node: impl IntoIterator<Item = &'a state::ToolStats>) -> T
     out
 }
 
-/// A workflow the caller may see.
+/// A workflow the caller may see, live or finished.
 fn visible_workflow(state: &State, claims: &Claims, id: &str) -> HubResult<WorkflowRecord> {
-    state
-        .workflows
-        .get(id)
-        .filter(|w| w.tenant == claims.tenant)
-        .cloned()
-        .ok_or_else(|| HubError::NotFound(format!("no workflow {id:?}")))
+    let found = state.find_workflow(id).map_err(store_error)?;
+    visible(found, claims, "workflow", id)
 }
 
 impl AgentApi {
@@ -164,10 +194,14 @@ impl AgentService for AgentApi {
         let (args, key) = self.validate_submission(&claims, &req)?;
         // A repeat of an accepted submission answers as it did, even with a full queue.
         if let Some(k) = &key {
-            let ix = state::idempotency_index(&claims.tenant, k);
-            if let Some(id) = self.hub.state().idempotency.get(&ix) {
+            let known = self
+                .hub
+                .state()
+                .keyed(false, &claims.tenant, k)
+                .map_err(store_error)?;
+            if let Some(id) = known {
                 return Ok(Response::new(SubmitTaskResponse {
-                    task_id: id.clone(),
+                    task_id: id,
                     deduplicated: true,
                 }));
             }
@@ -263,7 +297,7 @@ impl AgentService for AgentApi {
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                         // Fell behind: read what was missed from the log itself.
                         // The task as it is now (its log may be gone if it ended).
-                        let now = hub.state().tasks.get(&task.id).cloned();
+                        let now = hub.state().find_task(&task.id).ok().and_then(Lookup::found);
                         let (missed, fresh) = hub
                             .events
                             .subscribe(now.as_ref().unwrap_or(&task), last + 1);
@@ -316,8 +350,12 @@ impl AgentService for AgentApi {
         }
         // The node running it (if any) was told to stop as the cancel was applied.
         let state = self.hub.state();
-        let now = state.tasks.get(&task.id).unwrap_or(&task);
-        Ok(Response::new(task_view(&self.hub, &state, now)))
+        let now = state.find_task(&task.id).ok().and_then(Lookup::found);
+        Ok(Response::new(task_view(
+            &self.hub,
+            &state,
+            now.as_ref().unwrap_or(&task),
+        )))
     }
 
     async fn list_tasks(
@@ -338,24 +376,52 @@ impl AgentService for AgentApi {
         } else {
             r.limit.min(10_000)
         } as usize;
-        // Task ids are UUIDv7, so reverse id order is newest first.
-        let tasks = state
+        // Cheap first: an assigned task may show as running (its node started it).
+        let may_match = |t: &TaskRecord| {
+            (!r.dead_lettered || t.dead_lettered)
+                && (wanted.is_empty()
+                    || wanted.contains(&convert::task_state(t.status))
+                    || (t.status == state::TaskStatus::Assigned
+                        && wanted.contains(&TaskState::Running)))
+        };
+        // Task ids are UUIDv7, so reverse id order is newest first: live tasks (memory)
+        // and finished ones (the history store) are merged in that order.
+        let live: Vec<flotilla_proto::Task> = state
             .tasks
             .values()
             .rev()
             .filter(|t| t.tenant == claims.tenant)
-            .filter(|t| !r.dead_lettered || t.dead_lettered)
-            // Cheap first: an assigned task may show as running (its node started it).
-            .filter(|t| {
-                wanted.is_empty()
-                    || wanted.contains(&convert::task_state(t.status))
-                    || (t.status == state::TaskStatus::Assigned
-                        && wanted.contains(&TaskState::Running))
-            })
+            .filter(|t| may_match(t))
             .map(|t| task_view(&self.hub, &state, t))
             .filter(|v| wanted.is_empty() || wanted.contains(&v.state()))
             .take(limit)
             .collect();
+        let finished = state
+            .history
+            .list(&claims.tenant, r.dead_lettered, limit, |t| {
+                may_match(t) && !state.tasks.contains_key(&t.id)
+            })
+            .map_err(store_error)?;
+        let mut finished = finished
+            .iter()
+            .map(|t| task_view(&self.hub, &state, t))
+            .peekable();
+        let mut live = live.into_iter().peekable();
+        let mut tasks = Vec::with_capacity(limit);
+        while tasks.len() < limit {
+            let take_live = match (live.peek(), finished.peek()) {
+                (Some(a), Some(b)) => a.id > b.id,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (None, None) => break,
+            };
+            let next = if take_live {
+                live.next()
+            } else {
+                finished.next()
+            };
+            tasks.extend(next);
+        }
         Ok(Response::new(ListTasksResponse { tasks }))
     }
 
@@ -425,10 +491,14 @@ impl AgentService for AgentApi {
         let claims = self.caller(&req)?;
         let req = req.into_inner();
         if !req.idempotency_key.is_empty() {
-            let ix = state::idempotency_index(&claims.tenant, &req.idempotency_key);
-            if let Some(id) = self.hub.state().workflow_idempotency.get(&ix) {
+            let known = self
+                .hub
+                .state()
+                .keyed(true, &claims.tenant, &req.idempotency_key)
+                .map_err(store_error)?;
+            if let Some(id) = known {
                 return Ok(Response::new(SubmitWorkflowResponse {
-                    workflow_id: id.clone(),
+                    workflow_id: id,
                     deduplicated: true,
                 }));
             }

@@ -10,11 +10,12 @@
 //! replica that ends may decide its fan-out task, a step that ends may start or skip others.
 
 mod fanout;
+pub mod history;
 pub mod index;
 pub mod spec;
 mod workflow;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use flotilla_common::jwt::SigningKey;
 use serde::{Deserialize, Serialize};
@@ -22,6 +23,7 @@ use serde_json::Value;
 
 pub use self::{
     fanout::vote_of,
+    history::{History, Lookup},
     index::Index,
     spec::{Aggregation, Constraints, Deadlines, FailureKind, RetryPolicy, TaskSpec, Timeout},
     workflow::{
@@ -526,6 +528,12 @@ pub enum Command {
         workflow_id: String,
         at_ms: i64,
     },
+    /// Retention: finished tasks and workflows that ended at or before `through_ms` leave
+    /// the history store (at most `history::EXPIRE_BATCH` per command, oldest first).
+    ExpireHistory {
+        through_ms: i64,
+        at_ms: i64,
+    },
 }
 
 impl Command {
@@ -546,7 +554,8 @@ impl Command {
             | Self::DrainNode { at_ms, .. }
             | Self::EvictNode { at_ms, .. }
             | Self::CancelTenantTasks { at_ms, .. }
-            | Self::CancelWorkflow { at_ms, .. } => *at_ms,
+            | Self::CancelWorkflow { at_ms, .. }
+            | Self::ExpireHistory { at_ms, .. } => *at_ms,
             Self::CreateJoinToken(t) => t.created_at_ms,
             Self::AddSigningKey(_) | Self::SetSchedulingPaused(_) | Self::AcceptTool { .. } => 0,
         }
@@ -628,6 +637,12 @@ pub struct Effects {
     pub stopped: Vec<Stopped>,
     /// Some workflow changed (its watchers look again).
     pub workflows_changed: bool,
+    /// Tasks that ended and moved to the history store (with their final transition).
+    pub archived: Vec<TaskRecord>,
+    /// Workflows that ended in this apply (to move to the history store).
+    pub ended_workflows: Vec<String>,
+    /// The history store failed: the apply is incomplete and the hub must stop.
+    pub store_error: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -657,6 +672,9 @@ pub struct State {
     pub index: Index,
     #[serde(skip)]
     effects: Effects,
+    /// Finished tasks and workflows (on disk in a hub; in memory by default).
+    #[serde(skip)]
+    pub history: History,
 }
 
 pub fn idempotency_index(tenant: &str, key: &str) -> String {
@@ -670,6 +688,7 @@ impl State {
         match self.try_apply(index, cmd) {
             Ok(r) => {
                 self.settle(settled_to, cmd.at_ms());
+                self.archive_ended(settled_to, index);
                 r
             }
             Err(rej) => Response::Rejected(rej),
@@ -789,7 +808,7 @@ impl State {
 
     fn try_apply(&mut self, index: u64, cmd: &Command) -> Result<Response, Rejection> {
         match cmd {
-            Command::SubmitTask(task) => Ok(self.submit(task)),
+            Command::SubmitTask(task) => Ok(self.submit(index, task)),
             Command::AssignTask {
                 task_id,
                 node_id,
@@ -913,10 +932,9 @@ impl State {
                 Ok(Response::TaskNow(t.status))
             }),
             Command::CancelTask { task_id, at_ms } => {
-                let t = self
-                    .tasks
-                    .get(task_id)
-                    .ok_or_else(|| Rejection::NoSuchTask(task_id.clone()))?;
+                let Some(t) = self.tasks.get(task_id) else {
+                    return Err(self.missing_task(task_id, index));
+                };
                 if t.status.is_terminal() {
                     return Err(Rejection::WrongState(t.status));
                 }
@@ -1098,17 +1116,25 @@ impl State {
                 }
                 Ok(Response::Done)
             }
-            Command::SubmitWorkflow(wf) => Ok(self.submit_workflow(wf)),
+            Command::SubmitWorkflow(wf) => Ok(self.submit_workflow(index, wf)),
+            Command::ExpireHistory { through_ms, .. } => {
+                if let Err(e) = self.history.expire(index, *through_ms) {
+                    self.effects.store_error = Some(e.to_string());
+                }
+                Ok(Response::Done)
+            }
             Command::CancelWorkflow { workflow_id, at_ms } => {
-                let w = self
-                    .workflows
-                    .get(workflow_id)
-                    .ok_or_else(|| Rejection::NoSuchWorkflow(workflow_id.clone()))?;
+                let Some(w) = self.workflows.get(workflow_id) else {
+                    return Err(match self.stored(|h| h.workflow_at(workflow_id, index)) {
+                        Some(_) => Rejection::WorkflowEnded,
+                        None => Rejection::NoSuchWorkflow(workflow_id.clone()),
+                    });
+                };
                 if w.status.is_terminal() {
                     return Err(Rejection::WorkflowEnded);
                 }
                 self.cancel_workflow(workflow_id, "workflow cancelled", *at_ms);
-                Ok(Response::WorkflowNow(self.workflows[workflow_id].status))
+                Ok(Response::WorkflowNow(WorkflowStatus::Cancelled))
             }
         }
     }
@@ -1131,9 +1157,11 @@ impl State {
         })
     }
 
-    fn submit(&mut self, task: &TaskRecord) -> Response {
+    fn submit(&mut self, index: u64, task: &TaskRecord) -> Response {
         // The same submission committed twice (a forwarded write retried) is one task.
-        if self.tasks.contains_key(&task.id) {
+        if self.tasks.contains_key(&task.id)
+            || self.stored(|h| h.task_at(&task.id, index)).is_some()
+        {
             return Response::Submitted {
                 task_id: task.id.clone(),
                 deduplicated: true,
@@ -1141,9 +1169,14 @@ impl State {
         }
         if let Some(key) = &task.idempotency_key {
             let ix = idempotency_index(&task.tenant, key);
-            if let Some(existing) = self.idempotency.get(&ix) {
+            let existing = self
+                .idempotency
+                .get(&ix)
+                .cloned()
+                .or_else(|| self.stored(|h| h.keyed_at(false, &task.tenant, key, index)));
+            if let Some(existing) = existing {
                 return Response::Submitted {
-                    task_id: existing.clone(),
+                    task_id: existing,
                     deduplicated: true,
                 };
             }
@@ -1389,6 +1422,165 @@ impl State {
             }
         }
         (requeued, ended)
+    }
+
+    /// A read of the history store from `apply`. A store failure is recorded (the hub
+    /// stops on it) and reads as nothing there.
+    fn stored<T>(
+        &mut self,
+        f: impl FnOnce(&History) -> history::StoreResult<Option<T>>,
+    ) -> Option<T> {
+        match f(&self.history) {
+            Ok(v) => v,
+            Err(e) => {
+                self.effects.store_error = Some(e.to_string());
+                None
+            }
+        }
+    }
+
+    /// The rejection for a task not in memory at log index `index`: one that ended (and
+    /// moved to the history store) cannot change; any other is unknown.
+    fn missing_task(&mut self, id: &str, index: u64) -> Rejection {
+        match self.stored(|h| h.task_at(id, index)) {
+            Some(status) => Rejection::WrongState(status),
+            None => Rejection::NoSuchTask(id.to_owned()),
+        }
+    }
+
+    /// Moves what ended in this apply to the history store: every task touched from
+    /// position `from` of the effects, and every workflow that ended, once the whole unit
+    /// it belongs to ended (a fan-out task with its replicas, a workflow with its steps'
+    /// tasks), so what is still live never refers to the store.
+    fn archive_ended(&mut self, from: usize, index: u64) {
+        let mut units = BTreeSet::new();
+        for id in &self.effects.touched[from..] {
+            let Some(t) = self.tasks.get(id).filter(|t| t.status.is_terminal()) else {
+                continue;
+            };
+            let root = t
+                .parent
+                .as_ref()
+                .and_then(|p| self.tasks.get(p))
+                .unwrap_or(t);
+            units.insert(match &root.workflow {
+                Some(w) => (true, w.workflow_id.clone()),
+                None => (false, root.id.clone()),
+            });
+        }
+        for w in std::mem::take(&mut self.effects.ended_workflows) {
+            units.insert((true, w));
+        }
+        for (workflow, id) in units {
+            self.archive_unit(workflow, &id, index);
+        }
+    }
+
+    /// Archives one unit at `index` if every part of it ended.
+    fn archive_unit(&mut self, workflow: bool, id: &str, index: u64) {
+        let roots: Vec<String> = if workflow {
+            match self.workflows.get(id) {
+                Some(w) if w.status.is_terminal() => {
+                    w.steps.iter().filter_map(|s| s.task_id.clone()).collect()
+                }
+                _ => return,
+            }
+        } else {
+            vec![id.to_owned()]
+        };
+        let mut members = Vec::new();
+        for r in roots {
+            if let Some(t) = self.tasks.get(&r) {
+                members.extend(t.group.iter().flat_map(|g| g.replicas.iter().cloned()));
+                members.push(r);
+            }
+        }
+        let ended = |id: &String| self.tasks.get(id).is_none_or(|t| t.status.is_terminal());
+        if !members.iter().all(ended) {
+            return;
+        }
+        let mut tasks = Vec::with_capacity(members.len());
+        for m in &members {
+            if let Some(t) = self.tasks.remove(m) {
+                self.index.unlink_task(&t);
+                if let Some(key) = &t.idempotency_key {
+                    let ix = idempotency_index(&t.tenant, key);
+                    if self.idempotency.get(&ix) == Some(&t.id) {
+                        self.idempotency.remove(&ix);
+                    }
+                }
+                tasks.push(t);
+            }
+        }
+        let wf = workflow.then(|| self.workflows.remove(id)).flatten();
+        if let Some(w) = &wf {
+            if let Some(key) = &w.idempotency_key {
+                let ix = idempotency_index(&w.tenant, key);
+                if self.workflow_idempotency.get(&ix) == Some(&w.id) {
+                    self.workflow_idempotency.remove(&ix);
+                }
+            }
+        }
+        if let Err(e) = self.history.archive(index, &tasks, wf.as_slice()) {
+            self.effects.store_error = Some(e.to_string());
+        }
+        self.effects.archived.extend(tasks);
+    }
+
+    /// Archives, at `index`, everything that ended: for state written before finished work
+    /// left memory (a snapshot of an older hub).
+    pub fn archive_all_ended(&mut self, index: u64) {
+        let mut units: BTreeSet<(bool, String)> = self
+            .workflows
+            .values()
+            .filter(|w| w.status.is_terminal())
+            .map(|w| (true, w.id.clone()))
+            .collect();
+        units.extend(
+            self.tasks
+                .values()
+                .filter(|t| t.status.is_terminal() && t.parent.is_none() && t.workflow.is_none())
+                .map(|t| (false, t.id.clone())),
+        );
+        for (workflow, id) in units {
+            self.archive_unit(workflow, &id, index);
+        }
+        self.effects = Effects::default();
+    }
+
+    /// A task, live or finished, as it is now.
+    pub fn find_task(&self, id: &str) -> history::StoreResult<Lookup<TaskRecord>> {
+        match self.tasks.get(id) {
+            Some(t) => Ok(Lookup::Found(t.clone())),
+            None => self.history.task(id),
+        }
+    }
+
+    /// A workflow, live or finished, as it is now.
+    pub fn find_workflow(&self, id: &str) -> history::StoreResult<Lookup<WorkflowRecord>> {
+        match self.workflows.get(id) {
+            Some(w) => Ok(Lookup::Found(w.clone())),
+            None => self.history.workflow(id),
+        }
+    }
+
+    /// The task (or, with `workflow`, the workflow) a tenant's idempotency key names now.
+    pub fn keyed(
+        &self,
+        workflow: bool,
+        tenant: &str,
+        key: &str,
+    ) -> history::StoreResult<Option<String>> {
+        let ix = idempotency_index(tenant, key);
+        let live = if workflow {
+            self.workflow_idempotency.get(&ix)
+        } else {
+            self.idempotency.get(&ix)
+        };
+        match live {
+            Some(id) => Ok(Some(id.clone())),
+            None => self.history.keyed_at(workflow, tenant, key, u64::MAX),
+        }
     }
 
     /// The key new tokens are signed with: the newest.

@@ -9,6 +9,18 @@ fn task(id: &str, key: Option<&str>) -> Command {
     Command::SubmitTask(Box::new(t))
 }
 
+/// A task, live or finished (then read from the history store).
+fn task_now(s: &State, id: &str) -> TaskRecord {
+    s.find_task(id).unwrap().found().expect("task exists")
+}
+
+fn workflow_now(s: &State, id: &str) -> WorkflowRecord {
+    s.find_workflow(id)
+        .unwrap()
+        .found()
+        .expect("workflow exists")
+}
+
 fn with_node() -> State {
     let mut s = State::default();
     s.nodes
@@ -74,12 +86,12 @@ fn only_the_node_holding_the_attempt_may_report_on_it() {
         s.apply(3, &start("n2")),
         Response::Rejected(Rejection::NotYourAttempt)
     );
-    assert_eq!(s.tasks["t1"].status, TaskStatus::Assigned);
+    assert_eq!(task_now(&s, "t1").status, TaskStatus::Assigned);
     assert_eq!(
         s.apply(4, &forged(finish("t1", 1, 2))),
         Response::Rejected(Rejection::NotYourAttempt)
     );
-    assert_eq!(s.tasks["t1"].status, TaskStatus::Assigned);
+    assert_eq!(task_now(&s, "t1").status, TaskStatus::Assigned);
     assert_eq!(
         s.apply(5, &start("n1")),
         Response::TaskNow(TaskStatus::Running)
@@ -88,7 +100,10 @@ fn only_the_node_holding_the_attempt_may_report_on_it() {
         s.apply(6, &finish("t1", 1, 2)),
         Response::TaskNow(TaskStatus::Succeeded)
     );
-    assert_eq!(s.tasks["t1"].result.as_ref().unwrap()["content"], json!([]));
+    assert_eq!(
+        task_now(&s, "t1").result.as_ref().unwrap()["content"],
+        json!([])
+    );
 }
 
 #[test]
@@ -272,8 +287,8 @@ fn node_down_reruns_idempotent_tools_and_loses_the_others() {
             lost: vec!["risky".into()]
         }
     );
-    assert_eq!(s.tasks["safe"].status, TaskStatus::Queued);
-    assert_eq!(s.tasks["risky"].status, TaskStatus::Lost);
+    assert_eq!(task_now(&s, "safe").status, TaskStatus::Queued);
+    assert_eq!(task_now(&s, "risky").status, TaskStatus::Lost);
     assert_eq!(s.nodes["n1"].status, NodeStatus::Down);
     // The lost attempt's late result is refused; the re-queued one's too.
     assert!(matches!(
@@ -452,7 +467,7 @@ impl Sm {
     }
 
     fn status(&self, id: &str) -> TaskStatus {
-        self.s.tasks[id].status
+        task_now(&self.s, id).status
     }
 
     /// The incrementally kept index equals one built from scratch.
@@ -479,15 +494,15 @@ fn a_retryable_failure_requeues_with_backoff_and_the_last_one_dead_letters() {
         m.finish("t", a1, "bad", false),
         Response::TaskNow(TaskStatus::Queued)
     );
-    let nb = m.s.tasks["t"].not_before_ms.unwrap();
+    let nb = task_now(&m.s, "t").not_before_ms.unwrap();
     assert!((60..=110).contains(&nb), "backoff ends at {nb}");
-    assert!(!m.s.tasks["t"].dead_lettered);
+    assert!(!task_now(&m.s, "t").dead_lettered);
     let a2 = m.assign("t", "n1", 200);
     assert_eq!(
         m.finish("t", a2, "bad again", false),
         Response::TaskNow(TaskStatus::Failed)
     );
-    assert!(m.s.tasks["t"].dead_lettered);
+    assert!(task_now(&m.s, "t").dead_lettered);
     assert_eq!(m.s.tool_stats["echo"]["n1"].failed, 2);
     // isError is the tool's answer: the server's breaker is not charged for it.
     assert_eq!(
@@ -517,7 +532,7 @@ fn timeouts_are_checked_against_the_command_time_and_stop_the_node() {
         detail: "no node offers it".into(),
     };
     assert_eq!(m.apply(due), Response::TaskNow(TaskStatus::Failed));
-    assert!(m.s.tasks["q"]
+    assert!(task_now(&m.s, "q")
         .error
         .as_deref()
         .unwrap()
@@ -555,7 +570,7 @@ fn timeouts_are_checked_against_the_command_time_and_stop_the_node() {
     ));
     let _ = m.assign("a", "n1", 300);
     assert_eq!(m.apply(late(2, 400)), Response::TaskNow(TaskStatus::Failed));
-    assert!(m.s.tasks["a"].dead_lettered);
+    assert!(task_now(&m.s, "a").dead_lettered);
     assert_eq!(
         m.s.breakers[&breaker_key("n1", "demo")].consecutive_failures,
         2
@@ -581,7 +596,10 @@ fn majority_fan_out_wins_over_one_disagreeing_replica() {
         t.spec.replicas = 3;
         t.spec.aggregation = Aggregation::Majority;
     });
-    assert_eq!(m.s.tasks["f"].group.as_ref().unwrap().replicas.len(), 3);
+    assert_eq!(
+        task_now(&m.s, "f").group.as_ref().unwrap().replicas.len(),
+        3
+    );
     assert!(
         !m.s.index.queue["t"].iter().any(|k| k.2 == "f"),
         "the fan-out task itself is never placed"
@@ -597,7 +615,7 @@ fn majority_fan_out_wins_over_one_disagreeing_replica() {
     m.finish("f/r2", a2, "42", true);
     assert_eq!(m.status("f"), TaskStatus::Succeeded);
     assert_eq!(
-        fanout::vote_of(m.s.tasks["f"].result.as_ref().unwrap()),
+        fanout::vote_of(task_now(&m.s, "f").result.as_ref().unwrap()),
         fanout::vote_of(&json!({"content": [{"type": "text", "text": "42"}]}))
     );
     m.check_index();
@@ -635,7 +653,7 @@ fn first_fan_out_cancels_the_rest_and_quorum_fails_when_it_cannot_be_reached() {
     m.finish("q/r0", b0, "1", true);
     m.finish("q/r1", b1, "2", true);
     assert_eq!(m.status("q"), TaskStatus::Failed);
-    assert!(m.s.tasks["q"]
+    assert!(task_now(&m.s, "q")
         .error
         .as_deref()
         .unwrap()
@@ -698,17 +716,17 @@ fn a_workflow_runs_a_parallel_phase_and_hands_results_on() {
         ],
         FailurePolicy::FailFast,
     ));
-    assert_eq!(m.s.workflows["w"].steps[0].state, StepState::Queued);
+    assert_eq!(workflow_now(&m.s, "w").steps[0].state, StepState::Queued);
     assert!(!m.s.tasks.contains_key("w.b"));
     let a = m.assign("w.a", "n1", 2);
     m.finish("w.a", a, "seed-out", true);
     // b and c start together: a parallel phase.
     assert_eq!(
-        m.s.tasks["w.b"].arguments,
+        task_now(&m.s, "w.b").arguments,
         json!({"text": "b got seed-out"})
     );
     assert_eq!(
-        m.s.tasks["w.c"].arguments,
+        task_now(&m.s, "w.c").arguments,
         json!({"text": "c got seed-out"})
     );
     let b = m.assign("w.b", "n1", 3);
@@ -716,10 +734,10 @@ fn a_workflow_runs_a_parallel_phase_and_hands_results_on() {
     m.finish("w.c", c, "C", true);
     assert!(!m.s.tasks.contains_key("w.d"));
     m.finish("w.b", b, "B", true);
-    assert_eq!(m.s.tasks["w.d"].arguments, json!({"text": "B + C"}));
+    assert_eq!(task_now(&m.s, "w.d").arguments, json!({"text": "B + C"}));
     let d = m.assign("w.d", "n1", 4);
     m.finish("w.d", d, "done", true);
-    let w = &m.s.workflows["w"];
+    let w = &workflow_now(&m.s, "w");
     assert_eq!(w.status, WorkflowStatus::Succeeded);
     assert!(w.ended_seq.unwrap() > w.steps.iter().map(|s| s.seq).max().unwrap());
     m.check_index();
@@ -740,7 +758,7 @@ fn fail_fast_cancels_running_steps_and_continue_only_skips_dependents() {
     let _ = m.assign("w.b", "n2", 2);
     m.s.take_effects();
     m.finish("w.a", a, "broken", false);
-    let w = &m.s.workflows["w"];
+    let w = &workflow_now(&m.s, "w");
     assert_eq!(w.status, WorkflowStatus::Failed);
     let states: Vec<StepState> = w.steps.iter().map(|s| s.state).collect();
     assert_eq!(
@@ -768,10 +786,10 @@ fn fail_fast_cancels_running_steps_and_continue_only_skips_dependents() {
     let a = m.assign("w.a", "n1", 2);
     let b = m.assign("w.b", "n2", 2);
     m.finish("w.a", a, "broken", false);
-    assert_eq!(m.s.workflows["w"].status, WorkflowStatus::Running);
-    assert_eq!(m.s.workflows["w"].steps[2].state, StepState::Skipped);
+    assert_eq!(workflow_now(&m.s, "w").status, WorkflowStatus::Running);
+    assert_eq!(workflow_now(&m.s, "w").steps[2].state, StepState::Skipped);
     m.finish("w.b", b, "{\"not\": \"text\"}", true);
-    let w = &m.s.workflows["w"];
+    let w = &workflow_now(&m.s, "w");
     assert_eq!(w.steps[1].state, StepState::Succeeded);
     assert_eq!(w.steps[3].state, StepState::Failed);
     assert!(
@@ -803,7 +821,7 @@ fn cancel_all_of_a_tenant_reaches_workflows_and_fan_outs() {
         panic!("{r:?}")
     };
     assert!(ids.contains(&"f".to_string()));
-    assert_eq!(m.s.workflows["w"].status, WorkflowStatus::Cancelled);
+    assert_eq!(workflow_now(&m.s, "w").status, WorkflowStatus::Cancelled);
     assert_eq!(m.status("f"), TaskStatus::Cancelled);
     assert!(m.s.index.open.is_empty(), "{:?}", m.s.index.open);
     m.check_index();
@@ -830,7 +848,7 @@ fn a_requeued_task_counts_its_queue_timeout_from_its_return_and_requeues_are_not
         at_ms: 6,
         reason: "gone".into(),
     });
-    assert_eq!(m.s.tasks["t"].tries(), 0);
+    assert_eq!(task_now(&m.s, "t").tries(), 0);
     let a = m.assign("t", "n1", 7);
     // Ran long, then failed at 1000: back in the queue after its backoff.
     m.apply(Command::FinishTask {
@@ -844,7 +862,7 @@ fn a_requeued_task_counts_its_queue_timeout_from_its_return_and_requeues_are_not
         started_at_ms: None,
     });
     assert_eq!(m.status("t"), TaskStatus::Queued);
-    let due = m.s.tasks["t"].queue_deadline_ms().unwrap();
+    let due = task_now(&m.s, "t").queue_deadline_ms().unwrap();
     assert!(
         due >= 1000 + 100,
         "the queue timeout counts from the requeue: {due}"
@@ -858,4 +876,173 @@ fn a_requeued_task_counts_its_queue_timeout_from_its_return_and_requeues_are_not
     };
     assert_eq!(m.apply(early), Response::Rejected(Rejection::NotDue));
     m.check_index();
+}
+
+/// A run that archives, deduplicates through the history store, expires, and reuses an
+/// expired key: (commands, the index each is committed at).
+fn history_run() -> Vec<Command> {
+    let finish_at = |id: &str, fence: u64, at_ms: i64| Command::FinishTask {
+        task_id: id.into(),
+        attempt: 1,
+        fence,
+        at_ms,
+        result: Some(json!({"content": [], "isError": false})),
+        error: None,
+        node_id: "n1".into(),
+        started_at_ms: None,
+    };
+    vec![
+        task("t1", Some("k")), // 1
+        assign("t1"),          // 2
+        finish_at("t1", 2, 3), // 3: t1 archived
+        task("t2", Some("k")), // 4: deduplicated to t1 (from the store)
+        task("t1", None),      // 5: the same id again: deduplicated
+        Command::ExpireHistory {
+            through_ms: 3,
+            at_ms: 100,
+        }, // 6: t1 expires
+        task("t3", Some("k")), // 7: the key is free again: t3
+        assign("t3"),          // 8
+        Command::CancelTask {
+            task_id: "t1".into(),
+            at_ms: 9,
+        }, // 9: no such task any more
+        finish_at("t3", 8, 200), // 10: t3 archived
+        task("t4", Some("k")), // 11: deduplicated to t3
+    ]
+}
+
+fn run_from(s: &mut State, cmds: &[Command], after: usize) -> Vec<Response> {
+    cmds.iter()
+        .enumerate()
+        .skip(after)
+        .map(|(i, c)| s.apply(i as u64 + 1, c))
+        .collect()
+}
+
+fn dump(h: &History) -> Vec<u8> {
+    let mut out = Vec::new();
+    h.dump(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn finished_tasks_move_to_the_history_store_and_expire_deterministically() {
+    let cmds = history_run();
+    let mut a = with_node();
+    let responses = run_from(&mut a, &cmds, 0);
+    assert!(!a.tasks.contains_key("t1") && !a.tasks.contains_key("t3"));
+    assert!(
+        a.idempotency.is_empty(),
+        "keys of finished tasks live in the store"
+    );
+    assert_eq!(
+        responses[3],
+        Response::Submitted {
+            task_id: "t1".into(),
+            deduplicated: true
+        }
+    );
+    assert_eq!(
+        responses[4],
+        Response::Submitted {
+            task_id: "t1".into(),
+            deduplicated: true
+        }
+    );
+    assert_eq!(
+        responses[6],
+        Response::Submitted {
+            task_id: "t3".into(),
+            deduplicated: false
+        }
+    );
+    assert_eq!(
+        responses[8],
+        Response::Rejected(Rejection::NoSuchTask("t1".into()))
+    );
+    assert_eq!(
+        responses[10],
+        Response::Submitted {
+            task_id: "t3".into(),
+            deduplicated: true
+        }
+    );
+    assert!(matches!(a.find_task("t1").unwrap(), Lookup::Expired { .. }));
+    assert_eq!(task_now(&a, "t3").status, TaskStatus::Succeeded);
+    assert_eq!(a.history.len(), 1);
+
+    // Another state machine applying the same entries has the same store.
+    let mut b = with_node();
+    assert_eq!(run_from(&mut b, &cmds, 0), responses);
+    assert_eq!(dump(&a.history), dump(&b.history));
+
+    // Tombstones a durable snapshot covers are purged; the record is simply gone.
+    a.history.purge(6).unwrap();
+    assert_eq!(a.find_task("t1").unwrap(), Lookup::Missing);
+}
+
+#[test]
+fn replay_over_a_history_store_that_is_ahead_gives_the_same_answers() {
+    // A hub restarts from a snapshot at index `s` while its store already holds what was
+    // archived (and expired) after `s`: replaying the rest must decide exactly as before.
+    let cmds = history_run();
+    let mut first = with_node();
+    let responses = run_from(&mut first, &cmds, 0);
+    for s in 0..cmds.len() {
+        let mut live = with_node();
+        run_from(&mut live, &cmds[..s], 0);
+        let json = serde_json::to_vec(&live).unwrap();
+
+        let mut ahead = with_node();
+        run_from(&mut ahead, &cmds, 0);
+        // What a snapshot at `s` lets the hub purge is gone.
+        ahead.history.purge(s as u64).unwrap();
+        let mut restarted: State = serde_json::from_slice(&json).unwrap();
+        restarted.history = ahead.history.clone();
+        restarted.rebuild_index();
+        assert_eq!(
+            run_from(&mut restarted, &cmds, s),
+            responses[s..].to_vec(),
+            "replay from snapshot at {s}"
+        );
+        let mut end = with_node();
+        run_from(&mut end, &cmds, 0);
+        end.history.purge(s as u64).unwrap();
+        assert_eq!(
+            dump(&restarted.history),
+            dump(&end.history),
+            "store after replay from {s}"
+        );
+        assert_eq!(restarted.tasks, first.tasks);
+    }
+}
+
+#[test]
+fn retention_expires_by_age_and_beyond_the_count_oldest_first() {
+    let h = History::default();
+    let mut recs = Vec::new();
+    for i in 0..10 {
+        let mut t = TaskRecord::new(&format!("t{i}"), "echo", "t", "a", json!({}), i);
+        t.status = TaskStatus::Succeeded;
+        t.updated_at_ms = 1_000 * i;
+        recs.push(t);
+    }
+    h.archive(1, &recs, &[]).unwrap();
+    assert_eq!(h.len(), 10);
+    // Nothing is a minute old at 10 s.
+    assert_eq!(h.expiry_due(10_000, 60_000, 0).unwrap(), None);
+    // Older than 5 s at 10 s: ended at 0..=5 s.
+    assert_eq!(h.expiry_due(10_000, 5_000, 0).unwrap(), Some(5_000));
+    // At most 7 kept: the 3 oldest.
+    assert_eq!(h.expiry_due(10_000, 60_000, 7).unwrap(), Some(2_000));
+    assert_eq!(h.expire(2, 2_000).unwrap(), 3);
+    assert_eq!(h.len(), 7);
+    assert!(matches!(h.task("t2").unwrap(), Lookup::Expired { .. }));
+    assert!(matches!(h.task("t3").unwrap(), Lookup::Found(_)));
+    let listed = h.list("t", false, 100, |_| true).unwrap();
+    let ids: Vec<&str> = listed.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(ids, ["t9", "t8", "t7", "t6", "t5", "t4", "t3"]);
+    // Expiring is idempotent.
+    assert_eq!(h.expire(3, 2_000).unwrap(), 0);
 }

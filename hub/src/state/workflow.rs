@@ -379,8 +379,10 @@ pub fn check_shape(steps: &[StepRecord]) -> Result<(), String> {
 }
 
 impl State {
-    pub(super) fn submit_workflow(&mut self, wf: &WorkflowRecord) -> super::Response {
-        if self.workflows.contains_key(&wf.id) {
+    pub(super) fn submit_workflow(&mut self, index: u64, wf: &WorkflowRecord) -> super::Response {
+        if self.workflows.contains_key(&wf.id)
+            || self.stored(|h| h.workflow_at(&wf.id, index)).is_some()
+        {
             return super::Response::WorkflowSubmitted {
                 workflow_id: wf.id.clone(),
                 deduplicated: true,
@@ -388,9 +390,14 @@ impl State {
         }
         if let Some(key) = &wf.idempotency_key {
             let ix = super::idempotency_index(&wf.tenant, key);
-            if let Some(existing) = self.workflow_idempotency.get(&ix) {
+            let existing = self
+                .workflow_idempotency
+                .get(&ix)
+                .cloned()
+                .or_else(|| self.stored(|h| h.keyed_at(true, &wf.tenant, key, index)));
+            if let Some(existing) = existing {
                 return super::Response::WorkflowSubmitted {
-                    workflow_id: existing.clone(),
+                    workflow_id: existing,
                     deduplicated: true,
                 };
             }
@@ -614,6 +621,7 @@ impl State {
             w.updated_at_ms = at_ms;
             w.ended_seq = Some(w.seq);
             self.effects.workflows_changed = true;
+            self.effects.ended_workflows.push(wf_id.to_owned());
         }
     }
 
@@ -652,6 +660,7 @@ impl State {
         w.updated_at_ms = at_ms;
         w.ended_seq = Some(w.seq);
         self.effects.workflows_changed = true;
+        self.effects.ended_workflows.push(wf_id.to_owned());
     }
 }
 

@@ -1,0 +1,707 @@
+//! Finished work. A task or workflow that ended (with every task that belongs to it) leaves
+//! the in-memory state for this store, which lives on the hub's disk (sled trees) and is
+//! written by `apply` on every hub at the same log index. It is kept for the retention and
+//! then expired by a replicated command (`Command::ExpireHistory`).
+//!
+//! The store is versioned by log index so that replaying the log is exact even though the
+//! store on disk may be ahead of the in-memory state being replayed (a hub restarts from its
+//! last snapshot at index S, but its store already holds what was archived after S; a hub
+//! installing a snapshot receives the sender's current store). Each record says at which
+//! index it was archived and, once expired, at which index it expired; `apply` only sees
+//! records that existed at the index being applied. An expired record stays (readers see it
+//! as expired) until a snapshot covers its expiry, so no replay can look at it again, and is
+//! purged then.
+//!
+//! Trees (keys; values are JSON `Stored` or empty):
+//! - tasks: id → `Stored<TaskRecord>`; workflows: id → `Stored<WorkflowRecord>`
+//! - keys: kind, tenant, NUL, idempotency key, NUL, id → (): every record a key named
+//! - by_tenant: tenant, NUL, id → () (ids are UUIDv7: id order is time order)
+//! - dead: tenant, NUL, id → () (dead-lettered tasks)
+//! - by_finish: end time (big-endian, sign flipped), kind, id → (): what expires first
+//! - expired: expiry index (big-endian), kind, id → (): tombstones to purge
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, RwLock,
+    },
+};
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use super::{TaskRecord, TaskStatus, WorkflowRecord, WorkflowStatus};
+
+/// Most records one `ExpireHistory` command expires: bounds the work of one apply.
+pub const EXPIRE_BATCH: usize = 5_000;
+
+const TREES: [&str; 7] = [
+    "tasks",
+    "workflows",
+    "keys",
+    "by_tenant",
+    "dead",
+    "by_finish",
+    "expired",
+];
+const TASKS: usize = 0;
+const WORKFLOWS: usize = 1;
+const KEYS: usize = 2;
+const BY_TENANT: usize = 3;
+const DEAD: usize = 4;
+const BY_FINISH: usize = 5;
+const EXPIRED: usize = 6;
+
+const KIND_TASK: u8 = b't';
+const KIND_WORKFLOW: u8 = b'w';
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("history store: {0}")]
+    Disk(#[from] sled::Error),
+    #[error("history store holds an unreadable record: {0}")]
+    Corrupt(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// One archived record, or its tombstone once expired.
+#[derive(Debug, Serialize, Deserialize)]
+struct Stored<T> {
+    archived_at: u64,
+    expired_at: Option<u64>,
+    tenant: String,
+    key: Option<String>,
+    ended_at_ms: i64,
+    record: Option<T>,
+}
+
+impl<T> Stored<T> {
+    /// Existed after applying log index `at`.
+    fn visible_at(&self, at: u64) -> bool {
+        self.archived_at <= at && self.expired_at.is_none_or(|e| e > at)
+    }
+}
+
+/// What a read of finished work found.
+#[derive(Debug, PartialEq)]
+pub enum Lookup<T> {
+    Found(T),
+    /// It existed and its retention ended (known until the next snapshot purges it).
+    Expired {
+        tenant: String,
+        ended_at_ms: i64,
+    },
+    Missing,
+}
+
+impl<T> Lookup<T> {
+    pub fn found(self) -> Option<T> {
+        match self {
+            Self::Found(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
+enum Backend {
+    Memory(Mutex<[BTreeMap<Vec<u8>, Vec<u8>>; 7]>),
+    Sled {
+        db: sled::Db,
+        generation: u64,
+        trees: Box<[sled::Tree; 7]>,
+    },
+}
+
+fn tree_name(generation: u64, tree: &str) -> String {
+    format!("history.{generation}.{tree}")
+}
+
+impl Backend {
+    fn open(db: &sled::Db, generation: u64) -> StoreResult<Self> {
+        let mut trees = Vec::with_capacity(TREES.len());
+        for t in TREES {
+            trees.push(db.open_tree(tree_name(generation, t))?);
+        }
+        Ok(Self::Sled {
+            db: db.clone(),
+            generation,
+            trees: Box::new(trees.try_into().expect("seven trees")),
+        })
+    }
+
+    fn get(&self, t: usize, k: &[u8]) -> StoreResult<Option<Vec<u8>>> {
+        Ok(match self {
+            Self::Memory(m) => m.lock().expect("history lock")[t].get(k).cloned(),
+            Self::Sled { trees, .. } => trees[t].get(k)?.map(|v| v.to_vec()),
+        })
+    }
+
+    fn insert(&self, t: usize, k: &[u8], v: &[u8]) -> StoreResult<()> {
+        match self {
+            Self::Memory(m) => {
+                m.lock().expect("history lock")[t].insert(k.to_vec(), v.to_vec());
+            }
+            Self::Sled { trees, .. } => {
+                trees[t].insert(k, v)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn remove(&self, t: usize, k: &[u8]) -> StoreResult<()> {
+        match self {
+            Self::Memory(m) => {
+                m.lock().expect("history lock")[t].remove(k);
+            }
+            Self::Sled { trees, .. } => {
+                trees[t].remove(k)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Keys (and values) of tree `t` starting with `prefix`, in order (reversed with
+    /// `rev`), while `f` says go on.
+    fn scan(
+        &self,
+        t: usize,
+        prefix: &[u8],
+        rev: bool,
+        mut f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> StoreResult<()> {
+        match self {
+            Self::Memory(m) => {
+                // Copied out first: `f` may read the store again.
+                let mut items: Vec<(Vec<u8>, Vec<u8>)> = m.lock().expect("history lock")[t]
+                    .range(prefix.to_vec()..)
+                    .take_while(|(k, _)| k.starts_with(prefix))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                if rev {
+                    items.reverse();
+                }
+                for (k, v) in items {
+                    if !f(&k, &v) {
+                        break;
+                    }
+                }
+            }
+            Self::Sled { trees, .. } => {
+                let it = trees[t].scan_prefix(prefix);
+                let it: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = if rev {
+                    Box::new(it.rev())
+                } else {
+                    Box::new(it)
+                };
+                for item in it {
+                    let (k, v) = item?;
+                    if !f(&k, &v) {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn clear(&self) -> StoreResult<()> {
+        match self {
+            Self::Memory(m) => m
+                .lock()
+                .expect("history lock")
+                .iter_mut()
+                .for_each(BTreeMap::clear),
+            Self::Sled { trees, .. } => {
+                for t in trees.iter() {
+                    t.clear()?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The finished-work store. Cheap to clone; clones share it (the state machine's copy and
+/// the readers' are the same store, also across a snapshot install).
+#[derive(Clone)]
+pub struct History {
+    backend: Arc<RwLock<Arc<Backend>>>,
+    /// Records not expired (tasks and workflows): what count-based retention looks at.
+    count: Arc<AtomicU64>,
+}
+
+impl Default for History {
+    /// A store in memory (tests, fuzzing, tools that replay entries).
+    fn default() -> Self {
+        Self::with(Backend::Memory(Mutex::default()))
+    }
+}
+
+impl std::fmt::Debug for History {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "History({} records)", self.len())
+    }
+}
+
+/// Two handles are equal when they are the same store.
+impl PartialEq for History {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.backend, &other.backend)
+    }
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> StoreResult<T> {
+    crate::raft::codec::decode(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("history records serialize")
+}
+
+fn join(parts: &[&[u8]]) -> Vec<u8> {
+    parts.concat()
+}
+
+fn time_key(ms: i64) -> [u8; 8] {
+    ((ms as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn key_prefix(kind: u8, tenant: &str, key: &str) -> Vec<u8> {
+    join(&[&[kind], tenant.as_bytes(), b"\0", key.as_bytes(), b"\0"])
+}
+
+fn tenant_key(tenant: &str, id: &str) -> Vec<u8> {
+    join(&[tenant.as_bytes(), b"\0", id.as_bytes()])
+}
+
+impl History {
+    fn with(backend: Backend) -> Self {
+        Self {
+            backend: Arc::new(RwLock::new(Arc::new(backend))),
+            count: Arc::default(),
+        }
+    }
+
+    /// Opens generation `generation` of the store in `db`, dropping any other generation
+    /// (one a snapshot install wrote but did not finish, or one it replaced).
+    pub fn open(db: &sled::Db, generation: u64) -> StoreResult<Self> {
+        let h = Self::with(Backend::open(db, generation)?);
+        drop_other_generations(db, generation)?;
+        h.recount()?;
+        Ok(h)
+    }
+
+    fn backend(&self) -> Arc<Backend> {
+        self.backend.read().expect("history lock").clone()
+    }
+
+    /// The sled generation in use (0 in memory).
+    pub fn generation(&self) -> u64 {
+        match &*self.backend() {
+            Backend::Memory(_) => 0,
+            Backend::Sled { generation, .. } => *generation,
+        }
+    }
+
+    /// Records (tasks and workflows) not expired.
+    pub fn len(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn recount(&self) -> StoreResult<()> {
+        let mut n = 0;
+        self.backend().scan(BY_FINISH, b"", false, |_, _| {
+            n += 1;
+            true
+        })?;
+        self.count.store(n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Archives tasks and workflows that ended, at log index `at`.
+    pub fn archive(
+        &self,
+        at: u64,
+        tasks: &[TaskRecord],
+        workflows: &[WorkflowRecord],
+    ) -> StoreResult<()> {
+        let b = self.backend();
+        for t in tasks {
+            let stored = Stored {
+                archived_at: at,
+                expired_at: None,
+                tenant: t.tenant.clone(),
+                key: t.idempotency_key.clone(),
+                ended_at_ms: t.updated_at_ms,
+                record: Some(t),
+            };
+            self.put(&b, KIND_TASK, &t.id, &stored)?;
+            b.insert(BY_TENANT, &tenant_key(&t.tenant, &t.id), b"")?;
+            if t.dead_lettered {
+                b.insert(DEAD, &tenant_key(&t.tenant, &t.id), b"")?;
+            }
+        }
+        for w in workflows {
+            let stored = Stored {
+                archived_at: at,
+                expired_at: None,
+                tenant: w.tenant.clone(),
+                key: w.idempotency_key.clone(),
+                ended_at_ms: w.updated_at_ms,
+                record: Some(w),
+            };
+            self.put(&b, KIND_WORKFLOW, &w.id, &stored)?;
+        }
+        Ok(())
+    }
+
+    /// Writes one archived record with its key and expiry entries.
+    fn put<T: Serialize>(
+        &self,
+        b: &Backend,
+        kind: u8,
+        id: &str,
+        stored: &Stored<&T>,
+    ) -> StoreResult<()> {
+        let tree = if kind == KIND_TASK { TASKS } else { WORKFLOWS };
+        let before: Option<Stored<serde::de::IgnoredAny>> = b
+            .get(tree, id.as_bytes())?
+            .map(|v| decode(&v))
+            .transpose()?;
+        if before.is_none_or(|s| s.expired_at.is_some()) {
+            self.count.fetch_add(1, Ordering::Relaxed);
+        }
+        b.insert(tree, id.as_bytes(), &encode(stored))?;
+        if let Some(key) = &stored.key {
+            let k = join(&[&key_prefix(kind, &stored.tenant, key), id.as_bytes()]);
+            b.insert(KEYS, &k, b"")?;
+        }
+        let f = join(&[&time_key(stored.ended_at_ms), &[kind], id.as_bytes()]);
+        b.insert(BY_FINISH, &f, b"")?;
+        Ok(())
+    }
+
+    /// Expires, at log index `at`, records that ended at or before `through_ms` and existed
+    /// at `at`, oldest first, at most `EXPIRE_BATCH`. Returns how many.
+    pub fn expire(&self, at: u64, through_ms: i64) -> StoreResult<usize> {
+        let b = self.backend();
+        let mut due = Vec::new();
+        let limit = time_key(through_ms);
+        let mut scan_err = None;
+        b.scan(BY_FINISH, b"", false, |k, _| {
+            if k.len() < 9 || k[..8] > limit[..] {
+                return false;
+            }
+            let (kind, id) = (k[8], k[9..].to_vec());
+            let tree = if kind == KIND_TASK { TASKS } else { WORKFLOWS };
+            let visible = match b.get(tree, &id) {
+                Ok(v) => v.and_then(|v| decode::<Stored<serde::de::IgnoredAny>>(&v).ok()),
+                Err(e) => {
+                    scan_err = Some(e);
+                    return false;
+                }
+            }
+            .is_some_and(|s| s.visible_at(at));
+            if visible {
+                due.push((k.to_vec(), kind, id));
+            }
+            due.len() < EXPIRE_BATCH
+        })?;
+        if let Some(e) = scan_err {
+            return Err(e);
+        }
+        for (finish_key, kind, id) in &due {
+            let tree = if *kind == KIND_TASK { TASKS } else { WORKFLOWS };
+            let Some(v) = b.get(tree, id)? else { continue };
+            // The record stays whole until purged: a replay before `at` still reads it.
+            let mut s: Stored<serde_json::Value> = decode(&v)?;
+            s.expired_at = Some(at);
+            b.insert(tree, id, &encode(&s))?;
+            if *kind == KIND_TASK {
+                let tk = join(&[s.tenant.as_bytes(), b"\0", id]);
+                b.remove(BY_TENANT, &tk)?;
+                b.remove(DEAD, &tk)?;
+            }
+            b.remove(BY_FINISH, finish_key)?;
+            b.insert(EXPIRED, &join(&[&at.to_be_bytes(), &[*kind], id]), b"")?;
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(due.len())
+    }
+
+    /// Removes the tombstones of records expired at or before log index `through`: a
+    /// snapshot at `through` is durable, so no replay will look at them again.
+    pub fn purge(&self, through: u64) -> StoreResult<usize> {
+        let b = self.backend();
+        let mut gone = Vec::new();
+        b.scan(EXPIRED, b"", false, |k, _| {
+            if k.len() < 9 || u64::from_be_bytes(k[..8].try_into().expect("8 bytes")) > through {
+                return false;
+            }
+            gone.push(k.to_vec());
+            true
+        })?;
+        for k in &gone {
+            let (kind, id) = (k[8], &k[9..]);
+            let tree = if kind == KIND_TASK { TASKS } else { WORKFLOWS };
+            if let Some(v) = b.get(tree, id)? {
+                let s: Stored<serde::de::IgnoredAny> = decode(&v)?;
+                if s.expired_at.is_some_and(|e| e <= through) {
+                    b.remove(tree, id)?;
+                    if let Some(key) = &s.key {
+                        b.remove(KEYS, &join(&[&key_prefix(kind, &s.tenant, key), id]))?;
+                    }
+                }
+            }
+            b.remove(EXPIRED, k)?;
+        }
+        Ok(gone.len())
+    }
+
+    /// Where retention should expire through, if anything is due: records that ended
+    /// `retention_ms` before `now_ms` or earlier, and beyond `max_records` the oldest ones.
+    pub fn expiry_due(
+        &self,
+        now_ms: i64,
+        retention_ms: u64,
+        max_records: u64,
+    ) -> StoreResult<Option<i64>> {
+        let by_time = now_ms.saturating_sub(retention_ms.min(i64::MAX as u64) as i64);
+        let excess = if max_records == 0 {
+            0
+        } else {
+            self.len().saturating_sub(max_records)
+        };
+        let mut through = None;
+        let mut seen = 0u64;
+        self.backend().scan(BY_FINISH, b"", false, |k, _| {
+            let ms = (u64::from_be_bytes(k[..8].try_into().expect("8 bytes")) ^ (1 << 63)) as i64;
+            seen += 1;
+            if ms <= by_time || seen <= excess.min(EXPIRE_BATCH as u64) {
+                through = Some(ms.max(through.unwrap_or(i64::MIN)));
+                true
+            } else {
+                false
+            }
+        })?;
+        Ok(through)
+    }
+
+    fn read<T: DeserializeOwned>(&self, tree: usize, id: &str) -> StoreResult<Lookup<T>> {
+        let Some(v) = self.backend().get(tree, id.as_bytes())? else {
+            return Ok(Lookup::Missing);
+        };
+        let s: Stored<T> = decode(&v)?;
+        Ok(match (s.expired_at, s.record) {
+            (None, Some(r)) => Lookup::Found(r),
+            _ => Lookup::Expired {
+                tenant: s.tenant,
+                ended_at_ms: s.ended_at_ms,
+            },
+        })
+    }
+
+    /// A finished task, as it is now.
+    pub fn task(&self, id: &str) -> StoreResult<Lookup<TaskRecord>> {
+        self.read(TASKS, id)
+    }
+
+    /// A finished workflow, as it is now.
+    pub fn workflow(&self, id: &str) -> StoreResult<Lookup<WorkflowRecord>> {
+        self.read(WORKFLOWS, id)
+    }
+
+    /// How a task id stood after log index `at` (for `apply`): ended with this status, or
+    /// not in the store then.
+    pub fn task_at(&self, id: &str, at: u64) -> StoreResult<Option<TaskStatus>> {
+        #[derive(Deserialize)]
+        struct Status {
+            status: TaskStatus,
+        }
+        let Some(v) = self.backend().get(TASKS, id.as_bytes())? else {
+            return Ok(None);
+        };
+        let s: Stored<Status> = decode(&v)?;
+        Ok(s.visible_at(at)
+            .then_some(s.record.map(|r| r.status))
+            .flatten())
+    }
+
+    /// Whether workflow `id` was in the store after log index `at`, and how it ended.
+    pub fn workflow_at(&self, id: &str, at: u64) -> StoreResult<Option<WorkflowStatus>> {
+        #[derive(Deserialize)]
+        struct Status {
+            status: WorkflowStatus,
+        }
+        let Some(v) = self.backend().get(WORKFLOWS, id.as_bytes())? else {
+            return Ok(None);
+        };
+        let s: Stored<Status> = decode(&v)?;
+        Ok(s.visible_at(at)
+            .then_some(s.record.map(|r| r.status))
+            .flatten())
+    }
+
+    /// The finished task (or, with `workflow`, workflow) that idempotency key `key` of
+    /// `tenant` named after log index `at` (`u64::MAX`: now).
+    pub fn keyed_at(
+        &self,
+        workflow: bool,
+        tenant: &str,
+        key: &str,
+        at: u64,
+    ) -> StoreResult<Option<String>> {
+        let (kind, tree) = if workflow {
+            (KIND_WORKFLOW, WORKFLOWS)
+        } else {
+            (KIND_TASK, TASKS)
+        };
+        let prefix = key_prefix(kind, tenant, key);
+        let b = self.backend();
+        let mut ids = Vec::new();
+        b.scan(KEYS, &prefix, false, |k, _| {
+            ids.push(k[prefix.len()..].to_vec());
+            true
+        })?;
+        for id in ids {
+            if let Some(v) = b.get(tree, &id)? {
+                let s: Stored<serde::de::IgnoredAny> = decode(&v)?;
+                if s.visible_at(at) {
+                    return Ok(Some(String::from_utf8_lossy(&id).into_owned()));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// A tenant's finished tasks, newest first, that `keep` accepts, at most `limit`
+    /// (only dead-lettered ones with `dead`).
+    pub fn list(
+        &self,
+        tenant: &str,
+        dead: bool,
+        limit: usize,
+        mut keep: impl FnMut(&TaskRecord) -> bool,
+    ) -> StoreResult<Vec<TaskRecord>> {
+        let b = self.backend();
+        let prefix = join(&[tenant.as_bytes(), b"\0"]);
+        let mut ids = Vec::new();
+        let mut out = Vec::new();
+        // Read in pages so a filter that rejects most tasks does not hold a scan open.
+        let mut from: Option<Vec<u8>> = None;
+        loop {
+            ids.clear();
+            b.scan(
+                if dead { DEAD } else { BY_TENANT },
+                &prefix,
+                true,
+                |k, _| {
+                    if from.as_deref().is_some_and(|f| k >= f) {
+                        return true;
+                    }
+                    ids.push(k.to_vec());
+                    ids.len() < 256
+                },
+            )?;
+            for k in &ids {
+                if let Lookup::Found(t) = self.task(&String::from_utf8_lossy(&k[prefix.len()..]))? {
+                    if keep(&t) {
+                        out.push(t);
+                        if out.len() >= limit {
+                            return Ok(out);
+                        }
+                    }
+                }
+            }
+            match ids.last() {
+                Some(last) if ids.len() == 256 => from = Some(last.clone()),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// Every record, for a snapshot: (tree, key, value) written to `out` as
+    /// `tree:u8 key_len:u32 key value_len:u32 value`.
+    pub fn dump(&self, out: &mut Vec<u8>) -> StoreResult<()> {
+        let b = self.backend();
+        for t in 0..TREES.len() {
+            b.scan(t, b"", false, |k, v| {
+                out.push(t as u8);
+                out.extend_from_slice(&(k.len() as u32).to_be_bytes());
+                out.extend_from_slice(k);
+                out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+                out.extend_from_slice(v);
+                true
+            })?;
+        }
+        Ok(())
+    }
+
+    /// A new store (the next sled generation, or memory) holding what `dump` wrote.
+    pub fn load_next(&self, bytes: &[u8]) -> StoreResult<History> {
+        let next = match &*self.backend() {
+            Backend::Memory(_) => Backend::Memory(Mutex::default()),
+            Backend::Sled { db, generation, .. } => {
+                let b = Backend::open(db, generation + 1)?;
+                b.clear()?;
+                b
+            }
+        };
+        let mut rest = bytes;
+        let corrupt = || StoreError::Corrupt("truncated history section in snapshot".into());
+        let take = |n: usize, rest: &mut &[u8]| -> StoreResult<Vec<u8>> {
+            if rest.len() < n {
+                return Err(corrupt());
+            }
+            let (a, b) = rest.split_at(n);
+            *rest = b;
+            Ok(a.to_vec())
+        };
+        while !rest.is_empty() {
+            let t = take(1, &mut rest)?[0] as usize;
+            if t >= TREES.len() {
+                return Err(StoreError::Corrupt(format!("unknown history tree {t}")));
+            }
+            let kl = u32::from_be_bytes(take(4, &mut rest)?.try_into().expect("4 bytes"));
+            let k = take(kl as usize, &mut rest)?;
+            let vl = u32::from_be_bytes(take(4, &mut rest)?.try_into().expect("4 bytes"));
+            let v = take(vl as usize, &mut rest)?;
+            next.insert(t, &k, &v)?;
+        }
+        let h = Self::with(next);
+        h.recount()?;
+        Ok(h)
+    }
+
+    /// Makes this handle (and every clone) use `other`'s store; the store it used before
+    /// is dropped from disk.
+    pub fn replace_with(&self, other: History) -> StoreResult<()> {
+        let new = other.backend();
+        let old = std::mem::replace(&mut *self.backend.write().expect("history lock"), new);
+        self.count
+            .store(other.count.load(Ordering::Relaxed), Ordering::Relaxed);
+        if let Backend::Sled { db, generation, .. } = &*old {
+            for t in TREES {
+                db.drop_tree(tree_name(*generation, t))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Drops the trees of every history generation but `keep`.
+fn drop_other_generations(db: &sled::Db, keep: u64) -> StoreResult<()> {
+    let prefix = format!("history.{keep}.");
+    for name in db.tree_names() {
+        let name = String::from_utf8_lossy(&name).into_owned();
+        if name.starts_with("history.") && !name.starts_with(&prefix) {
+            db.drop_tree(name)?;
+        }
+    }
+    Ok(())
+}
