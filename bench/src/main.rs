@@ -65,6 +65,18 @@ enum BenchCommand {
     },
     /// Calls/s with four healthy nodes next to one of four failing every call.
     Failing(Args),
+    /// Calls at full speed for a long run; memory, disk and rate every 10,000 calls.
+    Soak {
+        #[arg(long, default_value_t = 100_000)]
+        calls: usize,
+        #[arg(long, default_value_t = 1)]
+        hubs: u64,
+        /// How long finished tasks are kept (hub.toml `retention_s`).
+        #[arg(long, default_value_t = 30)]
+        retention_s: u64,
+        #[arg(long, default_value_t = 16)]
+        agents: usize,
+    },
 }
 
 #[derive(clap::Args)]
@@ -187,6 +199,12 @@ async fn main() -> anyhow::Result<()> {
         }
         BenchCommand::NodeLoss { trials, tasks } => faults::node_loss(trials, tasks).await,
         BenchCommand::Failing(args) => faults::failing(args.agents, args.calls).await,
+        BenchCommand::Soak {
+            calls,
+            hubs,
+            retention_s,
+            agents,
+        } => soak(calls, hubs, retention_s, agents).await,
     }
 }
 
@@ -353,40 +371,58 @@ async fn calls(bin: &std::path::Path, args: Args) -> anyhow::Result<()> {
         agents.push(cluster.agent_at(cluster.hubs[j % cluster.hubs.len()].id, &token));
     }
     let through_stats = drive(args.agents, args.calls, move |i| {
-        let mut agent = agents[i % agents.len()].clone();
-        async move {
-            let id = agent
-                .submit_task(pb::SubmitTaskRequest {
-                    tool: "echo".into(),
-                    arguments: serde_json::to_vec(&json!({"text": format!("call {i}")}))?,
-                    ..Default::default()
-                })
-                .await?
-                .into_inner()
-                .task_id;
-            let mut events = agent
-                .watch_task(pb::WatchTaskRequest {
-                    task_id: id,
-                    from_seq: 1,
-                })
-                .await?
-                .into_inner();
-            while let Some(ev) = events.message().await? {
-                match pb::EventKind::try_from(ev.kind)? {
-                    pb::EventKind::Succeeded => return Ok(()),
-                    pb::EventKind::Failed | pb::EventKind::Cancelled | pb::EventKind::Lost => {
-                        anyhow::bail!("task ended {:?}: {}", ev.kind, ev.error)
-                    }
-                    _ => {}
-                }
-            }
-            anyhow::bail!("watch ended early")
-        }
+        call_echo(agents[i % agents.len()].clone(), i)
     })
     .await;
     let hub_rss = rss_kib(cluster.hubs[0].proc.pid());
     let node_rss = cluster.nodes.get("bench-1").and_then(|n| rss_kib(n.pid()));
+    report(
+        &args,
+        direct_stats.as_ref(),
+        &through_stats,
+        hub_rss,
+        node_rss,
+    );
+    Ok(())
+}
 
+/// One echo call through Flotilla: submit, then watch until it ends.
+async fn call_echo(mut agent: flotilla_tests::Agent, i: usize) -> anyhow::Result<()> {
+    let id = agent
+        .submit_task(pb::SubmitTaskRequest {
+            tool: "echo".into(),
+            arguments: serde_json::to_vec(&json!({"text": format!("call {i}")}))?,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .task_id;
+    let mut events = agent
+        .watch_task(pb::WatchTaskRequest {
+            task_id: id,
+            from_seq: 1,
+        })
+        .await?
+        .into_inner();
+    while let Some(ev) = events.message().await? {
+        match pb::EventKind::try_from(ev.kind)? {
+            pb::EventKind::Succeeded => return Ok(()),
+            pb::EventKind::Failed | pb::EventKind::Cancelled | pb::EventKind::Lost => {
+                anyhow::bail!("task ended {:?}: {}", ev.kind, ev.error)
+            }
+            _ => {}
+        }
+    }
+    anyhow::bail!("watch ended early")
+}
+
+fn report(
+    args: &Args,
+    direct_stats: Option<&Stats>,
+    through_stats: &Stats,
+    hub_rss: Option<u64>,
+    node_rss: Option<u64>,
+) {
     let row = |name: &str, s: &Stats| {
         format!(
             "| {name} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} |",
@@ -405,18 +441,18 @@ async fn calls(bin: &std::path::Path, args: Args) -> anyhow::Result<()> {
     println!();
     println!("| path | calls ok | errors | calls/s | p50 ms | p99 ms | max ms |");
     println!("|---|---|---|---|---|---|---|");
-    if let Some(d) = &direct_stats {
+    if let Some(d) = direct_stats {
         println!("{}", row("direct rmcp to the MCP server", d));
     }
     println!(
         "{}",
         row(
             &format!("through Flotilla ({} hub(s) + node)", args.hubs),
-            &through_stats
+            through_stats
         )
     );
     println!();
-    if let Some(d) = &direct_stats {
+    if let Some(d) = direct_stats {
         println!(
             "throughput ratio (Flotilla / direct): {:.3}; p50 added: {:.2} ms",
             through_stats.rate() / d.rate(),
@@ -430,5 +466,79 @@ async fn calls(bin: &std::path::Path, args: Args) -> anyhow::Result<()> {
         hub_rss.map_or("?".into(), |k| format!("{:.1}", k as f64 / 1024.0)),
         node_rss.map_or("?".into(), |k| format!("{:.1}", k as f64 / 1024.0))
     );
+}
+
+/// Bytes allocated on disk under `dir`, leaving out the harness's capture of the process's
+/// output (`*.log`; in production that goes to the journal or the container runtime).
+fn disk_bytes(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => disk_bytes(&e.path()),
+            Ok(_) if e.path().extension().is_some_and(|x| x == "log") => 0,
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// Calls at full speed through a cluster it starts (default settings but a short
+/// retention), one `soak_window` line every 10,000 calls.
+async fn soak(calls: usize, hubs: u64, retention_s: u64, conc: usize) -> anyhow::Result<()> {
+    const WINDOW: usize = 10_000;
+    let opts = flotilla_tests::Options {
+        retention_s,
+        ..Default::default()
+    };
+    let mut cluster = Cluster::with_options(hubs, opts).await?;
+    let mut spec = NodeSpec::demo("bench-1");
+    spec.servers[0].max_concurrency = 64;
+    cluster.add_node(spec).await?;
+    let mut agents = Vec::new();
+    for j in 0..conc {
+        let token = cluster
+            .agent_token(&format!("soak-{j}"), "default", &["tools"])
+            .await?;
+        agents.push(cluster.agent_at(cluster.hubs[j % cluster.hubs.len()].id, &token));
+    }
+    let agents = Arc::new(agents);
+    println!("soak: {calls} echo calls, {hubs} hub(s), {conc} agents, retention {retention_s} s");
+    let mut done = 0;
+    let mut errors = 0;
+    while done < calls {
+        let n = WINDOW.min(calls - done);
+        let a = agents.clone();
+        let base = done;
+        let stats = drive(conc, n, move |i| {
+            call_echo(a[(base + i) % a.len()].clone(), base + i)
+        })
+        .await;
+        done += n;
+        errors += stats.errors;
+        let rss = cluster
+            .hubs
+            .iter()
+            .filter_map(|h| rss_kib(h.proc.pid()))
+            .max()
+            .unwrap_or(0);
+        let disk = cluster
+            .hubs
+            .iter()
+            .map(|h| disk_bytes(&h.dir))
+            .max()
+            .unwrap_or(0);
+        println!(
+            "soak_window calls={done} calls_per_s={:.1} hub_rss_mib={:.1} hub_disk_mib={:.1} errors={errors} p50_ms={:.2} p99_ms={:.2}",
+            stats.rate(),
+            rss as f64 / 1024.0,
+            disk as f64 / (1024.0 * 1024.0),
+            stats.pct(0.5),
+            stats.pct(0.99)
+        );
+    }
     Ok(())
 }

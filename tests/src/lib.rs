@@ -250,6 +250,8 @@ pub struct Options {
     pub trusted_join_tokens: bool,
     /// hub.toml's `retention_s`: how long finished tasks stay readable.
     pub retention_s: u64,
+    /// hub.toml's `retention_max_tasks`: how many finished tasks are kept.
+    pub retention_max_tasks: u64,
 }
 
 impl Default for Options {
@@ -261,6 +263,7 @@ impl Default for Options {
             trust_node_tools: true,
             trusted_join_tokens: false,
             retention_s: flotilla_common::config::defaults::RETENTION_S,
+            retention_max_tasks: flotilla_common::config::defaults::RETENTION_MAX_TASKS,
         }
     }
 }
@@ -344,7 +347,7 @@ async fn start_member(
         breaker_cooldown_ms: 2_000,
         storage_cache_mb: flotilla_common::config::defaults::STORAGE_CACHE_MB,
         retention_s: opts.retention_s,
-        retention_max_tasks: flotilla_common::config::defaults::RETENTION_MAX_TASKS,
+        retention_max_tasks: opts.retention_max_tasks,
         limits: opts.limits.clone(),
         trust_node_tools: opts.trust_node_tools,
     };
