@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 clients=${1:-16}
 total=${2:-2000}
 
-if ! command -v etcd >/dev/null || ! command -v protoc >/dev/null; then
-  apt-get update -qq && apt-get install -y -qq etcd-server protobuf-compiler
+if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null || ! command -v protoc >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq etcd-server etcd-client protobuf-compiler
 fi
 cargo build --release -q -p flotilla-cli -p flotilla-bench
 CARGO_TARGET_DIR=target/etcd-put cargo build --release -q --manifest-path bench/etcd-put/Cargo.toml

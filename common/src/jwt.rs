@@ -129,6 +129,14 @@ pub fn verify<'a>(
     token: &str,
     keys: impl IntoIterator<Item = &'a SigningKey>,
 ) -> Result<Claims, JwtError> {
+    verify_with_kid(token, keys).map(|(_, c)| c)
+}
+
+/// [`verify`], also saying which key signed the token.
+pub fn verify_with_kid<'a>(
+    token: &str,
+    keys: impl IntoIterator<Item = &'a SigningKey>,
+) -> Result<(String, Claims), JwtError> {
     let header = jsonwebtoken::decode_header(token)?;
     let kid = header.kid.ok_or(JwtError::NoKid)?;
     let key = keys
@@ -142,7 +150,7 @@ pub fn verify<'a>(
     v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
     v.validate_nbf = true;
     v.leeway = 5;
-    Ok(jsonwebtoken::decode::<Claims>(token, &dec, &v)?.claims)
+    Ok((kid, jsonwebtoken::decode::<Claims>(token, &dec, &v)?.claims))
 }
 
 #[cfg(test)]

@@ -72,6 +72,8 @@ pub struct Hub {
     pub pending: PendingReasons,
     /// Per-agent and per-tenant limits on what callers may use of this hub.
     pub quota: crate::quota::Quota,
+    /// Agent tokens verified recently.
+    pub tokens: crate::auth::TokenCache,
     /// Bumped whenever a workflow changes: WatchWorkflow streams wait on it.
     pub workflows: tokio::sync::watch::Sender<u64>,
 }
@@ -609,6 +611,7 @@ pub async fn run(
         sessions,
         pending: PendingReasons::default(),
         quota,
+        tokens: crate::auth::TokenCache::default(),
         workflows,
     };
 

@@ -6,23 +6,83 @@ use flotilla_common::{
     pki::{self, PeerIdentity},
     tls::PeerInfo,
 };
+use std::{
+    num::NonZeroUsize,
+    sync::{Arc, Mutex},
+};
+
+use lru::LruCache;
 use tonic::Request;
 
-use crate::{error::HubError, state::State};
+use crate::{app::Hub, error::HubError};
 
-/// Verifies the request's bearer token against the signing keys in `state`.
-pub fn agent<T>(req: &Request<T>, state: &State) -> Result<Claims, HubError> {
+/// Tokens this hub verified recently. Checking an ES256 signature cost more CPU than the
+/// rest of a tool call (a profile of the hub under load: a fifth of its time), and an agent
+/// sends the same token with every request. A cached token is used only while the key that
+/// signed it is still in the state and the clock is inside its validity window; anything
+/// else is verified in full.
+#[derive(Clone)]
+pub struct TokenCache(Arc<Mutex<LruCache<String, (String, Claims)>>>);
+
+/// Distinct tokens remembered (about half a KiB each).
+const CACHED_TOKENS: usize = 4096;
+
+/// The clock skew `jwt::verify` allows, in seconds.
+const LEEWAY_S: i64 = 5;
+
+impl Default for TokenCache {
+    fn default() -> Self {
+        let cap = NonZeroUsize::new(CACHED_TOKENS).expect("non-zero");
+        Self(Arc::new(Mutex::new(LruCache::new(cap))))
+    }
+}
+
+impl TokenCache {
+    /// The claims of `token`, verified against `keys` unless a still-valid verification is
+    /// cached.
+    fn verify(&self, token: &str, keys: &[jwt::SigningKey]) -> Result<Claims, JwtError> {
+        let now = flotilla_common::now_ms() / 1000;
+        let hit = self
+            .0
+            .lock()
+            .expect("token cache lock")
+            .get(token)
+            .filter(|(kid, c)| still_valid(kid, c, keys, now))
+            .map(|(_, c)| c.clone());
+        if let Some(c) = hit {
+            return Ok(c);
+        }
+        let (kid, claims) = jwt::verify_with_kid(token, keys)?;
+        self.0
+            .lock()
+            .expect("token cache lock")
+            .put(token.to_owned(), (kid, claims.clone()));
+        Ok(claims)
+    }
+}
+
+/// Whether a token verified earlier (signed by `kid`, saying `c`) is still good at `now`
+/// (seconds): its key is still there and the clock is inside its validity window.
+fn still_valid(kid: &str, c: &Claims, keys: &[jwt::SigningKey], now: i64) -> bool {
+    keys.iter().any(|k| k.kid == kid)
+        && now <= c.exp + LEEWAY_S
+        && c.nbf.is_none_or(|nbf| now + LEEWAY_S >= nbf)
+}
+
+/// Verifies the request's bearer token against the signing keys in the hub's state.
+pub fn agent<T>(req: &Request<T>, hub: &Hub) -> Result<Claims, HubError> {
     let token =
         bearer(req).ok_or_else(|| HubError::Unauthenticated(JwtError::Missing.to_string()))?;
-    jwt::verify(token, &state.signing_keys).map_err(|e| {
+    let keys = hub.state().signing_keys.clone();
+    hub.tokens.verify(token, &keys).map_err(|e| {
         tracing::info!(error = %e, "rejected agent token");
         HubError::Unauthenticated(e.user_message())
     })
 }
 
 /// Like [`agent`], and the token must hold the admin scope.
-pub fn admin<T>(req: &Request<T>, state: &State) -> Result<Claims, HubError> {
-    let claims = agent(req, state)?;
+pub fn admin<T>(req: &Request<T>, hub: &Hub) -> Result<Claims, HubError> {
+    let claims = agent(req, hub)?;
     if !claims.has_scope(jwt::ADMIN_SCOPE) {
         return Err(HubError::PermissionDenied(format!(
             "this needs the `{}` scope, which the token of {:?} does not hold",
@@ -57,5 +117,49 @@ pub fn node<T>(req: &Request<T>) -> Result<String, HubError> {
         _ => Err(HubError::PermissionDenied(
             "this certificate was not issued to a node".into(),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(exp: i64) -> Claims {
+        Claims {
+            iss: jwt::ISSUER.into(),
+            aud: jwt::AUDIENCE.into(),
+            sub: "alice".into(),
+            tenant: "t".into(),
+            exp,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_cached_token_is_used_only_while_its_key_and_window_hold() {
+        let key = jwt::SigningKey::generate(0).unwrap();
+        let other = jwt::SigningKey::generate(1).unwrap();
+        let now = flotilla_common::now_ms() / 1000;
+        let token = jwt::sign(&key, &claims(now + 60)).unwrap();
+        let cache = TokenCache::default();
+        let keys = vec![key.clone()];
+        assert_eq!(cache.verify(&token, &keys).unwrap().sub, "alice");
+        // Cached now; once its key is gone it is refused, as a fresh check would.
+        assert!(cache.verify(&token, std::slice::from_ref(&other)).is_err());
+        // A tampered copy is never served from the cache.
+        let mut tampered = token.clone();
+        tampered.push('x');
+        assert!(cache.verify(&tampered, &keys).is_err());
+
+        let c = claims(now + 60);
+        assert!(still_valid(&key.kid, &c, &keys, now));
+        assert!(still_valid(&key.kid, &c, &keys, now + 65));
+        assert!(!still_valid(&key.kid, &c, &keys, now + 66), "expired");
+        assert!(!still_valid(&other.kid, &c, &keys, now), "key removed");
+        let later = Claims {
+            nbf: Some(now + 100),
+            ..c
+        };
+        assert!(!still_valid(&key.kid, &later, &keys, now), "not yet valid");
     }
 }

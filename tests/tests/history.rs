@@ -76,7 +76,7 @@ async fn finished_tasks_stay_readable_on_every_hub_across_restarts_and_snapshots
     let second = calls(&c, &mut agent, "b", 10).await?;
     c.start_hub(3).await?;
     let last = second.last().cloned().unwrap_or_default();
-    let mut three = c.agent_at(3, &c.admin_token);
+    let three = c.agent_at(3, &c.admin_token);
     wait_until("hub 3 to catch up", READY, || {
         let mut three = three.clone();
         let last = last.clone();

@@ -30,7 +30,7 @@ impl AdminApi {
         req: Request<NodeRequest>,
         status: NodeStatus,
     ) -> Result<Response<NodeStatusResponse>, Status> {
-        auth::admin(&req, &self.hub.state())?;
+        auth::admin(&req, &self.hub)?;
         let id = req.into_inner().node_id;
         let cmd = Command::SetNodeStatus {
             node_id: id.clone(),
@@ -114,7 +114,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<CreateJoinTokenRequest>,
     ) -> Result<Response<CreateJoinTokenResponse>, Status> {
-        let claims = auth::admin(&req, &self.hub.state())?;
+        let claims = auth::admin(&req, &self.hub)?;
         let r = req.into_inner();
         let ttl = if r.ttl_seconds == 0 {
             DEFAULT_JOIN_TTL_S
@@ -157,7 +157,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesResponse>, Status> {
-        auth::admin(&req, &self.hub.state())?;
+        auth::admin(&req, &self.hub)?;
         let live = self.hub.live_nodes().await;
         let state = self.hub.state();
         let in_flight = &state.index.active;
@@ -224,7 +224,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<IssueAgentTokenRequest>,
     ) -> Result<Response<IssueAgentTokenResponse>, Status> {
-        let claims = auth::admin(&req, &self.hub.state())?;
+        let claims = auth::admin(&req, &self.hub)?;
         let r = req.into_inner();
         if r.subject.trim().is_empty() {
             return Err(HubError::InvalidArgument("subject must not be empty".into()).into());
@@ -267,7 +267,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
-        auth::admin(&req, &self.hub.state())?;
+        auth::admin(&req, &self.hub)?;
         Ok(Response::new(status_response(
             self.hub.cluster_view().await,
         )))
@@ -277,7 +277,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<AddHubRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
-        let claims = auth::admin(&req, &self.hub.state())?;
+        let claims = auth::admin(&req, &self.hub)?;
         let r = req.into_inner();
         if r.id == 0 {
             return Err(HubError::InvalidArgument("hub id must be positive".into()).into());
@@ -308,7 +308,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<RemoveHubRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
-        let claims = auth::admin(&req, &self.hub.state())?;
+        let claims = auth::admin(&req, &self.hub)?;
         let id = req.into_inner().id;
         let view = self.hub.cluster_view().await;
         if !view.members.iter().any(|m| m.id == id) {
@@ -341,7 +341,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<DrainNodeRequest>,
     ) -> Result<Response<NodeStatusResponse>, Status> {
-        auth::admin(&req, &self.hub.state())?;
+        auth::admin(&req, &self.hub)?;
         let r = req.into_inner();
         let secs = if r.deadline_seconds == 0 {
             300
@@ -361,7 +361,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<SetSchedulingPausedRequest>,
     ) -> Result<Response<SetSchedulingPausedRequest>, Status> {
-        let claims = auth::admin(&req, &self.hub.state())?;
+        let claims = auth::admin(&req, &self.hub)?;
         let paused = req.into_inner().paused;
         self.hub.write(Command::SetSchedulingPaused(paused)).await?;
         tracing::warn!(paused, by = ?claims.sub, "scheduling paused state changed");
@@ -373,7 +373,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<CancelTenantTasksRequest>,
     ) -> Result<Response<CancelTenantTasksResponse>, Status> {
-        let claims = auth::admin(&req, &self.hub.state())?;
+        let claims = auth::admin(&req, &self.hub)?;
         let tenant = req.into_inner().tenant;
         if tenant.is_empty() {
             return Err(HubError::InvalidArgument("tenant must not be empty".into()).into());
@@ -413,7 +413,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<flotilla_proto::AcceptToolRequest>,
     ) -> Result<Response<flotilla_proto::AcceptToolResponse>, Status> {
-        let claims = auth::admin(&req, &self.hub.state())?;
+        let claims = auth::admin(&req, &self.hub)?;
         let name = req.into_inner().name;
         match self
             .hub

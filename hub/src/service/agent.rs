@@ -113,7 +113,7 @@ fn visible_workflow(state: &State, claims: &Claims, id: &str) -> HubResult<Workf
 impl AgentApi {
     /// The verified caller, counted against its agent's and tenant's request rate.
     fn caller<T>(&self, req: &Request<T>) -> HubResult<Claims> {
-        let claims = auth::agent(req, &self.hub.state())?;
+        let claims = auth::agent(req, &self.hub)?;
         self.hub.quota.request(&claims)?;
         Ok(claims)
     }
@@ -396,12 +396,27 @@ impl AgentService for AgentApi {
             .filter(|v| wanted.is_empty() || wanted.contains(&v.state()))
             .take(limit)
             .collect();
-        let finished = state
-            .history
-            .list(&claims.tenant, r.dead_lettered, limit, |t| {
-                may_match(t) && !state.tasks.contains_key(&t.id)
-            })
-            .map_err(store_error)?;
+        // Finished tasks only when an ended state is asked for.
+        let ended = wanted.is_empty()
+            || wanted.iter().any(|w| {
+                matches!(
+                    w,
+                    TaskState::Succeeded
+                        | TaskState::Failed
+                        | TaskState::Cancelled
+                        | TaskState::Lost
+                )
+            });
+        let finished = if ended {
+            state
+                .history
+                .list(&claims.tenant, r.dead_lettered, limit, |t| {
+                    may_match(t) && !state.tasks.contains_key(&t.id)
+                })
+                .map_err(store_error)?
+        } else {
+            Vec::new()
+        };
         let mut finished = finished
             .iter()
             .map(|t| task_view(&self.hub, &state, t))

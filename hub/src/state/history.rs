@@ -35,6 +35,9 @@ use super::{TaskRecord, TaskStatus, WorkflowRecord, WorkflowStatus};
 /// Most records one `ExpireHistory` command expires: bounds the work of one apply.
 pub const EXPIRE_BATCH: usize = 5_000;
 
+/// Most finished tasks one listing reads.
+pub const LIST_SCAN: usize = 50_000;
+
 const TREES: [&str; 7] = [
     "tasks",
     "workflows",
@@ -168,14 +171,27 @@ impl Backend {
         t: usize,
         prefix: &[u8],
         rev: bool,
+        f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> StoreResult<()> {
+        self.scan_before(t, prefix, None, rev, f)
+    }
+
+    /// `scan`, of the keys below `before` only.
+    fn scan_before(
+        &self,
+        t: usize,
+        prefix: &[u8],
+        before: Option<&[u8]>,
+        rev: bool,
         mut f: impl FnMut(&[u8], &[u8]) -> bool,
     ) -> StoreResult<()> {
+        let below = |k: &[u8]| before.is_none_or(|b| k < b);
         match self {
             Self::Memory(m) => {
                 // Copied out first: `f` may read the store again.
                 let mut items: Vec<(Vec<u8>, Vec<u8>)> = m.lock().expect("history lock")[t]
                     .range(prefix.to_vec()..)
-                    .take_while(|(k, _)| k.starts_with(prefix))
+                    .take_while(|(k, _)| k.starts_with(prefix) && below(k))
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect();
                 if rev {
@@ -188,7 +204,10 @@ impl Backend {
                 }
             }
             Self::Sled { trees, .. } => {
-                let it = trees[t].scan_prefix(prefix);
+                let it = match before {
+                    Some(b) => trees[t].range(prefix.to_vec()..b.to_vec()),
+                    None => trees[t].scan_prefix(prefix),
+                };
                 let it: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = if rev {
                     Box::new(it.rev())
                 } else {
@@ -580,7 +599,8 @@ impl History {
     }
 
     /// A tenant's finished tasks, newest first, that `keep` accepts, at most `limit`
-    /// (only dead-lettered ones with `dead`).
+    /// (only dead-lettered ones with `dead`). Looks at the newest `LIST_SCAN` at most, so a
+    /// filter that matches little costs a bounded read.
     pub fn list(
         &self,
         tenant: &str,
@@ -594,20 +614,14 @@ impl History {
         let mut out = Vec::new();
         // Read in pages so a filter that rejects most tasks does not hold a scan open.
         let mut from: Option<Vec<u8>> = None;
+        let mut scanned = 0;
         loop {
             ids.clear();
-            b.scan(
-                if dead { DEAD } else { BY_TENANT },
-                &prefix,
-                true,
-                |k, _| {
-                    if from.as_deref().is_some_and(|f| k >= f) {
-                        return true;
-                    }
-                    ids.push(k.to_vec());
-                    ids.len() < 256
-                },
-            )?;
+            let tree = if dead { DEAD } else { BY_TENANT };
+            b.scan_before(tree, &prefix, from.as_deref(), true, |k, _| {
+                ids.push(k.to_vec());
+                ids.len() < 256
+            })?;
             for k in &ids {
                 if let Lookup::Found(t) = self.task(&String::from_utf8_lossy(&k[prefix.len()..]))? {
                     if keep(&t) {
@@ -618,8 +632,9 @@ impl History {
                     }
                 }
             }
+            scanned += ids.len();
             match ids.last() {
-                Some(last) if ids.len() == 256 => from = Some(last.clone()),
+                Some(last) if ids.len() == 256 && scanned < LIST_SCAN => from = Some(last.clone()),
                 _ => return Ok(out),
             }
         }
