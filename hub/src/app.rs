@@ -57,6 +57,8 @@ pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 struct Inner {
     config: HubConfig,
     raft: Raft,
+    /// Every write goes through it: writes that arrive together share one entry.
+    commit: crate::commit::GroupCommit,
     state: Arc<RwLock<State>>,
     ca: Ca,
     wake: Arc<Notify>,
@@ -207,7 +209,7 @@ impl Hub {
         let deadline = Instant::now() + LEADER_WAIT;
         loop {
             let written =
-                tokio::time::timeout(LEADER_WAIT, self.inner.raft.client_write(cmd.clone())).await;
+                tokio::time::timeout(LEADER_WAIT, self.inner.commit.write(cmd.clone())).await;
             let Ok(written) = written else {
                 return Err(HubError::Unavailable(format!(
                     "the write was not committed within {}s (no quorum?); its outcome is unknown, retry with an idempotency key",
@@ -215,7 +217,7 @@ impl Hub {
                 )));
             };
             let retry = match written {
-                Ok(r) => return Ok(r.data),
+                Ok(r) => return Ok(r),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                     match f.leader_node {
                         Some(node) => match self.forward(&node, &cmd).await {
@@ -266,14 +268,14 @@ impl Hub {
 
     /// Only on the leader: commit a forwarded command.
     pub(crate) async fn write_as_leader(&self, cmd: Command) -> Result<Response, PeerError> {
-        let written = tokio::time::timeout(LEADER_WAIT, self.inner.raft.client_write(cmd)).await;
+        let written = tokio::time::timeout(LEADER_WAIT, self.inner.commit.write(cmd)).await;
         let Ok(written) = written else {
             return Err(PeerError::Failed(
                 "the write was not committed in time (no quorum?); its outcome is unknown".into(),
             ));
         };
         match written {
-            Ok(r) => Ok(r.data),
+            Ok(r) => Ok(r),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
                 Err(PeerError::NotLeader)
             }
@@ -601,6 +603,7 @@ pub async fn run(
     let hub = Hub {
         inner: Arc::new(Inner {
             config,
+            commit: crate::commit::GroupCommit::start(raft.clone()),
             raft: raft.clone(),
             state,
             ca,

@@ -4,6 +4,7 @@
 pub mod admission;
 pub mod app;
 pub mod auth;
+pub mod commit;
 pub mod conn;
 pub mod convert;
 pub mod error;

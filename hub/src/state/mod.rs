@@ -528,6 +528,9 @@ pub enum Command {
         workflow_id: String,
         at_ms: i64,
     },
+    /// Commands that arrived together, committed as one entry (group commit) and applied in
+    /// order, each as if alone (a batch inside a batch is refused).
+    Batch(Vec<Command>),
     /// Retention: finished tasks and workflows that ended at or before `through_ms` leave
     /// the history store (at most `history::EXPIRE_BATCH` per command, oldest first).
     ExpireHistory {
@@ -557,7 +560,10 @@ impl Command {
             | Self::CancelWorkflow { at_ms, .. }
             | Self::ExpireHistory { at_ms, .. } => *at_ms,
             Self::CreateJoinToken(t) => t.created_at_ms,
-            Self::AddSigningKey(_) | Self::SetSchedulingPaused(_) | Self::AcceptTool { .. } => 0,
+            Self::AddSigningKey(_)
+            | Self::SetSchedulingPaused(_)
+            | Self::AcceptTool { .. }
+            | Self::Batch(_) => 0,
         }
     }
 }
@@ -588,6 +594,8 @@ pub enum Response {
         deduplicated: bool,
     },
     WorkflowNow(WorkflowStatus),
+    /// What each command of a batch answered, in order.
+    Batch(Vec<Response>),
     /// The command was refused by the state machine; nothing changed.
     Rejected(Rejection),
 }
@@ -618,6 +626,8 @@ pub enum Rejection {
     SiblingOnNode,
     #[error("no tool {0:?} in the catalogue")]
     NoSuchTool(String),
+    #[error("a batch of commands may not contain another batch")]
+    NestedBatch,
 }
 
 /// A running attempt the hub ended: its node should stop it.
@@ -684,6 +694,16 @@ pub fn idempotency_index(tenant: &str, key: &str) -> String {
 impl State {
     /// Applies one command committed at log index `index`.
     pub fn apply(&mut self, index: u64, cmd: &Command) -> Response {
+        if let Command::Batch(cmds) = cmd {
+            return Response::Batch(
+                cmds.iter()
+                    .map(|c| match c {
+                        Command::Batch(_) => Response::Rejected(Rejection::NestedBatch),
+                        c => self.apply(index, c),
+                    })
+                    .collect(),
+            );
+        }
         let settled_to = self.effects.touched.len();
         match self.try_apply(index, cmd) {
             Ok(r) => {
@@ -1117,6 +1137,7 @@ impl State {
                 Ok(Response::Done)
             }
             Command::SubmitWorkflow(wf) => Ok(self.submit_workflow(index, wf)),
+            Command::Batch(_) => Err(Rejection::NestedBatch),
             Command::ExpireHistory { through_ms, .. } => {
                 if let Err(e) = self.history.expire(index, *through_ms) {
                     self.effects.store_error = Some(e.to_string());

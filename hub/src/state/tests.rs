@@ -1046,3 +1046,53 @@ fn retention_expires_by_age_and_beyond_the_count_oldest_first() {
     // Expiring is idempotent.
     assert_eq!(h.expire(3, 2_000).unwrap(), 0);
 }
+
+#[test]
+fn a_batch_applies_each_command_in_order_as_if_alone() {
+    let mut s = with_node();
+    let r = s.apply(
+        1,
+        &Command::Batch(vec![
+            task("t1", Some("k")),
+            task("t2", Some("k")),
+            task("t3", None),
+            Command::Batch(vec![task("t4", None)]),
+        ]),
+    );
+    assert_eq!(
+        r,
+        Response::Batch(vec![
+            Response::Submitted {
+                task_id: "t1".into(),
+                deduplicated: false
+            },
+            // The second command sees the first one's effect.
+            Response::Submitted {
+                task_id: "t1".into(),
+                deduplicated: true
+            },
+            Response::Submitted {
+                task_id: "t3".into(),
+                deduplicated: false
+            },
+            Response::Rejected(Rejection::NestedBatch),
+        ])
+    );
+    assert!(!s.tasks.contains_key("t4"));
+    // Assignments in one entry share its index as their fence; each task has its own.
+    let r = s.apply(2, &Command::Batch(vec![assign("t1"), assign("t3")]));
+    let fence = Response::Assigned {
+        attempt: 1,
+        fence: 2,
+    };
+    assert_eq!(r, Response::Batch(vec![fence.clone(), fence]));
+    let r = s.apply(
+        3,
+        &Command::Batch(vec![finish("t1", 1, 2), finish("t3", 1, 2)]),
+    );
+    let done = Response::TaskNow(TaskStatus::Succeeded);
+    assert_eq!(r, Response::Batch(vec![done.clone(), done]));
+    assert_eq!(task_now(&s, "t1").status, TaskStatus::Succeeded);
+    assert_eq!(task_now(&s, "t3").status, TaskStatus::Succeeded);
+    assert!(s.tasks.is_empty());
+}

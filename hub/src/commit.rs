@@ -1,0 +1,101 @@
+//! Group commit: commands that arrive while earlier ones are being committed share one Raft
+//! entry (`Command::Batch`). Nothing waits to fill a batch: a command goes out as soon as a
+//! commit slot is free, together with whatever queued behind it, so a lone write costs what
+//! it did and a busy hub makes fewer, larger entries. Each entry costs a log append,
+//! replication to every hub, an apply and the apply hooks, so fewer entries mean less work
+//! per call.
+
+use std::sync::Arc;
+
+use openraft::error::{ClientWriteError, Fatal, RaftError};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::{
+    raft::{HubNode, Raft},
+    state::{Command, Response},
+};
+
+pub type WriteError = RaftError<u64, ClientWriteError<u64, HubNode>>;
+type Reply = oneshot::Sender<Result<Response, WriteError>>;
+
+/// Entries being committed at once.
+const IN_FLIGHT: usize = 4;
+/// Most commands in one entry.
+const MAX_BATCH: usize = 128;
+/// Commands waiting for a commit slot; beyond it writers wait to queue.
+const QUEUE: usize = 4096;
+
+/// The write path into Raft. Cheap to clone.
+#[derive(Clone)]
+pub struct GroupCommit {
+    tx: mpsc::Sender<(Command, Reply)>,
+}
+
+impl GroupCommit {
+    /// Starts the committer on `raft` (it ends when every handle is dropped).
+    pub fn start(raft: Raft) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(run(raft, rx));
+        Self { tx }
+    }
+
+    /// Commits `cmd` (alone or with others) and returns what applying it answered.
+    pub async fn write(&self, cmd: Command) -> Result<Response, WriteError> {
+        let (reply, answer) = oneshot::channel();
+        if self.tx.send((cmd, reply)).await.is_err() {
+            return Err(RaftError::Fatal(Fatal::Stopped));
+        }
+        answer
+            .await
+            .unwrap_or(Err(RaftError::Fatal(Fatal::Stopped)))
+    }
+}
+
+async fn run(raft: Raft, mut rx: mpsc::Receiver<(Command, Reply)>) {
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        // While every slot is busy, more commands queue up behind `first`.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            commit(&raft, batch).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn commit(raft: &Raft, mut batch: Vec<(Command, Reply)>) {
+    if batch.len() == 1 {
+        let (cmd, reply) = batch.pop().expect("one command");
+        let _ = reply.send(raft.client_write(cmd).await.map(|r| r.data));
+        return;
+    }
+    let (cmds, replies): (Vec<Command>, Vec<Reply>) = batch.into_iter().unzip();
+    match raft.client_write(Command::Batch(cmds)).await {
+        Ok(r) => {
+            let answers = match r.data {
+                Response::Batch(answers) => answers,
+                other => vec![other],
+            };
+            // `apply` answers every command of a batch, in order.
+            debug_assert_eq!(answers.len(), replies.len());
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                let _ = reply.send(Ok(answer));
+            }
+        }
+        Err(e) => {
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
