@@ -50,7 +50,16 @@ echo "clients: $clients, operations per side: $total, date: $(date -u +%F)"
 echo
 echo "| system | operations | ops/s | p50 ms | p99 ms | max ms |"
 echo "|---|---|---|---|---|---|"
+cpu_ms() { python3 -c '
+import sys
+t=0
+for p in sys.argv[1:]:
+    f=open(f"/proc/{p}/stat").read().rsplit(")",1)[1].split()
+    t+=int(f[11])+int(f[12])
+print(t*10)' "$@"; }
+etcd_cpu0=$(cpu_ms "${pids[@]}")
 etcd_out=$(target/etcd-put/release/etcd-put --endpoints "$endpoints" --clients "$clients" --total "$total")
+etcd_cpu1=$(cpu_ms "${pids[@]}")
 echo "$etcd_out" | grep '^|'
 flt_out=$(target/release/flotilla-bench calls --hubs 3 --agents "$clients" --calls "$total" --no-direct 2>/dev/null)
 echo "$flt_out" | grep '^| through' | awk -F'|' '{printf "| Flotilla 3 hubs, end-to-end tool calls |%s|%s|%s|%s|%s|\n", $3, $5, $6, $7, $8}'
@@ -58,3 +67,5 @@ e=$(echo "$etcd_out" | awk '/^etcd_puts_per_second/ {print $2}')
 f=$(echo "$flt_out" | awk '/^flotilla_calls_per_second/ {print $2}')
 echo
 python3 -c "print(f'ratio Flotilla calls/s / etcd puts/s: {$f/$e:.3f}')"
+echo "etcd cpu_ms_per_put (three members): $(python3 -c "print(f'{($etcd_cpu1-$etcd_cpu0)/$total:.3f}')")"
+echo "Flotilla $(echo "$flt_out" | grep '^cpu_ms_per_call')"

@@ -162,6 +162,50 @@ where
     Stats { wall, lat, errors }
 }
 
+/// CPU time (user + system) a process has used so far, in milliseconds.
+fn cpu_ms(pid: i32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    ticks * 1000 / 100
+}
+
+/// The child processes of `pid` (every thread's children).
+fn children(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
+}
+
+/// CPU milliseconds used so far by the hubs, the node, its MCP servers, and this process.
+fn cpu_by_part(cluster: &Cluster) -> [u64; 4] {
+    let hubs = cluster.hubs.iter().map(|h| cpu_ms(h.proc.pid())).sum();
+    let node = cluster.nodes.get("bench-1").map(|n| n.pid());
+    let servers = node.map_or(0, |n| children(n).into_iter().map(cpu_ms).sum());
+    [
+        hubs,
+        node.map_or(0, cpu_ms),
+        servers,
+        cpu_ms(std::process::id() as i32),
+    ]
+}
+
 fn rss_kib(pid: i32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines()
@@ -370,10 +414,21 @@ async fn calls(bin: &std::path::Path, args: Args) -> anyhow::Result<()> {
             .await?;
         agents.push(cluster.agent_at(cluster.hubs[j % cluster.hubs.len()].id, &token));
     }
+    let cpu_before = cpu_by_part(&cluster);
     let through_stats = drive(args.agents, args.calls, move |i| {
         call_echo(agents[i % agents.len()].clone(), i)
     })
     .await;
+    let cpu_after = cpu_by_part(&cluster);
+    let per_call =
+        |i: usize| (cpu_after[i] - cpu_before[i]) as f64 / through_stats.lat.len().max(1) as f64;
+    println!(
+        "cpu_ms_per_call hubs={:.3} node={:.3} mcp_server={:.3} bench_client={:.3}",
+        per_call(0),
+        per_call(1),
+        per_call(2),
+        per_call(3)
+    );
     let hub_rss = rss_kib(cluster.hubs[0].proc.pid());
     let node_rss = cluster.nodes.get("bench-1").and_then(|n| rss_kib(n.pid()));
     report(
