@@ -22,12 +22,16 @@ type Reply = oneshot::Sender<Result<Response, WriteError>>;
 const IN_FLIGHT: usize = 4;
 /// Most commands in one entry.
 const MAX_BATCH: usize = 128;
+/// Most bytes (as `Command::approx_bytes` counts them) in one entry: far below what one
+/// Raft message between hubs may carry, whatever the commands.
+const MAX_BATCH_BYTES: usize = 8 << 20;
 /// Commands waiting for a commit slot; beyond it writers wait to queue.
 const QUEUE: usize = 4096;
 
 /// The write path into Raft. Cheap to clone.
 #[derive(Clone)]
 pub struct GroupCommit {
+    raft: Raft,
     tx: mpsc::Sender<(Command, Reply)>,
 }
 
@@ -35,12 +39,15 @@ impl GroupCommit {
     /// Starts the committer on `raft` (it ends when every handle is dropped).
     pub fn start(raft: Raft) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(raft, rx));
-        Self { tx }
+        tokio::spawn(run(raft.clone(), rx));
+        Self { raft, tx }
     }
 
     /// Commits `cmd` (alone or with others) and returns what applying it answered.
     pub async fn write(&self, cmd: Command) -> Result<Response, WriteError> {
+        if !cmd.batchable() {
+            return self.raft.client_write(cmd).await.map(|r| r.data);
+        }
         let (reply, answer) = oneshot::channel();
         if self.tx.send((cmd, reply)).await.is_err() {
             return Err(RaftError::Fatal(Fatal::Stopped));
@@ -53,17 +60,30 @@ impl GroupCommit {
 
 async fn run(raft: Raft, mut rx: mpsc::Receiver<(Command, Reply)>) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
-    while let Some(first) = rx.recv().await {
+    // A command taken from the queue that did not fit the last batch: it starts the next.
+    let mut held = None;
+    loop {
+        let first = match held.take() {
+            Some(c) => c,
+            None => match rx.recv().await {
+                Some(c) => c,
+                None => return,
+            },
+        };
         // While every slot is busy, more commands queue up behind `first`.
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
+        let mut bytes = first.0.approx_bytes();
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
+            let Ok(next) = rx.try_recv() else { break };
+            bytes += next.0.approx_bytes();
+            if bytes > MAX_BATCH_BYTES {
+                held = Some(next);
+                break;
             }
+            batch.push(next);
         }
         let raft = raft.clone();
         tokio::spawn(async move {

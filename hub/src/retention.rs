@@ -1,7 +1,8 @@
 //! Retention of finished work, on the leader: once a second, when the history store holds
 //! records past `retention_s` (or more than `retention_max_tasks`), commits an
-//! `ExpireHistory` through Raft. Every hub then expires the same records at the same log
-//! index; the command names a time, and each hub's store finds the records themselves.
+//! `ExpireHistory` through Raft, naming the cut (end time and record) below which finished
+//! work goes, at most `history::EXPIRE_BATCH` records at a time. Every hub then expires the
+//! same records at the same log index.
 
 use std::time::Duration;
 
@@ -26,7 +27,7 @@ pub async fn run(hub: Hub, mut stop: tokio::sync::watch::Receiver<bool>) {
         }
         let now_ms = flotilla_common::now_ms();
         let history = hub.state().history.clone();
-        let through_ms = match history.expiry_due(now_ms, retention_ms, max) {
+        let (through_ms, entry) = match history.expiry_due(now_ms, retention_ms, max) {
             Ok(Some(t)) => t,
             Ok(None) => continue,
             Err(e) => {
@@ -35,13 +36,12 @@ pub async fn run(hub: Hub, mut stop: tokio::sync::watch::Receiver<bool>) {
             }
         };
         let before = history.len();
-        match hub
-            .write(Command::ExpireHistory {
-                through_ms,
-                at_ms: now_ms,
-            })
-            .await
-        {
+        let cmd = Command::ExpireHistory {
+            through_ms,
+            through_entry: Some(entry),
+            at_ms: now_ms,
+        };
+        match hub.write(cmd).await {
             Ok(_) => tracing::debug!(
                 through_ms,
                 expired = before.saturating_sub(history.len()),

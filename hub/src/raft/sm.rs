@@ -396,13 +396,19 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .flush_async()
             .await
             .map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
-        let live = live_part(live);
+        let live = if bytes.starts_with(MAGIC) {
+            live_part(live)
+        } else {
+            // From an older hub: persist the state as it is now (finished work archived),
+            // or a restart would load the finished tasks into memory again.
+            let json = serde_json::to_vec(&new_data)
+                .map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
+            live_part(&json)
+        };
         self.persist_snapshot(meta, &live, next.generation(), false)
             .await?;
         let mut state = self.state.write().expect("state lock");
-        self.history
-            .replace_with(next)
-            .map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
+        let retired = self.history.replace_with(next);
         new_data.state.history = self.history.clone();
         *state = new_data.state;
         *self.applied.lock().expect("applied lock") = Applied {
@@ -411,6 +417,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         };
         self.hooks.replaced(&state);
         drop(state);
+        if let Err(e) = retired.remove() {
+            // Its trees are dropped at the next start (`History::open`) instead.
+            tracing::warn!(error = %e, "dropping the replaced history store failed");
+        }
         self.purge_history(meta);
         Ok(())
     }

@@ -370,7 +370,6 @@ impl AgentService for AgentApi {
     ) -> Result<Response<ListTasksResponse>, Status> {
         let claims = self.caller(&req)?;
         self.hub.read_barrier().await?;
-        let state = self.hub.state();
         let r = req.get_ref();
         let wanted: Vec<TaskState> = r
             .states
@@ -392,16 +391,20 @@ impl AgentService for AgentApi {
         };
         // Task ids are UUIDv7, so reverse id order is newest first: live tasks (memory)
         // and finished ones (the history store) are merged in that order.
-        let live: Vec<flotilla_proto::Task> = state
-            .tasks
-            .values()
-            .rev()
-            .filter(|t| t.tenant == claims.tenant)
-            .filter(|t| may_match(t))
-            .map(|t| task_view(&self.hub, &state, t))
-            .filter(|v| wanted.is_empty() || wanted.contains(&v.state()))
-            .take(limit)
-            .collect();
+        let (live, history) = {
+            let state = self.hub.state();
+            let live: Vec<flotilla_proto::Task> = state
+                .tasks
+                .values()
+                .rev()
+                .filter(|t| t.tenant == claims.tenant)
+                .filter(|t| may_match(t))
+                .map(|t| task_view(&self.hub, &state, t))
+                .filter(|v| wanted.is_empty() || wanted.contains(&v.state()))
+                .take(limit)
+                .collect();
+            (live, state.history.clone())
+        };
         // Finished tasks only when an ended state is asked for.
         let ended = wanted.is_empty()
             || wanted.iter().any(|w| {
@@ -413,24 +416,31 @@ impl AgentService for AgentApi {
                         | TaskState::Lost
                 )
             });
+        // Read without holding the state lock: applies go on meanwhile.
         let finished = if ended {
-            state
-                .history
-                .list(&claims.tenant, r.dead_lettered, limit, |t| {
-                    may_match(t) && !state.tasks.contains_key(&t.id)
-                })
+            history
+                .list(&claims.tenant, r.dead_lettered, limit, may_match)
                 .map_err(store_error)?
         } else {
             Vec::new()
         };
-        let mut finished = finished
-            .iter()
-            .map(|t| task_view(&self.hub, &state, t))
-            .peekable();
+        let finished: Vec<flotilla_proto::Task> = {
+            let state = self.hub.state();
+            finished
+                .iter()
+                .map(|t| task_view(&self.hub, &state, t))
+                .collect()
+        };
+        let mut finished = finished.into_iter().peekable();
         let mut live = live.into_iter().peekable();
         let mut tasks = Vec::with_capacity(limit);
         while tasks.len() < limit {
             let take_live = match (live.peek(), finished.peek()) {
+                // Both (a store ahead of memory while a hub replays): the live view.
+                (Some(a), Some(b)) if a.id == b.id => {
+                    finished.next();
+                    true
+                }
                 (Some(a), Some(b)) => a.id > b.id,
                 (Some(_), None) => true,
                 (None, Some(_)) => false,

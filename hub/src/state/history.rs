@@ -140,28 +140,22 @@ impl Backend {
         })
     }
 
-    fn insert(&self, t: usize, k: &[u8], v: &[u8]) -> StoreResult<()> {
-        match self {
-            Self::Memory(m) => {
-                m.lock().expect("history lock")[t].insert(k.to_vec(), v.to_vec());
-            }
-            Self::Sled { trees, .. } => {
-                trees[t].insert(k, v)?;
-            }
-        }
-        Ok(())
+    /// Writes `k`; whether it was there before.
+    fn insert(&self, t: usize, k: &[u8], v: &[u8]) -> StoreResult<bool> {
+        Ok(match self {
+            Self::Memory(m) => m.lock().expect("history lock")[t]
+                .insert(k.to_vec(), v.to_vec())
+                .is_some(),
+            Self::Sled { trees, .. } => trees[t].insert(k, v)?.is_some(),
+        })
     }
 
-    fn remove(&self, t: usize, k: &[u8]) -> StoreResult<()> {
-        match self {
-            Self::Memory(m) => {
-                m.lock().expect("history lock")[t].remove(k);
-            }
-            Self::Sled { trees, .. } => {
-                trees[t].remove(k)?;
-            }
-        }
-        Ok(())
+    /// Removes `k`; whether it was there.
+    fn remove(&self, t: usize, k: &[u8]) -> StoreResult<bool> {
+        Ok(match self {
+            Self::Memory(m) => m.lock().expect("history lock")[t].remove(k).is_some(),
+            Self::Sled { trees, .. } => trees[t].remove(k)?.is_some(),
+        })
     }
 
     /// Keys (and values) of tree `t` starting with `prefix`, in order (reversed with
@@ -388,69 +382,88 @@ impl History {
         stored: &Stored<&T>,
     ) -> StoreResult<()> {
         let tree = if kind == KIND_TASK { TASKS } else { WORKFLOWS };
-        let before: Option<Stored<serde::de::IgnoredAny>> = b
-            .get(tree, id.as_bytes())?
-            .map(|v| decode(&v))
-            .transpose()?;
-        if before.is_none_or(|s| s.expired_at.is_some()) {
-            self.count.fetch_add(1, Ordering::Relaxed);
-        }
         b.insert(tree, id.as_bytes(), &encode(stored))?;
         if let Some(key) = &stored.key {
             let k = join(&[&key_prefix(kind, &stored.tenant, key), id.as_bytes()]);
             b.insert(KEYS, &k, b"")?;
         }
         let f = join(&[&time_key(stored.ended_at_ms), &[kind], id.as_bytes()]);
-        b.insert(BY_FINISH, &f, b"")?;
+        // `count` is the number of `by_finish` keys: records not expired.
+        if !b.insert(BY_FINISH, &f, b"")? {
+            self.count.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 
-    /// Expires, at log index `at`, records that ended at or before `through_ms` and existed
-    /// at `at`, oldest first, at most `EXPIRE_BATCH`. Returns how many.
-    pub fn expire(&self, at: u64, through_ms: i64) -> StoreResult<usize> {
+    fn drop_finish_key(&self, b: &Backend, key: &[u8]) -> StoreResult<()> {
+        if b.remove(BY_FINISH, key)? {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Expires, at log index `at`, every record that existed at `at` whose end-time key is
+    /// at or before `through` (a cut the leader chose; `cut` makes one). There is no limit
+    /// here, so a replay expires exactly what the first run did: a record visible at `at`
+    /// below the cut was expired at `at`, whatever the store holds by now. Steps a crash cut
+    /// short (the record marked, its keys not yet removed) are finished. Returns how many.
+    pub fn expire(&self, at: u64, through: &[u8]) -> StoreResult<usize> {
         let b = self.backend();
-        let mut due = Vec::new();
-        let limit = time_key(through_ms);
-        let mut scan_err = None;
+        let mut keys = Vec::new();
         b.scan(BY_FINISH, b"", false, |k, _| {
-            if k.len() < 9 || k[..8] > limit[..] {
+            if k > through {
                 return false;
             }
-            let (kind, id) = (k[8], k[9..].to_vec());
-            let tree = if kind == KIND_TASK { TASKS } else { WORKFLOWS };
-            let visible = match b.get(tree, &id) {
-                Ok(v) => v.and_then(|v| decode::<Stored<serde::de::IgnoredAny>>(&v).ok()),
-                Err(e) => {
-                    scan_err = Some(e);
-                    return false;
-                }
-            }
-            .is_some_and(|s| s.visible_at(at));
-            if visible {
-                due.push((k.to_vec(), kind, id));
-            }
-            due.len() < EXPIRE_BATCH
+            keys.push(k.to_vec());
+            true
         })?;
-        if let Some(e) = scan_err {
-            return Err(e);
-        }
-        for (finish_key, kind, id) in &due {
-            let tree = if *kind == KIND_TASK { TASKS } else { WORKFLOWS };
-            let Some(v) = b.get(tree, id)? else { continue };
+        let mut n = 0;
+        for fk in keys {
+            if fk.len() < 9 {
+                self.drop_finish_key(&b, &fk)?;
+                continue;
+            }
+            let (kind, id) = (fk[8], &fk[9..]);
+            let tree = if kind == KIND_TASK { TASKS } else { WORKFLOWS };
+            let Some(v) = b.get(tree, id)? else {
+                self.drop_finish_key(&b, &fk)?;
+                continue;
+            };
             // The record stays whole until purged: a replay before `at` still reads it.
             let mut s: Stored<serde_json::Value> = decode(&v)?;
-            s.expired_at = Some(at);
-            b.insert(tree, id, &encode(&s))?;
-            if *kind == KIND_TASK {
+            match s.expired_at {
+                // Archived after `at`: a store that is ahead of the replay.
+                _ if s.archived_at > at => continue,
+                // Expired before: only its key was left behind.
+                Some(e) if e < at => {
+                    self.drop_finish_key(&b, &fk)?;
+                    continue;
+                }
+                Some(e) if e == at => {}
+                _ => {
+                    s.expired_at = Some(at);
+                    b.insert(tree, id, &encode(&s))?;
+                    n += 1;
+                }
+            }
+            if kind == KIND_TASK {
                 let tk = join(&[s.tenant.as_bytes(), b"\0", id]);
                 b.remove(BY_TENANT, &tk)?;
                 b.remove(DEAD, &tk)?;
             }
-            b.remove(BY_FINISH, finish_key)?;
-            b.insert(EXPIRED, &join(&[&at.to_be_bytes(), &[*kind], id]), b"")?;
-            self.count.fetch_sub(1, Ordering::Relaxed);
+            b.insert(EXPIRED, &join(&[&at.to_be_bytes(), &[kind], id]), b"")?;
+            self.drop_finish_key(&b, &fk)?;
         }
-        Ok(due.len())
+        Ok(n)
+    }
+
+    /// The `expire` cut through end time `ms` and the record `entry` (`None`: every record
+    /// that ended at `ms`).
+    pub fn cut(ms: i64, entry: Option<&str>) -> Vec<u8> {
+        match entry {
+            Some(e) => join(&[&time_key(ms), e.as_bytes()]),
+            None => join(&[&time_key(ms), &[0xFF]]),
+        }
     }
 
     /// Removes the tombstones of records expired at or before log index `through`: a
@@ -483,13 +496,14 @@ impl History {
     }
 
     /// Where retention should expire through, if anything is due: records that ended
-    /// `retention_ms` before `now_ms` or earlier, and beyond `max_records` the oldest ones.
+    /// `retention_ms` before `now_ms` or earlier, and beyond `max_records` the oldest ones,
+    /// at most `EXPIRE_BATCH` of them. The cut is (end time, record) for `cut`.
     pub fn expiry_due(
         &self,
         now_ms: i64,
         retention_ms: u64,
         max_records: u64,
-    ) -> StoreResult<Option<i64>> {
+    ) -> StoreResult<Option<(i64, String)>> {
         let by_time = now_ms.saturating_sub(retention_ms.min(i64::MAX as u64) as i64);
         let excess = if max_records == 0 {
             0
@@ -499,11 +513,14 @@ impl History {
         let mut through = None;
         let mut seen = 0u64;
         self.backend().scan(BY_FINISH, b"", false, |k, _| {
+            if k.len() < 9 {
+                return true;
+            }
             let ms = (u64::from_be_bytes(k[..8].try_into().expect("8 bytes")) ^ (1 << 63)) as i64;
             seen += 1;
-            if ms <= by_time || seen <= excess.min(EXPIRE_BATCH as u64) {
-                through = Some(ms.max(through.unwrap_or(i64::MIN)));
-                true
+            if ms <= by_time || seen <= excess {
+                through = Some((ms, String::from_utf8_lossy(&k[8..]).into_owned()));
+                seen < EXPIRE_BATCH as u64
             } else {
                 false
             }
@@ -693,14 +710,24 @@ impl History {
         Ok(h)
     }
 
-    /// Makes this handle (and every clone) use `other`'s store; the store it used before
-    /// is dropped from disk.
-    pub fn replace_with(&self, other: History) -> StoreResult<()> {
+    /// Makes this handle (and every clone) use `other`'s store. Returns the store it used
+    /// before, to drop from disk with `Retired::remove` (outside any lock: it takes time
+    /// in proportion to its size).
+    pub fn replace_with(&self, other: History) -> Retired {
         let new = other.backend();
         let old = std::mem::replace(&mut *self.backend.write().expect("history lock"), new);
         self.count
             .store(other.count.load(Ordering::Relaxed), Ordering::Relaxed);
-        if let Backend::Sled { db, generation, .. } = &*old {
+        Retired(old)
+    }
+}
+
+/// A store generation no longer in use.
+pub struct Retired(Arc<Backend>);
+
+impl Retired {
+    pub fn remove(self) -> StoreResult<()> {
+        if let Backend::Sled { db, generation, .. } = &*self.0 {
             for t in TREES {
                 db.drop_tree(tree_name(*generation, t))?;
             }

@@ -529,17 +529,53 @@ pub enum Command {
         at_ms: i64,
     },
     /// Commands that arrived together, committed as one entry (group commit) and applied in
-    /// order, each as if alone (a batch inside a batch is refused).
+    /// order, each as if alone (see `batchable` for what may not be in one).
     Batch(Vec<Command>),
-    /// Retention: finished tasks and workflows that ended at or before `through_ms` leave
-    /// the history store (at most `history::EXPIRE_BATCH` per command, oldest first).
+    /// Retention: finished tasks and workflows whose end is at or before the cut (end time
+    /// `through_ms`, then the record `through_entry`; `None`: all that ended then) leave the
+    /// history store. The leader picks the cut (`History::expiry_due`).
     ExpireHistory {
         through_ms: i64,
+        #[serde(default)]
+        through_entry: Option<String>,
         at_ms: i64,
     },
 }
 
 impl Command {
+    /// May share an entry with other commands. Expiry may not: every command of an entry
+    /// applies at the same log index, and the store's versions cannot order an expiry
+    /// against a read in the same entry.
+    pub fn batchable(&self) -> bool {
+        !matches!(self, Self::Batch(_) | Self::ExpireHistory { .. })
+    }
+
+    /// About how many bytes the command takes encoded: what group commit budgets.
+    pub fn approx_bytes(&self) -> usize {
+        fn size(v: &Value) -> usize {
+            match v {
+                Value::String(s) => s.len() + 2,
+                Value::Array(a) => 2 + a.iter().map(size).sum::<usize>(),
+                Value::Object(o) => 2 + o.iter().map(|(k, v)| k.len() + 4 + size(v)).sum::<usize>(),
+                _ => 8,
+            }
+        }
+        512 + match self {
+            Self::SubmitTask(t) => size(&t.arguments),
+            Self::FinishTask { result, error, .. } => {
+                result.as_ref().map_or(0, size) + error.as_ref().map_or(0, String::len)
+            }
+            Self::SubmitWorkflow(w) => w.steps.iter().map(|s| 256 + size(&s.arguments)).sum(),
+            Self::NodeHello { servers, .. } => servers
+                .iter()
+                .flat_map(|s| &s.tools)
+                .map(|t| 256 + t.description.len() + size(&t.input_schema))
+                .sum(),
+            Self::Batch(cmds) => cmds.iter().map(Command::approx_bytes).sum(),
+            _ => 0,
+        }
+    }
+
     fn at_ms(&self) -> i64 {
         match self {
             Self::SubmitTask(t) => t.created_at_ms,
@@ -626,8 +662,8 @@ pub enum Rejection {
     SiblingOnNode,
     #[error("no tool {0:?} in the catalogue")]
     NoSuchTool(String),
-    #[error("a batch of commands may not contain another batch")]
-    NestedBatch,
+    #[error("this command may not be part of a batch")]
+    NotBatchable,
 }
 
 /// A running attempt the hub ended: its node should stop it.
@@ -697,9 +733,9 @@ impl State {
         if let Command::Batch(cmds) = cmd {
             return Response::Batch(
                 cmds.iter()
-                    .map(|c| match c {
-                        Command::Batch(_) => Response::Rejected(Rejection::NestedBatch),
-                        c => self.apply(index, c),
+                    .map(|c| match c.batchable() {
+                        true => self.apply(index, c),
+                        false => Response::Rejected(Rejection::NotBatchable),
                     })
                     .collect(),
             );
@@ -1137,9 +1173,14 @@ impl State {
                 Ok(Response::Done)
             }
             Command::SubmitWorkflow(wf) => Ok(self.submit_workflow(index, wf)),
-            Command::Batch(_) => Err(Rejection::NestedBatch),
-            Command::ExpireHistory { through_ms, .. } => {
-                if let Err(e) = self.history.expire(index, *through_ms) {
+            Command::Batch(_) => Err(Rejection::NotBatchable),
+            Command::ExpireHistory {
+                through_ms,
+                through_entry,
+                ..
+            } => {
+                let cut = History::cut(*through_ms, through_entry.as_deref());
+                if let Err(e) = self.history.expire(index, &cut) {
                     self.effects.store_error = Some(e.to_string());
                 }
                 Ok(Response::Done)

@@ -899,6 +899,7 @@ fn history_run() -> Vec<Command> {
         task("t1", None),      // 5: the same id again: deduplicated
         Command::ExpireHistory {
             through_ms: 3,
+            through_entry: None,
             at_ms: 100,
         }, // 6: t1 expires
         task("t3", Some("k")), // 7: the key is free again: t3
@@ -909,6 +910,15 @@ fn history_run() -> Vec<Command> {
         }, // 9: no such task any more
         finish_at("t3", 8, 200), // 10: t3 archived
         task("t4", Some("k")), // 11: deduplicated to t3
+        Command::Batch(vec![
+            task("t5", None),
+            task("t6", Some("k")),
+            Command::ExpireHistory {
+                through_ms: 1_000,
+                through_entry: None,
+                at_ms: 300,
+            },
+        ]), // 12: t5 new, t6 deduplicated to t3, the expiry refused inside a batch
     ]
 }
 
@@ -967,6 +977,20 @@ fn finished_tasks_move_to_the_history_store_and_expire_deterministically() {
             task_id: "t3".into(),
             deduplicated: true
         }
+    );
+    assert_eq!(
+        responses[11],
+        Response::Batch(vec![
+            Response::Submitted {
+                task_id: "t5".into(),
+                deduplicated: false
+            },
+            Response::Submitted {
+                task_id: "t3".into(),
+                deduplicated: true
+            },
+            Response::Rejected(Rejection::NotBatchable),
+        ])
     );
     assert!(matches!(a.find_task("t1").unwrap(), Lookup::Expired { .. }));
     assert_eq!(task_now(&a, "t3").status, TaskStatus::Succeeded);
@@ -1033,18 +1057,24 @@ fn retention_expires_by_age_and_beyond_the_count_oldest_first() {
     // Nothing is a minute old at 10 s.
     assert_eq!(h.expiry_due(10_000, 60_000, 0).unwrap(), None);
     // Older than 5 s at 10 s: ended at 0..=5 s.
-    assert_eq!(h.expiry_due(10_000, 5_000, 0).unwrap(), Some(5_000));
+    assert_eq!(
+        h.expiry_due(10_000, 5_000, 0).unwrap(),
+        Some((5_000, "tt5".to_owned()))
+    );
     // At most 7 kept: the 3 oldest.
-    assert_eq!(h.expiry_due(10_000, 60_000, 7).unwrap(), Some(2_000));
-    assert_eq!(h.expire(2, 2_000).unwrap(), 3);
+    let (ms, entry) = h.expiry_due(10_000, 60_000, 7).unwrap().unwrap();
+    assert_eq!((ms, entry.as_str()), (2_000, "tt2"));
+    assert_eq!(h.expire(2, &History::cut(ms, Some(&entry))).unwrap(), 3);
     assert_eq!(h.len(), 7);
     assert!(matches!(h.task("t2").unwrap(), Lookup::Expired { .. }));
     assert!(matches!(h.task("t3").unwrap(), Lookup::Found(_)));
     let listed = h.list("t", false, 100, |_| true).unwrap();
     let ids: Vec<&str> = listed.iter().map(|t| t.id.as_str()).collect();
     assert_eq!(ids, ["t9", "t8", "t7", "t6", "t5", "t4", "t3"]);
-    // Expiring is idempotent.
-    assert_eq!(h.expire(3, 2_000).unwrap(), 0);
+    // Expiring is idempotent, and a replay of the same expiry changes nothing.
+    assert_eq!(h.expire(3, &History::cut(2_000, None)).unwrap(), 0);
+    assert_eq!(h.expire(2, &History::cut(ms, Some(&entry))).unwrap(), 0);
+    assert_eq!(h.len(), 7);
 }
 
 #[test]
@@ -1075,7 +1105,7 @@ fn a_batch_applies_each_command_in_order_as_if_alone() {
                 task_id: "t3".into(),
                 deduplicated: false
             },
-            Response::Rejected(Rejection::NestedBatch),
+            Response::Rejected(Rejection::NotBatchable),
         ])
     );
     assert!(!s.tasks.contains_key("t4"));
