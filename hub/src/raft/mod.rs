@@ -10,7 +10,7 @@ pub mod service;
 pub mod sm;
 pub mod store;
 
-use std::{io::Cursor, path::Path, sync::Arc};
+use std::{path::Path, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
@@ -24,7 +24,9 @@ openraft::declare_raft_types!(
         NodeId = u64,
         Node = HubNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        // A file: a snapshot sent to another hub carries the history store, streamed in
+        // chunks from and into a file rather than held in memory.
+        SnapshotData = tokio::fs::File,
         AsyncRuntime = openraft::TokioRuntime,
 );
 
@@ -72,6 +74,6 @@ pub fn open(
         .open()
         .map_err(|e| anyhow::anyhow!("opening raft storage at {}: {e}", path.display()))?;
     let log = store::LogStore::new(db.clone())?;
-    let sm = sm::StateMachineStore::new(db, hooks)?;
+    let sm = sm::StateMachineStore::new(db, hooks, &path.with_extension("tmp"))?;
     Ok((log, sm))
 }

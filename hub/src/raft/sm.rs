@@ -10,7 +10,8 @@
 //! hub appends the store as it is when sent (it may be ahead of the snapshot's index; the
 //! store is versioned for that).
 
-use std::io::Cursor;
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::HubNode as BasicNode;
@@ -71,6 +72,8 @@ pub struct StateMachineStore {
     snapshots: sled::Tree,
     /// Serializes snapshot persist/read so meta and data always match.
     snapshot_lock: Arc<Mutex<()>>,
+    /// Where snapshot files being sent or received live (unnamed, gone when closed).
+    tmp_dir: PathBuf,
 }
 
 impl Clone for StateMachineStore {
@@ -83,6 +86,7 @@ impl Clone for StateMachineStore {
             db: self.db.clone(),
             snapshots: self.snapshots.clone(),
             snapshot_lock: self.snapshot_lock.clone(),
+            tmp_dir: self.tmp_dir.clone(),
         }
     }
 }
@@ -102,7 +106,9 @@ fn snap_err(
 
 impl StateMachineStore {
     /// Open the state machine on `db`, restoring from the persisted snapshot if there is one.
-    pub fn new(db: sled::Db, hooks: Arc<dyn ApplyHook>) -> StorageResult<Self> {
+    pub fn new(db: sled::Db, hooks: Arc<dyn ApplyHook>, tmp_dir: &Path) -> StorageResult<Self> {
+        flotilla_common::pki::private_dir(tmp_dir)
+            .map_err(|e| snap_err(None, ErrorVerb::Write, std::io::Error::other(e.to_string())))?;
         let snapshots = db
             .open_tree("snapshot")
             .map_err(|e| snap_err(None, ErrorVerb::Read, e))?;
@@ -135,6 +141,7 @@ impl StateMachineStore {
             db,
             snapshots,
             snapshot_lock,
+            tmp_dir: tmp_dir.to_owned(),
         };
         Ok(sm)
     }
@@ -312,12 +319,34 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             self.purge_history(&meta);
         }
 
+        let file = self
+            .file_holding(|f| f.write_all(&bytes).map_err(Into::into))
+            .map_err(|e| snap_err(Some(&meta), ErrorVerb::Write, e))?;
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(bytes)),
+            snapshot: Box::new(file),
         })
     }
 }
+
+impl StateMachineStore {
+    /// A new unnamed file in `tmp_dir` filled by `fill`, positioned at its start.
+    fn file_holding(
+        &self,
+        fill: impl FnOnce(&mut BufWriter<&mut std::fs::File>) -> Result<(), HistoryError>,
+    ) -> Result<tokio::fs::File, HistoryError> {
+        let mut f = tempfile::tempfile_in(&self.tmp_dir)?;
+        {
+            let mut w = BufWriter::new(&mut f);
+            fill(&mut w)?;
+            w.flush()?;
+        }
+        f.seek(SeekFrom::Start(0))?;
+        Ok(tokio::fs::File::from_std(f))
+    }
+}
+
+type HistoryError = crate::state::history::StoreError;
 
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = Self;
@@ -371,25 +400,45 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<tokio::fs::File>> {
+        let f = self
+            .file_holding(|_| Ok(()))
+            .map_err(|e| snap_err(None, ErrorVerb::Write, e))?;
+        Ok(Box::new(f))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &Meta,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> StorageResult<()> {
         tracing::info!(snapshot = %meta, "install snapshot");
-        let bytes = snapshot.into_inner();
-        let (live, records) =
+        let read_err = |e: std::io::Error| snap_err(Some(meta), ErrorVerb::Read, e);
+        let mut input = BufReader::new(snapshot.into_std().await);
+        input.seek(SeekFrom::Start(0)).map_err(read_err)?;
+        // The live state is read whole (it is bounded); the history records after it are
+        // read one at a time into a new generation of trees, durable before the snapshot
+        // that names it is persisted. If anything fails first, the hub keeps its state and
+        // store as they were.
+        let mut head = vec![0; MAGIC.len()];
+        let got = input.read(&mut head).map_err(read_err)?;
+        head.truncate(got);
+        let bytes = if head == MAGIC {
+            let mut len = [0u8; 8];
+            input.read_exact(&mut len).map_err(read_err)?;
+            let mut json = vec![0; u64::from_be_bytes(len) as usize];
+            input.read_exact(&mut json).map_err(read_err)?;
+            live_part(&json)
+        } else {
+            // The whole state as JSON (an older hub's format): no records follow.
+            input.read_to_end(&mut head).map_err(read_err)?;
+            head
+        };
+        let (live, _) =
             split_snapshot(&bytes).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
-        // The history records go into a new generation of trees, durable before the
-        // snapshot that names it is persisted; if anything fails first, the hub keeps its
-        // state and store as they were.
         let next = self
             .history
-            .load_next(records)
+            .load_next_from(&mut input)
             .map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
         let (mut new_data, _) = decode_snapshot(meta, &bytes, &next)?;
         self.db
@@ -429,22 +478,23 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // Under the lock, so no purge for a newer snapshot removes tombstones this one's
         // receiver may still replay past.
         let _g = self.snapshot_lock.lock().await;
-        let Some((meta, mut data)) = read_persisted_snapshot(&self.snapshots)? else {
+        let Some((meta, data)) = read_persisted_snapshot(&self.snapshots)? else {
             return Ok(None);
         };
-        if !data.starts_with(MAGIC) {
-            // Persisted by an older hub: the whole state as JSON, no store to append.
-            return Ok(Some(Snapshot {
-                meta,
-                snapshot: Box::new(Cursor::new(data)),
-            }));
-        }
-        self.history
-            .dump(&mut data)
+        // Persisted by an older hub, the data is the whole state as JSON: no store to
+        // append. Otherwise the live part, then the history store record by record.
+        let file = self
+            .file_holding(|w| {
+                w.write_all(&data)?;
+                if data.starts_with(MAGIC) {
+                    self.history.dump_to(w)?;
+                }
+                Ok(())
+            })
             .map_err(|e| snap_err(Some(&meta), ErrorVerb::Read, e))?;
         Ok(Some(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Box::new(file),
         }))
     }
 }

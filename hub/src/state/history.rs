@@ -64,6 +64,8 @@ pub enum StoreError {
     Disk(#[from] sled::Error),
     #[error("history store holds an unreadable record: {0}")]
     Corrupt(String),
+    #[error("history store: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -658,24 +660,37 @@ impl History {
     }
 
     /// Every record, for a snapshot: (tree, key, value) written to `out` as
-    /// `tree:u8 key_len:u32 key value_len:u32 value`.
-    pub fn dump(&self, out: &mut Vec<u8>) -> StoreResult<()> {
+    /// `tree:u8 key_len:u32 key value_len:u32 value`, one record at a time.
+    pub fn dump_to(&self, out: &mut impl std::io::Write) -> StoreResult<()> {
         let b = self.backend();
+        let mut failed = None;
         for t in 0..TREES.len() {
             b.scan(t, b"", false, |k, v| {
-                out.push(t as u8);
-                out.extend_from_slice(&(k.len() as u32).to_be_bytes());
-                out.extend_from_slice(k);
-                out.extend_from_slice(&(v.len() as u32).to_be_bytes());
-                out.extend_from_slice(v);
-                true
+                let wrote = (|| {
+                    out.write_all(&[t as u8])?;
+                    out.write_all(&(k.len() as u32).to_be_bytes())?;
+                    out.write_all(k)?;
+                    out.write_all(&(v.len() as u32).to_be_bytes())?;
+                    out.write_all(v)
+                })();
+                match wrote {
+                    Ok(()) => true,
+                    Err(e) => {
+                        failed = Some(e);
+                        false
+                    }
+                }
             })?;
+            if let Some(e) = failed.take() {
+                return Err(e.into());
+            }
         }
         Ok(())
     }
 
-    /// A new store (the next sled generation, or memory) holding what `dump` wrote.
-    pub fn load_next(&self, bytes: &[u8]) -> StoreResult<History> {
+    /// A new store (the next sled generation, or memory) holding what `dump_to` wrote,
+    /// read from `input` one record at a time.
+    pub fn load_next_from(&self, input: &mut impl std::io::Read) -> StoreResult<History> {
         let next = match &*self.backend() {
             Backend::Memory(_) => Backend::Memory(Mutex::default()),
             Backend::Sled { db, generation, .. } => {
@@ -684,26 +699,29 @@ impl History {
                 b
             }
         };
-        let mut rest = bytes;
-        let corrupt = || StoreError::Corrupt("truncated history section in snapshot".into());
-        let take = |n: usize, rest: &mut &[u8]| -> StoreResult<Vec<u8>> {
-            if rest.len() < n {
-                return Err(corrupt());
+        let truncated = || StoreError::Corrupt("truncated history section in snapshot".into());
+        let mut tree = [0u8; 1];
+        let mut len = [0u8; 4];
+        loop {
+            match input.read(&mut tree)? {
+                0 => break,
+                _ if tree[0] as usize >= TREES.len() => {
+                    return Err(StoreError::Corrupt(format!(
+                        "unknown history tree {}",
+                        tree[0]
+                    )))
+                }
+                _ => {}
             }
-            let (a, b) = rest.split_at(n);
-            *rest = b;
-            Ok(a.to_vec())
-        };
-        while !rest.is_empty() {
-            let t = take(1, &mut rest)?[0] as usize;
-            if t >= TREES.len() {
-                return Err(StoreError::Corrupt(format!("unknown history tree {t}")));
-            }
-            let kl = u32::from_be_bytes(take(4, &mut rest)?.try_into().expect("4 bytes"));
-            let k = take(kl as usize, &mut rest)?;
-            let vl = u32::from_be_bytes(take(4, &mut rest)?.try_into().expect("4 bytes"));
-            let v = take(vl as usize, &mut rest)?;
-            next.insert(t, &k, &v)?;
+            let mut field = |input: &mut dyn std::io::Read| -> StoreResult<Vec<u8>> {
+                input.read_exact(&mut len).map_err(|_| truncated())?;
+                let mut v = vec![0; u32::from_be_bytes(len) as usize];
+                input.read_exact(&mut v).map_err(|_| truncated())?;
+                Ok(v)
+            };
+            let k = field(input)?;
+            let v = field(input)?;
+            next.insert(tree[0] as usize, &k, &v)?;
         }
         let h = Self::with(next);
         h.recount()?;

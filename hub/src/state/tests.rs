@@ -932,7 +932,7 @@ fn run_from(s: &mut State, cmds: &[Command], after: usize) -> Vec<Response> {
 
 fn dump(h: &History) -> Vec<u8> {
     let mut out = Vec::new();
-    h.dump(&mut out).unwrap();
+    h.dump_to(&mut out).unwrap();
     out
 }
 
