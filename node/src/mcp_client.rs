@@ -298,6 +298,16 @@ impl McpClient {
             }
         };
         guard.id = None;
+        if _reg.is_some() {
+            // rmcp hands every notification to a task of its own, spawned before the
+            // response that follows it is delivered, so the last progress notifications may
+            // still be queued when the response wakes this call; yielding lets them reach
+            // the registration before it goes. A mitigation: a transport that dispatches
+            // progress in stream order would make it certain.
+            for _ in 0..4 {
+                tokio::task::yield_now().await;
+            }
+        }
         match result? {
             ServerResult::CallToolResult(r) => {
                 serde_json::to_value(r).map_err(|e| CallError::Other(e.to_string()))
