@@ -557,29 +557,29 @@ impl History {
     /// How a task id stood after log index `at` (for `apply`): ended with this status, or
     /// not in the store then.
     pub fn task_at(&self, id: &str, at: u64) -> StoreResult<Option<TaskStatus>> {
-        #[derive(Deserialize)]
-        struct Status {
-            status: TaskStatus,
-        }
-        let Some(v) = self.backend().get(TASKS, id.as_bytes())? else {
-            return Ok(None);
-        };
-        let s: Stored<Status> = decode(&v)?;
-        Ok(s.visible_at(at)
-            .then_some(s.record.map(|r| r.status))
-            .flatten())
+        self.status_at(TASKS, id, at)
     }
 
     /// Whether workflow `id` was in the store after log index `at`, and how it ended.
     pub fn workflow_at(&self, id: &str, at: u64) -> StoreResult<Option<WorkflowStatus>> {
+        self.status_at(WORKFLOWS, id, at)
+    }
+
+    /// The `status` of record `id` in `tree`, if it existed after log index `at`.
+    fn status_at<S: DeserializeOwned>(
+        &self,
+        tree: usize,
+        id: &str,
+        at: u64,
+    ) -> StoreResult<Option<S>> {
         #[derive(Deserialize)]
-        struct Status {
-            status: WorkflowStatus,
+        struct Status<S> {
+            status: S,
         }
-        let Some(v) = self.backend().get(WORKFLOWS, id.as_bytes())? else {
+        let Some(v) = self.backend().get(tree, id.as_bytes())? else {
             return Ok(None);
         };
-        let s: Stored<Status> = decode(&v)?;
+        let s: Stored<Status<S>> = decode(&v)?;
         Ok(s.visible_at(at)
             .then_some(s.record.map(|r| r.status))
             .flatten())
