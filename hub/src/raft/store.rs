@@ -4,11 +4,17 @@
 //! Layout (one `sled::Db`):
 //! - tree `logs`: key = big-endian `u64` log index, value = JSON `Entry<TypeConfig>`
 //! - tree `meta`: `vote`, `committed`, `last_purged` (JSON)
+//!
+//! The newest entries are also kept decoded in memory (`Recent`): openraft reads every
+//! entry back right after appending it, to apply it and to send it to followers, and
+//! decoding it from JSON again each time was a visible share of a call's CPU.
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::io;
 use std::ops::Bound;
 use std::ops::RangeBounds;
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::LogFlushed;
 use openraft::storage::RaftLogStorage;
@@ -40,6 +46,92 @@ pub struct LogStore {
     db: sled::Db,
     logs: sled::Tree,
     meta: sled::Tree,
+    recent: Arc<Mutex<Recent>>,
+}
+
+/// Most entries, and most bytes of their JSON, kept decoded in memory.
+const RECENT_ENTRIES: usize = 1024;
+const RECENT_BYTES: usize = 32 << 20;
+
+/// The newest appended entries, decoded: a contiguous run of indexes ending at the last
+/// append, the same as the `logs` tree holds for them (appends, truncation and purges
+/// change both under one `&mut LogStore`).
+#[derive(Debug, Default)]
+struct Recent {
+    entries: VecDeque<(Entry<TypeConfig>, usize)>,
+    bytes: usize,
+}
+
+impl Recent {
+    fn first_index(&self) -> Option<u64> {
+        self.entries.front().map(|(e, _)| e.log_id.index)
+    }
+
+    fn push(&mut self, entry: Entry<TypeConfig>, size: usize) {
+        // Appends follow on from the last entry (after a truncation if needed); anything
+        // else starts the run again.
+        if self
+            .entries
+            .back()
+            .is_some_and(|(e, _)| e.log_id.index + 1 != entry.log_id.index)
+        {
+            self.clear();
+        }
+        self.bytes += size;
+        self.entries.push_back((entry, size));
+        while self.entries.len() > RECENT_ENTRIES || self.bytes > RECENT_BYTES {
+            let Some((_, n)) = self.entries.pop_front() else {
+                break;
+            };
+            self.bytes -= n;
+        }
+    }
+
+    /// Drops entries from index `from` on.
+    fn truncate(&mut self, from: u64) {
+        while self
+            .entries
+            .back()
+            .is_some_and(|(e, _)| e.log_id.index >= from)
+        {
+            let (_, n) = self.entries.pop_back().expect("checked");
+            self.bytes -= n;
+        }
+    }
+
+    /// Drops entries up to index `through`.
+    fn purge(&mut self, through: u64) {
+        while self
+            .entries
+            .front()
+            .is_some_and(|(e, _)| e.log_id.index <= through)
+        {
+            let (_, n) = self.entries.pop_front().expect("checked");
+            self.bytes -= n;
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+
+    /// Entries `lo..=hi` if all of them are here.
+    fn get(&self, lo: u64, hi: u64) -> Option<Vec<Entry<TypeConfig>>> {
+        let first = self.first_index()?;
+        let last = self.entries.back()?.0.log_id.index;
+        if lo < first || hi > last {
+            return None;
+        }
+        let from = (lo - first) as usize;
+        let to = (hi - first) as usize;
+        Some(
+            self.entries
+                .range(from..=to)
+                .map(|(e, _)| e.clone())
+                .collect(),
+        )
+    }
 }
 
 /// Only the log id of a stored entry (serde ignores the `payload` field).
@@ -68,7 +160,12 @@ impl LogStore {
         let meta = db
             .open_tree("meta")
             .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e))?;
-        Ok(Self { db, logs, meta })
+        Ok(Self {
+            db,
+            logs,
+            meta,
+            recent: Arc::default(),
+        })
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(
@@ -108,6 +205,10 @@ impl LogStore {
             .await
             .map_err(|e| io_err(subject, ErrorVerb::Write, e))?;
         Ok(())
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
+        self.recent.lock().expect("log cache lock")
     }
 
     fn last_purged(&self) -> StorageResult<Option<LogId<NodeId>>> {
@@ -150,6 +251,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
         };
         if lo > hi {
             return Ok(vec![]);
+        }
+        if let Some(entries) = self.recent().get(lo, hi) {
+            return Ok(entries);
         }
 
         let mut entries = Vec::new();
@@ -235,14 +339,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut batch = sled::Batch::default();
+        let mut decoded = Vec::new();
         for entry in entries {
             let v = serde_json::to_vec(&entry)
                 .map_err(|e| StorageIOError::write_log_entry(entry.log_id, AnyError::new(&e)))?;
-            batch.insert(&idx_key(entry.log_id.index)[..], v);
+            batch.insert(&idx_key(entry.log_id.index)[..], v.as_slice());
+            decoded.push((entry, v.len()));
         }
-        self.logs
-            .apply_batch(batch)
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        {
+            // Under the lock, so a reader sees the entries in both places or in neither.
+            let mut recent = self.recent();
+            let applied = self.logs.apply_batch(batch);
+            if applied.is_err() {
+                recent.clear();
+            }
+            applied.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+            for (entry, size) in decoded {
+                recent.push(entry, size);
+            }
+        }
 
         // Entries are readable now; report them flushed only once they are on disk.
         match self.db.flush_async().await {
@@ -264,6 +379,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
         tracing::debug!(%log_id, "truncate logs since (inclusive)");
+        self.recent().truncate(log_id.index);
         self.remove_range(idx_key(log_id.index)..)?;
         self.flush(ErrorSubject::Logs).await
     }
@@ -276,6 +392,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Record last_purged first: if we crash between the two writes, the remaining
         // entries <= last_purged are simply ignored/removed later, never a hole.
         self.put_meta(KEY_LAST_PURGED, &log_id, ErrorSubject::Logs)?;
+        self.recent().purge(log_id.index);
         self.remove_range(..=idx_key(log_id.index))?;
         Ok(())
     }
@@ -286,6 +403,55 @@ mod tests {
     use super::*;
     use crate::state::{Command, TaskRecord};
     use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn entry(term: u64, index: u64) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    fn ids(entries: &[Entry<TypeConfig>]) -> Vec<(u64, u64)> {
+        entries
+            .iter()
+            .map(|e| (e.log_id.leader_id.term, e.log_id.index))
+            .collect()
+    }
+
+    /// The decoded copy answers only for runs it holds whole, and follows truncation,
+    /// purges and its bounds.
+    #[test]
+    fn recent_entries_follow_the_log() {
+        let mut r = Recent::default();
+        for i in 1..=5 {
+            r.push(entry(1, i), 10);
+        }
+        assert_eq!(ids(&r.get(2, 4).unwrap()), [(1, 2), (1, 3), (1, 4)]);
+        assert!(r.get(0, 3).is_none(), "index 0 is not held");
+        assert!(r.get(4, 6).is_none(), "index 6 is not held");
+        // A follower's conflicting suffix is replaced by a new leader's entries.
+        r.truncate(4);
+        r.push(entry(2, 4), 10);
+        assert_eq!(ids(&r.get(3, 4).unwrap()), [(1, 3), (2, 4)]);
+        r.purge(2);
+        assert!(r.get(2, 4).is_none());
+        assert_eq!(r.bytes, 20);
+        // A gap (an install of a snapshot moved the log on) starts the run again.
+        r.push(entry(2, 9), 10);
+        assert!(r.get(4, 4).is_none());
+        assert_eq!(ids(&r.get(9, 9).unwrap()), [(2, 9)]);
+        // Bounded by count and by bytes.
+        for i in 10..10 + RECENT_ENTRIES as u64 + 5 {
+            r.push(entry(2, i), 1);
+        }
+        assert_eq!(r.entries.len(), RECENT_ENTRIES);
+        r.push(entry(2, 10 + RECENT_ENTRIES as u64 + 5), RECENT_BYTES);
+        assert_eq!(
+            r.entries.len(),
+            1,
+            "one entry over the byte budget alone is kept"
+        );
+    }
 
     /// The poison entry of issue #8: arguments nested close to serde_json's limit, wrapped
     /// by the entry in more levels. It must read back, or Raft stops for good.

@@ -431,8 +431,9 @@ impl History {
                 self.drop_finish_key(&b, &fk)?;
                 continue;
             };
-            // The record stays whole until purged: a replay before `at` still reads it.
-            let mut s: Stored<serde_json::Value> = decode(&v)?;
+            // The record stays whole until purged: a replay before `at` still reads it. It
+            // is carried as raw JSON: only the header is parsed and written again.
+            let mut s: Stored<Box<serde_json::value::RawValue>> = decode(&v)?;
             match s.expired_at {
                 // Archived after `at`: a store that is ahead of the replay.
                 _ if s.archived_at > at => continue,
