@@ -72,6 +72,8 @@ pub struct Hub {
     pub events: EventLogs,
     pub sessions: Sessions,
     pub pending: PendingReasons,
+    /// The leader's placements being committed, and the tenants it saw active.
+    pub placing: crate::scheduler::Placing,
     /// Per-agent and per-tenant limits on what callers may use of this hub.
     pub quota: crate::quota::Quota,
     /// Agent tokens verified recently.
@@ -208,8 +210,7 @@ impl Hub {
     pub async fn write(&self, cmd: Command) -> HubResult<Response> {
         let deadline = Instant::now() + LEADER_WAIT;
         loop {
-            let written =
-                tokio::time::timeout(LEADER_WAIT, self.inner.commit.write(cmd.clone())).await;
+            let written = tokio::time::timeout(LEADER_WAIT, self.commit(cmd.clone())).await;
             let Ok(written) = written else {
                 return Err(HubError::Unavailable(format!(
                     "the write was not committed within {}s (no quorum?); its outcome is unknown, retry with an idempotency key",
@@ -242,6 +243,24 @@ impl Hub {
         }
     }
 
+    /// Commits `cmd` here (openraft refuses unless this hub leads). A submission the leader
+    /// can place at once commits with its assignment in one entry.
+    /// (Boxed: sending an assignment may write again, a requeue, through here.)
+    fn commit(
+        &self,
+        cmd: Command,
+    ) -> futures::future::BoxFuture<'_, Result<Response, crate::commit::WriteError>> {
+        Box::pin(async move {
+            match crate::scheduler::at_submission(self, &cmd) {
+                Some(placed) => {
+                    let answer = self.inner.commit.write(placed.command(cmd)).await?;
+                    Ok(placed.dispatch(self, answer).await)
+                }
+                None => self.inner.commit.write(cmd).await,
+            }
+        })
+    }
+
     async fn forward(&self, leader: &HubNode, cmd: &Command) -> Result<Response, ForwardFailure> {
         let mut client = self
             .inner
@@ -268,7 +287,7 @@ impl Hub {
 
     /// Only on the leader: commit a forwarded command.
     pub(crate) async fn write_as_leader(&self, cmd: Command) -> Result<Response, PeerError> {
-        let written = tokio::time::timeout(LEADER_WAIT, self.inner.commit.write(cmd)).await;
+        let written = tokio::time::timeout(LEADER_WAIT, self.commit(cmd)).await;
         let Ok(written) = written else {
             return Err(PeerError::Failed(
                 "the write was not committed in time (no quorum?); its outcome is unknown".into(),
@@ -613,6 +632,7 @@ pub async fn run(
         events,
         sessions,
         pending: PendingReasons::default(),
+        placing: Default::default(),
         quota,
         tokens: crate::auth::TokenCache::default(),
         workflows,

@@ -4,6 +4,10 @@
 //! it did and a busy hub makes fewer, larger entries. Each entry costs a log append,
 //! replication to every hub, an apply and the apply hooks, so fewer entries mean less work
 //! per call.
+//!
+//! A write may itself be a `Command::Batch` of commands that must share an entry (a
+//! submission and its assignment): it joins a batch as one unit, its commands kept together
+//! and in order, and is answered with the `Response::Batch` of its own commands.
 
 use std::sync::Arc;
 
@@ -45,7 +49,7 @@ impl GroupCommit {
 
     /// Commits `cmd` (alone or with others) and returns what applying it answered.
     pub async fn write(&self, cmd: Command) -> Result<Response, WriteError> {
-        if !cmd.batchable() {
+        if !groupable(&cmd) {
             return self.raft.client_write(cmd).await.map(|r| r.data);
         }
         let (reply, answer) = oneshot::channel();
@@ -55,6 +59,14 @@ impl GroupCommit {
         answer
             .await
             .unwrap_or(Err(RaftError::Fatal(Fatal::Stopped)))
+    }
+}
+
+/// Whether `cmd` may share an entry: a batchable command, or a batch of them.
+fn groupable(cmd: &Command) -> bool {
+    match cmd {
+        Command::Batch(cmds) => cmds.iter().all(Command::batchable),
+        c => c.batchable(),
     }
 }
 
@@ -99,7 +111,22 @@ async fn commit(raft: &Raft, mut batch: Vec<(Command, Reply)>) {
         let _ = reply.send(raft.client_write(cmd).await.map(|r| r.data));
         return;
     }
-    let (cmds, replies): (Vec<Command>, Vec<Reply>) = batch.into_iter().unzip();
+    // Units of several commands are flattened into the entry; `shape` remembers how many
+    // commands each writer gave (`None`: one command, answered as itself).
+    let mut cmds = Vec::new();
+    let mut replies = Vec::with_capacity(batch.len());
+    for (cmd, reply) in batch {
+        match cmd {
+            Command::Batch(unit) => {
+                replies.push((reply, Some(unit.len())));
+                cmds.extend(unit);
+            }
+            c => {
+                replies.push((reply, None));
+                cmds.push(c);
+            }
+        }
+    }
     match raft.client_write(Command::Batch(cmds)).await {
         Ok(r) => {
             let answers = match r.data {
@@ -107,13 +134,17 @@ async fn commit(raft: &Raft, mut batch: Vec<(Command, Reply)>) {
                 other => vec![other],
             };
             // `apply` answers every command of a batch, in order.
-            debug_assert_eq!(answers.len(), replies.len());
-            for (reply, answer) in replies.into_iter().zip(answers) {
-                let _ = reply.send(Ok(answer));
+            let mut answers = answers.into_iter();
+            for (reply, shape) in replies {
+                let answer = match shape {
+                    None => answers.next(),
+                    Some(n) => Some(Response::Batch(answers.by_ref().take(n).collect())),
+                };
+                let _ = reply.send(answer.ok_or(RaftError::Fatal(Fatal::Panicked)));
             }
         }
         Err(e) => {
-            for reply in replies {
+            for (reply, _) in replies {
                 let _ = reply.send(Err(e.clone()));
             }
         }

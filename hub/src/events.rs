@@ -153,10 +153,25 @@ impl EventLogs {
     fn transition_at(&self, task: &TaskRecord, now: Instant) {
         let mut logs = self.inner.lock().expect("event log lock");
         logs.prune(now);
-        logs.by_task
-            .entry(task.id.clone())
-            .or_insert_with(TaskLog::new)
-            .push(transition_event(task));
+        let log = match logs.by_task.entry(task.id.clone()) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let log = v.insert(TaskLog::new());
+                // A task placed as it was submitted is queued and assigned in one entry:
+                // its log starts at its second transition, so it gets its first too.
+                if task.transitions == 1 && task.status != TaskStatus::Queued {
+                    log.push(TaskEvent {
+                        seq: 1,
+                        task_id: task.id.clone(),
+                        kind: EventKind::Queued as i32,
+                        at_ms: task.created_at_ms,
+                        ..Default::default()
+                    });
+                }
+                log
+            }
+        };
+        log.push(transition_event(task));
         if task.status.is_terminal() {
             logs.ended.push_back((now, task.id.clone()));
         }

@@ -20,7 +20,9 @@ use rand::Rng;
 
 use crate::{
     sessions::LiveNode,
-    state::{breaker_key, NodeRecord, NodeStatus, ServerRecord, State, TaskRecord},
+    state::{
+        breaker_key, Command, NodeRecord, NodeStatus, Response, ServerRecord, State, TaskRecord,
+    },
 };
 
 /// Up to this many candidates, every one is scored.
@@ -498,8 +500,12 @@ pub struct Plan {
 
 /// Plans one pass over the queue (see the module comment).
 pub fn plan(state: &State, cx: &Context<'_>, rng: &mut impl Rng) -> Plan {
+    plan_from(state, cx, InFlight::of(state), rng)
+}
+
+/// `plan`, counting `in_flight` as what is assigned or running.
+fn plan_from(state: &State, cx: &Context<'_>, mut in_flight: InFlight, rng: &mut impl Rng) -> Plan {
     let mut out = Plan::default();
-    let mut in_flight = InFlight::of(state);
     let mut cache = PassCache::default();
     // A tool (with the same constraints) no node could take stays that way for this pass:
     // placements only use capacity up.
@@ -614,11 +620,172 @@ impl ActiveTenants {
     }
 }
 
+/// The leader's placement bookkeeping shared by the scheduling loop and submissions placed
+/// at once: placements decided but not yet applied (so two placers never count the same
+/// free slot twice), and the tenants seen active. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Placing(Arc<Mutex<PlacingState>>);
+
+#[derive(Default)]
+struct PlacingState {
+    tenants: ActiveTenants,
+    /// (tenant, node, server) → placements being committed.
+    reserved: BTreeMap<(String, String, String), u32>,
+}
+
+impl PlacingState {
+    /// In flight per the state, plus what is being committed.
+    fn in_flight(&self, state: &State) -> InFlight {
+        let mut f = InFlight::of(state);
+        for ((tenant, node, server), n) in &self.reserved {
+            let p = Placement {
+                node_id: node.clone(),
+                server: server.clone(),
+            };
+            for _ in 0..*n {
+                f.add(tenant, &p);
+            }
+        }
+        f
+    }
+}
+
+/// A placement being committed; its slot stays counted until this is dropped (after the
+/// commit returns, when the state holds the assignment or its refusal).
+pub struct Reservation {
+    placing: Placing,
+    key: (String, String, String),
+}
+
+impl Placing {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PlacingState> {
+        self.0.lock().expect("placing lock")
+    }
+
+    fn reserve(&self, st: &mut PlacingState, tenant: &str, p: &Placement) -> Reservation {
+        let key = (tenant.to_owned(), p.node_id.clone(), p.server.clone());
+        *st.reserved.entry(key.clone()).or_default() += 1;
+        Reservation {
+            placing: self.clone(),
+            key,
+        }
+    }
+
+    /// Forgets the tenants seen (this hub stopped leading).
+    fn reset(&self) {
+        self.lock().tenants = ActiveTenants::default();
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut st = self.placing.lock();
+        if let Some(n) = st.reserved.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                st.reserved.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// A submission placed before it was committed: it commits as one entry with its
+/// assignment (`command`), and `dispatch` sends the assignment once it is applied.
+pub struct Placed {
+    task_id: String,
+    placement: Placement,
+    at_ms: i64,
+    _reservation: Reservation,
+}
+
+/// On the leader, places a task being submitted when nothing is queued (so no one waits
+/// behind it) and a node can take it now: one entry instead of two for the common call.
+/// Anything else (a fan-out, a retry backoff, paused scheduling, no free node) goes the
+/// usual way, through the queue and the next pass.
+pub fn at_submission(hub: &crate::app::Hub, cmd: &Command) -> Option<Placed> {
+    let Command::SubmitTask(task) = cmd else {
+        return None;
+    };
+    if task.spec.replicas > 1
+        || task.parent.is_some()
+        || task.workflow.is_some()
+        || task.not_before_ms.is_some()
+        || !hub.is_leader()
+    {
+        return None;
+    }
+    let live = hub.sessions.snapshot();
+    let mut st = hub.placing.lock();
+    let state = hub.state();
+    if state.scheduling_paused
+        || state.index.queue.values().any(|q| !q.is_empty())
+        || state.tasks.contains_key(&task.id)
+    {
+        return None;
+    }
+    let now_ms = flotilla_common::now_ms();
+    let mut active_tenants = st.tenants.update(&state, std::time::Instant::now());
+    if !st.tenants.0.contains_key(&task.tenant) {
+        active_tenants += 1;
+    }
+    let cx = Context {
+        live: &live,
+        limits: limits(hub),
+        now_ms,
+        active_tenants,
+        sample_above: SAMPLE_ALL,
+    };
+    let in_flight = st.in_flight(&state);
+    let placement = place(&state, &cx, &in_flight, task, &mut rand::thread_rng()).ok()?;
+    drop(state);
+    let reservation = hub.placing.reserve(&mut st, &task.tenant, &placement);
+    Some(Placed {
+        task_id: task.id.clone(),
+        placement,
+        at_ms: now_ms,
+        _reservation: reservation,
+    })
+}
+
+impl Placed {
+    /// The submission `cmd` with its assignment, to commit as one entry.
+    pub fn command(&self, cmd: Command) -> Command {
+        Command::Batch(vec![
+            cmd,
+            Command::AssignTask {
+                task_id: self.task_id.clone(),
+                node_id: self.placement.node_id.clone(),
+                server: self.placement.server.clone(),
+                at_ms: self.at_ms,
+            },
+        ])
+    }
+
+    /// Sends the assignment if it was applied; returns what the submission answered.
+    pub async fn dispatch(self, hub: &crate::app::Hub, answer: Response) -> Response {
+        let Response::Batch(mut answers) = answer else {
+            return answer;
+        };
+        let assigned = answers.pop();
+        let submitted = answers.pop();
+        match assigned {
+            Some(Response::Assigned { attempt, fence }) => {
+                send_assignment(hub, &self.task_id, &self.placement, attempt, fence).await;
+            }
+            other => tracing::debug!(
+                task_id = self.task_id,
+                ?other,
+                "placement at submission not applied"
+            ),
+        }
+        submitted.unwrap_or(Response::Rejected(crate::state::Rejection::NotBatchable))
+    }
+}
+
 /// The scheduling loop: runs a pass whenever something changed (or every 250 ms, which
 /// also ends retry backoffs), while this hub is the leader.
 pub async fn run(hub: crate::app::Hub, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
-    let mut tenants = ActiveTenants::default();
     loop {
         tokio::select! {
             _ = hub.wake_signal().notified() => {}
@@ -626,9 +793,9 @@ pub async fn run(hub: crate::app::Hub, mut stop: tokio::sync::watch::Receiver<bo
             _ = stop.changed() => return,
         }
         if hub.is_leader() {
-            pass(&hub, &mut tenants).await;
+            pass(&hub).await;
         } else {
-            tenants = ActiveTenants::default();
+            hub.placing.reset();
         }
     }
 }
@@ -641,10 +808,10 @@ pub fn limits(hub: &crate::app::Hub) -> Limits {
     }
 }
 
-async fn pass(hub: &crate::app::Hub, tenants: &mut ActiveTenants) {
-    use crate::state::{Command, Response};
+async fn pass(hub: &crate::app::Hub) {
     let live = hub.sessions.snapshot();
-    let plans: Vec<(String, Placement)> = {
+    let plans: Vec<(String, Placement, Reservation)> = {
+        let mut st = hub.placing.lock();
         let state = hub.state();
         if state.scheduling_paused {
             let waiting = state
@@ -661,58 +828,89 @@ async fn pass(hub: &crate::app::Hub, tenants: &mut ActiveTenants) {
             live: &live,
             limits: limits(hub),
             now_ms: flotilla_common::now_ms(),
-            active_tenants: tenants.update(&state, std::time::Instant::now()),
+            active_tenants: st.tenants.update(&state, std::time::Instant::now()),
             sample_above: SAMPLE_ALL,
         };
-        let plan = plan(&state, &cx, &mut rand::thread_rng());
+        let in_flight = st.in_flight(&state);
+        let plan = plan_from(&state, &cx, in_flight, &mut rand::thread_rng());
         hub.pending.set_many(plan.waiting);
+        let tenants: Vec<String> = plan
+            .assign
+            .iter()
+            .map(|(id, _)| {
+                state
+                    .tasks
+                    .get(id)
+                    .map(|t| t.tenant.clone())
+                    .unwrap_or_default()
+            })
+            .collect();
+        drop(state);
         plan.assign
+            .into_iter()
+            .zip(tenants)
+            .map(|((id, p), tenant)| {
+                let r = hub.placing.reserve(&mut st, &tenant, &p);
+                (id, p, r)
+            })
+            .collect()
     };
-    let writes = plans.into_iter().map(|(task_id, p)| async move {
-        hub.pending.clear(&task_id);
-        let cmd = Command::AssignTask {
-            task_id: task_id.clone(),
-            node_id: p.node_id.clone(),
-            server: p.server.clone(),
-            at_ms: flotilla_common::now_ms(),
-        };
-        let (attempt, fence) = match hub.write(cmd).await {
-            Ok(Response::Assigned { attempt, fence }) => (attempt, fence),
-            Ok(other) => {
-                tracing::debug!(task_id, ?other, "assignment not committed");
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(task_id, error = %e, "assignment not committed");
-                return;
-            }
-        };
-        let msg = {
-            let state = hub.state();
-            match state.tasks.get(&task_id) {
-                Some(t) => crate::convert::assign_message(t, &p.server, attempt, fence),
-                None => return,
-            }
-        };
-        tracing::info!(task_id, node_id = %p.node_id, server = %p.server, attempt, fence, "task assigned");
-        if !hub.sessions.send(&p.node_id, msg) {
-            // The node went away before the assignment could be sent: it never ran it.
-            let cmd = Command::RequeueTask {
+    let writes = plans
+        .into_iter()
+        .map(|(task_id, p, reservation)| async move {
+            hub.pending.clear(&task_id);
+            let cmd = Command::AssignTask {
                 task_id: task_id.clone(),
-                attempt,
-                fence,
+                node_id: p.node_id.clone(),
+                server: p.server.clone(),
                 at_ms: flotilla_common::now_ms(),
-                reason: format!(
-                    "node {} disconnected before the assignment reached it",
-                    p.node_id
-                ),
             };
-            if let Err(e) = hub.write(cmd).await {
-                tracing::warn!(task_id, error = %e, "requeue not committed");
+            let written = hub.write(cmd).await;
+            drop(reservation);
+            match written {
+                Ok(Response::Assigned { attempt, fence }) => {
+                    send_assignment(hub, &task_id, &p, attempt, fence).await
+                }
+                Ok(other) => tracing::debug!(task_id, ?other, "assignment not committed"),
+                Err(e) => tracing::warn!(task_id, error = %e, "assignment not committed"),
             }
-        }
-    });
+        });
     futures::future::join_all(writes).await;
+}
+
+/// Sends a committed assignment to its node; if the node's session is gone, the node never
+/// ran it, so the task goes back to the queue.
+async fn send_assignment(
+    hub: &crate::app::Hub,
+    task_id: &str,
+    p: &Placement,
+    attempt: u32,
+    fence: u64,
+) {
+    let msg = {
+        let state = hub.state();
+        match state.tasks.get(task_id) {
+            Some(t) => crate::convert::assign_message(t, &p.server, attempt, fence),
+            None => return,
+        }
+    };
+    tracing::info!(task_id, node_id = %p.node_id, server = %p.server, attempt, fence, "task assigned");
+    if hub.sessions.send(&p.node_id, msg) {
+        return;
+    }
+    let cmd = Command::RequeueTask {
+        task_id: task_id.to_owned(),
+        attempt,
+        fence,
+        at_ms: flotilla_common::now_ms(),
+        reason: format!(
+            "node {} disconnected before the assignment reached it",
+            p.node_id
+        ),
+    };
+    if let Err(e) = hub.write(cmd).await {
+        tracing::warn!(task_id, error = %e, "requeue not committed");
+    }
 }
 
 #[cfg(test)]
