@@ -501,6 +501,11 @@ enum ForwardFailure {
     Final(HubError),
 }
 
+/// How long sending one snapshot chunk may take, and the last one with its install.
+const INSTALL_SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Bytes of snapshot per InstallSnapshot message.
+const SNAPSHOT_CHUNK_BYTES: u64 = 4 << 20;
+
 fn raft_config(c: &HubConfig) -> anyhow::Result<Arc<openraft::Config>> {
     let cfg = openraft::Config {
         cluster_name: c.cluster_name.clone(),
@@ -511,6 +516,12 @@ fn raft_config(c: &HubConfig) -> anyhow::Result<Arc<openraft::Config>> {
         // Keep some log behind a snapshot so a briefly lagging follower catches up from
         // the log; one further behind gets the snapshot.
         max_in_snapshot_log_to_keep: (c.snapshot_logs / 10).min(1000),
+        // A chunk must arrive within this, and the last one also covers installing the
+        // snapshot: loading every finished task it carries into the history store. The
+        // default (200 ms) is too short for either once the store holds thousands of
+        // records, and a timed-out transfer starts again from the first chunk.
+        install_snapshot_timeout: INSTALL_SNAPSHOT_TIMEOUT.as_millis() as u64,
+        snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
         ..Default::default()
     };
     Ok(Arc::new(cfg.validate().context("raft configuration")?))

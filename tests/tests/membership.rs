@@ -28,6 +28,28 @@ async fn converged(c: &Cluster, members: usize) -> anyhow::Result<()> {
     .await
 }
 
+/// Finished calls made while a hub is down: enough that the snapshot it needs carries
+/// thousands of finished tasks (about a kibibyte of result each) from the history store.
+const CALLS: usize = 2_000;
+const WORKERS: usize = 32;
+
+/// Every finished task in `done` (id, result text) reads back whole through `agent`.
+async fn all_there(
+    mut agent: flotilla_tests::Agent,
+    done: &[(String, String)],
+) -> anyhow::Result<()> {
+    for (id, text) in done {
+        let t = agent
+            .get_task(pb::GetTaskRequest {
+                task_id: id.clone(),
+            })
+            .await?
+            .into_inner();
+        anyhow::ensure!(&result_text(&t) == text, "{t:?}");
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_hub_far_behind_and_a_new_hub_catch_up_from_a_snapshot() -> anyhow::Result<()> {
     let mut c = Cluster::with_options(
@@ -38,33 +60,49 @@ async fn a_hub_far_behind_and_a_new_hub_catch_up_from_a_snapshot() -> anyhow::Re
         },
     )
     .await?;
-    c.add_node(NodeSpec::demo("edge-1")).await?;
+    let mut spec = NodeSpec::demo("edge-1");
+    spec.servers[0].max_concurrency = WORKERS as u32;
+    c.add_node(spec).await?;
     let leader = c.wait_leader().await?;
     let behind = (1..=3).find(|h| *h != leader).expect("a follower");
     c.kill_hub(behind);
 
-    // Enough writes for several snapshots; the log behind them is purged.
-    let mut agent = c.agent();
-    let mut first = None;
-    for i in 0..30 {
-        let t = c
-            .call(&mut agent, "echo", json!({"text": format!("n{i}")}))
-            .await?;
-        first.get_or_insert(t.id);
+    // Enough writes for many snapshots; the log behind them is purged.
+    let pad = "x".repeat(1024);
+    let mut workers = tokio::task::JoinSet::new();
+    for w in 0..WORKERS {
+        let mut agent = c.agent();
+        let pad = pad.clone();
+        workers.spawn(async move {
+            let mut done = Vec::new();
+            for i in (w..CALLS).step_by(WORKERS) {
+                let text = format!("n{i} {pad}");
+                let id = agent
+                    .submit_task(pb::SubmitTaskRequest {
+                        tool: "echo".into(),
+                        arguments: serde_json::to_vec(&json!({ "text": text }))?,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner()
+                    .task_id;
+                let t = flotilla_tests::wait_done(&agent, &id).await?;
+                anyhow::ensure!(result_text(&t) == text, "{t:?}");
+                done.push((id, text));
+            }
+            anyhow::Ok(done)
+        });
     }
-    let first = first.expect("a task");
+    let mut done = Vec::new();
+    while let Some(w) = workers.join_next().await {
+        done.extend(w??);
+    }
+    assert_eq!(done.len(), CALLS);
 
     // The hub that was down comes back and gets the state (a snapshot, then the log tail).
     c.start_hub(behind).await?;
     converged(&c, 3).await?;
-    let mut there = c.agent_at(behind, &c.admin_token);
-    let t = there
-        .get_task(pb::GetTaskRequest {
-            task_id: first.clone(),
-        })
-        .await?
-        .into_inner();
-    assert_eq!(result_text(&t), "n0");
+    all_there(c.agent_at(behind, &c.admin_token), &done).await?;
     assert!(
         c.hub(behind).proc.log_text().contains("install snapshot"),
         "the lagging hub caught up through a snapshot"
@@ -73,12 +111,7 @@ async fn a_hub_far_behind_and_a_new_hub_catch_up_from_a_snapshot() -> anyhow::Re
     // A brand-new hub is added and catches up the same way.
     c.add_hub(4).await?;
     converged(&c, 4).await?;
-    let mut four = c.agent_at(4, &c.admin_token);
-    let t = four
-        .get_task(pb::GetTaskRequest { task_id: first })
-        .await?
-        .into_inner();
-    assert_eq!(result_text(&t), "n0");
+    all_there(c.agent_at(4, &c.admin_token), &done).await?;
     assert!(c.hub(4).proc.log_text().contains("install snapshot"));
     Ok(())
 }

@@ -356,6 +356,7 @@ async fn the_raft_port_accepts_only_hub_certificates() -> anyhow::Result<()> {
                 client
                     .status(RaftMessage {
                         json: b"null".to_vec(),
+                        ..Default::default()
                     })
                     .await,
             )

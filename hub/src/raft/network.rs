@@ -71,6 +71,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 pub fn encode<T: Serialize>(v: &T) -> RaftMessage {
     RaftMessage {
         json: serde_json::to_vec(v).unwrap_or_default(),
+        data: Vec::new(),
     }
 }
 
@@ -81,14 +82,13 @@ pub fn decode<T: DeserializeOwned>(m: &RaftMessage) -> Result<T, serde_json::Err
 impl Client {
     /// Sends one RPC; `call` picks the method. Transport failures are `Unreachable` (openraft
     /// backs off) and the remote's own error comes back as `RemoteError`.
-    async fn rpc<Req, Resp, E, F, Fut>(
+    async fn rpc<Resp, E, F, Fut>(
         &self,
-        req: &Req,
+        req: RaftMessage,
         timeout: Duration,
         call: F,
     ) -> Result<Resp, RPCError<NodeId, HubNode, E>>
     where
-        Req: Serialize,
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
         F: FnOnce(RaftServiceClient<Channel>, RaftMessage) -> Fut,
@@ -98,7 +98,7 @@ impl Client {
             .net
             .client(&self.addr)
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
-        let reply = match tokio::time::timeout(timeout, call(client, encode(req))).await {
+        let reply = match tokio::time::timeout(timeout, call(client, req)).await {
             Ok(Ok(r)) => r.into_inner(),
             Ok(Err(status)) => {
                 let e = std::io::Error::other(format!("hub {}: {}", self.target, status.message()));
@@ -128,7 +128,7 @@ impl RaftNetwork<TypeConfig> for Client {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, HubNode, RaftError<NodeId>>> {
-        self.rpc(&rpc, option.hard_ttl(), |mut c, m| async move {
+        self.rpc(encode(&rpc), option.hard_ttl(), |mut c, m| async move {
             c.append_entries(m).await
         })
         .await
@@ -136,13 +136,16 @@ impl RaftNetwork<TypeConfig> for Client {
 
     async fn install_snapshot(
         &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
+        mut rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, HubNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        self.rpc(&rpc, option.hard_ttl(), |mut c, m| async move {
+        let data = std::mem::take(&mut rpc.data);
+        let mut msg = encode(&rpc);
+        msg.data = data;
+        self.rpc(msg, option.hard_ttl(), |mut c, m| async move {
             c.install_snapshot(m).await
         })
         .await
@@ -153,7 +156,7 @@ impl RaftNetwork<TypeConfig> for Client {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, HubNode, RaftError<NodeId>>> {
-        self.rpc(&rpc, option.hard_ttl(), |mut c, m| async move {
+        self.rpc(encode(&rpc), option.hard_ttl(), |mut c, m| async move {
             c.vote(m).await
         })
         .await

@@ -91,7 +91,11 @@ impl RaftService for RaftApi {
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
         check_hub(&req)?;
-        let rpc = decode(req.get_ref()).map_err(bad)?;
+        let mut rpc: openraft::raft::InstallSnapshotRequest<super::TypeConfig> =
+            decode(req.get_ref()).map_err(bad)?;
+        if rpc.data.is_empty() {
+            rpc.data = req.into_inner().data;
+        }
         Ok(Response::new(encode(
             &self.hub.raft().install_snapshot(rpc).await,
         )))
