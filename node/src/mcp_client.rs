@@ -13,7 +13,7 @@ use rmcp::{
         CallToolRequestParams, CancelledNotificationParam, ClientConfig, ClientRequest,
         ProgressNotificationParam, ProgressToken, Request, RequestId, ServerResult,
     },
-    service::{NotificationContext, PeerRequestOptions, RunningService},
+    service::{PeerRequestOptions, RunningService},
     ClientHandler, ErrorData, Peer, RoleClient, ServiceError, ServiceExt,
 };
 use serde_json::{Map, Value};
@@ -138,6 +138,96 @@ impl Drop for ProgressRegistration {
     }
 }
 
+/// Reads the server's stdout for rmcp and, as the bytes pass, hands every
+/// notifications/progress line to the router. rmcp runs each notification's handler as a
+/// task of its own, so a call's last progress could still be queued when the response that
+/// followed it woke the call; dispatched here, progress reaches its call in stream order,
+/// before rmcp has even read the response.
+struct ProgressTap<R> {
+    inner: R,
+    router: ProgressRouter,
+    /// The line read so far (only while it may be a progress notification).
+    line: Vec<u8>,
+    /// The current line grew past `TAP_LINE_MAX`: not progress, skipped to its end.
+    skipping: bool,
+}
+
+/// Longer lines are results or requests, never progress worth parsing here.
+const TAP_LINE_MAX: usize = 64 * 1024;
+
+impl<R> ProgressTap<R> {
+    fn new(inner: R, router: ProgressRouter) -> Self {
+        Self {
+            inner,
+            router,
+            line: Vec::new(),
+            skipping: false,
+        }
+    }
+
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let end = bytes.iter().position(|b| *b == b'\n');
+            let (part, rest) = match end {
+                Some(i) => (&bytes[..i], &bytes[i + 1..]),
+                None => (bytes, &[][..]),
+            };
+            if !self.skipping {
+                self.line.extend_from_slice(part);
+                if self.line.len() > TAP_LINE_MAX {
+                    self.line.clear();
+                    self.skipping = true;
+                }
+            }
+            if end.is_some() {
+                if !self.skipping {
+                    self.line_done();
+                }
+                self.line.clear();
+                self.skipping = false;
+            }
+            bytes = rest;
+        }
+    }
+
+    fn line_done(&self) {
+        #[derive(serde::Deserialize)]
+        struct Notification {
+            method: String,
+            params: ProgressNotificationParam,
+        }
+        const METHOD: &str = "notifications/progress";
+        if !self
+            .line
+            .windows(METHOD.len())
+            .any(|w| w == METHOD.as_bytes())
+        {
+            return;
+        }
+        if let Ok(n) = serde_json::from_slice::<Notification>(&self.line) {
+            if n.method == METHOD {
+                self.router.dispatch(n.params);
+            }
+        }
+    }
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ProgressTap<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = &polled {
+            let new = buf.filled()[before..].to_vec();
+            self.feed(&new);
+        }
+        polled
+    }
+}
+
 /// Sends notifications/cancelled if the call future is dropped before the response.
 struct CancelOnDrop {
     peer: Peer<RoleClient>,
@@ -155,21 +245,12 @@ impl Drop for CancelOnDrop {
     }
 }
 
-/// The rmcp client-side handler: only progress is interesting for a node.
+/// The rmcp client-side handler. Progress, the only notification a node uses, is taken
+/// from the stream by `ProgressTap` before rmcp sees it.
 #[derive(Clone)]
-struct NodeHandler {
-    progress: ProgressRouter,
-}
+struct NodeHandler;
 
 impl ClientHandler for NodeHandler {
-    async fn on_progress(
-        &self,
-        params: ProgressNotificationParam,
-        _ctx: NotificationContext<RoleClient>,
-    ) {
-        self.progress.dispatch(params);
-    }
-
     fn get_info(&self) -> ClientConfig {
         // Default protocolVersion is 2026-07-28 (no initialize); servers fall back in
         // the initialize reply. Client name/version default to this crate's.
@@ -224,11 +305,9 @@ impl McpClient {
         });
 
         let progress = ProgressRouter::default();
-        let handler = NodeHandler {
-            progress: progress.clone(),
-        };
+        let stdout = ProgressTap::new(stdout, progress.clone());
         // (AsyncRead, AsyncWrite) tuple is an rmcp transport (feature transport-async-rw).
-        let running = handler.serve((stdout, stdin)).await?;
+        let running = NodeHandler.serve((stdout, stdin)).await?;
         let peer = running.peer().clone();
         Ok(McpClient {
             peer,
@@ -298,16 +377,6 @@ impl McpClient {
             }
         };
         guard.id = None;
-        if _reg.is_some() {
-            // rmcp hands every notification to a task of its own, spawned before the
-            // response that follows it is delivered, so the last progress notifications may
-            // still be queued when the response wakes this call; yielding lets them reach
-            // the registration before it goes. A mitigation: a transport that dispatches
-            // progress in stream order would make it certain.
-            for _ in 0..4 {
-                tokio::task::yield_now().await;
-            }
-        }
         match result? {
             ServerResult::CallToolResult(r) => {
                 serde_json::to_value(r).map_err(|e| CallError::Other(e.to_string()))
@@ -340,5 +409,60 @@ impl McpClient {
             let _ = kill.send(());
         }
         self.wait_exit().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    fn progress_line(token: &str, n: u32) -> String {
+        format!(
+            r#"{{"jsonrpc":"2.0","method":"notifications/progress","params":{{"progressToken":"{token}","progress":{n}}}}}"#
+        )
+    }
+
+    /// Progress lines are dispatched as they pass, in order, whatever the read sizes; other
+    /// lines (a long result, text that only mentions the method) pass untouched.
+    #[tokio::test]
+    async fn the_tap_dispatches_progress_in_stream_order_and_passes_every_byte() {
+        let router = ProgressRouter::default();
+        let (tx, mut rx) = mpsc::channel(16);
+        let _reg = router.register(
+            ProgressToken(rmcp::model::NumberOrString::String("a".into())),
+            tx,
+        );
+        let long = format!(
+            r#"{{"jsonrpc":"2.0","id":1,"result":{{"text":"{} notifications/progress"}}}}"#,
+            "x".repeat(TAP_LINE_MAX * 2)
+        );
+        let stream = [
+            progress_line("a", 1),
+            progress_line("b", 9),
+            long,
+            progress_line("a", 2),
+            r#"{"jsonrpc":"2.0","id":2,"result":{"text":"notifications/progress"}}"#.to_owned(),
+            progress_line("a", 3),
+        ]
+        .join("\n")
+            + "\n";
+        let mut tap = ProgressTap::new(stream.as_bytes(), router.clone());
+        let mut out = Vec::new();
+        let mut buf = [0u8; 7];
+        loop {
+            let n = tap.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(out, stream.as_bytes(), "rmcp reads every byte");
+        let mut got = Vec::new();
+        while let Ok(p) = rx.try_recv() {
+            got.push(p.progress);
+        }
+        assert_eq!(got, [1.0, 2.0, 3.0]);
+        assert!(!tap.skipping && tap.line.is_empty());
     }
 }
