@@ -52,10 +52,21 @@ impl TaskLog {
         if let Some(tx) = &self.tx {
             let _ = tx.send(ev.clone());
         }
+        let last = is_terminal_event(&ev);
         self.events.push(ev);
+        if last {
+            // Nothing follows the end. Watchers already subscribed still receive what was
+            // sent (the buffer lives while they do); the channel's slots, allocated whole
+            // up front, need not wait for the log's grace period to pass.
+            self.tx = None;
+        }
     }
 
     fn subscribe(&mut self) -> broadcast::Receiver<TaskEvent> {
+        if self.events.last().is_some_and(is_terminal_event) {
+            // Everything is in the backlog: a receiver nobody sends to.
+            return broadcast::channel(1).1;
+        }
         self.tx
             .get_or_insert_with(|| broadcast::channel(WATCH_BUFFER).0)
             .subscribe()
@@ -353,5 +364,17 @@ mod tests {
         assert_eq!(backlog.len(), 1);
         logs.transition(&task("x", TaskStatus::Assigned, 1));
         assert_eq!(rx.try_recv().unwrap().seq, SEQ_STRIDE + 1);
+        // The end reaches the watcher, and then the channel is gone (its slots are
+        // allocated whole; ended logs stay for a grace period), and the watcher told so.
+        logs.transition(&task("x", TaskStatus::Succeeded, 2));
+        assert!(is_terminal_event(&rx.try_recv().unwrap()));
+        assert_eq!(rx.try_recv(), Err(broadcast::error::TryRecvError::Closed));
+        let inner = logs.inner.lock().unwrap();
+        assert!(inner.by_task["x"].tx.is_none());
+        drop(inner);
+        // A later watcher gets the whole log as backlog and a closed receiver.
+        let (backlog, mut late) = logs.subscribe(&task("x", TaskStatus::Succeeded, 2), 0);
+        assert_eq!(backlog.len(), 3);
+        assert_eq!(late.try_recv(), Err(broadcast::error::TryRecvError::Closed));
     }
 }

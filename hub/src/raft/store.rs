@@ -50,8 +50,8 @@ pub struct LogStore {
 }
 
 /// Most entries, and most bytes of their JSON, kept decoded in memory.
-const RECENT_ENTRIES: usize = 1024;
-const RECENT_BYTES: usize = 32 << 20;
+const RECENT_ENTRIES: usize = 256;
+const RECENT_BYTES: usize = 8 << 20;
 
 /// The newest appended entries, decoded: a contiguous run of indexes ending at the last
 /// append, the same as the `logs` tree holds for them (appends, truncation and purges
