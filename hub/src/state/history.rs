@@ -19,6 +19,9 @@
 //! - dead: tenant, NUL, id → () (dead-lettered tasks)
 //! - by_finish: end time (big-endian, sign flipped), kind, id → (): what expires first
 //! - expired: expiry index (big-endian), kind, id → (): tombstones to purge
+//! - gone: kind, id → expiry index (big-endian): when a record expired. Kept apart so that
+//!   expiring a record writes a few bytes rather than the whole record again. (Records
+//!   written before this tree existed carried `expired_at` inside; it is still honoured.)
 
 use std::{
     collections::BTreeMap,
@@ -38,7 +41,7 @@ pub const EXPIRE_BATCH: usize = 5_000;
 /// Most finished tasks one listing reads.
 pub const LIST_SCAN: usize = 50_000;
 
-const TREES: [&str; 7] = [
+const TREES: [&str; 8] = [
     "tasks",
     "workflows",
     "keys",
@@ -46,6 +49,7 @@ const TREES: [&str; 7] = [
     "dead",
     "by_finish",
     "expired",
+    "gone",
 ];
 const TASKS: usize = 0;
 const WORKFLOWS: usize = 1;
@@ -54,6 +58,7 @@ const BY_TENANT: usize = 3;
 const DEAD: usize = 4;
 const BY_FINISH: usize = 5;
 const EXPIRED: usize = 6;
+const GONE: usize = 7;
 
 const KIND_TASK: u8 = b't';
 const KIND_WORKFLOW: u8 = b'w';
@@ -82,9 +87,14 @@ struct Stored<T> {
 }
 
 impl<T> Stored<T> {
-    /// Existed after applying log index `at`.
-    fn visible_at(&self, at: u64) -> bool {
-        self.archived_at <= at && self.expired_at.is_none_or(|e| e > at)
+    /// Existed after applying log index `at`, given when it expired (`gone`), if it did.
+    fn visible_at(&self, at: u64, gone: Option<u64>) -> bool {
+        self.archived_at <= at && self.expired(gone).is_none_or(|e| e > at)
+    }
+
+    /// The index it expired at: from the `gone` tree, or (older records) its own field.
+    fn expired(&self, gone: Option<u64>) -> Option<u64> {
+        gone.or(self.expired_at)
     }
 }
 
@@ -110,11 +120,11 @@ impl<T> Lookup<T> {
 }
 
 enum Backend {
-    Memory(Mutex<[BTreeMap<Vec<u8>, Vec<u8>>; 7]>),
+    Memory(Mutex<[BTreeMap<Vec<u8>, Vec<u8>>; 8]>),
     Sled {
         db: sled::Db,
         generation: u64,
-        trees: Box<[sled::Tree; 7]>,
+        trees: Box<[sled::Tree; 8]>,
     },
 }
 
@@ -131,7 +141,7 @@ impl Backend {
         Ok(Self::Sled {
             db: db.clone(),
             generation,
-            trees: Box::new(trees.try_into().expect("seven trees")),
+            trees: Box::new(trees.try_into().expect("one sled tree per name")),
         })
     }
 
@@ -286,6 +296,15 @@ fn key_prefix(kind: u8, tenant: &str, key: &str) -> Vec<u8> {
     join(&[&[kind], tenant.as_bytes(), b"\0", key.as_bytes(), b"\0"])
 }
 
+/// The kind of the records in tree `tree` (tasks or workflows).
+fn kind_of(tree: usize) -> u8 {
+    if tree == WORKFLOWS {
+        KIND_WORKFLOW
+    } else {
+        KIND_TASK
+    }
+}
+
 fn tenant_key(tenant: &str, id: &str) -> Vec<u8> {
     join(&[tenant.as_bytes(), b"\0", id.as_bytes()])
 }
@@ -397,6 +416,13 @@ impl History {
         Ok(())
     }
 
+    /// When record `kind, id` (as `gone` keys it) expired, if it did.
+    fn gone(&self, b: &Backend, key: &[u8]) -> StoreResult<Option<u64>> {
+        Ok(b.get(GONE, key)?
+            .and_then(|v| v.as_slice().try_into().ok())
+            .map(u64::from_be_bytes))
+    }
+
     fn drop_finish_key(&self, b: &Backend, key: &[u8]) -> StoreResult<()> {
         if b.remove(BY_FINISH, key)? {
             self.count.fetch_sub(1, Ordering::Relaxed);
@@ -431,10 +457,11 @@ impl History {
                 self.drop_finish_key(&b, &fk)?;
                 continue;
             };
-            // The record stays whole until purged: a replay before `at` still reads it. It
-            // is carried as raw JSON: only the header is parsed and written again.
-            let mut s: Stored<Box<serde_json::value::RawValue>> = decode(&v)?;
-            match s.expired_at {
+            // The record stays whole until purged: a replay before `at` still reads it.
+            // Only its header is parsed; the expiry goes to `gone`.
+            let s: Stored<serde::de::IgnoredAny> = decode(&v)?;
+            let gk = join(&[&[kind], id]);
+            match s.expired(self.gone(&b, &gk)?) {
                 // Archived after `at`: a store that is ahead of the replay.
                 _ if s.archived_at > at => continue,
                 // Expired before: only its key was left behind.
@@ -444,8 +471,7 @@ impl History {
                 }
                 Some(e) if e == at => {}
                 _ => {
-                    s.expired_at = Some(at);
-                    b.insert(tree, id, &encode(&s))?;
+                    b.insert(GONE, &gk, &at.to_be_bytes())?;
                     n += 1;
                 }
             }
@@ -484,13 +510,16 @@ impl History {
         for k in &gone {
             let (kind, id) = (k[8], &k[9..]);
             let tree = if kind == KIND_TASK { TASKS } else { WORKFLOWS };
+            let gk = join(&[&[kind], id]);
+            let gone = self.gone(&b, &gk)?;
             if let Some(v) = b.get(tree, id)? {
                 let s: Stored<serde::de::IgnoredAny> = decode(&v)?;
-                if s.expired_at.is_some_and(|e| e <= through) {
+                if s.expired(gone).is_some_and(|e| e <= through) {
                     b.remove(tree, id)?;
                     if let Some(key) = &s.key {
                         b.remove(KEYS, &join(&[&key_prefix(kind, &s.tenant, key), id]))?;
                     }
+                    b.remove(GONE, &gk)?;
                 }
             }
             b.remove(EXPIRED, k)?;
@@ -532,11 +561,13 @@ impl History {
     }
 
     fn read<T: DeserializeOwned>(&self, tree: usize, id: &str) -> StoreResult<Lookup<T>> {
-        let Some(v) = self.backend().get(tree, id.as_bytes())? else {
+        let b = self.backend();
+        let Some(v) = b.get(tree, id.as_bytes())? else {
             return Ok(Lookup::Missing);
         };
         let s: Stored<T> = decode(&v)?;
-        Ok(match (s.expired_at, s.record) {
+        let gone = self.gone(&b, &join(&[&[kind_of(tree)], id.as_bytes()]))?;
+        Ok(match (s.expired(gone), s.record) {
             (None, Some(r)) => Lookup::Found(r),
             _ => Lookup::Expired {
                 tenant: s.tenant,
@@ -577,11 +608,13 @@ impl History {
         struct Status<S> {
             status: S,
         }
-        let Some(v) = self.backend().get(tree, id.as_bytes())? else {
+        let b = self.backend();
+        let Some(v) = b.get(tree, id.as_bytes())? else {
             return Ok(None);
         };
         let s: Stored<Status<S>> = decode(&v)?;
-        Ok(s.visible_at(at)
+        let gone = self.gone(&b, &join(&[&[kind_of(tree)], id.as_bytes()]))?;
+        Ok(s.visible_at(at, gone)
             .then_some(s.record.map(|r| r.status))
             .flatten())
     }
@@ -610,7 +643,7 @@ impl History {
         for id in ids {
             if let Some(v) = b.get(tree, &id)? {
                 let s: Stored<serde::de::IgnoredAny> = decode(&v)?;
-                if s.visible_at(at) {
+                if s.visible_at(at, self.gone(&b, &join(&[&[kind], &id]))?) {
                     return Ok(Some(String::from_utf8_lossy(&id).into_owned()));
                 }
             }
@@ -765,4 +798,73 @@ fn drop_other_generations(db: &sled::Db, keep: u64) -> StoreResult<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::TaskRecord;
+    use serde_json::json;
+
+    fn finished(id: &str, ended_at_ms: i64) -> TaskRecord {
+        let mut t = TaskRecord::new(id, "echo", "t", "a", json!({"text": "x".repeat(500)}), 1);
+        t.status = TaskStatus::Succeeded;
+        t.updated_at_ms = ended_at_ms;
+        t
+    }
+
+    /// Expiring a record writes its expiry beside it, not the record again; readers and
+    /// replays see it expired from that index on; a purge takes both.
+    #[test]
+    fn expiry_marks_a_record_without_rewriting_it() {
+        let h = History::default();
+        h.archive(5, &[finished("a", 100), finished("b", 200)], &[])
+            .unwrap();
+        let b = h.backend();
+        let before = b.get(TASKS, b"a").unwrap().unwrap();
+        assert_eq!(h.expire(9, &History::cut(100, None)).unwrap(), 1);
+        assert_eq!(
+            b.get(TASKS, b"a").unwrap().unwrap(),
+            before,
+            "record untouched"
+        );
+        assert_eq!(h.gone(&b, b"ta").unwrap(), Some(9));
+        assert!(matches!(h.task("a").unwrap(), Lookup::Expired { .. }));
+        assert!(matches!(h.task("b").unwrap(), Lookup::Found(_)));
+        assert_eq!(h.task_at("a", 8).unwrap(), Some(TaskStatus::Succeeded));
+        assert_eq!(h.task_at("a", 9).unwrap(), None);
+        assert_eq!(h.len(), 1);
+        // Replayed at the same index, it is the same expiry, counted once.
+        assert_eq!(h.expire(9, &History::cut(100, None)).unwrap(), 0);
+        assert_eq!(h.purge(8).unwrap(), 0, "not covered by a snapshot yet");
+        assert!(b.get(TASKS, b"a").unwrap().is_some());
+        assert_eq!(h.purge(9).unwrap(), 1);
+        assert!(b.get(TASKS, b"a").unwrap().is_none());
+        assert_eq!(h.gone(&b, b"ta").unwrap(), None);
+        assert_eq!(h.task("a").unwrap(), Lookup::Missing);
+    }
+
+    /// A record written before expiries had their own tree carries `expired_at` inside.
+    #[test]
+    fn an_expiry_inside_an_older_record_is_honoured() {
+        let h = History::default();
+        let t = finished("old", 100);
+        let stored = Stored {
+            archived_at: 3,
+            expired_at: Some(7),
+            tenant: t.tenant.clone(),
+            key: None,
+            ended_at_ms: 100,
+            record: Some(&t),
+        };
+        h.backend().insert(TASKS, b"old", &encode(&stored)).unwrap();
+        h.backend()
+            .insert(EXPIRED, &join(&[&7u64.to_be_bytes(), b"t", b"old"]), b"")
+            .unwrap();
+        assert!(matches!(h.task("old").unwrap(), Lookup::Expired { .. }));
+        assert_eq!(h.task_at("old", 6).unwrap(), Some(TaskStatus::Succeeded));
+        assert_eq!(h.task_at("old", 7).unwrap(), None);
+        assert_eq!(h.purge(7).unwrap(), 1);
+        assert_eq!(h.task("old").unwrap(), Lookup::Missing);
+    }
 }
