@@ -253,8 +253,17 @@ impl Hub {
         Box::pin(async move {
             match crate::scheduler::at_submission(self, &cmd) {
                 Some(placed) => {
-                    let answer = self.inner.commit.write(placed.command(cmd)).await?;
-                    Ok(placed.dispatch(self, answer).await)
+                    // Once queued, the unit commits whatever becomes of the caller (a client
+                    // that gives up, a timeout), and then its assignment must reach the node
+                    // and its reservation hold until then: both go on a task of their own.
+                    let hub = self.clone();
+                    let unit = placed.command(cmd);
+                    tokio::spawn(async move {
+                        let answer = hub.inner.commit.write(unit).await?;
+                        Ok(placed.dispatch(&hub, answer).await)
+                    })
+                    .await
+                    .unwrap_or(Err(RaftError::Fatal(openraft::error::Fatal::Panicked)))
                 }
                 None => self.inner.commit.write(cmd).await,
             }

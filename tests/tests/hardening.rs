@@ -731,3 +731,53 @@ async fn idle_connections_are_closed_and_open_streams_keep_theirs() -> anyhow::R
     );
     Ok(())
 }
+
+/// Callers that give up mid-submission (a 1-3 ms deadline, so the hub drops their request
+/// at every point of its path) leave no task behind: whatever was accepted runs and ends,
+/// none stays assigned to a node that was never told.
+#[tokio::test]
+async fn submissions_abandoned_by_their_callers_never_leave_a_task_stranded() -> anyhow::Result<()>
+{
+    let mut c = Cluster::start().await?;
+    c.add_node(NodeSpec::demo("edge-1")).await?;
+    let agent = c.agent();
+    let mut callers = tokio::task::JoinSet::new();
+    for i in 0..200u64 {
+        let mut a = agent.clone();
+        callers.spawn(async move {
+            let mut req = tonic::Request::new(submit("echo", json!({ "text": format!("a{i}") })));
+            req.set_timeout(std::time::Duration::from_millis(1 + i % 3));
+            a.submit_task(req).await.is_ok()
+        });
+    }
+    let mut answered = 0;
+    while let Some(ok) = callers.join_next().await {
+        answered += usize::from(ok?);
+    }
+    // Every task the hub holds, answered or not, reaches its end.
+    let all = wait_until("every accepted task to end", READY, || {
+        let mut a = agent.clone();
+        async move {
+            let tasks = a
+                .list_tasks(pb::ListTasksRequest {
+                    limit: 1000,
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .tasks;
+            tasks
+                .iter()
+                .all(|t| t.state() == pb::TaskState::Succeeded)
+                .then_some(tasks)
+        }
+    })
+    .await?;
+    assert!(
+        all.len() >= answered,
+        "{} tasks, {answered} answered",
+        all.len()
+    );
+    Ok(())
+}
