@@ -56,8 +56,8 @@ impl Default for Limits {
     }
 }
 
-/// Tasks assigned or running, per server and per tenant on a server, including those
-/// placed earlier in the current pass.
+/// Tasks in flight beyond what the state's index counts: placed earlier in the current
+/// pass, or being committed. Lookups add the two, so planning never copies the index.
 #[derive(Clone, Debug, Default)]
 pub struct InFlight {
     pub per_server: BTreeMap<(String, String), u32>,
@@ -65,23 +65,29 @@ pub struct InFlight {
 }
 
 impl InFlight {
-    /// What the state says is in flight now.
-    pub fn of(state: &State) -> Self {
-        Self {
-            per_server: state.index.active.clone(),
-            per_tenant: state.index.active_by_tenant_server.clone(),
-        }
-    }
-
-    fn add(&mut self, tenant: &str, p: &Placement) {
+    fn add(&mut self, tenant: &str, p: &Placement, n: u32) {
         *self
             .per_server
             .entry((p.node_id.clone(), p.server.clone()))
-            .or_default() += 1;
+            .or_default() += n;
         *self
             .per_tenant
             .entry((tenant.to_owned(), p.node_id.clone(), p.server.clone()))
-            .or_default() += 1;
+            .or_default() += n;
+    }
+
+    /// Tasks assigned or running on `server` of `node`.
+    fn on_server(&self, state: &State, node: &str, server: &str) -> u32 {
+        let k = (node.to_owned(), server.to_owned());
+        let count = |m: &BTreeMap<(String, String), u32>| m.get(&k).copied().unwrap_or(0);
+        count(&state.index.active) + count(&self.per_server)
+    }
+
+    /// Of those, `tenant`'s.
+    fn of_tenant(&self, state: &State, tenant: &str, node: &str, server: &str) -> u32 {
+        let k = (tenant.to_owned(), node.to_owned(), server.to_owned());
+        let count = |m: &BTreeMap<(String, String, String), u32>| m.get(&k).copied().unwrap_or(0);
+        count(&state.index.active_by_tenant_server) + count(&self.per_tenant)
     }
 }
 
@@ -265,11 +271,7 @@ fn check(
     if sib.nodes.contains(&node.id.as_str()) {
         return Err(Miss::ReplicaThere);
     }
-    let used = in_flight
-        .per_server
-        .get(&(node.id.clone(), server.name.clone()))
-        .copied()
-        .unwrap_or(0);
+    let used = in_flight.on_server(state, &node.id, &server.name);
     match breaker(state, &node.id, &server.name, cx.limits, cx.now_ms) {
         Breaker::Open => return Err(Miss::BreakerOpen),
         Breaker::HalfOpen if used > 0 => return Err(Miss::BreakerOpen),
@@ -285,11 +287,7 @@ fn check(
     // Nobody to keep a slot for: no other tenant active, or a node serving only this one.
     let only_this = node.tenants.len() == 1 && node.tenants[0] == task.tenant;
     if cx.active_tenants > 1 && !only_this {
-        let mine = in_flight
-            .per_tenant
-            .get(&(task.tenant.clone(), node.id.clone(), server.name.clone()))
-            .copied()
-            .unwrap_or(0);
+        let mine = in_flight.of_tenant(state, &task.tenant, &node.id, &server.name);
         if mine >= tenant_cap(server.max_concurrency, cx.limits.tenant_slot_share) {
             return Err(Miss::TenantShare);
         }
@@ -500,7 +498,7 @@ pub struct Plan {
 
 /// Plans one pass over the queue (see the module comment).
 pub fn plan(state: &State, cx: &Context<'_>, rng: &mut impl Rng) -> Plan {
-    plan_from(state, cx, InFlight::of(state), rng)
+    plan_from(state, cx, InFlight::default(), rng)
 }
 
 /// `plan`, counting `in_flight` as what is assigned or running.
@@ -574,7 +572,7 @@ fn plan_from(state: &State, cx: &Context<'_>, mut in_flight: InFlight, rng: &mut
                         .or_default()
                         .push(node.as_str());
                 }
-                in_flight.add(&task.tenant, &p);
+                in_flight.add(&task.tenant, &p, 1);
                 out.assign.push((task.id.clone(), p));
                 turn.push((Reverse(active + 1), Reverse(tenant)));
             }
@@ -634,17 +632,15 @@ struct PlacingState {
 }
 
 impl PlacingState {
-    /// In flight per the state, plus what is being committed.
-    fn in_flight(&self, state: &State) -> InFlight {
-        let mut f = InFlight::of(state);
+    /// What is being committed, beyond what the state counts.
+    fn in_flight(&self) -> InFlight {
+        let mut f = InFlight::default();
         for ((tenant, node, server), n) in &self.reserved {
             let p = Placement {
                 node_id: node.clone(),
                 server: server.clone(),
             };
-            for _ in 0..*n {
-                f.add(tenant, &p);
-            }
+            f.add(tenant, &p, *n);
         }
         f
     }
@@ -735,7 +731,7 @@ pub fn at_submission(hub: &crate::app::Hub, cmd: &Command) -> Option<Placed> {
         active_tenants,
         sample_above: SAMPLE_ALL,
     };
-    let in_flight = st.in_flight(&state);
+    let in_flight = st.in_flight();
     let placement = place(&state, &cx, &in_flight, task, &mut rand::thread_rng()).ok()?;
     drop(state);
     let reservation = hub.placing.reserve(&mut st, &task.tenant, &placement);
@@ -831,26 +827,14 @@ async fn pass(hub: &crate::app::Hub) {
             active_tenants: st.tenants.update(&state, std::time::Instant::now()),
             sample_above: SAMPLE_ALL,
         };
-        let in_flight = st.in_flight(&state);
+        let in_flight = st.in_flight();
         let plan = plan_from(&state, &cx, in_flight, &mut rand::thread_rng());
         hub.pending.set_many(plan.waiting);
-        let tenants: Vec<String> = plan
-            .assign
-            .iter()
-            .map(|(id, _)| {
-                state
-                    .tasks
-                    .get(id)
-                    .map(|t| t.tenant.clone())
-                    .unwrap_or_default()
-            })
-            .collect();
-        drop(state);
         plan.assign
             .into_iter()
-            .zip(tenants)
-            .map(|((id, p), tenant)| {
-                let r = hub.placing.reserve(&mut st, &tenant, &p);
+            .map(|(id, p)| {
+                let tenant = state.tasks.get(&id).map_or("", |t| t.tenant.as_str());
+                let r = hub.placing.reserve(&mut st, tenant, &p);
                 (id, p, r)
             })
             .collect()

@@ -112,7 +112,7 @@ impl World {
         place(
             &self.state,
             &self.cx(),
-            &InFlight::of(&self.state),
+            &InFlight::default(),
             &self.state.tasks[id],
             &mut StdRng::seed_from_u64(7),
         )
@@ -290,12 +290,12 @@ fn breaker_opens_after_failures_and_lets_one_trial_through_after_the_cooldown() 
     let p = place(
         &w.state,
         &cx,
-        &InFlight::of(&w.state),
+        &InFlight::default(),
         &w.state.tasks["t1"],
         &mut rng,
     );
     assert_eq!(p.unwrap().node_id, "a");
-    let mut busy = InFlight::of(&w.state);
+    let mut busy = InFlight::default();
     busy.per_server.insert(("a".into(), "demo".into()), 1);
     let p = place(&w.state, &cx, &busy, &w.state.tasks["t1"], &mut rng);
     assert_eq!(p.unwrap().node_id, "b", "a trial is already running on a");
