@@ -214,15 +214,15 @@ impl<R> ProgressTap<R> {
 
 impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ProgressTap<R> {
     fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
+        self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
         let before = buf.filled().len();
-        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let polled = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
         if let std::task::Poll::Ready(Ok(())) = &polled {
-            let new = buf.filled()[before..].to_vec();
-            self.feed(&new);
+            this.feed(&buf.filled()[before..]);
         }
         polled
     }

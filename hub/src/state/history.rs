@@ -296,6 +296,20 @@ fn key_prefix(kind: u8, tenant: &str, key: &str) -> Vec<u8> {
     join(&[&[kind], tenant.as_bytes(), b"\0", key.as_bytes(), b"\0"])
 }
 
+/// The tree holding records of `kind`.
+fn tree_of(kind: u8) -> usize {
+    if kind == KIND_TASK {
+        TASKS
+    } else {
+        WORKFLOWS
+    }
+}
+
+/// The `gone` key of record `id` of `kind`.
+fn mark_key(kind: u8, id: &[u8]) -> Vec<u8> {
+    join(&[&[kind], id])
+}
+
 /// The kind of the records in tree `tree` (tasks or workflows).
 fn kind_of(tree: usize) -> u8 {
     if tree == WORKFLOWS {
@@ -402,7 +416,7 @@ impl History {
         id: &str,
         stored: &Stored<&T>,
     ) -> StoreResult<()> {
-        let tree = if kind == KIND_TASK { TASKS } else { WORKFLOWS };
+        let tree = tree_of(kind);
         b.insert(tree, id.as_bytes(), &encode(stored))?;
         if let Some(key) = &stored.key {
             let k = join(&[&key_prefix(kind, &stored.tenant, key), id.as_bytes()]);
@@ -416,7 +430,7 @@ impl History {
         Ok(())
     }
 
-    /// When record `kind, id` (as `gone` keys it) expired, if it did.
+    /// When the record with `gone` key `key` (`mark_key`) expired, if it did.
     fn gone(&self, b: &Backend, key: &[u8]) -> StoreResult<Option<u64>> {
         Ok(b.get(GONE, key)?
             .and_then(|v| v.as_slice().try_into().ok())
@@ -452,7 +466,7 @@ impl History {
                 continue;
             }
             let (kind, id) = (fk[8], &fk[9..]);
-            let tree = if kind == KIND_TASK { TASKS } else { WORKFLOWS };
+            let tree = tree_of(kind);
             let Some(v) = b.get(tree, id)? else {
                 self.drop_finish_key(&b, &fk)?;
                 continue;
@@ -460,7 +474,7 @@ impl History {
             // The record stays whole until purged: a replay before `at` still reads it.
             // Only its header is parsed; the expiry goes to `gone`.
             let s: Stored<serde::de::IgnoredAny> = decode(&v)?;
-            let gk = join(&[&[kind], id]);
+            let gk = mark_key(kind, id);
             match s.expired(self.gone(&b, &gk)?) {
                 // Archived after `at`: a store that is ahead of the replay.
                 _ if s.archived_at > at => continue,
@@ -509,8 +523,8 @@ impl History {
         })?;
         for k in &gone {
             let (kind, id) = (k[8], &k[9..]);
-            let tree = if kind == KIND_TASK { TASKS } else { WORKFLOWS };
-            let gk = join(&[&[kind], id]);
+            let tree = tree_of(kind);
+            let gk = mark_key(kind, id);
             let mark = self.gone(&b, &gk)?;
             if let Some(v) = b.get(tree, id)? {
                 let s: Stored<serde::de::IgnoredAny> = decode(&v)?;
@@ -570,7 +584,7 @@ impl History {
             return Ok(Lookup::Missing);
         };
         let s: Stored<T> = decode(&v)?;
-        let gone = self.gone(&b, &join(&[&[kind_of(tree)], id.as_bytes()]))?;
+        let gone = self.gone(&b, &mark_key(kind_of(tree), id.as_bytes()))?;
         Ok(match (s.expired(gone), s.record) {
             (None, Some(r)) => Lookup::Found(r),
             _ => Lookup::Expired {
@@ -617,7 +631,7 @@ impl History {
             return Ok(None);
         };
         let s: Stored<Status<S>> = decode(&v)?;
-        let gone = self.gone(&b, &join(&[&[kind_of(tree)], id.as_bytes()]))?;
+        let gone = self.gone(&b, &mark_key(kind_of(tree), id.as_bytes()))?;
         Ok(s.visible_at(at, gone)
             .then_some(s.record.map(|r| r.status))
             .flatten())
@@ -647,7 +661,7 @@ impl History {
         for id in ids {
             if let Some(v) = b.get(tree, &id)? {
                 let s: Stored<serde::de::IgnoredAny> = decode(&v)?;
-                if s.visible_at(at, self.gone(&b, &join(&[&[kind], &id]))?) {
+                if s.visible_at(at, self.gone(&b, &mark_key(kind, &id))?) {
                     return Ok(Some(String::from_utf8_lossy(&id).into_owned()));
                 }
             }
