@@ -96,6 +96,9 @@ struct Args {
     /// Skip the direct-to-MCP side.
     #[arg(long)]
     no_direct: bool,
+    /// Make each call as SubmitTask then WatchTask (two RPCs) rather than one CallTool.
+    #[arg(long)]
+    submit_watch: bool,
 }
 
 struct Stats {
@@ -415,8 +418,16 @@ async fn calls(bin: &std::path::Path, args: Args) -> anyhow::Result<()> {
         agents.push(cluster.agent_at(cluster.hubs[j % cluster.hubs.len()].id, &token));
     }
     let cpu_before = cpu_by_part(&cluster);
+    let split = args.submit_watch;
     let through_stats = drive(args.agents, args.calls, move |i| {
-        call_echo(agents[i % agents.len()].clone(), i)
+        let agent = agents[i % agents.len()].clone();
+        async move {
+            if split {
+                submit_and_watch_echo(agent, i).await
+            } else {
+                call_echo(agent, i).await
+            }
+        }
     })
     .await;
     let cpu_after = cpu_by_part(&cluster);
@@ -441,24 +452,39 @@ async fn calls(bin: &std::path::Path, args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One echo call through Flotilla: submit, then watch until it ends.
+/// The arguments of the `i`th echo call.
+fn echo_request(i: usize) -> anyhow::Result<pb::SubmitTaskRequest> {
+    Ok(pb::SubmitTaskRequest {
+        tool: "echo".into(),
+        arguments: serde_json::to_vec(&json!({"text": format!("call {i}")}))?,
+        ..Default::default()
+    })
+}
+
+/// One echo call through Flotilla, as one CallTool: submitted and streamed until it ends.
 async fn call_echo(mut agent: flotilla_tests::Agent, i: usize) -> anyhow::Result<()> {
+    let events = agent.call_tool(echo_request(i)?).await?.into_inner();
+    until_succeeded(events).await
+}
+
+/// One echo call through Flotilla as two RPCs: SubmitTask, then WatchTask until it ends.
+async fn submit_and_watch_echo(mut agent: flotilla_tests::Agent, i: usize) -> anyhow::Result<()> {
     let id = agent
-        .submit_task(pb::SubmitTaskRequest {
-            tool: "echo".into(),
-            arguments: serde_json::to_vec(&json!({"text": format!("call {i}")}))?,
-            ..Default::default()
-        })
+        .submit_task(echo_request(i)?)
         .await?
         .into_inner()
         .task_id;
-    let mut events = agent
+    let events = agent
         .watch_task(pb::WatchTaskRequest {
             task_id: id,
             from_seq: 1,
         })
         .await?
         .into_inner();
+    until_succeeded(events).await
+}
+
+async fn until_succeeded(mut events: tonic::Streaming<pb::TaskEvent>) -> anyhow::Result<()> {
     while let Some(ev) = events.message().await? {
         match pb::EventKind::try_from(ev.kind)? {
             pb::EventKind::Succeeded => return Ok(()),
@@ -490,8 +516,15 @@ fn report(
         )
     };
     println!(
-        "agents: {}, calls per side: {}, hubs: {}, tool: echo",
-        args.agents, args.calls, args.hubs
+        "agents: {}, calls per side: {}, hubs: {}, tool: echo, each call: {}",
+        args.agents,
+        args.calls,
+        args.hubs,
+        if args.submit_watch {
+            "SubmitTask + WatchTask"
+        } else {
+            "CallTool"
+        }
     );
     println!();
     println!("| path | calls ok | errors | calls/s | p50 ms | p99 ms | max ms |");

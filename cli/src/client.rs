@@ -168,7 +168,6 @@ pub(crate) async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
         bail!("--args must be a JSON object, like '{{\"text\":\"hi\"}}'");
     }
     let s = settings(&a.flags)?;
-    let mut agent = agent_client(&s)?;
     // A key of its own makes the submission safe to repeat on another hub.
     let req = pb::SubmitTaskRequest {
         tool: a.tool.clone(),
@@ -179,12 +178,12 @@ pub(crate) async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
         priority: a.priority,
         options: a.options.to_proto()?,
     };
-    let resp = with_failover(&s, |mut agent| {
-        let req = req.clone();
-        async move { agent.submit_task(req).await.map(|r| r.into_inner()) }
-    })
-    .await?;
     if a.no_wait {
+        let resp = with_failover(&s, |mut agent| {
+            let req = req.clone();
+            async move { agent.submit_task(req).await.map(|r| r.into_inner()) }
+        })
+        .await?;
         match a.flags.output {
             Format::Json => {
                 output::json(&json!({"task_id": resp.task_id, "deduplicated": resp.deduplicated}))
@@ -194,10 +193,46 @@ pub(crate) async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let people = a.flags.output == Format::Table;
+    // One CallTool submits and streams. Until its first event names the task, the call is
+    // made again on the next hub (the idempotency key makes that safe).
+    let (first, mut events) = with_failover(&s, |mut agent| {
+        let req = req.clone();
+        async move {
+            let mut events = agent.call_tool(req).await?.into_inner();
+            match events.message().await? {
+                Some(ev) => Ok((ev, events)),
+                None => Err(Status::unavailable(
+                    "the hub ended the call before its first event",
+                )),
+            }
+        }
+    })
+    .await?;
+    let task_id = first.task_id.clone();
     if people {
-        eprintln!("task {} submitted", resp.task_id);
+        eprintln!("task {task_id} submitted");
     }
-    let final_task = watch_until_done(&mut agent, &resp.task_id, people).await?;
+    let mut last = first;
+    loop {
+        if people {
+            print_event(&last);
+        }
+        if is_terminal(last.kind) {
+            break;
+        }
+        match events.message().await {
+            Ok(Some(ev)) => last = ev,
+            // The hub went away mid-call: the rest comes from a watch, below.
+            Ok(None) => break,
+            Err(st) if st.code() == tonic::Code::Unavailable => break,
+            Err(st) => return Err(status_error(st)),
+        }
+    }
+    let mut agent = agent_client(&s)?;
+    if !is_terminal(last.kind) {
+        watch_until_done(&mut agent, &task_id, last.seq + 1, people).await?;
+    }
+    let final_task = task_now(&mut agent, &task_id).await?;
     print_result(&final_task, a.flags.output);
     Ok(exit_for(&final_task))
 }
@@ -254,15 +289,16 @@ where
     }
 }
 
-/// Follows a task's events until it ends; returns the task.
+/// Follows a task's events from `from` until it ends.
 async fn watch_until_done(
     agent: &mut Agent,
     task_id: &str,
+    from: u64,
     people: bool,
-) -> anyhow::Result<pb::Task> {
+) -> anyhow::Result<()> {
     let watcher = agent.clone();
     follow_events(
-        1,
+        from,
         |from| {
             let mut a = watcher.clone();
             let task_id = task_id.to_owned();
@@ -281,7 +317,10 @@ async fn watch_until_done(
             (ev.seq, is_terminal(ev.kind))
         },
     )
-    .await?;
+    .await
+}
+
+async fn task_now(agent: &mut Agent, task_id: &str) -> anyhow::Result<pb::Task> {
     agent
         .get_task(pb::GetTaskRequest {
             task_id: task_id.to_owned(),
@@ -572,7 +611,8 @@ pub(crate) async fn task(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
         }
         TaskCommand::Watch { id, flags } => {
             let mut agent = agent_client(&settings(&flags)?)?;
-            let t = watch_until_done(&mut agent, &id, true).await?;
+            watch_until_done(&mut agent, &id, 1, true).await?;
+            let t = task_now(&mut agent, &id).await?;
             print_result(&t, flags.output);
             Ok(exit_for(&t))
         }

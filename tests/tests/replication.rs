@@ -102,6 +102,120 @@ async fn three_hubs_any_hub_serves_writes_and_consistent_reads() -> anyhow::Resu
     Ok(())
 }
 
+/// Reads a CallTool (or WatchTask) stream to its end.
+async fn all_events(
+    mut events: tonic::Streaming<pb::TaskEvent>,
+) -> anyhow::Result<Vec<pb::TaskEvent>> {
+    let mut out = Vec::new();
+    while let Some(ev) = events.message().await? {
+        out.push(ev);
+    }
+    Ok(out)
+}
+
+#[tokio::test]
+async fn call_tool_on_any_hub_streams_the_call_to_its_end_and_a_repeat_replays_it(
+) -> anyhow::Result<()> {
+    let mut c = Cluster::with_hubs(3).await?;
+    c.add_node(NodeSpec::demo("edge-1")).await?;
+    let leader = c.wait_leader().await?;
+    for h in 1..=3 {
+        let mut agent = c.agent_at(h, &c.admin_token);
+        let text = format!("one call through hub {h}");
+        let events = all_events(
+            agent
+                .call_tool(submit("echo", json!({ "text": text })))
+                .await?
+                .into_inner(),
+        )
+        .await?;
+        // Transitions are replicated; "started" is news only the leader has (a node's
+        // session lives there), so a follower's stream goes from assigned to the end.
+        let kinds: Vec<pb::EventKind> = events.iter().map(|e| e.kind()).collect();
+        let mut want = vec![pb::EventKind::Queued, pb::EventKind::Assigned];
+        if h == leader {
+            want.push(pb::EventKind::Started);
+        }
+        want.push(pb::EventKind::Succeeded);
+        assert_eq!(kinds, want, "hub {h} (leader {leader})");
+        assert_eq!(events[0].seq, 1, "hub {h}");
+        assert!(events.windows(2).all(|w| w[0].seq < w[1].seq), "{events:?}");
+        let id = &events[0].task_id;
+        assert!(events.iter().all(|e| &e.task_id == id));
+        let result: serde_json::Value =
+            serde_json::from_slice(&events.last().expect("an end").result)?;
+        assert_eq!(result["content"][0]["text"], json!(text), "hub {h}");
+        // Another hub agrees on what the stream said.
+        let other = c
+            .agent_at(h % 3 + 1, &c.admin_token)
+            .get_task(pb::GetTaskRequest {
+                task_id: id.clone(),
+            })
+            .await?
+            .into_inner();
+        assert_eq!(other.state(), pb::TaskState::Succeeded);
+        assert_eq!(result_text(&other), text);
+    }
+
+    // The same key through two hubs: one task, and the repeat streams it from the start.
+    let mut req = submit("echo", json!({"text": "keyed"}));
+    req.idempotency_key = "call-tool-once".into();
+    let first = all_events(
+        c.agent_at(1, &c.admin_token)
+            .call_tool(req.clone())
+            .await?
+            .into_inner(),
+    )
+    .await?;
+    let again = all_events(
+        c.agent_at(2, &c.admin_token)
+            .call_tool(req)
+            .await?
+            .into_inner(),
+    )
+    .await?;
+    assert_eq!(
+        first.last().map(|e| e.kind()),
+        Some(pb::EventKind::Succeeded),
+        "{first:?}"
+    );
+    let replicated = |evs: &[pb::TaskEvent]| -> Vec<pb::TaskEvent> {
+        evs.iter()
+            .filter(|e| !matches!(e.kind(), pb::EventKind::Started | pb::EventKind::Progress))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(
+        replicated(&first),
+        replicated(&again),
+        "a repeat replays the first call's events"
+    );
+
+    // A call that cannot be accepted fails before any event, and leaves no task.
+    let before = c
+        .agent_at(3, &c.admin_token)
+        .list_tasks(pb::ListTasksRequest::default())
+        .await?
+        .into_inner()
+        .tasks
+        .len();
+    let refused = c
+        .agent_at(3, &c.admin_token)
+        .call_tool(submit("no-such-tool", json!({})))
+        .await
+        .expect_err("an unknown tool is refused");
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+    let after = c
+        .agent_at(3, &c.admin_token)
+        .list_tasks(pb::ListTasksRequest::default())
+        .await?
+        .into_inner()
+        .tasks
+        .len();
+    assert_eq!(before, after);
+    Ok(())
+}
+
 #[tokio::test]
 async fn killing_the_leader_under_load_loses_no_acknowledged_task() -> anyhow::Result<()> {
     let mut c = Cluster::with_hubs(3).await?;

@@ -20,8 +20,13 @@ use crate::{
     auth, convert,
     error::{HubError, HubResult},
     events::is_terminal_event,
+    quota::StreamPermit,
     state::{self, Command, Lookup, State, TaskRecord, WorkflowRecord},
 };
+
+/// How long CallTool on a follower waits to apply the task it just forwarded before it
+/// asks the leader for a read barrier instead.
+const APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub struct AgentApi {
     pub hub: Hub,
@@ -130,6 +135,84 @@ impl AgentApi {
         self.hub.quota.queue(&claims.tenant, queued, adding)
     }
 
+    /// Validates and commits one submission (SubmitTask, CallTool).
+    async fn submit(
+        &self,
+        claims: &Claims,
+        req: SubmitTaskRequest,
+    ) -> HubResult<SubmitTaskResponse> {
+        let (args, key) = self.validate_submission(claims, &req)?;
+        // A repeat of an accepted submission answers as it did, even with a full queue.
+        if let Some(k) = &key {
+            let known = self
+                .hub
+                .state()
+                .keyed(false, &claims.tenant, k)
+                .map_err(store_error)?;
+            if let Some(id) = known {
+                return Ok(SubmitTaskResponse {
+                    task_id: id,
+                    deduplicated: true,
+                });
+            }
+        }
+        self.room_in_queue(claims, 1)?;
+        let spec = convert::spec(
+            req.options.as_ref(),
+            claims.region.as_deref(),
+            claims.zone.as_deref(),
+        )
+        .map_err(HubError::InvalidArgument)?;
+        let mut task = TaskRecord::new(
+            &uuid::Uuid::now_v7().to_string(),
+            &req.tool,
+            &claims.tenant,
+            &claims.sub,
+            args,
+            flotilla_common::now_ms(),
+        );
+        task.priority = req.priority;
+        task.idempotency_key = key;
+        task.spec = spec;
+        task.scopes = claims.scopes.clone();
+        match self.hub.write(Command::SubmitTask(Box::new(task))).await? {
+            state::Response::Submitted {
+                task_id,
+                deduplicated,
+            } => {
+                tracing::info!(task_id, agent = ?claims.sub, tenant = ?claims.tenant, deduplicated, "task accepted");
+                Ok(SubmitTaskResponse {
+                    task_id,
+                    deduplicated,
+                })
+            }
+            other => Err(HubError::Internal(format!("submit answered {other:?}"))),
+        }
+    }
+
+    /// A task just committed through this hub, once this hub has applied it: at once on
+    /// the leader; a follower applies it moments after the leader answered the forwarded
+    /// write, and a read barrier settles it if that takes long.
+    async fn applied_here(&self, claims: &Claims, id: &str) -> HubResult<TaskRecord> {
+        if let Ok(t) = visible_task(&self.hub.state(), claims, id) {
+            return Ok(t);
+        }
+        let (hub, who, id2) = (self.hub.clone(), claims.clone(), id.to_owned());
+        let seen = self
+            .hub
+            .raft()
+            .wait(Some(APPLY_WAIT))
+            .metrics(
+                move |_| visible_task(&hub.state(), &who, &id2).is_ok(),
+                "a submitted task applied here",
+            )
+            .await;
+        if seen.is_err() {
+            self.hub.read_barrier().await?;
+        }
+        visible_task(&self.hub.state(), claims, id)
+    }
+
     fn validate_submission(
         &self,
         claims: &Claims,
@@ -190,54 +273,7 @@ impl AgentService for AgentApi {
         req: Request<SubmitTaskRequest>,
     ) -> Result<Response<SubmitTaskResponse>, Status> {
         let claims = self.caller(&req)?;
-        let req = req.into_inner();
-        let (args, key) = self.validate_submission(&claims, &req)?;
-        // A repeat of an accepted submission answers as it did, even with a full queue.
-        if let Some(k) = &key {
-            let known = self
-                .hub
-                .state()
-                .keyed(false, &claims.tenant, k)
-                .map_err(store_error)?;
-            if let Some(id) = known {
-                return Ok(Response::new(SubmitTaskResponse {
-                    task_id: id,
-                    deduplicated: true,
-                }));
-            }
-        }
-        self.room_in_queue(&claims, 1)?;
-        let spec = convert::spec(
-            req.options.as_ref(),
-            claims.region.as_deref(),
-            claims.zone.as_deref(),
-        )
-        .map_err(HubError::InvalidArgument)?;
-        let mut task = TaskRecord::new(
-            &uuid::Uuid::now_v7().to_string(),
-            &req.tool,
-            &claims.tenant,
-            &claims.sub,
-            args,
-            flotilla_common::now_ms(),
-        );
-        task.priority = req.priority;
-        task.idempotency_key = key;
-        task.spec = spec;
-        task.scopes = claims.scopes.clone();
-        match self.hub.write(Command::SubmitTask(Box::new(task))).await? {
-            state::Response::Submitted {
-                task_id,
-                deduplicated,
-            } => {
-                tracing::info!(task_id, agent = ?claims.sub, tenant = ?claims.tenant, deduplicated, "task accepted");
-                Ok(Response::new(SubmitTaskResponse {
-                    task_id,
-                    deduplicated,
-                }))
-            }
-            other => Err(HubError::Internal(format!("submit answered {other:?}")).into()),
-        }
+        Ok(Response::new(self.submit(&claims, req.into_inner()).await?))
     }
 
     async fn get_task(&self, req: Request<GetTaskRequest>) -> Result<Response<Task>, Status> {
@@ -269,65 +305,31 @@ impl AgentService for AgentApi {
             }
         };
         let (from, permit) = (r.from_seq, self.hub.quota.stream(&claims)?);
-        let (backlog, mut rx) = self.hub.events.subscribe(&task, from);
-        let hub = self.hub.clone();
-        let stream = async_stream(move |tx| async move {
-            let _permit = permit;
-            let mut last = from.saturating_sub(1);
-            for ev in backlog {
-                last = ev.seq;
-                let done = is_terminal_event(&ev);
-                if tx.send(Ok(ev)).await.is_err() || done {
-                    return;
-                }
-            }
-            if task.status.is_terminal() {
-                // It had ended and the caller already saw the end: nothing more will come.
-                return;
-            }
-            loop {
-                // A client that went away ends the watch now, not at the task's next event.
-                let next = tokio::select! {
-                    r = rx.recv() => r,
-                    _ = tx.closed() => return,
-                };
-                match next {
-                    Ok(ev) if ev.seq <= last => continue,
-                    Ok(ev) => {
-                        last = ev.seq;
-                        let done = is_terminal_event(&ev);
-                        if tx.send(Ok(ev)).await.is_err() || done {
-                            return;
-                        }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        // Fell behind: read what was missed from the log itself.
-                        // The task as it is now (its log may be gone if it ended).
-                        let now = hub.state().find_task(&task.id).ok().and_then(Lookup::found);
-                        let (missed, fresh) = hub
-                            .events
-                            .subscribe(now.as_ref().unwrap_or(&task), last + 1);
-                        rx = fresh;
-                        for ev in missed {
-                            last = ev.seq;
-                            let done = is_terminal_event(&ev);
-                            if tx.send(Ok(ev)).await.is_err() || done {
-                                return;
-                            }
-                        }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                        let _ = tx
-                            .send(Err(Status::unavailable(
-                                "hub is shutting down; resume the watch from the last seq",
-                            )))
-                            .await;
-                        return;
-                    }
-                }
-            }
-        });
-        Ok(Response::new(stream))
+        Ok(Response::new(task_events(
+            self.hub.clone(),
+            task,
+            from,
+            permit,
+        )))
+    }
+
+    type CallToolStream = EventStream;
+
+    async fn call_tool(
+        &self,
+        req: Request<SubmitTaskRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let claims = self.caller(&req)?;
+        // Counted before the commit: a caller at its stream limit leaves no task behind.
+        let permit = self.hub.quota.stream(&claims)?;
+        let accepted = self.submit(&claims, req.into_inner()).await?;
+        let task = self.applied_here(&claims, &accepted.task_id).await?;
+        Ok(Response::new(task_events(
+            self.hub.clone(),
+            task,
+            1,
+            permit,
+        )))
     }
 
     async fn cancel_task(&self, req: Request<CancelTaskRequest>) -> Result<Response<Task>, Status> {
@@ -639,6 +641,67 @@ impl AgentService for AgentApi {
         let w = visible_workflow(&state, &claims, &id)?;
         Ok(Response::new(convert::workflow(&w)))
     }
+}
+
+/// A task's events from `from` until its end, for one watcher holding `permit`.
+fn task_events(hub: Hub, task: TaskRecord, from: u64, permit: StreamPermit) -> EventStream {
+    let (backlog, mut rx) = hub.events.subscribe(&task, from);
+    async_stream(move |tx| async move {
+        let _permit = permit;
+        let mut last = from.saturating_sub(1);
+        for ev in backlog {
+            last = ev.seq;
+            let done = is_terminal_event(&ev);
+            if tx.send(Ok(ev)).await.is_err() || done {
+                return;
+            }
+        }
+        if task.status.is_terminal() {
+            // It had ended and the caller already saw the end: nothing more will come.
+            return;
+        }
+        loop {
+            // A client that went away ends the watch now, not at the task's next event.
+            let next = tokio::select! {
+                r = rx.recv() => r,
+                _ = tx.closed() => return,
+            };
+            match next {
+                Ok(ev) if ev.seq <= last => continue,
+                Ok(ev) => {
+                    last = ev.seq;
+                    let done = is_terminal_event(&ev);
+                    if tx.send(Ok(ev)).await.is_err() || done {
+                        return;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    // Fell behind: read what was missed from the log itself.
+                    // The task as it is now (its log may be gone if it ended).
+                    let now = hub.state().find_task(&task.id).ok().and_then(Lookup::found);
+                    let (missed, fresh) = hub
+                        .events
+                        .subscribe(now.as_ref().unwrap_or(&task), last + 1);
+                    rx = fresh;
+                    for ev in missed {
+                        last = ev.seq;
+                        let done = is_terminal_event(&ev);
+                        if tx.send(Ok(ev)).await.is_err() || done {
+                            return;
+                        }
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    let _ = tx
+                        .send(Err(Status::unavailable(
+                            "hub is shutting down; resume the watch from the last seq",
+                        )))
+                        .await;
+                    return;
+                }
+            }
+        }
+    })
 }
 
 /// A response stream fed by a spawned task through a bounded channel.
