@@ -16,7 +16,13 @@ CARGO_TARGET_DIR=target/etcd-put cargo build --release -q --manifest-path bench/
 
 work=$(mktemp -d)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+# Stop the members and wait for them before removing their data (a member whose data dir
+# vanished while it shut down was seen to linger).
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
 trap cleanup EXIT
 
 # Six free loopback ports for three members (client, peer).

@@ -878,7 +878,7 @@ async fn send_assignment(
             None => return,
         }
     };
-    tracing::info!(task_id, node_id = %p.node_id, server = %p.server, attempt, fence, "task assigned");
+    tracing::debug!(task_id, node_id = %p.node_id, server = %p.server, attempt, fence, "task assigned");
     if hub.sessions.send(&p.node_id, msg) {
         return;
     }

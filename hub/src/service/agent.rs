@@ -180,7 +180,7 @@ impl AgentApi {
                 task_id,
                 deduplicated,
             } => {
-                tracing::info!(task_id, agent = ?claims.sub, tenant = ?claims.tenant, deduplicated, "task accepted");
+                tracing::debug!(task_id, agent = ?claims.sub, tenant = ?claims.tenant, deduplicated, "task accepted");
                 Ok(SubmitTaskResponse {
                     task_id,
                     deduplicated,

@@ -423,7 +423,7 @@ async fn record_result(
     };
     let accepted = match hub.write(cmd).await? {
         state::Response::TaskNow(status) => {
-            tracing::info!(node_id, task_id = ?r.task_id, attempt = r.attempt, ?status, "task finished");
+            tracing::debug!(node_id, task_id = ?r.task_id, attempt = r.attempt, ?status, "task finished");
             true
         }
         state::Response::Rejected(Rejection::NotYourAttempt) => {

@@ -79,8 +79,10 @@ pub type StoreResult<T> = Result<T, StoreError>;
 #[derive(Debug, Serialize, Deserialize)]
 struct Stored<T> {
     archived_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     expired_at: Option<u64>,
     tenant: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     key: Option<String>,
     ended_at_ms: i64,
     record: Option<T>,

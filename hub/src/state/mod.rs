@@ -64,11 +64,14 @@ pub struct AttemptRecord {
     pub server: String,
     pub fence: u64,
     pub assigned_at_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// Taken back before it reached the node: it does not count as a try.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub requeued: bool,
 }
 
@@ -85,6 +88,9 @@ pub struct StepRef {
     pub step: String,
 }
 
+/// Optional and defaulted fields are left out of the JSON when they hold their default (most
+/// do, for most tasks): records, log entries and snapshots are about half the size, and a
+/// missing field reads back as its default.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskRecord {
     pub id: String,
@@ -94,39 +100,49 @@ pub struct TaskRecord {
     pub arguments: Value,
     pub status: TaskStatus,
     /// MCP CallToolResult, when the server answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
+    #[serde(default, skip_serializing_if = "is_default")]
     pub priority: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attempts: Vec<AttemptRecord>,
     /// How many state transitions the task has made (0 when queued): numbers its events
     /// the same way on every hub.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub transitions: u32,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub spec: TaskSpec,
     /// The submitting agent's scopes: a node's server is only used if they allow it.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub scopes: Vec<String>,
     /// A queued task backing off before its next attempt is not placed before this.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_before_ms: Option<i64>,
     /// When it last went (back) to the queue; the queue timeout counts from here.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queued_at_ms: Option<i64>,
     /// Ended failed or lost after its last allowed attempt.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub dead_lettered: bool,
     /// Set on a fan-out task; it is never placed itself.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<Group>,
     /// Set on a replica: its fan-out task.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workflow: Option<StepRef>,
+}
+
+/// Whether a field holds its type's default (and so is left out of the JSON).
+pub(crate) fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 impl TaskRecord {

@@ -12,11 +12,16 @@ pub const NODE_LOSS_RERUNS: u32 = 3;
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TaskSpec {
+    #[serde(skip_serializing_if = "super::is_default")]
     pub placement: Constraints,
+    #[serde(skip_serializing_if = "super::is_default")]
     pub retry: RetryPolicy,
+    #[serde(skip_serializing_if = "super::is_default")]
     pub deadlines: Deadlines,
     /// Distinct nodes to run on; 0 and 1 both mean one.
+    #[serde(skip_serializing_if = "super::is_default")]
     pub replicas: u32,
+    #[serde(skip_serializing_if = "super::is_default")]
     pub aggregation: Aggregation,
 }
 
@@ -24,11 +29,15 @@ pub struct TaskSpec {
 #[serde(default)]
 pub struct Constraints {
     /// Where the caller is; nodes nearby score higher.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
     /// Labels a node must carry.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub required: BTreeMap<String, String>,
     /// Labels that count in a node's favour.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub preferred: BTreeMap<String, String>,
 }
 

@@ -1126,3 +1126,61 @@ fn a_batch_applies_each_command_in_order_as_if_alone() {
     assert_eq!(task_now(&s, "t3").status, TaskStatus::Succeeded);
     assert!(s.tasks.is_empty());
 }
+
+#[test]
+fn a_task_record_leaves_its_defaults_out_and_reads_back_the_same() {
+    let mut s = with_node();
+    s.apply(1, &task("t1", None));
+    s.apply(2, &assign("t1"));
+    s.apply(3, &finish("t1", 1, 2));
+    let done = task_now(&s, "t1");
+    let json = serde_json::to_value(&done).unwrap();
+    let fields: Vec<&str> = json
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    for absent in [
+        "error",
+        "priority",
+        "idempotency_key",
+        "spec",
+        "scopes",
+        "dead_lettered",
+        "group",
+        "parent",
+        "workflow",
+    ] {
+        assert!(!fields.contains(&absent), "{absent} in {json}");
+    }
+    let back: TaskRecord = serde_json::from_value(json).unwrap();
+    assert_eq!(back, done);
+
+    // A record written with every field spelled out (as hubs did before) reads the same.
+    let mut full = serde_json::to_value(&done).unwrap();
+    let obj = full.as_object_mut().unwrap();
+    for (k, v) in [
+        ("error", json!(null)),
+        ("priority", json!(0)),
+        ("idempotency_key", json!(null)),
+        ("scopes", json!([])),
+        ("not_before_ms", json!(null)),
+        ("queued_at_ms", json!(null)),
+        ("dead_lettered", json!(false)),
+        ("group", json!(null)),
+        ("parent", json!(null)),
+        ("workflow", json!(null)),
+        (
+            "spec",
+            json!({"placement":{"region":null,"zone":null,"required":{},"preferred":{}},
+                   "retry":{"max_attempts":1,"initial_backoff_ms":500,"max_backoff_ms":30000,"retry_on":[]},
+                   "deadlines":{"queue_timeout_ms":0,"attempt_timeout_ms":0,"total_timeout_ms":0},
+                   "replicas":0,"aggregation":"all"}),
+        ),
+    ] {
+        obj.insert(k.into(), v);
+    }
+    let old: TaskRecord = serde_json::from_value(full).unwrap();
+    assert_eq!(old, done);
+}
