@@ -2,44 +2,23 @@
 //! runs until the shutdown future resolves. `run(config, listener, shutdown)` takes an
 //! already-bound listener so tests can start hubs on port 0.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    future::Future,
-    sync::{Arc, RwLock, RwLockReadGuard},
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, future::Future, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use flotilla_common::{config::HubConfig, jwt::SigningKey, pki::Ca, tls};
 use flotilla_proto as pb;
-use openraft::{
-    error::{ClientWriteError, RaftError},
-    ChangeMembers,
-};
 use tokio::{net::TcpListener, sync::Notify};
 
 use crate::{
-    error::{HubError, HubResult},
+    cluster::{Hub, Parts},
     events::EventLogs,
-    raft::{
-        self,
-        network::{decode, encode, Network},
-        service::{ClusterView, MemberView, MembershipChange, PeerError},
-        ApplyHook, HubNode, Raft,
-    },
-    scheduler::PendingReasons,
+    raft::{self, network::Network, ApplyHook, HubNode, Raft},
     sessions::Sessions,
     state::{Command, Effects, Response, State},
 };
 
 /// How long a stopping hub lets open calls and streams finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long a write or read waits for a leader before answering UNAVAILABLE.
-const LEADER_WAIT: Duration = Duration::from_secs(10);
-/// Metadata key carrying the leader's API address on a redirect.
-pub const LEADER_HEADER: &str = "x-flotilla-leader";
-/// Metadata key set when no leader is known yet (an election is under way).
-pub const NO_LEADER_HEADER: &str = "x-flotilla-no-leader";
 
 /// The two listeners a hub serves on, already bound.
 pub struct Listeners {
@@ -53,34 +32,6 @@ pub struct Listeners {
 pub const MAX_MESSAGE_BYTES: usize = flotilla_common::config::defaults::MAX_MESSAGE_BYTES;
 /// File in the data dir holding a bootstrap admin token (mode 0600).
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
-
-struct Inner {
-    config: HubConfig,
-    raft: Raft,
-    /// Every write goes through it: writes that arrive together share one entry.
-    commit: crate::commit::GroupCommit,
-    state: Arc<RwLock<State>>,
-    ca: Ca,
-    wake: Arc<Notify>,
-    net: Network,
-}
-
-/// A running hub's shared handles.
-#[derive(Clone)]
-pub struct Hub {
-    inner: Arc<Inner>,
-    pub events: EventLogs,
-    pub sessions: Sessions,
-    pub pending: PendingReasons,
-    /// The leader's placements being committed, and the tenants it saw active.
-    pub placing: crate::scheduler::Placing,
-    /// Per-agent and per-tenant limits on what callers may use of this hub.
-    pub quota: crate::quota::Quota,
-    /// Agent tokens verified recently.
-    pub tokens: crate::auth::TokenCache,
-    /// Bumped whenever a workflow changes: WatchWorkflow streams wait on it.
-    pub workflows: tokio::sync::watch::Sender<u64>,
-}
 
 struct Hooks {
     events: EventLogs,
@@ -124,390 +75,6 @@ impl ApplyHook for Hooks {
         self.workflows.send_modify(|v| *v += 1);
         self.wake.notify_one();
     }
-}
-
-impl Hub {
-    pub fn state(&self) -> RwLockReadGuard<'_, State> {
-        self.inner.state.read().expect("state lock poisoned")
-    }
-
-    pub fn raft(&self) -> &Raft {
-        &self.inner.raft
-    }
-
-    pub fn ca(&self) -> &Ca {
-        &self.inner.ca
-    }
-
-    pub fn config(&self) -> &HubConfig {
-        &self.inner.config
-    }
-
-    pub fn id(&self) -> u64 {
-        self.inner.config.id
-    }
-
-    /// Wakes the scheduler.
-    pub fn wake(&self) {
-        self.inner.wake.notify_one();
-    }
-
-    pub(crate) fn wake_signal(&self) -> &Notify {
-        &self.inner.wake
-    }
-
-    /// True when this hub leads and a quorum acknowledged it recently. A leader cut off
-    /// from its quorum keeps believing it leads (openraft 0.9 does not step down by itself);
-    /// treating it as not leading makes it stop scheduling and send its nodes elsewhere.
-    pub fn is_leader(&self) -> bool {
-        let m = self.inner.raft.metrics();
-        let m = m.borrow();
-        if m.current_leader != Some(self.id()) {
-            return false;
-        }
-        if m.membership_config.membership().voter_ids().count() <= 1 {
-            return true;
-        }
-        m.millis_since_quorum_ack
-            .is_none_or(|ms| ms <= self.quorum_grace_ms())
-    }
-
-    /// How long a leader may go without a quorum's acknowledgement: two leader leases.
-    fn quorum_grace_ms(&self) -> u64 {
-        4 * self.inner.config.raft_election_timeout_ms
-    }
-
-    /// The current leader's id and node, if one is known.
-    pub fn leader(&self) -> Option<(u64, HubNode)> {
-        let m = self.inner.raft.metrics().borrow().clone();
-        let id = m.current_leader?;
-        let node = m.membership_config.membership().get_node(&id)?.clone();
-        Some((id, node))
-    }
-
-    pub fn require_leader(&self) -> HubResult<()> {
-        if self.is_leader() {
-            return Ok(());
-        }
-        Err(self.not_leader())
-    }
-
-    fn not_leader(&self) -> HubError {
-        match self.leader() {
-            Some((id, _)) if id == self.id() => HubError::Unavailable(
-                "this hub has lost contact with the other hubs; try another one".into(),
-            ),
-            Some((id, node)) => HubError::NotLeader {
-                leader_id: id,
-                leader_api: node.api,
-            },
-            None => HubError::NoLeader,
-        }
-    }
-
-    /// Commits a command through Raft and returns what applying it did. On a follower the
-    /// command is forwarded to the leader, so any hub serves every write.
-    pub async fn write(&self, cmd: Command) -> HubResult<Response> {
-        let deadline = Instant::now() + LEADER_WAIT;
-        loop {
-            let written = tokio::time::timeout(LEADER_WAIT, self.commit(cmd.clone())).await;
-            let Ok(written) = written else {
-                return Err(HubError::Unavailable(format!(
-                    "the write was not committed within {}s (no quorum?); its outcome is unknown, retry with an idempotency key",
-                    LEADER_WAIT.as_secs()
-                )));
-            };
-            let retry = match written {
-                Ok(r) => return Ok(r),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                    match f.leader_node {
-                        Some(node) => match self.forward(&node, &cmd).await {
-                            Ok(r) => return Ok(r),
-                            Err(ForwardFailure::Retry(why)) => why,
-                            Err(ForwardFailure::Final(e)) => return Err(e),
-                        },
-                        None => "no leader elected yet".to_owned(),
-                    }
-                }
-                Err(RaftError::APIError(e)) => {
-                    return Err(HubError::Unavailable(format!("cannot commit: {e}")))
-                }
-                Err(RaftError::Fatal(e)) => {
-                    return Err(HubError::Unavailable(format!("raft stopped: {e}")))
-                }
-            };
-            if Instant::now() > deadline {
-                return Err(HubError::Unavailable(format!("{retry}; retry shortly")));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// Commits `cmd` here (openraft refuses unless this hub leads). A submission the leader
-    /// can place at once commits with its assignment in one entry.
-    /// (Boxed: sending an assignment may write again, a requeue, through here.)
-    fn commit(
-        &self,
-        cmd: Command,
-    ) -> futures::future::BoxFuture<'_, Result<Response, crate::commit::WriteError>> {
-        Box::pin(async move {
-            match crate::scheduler::at_submission(self, &cmd) {
-                Some(placed) => {
-                    // Once queued, the unit commits whatever becomes of the caller (a client
-                    // that gives up, a timeout), and then its assignment must reach the node
-                    // and its reservation hold until then: both go on a task of their own.
-                    let hub = self.clone();
-                    let unit = placed.command(cmd);
-                    tokio::spawn(async move {
-                        let answer = hub.inner.commit.write(unit).await?;
-                        Ok(placed.dispatch(&hub, answer).await)
-                    })
-                    .await
-                    .unwrap_or(Err(RaftError::Fatal(openraft::error::Fatal::Panicked)))
-                }
-                None => self.inner.commit.write(cmd).await,
-            }
-        })
-    }
-
-    async fn forward(&self, leader: &HubNode, cmd: &Command) -> Result<Response, ForwardFailure> {
-        let mut client = self
-            .inner
-            .net
-            .client(&leader.raft)
-            .map_err(|e| ForwardFailure::Final(HubError::Internal(e.to_string())))?;
-        match client.forward(encode(cmd)).await {
-            Ok(reply) => match decode::<Result<Response, PeerError>>(reply.get_ref()) {
-                Ok(Ok(r)) => Ok(r),
-                Ok(Err(PeerError::NotLeader)) => Err(ForwardFailure::Retry("the leader changed".into())),
-                Ok(Err(PeerError::Failed(e))) => Err(ForwardFailure::Final(HubError::Unavailable(e))),
-                Err(e) => Err(ForwardFailure::Final(HubError::Internal(format!("leader reply: {e}")))),
-            },
-            // Not connected: nothing was sent, so trying again cannot commit twice.
-            Err(s) if s.code() == tonic::Code::Unavailable && s.message().contains("connect") => {
-                Err(ForwardFailure::Retry(format!("leader unreachable: {}", s.message())))
-            }
-            Err(s) => Err(ForwardFailure::Final(HubError::Unavailable(format!(
-                "forwarding to the leader failed ({}); the outcome is unknown, retry with an idempotency key",
-                s.message()
-            )))),
-        }
-    }
-
-    /// Only on the leader: commit a forwarded command.
-    pub(crate) async fn write_as_leader(&self, cmd: Command) -> Result<Response, PeerError> {
-        let written = tokio::time::timeout(LEADER_WAIT, self.commit(cmd)).await;
-        let Ok(written) = written else {
-            return Err(PeerError::Failed(
-                "the write was not committed in time (no quorum?); its outcome is unknown".into(),
-            ));
-        };
-        match written {
-            Ok(r) => Ok(r),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-                Err(PeerError::NotLeader)
-            }
-            Err(e) => Err(PeerError::Failed(e.to_string())),
-        }
-    }
-
-    /// Only on the leader: the index a linearizable read must wait for.
-    pub(crate) async fn read_index_as_leader(&self) -> Result<u64, PeerError> {
-        match tokio::time::timeout(Duration::from_secs(2), self.inner.raft.get_read_log_id()).await
-        {
-            Ok(Ok((read, _applied))) => Ok(read.map_or(0, |l| l.index)),
-            Ok(Err(RaftError::APIError(_))) => Err(PeerError::NotLeader),
-            Ok(Err(e)) => Err(PeerError::Failed(e.to_string())),
-            Err(_) => Err(PeerError::Failed(
-                "no quorum confirmed the leader in time".into(),
-            )),
-        }
-    }
-
-    /// Waits until this hub has applied everything committed before the call: a read after
-    /// it sees every write acknowledged before it, whichever hub took the write.
-    pub async fn read_barrier(&self) -> HubResult<()> {
-        let deadline = Instant::now() + LEADER_WAIT;
-        let index = loop {
-            let r = if self.is_leader() {
-                self.read_index_as_leader().await
-            } else if let Some((_, node)) = self.leader() {
-                match self.inner.net.client(&node.raft) {
-                    Ok(mut c) => match c.read_index(encode(&())).await {
-                        Ok(reply) => decode::<Result<u64, PeerError>>(reply.get_ref())
-                            .unwrap_or_else(|e| Err(PeerError::Failed(e.to_string()))),
-                        Err(s) => Err(PeerError::Failed(s.message().to_owned())),
-                    },
-                    Err(e) => Err(PeerError::Failed(e.to_string())),
-                }
-            } else {
-                Err(PeerError::NotLeader)
-            };
-            match r {
-                Ok(i) => break i,
-                Err(e) if Instant::now() > deadline => {
-                    return Err(HubError::Unavailable(format!(
-                        "cannot confirm a consistent read: {e}"
-                    )))
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        };
-        self.inner
-            .raft
-            .wait(Some(LEADER_WAIT))
-            .applied_index_at_least(Some(index), "read barrier")
-            .await
-            .map_err(|e| HubError::Unavailable(format!("this hub is behind: {e}")))?;
-        Ok(())
-    }
-
-    /// Adds or removes a hub (on the leader; forwarded from a follower).
-    pub async fn change_membership(&self, change: MembershipChange) -> HubResult<()> {
-        let deadline = Instant::now() + LEADER_WAIT;
-        loop {
-            let r = if self.is_leader() {
-                self.change_membership_as_leader(change.clone()).await
-            } else if let Some((_, node)) = self.leader() {
-                match self.inner.net.client(&node.raft) {
-                    Ok(mut c) => match c.change_membership(encode(&change)).await {
-                        Ok(reply) => decode::<Result<(), PeerError>>(reply.get_ref())
-                            .unwrap_or_else(|e| Err(PeerError::Failed(e.to_string()))),
-                        Err(s) => Err(PeerError::Failed(s.message().to_owned())),
-                    },
-                    Err(e) => Err(PeerError::Failed(e.to_string())),
-                }
-            } else {
-                Err(PeerError::NotLeader)
-            };
-            match r {
-                Ok(()) => return Ok(()),
-                Err(PeerError::NotLeader) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(100)).await
-                }
-                Err(e) => {
-                    return Err(HubError::FailedPrecondition(format!(
-                        "membership change failed: {e}"
-                    )))
-                }
-            }
-        }
-    }
-
-    pub(crate) async fn change_membership_as_leader(
-        &self,
-        change: MembershipChange,
-    ) -> Result<(), PeerError> {
-        let map = |e: RaftError<u64, ClientWriteError<u64, HubNode>>| match e {
-            RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => PeerError::NotLeader,
-            other => PeerError::Failed(other.to_string()),
-        };
-        let raft = &self.inner.raft;
-        match change {
-            MembershipChange::Add { id, node } => {
-                tracing::info!(hub = id, %node, "adding hub as learner");
-                raft.add_learner(id, node, true).await.map_err(map)?;
-                tracing::info!(hub = id, "learner caught up; promoting to voter");
-                raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-                    .await
-                    .map_err(map)?;
-            }
-            MembershipChange::Remove { id } => {
-                tracing::info!(hub = id, "removing hub");
-                raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
-                    .await
-                    .map_err(map)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// This hub's own view of the cluster.
-    pub fn local_view(&self) -> ClusterView {
-        let m = self.inner.raft.metrics().borrow().clone();
-        let membership = m.membership_config.membership();
-        let voters: Vec<u64> = membership.voter_ids().collect();
-        let last = m.last_log_index.unwrap_or(0);
-        let replication = m.replication.clone().unwrap_or_default();
-        let members = membership
-            .nodes()
-            .map(|(id, node)| {
-                let matched = if Some(*id) == m.current_leader && *id == m.id {
-                    Some(last)
-                } else {
-                    replication.get(id).map(|l| l.map_or(0, |l| l.index))
-                };
-                MemberView {
-                    id: *id,
-                    api: node.api.clone(),
-                    raft: node.raft.clone(),
-                    role: if Some(*id) == m.current_leader {
-                        "leader"
-                    } else if voters.contains(id) {
-                        "follower"
-                    } else {
-                        "learner"
-                    }
-                    .into(),
-                    matched_index: matched.unwrap_or(0),
-                    lag: matched.map_or(0, |x| last.saturating_sub(x)),
-                }
-            })
-            .collect();
-        ClusterView {
-            this_hub: m.id,
-            leader_id: m.current_leader,
-            term: m.current_term,
-            last_log_index: last,
-            applied_index: m.last_applied.map_or(0, |l| l.index),
-            members,
-        }
-    }
-
-    /// Connected nodes and their live load: held by the leader, asked for from a follower
-    /// (empty when no leader can be reached).
-    pub async fn live_nodes(&self) -> std::collections::HashMap<String, crate::sessions::LiveView> {
-        if self.is_leader() {
-            return self.sessions.views();
-        }
-        let Some((id, node)) = self.leader() else {
-            return Default::default();
-        };
-        if id == self.id() {
-            return Default::default();
-        }
-        let Ok(mut c) = self.inner.net.client(&node.raft) else {
-            return Default::default();
-        };
-        match tokio::time::timeout(Duration::from_secs(2), c.live(encode(&()))).await {
-            Ok(Ok(reply)) => decode(reply.get_ref()).unwrap_or_default(),
-            _ => Default::default(),
-        }
-    }
-
-    /// The leader's view when it can be reached (it knows replication lag), else our own.
-    pub async fn cluster_view(&self) -> ClusterView {
-        if !self.is_leader() {
-            if let Some((_, node)) = self.leader() {
-                if let Ok(mut c) = self.inner.net.client(&node.raft) {
-                    if let Ok(Ok(reply)) =
-                        tokio::time::timeout(Duration::from_secs(2), c.status(encode(&()))).await
-                    {
-                        if let Ok(mut v) = decode::<ClusterView>(reply.get_ref()) {
-                            v.this_hub = self.id();
-                            return v;
-                        }
-                    }
-                }
-            }
-        }
-        self.local_view()
-    }
-}
-
-enum ForwardFailure {
-    Retry(String),
-    Final(HubError),
 }
 
 /// How long sending one snapshot chunk may take, and the last one with its install.
@@ -638,25 +205,17 @@ pub async fn run(
         }
     }
 
-    let quota = crate::quota::Quota::new(config.limits.clone());
-    let hub = Hub {
-        inner: Arc::new(Inner {
-            config,
-            commit: crate::commit::GroupCommit::start(raft.clone()),
-            raft: raft.clone(),
-            state,
-            ca,
-            wake,
-            net,
-        }),
+    let hub = Hub::new(Parts {
+        config,
+        raft: raft.clone(),
+        state,
+        ca,
+        wake,
+        net,
         events,
         sessions,
-        pending: PendingReasons::default(),
-        placing: Default::default(),
-        quota,
-        tokens: crate::auth::TokenCache::default(),
         workflows,
-    };
+    });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(leader_housekeeping(hub.clone(), stop_rx.clone()));
@@ -824,7 +383,7 @@ async fn leader_housekeeping(hub: Hub, mut stop: tokio::sync::watch::Receiver<bo
         }
         let path = hub.config().data_dir.join(ADMIN_TOKEN_FILE);
         if !path.exists() {
-            match crate::service::admin::issue_agent_token(
+            match crate::auth::issue_agent_token(
                 &hub,
                 "admin",
                 flotilla_common::jwt::DEFAULT_TENANT,

@@ -14,7 +14,7 @@ use std::{
 use lru::LruCache;
 use tonic::Request;
 
-use crate::{app::Hub, error::HubError};
+use crate::{cluster::Hub, error::HubError};
 
 /// Tokens this hub verified recently. Checking an ES256 signature cost more CPU than the
 /// rest of a tool call (a profile of the hub under load: a fifth of its time), and an agent
@@ -118,6 +118,38 @@ pub fn node<T>(req: &Request<T>) -> Result<String, HubError> {
             "this certificate was not issued to a node".into(),
         )),
     }
+}
+
+/// Signs an agent token with the cluster's active key.
+pub fn issue_agent_token(
+    hub: &Hub,
+    subject: &str,
+    tenant: &str,
+    scopes: Vec<String>,
+    ttl_s: u64,
+    locality: (Option<String>, Option<String>),
+) -> Result<(String, i64), HubError> {
+    let state = hub.state();
+    let key = state
+        .active_signing_key()
+        .ok_or_else(|| HubError::Unavailable(jwt::JwtError::NoSigningKey.to_string()))?;
+    let now_s = flotilla_common::now_ms() / 1000;
+    let exp = now_s + ttl_s as i64;
+    let claims = Claims {
+        iss: jwt::ISSUER.into(),
+        aud: jwt::AUDIENCE.into(),
+        sub: subject.to_owned(),
+        tenant: tenant.to_owned(),
+        scopes,
+        iat: now_s,
+        exp,
+        nbf: None,
+        jti: flotilla_common::random_id(12),
+        region: locality.0,
+        zone: locality.1,
+    };
+    let token = jwt::sign(key, &claims).map_err(|e| HubError::Internal(e.to_string()))?;
+    Ok((token, exp * 1000))
 }
 
 #[cfg(test)]

@@ -82,7 +82,7 @@ impl From<HubError> for Status {
         match &e {
             HubError::NoLeader => {
                 status.metadata_mut().insert(
-                    crate::app::NO_LEADER_HEADER,
+                    flotilla_proto::NO_LEADER_HEADER,
                     MetadataValue::from_static("1"),
                 );
             }
@@ -93,7 +93,9 @@ impl From<HubError> for Status {
             }
             HubError::NotLeader { leader_api, .. } => {
                 if let Ok(v) = leader_api.parse() {
-                    status.metadata_mut().insert(crate::app::LEADER_HEADER, v);
+                    status
+                        .metadata_mut()
+                        .insert(flotilla_proto::LEADER_HEADER, v);
                 }
             }
             _ => {}

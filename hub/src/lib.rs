@@ -4,12 +4,14 @@
 pub mod admission;
 pub mod app;
 pub mod auth;
+pub mod cluster;
 pub mod commit;
 pub mod conn;
 pub mod convert;
 pub mod error;
 pub mod events;
 pub mod liveness;
+pub mod pending;
 pub mod quota;
 pub mod raft;
 pub mod retention;
@@ -19,4 +21,5 @@ pub mod sessions;
 pub mod state;
 pub mod timers;
 
-pub use app::{run, Hub, Listeners, ADMIN_TOKEN_FILE};
+pub use app::{run, Listeners, ADMIN_TOKEN_FILE};
+pub use cluster::Hub;

@@ -9,7 +9,7 @@ use std::{
 };
 
 use crate::{
-    app::Hub,
+    cluster::Hub,
     state::{Command, NodeStatus, Response},
 };
 

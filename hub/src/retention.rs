@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use crate::{app::Hub, state::Command};
+use crate::{cluster::Hub, state::Command};
 
 const TICK: Duration = Duration::from_secs(1);
 

@@ -129,25 +129,6 @@ pub fn breaker(state: &State, node: &str, server: &str, limits: Limits, now_ms: 
     }
 }
 
-/// Why queued tasks are waiting, kept in memory by the leader.
-#[derive(Clone, Default)]
-pub struct PendingReasons(Arc<Mutex<HashMap<String, String>>>);
-
-impl PendingReasons {
-    pub fn set_many(&self, reasons: Vec<(String, String)>) {
-        let mut m = self.0.lock().expect("pending lock");
-        for (id, r) in reasons {
-            m.insert(id, r);
-        }
-    }
-    pub fn clear(&self, task_id: &str) {
-        self.0.lock().expect("pending lock").remove(task_id);
-    }
-    pub fn get(&self, task_id: &str) -> Option<String> {
-        self.0.lock().expect("pending lock").get(task_id).cloned()
-    }
-}
-
 /// Why one candidate was passed over.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Miss {
@@ -698,7 +679,7 @@ pub struct Placed {
 /// behind it) and a node can take it now: one entry instead of two for the common call.
 /// Anything else (a fan-out, a retry backoff, paused scheduling, no free node) goes the
 /// usual way, through the queue and the next pass.
-pub fn at_submission(hub: &crate::app::Hub, cmd: &Command) -> Option<Placed> {
+pub fn at_submission(hub: &crate::cluster::Hub, cmd: &Command) -> Option<Placed> {
     let Command::SubmitTask(task) = cmd else {
         return None;
     };
@@ -758,7 +739,7 @@ impl Placed {
     }
 
     /// Sends the assignment if it was applied; returns what the submission answered.
-    pub async fn dispatch(self, hub: &crate::app::Hub, answer: Response) -> Response {
+    pub async fn dispatch(self, hub: &crate::cluster::Hub, answer: Response) -> Response {
         let Response::Batch(mut answers) = answer else {
             return answer;
         };
@@ -780,7 +761,7 @@ impl Placed {
 
 /// The scheduling loop: runs a pass whenever something changed (or every 250 ms, which
 /// also ends retry backoffs), while this hub is the leader.
-pub async fn run(hub: crate::app::Hub, mut stop: tokio::sync::watch::Receiver<bool>) {
+pub async fn run(hub: crate::cluster::Hub, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
     loop {
         tokio::select! {
@@ -796,7 +777,7 @@ pub async fn run(hub: crate::app::Hub, mut stop: tokio::sync::watch::Receiver<bo
     }
 }
 
-pub fn limits(hub: &crate::app::Hub) -> Limits {
+pub fn limits(hub: &crate::cluster::Hub) -> Limits {
     Limits {
         breaker_failures: hub.config().breaker_failures,
         breaker_cooldown_ms: hub.config().breaker_cooldown_ms,
@@ -804,7 +785,7 @@ pub fn limits(hub: &crate::app::Hub) -> Limits {
     }
 }
 
-async fn pass(hub: &crate::app::Hub) {
+async fn pass(hub: &crate::cluster::Hub) {
     let live = hub.sessions.snapshot();
     let plans: Vec<(String, Placement, Reservation)> = {
         let mut st = hub.placing.lock();
@@ -865,7 +846,7 @@ async fn pass(hub: &crate::app::Hub) {
 /// Sends a committed assignment to its node; if the node's session is gone, the node never
 /// ran it, so the task goes back to the queue.
 async fn send_assignment(
-    hub: &crate::app::Hub,
+    hub: &crate::cluster::Hub,
     task_id: &str,
     p: &Placement,
     attempt: u32,

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use crate::{
-    app::Hub,
+    cluster::Hub,
     state::{Command, Response, State, TaskStatus, Timeout},
 };
 

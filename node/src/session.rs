@@ -342,10 +342,10 @@ impl SessionError {
     fn from_status(s: tonic::Status) -> Self {
         let leader = s
             .metadata()
-            .get("x-flotilla-leader")
+            .get(flotilla_proto::LEADER_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let no_leader = s.metadata().get("x-flotilla-no-leader").is_some();
+        let no_leader = s.metadata().get(flotilla_proto::NO_LEADER_HEADER).is_some();
         let broken = matches!(
             s.code(),
             tonic::Code::Unavailable

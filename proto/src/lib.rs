@@ -13,6 +13,11 @@ pub mod v1 {
 
 pub use v1::*;
 
+/// Response metadata on a refused write or read: the leader's API address, to retry there.
+pub const LEADER_HEADER: &str = "x-flotilla-leader";
+/// Response metadata set when no leader is known yet (an election is under way).
+pub const NO_LEADER_HEADER: &str = "x-flotilla-no-leader";
+
 impl TaskState {
     /// True for states a task never leaves.
     pub fn is_terminal(self) -> bool {

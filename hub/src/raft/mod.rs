@@ -6,6 +6,7 @@
 
 pub mod codec;
 pub mod network;
+pub mod peer;
 pub mod service;
 pub mod sm;
 pub mod store;

@@ -4,51 +4,13 @@
 
 use flotilla_common::{pki, tls::PeerInfo};
 use flotilla_proto::{raft_service_server::RaftService, RaftMessage};
-use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
 use super::{
     network::{decode, encode},
-    HubNode,
+    peer::MembershipChange,
 };
-use crate::{app::Hub, state::Command};
-
-/// Why the leader could not do what a follower asked.
-#[derive(Clone, Debug, Serialize, Deserialize, thiserror::Error)]
-pub enum PeerError {
-    /// This hub is not (or no longer) the leader: ask again.
-    #[error("not the leader")]
-    NotLeader,
-    #[error("{0}")]
-    Failed(String),
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub enum MembershipChange {
-    Add { id: u64, node: HubNode },
-    Remove { id: u64 },
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct MemberView {
-    pub id: u64,
-    pub api: String,
-    pub raft: String,
-    pub role: String,
-    pub matched_index: u64,
-    pub lag: u64,
-}
-
-/// A hub's view of the cluster; the leader's is the one with replication figures.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct ClusterView {
-    pub this_hub: u64,
-    pub leader_id: Option<u64>,
-    pub term: u64,
-    pub last_log_index: u64,
-    pub applied_index: u64,
-    pub members: Vec<MemberView>,
-}
+use crate::{cluster::Hub, state::Command};
 
 pub struct RaftApi {
     pub hub: Hub,

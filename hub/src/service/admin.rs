@@ -1,9 +1,6 @@
 //! AdminService: join tokens, nodes, agent tokens, cluster status. Needs the `admin` scope.
 
-use flotilla_common::{
-    jwt::{self, Claims},
-    token::JoinToken,
-};
+use flotilla_common::{jwt, token::JoinToken};
 use flotilla_proto::{
     admin_service_server::AdminService, AddHubRequest, CancelTenantTasksRequest,
     CancelTenantTasksResponse, ClusterMember, ClusterStatusRequest, ClusterStatusResponse,
@@ -14,11 +11,12 @@ use flotilla_proto::{
 use tonic::{Request, Response, Status};
 
 use crate::{
-    app::Hub,
-    auth, convert,
+    auth,
+    cluster::Hub,
+    convert,
     error::HubError,
     raft::{
-        service::{ClusterView, MembershipChange},
+        peer::{ClusterView, MembershipChange},
         HubNode,
     },
     state::{self, Command, JoinTokenRecord, NodeStatus},
@@ -74,38 +72,6 @@ const MAX_AGENT_TTL_S: u64 = 366 * 24 * 3600;
 
 pub struct AdminApi {
     pub hub: Hub,
-}
-
-/// Signs an agent token with the cluster's active key.
-pub fn issue_agent_token(
-    hub: &Hub,
-    subject: &str,
-    tenant: &str,
-    scopes: Vec<String>,
-    ttl_s: u64,
-    locality: (Option<String>, Option<String>),
-) -> Result<(String, i64), HubError> {
-    let state = hub.state();
-    let key = state
-        .active_signing_key()
-        .ok_or_else(|| HubError::Unavailable(jwt::JwtError::NoSigningKey.to_string()))?;
-    let now_s = flotilla_common::now_ms() / 1000;
-    let exp = now_s + ttl_s as i64;
-    let claims = Claims {
-        iss: jwt::ISSUER.into(),
-        aud: jwt::AUDIENCE.into(),
-        sub: subject.to_owned(),
-        tenant: tenant.to_owned(),
-        scopes,
-        iat: now_s,
-        exp,
-        nbf: None,
-        jti: flotilla_common::random_id(12),
-        region: locality.0,
-        zone: locality.1,
-    };
-    let token = jwt::sign(key, &claims).map_err(|e| HubError::Internal(e.to_string()))?;
-    Ok((token, exp * 1000))
 }
 
 #[tonic::async_trait]
@@ -245,7 +211,7 @@ impl AdminService for AdminApi {
         } else {
             r.tenant
         };
-        let (token, expires_at_ms) = issue_agent_token(
+        let (token, expires_at_ms) = auth::issue_agent_token(
             &self.hub,
             &r.subject,
             &tenant,

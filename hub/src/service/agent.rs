@@ -16,8 +16,9 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     admission::{self, check_call, check_names, parse_arguments},
-    app::Hub,
-    auth, convert,
+    auth,
+    cluster::Hub,
+    convert,
     error::{HubError, HubResult},
     events::is_terminal_event,
     quota::StreamPermit,

@@ -11,8 +11,9 @@ use futures::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    app::Hub,
-    auth, convert,
+    auth,
+    cluster::Hub,
+    convert,
     error::{HubError, HubResult},
     sessions::LiveServer,
     state::{self, Command, Rejection, TaskStatus},
