@@ -9,11 +9,13 @@ use std::{
 };
 
 use flotilla_common::{config::HubConfig, pki::Ca};
+use flotilla_proto::{raft_service_client::RaftServiceClient, RaftMessage};
 use openraft::{
     error::{ClientWriteError, RaftError},
     ChangeMembers,
 };
 use tokio::sync::Notify;
+use tonic::transport::Channel;
 
 use crate::{
     error::{HubError, HubResult},
@@ -178,36 +180,71 @@ impl Hub {
     /// Commits a command through Raft and returns what applying it did. On a follower the
     /// command is forwarded to the leader, so any hub serves every write.
     pub async fn write(&self, cmd: Command) -> HubResult<Response> {
+        self.ask_leader(
+            "the write",
+            || self.write_as_leader(cmd.clone()),
+            |mut c| {
+                let m = encode(&cmd);
+                async move { c.forward(m).await }
+            },
+        )
+        .await
+    }
+
+    /// Asks the leader: `here` when Raft names this hub leader, else `there`, an RPC to the
+    /// leader's Raft port. While nothing was done (no leader yet, the leader changed, it
+    /// could not be reached) it asks again, for up to `LEADER_WAIT`. Writes, read indexes
+    /// and membership changes all go through here.
+    async fn ask_leader<T, H, HF, R, RF>(&self, what: &str, here: H, there: R) -> HubResult<T>
+    where
+        T: serde::de::DeserializeOwned,
+        H: Fn() -> HF,
+        HF: std::future::Future<Output = Result<T, PeerError>>,
+        R: Fn(RaftServiceClient<Channel>) -> RF,
+        RF: std::future::Future<Output = Result<tonic::Response<RaftMessage>, tonic::Status>>,
+    {
+        let failed = |e: String| Err(HubError::Unavailable(format!("{what}: {e}")));
         let deadline = Instant::now() + LEADER_WAIT;
         loop {
-            let written = tokio::time::timeout(LEADER_WAIT, self.commit(cmd.clone())).await;
-            let Ok(written) = written else {
-                return Err(HubError::Unavailable(format!(
-                    "the write was not committed within {}s (no quorum?); its outcome is unknown, retry with an idempotency key",
-                    LEADER_WAIT.as_secs()
-                )));
-            };
-            let retry = match written {
-                Ok(r) => return Ok(r),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                    match f.leader_node {
-                        Some(node) => match self.forward(&node, &cmd).await {
-                            Ok(r) => return Ok(r),
-                            Err(ForwardFailure::Retry(why)) => why,
-                            Err(ForwardFailure::Final(e)) => return Err(e),
+            let why = match self.leader() {
+                Some((id, _)) if id == self.id() => match here().await {
+                    Ok(v) => return Ok(v),
+                    Err(PeerError::NotLeader) => "this hub stopped leading".to_owned(),
+                    Err(PeerError::Failed(e)) => return failed(e),
+                },
+                Some((_, node)) => {
+                    let client = self
+                        .inner
+                        .net
+                        .client(&node.raft)
+                        .map_err(|e| HubError::Internal(e.to_string()))?;
+                    match there(client).await {
+                        Ok(reply) => match decode::<Result<T, PeerError>>(reply.get_ref()) {
+                            Ok(Ok(v)) => return Ok(v),
+                            Ok(Err(PeerError::NotLeader)) => "the leader changed".to_owned(),
+                            Ok(Err(PeerError::Failed(e))) => return failed(e),
+                            Err(e) => {
+                                return Err(HubError::Internal(format!("leader reply: {e}")))
+                            }
                         },
-                        None => "no leader elected yet".to_owned(),
+                        // Not connected: nothing was sent, so asking again cannot do it twice.
+                        Err(s) if s.code() == tonic::Code::Unavailable
+                            && s.message().contains("connect") =>
+                        {
+                            format!("leader unreachable: {}", s.message())
+                        }
+                        Err(s) => {
+                            return failed(format!(
+                                "asking the leader failed ({}); the outcome is unknown, retry with an idempotency key",
+                                s.message()
+                            ))
+                        }
                     }
                 }
-                Err(RaftError::APIError(e)) => {
-                    return Err(HubError::Unavailable(format!("cannot commit: {e}")))
-                }
-                Err(RaftError::Fatal(e)) => {
-                    return Err(HubError::Unavailable(format!("raft stopped: {e}")))
-                }
+                None => "no leader elected yet".to_owned(),
             };
             if Instant::now() > deadline {
-                return Err(HubError::Unavailable(format!("{retry}; retry shortly")));
+                return failed(format!("{why}; retry shortly"));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -238,30 +275,6 @@ impl Hub {
                 None => self.inner.commit.write(cmd).await,
             }
         })
-    }
-
-    async fn forward(&self, leader: &HubNode, cmd: &Command) -> Result<Response, ForwardFailure> {
-        let mut client = self
-            .inner
-            .net
-            .client(&leader.raft)
-            .map_err(|e| ForwardFailure::Final(HubError::Internal(e.to_string())))?;
-        match client.forward(encode(cmd)).await {
-            Ok(reply) => match decode::<Result<Response, PeerError>>(reply.get_ref()) {
-                Ok(Ok(r)) => Ok(r),
-                Ok(Err(PeerError::NotLeader)) => Err(ForwardFailure::Retry("the leader changed".into())),
-                Ok(Err(PeerError::Failed(e))) => Err(ForwardFailure::Final(HubError::Unavailable(e))),
-                Err(e) => Err(ForwardFailure::Final(HubError::Internal(format!("leader reply: {e}")))),
-            },
-            // Not connected: nothing was sent, so trying again cannot commit twice.
-            Err(s) if s.code() == tonic::Code::Unavailable && s.message().contains("connect") => {
-                Err(ForwardFailure::Retry(format!("leader unreachable: {}", s.message())))
-            }
-            Err(s) => Err(ForwardFailure::Final(HubError::Unavailable(format!(
-                "forwarding to the leader failed ({}); the outcome is unknown, retry with an idempotency key",
-                s.message()
-            )))),
-        }
     }
 
     /// Only on the leader: commit a forwarded command.
@@ -297,32 +310,13 @@ impl Hub {
     /// Waits until this hub has applied everything committed before the call: a read after
     /// it sees every write acknowledged before it, whichever hub took the write.
     pub async fn read_barrier(&self) -> HubResult<()> {
-        let deadline = Instant::now() + LEADER_WAIT;
-        let index = loop {
-            let r = if self.is_leader() {
-                self.read_index_as_leader().await
-            } else if let Some((_, node)) = self.leader() {
-                match self.inner.net.client(&node.raft) {
-                    Ok(mut c) => match c.read_index(encode(&())).await {
-                        Ok(reply) => decode::<Result<u64, PeerError>>(reply.get_ref())
-                            .unwrap_or_else(|e| Err(PeerError::Failed(e.to_string()))),
-                        Err(s) => Err(PeerError::Failed(s.message().to_owned())),
-                    },
-                    Err(e) => Err(PeerError::Failed(e.to_string())),
-                }
-            } else {
-                Err(PeerError::NotLeader)
-            };
-            match r {
-                Ok(i) => break i,
-                Err(e) if Instant::now() > deadline => {
-                    return Err(HubError::Unavailable(format!(
-                        "cannot confirm a consistent read: {e}"
-                    )))
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        };
+        let index = self
+            .ask_leader(
+                "cannot confirm a consistent read",
+                || self.read_index_as_leader(),
+                |mut c| async move { c.read_index(encode(&())).await },
+            )
+            .await?;
         self.inner
             .raft
             .wait(Some(LEADER_WAIT))
@@ -334,34 +328,15 @@ impl Hub {
 
     /// Adds or removes a hub (on the leader; forwarded from a follower).
     pub async fn change_membership(&self, change: MembershipChange) -> HubResult<()> {
-        let deadline = Instant::now() + LEADER_WAIT;
-        loop {
-            let r = if self.is_leader() {
-                self.change_membership_as_leader(change.clone()).await
-            } else if let Some((_, node)) = self.leader() {
-                match self.inner.net.client(&node.raft) {
-                    Ok(mut c) => match c.change_membership(encode(&change)).await {
-                        Ok(reply) => decode::<Result<(), PeerError>>(reply.get_ref())
-                            .unwrap_or_else(|e| Err(PeerError::Failed(e.to_string()))),
-                        Err(s) => Err(PeerError::Failed(s.message().to_owned())),
-                    },
-                    Err(e) => Err(PeerError::Failed(e.to_string())),
-                }
-            } else {
-                Err(PeerError::NotLeader)
-            };
-            match r {
-                Ok(()) => return Ok(()),
-                Err(PeerError::NotLeader) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(100)).await
-                }
-                Err(e) => {
-                    return Err(HubError::FailedPrecondition(format!(
-                        "membership change failed: {e}"
-                    )))
-                }
-            }
-        }
+        self.ask_leader(
+            "membership change failed",
+            || self.change_membership_as_leader(change.clone()),
+            |mut c| {
+                let m = encode(&change);
+                async move { c.change_membership(m).await }
+            },
+        )
+        .await
     }
 
     pub(crate) async fn change_membership_as_leader(
@@ -473,9 +448,4 @@ impl Hub {
         }
         self.local_view()
     }
-}
-
-enum ForwardFailure {
-    Retry(String),
-    Final(HubError),
 }
