@@ -144,7 +144,7 @@ async fn drive(c: &Cluster, agents: usize, calls: usize) -> anyhow::Result<(f64,
                     .await?
                     .into_inner();
                 while let Some(ev) = events.message().await? {
-                    if is_terminal(ev.kind) {
+                    if ev.is_terminal() {
                         break;
                     }
                 }
@@ -171,16 +171,6 @@ async fn drive(c: &Cluster, agents: usize, calls: usize) -> anyhow::Result<(f64,
         failed,
         extra,
     ))
-}
-
-fn is_terminal(kind: i32) -> bool {
-    matches!(
-        pb::EventKind::try_from(kind),
-        Ok(pb::EventKind::Succeeded
-            | pb::EventKind::Failed
-            | pb::EventKind::Cancelled
-            | pb::EventKind::Lost)
-    )
 }
 
 pub(crate) async fn failing(agents: usize, calls: usize) -> anyhow::Result<()> {

@@ -217,7 +217,7 @@ pub(crate) async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
         if people {
             print_event(&last);
         }
-        if is_terminal(last.kind) {
+        if last.is_terminal() {
             break;
         }
         match events.message().await {
@@ -229,7 +229,7 @@ pub(crate) async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let mut agent = agent_client(&s)?;
-    if !is_terminal(last.kind) {
+    if !last.is_terminal() {
         watch_until_done(&mut agent, &task_id, last.seq + 1, people).await?;
     }
     let final_task = task_now(&mut agent, &task_id).await?;
@@ -314,7 +314,7 @@ async fn watch_until_done(
             if people {
                 print_event(ev);
             }
-            (ev.seq, is_terminal(ev.kind))
+            (ev.seq, ev.is_terminal())
         },
     )
     .await
@@ -328,30 +328,6 @@ async fn task_now(agent: &mut Agent, task_id: &str) -> anyhow::Result<pb::Task> 
         .await
         .map(|r| r.into_inner())
         .map_err(status_error)
-}
-
-fn is_terminal(kind: i32) -> bool {
-    matches!(
-        pb::EventKind::try_from(kind),
-        Ok(pb::EventKind::Succeeded
-            | pb::EventKind::Failed
-            | pb::EventKind::Cancelled
-            | pb::EventKind::Lost)
-    )
-}
-
-fn kind_name(kind: i32) -> &'static str {
-    match pb::EventKind::try_from(kind).unwrap_or_default() {
-        pb::EventKind::Unspecified => "unknown",
-        pb::EventKind::Queued => "queued",
-        pb::EventKind::Assigned => "assigned",
-        pb::EventKind::Started => "started",
-        pb::EventKind::Progress => "progress",
-        pb::EventKind::Succeeded => "succeeded",
-        pb::EventKind::Failed => "failed",
-        pb::EventKind::Cancelled => "cancelled",
-        pb::EventKind::Lost => "lost",
-    }
 }
 
 fn print_event(ev: &pb::TaskEvent) {
@@ -372,20 +348,7 @@ fn print_event(ev: &pb::TaskEvent) {
         pb::EventKind::Queued if !ev.message.is_empty() => {
             eprintln!("  queued again: {}", ev.message)
         }
-        _ => eprintln!("  {}", kind_name(ev.kind)),
-    }
-}
-
-pub(crate) fn state_name(state: i32) -> &'static str {
-    match pb::TaskState::try_from(state).unwrap_or_default() {
-        pb::TaskState::Unspecified => "unknown",
-        pb::TaskState::Queued => "queued",
-        pb::TaskState::Assigned => "assigned",
-        pb::TaskState::Running => "running",
-        pb::TaskState::Succeeded => "succeeded",
-        pb::TaskState::Failed => "failed",
-        pb::TaskState::Cancelled => "cancelled",
-        pb::TaskState::Lost => "lost",
+        _ => eprintln!("  {}", ev.kind().name()),
     }
 }
 
@@ -404,7 +367,7 @@ pub(crate) fn task_json(t: &pb::Task) -> Value {
         "tool": t.tool,
         "tenant": t.tenant,
         "agent": t.agent,
-        "state": state_name(t.state),
+        "state": t.state().name(),
         "arguments": json_bytes(&t.arguments),
         "result": json_bytes(&t.result),
         "error": if t.error.is_empty() { Value::Null } else { Value::String(t.error.clone()) },
@@ -425,7 +388,7 @@ pub(crate) fn task_json(t: &pb::Task) -> Value {
         "dead_lettered": t.dead_lettered,
         "replicas": t.replicas.iter().map(|r| json!({
             "task_id": r.task_id,
-            "state": state_name(r.state),
+            "state": r.state().name(),
             "node": r.node_id,
             "result": json_bytes(&r.result),
             "error": if r.error.is_empty() { Value::Null } else { Value::String(r.error.clone()) },
@@ -470,7 +433,7 @@ fn print_result(t: &pb::Task, format: Format) {
             if t.state == pb::TaskState::Succeeded as i32 {
                 println!("{text}");
             } else {
-                eprintln!("task {} {}", t.id, state_name(t.state));
+                eprintln!("task {} {}", t.id, t.state().name());
                 if !t.error.is_empty() {
                     eprintln!("error: {}", t.error);
                 }
@@ -546,7 +509,7 @@ fn task_row(t: &pb::Task) -> Vec<String> {
     vec![
         t.id.clone(),
         t.tool.clone(),
-        state_name(t.state).into(),
+        t.state().name().into(),
         node,
         output::time(t.created_at_ms),
         if t.pending_reason.is_empty() {
@@ -640,7 +603,7 @@ pub(crate) async fn task(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
                 .into_inner();
             match flags.output {
                 Format::Json => output::json(&task_json(&t)),
-                Format::Table => println!("task {} {}", t.id, state_name(t.state)),
+                Format::Table => println!("task {} {}", t.id, t.state().name()),
             }
             Ok(ExitCode::SUCCESS)
         }

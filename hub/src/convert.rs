@@ -461,13 +461,3 @@ pub fn offered_servers(hello: &pb::Hello) -> Result<Vec<OfferedServer>, String> 
         })
         .collect()
 }
-
-pub fn server_state_name(s: pb::ServerState) -> &'static str {
-    match s {
-        pb::ServerState::Unspecified => "unknown",
-        pb::ServerState::Starting => "starting",
-        pb::ServerState::Ready => "ready",
-        pb::ServerState::Failing => "failing",
-        pb::ServerState::Restarting => "restarting",
-    }
-}

@@ -52,7 +52,7 @@ impl TaskLog {
         if let Some(tx) = &self.tx {
             let _ = tx.send(ev.clone());
         }
-        let last = is_terminal_event(&ev);
+        let last = ev.is_terminal();
         self.events.push(ev);
         if last {
             // Nothing follows the end. Watchers already subscribed still receive what was
@@ -63,7 +63,7 @@ impl TaskLog {
     }
 
     fn subscribe(&mut self) -> broadcast::Receiver<TaskEvent> {
-        if self.events.last().is_some_and(is_terminal_event) {
+        if self.events.last().is_some_and(TaskEvent::is_terminal) {
             // Everything is in the backlog: a receiver nobody sends to.
             return broadcast::channel(1).1;
         }
@@ -288,13 +288,6 @@ impl EventLogs {
     }
 }
 
-pub fn is_terminal_event(ev: &TaskEvent) -> bool {
-    matches!(
-        EventKind::try_from(ev.kind),
-        Ok(EventKind::Succeeded | EventKind::Failed | EventKind::Cancelled | EventKind::Lost)
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,7 +321,7 @@ mod tests {
         let (backlog, _) = logs.subscribe(&done, 0);
         assert_eq!(backlog.len(), 1);
         assert_eq!(backlog[0].seq, 3 * SEQ_STRIDE + 1);
-        assert!(is_terminal_event(&backlog[0]));
+        assert!(backlog[0].is_terminal());
         assert_eq!(logs.len(), 1, "replaying an ended task keeps nothing");
         let (backlog, _) = logs.subscribe(&done, 3 * SEQ_STRIDE + 2);
         assert!(
@@ -367,7 +360,7 @@ mod tests {
         // The end reaches the watcher, and then the channel is gone (its slots are
         // allocated whole; ended logs stay for a grace period), and the watcher told so.
         logs.transition(&task("x", TaskStatus::Succeeded, 2));
-        assert!(is_terminal_event(&rx.try_recv().unwrap()));
+        assert!(rx.try_recv().unwrap().is_terminal());
         assert_eq!(rx.try_recv(), Err(broadcast::error::TryRecvError::Closed));
         let inner = logs.inner.lock().unwrap();
         assert!(inner.by_task["x"].tx.is_none());

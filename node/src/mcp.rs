@@ -154,7 +154,7 @@ impl Servers {
                 _ => {
                     return Err(format!(
                         "MCP server {server:?} is not ready ({}){}",
-                        state_name(slot.state),
+                        slot.state.name(),
                         if slot.error.is_empty() {
                             String::new()
                         } else {
@@ -196,16 +196,6 @@ impl Servers {
             .filter_map(|s| s.slot.lock().expect("slot lock").client.take())
             .collect();
         futures::future::join_all(clients.iter().map(|c| c.shutdown())).await;
-    }
-}
-
-pub fn state_name(s: ServerState) -> &'static str {
-    match s {
-        ServerState::Unspecified => "unknown",
-        ServerState::Starting => "starting",
-        ServerState::Ready => "ready",
-        ServerState::Failing => "failing",
-        ServerState::Restarting => "restarting",
     }
 }
 

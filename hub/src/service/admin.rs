@@ -143,10 +143,9 @@ impl AdminService for AdminApi {
                             name: s.name.clone(),
                             state: ls
                                 .map(|x| {
-                                    convert::server_state_name(
-                                        flotilla_proto::ServerState::try_from(x.state)
-                                            .unwrap_or_default(),
-                                    )
+                                    flotilla_proto::ServerState::try_from(x.state)
+                                        .unwrap_or_default()
+                                        .name()
                                 })
                                 .unwrap_or("disconnected")
                                 .to_owned(),

@@ -20,7 +20,6 @@ use crate::{
     cluster::Hub,
     convert,
     error::{HubError, HubResult},
-    events::is_terminal_event,
     quota::StreamPermit,
     state::{self, Command, Lookup, State, TaskRecord, WorkflowRecord},
 };
@@ -652,7 +651,7 @@ fn task_events(hub: Hub, task: TaskRecord, from: u64, permit: StreamPermit) -> E
         let mut last = from.saturating_sub(1);
         for ev in backlog {
             last = ev.seq;
-            let done = is_terminal_event(&ev);
+            let done = ev.is_terminal();
             if tx.send(Ok(ev)).await.is_err() || done {
                 return;
             }
@@ -671,7 +670,7 @@ fn task_events(hub: Hub, task: TaskRecord, from: u64, permit: StreamPermit) -> E
                 Ok(ev) if ev.seq <= last => continue,
                 Ok(ev) => {
                     last = ev.seq;
-                    let done = is_terminal_event(&ev);
+                    let done = ev.is_terminal();
                     if tx.send(Ok(ev)).await.is_err() || done {
                         return;
                     }
@@ -686,7 +685,7 @@ fn task_events(hub: Hub, task: TaskRecord, from: u64, permit: StreamPermit) -> E
                     rx = fresh;
                     for ev in missed {
                         last = ev.seq;
-                        let done = is_terminal_event(&ev);
+                        let done = ev.is_terminal();
                         if tx.send(Ok(ev)).await.is_err() || done {
                             return;
                         }
