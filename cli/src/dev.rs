@@ -38,15 +38,6 @@ pub(crate) struct DevArgs {
     nodes: u32,
 }
 
-/// `~/.flotilla/dev`, or `.flotilla/dev` when there is no home directory.
-pub(crate) fn default_data_dir() -> PathBuf {
-    std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."))
-        .join(".flotilla")
-        .join("dev")
-}
-
 struct Children(Vec<(String, Child)>);
 
 impl Children {
@@ -135,7 +126,10 @@ pub(crate) async fn run(a: DevArgs) -> anyhow::Result<ExitCode> {
     if a.nodes == 0 || a.nodes > 26 {
         bail!("--nodes must be between 1 and 26");
     }
-    let dir = a.data_dir.clone().unwrap_or_else(default_data_dir);
+    let dir = a
+        .data_dir
+        .clone()
+        .unwrap_or_else(crate::connect::dev_data_dir);
     flotilla_common::pki::private_dir(&dir)
         .with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
@@ -268,14 +262,14 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
         &client_toml,
         &Default::default(),
     )?;
-    let mut admin = crate::client::admin_client(&settings)?;
-    let agent = crate::client::agent_client(&settings)?;
+    let mut admin = crate::connect::admin_client(&settings)?;
+    let agent = crate::connect::agent_client(&settings)?;
 
     // The other hubs join as learners, catch up, and become voters.
     let members: Vec<u64> = admin
         .cluster_status(pb::ClusterStatusRequest {})
         .await
-        .map_err(crate::client::status_error)?
+        .map_err(crate::connect::status_error)?
         .into_inner()
         .members
         .iter()
@@ -292,7 +286,7 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
                 raft_address: raft.clone(),
             })
             .await
-            .map_err(crate::client::status_error)
+            .map_err(crate::connect::status_error)
             .with_context(|| format!("adding hub {id}"))?;
     }
 
@@ -311,7 +305,7 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
                     may_add_tools: false,
                 })
                 .await
-                .map_err(crate::client::status_error)?
+                .map_err(crate::connect::status_error)?
                 .into_inner();
             Some(r.token)
         } else {

@@ -1,10 +1,17 @@
 //! `flotilla`: one binary for hubs, nodes, the local dev cluster, the demo MCP server and
 //! the client commands. `main` parses arguments and calls into the libraries.
 
-mod client;
+mod call;
+mod cluster;
+mod connect;
 mod demo;
 mod dev;
+mod nodes;
+mod options;
 mod output;
+mod task;
+mod tokens;
+mod tools;
 mod workflow;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -43,30 +50,30 @@ enum Command {
     /// Serve the built-in demo MCP server on stdin/stdout.
     McpDemo,
     /// Call a tool: submit, show progress, print the result.
-    Call(client::CallArgs),
+    Call(call::CallArgs),
     /// Inspect and control tasks.
     #[command(subcommand)]
-    Task(client::TaskCommand),
+    Task(task::TaskCommand),
     /// Run and follow workflows (DAGs of tool calls).
     #[command(subcommand)]
     Workflow(workflow::WorkflowCommand),
     /// List the tools you may call, with what each is expected to take; accept a tool a
     /// node introduced (admin).
-    Tools(client::ToolsArgs),
+    Tools(tools::ToolsArgs),
     /// List nodes; cordon, uncordon or drain one (admin).
-    Nodes(client::NodesArgs),
+    Nodes(nodes::NodesArgs),
     /// Pause or resume all scheduling (admin, emergency control).
     #[command(subcommand)]
-    Scheduling(client::SchedulingCommand),
+    Scheduling(nodes::SchedulingCommand),
     /// Cluster state (admin).
     #[command(subcommand)]
-    Cluster(client::ClusterCommand),
+    Cluster(cluster::ClusterCommand),
     /// Join tokens for nodes (admin).
     #[command(subcommand)]
-    Token(client::TokenCommand),
+    Token(tokens::TokenCommand),
     /// Agent tokens (admin).
     #[command(subcommand, name = "agent-token")]
-    AgentToken(client::AgentTokenCommand),
+    AgentToken(tokens::AgentTokenCommand),
 }
 
 /// Flags every client command takes.
@@ -163,15 +170,15 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             demo::serve_stdio().await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Call(args) => client::call(args).await,
-        Command::Task(cmd) => client::task(cmd).await,
+        Command::Call(args) => call::call(args).await,
+        Command::Task(cmd) => task::task(cmd).await,
         Command::Workflow(c) => workflow::workflow(c).await,
-        Command::Tools(a) => client::tools_command(a).await,
-        Command::Nodes(a) => client::nodes_command(a).await,
-        Command::Scheduling(cmd) => client::scheduling(cmd).await,
-        Command::Cluster(cmd) => client::cluster(cmd).await,
-        Command::Token(cmd) => client::token(cmd).await,
-        Command::AgentToken(cmd) => client::agent_token(cmd).await,
+        Command::Tools(a) => tools::tools_command(a).await,
+        Command::Nodes(a) => nodes::nodes_command(a).await,
+        Command::Scheduling(cmd) => nodes::scheduling(cmd).await,
+        Command::Cluster(cmd) => cluster::cluster(cmd).await,
+        Command::Token(cmd) => tokens::token(cmd).await,
+        Command::AgentToken(cmd) => tokens::agent_token(cmd).await,
     }
 }
 
