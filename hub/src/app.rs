@@ -5,16 +5,21 @@
 use std::{collections::BTreeMap, future::Future, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use flotilla_common::{config::HubConfig, jwt::SigningKey, pki::Ca, tls};
+use flotilla_common::{config::HubConfig, pki::Ca, tls};
 use flotilla_proto as pb;
 use tokio::{net::TcpListener, sync::Notify};
 
 use crate::{
+    chores,
     cluster::{Hub, Parts},
     events::EventLogs,
+    liveness::Liveness,
     raft::{self, network::Network, ApplyHook, HubNode, Raft},
+    retention::Retention,
+    scheduler::Scheduling,
     sessions::Sessions,
-    state::{Command, Effects, Response, State},
+    state::{Effects, Response, State},
+    timers::Deadlines,
 };
 
 /// How long a stopping hub lets open calls and streams finish.
@@ -30,8 +35,6 @@ pub struct Listeners {
 
 /// Largest gRPC message accepted or sent.
 pub const MAX_MESSAGE_BYTES: usize = flotilla_common::config::defaults::MAX_MESSAGE_BYTES;
-/// File in the data dir holding a bootstrap admin token (mode 0600).
-pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
 struct Hooks {
     events: EventLogs,
@@ -218,12 +221,24 @@ pub async fn run(
     });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(leader_housekeeping(hub.clone(), stop_rx.clone()));
-    tokio::spawn(crate::scheduler::run(hub.clone(), stop_rx.clone()));
     tokio::spawn(follow_leadership(hub.clone(), stop_rx.clone()));
-    tokio::spawn(crate::liveness::run(hub.clone(), stop_rx.clone()));
-    tokio::spawn(crate::timers::run(hub.clone(), stop_rx.clone()));
-    tokio::spawn(crate::retention::run(hub.clone(), stop_rx.clone()));
+    tokio::spawn(chores::drive(
+        hub.clone(),
+        chores::Housekeeping::default(),
+        stop_rx.clone(),
+    ));
+    tokio::spawn(chores::drive(hub.clone(), Scheduling, stop_rx.clone()));
+    tokio::spawn(chores::drive(
+        hub.clone(),
+        Liveness::new(hub.config()),
+        stop_rx.clone(),
+    ));
+    tokio::spawn(chores::drive(hub.clone(), Deadlines, stop_rx.clone()));
+    tokio::spawn(chores::drive(
+        hub.clone(),
+        Retention::new(hub.config()),
+        stop_rx.clone(),
+    ));
 
     let (health, health_svc) = tonic_health::server::health_reporter();
     health
@@ -352,55 +367,5 @@ async fn follow_leadership(hub: Hub, mut stop: tokio::sync::watch::Receiver<bool
             r = metrics.changed() => if r.is_err() { return },
             _ = stop.changed() => return,
         }
-    }
-}
-
-/// What only the leader does once: make sure a signing key exists, and leave a bootstrap
-/// admin token in the data dir for the operator.
-async fn leader_housekeeping(hub: Hub, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => return,
-        }
-        if !hub.is_leader() {
-            continue;
-        }
-        if hub.state().signing_keys.is_empty() {
-            let key = match SigningKey::generate(flotilla_common::now_ms()) {
-                Ok(k) => k,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot generate a signing key");
-                    continue;
-                }
-            };
-            if let Err(e) = hub.write(Command::AddSigningKey(key)).await {
-                tracing::warn!(error = %e, "could not store the signing key yet");
-                continue;
-            }
-            tracing::info!("created the agent token signing key");
-        }
-        let path = hub.config().data_dir.join(ADMIN_TOKEN_FILE);
-        if !path.exists() {
-            match crate::auth::issue_agent_token(
-                &hub,
-                "admin",
-                flotilla_common::jwt::DEFAULT_TENANT,
-                vec!["*".into()],
-                365 * 24 * 3600,
-                (None, None),
-            ) {
-                Ok((token, _)) => {
-                    if let Err(e) = flotilla_common::pki::write_secret(&path, token.as_bytes()) {
-                        tracing::error!(error = %e, "cannot write the admin token");
-                    } else {
-                        tracing::info!(path = %path.display(), "wrote a bootstrap admin token");
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot issue the admin token yet"),
-            }
-        }
-        return;
     }
 }

@@ -4,6 +4,7 @@
 pub mod admission;
 pub mod app;
 pub mod auth;
+pub mod chores;
 pub mod cluster;
 pub mod commit;
 pub mod conn;
@@ -21,5 +22,6 @@ pub mod sessions;
 pub mod state;
 pub mod timers;
 
-pub use app::{run, Listeners, ADMIN_TOKEN_FILE};
+pub use app::{run, Listeners};
+pub use chores::ADMIN_TOKEN_FILE;
 pub use cluster::Hub;

@@ -9,29 +9,68 @@ use std::{
 };
 
 use crate::{
+    chores::Chore,
     cluster::Hub,
     state::{Command, NodeStatus, Response},
 };
 
-pub async fn run(hub: Hub, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let ttl = Duration::from_millis(hub.config().node_ttl_ms);
-    // The tick bounds how late past its TTL a node is marked down.
-    let mut tick = tokio::time::interval(
-        (ttl / 20).clamp(Duration::from_millis(100), Duration::from_millis(500)),
-    );
-    let mut gone_since: HashMap<String, Instant> = HashMap::new();
-    let mut leading_since: Option<Instant> = None;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => return,
+/// The liveness chore. Remembers, while this hub leads, since when each absent node has been
+/// counted as gone.
+pub(crate) struct Liveness {
+    ttl: Duration,
+    gone_since: HashMap<String, Instant>,
+    leading_since: Option<Instant>,
+}
+
+impl Liveness {
+    pub(crate) fn new(c: &flotilla_common::config::HubConfig) -> Self {
+        Self {
+            ttl: Duration::from_millis(c.node_ttl_ms),
+            gone_since: HashMap::new(),
+            leading_since: None,
         }
-        if !hub.is_leader() {
-            gone_since.clear();
-            leading_since = None;
-            continue;
-        }
-        let leading_since = *leading_since.get_or_insert_with(Instant::now);
+    }
+}
+
+/// The absent nodes gone for a whole `ttl` by `now`. `gone_since` keeps since when each
+/// absent node is counted (and forgets the ones that came back): from when its session
+/// closed on this leader (`departed`), but never from before this hub took over
+/// (`leading_since`), so nodes get a grace period to reconnect after a failover.
+fn gone_too_long(
+    absent: &[String],
+    gone_since: &mut HashMap<String, Instant>,
+    departed: impl Fn(&str) -> Option<Instant>,
+    leading_since: Instant,
+    now: Instant,
+    ttl: Duration,
+) -> Vec<String> {
+    gone_since.retain(|id, _| absent.contains(id));
+    absent
+        .iter()
+        .filter(|id| {
+            let since = *gone_since
+                .entry((*id).clone())
+                .or_insert_with(|| departed(id).map_or(now, |t| t.max(leading_since)));
+            now.duration_since(since) >= ttl
+        })
+        .cloned()
+        .collect()
+}
+
+impl Chore for Liveness {
+    /// The beat bounds how late past its TTL a node is marked down.
+    fn period(&self) -> Duration {
+        (self.ttl / 20).clamp(Duration::from_millis(100), Duration::from_millis(500))
+    }
+
+    fn idle(&mut self, _hub: &Hub) {
+        self.gone_since.clear();
+        self.leading_since = None;
+    }
+
+    async fn run(&mut self, hub: &Hub) {
+        let ttl = self.ttl;
+        let leading_since = *self.leading_since.get_or_insert_with(Instant::now);
         let live = hub.sessions.snapshot();
         // A session whose stream is open but that stopped heartbeating is dead too.
         for (id, l) in &live {
@@ -48,51 +87,16 @@ pub async fn run(hub: Hub, mut stop: tokio::sync::watch::Receiver<bool>) {
             .filter(|n| n.status != NodeStatus::Down && !live.contains_key(&n.id))
             .map(|n| n.id.clone())
             .collect();
-        gone_since.retain(|id, _| absent.contains(id));
-        // Draining nodes past their deadline give up what they still run.
-        let now_ms = flotilla_common::now_ms();
-        let overdue: Vec<String> = {
-            let state = hub.state();
-            state
-                .nodes
-                .values()
-                .filter(|n| {
-                    n.status == NodeStatus::Draining
-                        && n.drain_deadline_ms.is_some_and(|d| d <= now_ms)
-                })
-                .filter(|n| state.index.on_node.contains_key(&n.id))
-                .map(|n| n.id.clone())
-                .collect()
-        };
-        for id in overdue {
-            let cmd = Command::EvictNode {
-                node_id: id.clone(),
-                at_ms: now_ms,
-            };
-            match hub.write(cmd).await {
-                Ok(Response::NodeWentDown { requeued, lost }) => {
-                    // The node is told to stop each of them as the eviction is applied.
-                    tracing::warn!(node_id = %id, requeued = requeued.len(), cancelled = lost.len(), "drain deadline passed; took unfinished tasks off the node");
-                    hub.wake();
-                }
-                Ok(other) => tracing::debug!(node_id = %id, ?other, "eviction not applied"),
-                Err(e) => {
-                    tracing::warn!(node_id = %id, error = %e, "could not evict the drained node's tasks")
-                }
-            }
-        }
-        let now = Instant::now();
-        for id in absent {
-            // Counted from when it was last heard (if its session closed on this leader),
-            // never from before this hub took over: nodes get a grace period after failover.
-            let since = *gone_since.entry(id.clone()).or_insert_with(|| {
-                hub.sessions
-                    .departed_at(&id)
-                    .map_or(now, |t| t.max(leading_since))
-            });
-            if now.duration_since(since) < ttl {
-                continue;
-            }
+        evict_overdue_drains(hub).await;
+        let down = gone_too_long(
+            &absent,
+            &mut self.gone_since,
+            |id| hub.sessions.departed_at(id),
+            leading_since,
+            Instant::now(),
+            ttl,
+        );
+        for id in down {
             let cmd = Command::NodeDown {
                 node_id: id.clone(),
                 at_ms: flotilla_common::now_ms(),
@@ -100,12 +104,109 @@ pub async fn run(hub: Hub, mut stop: tokio::sync::watch::Receiver<bool>) {
             match hub.write(cmd).await {
                 Ok(Response::NodeWentDown { requeued, lost }) => {
                     tracing::warn!(node_id = %id, requeued = requeued.len(), lost = lost.len(), "node marked down");
-                    gone_since.remove(&id);
+                    self.gone_since.remove(&id);
                     hub.wake();
                 }
                 Ok(other) => tracing::debug!(node_id = %id, ?other, "node down not applied"),
                 Err(e) => tracing::warn!(node_id = %id, error = %e, "could not mark node down"),
             }
         }
+    }
+}
+
+/// Draining nodes past their deadline give up what they still run.
+async fn evict_overdue_drains(hub: &Hub) {
+    let now_ms = flotilla_common::now_ms();
+    let overdue: Vec<String> = {
+        let state = hub.state();
+        state
+            .nodes
+            .values()
+            .filter(|n| {
+                n.status == NodeStatus::Draining && n.drain_deadline_ms.is_some_and(|d| d <= now_ms)
+            })
+            .filter(|n| state.index.on_node.contains_key(&n.id))
+            .map(|n| n.id.clone())
+            .collect()
+    };
+    for id in overdue {
+        let cmd = Command::EvictNode {
+            node_id: id.clone(),
+            at_ms: now_ms,
+        };
+        match hub.write(cmd).await {
+            Ok(Response::NodeWentDown { requeued, lost }) => {
+                // The node is told to stop each of them as the eviction is applied.
+                tracing::warn!(node_id = %id, requeued = requeued.len(), cancelled = lost.len(), "drain deadline passed; took unfinished tasks off the node");
+                hub.wake();
+            }
+            Ok(other) => tracing::debug!(node_id = %id, ?other, "eviction not applied"),
+            Err(e) => {
+                tracing::warn!(node_id = %id, error = %e, "could not evict the drained node's tasks")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(10);
+
+    fn ids(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_node_is_down_after_a_whole_ttl_counted_from_when_it_left() {
+        let t0 = Instant::now();
+        let mut since = HashMap::new();
+        let left = |_: &str| Some(t0);
+        let absent = ids(&["a"]);
+        let at = |s| t0 + Duration::from_secs(s);
+        assert!(gone_too_long(&absent, &mut since, left, t0, at(9), TTL).is_empty());
+        assert_eq!(
+            gone_too_long(&absent, &mut since, left, t0, at(10), TTL),
+            absent
+        );
+    }
+
+    #[test]
+    fn a_new_leader_gives_nodes_a_whole_ttl_to_come_back() {
+        let t0 = Instant::now();
+        let took_over = t0 + Duration::from_secs(30);
+        let mut since = HashMap::new();
+        // Left long before this hub led, or never seen here at all.
+        let absent = ids(&["left-earlier", "never-seen"]);
+        let departed = |id: &str| (id == "left-earlier").then_some(t0);
+        // The first beat after taking over sees both absent.
+        for s in [0, 5] {
+            let now = took_over + Duration::from_secs(s);
+            assert!(gone_too_long(&absent, &mut since, departed, took_over, now, TTL).is_empty());
+        }
+        let later = took_over + Duration::from_secs(10);
+        let mut down = gone_too_long(&absent, &mut since, departed, took_over, later, TTL);
+        down.sort();
+        assert_eq!(down, ids(&["left-earlier", "never-seen"]));
+    }
+
+    #[test]
+    fn a_node_that_came_back_starts_again_from_zero() {
+        let t0 = Instant::now();
+        let mut since = HashMap::new();
+        let at = |s| t0 + Duration::from_secs(s);
+        let gone = ids(&["a"]);
+        assert!(gone_too_long(&gone, &mut since, |_| None, t0, at(1), TTL).is_empty());
+        // Back at 5 s: forgotten.
+        assert!(gone_too_long(&[], &mut since, |_| None, t0, at(5), TTL).is_empty());
+        assert!(since.is_empty());
+        // Gone again at 8 s: counted from then, not from 1 s.
+        assert!(gone_too_long(&gone, &mut since, |_| None, t0, at(8), TTL).is_empty());
+        assert!(gone_too_long(&gone, &mut since, |_| None, t0, at(17), TTL).is_empty());
+        assert_eq!(
+            gone_too_long(&gone, &mut since, |_| None, t0, at(18), TTL),
+            gone
+        );
     }
 }

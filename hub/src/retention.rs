@@ -6,33 +6,40 @@
 
 use std::time::Duration;
 
-use crate::{cluster::Hub, state::Command};
+use crate::{chores::Chore, cluster::Hub, state::Command};
 
 const TICK: Duration = Duration::from_secs(1);
 
-pub async fn run(hub: Hub, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (retention_ms, max) = {
-        let c = hub.config();
-        (c.retention_s.saturating_mul(1000), c.retention_max_tasks)
-    };
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => return,
+/// The chore that expires finished work past the retention.
+pub(crate) struct Retention {
+    retention_ms: u64,
+    max: u64,
+}
+
+impl Retention {
+    pub(crate) fn new(c: &flotilla_common::config::HubConfig) -> Self {
+        Self {
+            retention_ms: c.retention_s.saturating_mul(1000),
+            max: c.retention_max_tasks,
         }
-        if !hub.is_leader() {
-            continue;
-        }
+    }
+}
+
+impl Chore for Retention {
+    fn period(&self) -> Duration {
+        TICK
+    }
+
+    async fn run(&mut self, hub: &Hub) {
+        let (retention_ms, max) = (self.retention_ms, self.max);
         let now_ms = flotilla_common::now_ms();
         let history = hub.state().history.clone();
         let (through_ms, entry) = match history.expiry_due(now_ms, retention_ms, max) {
             Ok(Some(t)) => t,
-            Ok(None) => continue,
+            Ok(None) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "reading the history store for retention failed");
-                continue;
+                return;
             }
         };
         let before = history.len();

@@ -759,21 +759,25 @@ impl Placed {
     }
 }
 
-/// The scheduling loop: runs a pass whenever something changed (or every 250 ms, which
-/// also ends retry backoffs), while this hub is the leader.
-pub async fn run(hub: crate::cluster::Hub, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
-    loop {
-        tokio::select! {
-            _ = hub.wake_signal().notified() => {}
-            _ = tick.tick() => {}
-            _ = stop.changed() => return,
-        }
-        if hub.is_leader() {
-            pass(&hub).await;
-        } else {
-            hub.placing.reset();
-        }
+/// The scheduling chore: a pass whenever something changed (or every 250 ms, which also
+/// ends retry backoffs), while this hub is the leader.
+pub(crate) struct Scheduling;
+
+impl crate::chores::Chore for Scheduling {
+    fn period(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(250)
+    }
+
+    fn on_wake(&self) -> bool {
+        true
+    }
+
+    async fn run(&mut self, hub: &crate::cluster::Hub) {
+        pass(hub).await;
+    }
+
+    fn idle(&mut self, hub: &crate::cluster::Hub) {
+        hub.placing.reset();
     }
 }
 

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use crate::{
+    chores::Chore,
     cluster::Hub,
     state::{Command, Response, State, TaskStatus, Timeout},
 };
@@ -47,17 +48,15 @@ pub fn due(state: &State, now_ms: i64) -> Vec<(String, Timeout, u32)> {
     out
 }
 
-pub async fn run(hub: Hub, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => return,
-        }
-        if !hub.is_leader() {
-            continue;
-        }
+/// The chore that commits the deadlines `due` finds.
+pub(crate) struct Deadlines;
+
+impl Chore for Deadlines {
+    fn period(&self) -> Duration {
+        TICK
+    }
+
+    async fn run(&mut self, hub: &Hub) {
         let now_ms = flotilla_common::now_ms();
         let due = due(&hub.state(), now_ms);
         for (task_id, kind, attempt) in due {
