@@ -17,6 +17,34 @@ use tokio_util::sync::CancellationToken;
 pub use crate::mcp_client::Progress;
 use crate::mcp_client::{CallError, McpClient, ToolInfo};
 
+/// Why a tool call got no result from its MCP server.
+#[derive(Debug, thiserror::Error)]
+pub enum McpError {
+    #[error("this node has no MCP server {0:?}")]
+    NoServer(String),
+    #[error("MCP server {server:?} is not ready ({state}){}", if why.is_empty() { String::new() } else { format!(": {why}") })]
+    NotReady {
+        server: String,
+        state: &'static str,
+        why: String,
+    },
+    #[error("MCP server {server:?} refused the call: {message} (code {code})")]
+    Refused {
+        server: String,
+        message: String,
+        code: i32,
+    },
+    #[error("cancelled")]
+    Cancelled,
+    #[error("MCP server {server:?} died during the call{}", exit.as_ref().map(|s| format!(" ({s})")).unwrap_or_default())]
+    Died {
+        server: String,
+        exit: Option<String>,
+    },
+    #[error("MCP server {server:?}: {message}")]
+    Other { server: String, message: String },
+}
+
 /// How long start-up waits for every server's first attempt before saying hello.
 const FIRST_START_WAIT: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -137,12 +165,12 @@ impl Servers {
         args: Map<String, Value>,
         progress: mpsc::Sender<Progress>,
         cancel: CancellationToken,
-    ) -> Result<Value, String> {
+    ) -> Result<Value, McpError> {
         let s = self
             .servers
             .iter()
             .find(|s| s.cfg.name == server)
-            .ok_or_else(|| format!("this node has no MCP server {server:?}"))?;
+            .ok_or_else(|| McpError::NoServer(server.to_owned()))?;
         let client = {
             let mut slot = s.slot.lock().expect("slot lock");
             match (&slot.client, slot.state) {
@@ -152,38 +180,39 @@ impl Servers {
                     c
                 }
                 _ => {
-                    return Err(format!(
-                        "MCP server {server:?} is not ready ({}){}",
-                        slot.state.name(),
-                        if slot.error.is_empty() {
-                            String::new()
-                        } else {
-                            format!(": {}", slot.error)
-                        }
-                    ))
+                    return Err(McpError::NotReady {
+                        server: server.to_owned(),
+                        state: slot.state.name(),
+                        why: slot.error.clone(),
+                    })
                 }
             }
         };
         let r = client.call_tool(tool, args, Some(progress), cancel).await;
         s.slot.lock().expect("slot lock").running -= 1;
+        let server = server.to_owned();
         match r {
             Ok(v) => Ok(v),
-            Err(CallError::Mcp(e)) => Err(format!(
-                "MCP server {server:?} refused the call: {} (code {})",
-                e.message, e.code.0
-            )),
-            Err(CallError::Cancelled) => Err("cancelled".into()),
+            Err(CallError::Mcp(e)) => Err(McpError::Refused {
+                server,
+                message: e.message.to_string(),
+                code: e.code.0,
+            }),
+            Err(CallError::Cancelled) => Err(McpError::Cancelled),
             Err(CallError::ServerGone) => {
                 let status = tokio::time::timeout(Duration::from_secs(2), client.wait_exit())
                     .await
                     .ok()
                     .flatten();
-                Err(format!(
-                    "MCP server {server:?} died during the call{}",
-                    status.map(|s| format!(" ({s})")).unwrap_or_default()
-                ))
+                Err(McpError::Died {
+                    server,
+                    exit: status.map(|s| s.to_string()),
+                })
             }
-            Err(CallError::Other(e)) => Err(format!("MCP server {server:?}: {e}")),
+            Err(CallError::Other(e)) => Err(McpError::Other {
+                server,
+                message: e.to_string(),
+            }),
         }
     }
 
@@ -296,5 +325,48 @@ async fn start_once(
             client.shutdown().await;
             Err("listing tools took more than 20s".into())
         }
+    }
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::McpError;
+
+    #[test]
+    fn a_call_without_a_result_says_why_in_words_a_user_reads() {
+        let not_ready = |why: &str| McpError::NotReady {
+            server: "demo".into(),
+            state: "restarting",
+            why: why.into(),
+        };
+        assert_eq!(
+            not_ready("").to_string(),
+            r#"MCP server "demo" is not ready (restarting)"#
+        );
+        assert_eq!(
+            not_ready("exit status: 1").to_string(),
+            r#"MCP server "demo" is not ready (restarting): exit status: 1"#
+        );
+        let died = |exit: Option<&str>| McpError::Died {
+            server: "demo".into(),
+            exit: exit.map(Into::into),
+        };
+        assert_eq!(
+            died(None).to_string(),
+            r#"MCP server "demo" died during the call"#
+        );
+        assert_eq!(
+            died(Some("signal: 9")).to_string(),
+            r#"MCP server "demo" died during the call (signal: 9)"#
+        );
+        let refused = McpError::Refused {
+            server: "demo".into(),
+            message: "unknown tool".into(),
+            code: -32602,
+        };
+        assert_eq!(
+            refused.to_string(),
+            r#"MCP server "demo" refused the call: unknown tool (code -32602)"#
+        );
     }
 }

@@ -305,7 +305,7 @@ impl Session {
         };
         match self.servers.call(&a.server, &a.tool, args, ptx, ct).await {
             Ok(v) => result.result = serde_json::to_vec(&v).unwrap_or_default(),
-            Err(e) => result.error = e,
+            Err(e) => result.error = e.to_string(),
         }
         let _ = forward.await;
         result
