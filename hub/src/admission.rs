@@ -142,3 +142,72 @@ pub fn workflow_steps(
     state::check_workflow_shape(&steps).map_err(HubError::InvalidArgument)?;
     Ok(steps)
 }
+
+/// A submission admitted: the task to commit, under a new id, with the caller's tenant,
+/// scopes and locality; or why it is refused (names, arguments, options, and what
+/// `check` says of the call: `check_call` against the catalogue, which the caller runs
+/// under the state's lock, held for that alone).
+pub fn task(
+    claims: &Claims,
+    req: &pb::SubmitTaskRequest,
+    check: impl FnOnce(&str, Option<&Value>) -> HubResult<()>,
+) -> HubResult<state::TaskRecord> {
+    check_names(&req.tool, &req.idempotency_key)?;
+    let args = parse_arguments(&req.arguments)?;
+    check(&req.tool, Some(&args))?;
+    let spec = convert::spec(
+        req.options.as_ref(),
+        claims.region.as_deref(),
+        claims.zone.as_deref(),
+    )
+    .map_err(HubError::InvalidArgument)?;
+    let mut task = state::TaskRecord::new(
+        &uuid::Uuid::now_v7().to_string(),
+        &req.tool,
+        &claims.tenant,
+        &claims.sub,
+        args,
+        flotilla_common::now_ms(),
+    );
+    task.priority = req.priority;
+    task.idempotency_key = (!req.idempotency_key.is_empty()).then(|| req.idempotency_key.clone());
+    task.spec = spec;
+    task.scopes = claims.scopes.clone();
+    Ok(task)
+}
+
+/// A workflow submission admitted: the workflow to commit, every step checked as a call
+/// of its own; or why it is refused.
+pub fn workflow(
+    state: &State,
+    claims: &Claims,
+    req: pb::SubmitWorkflowRequest,
+) -> HubResult<state::WorkflowRecord> {
+    check_names(&req.name, &req.idempotency_key)?;
+    let steps = workflow_steps(
+        req.steps,
+        claims.region.as_deref(),
+        claims.zone.as_deref(),
+        |tool, args| check_call(state, claims, tool, args),
+    )?;
+    let now = flotilla_common::now_ms();
+    Ok(state::WorkflowRecord {
+        id: uuid::Uuid::now_v7().to_string(),
+        name: req.name,
+        tenant: claims.tenant.clone(),
+        agent: claims.sub.clone(),
+        scopes: claims.scopes.clone(),
+        failure_policy: match pb::FailurePolicy::try_from(req.failure_policy) {
+            Ok(pb::FailurePolicy::Continue) => state::FailurePolicy::Continue,
+            _ => state::FailurePolicy::FailFast,
+        },
+        status: state::WorkflowStatus::Running,
+        steps,
+        created_at_ms: now,
+        updated_at_ms: now,
+        error: None,
+        idempotency_key: (!req.idempotency_key.is_empty()).then_some(req.idempotency_key),
+        seq: 0,
+        ended_seq: None,
+    })
+}

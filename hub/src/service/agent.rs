@@ -4,18 +4,17 @@ use std::pin::Pin;
 
 use flotilla_common::jwt::Claims;
 use flotilla_proto::{
-    agent_service_server::AgentService, CancelTaskRequest, CancelWorkflowRequest, FailurePolicy,
-    GetTaskRequest, GetWorkflowRequest, ListTasksRequest, ListTasksResponse, ListToolsRequest,
-    ListToolsResponse, NodeToolStats, SubmitTaskRequest, SubmitTaskResponse, SubmitWorkflowRequest,
+    agent_service_server::AgentService, CancelTaskRequest, CancelWorkflowRequest, GetTaskRequest,
+    GetWorkflowRequest, ListTasksRequest, ListTasksResponse, ListToolsRequest, ListToolsResponse,
+    NodeToolStats, SubmitTaskRequest, SubmitTaskResponse, SubmitWorkflowRequest,
     SubmitWorkflowResponse, Task, TaskEvent, TaskState, Tool, ToolStats, WatchTaskRequest,
     WatchWorkflowRequest, Workflow, WorkflowEvent,
 };
 use futures::Stream;
-use serde_json::Value;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    admission::{self, check_call, check_names, parse_arguments},
+    admission::{self, check_call},
     auth,
     cluster::Hub,
     convert,
@@ -141,9 +140,11 @@ impl AgentApi {
         claims: &Claims,
         req: SubmitTaskRequest,
     ) -> HubResult<SubmitTaskResponse> {
-        let (args, key) = self.validate_submission(claims, &req)?;
+        let task = admission::task(claims, &req, |tool, args| {
+            check_call(&self.hub.state(), claims, tool, args)
+        })?;
         // A repeat of an accepted submission answers as it did, even with a full queue.
-        if let Some(k) = &key {
+        if let Some(k) = &task.idempotency_key {
             let known = self
                 .hub
                 .state()
@@ -157,24 +158,6 @@ impl AgentApi {
             }
         }
         self.room_in_queue(claims, 1)?;
-        let spec = convert::spec(
-            req.options.as_ref(),
-            claims.region.as_deref(),
-            claims.zone.as_deref(),
-        )
-        .map_err(HubError::InvalidArgument)?;
-        let mut task = TaskRecord::new(
-            &uuid::Uuid::now_v7().to_string(),
-            &req.tool,
-            &claims.tenant,
-            &claims.sub,
-            args,
-            flotilla_common::now_ms(),
-        );
-        task.priority = req.priority;
-        task.idempotency_key = key;
-        task.spec = spec;
-        task.scopes = claims.scopes.clone();
         match self.hub.write(Command::SubmitTask(Box::new(task))).await? {
             state::Response::Submitted {
                 task_id,
@@ -211,55 +194,6 @@ impl AgentApi {
             self.hub.read_barrier().await?;
         }
         visible_task(&self.hub.state(), claims, id)
-    }
-
-    fn validate_submission(
-        &self,
-        claims: &Claims,
-        req: &SubmitTaskRequest,
-    ) -> HubResult<(Value, Option<String>)> {
-        check_names(&req.tool, &req.idempotency_key)?;
-        let args = parse_arguments(&req.arguments)?;
-        check_call(&self.hub.state(), claims, &req.tool, Some(&args))?;
-        let key = (!req.idempotency_key.is_empty()).then(|| req.idempotency_key.clone());
-        Ok((args, key))
-    }
-
-    fn build_workflow(
-        &self,
-        claims: &Claims,
-        req: SubmitWorkflowRequest,
-    ) -> HubResult<WorkflowRecord> {
-        check_names(&req.name, &req.idempotency_key)?;
-        let steps = {
-            let state = self.hub.state();
-            admission::workflow_steps(
-                req.steps,
-                claims.region.as_deref(),
-                claims.zone.as_deref(),
-                |tool, args| check_call(&state, claims, tool, args),
-            )?
-        };
-        let now = flotilla_common::now_ms();
-        Ok(WorkflowRecord {
-            id: uuid::Uuid::now_v7().to_string(),
-            name: req.name,
-            tenant: claims.tenant.clone(),
-            agent: claims.sub.clone(),
-            scopes: claims.scopes.clone(),
-            failure_policy: match FailurePolicy::try_from(req.failure_policy) {
-                Ok(FailurePolicy::Continue) => state::FailurePolicy::Continue,
-                _ => state::FailurePolicy::FailFast,
-            },
-            status: state::WorkflowStatus::Running,
-            steps,
-            created_at_ms: now,
-            updated_at_ms: now,
-            error: None,
-            idempotency_key: (!req.idempotency_key.is_empty()).then_some(req.idempotency_key),
-            seq: 0,
-            ended_seq: None,
-        })
     }
 }
 
@@ -536,7 +470,7 @@ impl AgentService for AgentApi {
                 }));
             }
         }
-        let wf = self.build_workflow(&claims, req)?;
+        let wf = admission::workflow(&self.hub.state(), &claims, req)?;
         let steps = wf.steps.len();
         self.room_in_queue(&claims, steps)?;
         match self
