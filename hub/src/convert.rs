@@ -461,3 +461,21 @@ pub fn offered_servers(hello: &pb::Hello) -> Result<Vec<OfferedServer>, String> 
         })
         .collect()
 }
+
+/// Sums per-node statistics; the estimated duration is the call-weighted mean.
+pub fn tool_stats<'a>(
+    per_node: impl IntoIterator<Item = &'a crate::state::ToolStats>,
+) -> pb::ToolStats {
+    let mut out = pb::ToolStats::default();
+    let mut weighted = 0u128;
+    for s in per_node {
+        out.calls += s.calls;
+        out.succeeded += s.succeeded;
+        out.failed += s.failed;
+        weighted += u128::from(s.ewma_ms) * u128::from(s.calls);
+    }
+    if out.calls > 0 {
+        out.estimated_duration_ms = (weighted / u128::from(out.calls)) as u64;
+    }
+    out
+}

@@ -192,26 +192,18 @@ async fn call_tool_on_any_hub_streams_the_call_to_its_end_and_a_repeat_replays_i
     );
 
     // A call that cannot be accepted fails before any event, and leaves no task.
-    let before = c
-        .agent_at(3, &c.admin_token)
-        .list_tasks(pb::ListTasksRequest::default())
-        .await?
-        .into_inner()
-        .tasks
-        .len();
-    let refused = c
-        .agent_at(3, &c.admin_token)
+    let mut third = c.agent_at(3, &c.admin_token);
+    let tasks = |mut a: flotilla_tests::Agent| async move {
+        let r = a.list_tasks(pb::ListTasksRequest::default()).await?;
+        anyhow::Ok(r.into_inner().tasks.len())
+    };
+    let before = tasks(third.clone()).await?;
+    let refused = third
         .call_tool(submit("no-such-tool", json!({})))
         .await
         .expect_err("an unknown tool is refused");
     assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
-    let after = c
-        .agent_at(3, &c.admin_token)
-        .list_tasks(pb::ListTasksRequest::default())
-        .await?
-        .into_inner()
-        .tasks
-        .len();
+    let after = tasks(third).await?;
     assert_eq!(before, after);
     Ok(())
 }

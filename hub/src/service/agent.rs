@@ -7,7 +7,7 @@ use flotilla_proto::{
     agent_service_server::AgentService, CancelTaskRequest, CancelWorkflowRequest, GetTaskRequest,
     GetWorkflowRequest, ListTasksRequest, ListTasksResponse, ListToolsRequest, ListToolsResponse,
     NodeToolStats, SubmitTaskRequest, SubmitTaskResponse, SubmitWorkflowRequest,
-    SubmitWorkflowResponse, Task, TaskEvent, TaskState, Tool, ToolStats, WatchTaskRequest,
+    SubmitWorkflowResponse, Task, TaskEvent, TaskState, Tool, WatchTaskRequest,
     WatchWorkflowRequest, Workflow, WorkflowEvent,
 };
 use futures::Stream;
@@ -90,22 +90,6 @@ fn task_view(hub: &Hub, state: &State, t: &TaskRecord) -> flotilla_proto::Task {
         }
     }
     view
-}
-
-/// Sums per-node statistics; the estimated duration is the call-weighted mean.
-fn tool_stats<'a>(per_node: impl IntoIterator<Item = &'a state::ToolStats>) -> ToolStats {
-    let mut out = ToolStats::default();
-    let mut weighted = 0u128;
-    for s in per_node {
-        out.calls += s.calls;
-        out.succeeded += s.succeeded;
-        out.failed += s.failed;
-        weighted += u128::from(s.ewma_ms) * u128::from(s.calls);
-    }
-    if out.calls > 0 {
-        out.estimated_duration_ms = (weighted / u128::from(out.calls)) as u64;
-    }
-    out
 }
 
 /// A workflow the caller may see, live or finished.
@@ -427,7 +411,7 @@ impl AgentService for AgentApi {
                     destructive: e.def.destructive,
                     accepted: e.accepted,
                     nodes,
-                    stats: Some(tool_stats(
+                    stats: Some(convert::tool_stats(
                         state
                             .tool_stats
                             .get(&e.def.name)
@@ -442,7 +426,7 @@ impl AgentService for AgentApi {
                         .flatten()
                         .map(|(node, s)| NodeToolStats {
                             node_id: node.clone(),
-                            stats: Some(tool_stats([s])),
+                            stats: Some(convert::tool_stats([s])),
                         })
                         .collect(),
                 }
