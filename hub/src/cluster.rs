@@ -150,8 +150,10 @@ impl Hub {
     }
 
     /// The current leader's id and node, if one is known.
+    /// (Every write asks: it reads the metrics in place rather than cloning them.)
     pub fn leader(&self) -> Option<(u64, HubNode)> {
-        let m = self.inner.raft.metrics().borrow().clone();
+        let metrics = self.inner.raft.metrics();
+        let m = metrics.borrow();
         let id = m.current_leader?;
         let node = m.membership_config.membership().get_node(&id)?.clone();
         Some((id, node))
@@ -181,7 +183,7 @@ impl Hub {
     /// command is forwarded to the leader, so any hub serves every write.
     pub async fn write(&self, cmd: Command) -> HubResult<Response> {
         self.ask_leader(
-            "the write",
+            HubError::Unavailable,
             || self.write_as_leader(cmd.clone()),
             |mut c| {
                 let m = encode(&cmd);
@@ -195,7 +197,13 @@ impl Hub {
     /// leader's Raft port. While nothing was done (no leader yet, the leader changed, it
     /// could not be reached) it asks again, for up to `LEADER_WAIT`. Writes, read indexes
     /// and membership changes all go through here.
-    async fn ask_leader<T, H, HF, R, RF>(&self, what: &str, here: H, there: R) -> HubResult<T>
+    /// `failed` makes the error of an ask that failed for good (or ran out of time).
+    async fn ask_leader<T, H, HF, R, RF>(
+        &self,
+        failed: impl Fn(String) -> HubError,
+        here: H,
+        there: R,
+    ) -> HubResult<T>
     where
         T: serde::de::DeserializeOwned,
         H: Fn() -> HF,
@@ -203,7 +211,7 @@ impl Hub {
         R: Fn(RaftServiceClient<Channel>) -> RF,
         RF: std::future::Future<Output = Result<tonic::Response<RaftMessage>, tonic::Status>>,
     {
-        let failed = |e: String| Err(HubError::Unavailable(format!("{what}: {e}")));
+        let failed = |e: String| Err(failed(e));
         let deadline = Instant::now() + LEADER_WAIT;
         loop {
             let why = match self.leader() {
@@ -312,7 +320,7 @@ impl Hub {
     pub async fn read_barrier(&self) -> HubResult<()> {
         let index = self
             .ask_leader(
-                "cannot confirm a consistent read",
+                |e| HubError::Unavailable(format!("cannot confirm a consistent read: {e}")),
                 || self.read_index_as_leader(),
                 |mut c| async move { c.read_index(encode(&())).await },
             )
@@ -329,7 +337,7 @@ impl Hub {
     /// Adds or removes a hub (on the leader; forwarded from a follower).
     pub async fn change_membership(&self, change: MembershipChange) -> HubResult<()> {
         self.ask_leader(
-            "membership change failed",
+            |e| HubError::FailedPrecondition(format!("membership change failed: {e}")),
             || self.change_membership_as_leader(change.clone()),
             |mut c| {
                 let m = encode(&change);
