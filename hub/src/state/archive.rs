@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 
 use super::{
-    history, idempotency_index, Effects, History, Lookup, Rejection, State, TaskRecord,
+    history, idempotency_index, Effects, History, Lookup, Rejection, Response, State, TaskRecord,
     WorkflowRecord,
 };
 
@@ -22,6 +22,20 @@ impl State {
                 None
             }
         }
+    }
+
+    /// Retention: what ended at or before the cut (`History::cut`) leaves the store.
+    pub(super) fn expire_history(
+        &mut self,
+        index: u64,
+        through_ms: i64,
+        through_entry: Option<&str>,
+    ) -> Response {
+        let cut = History::cut(through_ms, through_entry);
+        if let Err(e) = self.history.expire(index, &cut) {
+            self.effects.store_error = Some(e.to_string());
+        }
+        Response::Done
     }
 
     /// The rejection for a task not in memory at log index `index`: one that ended (and

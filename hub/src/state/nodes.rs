@@ -1,11 +1,22 @@
-//! Nodes: what a node may offer (`check_offer`), what its results teach the catalogue
-//! (`learn`), and what becomes of its tasks when it goes down or is drained
-//! (`release_tasks`).
+//! Nodes: joining, saying hello (what a node may offer, `check_offer`), going down, being
+//! cordoned, drained and evicted; what its results teach the catalogue (`learn`), and
+//! what becomes of its tasks when it goes down or is drained (`release_tasks`).
+
+use std::collections::BTreeMap;
 
 use super::{
-    breaker_key, spec, CatalogueEntry, FailureKind, OfferedServer, ServerRecord, State, TaskRecord,
-    TaskStatus,
+    breaker_key, spec, CatalogueEntry, FailureKind, NodeRecord, NodeStatus, OfferedServer,
+    Rejection, Response, ServerRecord, State, TaskRecord, TaskStatus,
 };
+
+/// What a node says when its session opens.
+pub(super) struct Hello<'a> {
+    pub labels: &'a BTreeMap<String, String>,
+    pub servers: &'a [OfferedServer],
+    pub tenants: &'a [String],
+    pub cpu_high_water_percent: f64,
+    pub may_add_tools: bool,
+}
 
 impl State {
     /// The server record for an offer, checked against the tool catalogue (pinning). A
@@ -84,6 +95,121 @@ impl State {
             b.consecutive_failures += 1;
             b.last_failure_ms = at_ms;
         }
+    }
+
+    /// A node joins with a join token: one use of the token is spent, the node recorded.
+    pub(super) fn register_node(
+        &mut self,
+        node_id: &str,
+        token_id: &str,
+        secret_hash: &str,
+        labels: &BTreeMap<String, String>,
+        at_ms: i64,
+    ) -> Result<Response, Rejection> {
+        let tok = self
+            .join_tokens
+            .get_mut(token_id)
+            .filter(|t| {
+                t.uses_left > 0
+                    && t.expires_at_ms > at_ms
+                    && flotilla_common::secret_eq(&t.secret_hash, secret_hash)
+            })
+            .ok_or(Rejection::BadJoinToken)?;
+        if self.nodes.contains_key(node_id) {
+            return Err(Rejection::NodeExists(node_id.to_owned()));
+        }
+        tok.uses_left -= 1;
+        let mut node = NodeRecord::new(node_id, labels.clone(), at_ms);
+        node.may_add_tools = tok.may_add_tools;
+        self.nodes.insert(node_id.to_owned(), node);
+        Ok(Response::Done)
+    }
+
+    /// A node's session opened: what it offers now (checked against the catalogue), its
+    /// labels and tenants. A node that was down is ready again.
+    pub(super) fn hello(
+        &mut self,
+        node_id: &str,
+        hello: &Hello<'_>,
+        at_ms: i64,
+    ) -> Result<Response, Rejection> {
+        if !self.nodes.contains_key(node_id) {
+            return Err(Rejection::NoSuchNode(node_id.to_owned()));
+        }
+        let records = hello
+            .servers
+            .iter()
+            .map(|s| self.check_offer(node_id, s, at_ms, hello.may_add_tools))
+            .collect();
+        let node = self.nodes.get_mut(node_id).expect("checked above");
+        self.index.unlink_node(node);
+        if node.status == NodeStatus::Down {
+            node.status = NodeStatus::Ready;
+        }
+        node.labels = hello.labels.clone();
+        node.servers = records;
+        node.last_hello_ms = Some(at_ms);
+        node.tenants = hello.tenants.to_vec();
+        node.cpu_high_water_percent = hello.cpu_high_water_percent;
+        self.index.link_node(node);
+        Ok(Response::Done)
+    }
+
+    /// A node stayed silent past its TTL: down, its tasks re-queued or lost.
+    pub(super) fn node_down(&mut self, node_id: &str, at_ms: i64) -> Result<Response, Rejection> {
+        let node = self.node_mut(node_id)?;
+        node.status = NodeStatus::Down;
+        node.drain_deadline_ms = None;
+        let (requeued, lost) = self.release_tasks(node_id, at_ms, true, TaskStatus::Lost, || {
+            format!(
+                "node {node_id} was lost before the task finished; the tool is not marked idempotent and the retry policy does not cover node loss, so it was not re-run"
+            )
+        });
+        Ok(Response::NodeWentDown { requeued, lost })
+    }
+
+    /// Cordon or make ready; a down node stays down until it says hello.
+    pub(super) fn set_node_status(
+        &mut self,
+        node_id: &str,
+        status: NodeStatus,
+    ) -> Result<Response, Rejection> {
+        let node = self.node_mut(node_id)?;
+        if node.status != NodeStatus::Down {
+            node.status = status;
+        }
+        node.drain_deadline_ms = None;
+        Ok(Response::Done)
+    }
+
+    /// No new work for the node; what runs may finish until `deadline_ms`.
+    pub(super) fn drain_node(
+        &mut self,
+        node_id: &str,
+        deadline_ms: i64,
+    ) -> Result<Response, Rejection> {
+        let node = self.node_mut(node_id)?;
+        node.status = NodeStatus::Draining;
+        node.drain_deadline_ms = Some(deadline_ms);
+        Ok(Response::Done)
+    }
+
+    /// A drain's deadline passed: the node's unfinished tasks are re-queued or cancelled.
+    pub(super) fn evict_node(&mut self, node_id: &str, at_ms: i64) -> Result<Response, Rejection> {
+        self.node_mut(node_id)?;
+        let (requeued, lost) = self.release_tasks(node_id, at_ms, false, TaskStatus::Cancelled, || {
+            format!("node {node_id} was drained before the task finished; the tool is not marked idempotent, so it was cancelled rather than re-run")
+        });
+        if let Some(n) = self.nodes.get_mut(node_id) {
+            n.drain_deadline_ms = None;
+        }
+        Ok(Response::NodeWentDown { requeued, lost })
+    }
+
+    fn node_mut(&mut self, node_id: &str) -> Result<&mut NodeRecord, Rejection> {
+        self.nodes
+            .get_mut(node_id)
+            .ok_or_else(|| Rejection::NoSuchNode(node_id.to_owned()))
     }
 
     /// Takes a node's unfinished tasks off it: re-queued when the tool is read-only or

@@ -1,9 +1,10 @@
-//! Tasks: accepting a submission (with its replicas), timeouts, and the checks a node's
-//! report must pass (the current attempt and fence, from the node that holds it).
+//! Tasks: accepting a submission (with its replicas), assigning an attempt, requeueing one
+//! that never started, cancelling, and timeouts. What a node's reports do is in
+//! `reports.rs`.
 
 use super::{
-    idempotency_index, FailureKind, Group, Rejection, Response, State, TaskRecord, TaskStatus,
-    Timeout,
+    idempotency_index, AttemptRecord, FailureKind, Group, Rejection, Response, State, TaskRecord,
+    TaskStatus, Timeout,
 };
 
 impl State {
@@ -82,6 +83,87 @@ impl State {
         self.insert_task(task);
     }
 
+    /// A node is given the task's next attempt; the attempt's fence is the log index of
+    /// the entry that assigns it.
+    pub(super) fn assign(
+        &mut self,
+        index: u64,
+        task_id: &str,
+        node_id: &str,
+        server: &str,
+        at_ms: i64,
+    ) -> Result<Response, Rejection> {
+        if !self.nodes.contains_key(node_id) {
+            return Err(Rejection::NoSuchNode(node_id.to_owned()));
+        }
+        if self.sibling_on(task_id, node_id) {
+            return Err(Rejection::SiblingOnNode);
+        }
+        self.update(task_id, false, |t| {
+            if t.status != TaskStatus::Queued || t.group.is_some() {
+                return Err(Rejection::WrongState(t.status));
+            }
+            let attempt = t.attempts.len() as u32 + 1;
+            t.attempts.push(AttemptRecord {
+                number: attempt,
+                node_id: node_id.to_owned(),
+                server: server.to_owned(),
+                fence: index,
+                assigned_at_ms: at_ms,
+                started_at_ms: None,
+                finished_at_ms: None,
+                error: None,
+                requeued: false,
+            });
+            t.not_before_ms = None;
+            t.set(TaskStatus::Assigned, at_ms);
+            Ok(Response::Assigned {
+                attempt,
+                fence: index,
+            })
+        })
+    }
+
+    /// An assigned attempt that never started goes back to the queue.
+    pub(super) fn requeue(
+        &mut self,
+        task_id: &str,
+        attempt: u32,
+        fence: u64,
+        at_ms: i64,
+        reason: &str,
+    ) -> Result<Response, Rejection> {
+        self.update(task_id, false, |t| {
+            check_current(t, attempt, fence)?;
+            if t.status != TaskStatus::Assigned {
+                return Err(Rejection::WrongState(t.status));
+            }
+            t.close_attempt(at_ms, reason);
+            if let Some(a) = t.attempts.last_mut() {
+                a.requeued = true;
+            }
+            t.set(TaskStatus::Queued, at_ms);
+            Ok(Response::TaskNow(t.status))
+        })
+    }
+
+    /// An agent cancels a task that has not ended (a fan-out task with its replicas).
+    pub(super) fn cancel(
+        &mut self,
+        index: u64,
+        task_id: &str,
+        at_ms: i64,
+    ) -> Result<Response, Rejection> {
+        let Some(t) = self.tasks.get(task_id) else {
+            return Err(self.missing_task(task_id, index));
+        };
+        if t.status.is_terminal() {
+            return Err(Rejection::WrongState(t.status));
+        }
+        self.end_task(task_id, TaskStatus::Cancelled, "cancelled", at_ms);
+        Ok(Response::TaskNow(TaskStatus::Cancelled))
+    }
+
     pub(super) fn timeout(
         &mut self,
         task_id: &str,
@@ -157,20 +239,5 @@ pub(super) fn check_current(t: &TaskRecord, attempt: u32, fence: u64) -> Result<
     match t.current_attempt() {
         Some(a) if a.number == attempt && a.fence == fence => Ok(()),
         _ => Err(Rejection::Stale),
-    }
-}
-
-/// A node's report on an attempt: it must be the current one, and held by that node (an
-/// empty `node_id` is the hub speaking for itself, in entries written before the check).
-pub(super) fn check_reporter(
-    t: &TaskRecord,
-    attempt: u32,
-    fence: u64,
-    node_id: &str,
-) -> Result<(), Rejection> {
-    check_current(t, attempt, fence)?;
-    match t.current_attempt() {
-        Some(a) if !node_id.is_empty() && a.node_id != node_id => Err(Rejection::NotYourAttempt),
-        _ => Ok(()),
     }
 }

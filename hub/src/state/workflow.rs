@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{State, StepRef, TaskRecord, TaskSpec, TaskStatus};
+use super::{Rejection, Response, State, StepRef, TaskRecord, TaskSpec, TaskStatus};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -610,6 +610,26 @@ impl State {
                 _ => {}
             }
         }
+    }
+
+    /// An agent cancels a workflow that has not ended.
+    pub(super) fn cancel_workflow_request(
+        &mut self,
+        index: u64,
+        workflow_id: &str,
+        at_ms: i64,
+    ) -> Result<Response, Rejection> {
+        let Some(w) = self.workflows.get(workflow_id) else {
+            return Err(match self.stored(|h| h.workflow_at(workflow_id, index)) {
+                Some(_) => Rejection::WorkflowEnded,
+                None => Rejection::NoSuchWorkflow(workflow_id.to_owned()),
+            });
+        };
+        if w.status.is_terminal() {
+            return Err(Rejection::WorkflowEnded);
+        }
+        self.cancel_workflow(workflow_id, "workflow cancelled", at_ms);
+        Ok(Response::WorkflowNow(WorkflowStatus::Cancelled))
     }
 
     pub(super) fn cancel_workflow(&mut self, wf_id: &str, why: &str, at_ms: i64) {
