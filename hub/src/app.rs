@@ -139,6 +139,7 @@ pub async fn run(
     if config.raft_advertise.ends_with(":0") {
         config.raft_advertise = format!("https://{raft_addr}");
     }
+    crate::faults::arm()?;
     let data_dir = config.data_dir.clone();
     flotilla_common::pki::private_dir(&data_dir)
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;

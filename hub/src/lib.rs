@@ -11,6 +11,7 @@ pub mod conn;
 pub mod convert;
 pub mod error;
 pub mod events;
+pub mod faults;
 pub mod liveness;
 pub mod pending;
 pub mod quota;

@@ -856,6 +856,7 @@ async fn send_assignment(
     attempt: u32,
     fence: u64,
 ) {
+    fail::fail_point!(crate::faults::ASSIGN_BEFORE_SEND);
     let msg = {
         let state = hub.state();
         match state.tasks.get(task_id) {

@@ -17,10 +17,9 @@ use flotilla_common::{
 };
 use flotilla_proto as pb;
 use flotilla_tests::{
-    flotilla_bin, result_text, wait_done, wait_until, AdminServiceClient, Agent,
-    AgentServiceClient, Bearer, Proc, READY,
+    flotilla_bin, record_call, result_text, submit_until_acknowledged, wait_done, wait_state,
+    wait_status, wait_until, AdminServiceClient, Agent, AgentServiceClient, Bearer, Proc, READY,
 };
-use serde_json::json;
 
 fn sh(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new(args[0]).args(&args[1..]).output()?;
@@ -151,7 +150,7 @@ fn spawn_in(ns: &str, name: &str, args: &[&str], log: &Path) -> anyhow::Result<P
     let bin = flotilla_bin().display().to_string();
     let mut full = vec!["netns", "exec", ns, bin.as_str()];
     full.extend_from_slice(args);
-    Proc::spawn_program("ip", name, &full, log)
+    Proc::spawn_program("ip", name, &full, &[], log)
 }
 
 #[tokio::test]
@@ -239,19 +238,7 @@ async fn a_partitioned_leader_commits_nothing_and_the_majority_carries_on() -> a
             Bearer::new(&token),
         ))
     };
-    let leader_seen_by = |i: usize| {
-        let a = admin(i);
-        async move {
-            let mut a = a.ok()?;
-            let s = a
-                .cluster_status(pb::ClusterStatusRequest {})
-                .await
-                .ok()?
-                .into_inner();
-            (s.leader_id != 0).then_some(s)
-        }
-    };
-    let status = wait_until("a leader", READY, || leader_seen_by(1)).await?;
+    let status = wait_status(&admin(1)?, "a leader", |s| s.leader_id != 0).await?;
     assert_eq!(
         status.members.len(),
         3,
@@ -304,47 +291,18 @@ async fn a_partitioned_leader_commits_nothing_and_the_majority_carries_on() -> a
         &node_dir.join("node.log"),
     )?;
     let a1 = agent(1)?;
-    let before = wait_until("the node to serve", READY, || {
-        let mut a = a1.clone();
-        async move {
-            let id = a
-                .submit_task(pb::SubmitTaskRequest {
-                    tool: "record".into(),
-                    arguments: serde_json::to_vec(&json!({"key": "before"})).ok()?,
-                    idempotency_key: "before".into(),
-                    priority: 0,
-                    options: None,
-                })
-                .await
-                .ok()?
-                .into_inner()
-                .task_id;
-            Some(id)
-        }
-    })
-    .await?;
-    let t = wait_until("the first call", READY, || {
-        let mut a = a1.clone();
-        let id = before.clone();
-        async move {
-            let t = a
-                .get_task(pb::GetTaskRequest { task_id: id })
-                .await
-                .ok()?
-                .into_inner();
-            (t.state == pb::TaskState::Succeeded as i32).then_some(t)
-        }
-    })
-    .await?;
+    let before = submit_until_acknowledged(&a1, record_call("before")).await?;
+    let t = wait_state(&a1, &before, pb::TaskState::Succeeded).await?;
     assert_eq!(result_text(&t), "recorded before");
 
     // Cut the leader off from the other hubs.
     net.isolate(leader)?;
     let majority: Vec<usize> = (1..=3).filter(|i| *i != leader).collect();
-    let new_status = wait_until("the majority to elect a new leader", READY, || {
-        let f = leader_seen_by(majority[0]);
-        async move { f.await.filter(|s| s.leader_id as usize != leader) }
-    })
+    let new_status = wait_status(
+        &admin(majority[0])?,
+        "the majority to elect a new leader",
+        |s| s.leader_id != 0 && s.leader_id as usize != leader,
+    )
     .await?;
     let new_leader = new_status.leader_id as usize;
     assert!(majority.contains(&new_leader));
@@ -354,36 +312,14 @@ async fn a_partitioned_leader_commits_nothing_and_the_majority_carries_on() -> a
     for (n, i) in majority.iter().cycle().take(6).enumerate() {
         let a = agent(*i)?;
         let key = format!("during-{n}");
-        let id = wait_until("a submission to the majority", READY, || {
-            let mut a = a.clone();
-            let key = key.clone();
-            async move {
-                a.submit_task(pb::SubmitTaskRequest {
-                    tool: "record".into(),
-                    arguments: serde_json::to_vec(&json!({"key": key})).ok()?,
-                    idempotency_key: key.clone(),
-                    priority: 0,
-                    options: None,
-                })
-                .await
-                .ok()
-                .map(|r| r.into_inner().task_id)
-            }
-        })
-        .await?;
+        let id = submit_until_acknowledged(&a, record_call(&key)).await?;
         ok.push((key, id, *i));
     }
     // The old leader serves no writes: a submission through it is refused, not acknowledged.
     let mut old = agent(leader)?;
     let refused = tokio::time::timeout(
         Duration::from_secs(30),
-        old.submit_task(pb::SubmitTaskRequest {
-            tool: "record".into(),
-            arguments: serde_json::to_vec(&json!({"key": "to-old-leader"}))?,
-            idempotency_key: "to-old-leader".into(),
-            priority: 0,
-            options: None,
-        }),
+        old.submit_task(record_call("to-old-leader")),
     )
     .await?;
     let e = refused.expect_err("the isolated hub must not acknowledge a write");
@@ -391,12 +327,8 @@ async fn a_partitioned_leader_commits_nothing_and_the_majority_carries_on() -> a
 
     // Heal: the cluster converges on one leader and one history.
     net.heal(leader)?;
-    wait_until("the old leader to follow", READY, || {
-        let f = leader_seen_by(leader);
-        async move {
-            f.await
-                .filter(|s| s.leader_id as usize != leader && s.members.iter().all(|m| m.lag == 0))
-        }
+    wait_status(&admin(leader)?, "the old leader to follow", |s| {
+        s.leader_id != 0 && s.leader_id as usize != leader && s.members.iter().all(|m| m.lag == 0)
     })
     .await?;
     for (key, id, _) in &ok {

@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 
 use flotilla_proto as pb;
 use flotilla_tests::{
-    check_every_acknowledged_task_ran_once, recording_node, result_text, step, submit, wait_state,
-    wait_until, Cluster, Load, NodeSpec, READY,
+    check_every_acknowledged_task_ran_once, record_call, recording_node, result_text, step, submit,
+    submit_until_acknowledged, wait_state, wait_status, wait_until, wait_workflow_done, Cluster,
+    Load, NodeSpec, READY,
 };
 use serde_json::json;
 
@@ -233,19 +234,7 @@ async fn killing_the_leader_under_load_loses_no_acknowledged_task() -> anyhow::R
     c.start_hub(leader).await?;
     let mut old = c.agent_at(leader, &c.admin_token);
     let (key, id) = acked.iter().next_back().expect("some task");
-    let t = wait_until("the old leader to catch up", READY, || {
-        let mut old = old.clone();
-        let id = id.clone();
-        async move {
-            let t = old
-                .get_task(pb::GetTaskRequest { task_id: id })
-                .await
-                .ok()?
-                .into_inner();
-            (t.state == pb::TaskState::Succeeded as i32).then_some(t)
-        }
-    })
-    .await?;
+    let t = wait_state(&old, id, pb::TaskState::Succeeded).await?;
     assert_eq!(result_text(&t), format!("recorded {key}"));
     let _ = old.list_tools(pb::ListToolsRequest {}).await?;
     Ok(())
@@ -361,40 +350,13 @@ async fn a_paused_leader_steps_down_and_no_task_is_recorded_twice() -> anyhow::R
     c.hub(leader).proc.pause();
     // The others elect a new leader and keep taking work.
     c.hub_addr = c.hub(others[0]).api.clone();
-    let new_leader = wait_until("a new leader", READY, || {
-        let mut admin = c.admin();
-        async move {
-            let s = admin
-                .cluster_status(pb::ClusterStatusRequest {})
-                .await
-                .ok()?
-                .into_inner();
-            (s.leader_id != 0 && s.leader_id != leader).then_some(s.leader_id)
-        }
+    wait_status(&c.admin(), "a new leader", |s| {
+        s.leader_id != 0 && s.leader_id != leader
     })
     .await?;
-    assert_ne!(new_leader, leader);
     for i in 0..5 {
         let key = format!("during-{i}");
-        let id = wait_until("a submission during the pause", READY, || {
-            let mut agent = agent.clone();
-            let key = key.clone();
-            async move {
-                agent
-                    .submit_task(pb::SubmitTaskRequest {
-                        tool: "record".into(),
-                        arguments: serde_json::to_vec(&json!({"key": key})).ok()?,
-                        idempotency_key: key.clone(),
-                        priority: 0,
-                        options: None,
-                    })
-                    .await
-                    .ok()
-                    .map(|r| r.into_inner().task_id)
-            }
-        })
-        .await?;
-        ids.push(id);
+        ids.push(submit_until_acknowledged(&agent, record_call(&key)).await?);
     }
     // Thaw the old leader: it must step down and follow.
     c.hub(leader).proc.resume();
@@ -402,16 +364,8 @@ async fn a_paused_leader_steps_down_and_no_task_is_recorded_twice() -> anyhow::R
         c.channel_to(leader),
         flotilla_tests::Bearer::new(&c.admin_token),
     );
-    wait_until("the old leader to follow the new one", READY, || {
-        let mut old = old.clone();
-        async move {
-            let s = old
-                .cluster_status(pb::ClusterStatusRequest {})
-                .await
-                .ok()?
-                .into_inner();
-            (s.leader_id != leader && s.leader_id != 0).then_some(())
-        }
+    wait_status(&old, "the old leader to follow the new one", |s| {
+        s.leader_id != leader && s.leader_id != 0
     })
     .await?;
     let _ = old.list_nodes(pb::ListNodesRequest {}).await?;
@@ -543,19 +497,7 @@ async fn a_workflow_and_a_fan_out_carry_on_across_a_leader_crash() -> anyhow::Re
     c.kill_hub(leader);
 
     let mut agent = c.agent_at(other, &c.admin_token);
-    let w = wait_until("the workflow to end on the new leader", READY, || {
-        let mut a = agent.clone();
-        let id = wf.clone();
-        async move {
-            let w = a
-                .get_workflow(pb::GetWorkflowRequest { workflow_id: id })
-                .await
-                .ok()?
-                .into_inner();
-            (w.state != pb::WorkflowState::Running as i32).then_some(w)
-        }
-    })
-    .await?;
+    let w = wait_workflow_done(&agent, &wf).await?;
     assert_eq!(w.state, pb::WorkflowState::Succeeded as i32, "{w:?}");
     let z = w.steps.iter().find(|s| s.name == "z").expect("z");
     let args: serde_json::Value = serde_json::from_slice(&z.arguments)?;

@@ -383,6 +383,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         )
                         .into());
                     }
+                    fail::fail_point!(crate::faults::APPLY_BEFORE_HOOK);
                     self.hooks.applied(&state, &r, &effects);
                     r
                 }

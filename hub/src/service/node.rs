@@ -437,6 +437,7 @@ async fn record_result(
         }
         other => return Err(HubError::Internal(format!("finish answered {other:?}"))),
     };
+    fail::fail_point!(crate::faults::RESULT_BEFORE_ACK);
     let _ = tx
         .send(HubMessage {
             msg: Some(hub_message::Msg::ResultAck(ResultAck {

@@ -1,0 +1,193 @@
+//! Crashes at the exact lines that only timing reaches otherwise, through the hub's
+//! failpoints (`hub/src/faults.rs`; the harness builds the binary with them). A failpoint
+//! that fires stops its hub at once, as `kill -9` at that line would. Each test checks the
+//! core invariant across the crash: the call reaches exactly one terminal state, its tool
+//! ran once, and every hub (the crashed one too, once restarted) tells the same story.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    os::unix::process::ExitStatusExt,
+    path::Path,
+};
+
+use flotilla_proto as pb;
+use flotilla_tests::{
+    check_every_acknowledged_task_ran_once, record_call, recording_node, result_text,
+    submit_until_acknowledged, wait_done, wait_state, wait_status, wait_until, Cluster, Options,
+    READY,
+};
+
+/// Three hubs, hub 1 leading with `failpoints` armed, and a node whose `record` tool
+/// writes to the returned file.
+async fn cluster(failpoints: &str) -> anyhow::Result<(Cluster, std::path::PathBuf)> {
+    let opts = Options {
+        failpoints: [(1, failpoints.to_owned())].into_iter().collect(),
+        ..Options::default()
+    };
+    let mut c = Cluster::with_options(3, opts).await?;
+    anyhow::ensure!(
+        c.wait_leader().await? == 1,
+        "hub 1 bootstraps the cluster and should lead it"
+    );
+    let (spec, record) = recording_node(&c, "edge-1");
+    c.add_node(spec).await?;
+    Ok((c, record))
+}
+
+/// Waits until hub `id` stopped, and checks a failpoint stopped it (SIGABRT, with the
+/// failpoint's name in its log) rather than anything else.
+async fn wait_stopped_at(c: &mut Cluster, id: u64, failpoint: &str) -> anyhow::Result<()> {
+    let proc = &mut c.hub_mut(id).proc;
+    let status = wait_until(&format!("hub {id} to stop at {failpoint}"), READY, || {
+        let st = proc.exited();
+        async move { st }
+    })
+    .await?;
+    assert_eq!(status.signal(), Some(6), "stopped by abort: {status:?}");
+    let log = proc.log_text();
+    assert!(
+        log.contains(failpoint),
+        "the hub's log names the failpoint that stopped it:\n{log}"
+    );
+    Ok(())
+}
+
+/// How many times the `record` tool ran for `key`.
+fn runs(record: &Path, key: &str) -> usize {
+    std::fs::read_to_string(record)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| *l == key)
+        .count()
+}
+
+/// Restarts hub `id` without failpoints and waits until it reports `task` as `want` has it.
+async fn restart_and_agree(c: &mut Cluster, id: u64, want: &pb::Task) -> anyhow::Result<()> {
+    c.opts.failpoints.remove(&id);
+    c.start_hub(id).await?;
+    let restarted = c.agent_at(id, &c.admin_token);
+    let seen = wait_state(&restarted, &want.id, pb::TaskState::Succeeded).await?;
+    assert_eq!(result_text(&seen), result_text(want));
+    assert_eq!(seen.attempts.len(), want.attempts.len(), "{seen:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_leader_that_dies_between_committing_an_assignment_and_sending_it_loses_no_call(
+) -> anyhow::Result<()> {
+    let (mut c, record) = cluster("hub-assign-before-send=panic").await?;
+    let agent = c.agent_at(2, &c.admin_token);
+    let key = "assigned-then-crashed";
+    let id = submit_until_acknowledged(&agent, record_call(key)).await?;
+    // Hub 1 commits the assignment and dies before the node hears of it.
+    wait_stopped_at(&mut c, 1, "hub-assign-before-send").await?;
+
+    // The new leader finds the node holding an assignment it never received and sends it
+    // again when the node reconnects: the call runs once and succeeds.
+    c.hub_addr = c.hub(2).api.clone();
+    let t = wait_done(&agent, &id).await?;
+    let acked: BTreeMap<String, String> = [(key.to_owned(), id.clone())].into_iter().collect();
+    check_every_acknowledged_task_ran_once(&c, 2, &acked, &record).await?;
+    assert_eq!(runs(&record, key), 1, "the tool ran once");
+    restart_and_agree(&mut c, 1, &t).await
+}
+
+#[tokio::test]
+async fn a_leader_that_dies_between_committing_a_result_and_acknowledging_it_records_it_once(
+) -> anyhow::Result<()> {
+    let (mut c, record) = cluster("hub-result-before-ack=panic").await?;
+    let agent = c.agent_at(2, &c.admin_token);
+    let key = "finished-then-crashed";
+    let id = submit_until_acknowledged(&agent, record_call(key)).await?;
+    // Hub 1 commits the result and dies before telling the node.
+    wait_stopped_at(&mut c, 1, "hub-result-before-ack").await?;
+
+    // The node sends the unacknowledged result again to the next leader, which refuses it:
+    // the task already ended. One result, one attempt, one run.
+    c.hub_addr = c.hub(2).api.clone();
+    let leader = wait_status(&c.admin(), "a new leader", |s| {
+        s.leader_id != 0 && s.leader_id != 1
+    })
+    .await?
+    .leader_id;
+    let t = wait_done(&agent, &id).await?;
+    assert_eq!(t.state, pb::TaskState::Succeeded as i32, "{t:?}");
+    assert_eq!(result_text(&t), format!("recorded {key}"));
+    assert_eq!(t.attempts.len(), 1, "{:?}", t.attempts);
+    let new_leader = &c.hub(leader).proc;
+    wait_until(
+        "the new leader to refuse the result sent again",
+        READY,
+        || {
+            let seen = new_leader.log_text().contains("stale result refused");
+            async move { seen.then_some(()) }
+        },
+    )
+    .await?;
+    assert_eq!(runs(&record, key), 1, "the tool ran once");
+    restart_and_agree(&mut c, 1, &t).await
+}
+
+#[tokio::test]
+async fn a_hub_that_dies_inside_the_apply_hook_replays_to_the_state_the_others_have(
+) -> anyhow::Result<()> {
+    // Hub 2, a follower, stops on the 21st command entry it applies: with the state (and
+    // the history store) written and the hooks not run.
+    let opts = Options {
+        failpoints: [(2, "hub-apply-before-hook=20*off->panic".to_owned())]
+            .into_iter()
+            .collect(),
+        ..Options::default()
+    };
+    let mut c = Cluster::with_options(3, opts).await?;
+    let leader = c.wait_leader().await?;
+    assert_ne!(leader, 2, "hub 2 should follow");
+    let (spec, record) = recording_node(&c, "edge-1");
+    c.add_node(spec).await?;
+    let mut agent = c.agent_at(leader, &c.admin_token);
+    let mut acked = BTreeMap::new();
+    for i in 0..30 {
+        let key = format!("call-{i}");
+        let id = agent
+            .submit_task(record_call(&key))
+            .await?
+            .into_inner()
+            .task_id;
+        c.wait_task(&mut agent, &id).await?;
+        acked.insert(key, id);
+    }
+    wait_stopped_at(&mut c, 2, "hub-apply-before-hook").await?;
+    check_every_acknowledged_task_ran_once(&c, leader, &acked, &record).await?;
+
+    // Restarted, hub 2 replays its log and ends up where the leader is: every call
+    // readable with the leader's answer, and listed once.
+    c.opts.failpoints.remove(&2);
+    c.start_hub(2).await?;
+    let replayed = c.agent_at(2, &c.admin_token);
+    for (key, id) in &acked {
+        let t = wait_state(&replayed, id, pb::TaskState::Succeeded).await?;
+        assert_eq!(result_text(&t), format!("recorded {key}"));
+        assert_eq!(t.attempts.len(), 1, "{key}: {:?}", t.attempts);
+    }
+    let listed = |mut a: flotilla_tests::Agent| async move {
+        let tasks = a
+            .list_tasks(pb::ListTasksRequest {
+                limit: 1000,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .tasks;
+        anyhow::Ok(tasks.into_iter().map(|t| t.id).collect::<Vec<_>>())
+    };
+    let on_2 = listed(replayed).await?;
+    let on_leader = listed(c.agent_at(leader, &c.admin_token)).await?;
+    let distinct: BTreeSet<&String> = on_2.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        on_2.len(),
+        "each task listed once: {on_2:?}"
+    );
+    assert_eq!(on_2, on_leader, "hub 2 lists what the leader lists");
+    Ok(())
+}
