@@ -149,13 +149,15 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             flotilla_common::pki::private_dir(&cfg.data_dir)?;
             let api = listeners.api.local_addr()?;
             let raft = listeners.raft.local_addr()?;
-            std::fs::write(
-                cfg.data_dir.join(dev::RAFT_ADDR_FILE),
-                format!("https://{raft}"),
+            flotilla_common::pki::write_whole(
+                &cfg.data_dir.join(dev::RAFT_ADDR_FILE),
+                format!("https://{raft}").as_bytes(),
+                0o644,
             )?;
-            std::fs::write(
-                cfg.data_dir.join(dev::LISTEN_ADDR_FILE),
-                format!("https://{api}"),
+            flotilla_common::pki::write_whole(
+                &cfg.data_dir.join(dev::LISTEN_ADDR_FILE),
+                format!("https://{api}").as_bytes(),
+                0o644,
             )?;
             flotilla_hub::run(cfg, listeners, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)

@@ -74,22 +74,36 @@ impl CertifiedKey {
     }
 }
 
-/// Writes a file only the owner can read: created 0600, and an existing file is made 0600
-/// before a byte is written.
+/// Writes a file only the owner can read: 0600 from its first byte, and whole (see
+/// [`write_whole`]).
 pub fn write_secret(path: &Path, data: &[u8]) -> Result<(), PkiError> {
+    write_whole(path, data, 0o600)
+}
+
+/// Writes `data` to `path` so that a reader sees the old file or the whole new one, never
+/// an empty or partial one (another process polls for these files: the addresses a hub
+/// bound, its admin token): into a new file beside it, created with `mode`, then renamed
+/// over `path`.
+pub fn write_whole(path: &Path, data: &[u8], mode: u32) -> Result<(), PkiError> {
     use std::io::Write;
     #[cfg(unix)]
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true);
+    opts.write(true).create_new(true);
     #[cfg(unix)]
-    opts.mode(0o600);
-    let mut f = opts.open(path).map_err(io_err(path))?;
-    #[cfg(unix)]
-    f.set_permissions(std::fs::Permissions::from_mode(0o600))
-        .map_err(io_err(path))?;
-    f.set_len(0).map_err(io_err(path))?;
-    f.write_all(data).map_err(io_err(path))
+    opts.mode(mode);
+    #[cfg(not(unix))]
+    let _ = mode;
+    let mut f = opts.open(&tmp).map_err(io_err(&tmp))?;
+    f.write_all(data).map_err(io_err(&tmp))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io_err(path))
 }
 
 /// Makes an existing secret file 0600 if others could read it, with a warning.
@@ -331,6 +345,25 @@ pub fn cert_spki_pin(cert_der: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn a_secret_replaces_a_readable_file_whole_and_private_leaving_no_temporary_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.token");
+        std::fs::write(&path, "an older, longer token that anyone could read").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_secret(&path, b"new").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("admin.token")]);
+    }
 
     #[test]
     fn node_certificate_carries_only_the_hub_chosen_name_and_client_role() {

@@ -1,5 +1,8 @@
 //! Nodes connected to this hub right now: their outgoing message queue and their live
 //! load. Nothing here is replicated; after a failover nodes reconnect and say hello again.
+//! What a session does, from hello to end, is `protocol`.
+
+pub mod protocol;
 
 use std::{
     collections::HashMap,
