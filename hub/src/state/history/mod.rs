@@ -23,17 +23,18 @@
 //!   expiring a record writes a few bytes rather than the whole record again. (Records
 //!   written before this tree existed carried `expired_at` inside; it is still honoured.)
 
-use std::{
-    collections::BTreeMap,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex, RwLock,
-    },
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc, Mutex, RwLock,
 };
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use super::{TaskRecord, TaskStatus, WorkflowRecord, WorkflowStatus};
+
+mod backend;
+
+use backend::{drop_other_generations, tree_name, Backend, TREES};
 
 /// Most records one `ExpireHistory` command expires: bounds the work of one apply.
 pub const EXPIRE_BATCH: usize = 5_000;
@@ -41,16 +42,6 @@ pub const EXPIRE_BATCH: usize = 5_000;
 /// Most finished tasks one listing reads.
 pub const LIST_SCAN: usize = 50_000;
 
-const TREES: [&str; 8] = [
-    "tasks",
-    "workflows",
-    "keys",
-    "by_tenant",
-    "dead",
-    "by_finish",
-    "expired",
-    "gone",
-];
 const TASKS: usize = 0;
 const WORKFLOWS: usize = 1;
 const KEYS: usize = 2;
@@ -118,134 +109,6 @@ impl<T> Lookup<T> {
             Self::Found(t) => Some(t),
             _ => None,
         }
-    }
-}
-
-enum Backend {
-    Memory(Mutex<[BTreeMap<Vec<u8>, Vec<u8>>; 8]>),
-    Sled {
-        db: sled::Db,
-        generation: u64,
-        trees: Box<[sled::Tree; 8]>,
-    },
-}
-
-fn tree_name(generation: u64, tree: &str) -> String {
-    format!("history.{generation}.{tree}")
-}
-
-impl Backend {
-    fn open(db: &sled::Db, generation: u64) -> StoreResult<Self> {
-        let mut trees = Vec::with_capacity(TREES.len());
-        for t in TREES {
-            trees.push(db.open_tree(tree_name(generation, t))?);
-        }
-        Ok(Self::Sled {
-            db: db.clone(),
-            generation,
-            trees: Box::new(trees.try_into().expect("one sled tree per name")),
-        })
-    }
-
-    fn get(&self, t: usize, k: &[u8]) -> StoreResult<Option<Vec<u8>>> {
-        Ok(match self {
-            Self::Memory(m) => m.lock().expect("history lock")[t].get(k).cloned(),
-            Self::Sled { trees, .. } => trees[t].get(k)?.map(|v| v.to_vec()),
-        })
-    }
-
-    /// Writes `k`; whether it was there before.
-    fn insert(&self, t: usize, k: &[u8], v: &[u8]) -> StoreResult<bool> {
-        Ok(match self {
-            Self::Memory(m) => m.lock().expect("history lock")[t]
-                .insert(k.to_vec(), v.to_vec())
-                .is_some(),
-            Self::Sled { trees, .. } => trees[t].insert(k, v)?.is_some(),
-        })
-    }
-
-    /// Removes `k`; whether it was there.
-    fn remove(&self, t: usize, k: &[u8]) -> StoreResult<bool> {
-        Ok(match self {
-            Self::Memory(m) => m.lock().expect("history lock")[t].remove(k).is_some(),
-            Self::Sled { trees, .. } => trees[t].remove(k)?.is_some(),
-        })
-    }
-
-    /// Keys (and values) of tree `t` starting with `prefix`, in order (reversed with
-    /// `rev`), while `f` says go on.
-    fn scan(
-        &self,
-        t: usize,
-        prefix: &[u8],
-        rev: bool,
-        f: impl FnMut(&[u8], &[u8]) -> bool,
-    ) -> StoreResult<()> {
-        self.scan_before(t, prefix, None, rev, f)
-    }
-
-    /// `scan`, of the keys below `before` only.
-    fn scan_before(
-        &self,
-        t: usize,
-        prefix: &[u8],
-        before: Option<&[u8]>,
-        rev: bool,
-        mut f: impl FnMut(&[u8], &[u8]) -> bool,
-    ) -> StoreResult<()> {
-        let below = |k: &[u8]| before.is_none_or(|b| k < b);
-        match self {
-            Self::Memory(m) => {
-                // Copied out first: `f` may read the store again.
-                let mut items: Vec<(Vec<u8>, Vec<u8>)> = m.lock().expect("history lock")[t]
-                    .range(prefix.to_vec()..)
-                    .take_while(|(k, _)| k.starts_with(prefix) && below(k))
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
-                if rev {
-                    items.reverse();
-                }
-                for (k, v) in items {
-                    if !f(&k, &v) {
-                        break;
-                    }
-                }
-            }
-            Self::Sled { trees, .. } => {
-                let it = match before {
-                    Some(b) => trees[t].range(prefix.to_vec()..b.to_vec()),
-                    None => trees[t].scan_prefix(prefix),
-                };
-                let it: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = if rev {
-                    Box::new(it.rev())
-                } else {
-                    Box::new(it)
-                };
-                for item in it {
-                    let (k, v) = item?;
-                    if !f(&k, &v) {
-                        break;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn clear(&self) -> StoreResult<()> {
-        match self {
-            Self::Memory(m) => m
-                .lock()
-                .expect("history lock")
-                .iter_mut()
-                .for_each(BTreeMap::clear),
-            Self::Sled { trees, .. } => {
-                for t in trees.iter() {
-                    t.clear()?;
-                }
-            }
-        }
-        Ok(())
     }
 }
 
@@ -808,88 +671,5 @@ impl Retired {
     }
 }
 
-/// Drops the trees of every history generation but `keep`.
-fn drop_other_generations(db: &sled::Db, keep: u64) -> StoreResult<()> {
-    let prefix = format!("history.{keep}.");
-    for name in db.tree_names() {
-        let name = String::from_utf8_lossy(&name).into_owned();
-        if name.starts_with("history.") && !name.starts_with(&prefix) {
-            db.drop_tree(name)?;
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::state::TaskRecord;
-    use serde_json::json;
-
-    fn finished(id: &str, ended_at_ms: i64) -> TaskRecord {
-        let mut t = TaskRecord::new(id, "echo", "t", "a", json!({"text": "x".repeat(500)}), 1);
-        t.status = TaskStatus::Succeeded;
-        t.updated_at_ms = ended_at_ms;
-        t
-    }
-
-    /// Expiring a record writes its expiry beside it, not the record again; readers and
-    /// replays see it expired from that index on; a purge takes both.
-    #[test]
-    fn expiry_marks_a_record_without_rewriting_it() {
-        let h = History::default();
-        h.archive(5, &[finished("a", 100), finished("b", 200)], &[])
-            .unwrap();
-        let b = h.backend();
-        let before = b.get(TASKS, b"a").unwrap().unwrap();
-        assert_eq!(h.expire(9, &History::cut(100, None)).unwrap(), 1);
-        assert_eq!(
-            b.get(TASKS, b"a").unwrap().unwrap(),
-            before,
-            "record untouched"
-        );
-        assert_eq!(h.gone(&b, b"ta").unwrap(), Some(9));
-        assert!(matches!(h.task("a").unwrap(), Lookup::Expired { .. }));
-        assert!(matches!(h.task("b").unwrap(), Lookup::Found(_)));
-        assert_eq!(h.task_at("a", 8).unwrap(), Some(TaskStatus::Succeeded));
-        assert_eq!(h.task_at("a", 9).unwrap(), None);
-        assert_eq!(h.len(), 1);
-        // Replayed at the same index, it is the same expiry, counted once.
-        assert_eq!(h.expire(9, &History::cut(100, None)).unwrap(), 0);
-        assert_eq!(h.purge(8).unwrap(), 0, "not covered by a snapshot yet");
-        assert!(b.get(TASKS, b"a").unwrap().is_some());
-        assert_eq!(h.purge(9).unwrap(), 1);
-        assert!(b.get(TASKS, b"a").unwrap().is_none());
-        assert_eq!(h.gone(&b, b"ta").unwrap(), None);
-        assert_eq!(h.task("a").unwrap(), Lookup::Missing);
-        // A purge cut short after the record went (a crash) still clears its mark later.
-        assert_eq!(h.expire(12, &History::cut(200, None)).unwrap(), 1);
-        b.remove(TASKS, b"b").unwrap();
-        assert_eq!(h.purge(12).unwrap(), 1);
-        assert_eq!(h.gone(&b, b"tb").unwrap(), None, "nothing left behind");
-    }
-
-    /// A record written before expiries had their own tree carries `expired_at` inside.
-    #[test]
-    fn an_expiry_inside_an_older_record_is_honoured() {
-        let h = History::default();
-        let t = finished("old", 100);
-        let stored = Stored {
-            archived_at: 3,
-            expired_at: Some(7),
-            tenant: t.tenant.clone(),
-            key: None,
-            ended_at_ms: 100,
-            record: Some(&t),
-        };
-        h.backend().insert(TASKS, b"old", &encode(&stored)).unwrap();
-        h.backend()
-            .insert(EXPIRED, &join(&[&7u64.to_be_bytes(), b"t", b"old"]), b"")
-            .unwrap();
-        assert!(matches!(h.task("old").unwrap(), Lookup::Expired { .. }));
-        assert_eq!(h.task_at("old", 6).unwrap(), Some(TaskStatus::Succeeded));
-        assert_eq!(h.task_at("old", 7).unwrap(), None);
-        assert_eq!(h.purge(7).unwrap(), 1);
-        assert_eq!(h.task("old").unwrap(), Lookup::Missing);
-    }
-}
+mod tests;

@@ -1,0 +1,108 @@
+//! Configuration files (`hub.toml`, `node.toml`, `client.toml`): parsed strictly (unknown
+//! keys are errors), then validated into typed values. A bad value is refused with the
+//! key's name, never silently corrected. The CLI exits with [`EXIT_CONFIG`] on these errors.
+
+use std::path::Path;
+
+mod client;
+mod hub;
+mod node;
+
+pub use client::*;
+pub use hub::*;
+pub use node::*;
+
+/// Exit code for a configuration error (EX_CONFIG from sysexits.h).
+pub const EXIT_CONFIG: i32 = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Parse { file: String, message: String },
+    #[error("{file}: key `{key}`: {message}")]
+    Invalid {
+        file: String,
+        key: String,
+        message: String,
+    },
+}
+
+pub(crate) fn invalid(
+    file: &str,
+    key: impl Into<String>,
+    message: impl Into<String>,
+) -> ConfigError {
+    ConfigError::Invalid {
+        file: file.to_owned(),
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// Reads and parses a TOML file with unknown keys refused.
+pub fn load_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: file.clone(),
+        source,
+    })?;
+    parse_toml(&file, &text)
+}
+
+pub fn parse_toml<T: serde::de::DeserializeOwned>(
+    file: &str,
+    text: &str,
+) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        file: file.to_owned(),
+        message: e.message().to_owned()
+            + &e.span()
+                .map(|s| format!(" (at line {})", text[..s.start].lines().count().max(1)))
+                .unwrap_or_default(),
+    })
+}
+
+/// Defaults, defined once and used by `Default` and `--help`.
+pub mod defaults {
+    pub const HUB_LISTEN: &str = "127.0.0.1:7443";
+    pub const HUB_RAFT_LISTEN: &str = "127.0.0.1:7444";
+    pub const RAFT_HEARTBEAT_MS: u64 = 100;
+    pub const SNAPSHOT_LOGS: u64 = 10_000;
+    pub const BREAKER_FAILURES: u32 = 3;
+    pub const BREAKER_COOLDOWN_MS: u64 = 10_000;
+    /// The lower bound of the randomized election timeout; the upper bound is twice this.
+    /// openraft 0.9 starts an election after its leader lease (the upper bound) plus the
+    /// timeout, so a leader's death is noticed after 0.9-1.2 s with these defaults.
+    pub const RAFT_ELECTION_TIMEOUT_MS: u64 = 300;
+    pub const CLUSTER_NAME: &str = "flotilla";
+    pub const HEARTBEAT_MS: u64 = 1000;
+    pub const NODE_TTL_MS: u64 = 10_000;
+    pub const MAX_CONCURRENCY: u32 = 4;
+    pub const SERVER_SCOPE: &str = "tools";
+    pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+    pub const AGENT_REQUESTS_PER_S: u32 = 1_000;
+    pub const AGENT_BURST: u32 = 2_000;
+    pub const TENANT_REQUESTS_PER_S: u32 = 0;
+    pub const TENANT_BURST: u32 = 0;
+    pub const AGENT_STREAMS: u32 = 64;
+    pub const TENANT_QUEUED_TASKS: u32 = 10_000;
+    pub const TENANT_SLOT_SHARE: f64 = 0.75;
+    pub const MAX_CONNECTIONS: u32 = 4_096;
+    pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+    pub const IDLE_TIMEOUT_MS: u64 = 300_000;
+    /// sled's page cache; sled's own default is 1 GiB, which a hub fills as it writes.
+    pub const STORAGE_CACHE_MB: u64 = 64;
+    /// Finished tasks stay readable for a day.
+    pub const RETENTION_S: u64 = 24 * 3600;
+    pub const RETENTION_MAX_TASKS: u64 = 1_000_000;
+    pub const JOIN_FAILURES_PER_MIN: u32 = 10;
+}
+
+#[cfg(test)]
+mod tests;

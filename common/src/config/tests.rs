@@ -1,0 +1,70 @@
+use std::collections::HashMap;
+
+use super::*;
+
+fn hub(text: &str) -> Result<HubConfig, ConfigError> {
+    parse_toml::<HubFile>("hub.toml", text)?.validate("hub.toml")
+}
+
+#[test]
+fn hub_config_errors_name_the_key() {
+    let e = hub("id = 1\ndata_dir = \"/x\"\nlisten = \"nope\"").unwrap_err();
+    assert!(e.to_string().contains("`listen`"), "{e}");
+    let e = hub("id = 0\ndata_dir = \"/x\"").unwrap_err();
+    assert!(e.to_string().contains("`id`"), "{e}");
+    let e = hub("id = 1\ndata_dir = \"/x\"\nlisten_typo = \"1\"").unwrap_err();
+    assert!(e.to_string().contains("listen_typo"), "{e}");
+    let ok = hub("id = 1\ndata_dir = \"/x\"\nlisten = \"127.0.0.1:0\"").unwrap();
+    assert!(ok.tls_names.contains(&"localhost".to_string()));
+}
+
+#[test]
+fn node_config_errors_name_the_key() {
+    let base = "name = \"n1\"\ndata_dir = \"/x\"\nhub = \"https://127.0.0.1:1\"\n";
+    let node = |extra: &str| {
+        parse_toml::<NodeFile>("node.toml", &format!("{base}{extra}"))
+            .and_then(|f| f.validate("node.toml"))
+    };
+    node("").unwrap();
+    let e = node("[[servers]]\nname = \"s\"\ncommand = \"x\"\nmax_concurrency = 0\n").unwrap_err();
+    assert!(e.to_string().contains("servers[0].max_concurrency"), "{e}");
+    let e = node("join_token = \"abc\"\n").unwrap_err();
+    assert!(e.to_string().contains("`join_token`"), "{e}");
+}
+
+#[test]
+fn client_settings_precedence() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("client.toml");
+    std::fs::write(
+        &path,
+        "hub = \"https://127.0.0.1:1\"\nca = \"/ca.pem\"\ntoken = \"file\"\n",
+    )
+    .unwrap();
+    let mut env = HashMap::new();
+    env.insert(ENV_TOKEN.to_string(), "env".to_string());
+    let s = ClientSettings::resolve(ClientFile::default(), None, &path, &env).unwrap();
+    assert_eq!(s.token, "env");
+    assert_eq!(s.hubs, ["https://127.0.0.1:1"]);
+    let flags = ClientFile {
+        token: Some("flag".into()),
+        ..Default::default()
+    };
+    let s = ClientSettings::resolve(flags, None, &path, &env).unwrap();
+    assert_eq!(s.token, "flag");
+    // Several hubs: from a list in the file, or commas in a flag or the environment.
+    std::fs::write(
+        &path,
+        "hubs = [\"https://127.0.0.1:1\", \"https://127.0.0.1:2\"]\nca = \"/ca.pem\"\ntoken = \"t\"\n",
+    )
+    .unwrap();
+    let s = ClientSettings::resolve(ClientFile::default(), None, &path, &HashMap::new()).unwrap();
+    assert_eq!(s.hubs, ["https://127.0.0.1:1", "https://127.0.0.1:2"]);
+    env.insert(ENV_HUB.to_string(), "https://a:1, https://b:2".to_string());
+    let s = ClientSettings::resolve(ClientFile::default(), None, &path, &env).unwrap();
+    assert_eq!(s.hubs, ["https://a:1", "https://b:2"]);
+    let missing = dir.path().join("absent.toml");
+    assert!(
+        ClientSettings::resolve(ClientFile::default(), None, &missing, &HashMap::new()).is_err()
+    );
+}

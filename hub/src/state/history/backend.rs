@@ -1,0 +1,159 @@
+//! Where the history store's trees live: sled trees of one generation in a hub's
+//! database (`history.<generation>.<tree>`), or maps in memory (tests, and the state a
+//! unit test applies). A snapshot install writes the next generation and drops the old.
+
+use std::{collections::BTreeMap, sync::Mutex};
+
+use super::StoreResult;
+
+/// The trees, in the order their indexes name them.
+pub(super) const TREES: [&str; 8] = [
+    "tasks",
+    "workflows",
+    "keys",
+    "by_tenant",
+    "dead",
+    "by_finish",
+    "expired",
+    "gone",
+];
+
+pub(super) enum Backend {
+    Memory(Mutex<[BTreeMap<Vec<u8>, Vec<u8>>; 8]>),
+    Sled {
+        db: sled::Db,
+        generation: u64,
+        trees: Box<[sled::Tree; 8]>,
+    },
+}
+
+impl Backend {
+    pub(super) fn open(db: &sled::Db, generation: u64) -> StoreResult<Self> {
+        let mut trees = Vec::with_capacity(TREES.len());
+        for t in TREES {
+            trees.push(db.open_tree(tree_name(generation, t))?);
+        }
+        Ok(Self::Sled {
+            db: db.clone(),
+            generation,
+            trees: Box::new(trees.try_into().expect("one sled tree per name")),
+        })
+    }
+
+    pub(super) fn get(&self, t: usize, k: &[u8]) -> StoreResult<Option<Vec<u8>>> {
+        Ok(match self {
+            Self::Memory(m) => m.lock().expect("history lock")[t].get(k).cloned(),
+            Self::Sled { trees, .. } => trees[t].get(k)?.map(|v| v.to_vec()),
+        })
+    }
+
+    /// Writes `k`; whether it was there before.
+    pub(super) fn insert(&self, t: usize, k: &[u8], v: &[u8]) -> StoreResult<bool> {
+        Ok(match self {
+            Self::Memory(m) => m.lock().expect("history lock")[t]
+                .insert(k.to_vec(), v.to_vec())
+                .is_some(),
+            Self::Sled { trees, .. } => trees[t].insert(k, v)?.is_some(),
+        })
+    }
+
+    /// Removes `k`; whether it was there.
+    pub(super) fn remove(&self, t: usize, k: &[u8]) -> StoreResult<bool> {
+        Ok(match self {
+            Self::Memory(m) => m.lock().expect("history lock")[t].remove(k).is_some(),
+            Self::Sled { trees, .. } => trees[t].remove(k)?.is_some(),
+        })
+    }
+
+    /// Keys (and values) of tree `t` starting with `prefix`, in order (reversed with
+    /// `rev`), while `f` says go on.
+    pub(super) fn scan(
+        &self,
+        t: usize,
+        prefix: &[u8],
+        rev: bool,
+        f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> StoreResult<()> {
+        self.scan_before(t, prefix, None, rev, f)
+    }
+
+    /// `scan`, of the keys below `before` only.
+    pub(super) fn scan_before(
+        &self,
+        t: usize,
+        prefix: &[u8],
+        before: Option<&[u8]>,
+        rev: bool,
+        mut f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> StoreResult<()> {
+        let below = |k: &[u8]| before.is_none_or(|b| k < b);
+        match self {
+            Self::Memory(m) => {
+                // Copied out first: `f` may read the store again.
+                let mut items: Vec<(Vec<u8>, Vec<u8>)> = m.lock().expect("history lock")[t]
+                    .range(prefix.to_vec()..)
+                    .take_while(|(k, _)| k.starts_with(prefix) && below(k))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                if rev {
+                    items.reverse();
+                }
+                for (k, v) in items {
+                    if !f(&k, &v) {
+                        break;
+                    }
+                }
+            }
+            Self::Sled { trees, .. } => {
+                let it = match before {
+                    Some(b) => trees[t].range(prefix.to_vec()..b.to_vec()),
+                    None => trees[t].scan_prefix(prefix),
+                };
+                let it: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = if rev {
+                    Box::new(it.rev())
+                } else {
+                    Box::new(it)
+                };
+                for item in it {
+                    let (k, v) = item?;
+                    if !f(&k, &v) {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn clear(&self) -> StoreResult<()> {
+        match self {
+            Self::Memory(m) => m
+                .lock()
+                .expect("history lock")
+                .iter_mut()
+                .for_each(BTreeMap::clear),
+            Self::Sled { trees, .. } => {
+                for t in trees.iter() {
+                    t.clear()?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn tree_name(generation: u64, tree: &str) -> String {
+    format!("history.{generation}.{tree}")
+}
+
+/// Drops the trees of every history generation but `keep`.
+pub(super) fn drop_other_generations(db: &sled::Db, keep: u64) -> StoreResult<()> {
+    let prefix = format!("history.{keep}.");
+    for name in db.tree_names() {
+        let name = String::from_utf8_lossy(&name).into_owned();
+        if name.starts_with("history.") && !name.starts_with(&prefix) {
+            db.drop_tree(name)?;
+        }
+    }
+    Ok(())
+}
