@@ -39,29 +39,62 @@ pub fn json_depth(v: &Value) -> usize {
     deepest
 }
 
+/// An input over one of these limits; the text names the field and the limit.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum LimitError {
+    #[error("{field} nests {depth} levels deep; the limit is {max}")]
+    TooDeep {
+        field: String,
+        depth: usize,
+        max: usize,
+    },
+    #[error("{field} is {len} bytes; the limit is {max}")]
+    TooLong {
+        field: String,
+        len: usize,
+        max: usize,
+    },
+    #[error("{field} has {count} entries; the limit is {max}")]
+    TooMany {
+        field: String,
+        count: usize,
+        max: usize,
+    },
+}
+
 /// An error naming `field` when `v` nests deeper than `MAX_JSON_DEPTH`.
-pub fn check_depth(field: &str, v: &Value) -> Result<(), String> {
+pub fn check_depth(field: &str, v: &Value) -> Result<(), LimitError> {
     let depth = json_depth(v);
     if depth > MAX_JSON_DEPTH {
-        return Err(format!(
-            "{field} nests {depth} levels deep; the limit is {MAX_JSON_DEPTH}"
-        ));
+        return Err(LimitError::TooDeep {
+            field: field.to_owned(),
+            depth,
+            max: MAX_JSON_DEPTH,
+        });
     }
     Ok(())
 }
 
 /// An error naming `field` when `s` is longer than `max` bytes.
-pub fn check_len(field: &str, s: &str, max: usize) -> Result<(), String> {
+pub fn check_len(field: &str, s: &str, max: usize) -> Result<(), LimitError> {
     if s.len() > max {
-        return Err(format!("{field} is {} bytes; the limit is {max}", s.len()));
+        return Err(LimitError::TooLong {
+            field: field.to_owned(),
+            len: s.len(),
+            max,
+        });
     }
     Ok(())
 }
 
 /// An error naming `field` when a list has more than `max` entries.
-pub fn check_count(field: &str, n: usize, max: usize) -> Result<(), String> {
+pub fn check_count(field: &str, n: usize, max: usize) -> Result<(), LimitError> {
     if n > max {
-        return Err(format!("{field} has {n} entries; the limit is {max}"));
+        return Err(LimitError::TooMany {
+            field: field.to_owned(),
+            count: n,
+            max,
+        });
     }
     Ok(())
 }
@@ -86,9 +119,17 @@ mod tests {
         }
         assert!(check_depth("arguments", &v).is_ok());
         let e = check_depth("arguments", &json!({ "a": v })).unwrap_err();
-        assert!(
-            e.contains("arguments nests 65 levels deep; the limit is 64"),
-            "{e}"
+        assert_eq!(
+            e.to_string(),
+            "arguments nests 65 levels deep; the limit is 64"
+        );
+        assert_eq!(
+            e,
+            LimitError::TooDeep {
+                field: "arguments".into(),
+                depth: 65,
+                max: 64
+            }
         );
     }
 }

@@ -36,7 +36,7 @@ pub fn parse_arguments(raw: &[u8]) -> HubResult<Value> {
             "arguments must be a JSON object".into(),
         ));
     }
-    limits::check_depth("arguments", &args).map_err(HubError::InvalidArgument)?;
+    limits::check_depth("arguments", &args)?;
     Ok(args)
 }
 
@@ -50,7 +50,7 @@ pub fn check_names(name: &str, idempotency_key: &str) -> HubResult<()> {
                 limits::MAX_IDEMPOTENCY_KEY_BYTES,
             )
         })
-        .map_err(HubError::InvalidArgument)
+        .map_err(HubError::from)
 }
 
 /// Checks that the caller may call `tool` and, unless `args` is `None` (a workflow step
@@ -115,31 +115,29 @@ pub fn workflow_steps(
     zone: Option<&str>,
     mut check: impl FnMut(&str, Option<&Value>) -> HubResult<()>,
 ) -> HubResult<Vec<StepRecord>> {
-    limits::check_count("steps", specs.len(), MAX_STEPS).map_err(HubError::InvalidArgument)?;
+    limits::check_count("steps", specs.len(), MAX_STEPS)?;
     let mut steps = Vec::with_capacity(specs.len());
     for mut s in specs {
-        limits::check_len("a step name", &s.name, limits::MAX_NAME_BYTES)
-            .map_err(HubError::InvalidArgument)?;
+        limits::check_len("a step name", &s.name, limits::MAX_NAME_BYTES)?;
         let at = |e: HubError| e.context(&format!("step {:?}", s.name));
         check_names(&s.tool, "").map_err(at)?;
         // Repeats say nothing more; dropping them keeps the shape check linear.
         let mut seen = std::collections::HashSet::new();
         s.depends_on.retain(|d| seen.insert(d.clone()));
         limits::check_count("depends_on", s.depends_on.len(), limits::MAX_DEPENDS_ON)
-            .map_err(|e| at(HubError::InvalidArgument(e)))?;
+            .map_err(|e| at(e.into()))?;
         let args = parse_arguments(&s.arguments).map_err(at)?;
         let refers = !state::workflow_references(&args)
-            .map_err(|e| at(HubError::InvalidArgument(e)))?
+            .map_err(|e| at(HubError::InvalidArgument(e.to_string())))?
             .is_empty();
         check(&s.tool, (!refers).then_some(&args)).map_err(at)?;
-        let spec = convert::spec(s.options.as_ref(), region, zone)
-            .map_err(|e| at(HubError::InvalidArgument(e)))?;
+        let spec = convert::spec(s.options.as_ref(), region, zone).map_err(at)?;
         let mut step = StepRecord::new(&s.name, &s.tool, args, s.depends_on);
         step.spec = spec;
         step.priority = s.priority;
         steps.push(step);
     }
-    state::check_workflow_shape(&steps).map_err(HubError::InvalidArgument)?;
+    state::check_workflow_shape(&steps).map_err(|e| HubError::InvalidArgument(e.to_string()))?;
     Ok(steps)
 }
 
@@ -159,8 +157,7 @@ pub fn task(
         req.options.as_ref(),
         claims.region.as_deref(),
         claims.zone.as_deref(),
-    )
-    .map_err(HubError::InvalidArgument)?;
+    )?;
     let mut task = state::TaskRecord::new(
         &uuid::Uuid::now_v7().to_string(),
         &req.tool,

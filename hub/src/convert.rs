@@ -4,6 +4,8 @@
 use flotilla_common::limits;
 use flotilla_proto as pb;
 
+use crate::error::{HubError, HubResult};
+
 use crate::state::{
     Aggregation, AttemptRecord, Constraints, Deadlines, FailureKind, FailurePolicy, OfferedServer,
     RetryPolicy, State, StepState, TaskRecord, TaskSpec, TaskStatus, ToolDef, WorkflowRecord,
@@ -17,11 +19,16 @@ pub const MAX_ATTEMPTS: u32 = 100;
 /// Longest deadline or backoff a task may ask for: 30 days.
 pub const MAX_DURATION_MS: u64 = 30 * 24 * 3600 * 1000;
 
-fn duration(what: &str, ms: u64) -> Result<u64, String> {
+/// A request that asks for something it may not: INVALID_ARGUMENT, with why.
+fn invalid(why: impl Into<String>) -> HubError {
+    HubError::InvalidArgument(why.into())
+}
+
+fn duration(what: &str, ms: u64) -> HubResult<u64> {
     if ms > MAX_DURATION_MS {
-        return Err(format!(
+        return Err(invalid(format!(
             "{what} is {ms} ms; the limit is {MAX_DURATION_MS} (30 days)"
-        ));
+        )));
     }
     Ok(ms)
 }
@@ -170,16 +177,16 @@ pub fn spec(
     o: Option<&pb::TaskOptions>,
     region: Option<&str>,
     zone: Option<&str>,
-) -> Result<TaskSpec, String> {
+) -> HubResult<TaskSpec> {
     let default = pb::TaskOptions::default();
     let o = o.unwrap_or(&default);
     let mut s = TaskSpec::default();
     if let Some(r) = &o.retry {
         if r.max_attempts > MAX_ATTEMPTS {
-            return Err(format!(
+            return Err(invalid(format!(
                 "retry.max_attempts is {}; the limit is {MAX_ATTEMPTS}",
                 r.max_attempts
-            ));
+            )));
         }
         let d = RetryPolicy::default();
         let mut retry_on = Vec::new();
@@ -191,9 +198,9 @@ pub fn spec(
                 Ok(pb::FailureKind::Timeout) => FailureKind::Timeout,
                 Ok(pb::FailureKind::ToolError) => FailureKind::ToolError,
                 _ => {
-                    return Err(format!(
+                    return Err(invalid(format!(
                     "retry.retry_on: {k} is not a failure kind (node_lost, timeout, tool_error)"
-                ))
+                )))
                 }
             };
             if !retry_on.contains(&kind) {
@@ -215,7 +222,7 @@ pub fn spec(
             retry_on,
         };
         if s.retry.max_attempts > 1 && s.retry.retry_on.is_empty() {
-            return Err("retry.max_attempts > 1 needs retry_on: which failures (node_lost, timeout, tool_error) to retry".into());
+            return Err(invalid("retry.max_attempts > 1 needs retry_on: which failures (node_lost, timeout, tool_error) to retry"));
         }
     }
     if let Some(d) = &o.deadlines {
@@ -235,10 +242,10 @@ pub fn spec(
         preferred: p.preferred_labels.into_iter().collect(),
     };
     if o.replicas > MAX_REPLICAS {
-        return Err(format!(
+        return Err(invalid(format!(
             "replicas is {}; the limit is {MAX_REPLICAS}",
             o.replicas
-        ));
+        )));
     }
     s.replicas = o.replicas.max(1);
     s.aggregation = match pb::Aggregation::try_from(o.aggregation) {
@@ -247,20 +254,20 @@ pub fn spec(
         Ok(pb::Aggregation::Majority) => Aggregation::Majority,
         Ok(pb::Aggregation::Quorum) => {
             if o.quorum == 0 || o.quorum > s.replicas {
-                return Err(format!(
+                return Err(invalid(format!(
                     "quorum must be between 1 and replicas ({}); it is {}",
                     s.replicas, o.quorum
-                ));
+                )));
             }
             Aggregation::Quorum(o.quorum)
         }
-        Err(_) => return Err(format!("aggregation {} is unknown", o.aggregation)),
+        Err(_) => return Err(invalid(format!("aggregation {} is unknown", o.aggregation))),
     };
     Ok(s)
 }
 
 /// Placement wishes within the limits: few labels, short names.
-fn check_placement(p: &pb::PlacementConstraints) -> Result<(), String> {
+fn check_placement(p: &pb::PlacementConstraints) -> HubResult<()> {
     limits::check_count(
         "placement labels (required and preferred)",
         p.required_labels.len() + p.preferred_labels.len(),
@@ -400,7 +407,7 @@ pub const MAX_TOOLS_PER_SERVER: usize = 512;
 pub const MAX_DESCRIPTION_BYTES: usize = 16 * 1024;
 
 /// A node's hello, checked: within the limits, tool schemas JSON objects.
-pub fn offered_servers(hello: &pb::Hello) -> Result<Vec<OfferedServer>, String> {
+pub fn offered_servers(hello: &pb::Hello) -> HubResult<Vec<OfferedServer>> {
     limits::check_count("servers", hello.servers.len(), MAX_SERVERS)?;
     limits::check_count("labels", hello.labels.len(), limits::MAX_LABELS)?;
     for (k, v) in &hello.labels {
@@ -437,9 +444,14 @@ pub fn offered_servers(hello: &pb::Hello) -> Result<Vec<OfferedServer>, String> 
                         MAX_DESCRIPTION_BYTES,
                     )?;
                     let schema: serde_json::Value = serde_json::from_slice(&t.input_schema)
-                        .map_err(|e| format!("tool {:?}: input schema is not JSON: {e}", t.name))?;
+                        .map_err(|e| {
+                            invalid(format!("tool {:?}: input schema is not JSON: {e}", t.name))
+                        })?;
                     if !schema.is_object() {
-                        return Err(format!("tool {:?}: input schema is not an object", t.name));
+                        return Err(invalid(format!(
+                            "tool {:?}: input schema is not an object",
+                            t.name
+                        )));
                     }
                     limits::check_depth(&format!("tool {:?}'s input schema", t.name), &schema)?;
                     Ok(ToolDef {
@@ -451,7 +463,7 @@ pub fn offered_servers(hello: &pb::Hello) -> Result<Vec<OfferedServer>, String> 
                         destructive: t.destructive,
                     })
                 })
-                .collect::<Result<Vec<_>, String>>()?;
+                .collect::<HubResult<Vec<_>>>()?;
             Ok(OfferedServer {
                 name: s.name.clone(),
                 max_concurrency: s.max_concurrency.max(1),

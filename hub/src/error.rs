@@ -55,6 +55,13 @@ impl HubError {
     }
 }
 
+/// Input over a limit is the caller's to fix.
+impl From<flotilla_common::limits::LimitError> for HubError {
+    fn from(e: flotilla_common::limits::LimitError) -> Self {
+        Self::InvalidArgument(e.to_string())
+    }
+}
+
 impl From<HubError> for Status {
     fn from(e: HubError) -> Self {
         let code = match &e {

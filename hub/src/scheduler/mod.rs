@@ -368,19 +368,31 @@ impl<'a> PassCache<'a> {
     }
 }
 
-fn explain(task: &TaskRecord, offered: usize, misses: &BTreeMap<Miss, usize>) -> String {
-    if offered == 0 {
-        return format!("no node offers {:?}; waiting for one", task.tool);
+/// Why no node can take a task now: how many offer its tool, and why each candidate looked
+/// at was passed over. Its text is the task's pending reason.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NoFit {
+    tool: String,
+    offered: usize,
+    misses: BTreeMap<Miss, usize>,
+}
+
+impl std::fmt::Display for NoFit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.offered == 0 {
+            return write!(f, "no node offers {:?}; waiting for one", self.tool);
+        }
+        write!(
+            f,
+            "{} node(s) offer {:?}, none can take it now: ",
+            self.offered, self.tool
+        )?;
+        for (i, (m, n)) in self.misses.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}{n} {}", m.describe())?;
+        }
+        Ok(())
     }
-    let parts: Vec<String> = misses
-        .iter()
-        .map(|(m, n)| format!("{n} {}", m.describe()))
-        .collect();
-    format!(
-        "{offered} node(s) offer {:?}, none can take it now: {}",
-        task.tool,
-        parts.join(", ")
-    )
 }
 
 /// Chooses a node for `task`, or says why none fits. `in_flight` counts tasks assigned or
@@ -391,7 +403,7 @@ pub fn place(
     in_flight: &InFlight,
     task: &TaskRecord,
     rng: &mut impl Rng,
-) -> Result<Placement, String> {
+) -> Result<Placement, NoFit> {
     place_cached(
         state,
         cx,
@@ -411,7 +423,7 @@ fn place_cached<'a>(
     rng: &mut impl Rng,
     cache: &mut PassCache<'a>,
     placed: &[&'a str],
-) -> Result<Placement, String> {
+) -> Result<Placement, NoFit> {
     let sib = siblings(state, task, placed);
     let mean = cache.mean_ms(state, &task.tool);
     let cands = cache.candidates(state, &task.tool);
@@ -462,7 +474,11 @@ fn place_cached<'a>(
             node_id: cands[i].0.id.clone(),
             server: cands[i].1.name.clone(),
         }),
-        None => Err(explain(task, n, &misses)),
+        None => Err(NoFit {
+            tool: task.tool.clone(),
+            offered: n,
+            misses,
+        }),
     }
 }
 
@@ -554,7 +570,8 @@ fn plan_from(state: &State, cx: &Context<'_>, mut in_flight: InFlight, rng: &mut
                 out.assign.push((task.id.clone(), p));
                 turn.push((Reverse(active + 1), Reverse(tenant)));
             }
-            Err(why) => {
+            Err(no_fit) => {
+                let why = no_fit.to_string();
                 if let Some(k) = memo {
                     exhausted.insert(k, why.clone());
                 }

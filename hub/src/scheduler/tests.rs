@@ -117,6 +117,7 @@ impl World {
             &mut StdRng::seed_from_u64(7),
         )
         .map(|p| p.node_id)
+        .map_err(|why| why.to_string())
     }
 
     fn assign(&mut self, id: &str, node: &str) {

@@ -94,7 +94,7 @@ impl AdminService for AdminApi {
             .into());
         }
         flotilla_common::limits::check_len("description", &r.description, 1024)
-            .map_err(HubError::InvalidArgument)?;
+            .map_err(HubError::from)?;
         let uses = if r.uses == 0 { 1 } else { r.uses };
         let token = JoinToken::generate(&self.hub.ca().pin());
         let now = flotilla_common::now_ms();

@@ -59,7 +59,7 @@ pub async fn serve(
             return Err(HubError::InvalidArgument("a session must start with hello".into()).into())
         }
     };
-    let servers = convert::offered_servers(&hello).map_err(HubError::InvalidArgument)?;
+    let servers = convert::offered_servers(&hello)?;
     let live: Vec<LiveServer> = hello
         .servers
         .iter()
@@ -287,8 +287,11 @@ async fn record_result(
     } else {
         match serde_json::from_slice::<serde_json::Value>(&r.result)
             .map_err(|e| format!("the node's result is not JSON: {e}"))
-            .and_then(|v| limits::check_depth("the node's result", &v).map(|()| v))
-        {
+            .and_then(|v| {
+                limits::check_depth("the node's result", &v)
+                    .map(|()| v)
+                    .map_err(|e| e.to_string())
+            }) {
             Ok(v) => (Some(v), None),
             Err(e) => {
                 tracing::warn!(node_id, task_id = ?r.task_id, error = %e, "node sent an unusable result");

@@ -36,7 +36,7 @@ pub use self::{
     spec::{Aggregation, Constraints, Deadlines, FailureKind, RetryPolicy, TaskSpec, Timeout},
     workflow::{
         check_shape as check_workflow_shape, referenced_steps as workflow_references,
-        FailurePolicy, StepRecord, StepState, WorkflowRecord, WorkflowStatus,
+        FailurePolicy, RefError, ShapeError, StepRecord, StepState, WorkflowRecord, WorkflowStatus,
     },
 };
 use self::{nodes::Hello, reports::Report};

@@ -7,12 +7,19 @@
 //! Every change of a step bumps the workflow's `seq` and stamps the step with it: a watcher
 //! resumes from the last seq it saw on any hub.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{Rejection, Response, State, StepRef, TaskRecord, TaskSpec, TaskStatus};
+
+mod refs;
+mod shape;
+
+use refs::resolve;
+pub use refs::{referenced_steps, RefError};
+pub use shape::{check_shape, ShapeError};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -125,257 +132,6 @@ pub struct WorkflowRecord {
     pub seq: u64,
     /// The seq of the workflow's end, once it ended.
     pub ended_seq: Option<u64>,
-}
-
-/// A reference to an earlier step's result inside a string argument.
-#[derive(Debug, PartialEq)]
-struct Reference<'a> {
-    step: &'a str,
-    /// `text`, `structured` or `result`, then a path into it.
-    part: &'a str,
-    path: Vec<&'a str>,
-}
-
-/// The `${steps.NAME.PART...}` references in a string, with their byte ranges.
-fn references(s: &str) -> Result<Vec<(std::ops::Range<usize>, Reference<'_>)>, String> {
-    let mut out = Vec::new();
-    let mut from = 0;
-    while let Some(start) = s[from..].find("${").map(|i| i + from) {
-        let end = s[start..]
-            .find('}')
-            .map(|i| i + start)
-            .ok_or_else(|| format!("unclosed reference in {s:?}"))?;
-        let inner = &s[start + 2..end];
-        let mut parts = inner.split('.');
-        if parts.next() != Some("steps") {
-            return Err(format!(
-                "reference ${{{inner}}} must start with `steps.`, as in ${{steps.NAME.text}}"
-            ));
-        }
-        let step = parts
-            .next()
-            .filter(|p| !p.is_empty())
-            .ok_or_else(|| format!("reference ${{{inner}}} names no step"))?;
-        let part = parts.next().unwrap_or("");
-        if !matches!(part, "text" | "structured" | "result") {
-            return Err(format!(
-                "reference ${{{inner}}}: after the step name comes text, structured or result"
-            ));
-        }
-        let path: Vec<&str> = parts.collect();
-        if part == "text" && !path.is_empty() {
-            return Err(format!("reference ${{{inner}}}: text has no fields"));
-        }
-        out.push((start..end + 1, Reference { step, part, path }));
-        from = end + 1;
-    }
-    Ok(out)
-}
-
-fn each_string<'a>(
-    v: &'a Value,
-    f: &mut dyn FnMut(&'a str) -> Result<(), String>,
-) -> Result<(), String> {
-    match v {
-        Value::String(s) => f(s),
-        Value::Array(a) => a.iter().try_for_each(|v| each_string(v, f)),
-        Value::Object(m) => m.values().try_for_each(|v| each_string(v, f)),
-        _ => Ok(()),
-    }
-}
-
-/// The steps a step's arguments refer to (checked for syntax).
-pub fn referenced_steps(arguments: &Value) -> Result<BTreeSet<String>, String> {
-    let mut out = BTreeSet::new();
-    each_string(arguments, &mut |s| {
-        for (_, r) in references(s)? {
-            out.insert(r.step.to_owned());
-        }
-        Ok(())
-    })?;
-    Ok(out)
-}
-
-/// The text blocks of a CallToolResult, joined by newlines.
-fn result_text(result: &Value) -> String {
-    result
-        .get("content")
-        .and_then(Value::as_array)
-        .map(|blocks| {
-            blocks
-                .iter()
-                .filter(|b| b.get("type").and_then(Value::as_str) == Some("text"))
-                .filter_map(|b| b.get("text").and_then(Value::as_str))
-                .collect::<Vec<_>>()
-                .join("\n")
-        })
-        .unwrap_or_default()
-}
-
-fn lookup(r: &Reference<'_>, results: &BTreeMap<&str, &Value>) -> Result<Value, String> {
-    let result = results
-        .get(r.step)
-        .ok_or_else(|| format!("step {:?} has no result", r.step))?;
-    let mut v = match r.part {
-        "text" => return Ok(Value::String(result_text(result))),
-        "result" => (*result).clone(),
-        _ => match result.get("structuredContent") {
-            Some(s) if !s.is_null() => s.clone(),
-            // A tool without structured output may still print JSON.
-            _ => serde_json::from_str(&result_text(result)).map_err(|_| {
-                format!(
-                    "step {:?} returned no structured content and its text is not JSON",
-                    r.step
-                )
-            })?,
-        },
-    };
-    for key in &r.path {
-        v = match &v {
-            Value::Object(m) => m.get(*key).cloned(),
-            Value::Array(a) => key.parse::<usize>().ok().and_then(|i| a.get(i).cloned()),
-            _ => None,
-        }
-        .ok_or_else(|| {
-            format!(
-                "step {:?}: the result has no {:?}",
-                r.step,
-                r.path.join(".")
-            )
-        })?;
-    }
-    Ok(v)
-}
-
-/// The arguments with every reference replaced: a string that is exactly one reference
-/// becomes the referred value; references inside longer strings are written in place
-/// (strings as they are, other values as compact JSON).
-fn resolve(template: &Value, results: &BTreeMap<&str, &Value>) -> Result<Value, String> {
-    Ok(match template {
-        Value::String(s) => {
-            let refs = references(s)?;
-            match refs.as_slice() {
-                [] => template.clone(),
-                [(range, r)] if range.start == 0 && range.end == s.len() => lookup(r, results)?,
-                _ => {
-                    let mut out = String::new();
-                    let mut at = 0;
-                    for (range, r) in &refs {
-                        out.push_str(&s[at..range.start]);
-                        match lookup(r, results)? {
-                            Value::String(v) => out.push_str(&v),
-                            other => out.push_str(&other.to_string()),
-                        }
-                        at = range.end;
-                    }
-                    out.push_str(&s[at..]);
-                    Value::String(out)
-                }
-            }
-        }
-        Value::Array(a) => Value::Array(
-            a.iter()
-                .map(|v| resolve(v, results))
-                .collect::<Result<_, _>>()?,
-        ),
-        Value::Object(m) => Value::Object(
-            m.iter()
-                .map(|(k, v)| Ok((k.clone(), resolve(v, results)?)))
-                .collect::<Result<_, String>>()?,
-        ),
-        other => other.clone(),
-    })
-}
-
-/// Checks a workflow's shape: step names unique and simple, dependencies known, no cycle,
-/// and references only to steps it (transitively) depends on.
-pub fn check_shape(steps: &[StepRecord]) -> Result<(), String> {
-    if steps.is_empty() {
-        return Err("a workflow needs at least one step".into());
-    }
-    let mut names = BTreeSet::new();
-    for s in steps {
-        if s.name.is_empty()
-            || !s
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        {
-            return Err(format!(
-                "step name {:?} must be letters, digits, '-' or '_'",
-                s.name
-            ));
-        }
-        if !names.insert(s.name.as_str()) {
-            return Err(format!("two steps are named {:?}", s.name));
-        }
-    }
-    for s in steps {
-        for d in &s.depends_on {
-            if !names.contains(d.as_str()) {
-                return Err(format!("step {:?} depends on unknown step {d:?}", s.name));
-            }
-        }
-    }
-    // Kahn's algorithm with in-degrees (linear in steps + edges): whatever cannot be
-    // ordered is on a cycle.
-    let at: BTreeMap<&str, usize> = steps
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.name.as_str(), i))
-        .collect();
-    let mut waiting: Vec<usize> = steps.iter().map(|s| s.depends_on.len()).collect();
-    let mut children: Vec<Vec<usize>> = vec![Vec::new(); steps.len()];
-    for (i, s) in steps.iter().enumerate() {
-        for d in &s.depends_on {
-            children[at[d.as_str()]].push(i);
-        }
-    }
-    let mut ready: Vec<usize> = (0..steps.len()).filter(|&i| waiting[i] == 0).collect();
-    let mut ordered = 0;
-    while let Some(i) = ready.pop() {
-        ordered += 1;
-        for &c in &children[i] {
-            waiting[c] -= 1;
-            if waiting[c] == 0 {
-                ready.push(c);
-            }
-        }
-    }
-    if ordered < steps.len() {
-        let names: Vec<&str> = steps
-            .iter()
-            .zip(&waiting)
-            .filter(|(_, w)| **w > 0)
-            .map(|(s, _)| s.name.as_str())
-            .collect();
-        return Err(format!(
-            "the steps {names:?} depend on each other in a cycle"
-        ));
-    }
-    let by_name: BTreeMap<&str, &StepRecord> = steps.iter().map(|s| (s.name.as_str(), s)).collect();
-    for s in steps {
-        let refs = referenced_steps(&s.arguments).map_err(|e| format!("step {:?}: {e}", s.name))?;
-        if refs.is_empty() {
-            continue;
-        }
-        let mut ancestors = BTreeSet::new();
-        let mut stack: Vec<&str> = s.depends_on.iter().map(String::as_str).collect();
-        while let Some(n) = stack.pop() {
-            if ancestors.insert(n) {
-                stack.extend(by_name[n].depends_on.iter().map(String::as_str));
-            }
-        }
-        for r in refs {
-            if !ancestors.contains(r.as_str()) {
-                return Err(format!(
-                    "step {:?} refers to step {r:?}, which it does not depend on",
-                    s.name
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
 impl State {
@@ -535,25 +291,28 @@ impl State {
             .iter()
             .filter_map(|s| s.result.as_ref().map(|r| (s.name.as_str(), r)))
             .collect();
-        let args = resolve(&step.arguments, &results).and_then(|args| {
-            flotilla_common::limits::check_depth("resolved arguments", &args)?;
-            match self.catalogue.get(&step.tool) {
-                None => Err(format!("unknown tool {:?}", step.tool)),
-                Some(e) => match jsonschema::validator_for(&e.def.input_schema) {
-                    Ok(v) => {
-                        let problem = v.iter_errors(&args).next().map(|e| e.to_string());
-                        match problem {
-                            None => Ok(args),
-                            Some(err) => Err(format!(
+        let args = resolve(&step.arguments, &results)
+            .map_err(|e| e.to_string())
+            .and_then(|args| {
+                flotilla_common::limits::check_depth("resolved arguments", &args)
+                    .map_err(|e| e.to_string())?;
+                match self.catalogue.get(&step.tool) {
+                    None => Err(format!("unknown tool {:?}", step.tool)),
+                    Some(e) => match jsonschema::validator_for(&e.def.input_schema) {
+                        Ok(v) => {
+                            let problem = v.iter_errors(&args).next().map(|e| e.to_string());
+                            match problem {
+                                None => Ok(args),
+                                Some(err) => Err(format!(
                                 "resolved arguments do not match the input schema of {:?}: {err}",
                                 step.tool
                             )),
+                            }
                         }
-                    }
-                    Err(e) => Err(format!("tool {:?} has an unusable schema: {e}", step.tool)),
-                },
-            }
-        });
+                        Err(e) => Err(format!("tool {:?} has an unusable schema: {e}", step.tool)),
+                    },
+                }
+            });
         let args = match args {
             Ok(a) => a,
             Err(why) => {
@@ -685,70 +444,4 @@ impl State {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn references_resolve_to_values_or_in_place_text() {
-        let a = json!({"content": [{"type": "text", "text": "abc"}], "structuredContent": {"n": 3, "xs": [7, 8]}});
-        let results: BTreeMap<&str, &Value> = [("a", &a)].into_iter().collect();
-        let t = json!({
-            "whole": "${steps.a.structured}",
-            "n": "${steps.a.structured.n}",
-            "second": "${steps.a.structured.xs.1}",
-            "text": "got ${steps.a.text} and ${steps.a.structured.n}",
-            "plain": "no refs",
-            "nested": ["${steps.a.text}"],
-        });
-        let r = resolve(&t, &results).unwrap();
-        assert_eq!(r["whole"], json!({"n": 3, "xs": [7, 8]}));
-        assert_eq!(r["n"], json!(3));
-        assert_eq!(r["second"], json!(8));
-        assert_eq!(r["text"], json!("got abc and 3"));
-        assert_eq!(r["plain"], json!("no refs"));
-        assert_eq!(r["nested"], json!(["abc"]));
-        let err = resolve(&json!("${steps.a.structured.missing}"), &results).unwrap_err();
-        assert!(err.contains("missing"), "{err}");
-        let err = resolve(&json!("${steps.b.text}"), &results).unwrap_err();
-        assert!(err.contains("no result"), "{err}");
-    }
-
-    #[test]
-    fn shape_checks_catch_cycles_unknown_steps_and_undeclared_references() {
-        let s = |name: &str, deps: &[&str], args: Value| {
-            StepRecord::new(
-                name,
-                "echo",
-                args,
-                deps.iter().map(|d| d.to_string()).collect(),
-            )
-        };
-        assert!(check_shape(&[
-            s("a", &[], json!({})),
-            s("b", &["a"], json!({"x": "${steps.a.text}"}))
-        ])
-        .is_ok());
-        let e = check_shape(&[s("a", &["b"], json!({})), s("b", &["a"], json!({}))]).unwrap_err();
-        assert!(e.contains("cycle"), "{e}");
-        let e = check_shape(&[s("a", &["zz"], json!({}))]).unwrap_err();
-        assert!(e.contains("unknown step"), "{e}");
-        let e = check_shape(&[
-            s("a", &[], json!({})),
-            s("b", &[], json!({"x": "${steps.a.text}"})),
-        ])
-        .unwrap_err();
-        assert!(e.contains("does not depend"), "{e}");
-        let e = check_shape(&[s("a", &[], json!({"x": "${oops}"}))]).unwrap_err();
-        assert!(e.contains("steps."), "{e}");
-        let e = check_shape(&[s("a", &[], json!({})), s("a", &[], json!({}))]).unwrap_err();
-        assert!(e.contains("two steps"), "{e}");
-        // Transitive dependencies may be referred to.
-        assert!(check_shape(&[
-            s("a", &[], json!({})),
-            s("b", &["a"], json!({})),
-            s("c", &["b"], json!({"x": "${steps.a.text}"}))
-        ])
-        .is_ok());
-    }
-}
+mod tests;
