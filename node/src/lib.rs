@@ -5,6 +5,7 @@ pub mod identity;
 pub mod load;
 pub mod mcp;
 pub mod mcp_client;
+pub mod reconnect;
 pub mod session;
 
 use std::{future::Future, sync::Arc};

@@ -17,15 +17,53 @@ use flotilla_proto::{
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::{identity::Identity, load::Load, mcp::Servers};
+use crate::{
+    identity::Identity,
+    load::Load,
+    mcp::Servers,
+    reconnect::{Ended, Reconnect},
+};
 
 type Key = (String, u32);
 
+/// What the node holds: calls running, results the hub has not acknowledged, and the
+/// open session's outgoing queue. A result leaves only when acknowledged, so every
+/// session sends the ones still held again (the hub's fencing makes a repeat harmless).
 #[derive(Default)]
 struct Work {
     running: HashMap<Key, CancellationToken>,
     unacked: HashMap<Key, TaskResult>,
     out: Option<mpsc::Sender<NodeMessage>>,
+}
+
+impl Work {
+    /// Starts `key` unless the node already runs it or holds its result (the hub sends
+    /// an assignment again when it cannot know the node got it).
+    fn start(&mut self, key: &Key, cancel: CancellationToken) -> bool {
+        if self.running.contains_key(key) || self.unacked.contains_key(key) {
+            return false;
+        }
+        self.running.insert(key.clone(), cancel);
+        true
+    }
+
+    /// `key` finished with `result`, held until acknowledged; the queue to send it on now.
+    fn finish(&mut self, key: Key, result: TaskResult) -> Option<mpsc::Sender<NodeMessage>> {
+        self.running.remove(&key);
+        self.unacked.insert(key, result);
+        self.out.clone()
+    }
+
+    /// The hub has the result of `key` (accepted or refused as stale): drop it.
+    fn acknowledged(&mut self, key: &Key) {
+        self.unacked.remove(key);
+    }
+
+    /// A session opened with `out`: the results it must send first.
+    fn connected(&mut self, out: mpsc::Sender<NodeMessage>) -> Vec<TaskResult> {
+        self.out = Some(out);
+        self.unacked.values().cloned().collect()
+    }
 }
 
 #[derive(Clone)]
@@ -69,68 +107,35 @@ impl Session {
     /// the next one the node knows, and only a full round of failures backs off.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let tls = self.identity.client_tls()?;
-        let endpoints = self.endpoints();
-        let mut next = 0usize;
-        let mut target = endpoints[0].clone();
-        let mut backoff = Duration::from_millis(100);
-        let mut unreachable_in_a_row = 0usize;
+        let mut reconnect = Reconnect::new(self.endpoints());
         loop {
+            let target = reconnect.target().to_owned();
             let started = std::time::Instant::now();
             let result = tokio::select! {
                 r = self.once(&target, tls.clone()) => r,
                 _ = shutdown.cancelled() => break,
             };
             self.work.lock().expect("work lock").out = None;
-            if started.elapsed() > Duration::from_secs(10) {
-                backoff = Duration::from_millis(100);
-            }
-            let pause = match result {
-                Ok(()) => {
-                    tracing::info!(hub = %target, "hub closed the session; reconnecting");
-                    unreachable_in_a_row = 0;
-                    Some(Duration::from_millis(100))
-                }
-                Err(SessionError {
-                    leader: Some(leader),
-                    ..
-                }) if leader != target => {
-                    tracing::info!(from = %target, to = %leader, "following the leader");
-                    target = leader;
-                    unreachable_in_a_row = 0;
-                    None
-                }
-                Err(e) if e.no_leader => {
-                    tracing::debug!(hub = %target, "no leader yet; asking again shortly");
-                    unreachable_in_a_row = 0;
-                    Some(NO_LEADER_RETRY)
-                }
-                Err(e) if e.unreachable => {
-                    tracing::warn!(hub = %target, error = %e.message, "hub unreachable; trying the next one");
-                    next = (next + 1) % endpoints.len();
-                    target = endpoints[next].clone();
-                    unreachable_in_a_row += 1;
-                    if unreachable_in_a_row < endpoints.len() {
-                        None
-                    } else {
-                        unreachable_in_a_row = 0;
-                        Some(backoff)
+            let how = match result {
+                Ok(()) => Ended::Closed,
+                Err(e) => {
+                    if e.leader.is_none() && !e.no_leader {
+                        tracing::warn!(hub = %target, error = %e.message, unreachable = e.unreachable, "session with the hub ended");
+                    }
+                    Ended::Failed {
+                        leader: e.leader,
+                        no_leader: e.no_leader,
+                        unreachable: e.unreachable,
                     }
                 }
-                Err(e) => {
-                    tracing::warn!(hub = %target, error = %e.message, "session with the hub ended; reconnecting");
-                    Some(backoff)
-                }
             };
-            let Some(pause) = pause else { continue };
+            let Some(pause) = reconnect.ended(&how, started.elapsed()) else {
+                continue;
+            };
             let jitter = Duration::from_millis(rand_ms(pause.as_millis() as u64 / 2 + 1));
             tokio::select! {
                 _ = tokio::time::sleep(pause + jitter) => {}
                 _ = shutdown.cancelled() => break,
-            }
-            if pause == backoff {
-                // Capped low: after a failover the node must reach the new leader well
-                // within the hub's node TTL, or its running work is treated as lost.
-                backoff = (backoff * 2).min(MAX_RECONNECT_BACKOFF);
             }
         }
         // Stop running calls; their results would have nowhere to go.
@@ -161,11 +166,7 @@ impl Session {
             .map_err(SessionError::from_status)?
             .into_inner();
         // Connected: results the hub has not acknowledged go again.
-        let pending: Vec<TaskResult> = {
-            let mut w = self.work.lock().expect("work lock");
-            w.out = Some(tx.clone());
-            w.unacked.values().cloned().collect()
-        };
+        let pending = self.work.lock().expect("work lock").connected(tx.clone());
         for r in pending {
             tx.send(msg(node_message::Msg::Result(r)))
                 .await
@@ -202,8 +203,7 @@ impl Session {
                         self.work
                             .lock()
                             .expect("work lock")
-                            .unacked
-                            .remove(&(a.task_id, a.attempt));
+                            .acknowledged(&(a.task_id, a.attempt));
                     }
                     None => {}
                 }
@@ -245,22 +245,19 @@ impl Session {
     fn assign(&self, a: Assign) {
         let key = (a.task_id.clone(), a.attempt);
         let ct = CancellationToken::new();
-        {
-            let mut w = self.work.lock().expect("work lock");
-            if w.running.contains_key(&key) || w.unacked.contains_key(&key) {
-                return; // a repeat of an assignment we already have
-            }
-            w.running.insert(key.clone(), ct.clone());
+        if !self.work.lock().expect("work lock").start(&key, ct.clone()) {
+            return; // a repeat of an assignment the node already has
         }
         tracing::info!(task_id = %a.task_id, attempt = a.attempt, tool = %a.tool, server = %a.server, "running task");
         let this = self.clone();
         tokio::spawn(async move {
             let result = this.execute(&a, ct).await;
-            let mut w = this.work.lock().expect("work lock");
-            w.running.remove(&key);
-            w.unacked.insert(key, result.clone());
-            if let Some(out) = w.out.clone() {
-                drop(w);
+            let out = this
+                .work
+                .lock()
+                .expect("work lock")
+                .finish(key, result.clone());
+            if let Some(out) = out {
                 let _ = out.try_send(msg(node_message::Msg::Result(result)));
             }
         });
@@ -312,11 +309,6 @@ impl Session {
     }
 }
 
-/// The longest pause between reconnection attempts (plus up to half of it as jitter).
-const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(1);
-/// How soon to ask a hub again while it has no leader (an election takes about a second).
-const NO_LEADER_RETRY: Duration = Duration::from_millis(150);
-
 /// Why a session ended, and where to go next.
 #[derive(Debug)]
 struct SessionError {
@@ -367,4 +359,84 @@ fn rand_ms(max: u64) -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(max);
     h.finish() % max.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(task: &str, attempt: u32) -> TaskResult {
+        TaskResult {
+            task_id: task.into(),
+            attempt,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_assignment_the_node_has_is_not_run_again_until_its_result_is_acknowledged() {
+        let mut w = Work::default();
+        let key: Key = ("t1".into(), 1);
+        assert!(w.start(&key, CancellationToken::new()));
+        assert!(!w.start(&key, CancellationToken::new()), "running");
+        assert!(
+            w.finish(key.clone(), result("t1", 1)).is_none(),
+            "no session"
+        );
+        assert!(!w.start(&key, CancellationToken::new()), "result held");
+        // Another attempt of the same task is other work.
+        assert!(w.start(&("t1".into(), 2), CancellationToken::new()));
+        w.acknowledged(&key);
+        assert!(w.unacked.is_empty());
+    }
+
+    #[test]
+    fn every_session_sends_the_results_still_held_until_one_is_acknowledged() {
+        let mut w = Work::default();
+        for (t, a) in [("t1", 1), ("t2", 3)] {
+            let key: Key = (t.into(), a);
+            w.start(&key, CancellationToken::new());
+            w.finish(key, result(t, a));
+        }
+        let (tx, _rx) = mpsc::channel(8);
+        let mut first: Vec<Key> = w
+            .connected(tx.clone())
+            .into_iter()
+            .map(|r| (r.task_id, r.attempt))
+            .collect();
+        first.sort();
+        assert_eq!(first, vec![("t1".into(), 1), ("t2".into(), 3)]);
+        w.acknowledged(&("t1".into(), 1));
+        let again: Vec<Key> = w
+            .connected(tx)
+            .into_iter()
+            .map(|r| (r.task_id, r.attempt))
+            .collect();
+        assert_eq!(again, vec![("t2".into(), 3)]);
+        assert!(w.out.is_some());
+    }
+
+    #[test]
+    fn a_hubs_refusal_says_where_to_go_next() {
+        let mut s = tonic::Status::unavailable("not the leader");
+        s.metadata_mut().insert(
+            flotilla_proto::LEADER_HEADER,
+            "https://hub-2:7443".parse().unwrap(),
+        );
+        let e = SessionError::from_status(s);
+        assert_eq!(e.leader.as_deref(), Some("https://hub-2:7443"));
+        assert!(!e.unreachable, "a redirect is not a dead hub");
+
+        let mut s = tonic::Status::unavailable("no leader");
+        s.metadata_mut()
+            .insert(flotilla_proto::NO_LEADER_HEADER, "1".parse().unwrap());
+        let e = SessionError::from_status(s);
+        assert!(e.no_leader && !e.unreachable && e.leader.is_none());
+
+        let e = SessionError::from_status(tonic::Status::unavailable("connection refused"));
+        assert!(e.unreachable);
+        let e = SessionError::from_status(tonic::Status::permission_denied("not registered"));
+        assert!(!e.unreachable && !e.no_leader && e.leader.is_none());
+        assert!(e.message.contains("not registered"), "{}", e.message);
+    }
 }
