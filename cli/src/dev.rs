@@ -19,6 +19,8 @@ use tokio::process::{Child, Command};
 pub(crate) const LISTEN_ADDR_FILE: &str = "listen.addr";
 /// ...and the address of its Raft port into this one.
 pub(crate) const RAFT_ADDR_FILE: &str = "raft.addr";
+/// ...and where it serves metrics and health over HTTP into this one.
+pub(crate) const HTTP_ADDR_FILE: &str = "http.addr";
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Args)]
@@ -196,6 +198,7 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
             advertise: None,
             raft_listen,
             raft_advertise: None,
+            http_listen: "127.0.0.1:0".into(),
             // The first hub starts the cluster; the others are added to it below.
             bootstrap: id == 1,
             peers: vec![],

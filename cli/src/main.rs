@@ -144,11 +144,18 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let listeners = flotilla_hub::Listeners {
                 api: bind(cfg.listen).await?,
                 raft: bind(cfg.raft_listen).await?,
+                http: bind(cfg.http_listen).await?,
             };
             // Tell whoever started us where we listen (port 0 picks a free port).
             flotilla_common::pki::private_dir(&cfg.data_dir)?;
             let api = listeners.api.local_addr()?;
             let raft = listeners.raft.local_addr()?;
+            let http = listeners.http.local_addr()?;
+            flotilla_common::pki::write_whole(
+                &cfg.data_dir.join(dev::HTTP_ADDR_FILE),
+                format!("http://{http}").as_bytes(),
+                0o644,
+            )?;
             flotilla_common::pki::write_whole(
                 &cfg.data_dir.join(dev::RAFT_ADDR_FILE),
                 format!("https://{raft}").as_bytes(),

@@ -31,6 +31,8 @@ pub struct Listeners {
     pub api: TcpListener,
     /// Other hubs (Raft).
     pub raft: TcpListener,
+    /// Operators: metrics and health over plain HTTP.
+    pub http: TcpListener,
 }
 
 /// Largest gRPC message accepted or sent.
@@ -41,6 +43,7 @@ struct Hooks {
     wake: Arc<Notify>,
     sessions: Sessions,
     workflows: tokio::sync::watch::Sender<u64>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl ApplyHook for Hooks {
@@ -51,14 +54,15 @@ impl ApplyHook for Hooks {
             .iter()
             .map(|t| (t.id.as_str(), t))
             .collect();
+        let task = |id: &str| state.tasks.get(id).or(archived.get(id).copied());
         for id in &effects.touched {
             if seen.insert(id) {
-                let t = state.tasks.get(id).or(archived.get(id.as_str()).copied());
-                if let Some(t) = t {
+                if let Some(t) = task(id) {
                     self.events.transition(t);
                 }
             }
         }
+        self.metrics.applied(effects, task);
         // Attempts the hub ended (cancel, timeout, a decided fan-out, a failed workflow,
         // a drain deadline): tell their node. Only the leader has node sessions.
         for s in &effects.stopped {
@@ -155,11 +159,13 @@ pub async fn run(
     let wake = Arc::new(Notify::new());
     let sessions = Sessions::default();
     let (workflows, _) = tokio::sync::watch::channel(0u64);
+    let metrics = Arc::new(crate::metrics::Metrics::new());
     let hooks = Arc::new(Hooks {
         events: events.clone(),
         wake: wake.clone(),
         sessions: sessions.clone(),
         workflows: workflows.clone(),
+        metrics: metrics.clone(),
     });
     let (log_store, sm_store) = raft::open(
         &data_dir.join("raft"),
@@ -219,6 +225,7 @@ pub async fn run(
         events,
         sessions,
         workflows,
+        metrics,
     });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -278,7 +285,22 @@ pub async fn run(
     .max_decoding_message_size(64 * 1024 * 1024)
     .max_encoding_message_size(64 * 1024 * 1024);
 
-    tracing::info!(hub = hub.id(), api = %api_addr, raft = %raft_addr, "hub serving");
+    let http_addr = listeners.http.local_addr()?;
+    tracing::info!(hub = hub.id(), api = %api_addr, raft = %raft_addr, http = %http_addr, "hub serving");
+    let http_server = {
+        let mut stop = stop_rx.clone();
+        let app = crate::http::router(hub.clone());
+        tokio::spawn(async move {
+            let served = axum::serve(listeners.http, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::warn!(error = %e, "http server");
+            }
+        })
+    };
     let (raft_stop_tx, raft_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let raft_server = tokio::spawn(
         tonic::transport::Server::builder()
@@ -340,6 +362,7 @@ pub async fn run(
     }
     let _ = raft_stop_tx.send(());
     let _ = raft_server.await;
+    let _ = http_server.await;
     result.context("grpc server")?;
     tracing::info!("hub stopped");
     Ok(())
@@ -350,7 +373,13 @@ pub async fn run(
 async fn follow_leadership(hub: Hub, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut metrics = hub.raft().metrics();
     let mut was_leader = false;
+    let mut seen_leader = None;
     loop {
+        let current = metrics.borrow().current_leader;
+        if current != seen_leader {
+            hub.metrics.leader_changed();
+            seen_leader = current;
+        }
         let leader = hub.is_leader();
         if was_leader && !leader {
             tracing::warn!(hub = hub.id(), "lost leadership; closing node sessions");

@@ -44,6 +44,7 @@ pub(crate) struct Parts {
     pub events: EventLogs,
     pub sessions: Sessions,
     pub workflows: tokio::sync::watch::Sender<u64>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 struct Inner {
@@ -72,6 +73,8 @@ pub struct Hub {
     pub tokens: crate::auth::TokenCache,
     /// Bumped whenever a workflow changes: WatchWorkflow streams wait on it.
     pub workflows: tokio::sync::watch::Sender<u64>,
+    /// What `/metrics` shows.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Hub {
@@ -94,6 +97,7 @@ impl Hub {
             quota,
             tokens: crate::auth::TokenCache::default(),
             workflows: p.workflows,
+            metrics: p.metrics,
         }
     }
 }

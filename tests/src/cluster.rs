@@ -129,6 +129,14 @@ pub struct HubMember {
     pub raft: String,
 }
 
+impl HubMember {
+    /// Where the hub serves metrics and health (`http://HOST:PORT`; a new port after a
+    /// restart).
+    pub fn http(&self) -> anyhow::Result<String> {
+        Ok(std::fs::read_to_string(self.dir.join("http.addr"))?)
+    }
+}
+
 /// Hubs and nodes, each a real process.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
@@ -193,6 +201,7 @@ async fn start_member(
         advertise: None,
         raft_listen: "127.0.0.1:0".into(),
         raft_advertise: None,
+        http_listen: "127.0.0.1:0".into(),
         bootstrap,
         peers: vec![],
         ca_cert: Some(pki.join("ca.pem")),

@@ -6,16 +6,19 @@
 //! - `cluster`: hubs, nodes and clients for them;
 //! - `load`: continuous submissions and the exactly-once check;
 //! - `waits`: polling until something holds;
-//! - `calls`: building requests and reading results.
+//! - `calls`: building requests and reading results;
+//! - `http`: a plain GET for the hubs' metrics and health endpoints.
 
 mod calls;
 mod cluster;
+mod http;
 mod load;
 mod process;
 mod waits;
 
 pub use calls::*;
 pub use cluster::*;
+pub use http::*;
 pub use load::*;
 pub use process::*;
 pub use waits::*;

@@ -181,6 +181,7 @@ async fn a_partitioned_leader_commits_nothing_and_the_majority_carries_on() -> a
             advertise: None,
             raft_listen: format!("{}:7444", net.ip(i)),
             raft_advertise: None,
+            http_listen: "127.0.0.1:0".into(),
             bootstrap: true,
             peers: peers.clone(),
             ca_cert: Some(pki.join("ca.pem")),

@@ -107,6 +107,11 @@ pub struct HubFile {
     /// The address other hubs use to reach `raft_listen`; defaults to `https://<raft_listen>`.
     #[serde(default)]
     pub raft_advertise: Option<String>,
+    /// Plain HTTP for operators: `/metrics` (Prometheus), `/healthz`, `/readyz`. Port 0
+    /// (the default) picks a free port, written to `http.addr` in the data dir; give a
+    /// fixed port for Prometheus and load balancers.
+    #[serde(default = "default_http_listen")]
+    pub http_listen: String,
     /// Start a new cluster when the data dir is empty: with the `peers` as voters, or with
     /// this hub alone when `peers` is empty. Hubs started without it wait to be added.
     #[serde(default)]
@@ -204,6 +209,9 @@ fn default_listen() -> String {
 fn default_raft_listen() -> String {
     defaults::HUB_RAFT_LISTEN.to_owned()
 }
+fn default_http_listen() -> String {
+    defaults::HTTP_LISTEN.to_owned()
+}
 
 /// One member of the initial hub cluster.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -231,6 +239,7 @@ pub struct HubConfig {
     pub advertise: String,
     pub raft_listen: SocketAddr,
     pub raft_advertise: String,
+    pub http_listen: SocketAddr,
     pub bootstrap: bool,
     pub peers: Vec<PeerFile>,
     /// (certificate, key) of a shared CA, when configured.
@@ -336,6 +345,13 @@ impl HubFile {
             }
             None => format!("https://{raft_listen}"),
         };
+        let http_listen: SocketAddr = self.http_listen.parse().map_err(|_| {
+            invalid(
+                file,
+                "http_listen",
+                format!("{:?} is not HOST:PORT with an IP host", self.http_listen),
+            )
+        })?;
         let mut ids = std::collections::HashSet::new();
         for (i, p) in self.peers.iter().enumerate() {
             if p.id == 0 || !ids.insert(p.id) {
@@ -382,6 +398,7 @@ impl HubFile {
             advertise,
             raft_listen,
             raft_advertise,
+            http_listen,
             bootstrap: self.bootstrap,
             peers: self.peers,
             ca,

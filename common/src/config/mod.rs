@@ -72,6 +72,8 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(
 pub mod defaults {
     pub const HUB_LISTEN: &str = "127.0.0.1:7443";
     pub const HUB_RAFT_LISTEN: &str = "127.0.0.1:7444";
+    /// Where a hub or node serves HTTP (metrics, health): a free local port unless set.
+    pub const HTTP_LISTEN: &str = "127.0.0.1:0";
     pub const RAFT_HEARTBEAT_MS: u64 = 100;
     pub const SNAPSHOT_LOGS: u64 = 10_000;
     pub const BREAKER_FAILURES: u32 = 3;

@@ -283,6 +283,8 @@ pub struct Stopped {
 pub struct Effects {
     /// Tasks that made a transition (their events go to watchers).
     pub touched: Vec<String>,
+    /// Tasks created (submissions, replicas, workflow steps): counted by the metrics.
+    pub inserted: Vec<String>,
     /// Running attempts ended by the hub rather than by their node.
     pub stopped: Vec<Stopped>,
     /// Some workflow changed (its watchers look again).

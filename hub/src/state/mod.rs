@@ -165,6 +165,7 @@ impl State {
         }
         self.index.link_task(&t);
         self.effects.touched.push(t.id.clone());
+        self.effects.inserted.push(t.id.clone());
         self.tasks.insert(t.id.clone(), t);
     }
 

@@ -1,0 +1,77 @@
+//! The hub's HTTP port, for operators and their tools: `/metrics` (Prometheus text
+//! exposition), `/healthz` (the process serves), `/readyz` (for load balancers and
+//! Kubernetes probes: this hub is in a cluster with a leader and has applied what it holds).
+//! Plain HTTP on its own listener (`http_listen` in hub.toml): nothing here is secret or
+//! changes anything.
+
+use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
+
+use crate::{cluster::Hub, metrics::RaftView};
+
+/// The routes, on `hub`.
+pub fn router(hub: Hub) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(hub)
+}
+
+fn raft_view(hub: &Hub) -> RaftView {
+    let m = hub.raft().metrics();
+    let m = m.borrow();
+    RaftView {
+        term: m.current_term,
+        is_leader: hub.is_leader(),
+        last_log_index: m.last_log_index.unwrap_or(0),
+        applied_index: m.last_applied.map_or(0, |l| l.index),
+        limits: crate::scheduler::limits(hub),
+    }
+}
+
+async fn metrics(State(hub): State<Hub>) -> impl IntoResponse {
+    let raft = raft_view(&hub);
+    let body = hub
+        .metrics
+        .render(&hub.state(), &raft, flotilla_common::now_ms());
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+}
+
+/// Entries a hub may hold unapplied and still be ready: a busy leader always holds a few
+/// being committed (group commit keeps up to 4 entries in flight); a hub catching up after a
+/// restart or a partition holds thousands.
+const READY_LAG: u64 = 256;
+
+/// Ready when a leader with a quorum is known and this hub is within `READY_LAG` entries of applying
+/// everything it holds; otherwise 503 saying which is missing.
+async fn ready(State(hub): State<Hub>) -> impl IntoResponse {
+    let raft = raft_view(&hub);
+    // A leader counts only while a quorum still answers it (`is_leader`); a leader cut off
+    // from its quorum does not know it has been replaced.
+    let led = match hub.leader() {
+        Some((id, _)) if id == hub.id() => hub.is_leader(),
+        other => other.is_some(),
+    };
+    if !led {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no leader known (no quorum answers)\n".to_owned(),
+        );
+    }
+    if raft.last_log_index.saturating_sub(raft.applied_index) > READY_LAG {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: applied {} of {} log entries\n",
+                raft.applied_index, raft.last_log_index
+            ),
+        );
+    }
+    (StatusCode::OK, "ready\n".to_owned())
+}

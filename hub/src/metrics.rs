@@ -1,0 +1,239 @@
+//! The hub's Prometheus metrics (`/metrics` on its HTTP port; docs/metrics.md lists each).
+//! Counters and histograms of tasks are fed by the apply hook, so every hub counts every
+//! task the cluster committed (from its own start: counters reset with the process, as
+//! Prometheus expects). Gauges are read from the state and Raft when scraped. Label sets
+//! stay bounded: tools, tenants with queued work, nodes, servers; never a task id.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::state::{Effects, State, TaskRecord, TaskStatus};
+
+/// Seconds from 5 ms to about 20 minutes: tool calls and the time they wait.
+const SECONDS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0, 1200.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    tasks_submitted: IntCounterVec,
+    tasks_finished: IntCounterVec,
+    queue_wait: Histogram,
+    task_duration: HistogramVec,
+    queue_depth: IntGaugeVec,
+    tasks_running: IntGaugeVec,
+    nodes: IntGaugeVec,
+    breaker_open: IntGaugeVec,
+    raft_term: IntGauge,
+    raft_is_leader: IntGauge,
+    raft_leader_changes: IntCounter,
+    raft_last_log_index: IntGauge,
+    raft_applied_index: IntGauge,
+    raft_apply_lag: IntGauge,
+}
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
+    r.register(Box::new(m.clone()))
+        .expect("each metric is registered once, with a valid name");
+    m
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new_custom(Some("flotilla".into()), None).expect("a valid metric prefix");
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            register(
+                &r,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter"),
+            )
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            register(
+                &r,
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge"),
+            )
+        };
+        let one =
+            |name: &str, help: &str| register(&r, IntGauge::new(name, help).expect("valid gauge"));
+        Self {
+            tasks_submitted: counter(
+                "tasks_submitted_total",
+                "Tasks the cluster accepted (replicas and workflow steps included), by tool.",
+                &["tool"],
+            ),
+            tasks_finished: counter(
+                "tasks_finished_total",
+                "Tasks that ended, by tool and outcome (succeeded, failed, cancelled, lost).",
+                &["tool", "outcome"],
+            ),
+            queue_wait: register(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "task_queue_wait_seconds",
+                        "From submission to the first assignment.",
+                    )
+                    .buckets(SECONDS.to_vec()),
+                )
+                .expect("valid histogram"),
+            ),
+            task_duration: register(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "task_duration_seconds",
+                        "The last attempt of a finished task, from its start (or assignment) to its result, by tool.",
+                    )
+                    .buckets(SECONDS.to_vec()),
+                    &["tool"],
+                )
+                .expect("valid histogram"),
+            ),
+            queue_depth: gauge(
+                "task_queue_depth",
+                "Tasks queued, by tenant (tenants with queued tasks only).",
+                &["tenant"],
+            ),
+            tasks_running: gauge(
+                "tasks_running",
+                "Tasks assigned or running, by node.",
+                &["node"],
+            ),
+            nodes: gauge(
+                "nodes",
+                "Registered nodes, by status (ready, cordoned, draining, down).",
+                &["status"],
+            ),
+            breaker_open: gauge(
+                "breaker_open",
+                "1 when the circuit breaker of a node's MCP server is open or half-open.",
+                &["node", "server"],
+            ),
+            raft_term: one("raft_term", "The Raft term this hub is in."),
+            raft_is_leader: one("raft_is_leader", "1 when this hub is the Raft leader."),
+            raft_leader_changes: register(
+                &r,
+                IntCounter::new(
+                    "raft_leader_changes_total",
+                    "Times this hub saw the leader change (including to no leader).",
+                )
+                .expect("valid counter"),
+            ),
+            raft_last_log_index: one(
+                "raft_last_log_index",
+                "The index of the last Raft log entry this hub holds.",
+            ),
+            raft_applied_index: one(
+                "raft_applied_index",
+                "The index of the last entry this hub applied to its state.",
+            ),
+            raft_apply_lag: one(
+                "raft_apply_lag",
+                "Entries this hub holds but has not applied yet.",
+            ),
+            registry: r,
+        }
+    }
+
+    /// What one applied entry did to tasks: `touched` tasks as they are now (in the state
+    /// or just archived), `inserted` the ids of tasks it created.
+    pub fn applied<'a>(&self, effects: &Effects, task: impl Fn(&str) -> Option<&'a TaskRecord>) {
+        for id in &effects.inserted {
+            if let Some(t) = task(id) {
+                self.tasks_submitted.with_label_values(&[&t.tool]).inc();
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for id in effects.touched.iter().filter(|id| seen.insert(*id)) {
+            let Some(t) = task(id) else { continue };
+            if t.status == TaskStatus::Assigned && t.attempts.len() == 1 {
+                let a = &t.attempts[0];
+                self.queue_wait
+                    .observe(seconds(a.assigned_at_ms - t.created_at_ms));
+            }
+            if t.status.is_terminal() {
+                self.tasks_finished
+                    .with_label_values(&[&t.tool, t.status.as_str()])
+                    .inc();
+                if let Some(a) = t.attempts.last() {
+                    if let Some(end) = a.finished_at_ms {
+                        let start = a.started_at_ms.unwrap_or(a.assigned_at_ms);
+                        self.task_duration
+                            .with_label_values(&[&t.tool])
+                            .observe(seconds(end - start));
+                    }
+                }
+            }
+        }
+    }
+
+    /// A change of leader seen by this hub.
+    pub fn leader_changed(&self) {
+        self.raft_leader_changes.inc();
+    }
+
+    /// Every metric in the text exposition format, with the gauges read now.
+    pub fn render(&self, state: &State, raft: &RaftView, now_ms: i64) -> String {
+        self.queue_depth.reset();
+        for (tenant, queue) in &state.index.queue {
+            self.queue_depth
+                .with_label_values(&[tenant])
+                .set(queue.len() as i64);
+        }
+        self.tasks_running.reset();
+        self.nodes.reset();
+        for (id, n) in &state.nodes {
+            self.nodes.with_label_values(&[n.status.as_str()]).inc();
+            let running = state.index.on_node.get(id).map_or(0, |s| s.len());
+            self.tasks_running
+                .with_label_values(&[id])
+                .set(running as i64);
+        }
+        self.breaker_open.reset();
+        for (id, n) in &state.nodes {
+            for server in &n.servers {
+                let key = crate::state::breaker_key(id, &server.name);
+                if !state.breakers.contains_key(&key) {
+                    continue;
+                }
+                let b = crate::scheduler::breaker(state, id, &server.name, raft.limits, now_ms);
+                self.breaker_open
+                    .with_label_values(&[id, &server.name])
+                    .set(i64::from(b != crate::scheduler::Breaker::Closed));
+            }
+        }
+        self.raft_term.set(raft.term as i64);
+        self.raft_is_leader.set(i64::from(raft.is_leader));
+        self.raft_last_log_index.set(raft.last_log_index as i64);
+        self.raft_applied_index.set(raft.applied_index as i64);
+        self.raft_apply_lag
+            .set(raft.last_log_index.saturating_sub(raft.applied_index) as i64);
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("the text encoder writes to memory");
+        String::from_utf8(out).expect("the text exposition is UTF-8")
+    }
+}
+
+/// What a scrape reads from Raft.
+pub struct RaftView {
+    pub term: u64,
+    pub is_leader: bool,
+    pub last_log_index: u64,
+    pub applied_index: u64,
+    /// The hub's breaker thresholds.
+    pub limits: crate::scheduler::Limits,
+}
+
+fn seconds(ms: i64) -> f64 {
+    ms.max(0) as f64 / 1000.0
+}

@@ -1,0 +1,161 @@
+//! What an operator's tools see on a hub's HTTP port: Prometheus metrics that count the
+//! calls made and that Prometheus's own `promtool` accepts, and health endpoints a load
+//! balancer or Kubernetes probe can use.
+
+use std::io::Write;
+
+use flotilla_proto as pb;
+use flotilla_tests::{http_get, wait_until, Cluster, NodeSpec, READY};
+use serde_json::json;
+
+/// The value of the sample of `name` whose labels include every one of `labels`.
+fn sample(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        let (set, value) = match rest.strip_prefix('{') {
+            Some(r) => r.split_once("} ")?,
+            None => ("", rest.strip_prefix(' ')?),
+        };
+        labels
+            .iter()
+            .all(|(k, v)| set.split(',').any(|p| p == format!("{k}=\"{v}\"")))
+            .then(|| value.trim().parse().ok())?
+    })
+}
+
+/// `promtool check metrics` on `exposition`: its complaints, if any.
+fn promtool_problems(exposition: &str) -> String {
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package) must be installed: .ci/run installs it");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(exposition.as_bytes())
+        .expect("writing to promtool");
+    let out = child.wait_with_output().expect("promtool ran");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        String::new()
+    } else {
+        text
+    }
+}
+
+#[tokio::test]
+async fn a_hubs_metrics_count_the_calls_made_and_promtool_accepts_them() -> anyhow::Result<()> {
+    let mut c = Cluster::start().await?;
+    c.add_node(NodeSpec::demo("edge-1")).await?;
+    let mut agent = c.agent();
+    for i in 0..3 {
+        let t = c
+            .call(&mut agent, "echo", json!({"text": format!("m{i}")}))
+            .await?;
+        assert_eq!(t.state, pb::TaskState::Succeeded as i32);
+    }
+    let failed = c
+        .call(&mut agent, "fail", json!({"message": "on purpose"}))
+        .await?;
+    assert_eq!(failed.state, pb::TaskState::Failed as i32);
+
+    let http = c.hub(1).http()?;
+    let (status, body) = http_get(&http, "/metrics").await?;
+    assert_eq!(status, 200, "{body}");
+    let finished = |tool: &str, outcome: &str| {
+        sample(
+            &body,
+            "flotilla_tasks_finished_total",
+            &[("tool", tool), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(finished("echo", "succeeded"), Some(3.0), "{body}");
+    assert_eq!(finished("fail", "failed"), Some(1.0), "{body}");
+    assert_eq!(
+        sample(&body, "flotilla_tasks_submitted_total", &[("tool", "echo")]),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "flotilla_task_duration_seconds_count",
+            &[("tool", "echo")]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(&body, "flotilla_task_queue_wait_seconds_count", &[]),
+        Some(4.0)
+    );
+    assert_eq!(sample(&body, "flotilla_raft_is_leader", &[]), Some(1.0));
+    assert_eq!(
+        sample(&body, "flotilla_nodes", &[("status", "ready")]),
+        Some(1.0)
+    );
+    assert!(sample(&body, "flotilla_raft_applied_index", &[]).unwrap_or(0.0) > 0.0);
+    // Never a task id in a label: the series do not grow with the calls.
+    assert!(
+        !body.contains(&failed.id),
+        "a task id in the metrics:\n{body}"
+    );
+    assert_eq!(promtool_problems(&body), "", "promtool check metrics");
+    // The hub logs to a file here: plain text, no terminal colour codes.
+    let log = c.hub(1).proc.log_text();
+    assert!(
+        log.contains("hub serving") && !log.contains('\x1b'),
+        "{log}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_hub_says_it_is_alive_and_ready_once_it_has_a_leader() -> anyhow::Result<()> {
+    let c = Cluster::with_hubs(3).await?;
+    for h in &c.hubs {
+        let http = h.http()?;
+        let (status, body) = http_get(&http, "/healthz").await?;
+        assert_eq!((status, body.as_str()), (200, "ok\n"));
+        wait_until(&format!("hub {} to be ready", h.id), READY, || {
+            let http = http.clone();
+            async move {
+                let (status, _) = http_get(&http, "/readyz").await.ok()?;
+                (status == 200).then_some(())
+            }
+        })
+        .await?;
+        let (status, body) = http_get(&http, "/metrics").await?;
+        assert_eq!(status, 200);
+        assert_eq!(promtool_problems(&body), "", "hub {}", h.id);
+    }
+    // An unknown path is a 404, not a page.
+    let (status, _) = http_get(&c.hub(1).http()?, "/no-such-page").await?;
+    assert_eq!(status, 404);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_hub_without_a_quorum_is_alive_but_not_ready() -> anyhow::Result<()> {
+    let mut c = Cluster::with_hubs(3).await?;
+    let leader = c.wait_leader().await?;
+    let others: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    c.kill_hub(others[0]);
+    c.kill_hub(others[1]);
+    let http = c.hub(leader).http()?;
+    let why = wait_until("the lone hub to say it is not ready", READY, || {
+        let http = http.clone();
+        async move {
+            let (status, body) = http_get(&http, "/readyz").await.ok()?;
+            (status == 503).then_some(body)
+        }
+    })
+    .await?;
+    assert!(why.contains("no leader"), "{why}");
+    let (status, _) = http_get(&http, "/healthz").await?;
+    assert_eq!(status, 200, "alive all the same");
+    Ok(())
+}
