@@ -159,3 +159,118 @@ async fn a_hub_without_a_quorum_is_alive_but_not_ready() -> anyhow::Result<()> {
     assert_eq!(status, 200, "alive all the same");
     Ok(())
 }
+
+/// `s` with everything but letters, digits and `-_.~` percent-encoded (for a URL query).
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_real_prometheus_scrapes_every_hub_and_sees_the_calls() -> anyhow::Result<()> {
+    let mut c = Cluster::with_hubs(3).await?;
+    c.add_node(NodeSpec::demo("edge-1")).await?;
+    let mut agent = c.agent();
+    for i in 0..5 {
+        c.call(&mut agent, "echo", json!({"text": format!("p{i}")}))
+            .await?;
+    }
+    // Debian's Prometheus, on a free port, scraping each hub every second.
+    let targets: Vec<String> = c
+        .hubs
+        .iter()
+        .map(|h| {
+            h.http()
+                .map(|a| format!("\"{}\"", a.trim_start_matches("http://")))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let dir = c.dir.path().join("prometheus");
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: flotilla-hubs\n    static_configs:\n      - targets: [{}]\n",
+            targets.join(", ")
+        ),
+    )?;
+    let log = dir.join("prometheus.log");
+    let prometheus = flotilla_tests::Proc::spawn_program(
+        "prometheus",
+        "prometheus",
+        &[
+            &format!("--config.file={}", config.display()),
+            &format!("--storage.tsdb.path={}", dir.join("data").display()),
+            "--web.listen-address=127.0.0.1:0",
+        ],
+        &[],
+        &log,
+    )?;
+    let api = wait_until("Prometheus to listen", READY, || {
+        let text = prometheus.log_text();
+        async move {
+            let at = text.find("msg=\"Listening on\" address=")?;
+            let addr = text[at..]
+                .split_once("address=")?
+                .1
+                .split_whitespace()
+                .next()?;
+            Some(format!("http://{addr}"))
+        }
+    })
+    .await?;
+    let query = |q: &str| {
+        let path = format!("/api/v1/query?query={}", url_encode(q));
+        let api = api.clone();
+        async move {
+            let (status, body) = http_get(&api, &path).await.ok()?;
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            (status == 200).then(|| v["data"]["result"].as_array().cloned())?
+        }
+    };
+    // Every hub up, and every hub counted the five calls.
+    let up = wait_until("Prometheus to scrape all three hubs", READY, || async {
+        let r = query("up{job=\"flotilla-hubs\"} == 1").await?;
+        (r.len() == 3).then_some(r)
+    })
+    .await?;
+    assert_eq!(up.len(), 3);
+    let finished = wait_until(
+        "Prometheus to see the calls on every hub",
+        READY,
+        || async {
+            let r =
+                query("flotilla_tasks_finished_total{tool=\"echo\",outcome=\"succeeded\"}").await?;
+            let all_five = r.len() == 3 && r.iter().all(|s| s["value"][1] == "5");
+            all_five.then_some(r)
+        },
+    )
+    .await?;
+    assert_eq!(finished.len(), 3, "{finished:?}");
+    Ok(())
+}
+
+#[test]
+fn the_prometheus_config_and_rules_in_deploy_pass_promtool() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("deploy")
+        .join("prometheus");
+    let out = std::process::Command::new("promtool")
+        .args(["check", "config", "prometheus.yml"])
+        .current_dir(&dir)
+        .output()
+        .expect("promtool (Debian's prometheus package) must be installed");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
