@@ -329,6 +329,7 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
             heartbeat_ms: flotilla_common::config::defaults::HEARTBEAT_MS,
             tenants: Vec::new(),
             cpu_high_water_percent: 0.0,
+            http_listen: "127.0.0.1:0".into(),
             servers: vec![McpServerConfig {
                 name: "demo".into(),
                 command: exe.display().to_string(),

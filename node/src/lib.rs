@@ -1,10 +1,12 @@
 //! The Flotilla node: joins with a token, supervises its MCP servers, keeps a session with
 //! the hub and runs the tool calls assigned to it.
 
+pub mod http;
 pub mod identity;
 pub mod load;
 pub mod mcp;
 pub mod mcp_client;
+pub mod metrics;
 pub mod reconnect;
 pub mod session;
 
@@ -19,18 +21,42 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     flotilla_common::pki::private_dir(&cfg.data_dir)?;
+    let http_listen: std::net::SocketAddr = cfg.http_listen.parse()?;
+    let http = tokio::net::TcpListener::bind(http_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {http_listen}: {e}"))?;
+    let http_addr = http.local_addr()?;
+    flotilla_common::pki::write_whole(
+        &cfg.data_dir.join("http.addr"),
+        format!("http://{http_addr}").as_bytes(),
+        0o644,
+    )?;
     let identity = identity::load_or_join(&cfg).await?;
-    tracing::info!(node_id = %identity.node_id, hub = %cfg.hub, "node starting");
-    let servers = mcp::Servers::start(&cfg.servers).await;
+    tracing::info!(node_id = %identity.node_id, hub = %cfg.hub, http = %http_addr, "node starting");
+    let metrics = Arc::new(metrics::NodeMetrics::new());
+    let servers = mcp::Servers::start(&cfg.servers, metrics.clone()).await;
     let stop = CancellationToken::new();
     let trigger = stop.clone();
     tokio::spawn(async move {
         shutdown.await;
         trigger.cancel();
     });
-    let result = session::Session::new(Arc::new(cfg), identity, servers.clone())
+    let http_server = {
+        let stop = stop.clone();
+        let app = http::router(servers.clone(), metrics.clone());
+        tokio::spawn(async move {
+            let served = axum::serve(http, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::warn!(error = %e, "http server");
+            }
+        })
+    };
+    let result = session::Session::new(Arc::new(cfg), identity, servers.clone(), metrics)
         .run(stop)
         .await;
     servers.shutdown().await;
+    let _ = http_server.await;
     result
 }

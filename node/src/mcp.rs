@@ -15,7 +15,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use crate::mcp_client::Progress;
-use crate::mcp_client::{CallError, McpClient, ToolInfo};
+use crate::{
+    mcp_client::{CallError, McpClient, ToolInfo},
+    metrics::{NodeMetrics, Outcome},
+};
 
 /// Why a tool call got no result from its MCP server.
 #[derive(Debug, thiserror::Error)]
@@ -68,11 +71,12 @@ pub struct Servers {
     /// Bumped whenever a server's tool list changes, so the session says hello again.
     tools_version: Arc<watch::Sender<u64>>,
     stop: CancellationToken,
+    metrics: Arc<NodeMetrics>,
 }
 
 impl Servers {
     /// Starts every configured server and waits (bounded) for each first attempt to end.
-    pub async fn start(configs: &[McpServerConfig]) -> Self {
+    pub async fn start(configs: &[McpServerConfig], metrics: Arc<NodeMetrics>) -> Self {
         let servers: Vec<Arc<Supervised>> = configs
             .iter()
             .map(|cfg| {
@@ -92,6 +96,7 @@ impl Servers {
             servers: Arc::new(servers),
             tools_version: Arc::new(watch::channel(0).0),
             stop: CancellationToken::new(),
+            metrics,
         };
         let mut first = Vec::new();
         for s in this.servers.iter() {
@@ -101,6 +106,7 @@ impl Servers {
                 s.clone(),
                 this.tools_version.clone(),
                 this.stop.clone(),
+                this.metrics.clone(),
                 tx,
             ));
         }
@@ -188,8 +194,15 @@ impl Servers {
                 }
             }
         };
+        let began = std::time::Instant::now();
         let r = client.call_tool(tool, args, Some(progress), cancel).await;
         s.slot.lock().expect("slot lock").running -= 1;
+        let outcome = match &r {
+            Ok(v) if v.get("isError").and_then(Value::as_bool) == Some(true) => Outcome::ToolError,
+            Ok(_) => Outcome::Ok,
+            Err(_) => Outcome::NoResult,
+        };
+        self.metrics.call(server, tool, outcome, began.elapsed());
         let server = server.to_owned();
         match r {
             Ok(v) => Ok(v),
@@ -232,6 +245,7 @@ async fn supervise(
     s: Arc<Supervised>,
     tools_version: Arc<watch::Sender<u64>>,
     stop: CancellationToken,
+    metrics: Arc<NodeMetrics>,
     first_done: tokio::sync::oneshot::Sender<()>,
 ) {
     let mut first_done = Some(first_done);
@@ -301,6 +315,7 @@ async fn supervise(
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
         s.slot.lock().expect("slot lock").state = ServerState::Restarting;
+        metrics.restarted(&name);
     }
 }
 

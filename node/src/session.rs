@@ -21,6 +21,7 @@ use crate::{
     identity::Identity,
     load::Load,
     mcp::Servers,
+    metrics::NodeMetrics,
     reconnect::{Ended, Reconnect},
 };
 
@@ -73,6 +74,7 @@ pub struct Session {
     servers: Servers,
     work: Arc<Mutex<Work>>,
     load: Load,
+    metrics: Arc<NodeMetrics>,
 }
 
 fn msg(m: node_message::Msg) -> NodeMessage {
@@ -80,13 +82,19 @@ fn msg(m: node_message::Msg) -> NodeMessage {
 }
 
 impl Session {
-    pub fn new(cfg: Arc<NodeConfig>, identity: Identity, servers: Servers) -> Self {
+    pub fn new(
+        cfg: Arc<NodeConfig>,
+        identity: Identity,
+        servers: Servers,
+        metrics: Arc<NodeMetrics>,
+    ) -> Self {
         Self {
             cfg,
             identity,
             servers,
             work: Arc::default(),
             load: Load::new(),
+            metrics,
         }
     }
 
@@ -116,6 +124,7 @@ impl Session {
                 _ = shutdown.cancelled() => break,
             };
             self.work.lock().expect("work lock").out = None;
+            self.metrics.connected(false);
             let how = match result {
                 Ok(()) => Ended::Closed,
                 Err(e) => {
@@ -190,6 +199,7 @@ impl Session {
                 match m.msg {
                     Some(hub_message::Msg::Welcome(w)) => {
                         tracing::info!(node_id = %w.node_id, "session open");
+                        self.metrics.connected(true);
                     }
                     Some(hub_message::Msg::Assign(a)) => self.assign(a),
                     Some(hub_message::Msg::Cancel(c)) => {

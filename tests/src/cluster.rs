@@ -485,6 +485,7 @@ impl Cluster {
             servers: spec.servers.clone(),
             tenants: spec.tenants.clone(),
             cpu_high_water_percent: 0.0,
+            http_listen: "127.0.0.1:0".into(),
         };
         let path = dir.join("node.toml");
         std::fs::write(&path, toml::to_string(&cfg)?)?;

@@ -274,3 +274,62 @@ fn the_prometheus_config_and_rules_in_deploy_pass_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn a_nodes_metrics_count_its_tool_calls_and_it_is_ready_only_with_a_hub() -> anyhow::Result<()>
+{
+    let mut c = Cluster::start().await?;
+    c.add_node(NodeSpec::demo("edge-1")).await?;
+    let mut agent = c.agent();
+    for i in 0..2 {
+        c.call(&mut agent, "echo", json!({"text": format!("n{i}")}))
+            .await?;
+    }
+    let tool_error = c.call(&mut agent, "fail", json!({"message": "no"})).await?;
+    assert_eq!(tool_error.state, pb::TaskState::Failed as i32);
+    let http = std::fs::read_to_string(c.node_dir("edge-1").join("http.addr"))?;
+    let (status, body) = http_get(&http, "/metrics").await?;
+    assert_eq!(status, 200, "{body}");
+    let calls = |tool: &str, outcome: &str| {
+        sample(
+            &body,
+            "flotilla_node_mcp_calls_total",
+            &[("server", "demo"), ("tool", tool), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(calls("echo", "ok"), Some(2.0), "{body}");
+    assert_eq!(calls("fail", "tool_error"), Some(1.0), "{body}");
+    assert_eq!(
+        sample(
+            &body,
+            "flotilla_node_mcp_call_duration_seconds_count",
+            &[("server", "demo")]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(&body, "flotilla_node_mcp_server_up", &[("server", "demo")]),
+        Some(1.0)
+    );
+    assert_eq!(sample(&body, "flotilla_node_hub_connected", &[]), Some(1.0));
+    assert_eq!(promtool_problems(&body), "", "promtool check metrics");
+    let (status, _) = http_get(&http, "/readyz").await?;
+    assert_eq!(status, 200);
+
+    // Without its hub the node is alive, not ready, and says so.
+    c.kill_hub(1);
+    let why = wait_until("the node to say it is not ready", READY, || {
+        let http = http.clone();
+        async move {
+            let (status, body) = http_get(&http, "/readyz").await.ok()?;
+            (status == 503).then_some(body)
+        }
+    })
+    .await?;
+    assert!(why.contains("no session"), "{why}");
+    let (status, body) = http_get(&http, "/metrics").await?;
+    assert_eq!(status, 200);
+    assert_eq!(sample(&body, "flotilla_node_hub_connected", &[]), Some(0.0));
+    assert_eq!(http_get(&http, "/healthz").await?.0, 200);
+    Ok(())
+}

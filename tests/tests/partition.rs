@@ -270,6 +270,7 @@ async fn a_partitioned_leader_commits_nothing_and_the_majority_carries_on() -> a
         heartbeat_ms: 200,
         tenants: Vec::new(),
         cpu_high_water_percent: 0.0,
+        http_listen: "127.0.0.1:0".into(),
         servers: vec![McpServerConfig {
             name: "demo".into(),
             command: flotilla_bin().display().to_string(),

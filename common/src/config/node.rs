@@ -55,6 +55,14 @@ pub struct NodeFile {
     /// No new work while whole-machine CPU is at or above this percent; 0: no limit.
     #[serde(default)]
     pub cpu_high_water_percent: f64,
+    /// Plain HTTP for operators: `/metrics`, `/healthz`, `/readyz`. Port 0 (the default)
+    /// picks a free port, written to `http.addr` in the data dir.
+    #[serde(default = "default_http_listen")]
+    pub http_listen: String,
+}
+
+fn default_http_listen() -> String {
+    super::defaults::HTTP_LISTEN.to_owned()
 }
 
 fn default_heartbeat() -> u64 {
@@ -90,6 +98,13 @@ impl NodeFile {
                 file,
                 "heartbeat_ms",
                 "must be between 100 and 60000",
+            ));
+        }
+        if self.http_listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                file,
+                "http_listen",
+                format!("{:?} is not HOST:PORT with an IP host", self.http_listen),
             ));
         }
         if !(0.0..=100.0).contains(&self.cpu_high_water_percent) {
