@@ -234,7 +234,8 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
         })
         .await?;
         let raft = std::fs::read_to_string(&raft_file)?;
-        addrs.push((*id, api, raft));
+        let http = std::fs::read_to_string(hub_dir.join(HTTP_ADDR_FILE))?;
+        addrs.push((*id, api, raft, http));
     }
     let hub_dir = hubs[0].1.clone();
     let hub_addr = addrs[0].1.clone();
@@ -253,7 +254,7 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
     // The client config other shells use.
     let client = ClientFile {
         hub: None,
-        hubs: addrs.iter().map(|(_, api, _)| api.clone()).collect(),
+        hubs: addrs.iter().map(|(_, api, _, _)| api.clone()).collect(),
         ca: Some(pki.join("ca.pem")),
         token: Some(admin_token),
     };
@@ -278,7 +279,7 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
         .iter()
         .map(|m| m.id)
         .collect();
-    for (id, api, raft) in addrs.iter().skip(1) {
+    for (id, api, raft, _) in addrs.iter().skip(1) {
         if members.contains(id) {
             continue;
         }
@@ -371,12 +372,20 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
         a.hubs,
         addrs
             .iter()
-            .map(|(_, api, _)| api.as_str())
+            .map(|(_, api, _, _)| api.as_str())
             .collect::<Vec<_>>()
             .join(", "),
         a.nodes
     );
     println!("Data, logs and credentials: {}", dir.display());
+    println!(
+        "Prometheus metrics: {}",
+        addrs
+            .iter()
+            .map(|(_, _, _, http)| format!("{http}/metrics"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     println!();
     println!("In another shell, try:");
     if a.data_dir.is_some() {

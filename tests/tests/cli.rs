@@ -63,6 +63,16 @@ async fn dev_cluster_then_client_commands() -> anyhow::Result<()> {
     let (mut dev, banner) = start_dev(home, &["--nodes", "2"]).await?;
     assert!(banner.contains("dev cluster is up"), "{banner}");
     assert!(home.join(".flotilla/dev/client.toml").exists());
+    // The metrics URL it prints answers, as a Prometheus would see it.
+    let metrics = banner
+        .lines()
+        .find_map(|l| l.strip_prefix("Prometheus metrics: "))
+        .and_then(|l| l.split(", ").next())
+        .expect("the banner names the metrics URL");
+    let (base, path) = metrics.split_at(metrics.rfind('/').expect("a path"));
+    let (status, body) = flotilla_tests::http_get(base, path).await?;
+    assert_eq!(status, 200);
+    assert!(body.contains("flotilla_raft_is_leader"), "{body}");
 
     let o = flotilla(home, &["call", "echo", "--args", r#"{"text":"hi"}"#]);
     assert!(o.status.success(), "{o:?}");
