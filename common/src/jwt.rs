@@ -95,6 +95,23 @@ pub enum JwtError {
 }
 
 impl JwtError {
+    /// A short, fixed name for why (a metric label).
+    pub fn reason(&self) -> &'static str {
+        use jsonwebtoken::errors::ErrorKind as K;
+        match self {
+            JwtError::Missing => "missing_token",
+            JwtError::NoKid | JwtError::UnknownKey(_) => "unknown_key",
+            JwtError::Key(_) | JwtError::NoSigningKey => "no_signing_key",
+            JwtError::Invalid(e) => match e.kind() {
+                K::ExpiredSignature => "expired",
+                K::ImmatureSignature => "not_yet_valid",
+                K::InvalidSignature => "bad_signature",
+                K::InvalidIssuer | K::InvalidAudience => "wrong_issuer_or_audience",
+                _ => "malformed",
+            },
+        }
+    }
+
     /// What to tell the caller: precise, without internals.
     pub fn user_message(&self) -> String {
         use jsonwebtoken::errors::ErrorKind as K;

@@ -71,11 +71,14 @@ fn still_valid(kid: &str, c: &Claims, keys: &[jwt::SigningKey], now: i64) -> boo
 
 /// Verifies the request's bearer token against the signing keys in the hub's state.
 pub fn agent<T>(req: &Request<T>, hub: &Hub) -> Result<Claims, HubError> {
-    let token =
-        bearer(req).ok_or_else(|| HubError::Unauthenticated(JwtError::Missing.to_string()))?;
+    let Some(token) = bearer(req) else {
+        hub.metrics.auth_failed(JwtError::Missing.reason());
+        return Err(HubError::Unauthenticated(JwtError::Missing.to_string()));
+    };
     let keys = hub.state().signing_keys.clone();
     hub.tokens.verify(token, &keys).map_err(|e| {
         tracing::info!(error = %e, "rejected agent token");
+        hub.metrics.auth_failed(e.reason());
         HubError::Unauthenticated(e.user_message())
     })
 }
@@ -84,6 +87,7 @@ pub fn agent<T>(req: &Request<T>, hub: &Hub) -> Result<Claims, HubError> {
 pub fn admin<T>(req: &Request<T>, hub: &Hub) -> Result<Claims, HubError> {
     let claims = agent(req, hub)?;
     if !claims.has_scope(jwt::ADMIN_SCOPE) {
+        hub.metrics.auth_failed("missing_scope");
         return Err(HubError::PermissionDenied(format!(
             "this needs the `{}` scope, which the token of {:?} does not hold",
             jwt::ADMIN_SCOPE,

@@ -26,6 +26,12 @@ fn raft_view(hub: &Hub) -> RaftView {
         last_log_index: m.last_log_index.unwrap_or(0),
         applied_index: m.last_applied.map_or(0, |l| l.index),
         limits: crate::scheduler::limits(hub),
+        heartbeat_ages: hub
+            .sessions
+            .snapshot()
+            .into_iter()
+            .map(|(id, n)| (id, n.last_seen.elapsed().as_secs_f64()))
+            .collect(),
     }
 }
 

@@ -32,6 +32,8 @@ pub struct Metrics {
     raft_last_log_index: IntGauge,
     raft_applied_index: IntGauge,
     raft_apply_lag: IntGauge,
+    auth_failures: IntCounterVec,
+    heartbeat_age: prometheus::GaugeVec,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -139,6 +141,22 @@ impl Metrics {
                 "raft_apply_lag",
                 "Entries this hub holds but has not applied yet.",
             ),
+            auth_failures: counter(
+                "auth_failures_total",
+                "Requests refused for their credentials, by reason (missing_token, expired, bad_signature, unknown_key, missing_scope, bad_join_token, ...).",
+                &["reason"],
+            ),
+            heartbeat_age: register(
+                &r,
+                prometheus::GaugeVec::new(
+                    Opts::new(
+                        "node_heartbeat_age_seconds",
+                        "Seconds since each connected node was last heard from (on the leader, which holds the sessions).",
+                    ),
+                    &["node"],
+                )
+                .expect("valid gauge"),
+            ),
             registry: r,
         }
     }
@@ -173,6 +191,11 @@ impl Metrics {
                 }
             }
         }
+    }
+
+    /// A request refused for its credentials; `reason` is one of a fixed few.
+    pub fn auth_failed(&self, reason: &'static str) {
+        self.auth_failures.with_label_values(&[reason]).inc();
     }
 
     /// A change of leader seen by this hub.
@@ -210,6 +233,10 @@ impl Metrics {
                     .set(i64::from(b != crate::scheduler::Breaker::Closed));
             }
         }
+        self.heartbeat_age.reset();
+        for (node, age) in &raft.heartbeat_ages {
+            self.heartbeat_age.with_label_values(&[node]).set(*age);
+        }
         self.raft_term.set(raft.term as i64);
         self.raft_is_leader.set(i64::from(raft.is_leader));
         self.raft_last_log_index.set(raft.last_log_index as i64);
@@ -232,6 +259,8 @@ pub struct RaftView {
     pub applied_index: u64,
     /// The hub's breaker thresholds.
     pub limits: crate::scheduler::Limits,
+    /// Seconds since each connected node was last heard from (the leader's sessions).
+    pub heartbeat_ages: Vec<(String, f64)>,
 }
 
 fn seconds(ms: i64) -> f64 {

@@ -64,9 +64,29 @@ async fn a_hubs_metrics_count_the_calls_made_and_promtool_accepts_them() -> anyh
         .await?;
     assert_eq!(failed.state, pb::TaskState::Failed as i32);
 
+    // Two callers without good credentials.
+    for token in ["", "not-a-jwt"] {
+        let refused = c
+            .agent_with(token)
+            .list_tools(pb::ListToolsRequest {})
+            .await
+            .expect_err("refused");
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    }
+
     let http = c.hub(1).http()?;
     let (status, body) = http_get(&http, "/metrics").await?;
     assert_eq!(status, 200, "{body}");
+    let auth = |reason: &str| sample(&body, "flotilla_auth_failures_total", &[("reason", reason)]);
+    assert_eq!(auth("missing_token"), Some(1.0), "{body}");
+    assert_eq!(auth("malformed"), Some(1.0), "{body}");
+    let age = sample(
+        &body,
+        "flotilla_node_heartbeat_age_seconds",
+        &[("node", "edge-1")],
+    )
+    .expect("the leader knows when it last heard from the node");
+    assert!((0.0..60.0).contains(&age), "{age}");
     let finished = |tool: &str, outcome: &str| {
         sample(
             &body,

@@ -49,6 +49,7 @@ impl NodeService for NodeApi {
             // The secret is never logged; the token id is not secret.
             tracing::warn!(token_id = ?token_id, source = %source, reason = why, "join refused");
             self.hub.quota.join_failed(&source);
+            self.hub.metrics.auth_failed("bad_join_token");
             HubError::Unauthenticated(
                 "join token is unknown, expired or used up; create a new one with `flotilla token create`".into(),
             )
