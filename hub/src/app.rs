@@ -47,7 +47,7 @@ struct Hooks {
 }
 
 impl ApplyHook for Hooks {
-    fn applied(&self, state: &State, _resp: &Response, effects: &Effects) {
+    fn applied(&self, index: u64, state: &State, _resp: &Response, effects: &Effects) {
         let mut seen = std::collections::HashSet::new();
         let archived: std::collections::HashMap<&str, &crate::state::TaskRecord> = effects
             .archived
@@ -62,7 +62,7 @@ impl ApplyHook for Hooks {
                 }
             }
         }
-        self.metrics.applied(effects, task);
+        self.metrics.applied(index, effects, task);
         // Attempts the hub ended (cancel, timeout, a decided fan-out, a failed workflow,
         // a drain deadline): tell their node. Only the leader has node sessions.
         for s in &effects.stopped {
@@ -167,11 +167,18 @@ pub async fn run(
         workflows: workflows.clone(),
         metrics: metrics.clone(),
     });
-    let (log_store, sm_store) = raft::open(
+    let (mut log_store, sm_store) = raft::open(
         &data_dir.join("raft"),
         config.storage_cache_mb * 1024 * 1024,
         hooks,
     )?;
+    // What the log held at start is replayed, not new: the task metrics skip it.
+    let held = openraft::storage::RaftLogStorage::get_log_state(&mut log_store)
+        .await
+        .context("reading the raft log")?
+        .last_log_id
+        .map_or(0, |l| l.index);
+    metrics.count_after(held);
     let state = sm_store.state();
     let raft = Raft::new(
         config.id,

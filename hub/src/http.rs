@@ -18,13 +18,23 @@ pub fn router(hub: Hub) -> Router {
 }
 
 fn raft_view(hub: &Hub) -> RaftView {
-    let m = hub.raft().metrics();
-    let m = m.borrow();
+    // `is_leader` reads the metrics itself: never while this borrow is held (a second
+    // read of a watch channel behind a waiting writer deadlocks).
+    let is_leader = hub.is_leader();
+    let (term, last_log_index, applied_index) = {
+        let m = hub.raft().metrics();
+        let m = m.borrow();
+        (
+            m.current_term,
+            m.last_log_index.unwrap_or(0),
+            m.last_applied.map_or(0, |l| l.index),
+        )
+    };
     RaftView {
-        term: m.current_term,
-        is_leader: hub.is_leader(),
-        last_log_index: m.last_log_index.unwrap_or(0),
-        applied_index: m.last_applied.map_or(0, |l| l.index),
+        term,
+        is_leader,
+        last_log_index,
+        applied_index,
         limits: crate::scheduler::limits(hub),
         heartbeat_ages: hub
             .sessions
@@ -39,7 +49,7 @@ async fn metrics(State(hub): State<Hub>) -> impl IntoResponse {
     let raft = raft_view(&hub);
     let body = hub
         .metrics
-        .render(&hub.state(), &raft, flotilla_common::now_ms());
+        .render(|| hub.state(), &raft, flotilla_common::now_ms());
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -34,6 +34,10 @@ pub struct Metrics {
     raft_apply_lag: IntGauge,
     auth_failures: IntCounterVec,
     heartbeat_age: prometheus::GaugeVec,
+    scraping: std::sync::Mutex<()>,
+    /// Entries up to this log index were in the log when the hub started: replaying them
+    /// counts nothing again.
+    counted_after: std::sync::atomic::AtomicU64,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -157,13 +161,34 @@ impl Metrics {
                 )
                 .expect("valid gauge"),
             ),
+            scraping: std::sync::Mutex::new(()),
+            counted_after: std::sync::atomic::AtomicU64::new(0),
             registry: r,
         }
     }
 
-    /// What one applied entry did to tasks: `touched` tasks as they are now (in the state
-    /// or just archived), `inserted` the ids of tasks it created.
-    pub fn applied<'a>(&self, effects: &Effects, task: impl Fn(&str) -> Option<&'a TaskRecord>) {
+    /// Entries up to `index` (the log's end when the hub started) are replayed, not new:
+    /// they count nothing.
+    pub fn count_after(&self, index: u64) {
+        self.counted_after
+            .store(index, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// What the entry at log index `index` did to tasks: `touched` tasks as they are now
+    /// (in the state or just archived), `inserted` the ids of tasks it created.
+    pub fn applied<'a>(
+        &self,
+        index: u64,
+        effects: &Effects,
+        task: impl Fn(&str) -> Option<&'a TaskRecord>,
+    ) {
+        if index
+            <= self
+                .counted_after
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
         for id in &effects.inserted {
             if let Some(t) = task(id) {
                 self.tasks_submitted.with_label_values(&[&t.tool]).inc();
@@ -181,7 +206,7 @@ impl Metrics {
                 self.tasks_finished
                     .with_label_values(&[&t.tool, t.status.as_str()])
                     .inc();
-                if let Some(a) = t.attempts.last() {
+                if let Some(a) = t.attempts.last().filter(|a| !a.requeued) {
                     if let Some(end) = a.finished_at_ms {
                         let start = a.started_at_ms.unwrap_or(a.assigned_at_ms);
                         self.task_duration
@@ -203,8 +228,28 @@ impl Metrics {
         self.raft_leader_changes.inc();
     }
 
-    /// Every metric in the text exposition format, with the gauges read now.
-    pub fn render(&self, state: &State, raft: &RaftView, now_ms: i64) -> String {
+    /// Every metric in the text exposition format, with the gauges read now from the
+    /// state `state` locks (held only while the gauges are set, not while encoding). One
+    /// scrape at a time: gauges are reset and set again, and two at once would see gaps.
+    pub fn render<'s>(
+        &self,
+        state: impl FnOnce() -> std::sync::RwLockReadGuard<'s, State>,
+        raft: &RaftView,
+        now_ms: i64,
+    ) -> String {
+        let _one = self.scraping.lock().expect("scrape lock");
+        {
+            let state = state();
+            self.set_gauges(&state, raft, now_ms);
+        }
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("the text encoder writes to memory");
+        String::from_utf8(out).expect("the text exposition is UTF-8")
+    }
+
+    fn set_gauges(&self, state: &State, raft: &RaftView, now_ms: i64) {
         self.queue_depth.reset();
         for (tenant, queue) in &state.index.queue {
             self.queue_depth
@@ -243,11 +288,6 @@ impl Metrics {
         self.raft_applied_index.set(raft.applied_index as i64);
         self.raft_apply_lag
             .set(raft.last_log_index.saturating_sub(raft.applied_index) as i64);
-        let mut out = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .expect("the text encoder writes to memory");
-        String::from_utf8(out).expect("the text exposition is UTF-8")
     }
 }
 

@@ -17,7 +17,7 @@ use tempfile::TempDir;
 struct NoHooks;
 
 impl ApplyHook for NoHooks {
-    fn applied(&self, _: &State, _: &Response, _: &Effects) {}
+    fn applied(&self, _: u64, _: &State, _: &Response, _: &Effects) {}
     fn replaced(&self, _: &State) {}
 }
 

@@ -54,8 +54,9 @@ pub async fn run(
         })
     };
     let result = session::Session::new(Arc::new(cfg), identity, servers.clone(), metrics)
-        .run(stop)
+        .run(stop.clone())
         .await;
+    stop.cancel();
     servers.shutdown().await;
     let _ = http_server.await;
     result

@@ -163,8 +163,27 @@ impl Servers {
     }
 
     /// Calls `tool` on `server`. Ok is the CallToolResult (which may itself say isError);
-    /// Err says why there is no result.
+    /// Err says why there is no result. Every call is counted, refused ones too.
     pub async fn call(
+        &self,
+        server: &str,
+        tool: &str,
+        args: Map<String, Value>,
+        progress: mpsc::Sender<Progress>,
+        cancel: CancellationToken,
+    ) -> Result<Value, McpError> {
+        let began = std::time::Instant::now();
+        let r = self.call_once(server, tool, args, progress, cancel).await;
+        let outcome = match &r {
+            Ok(v) if v.get("isError").and_then(Value::as_bool) == Some(true) => Outcome::ToolError,
+            Ok(_) => Outcome::Ok,
+            Err(_) => Outcome::NoResult,
+        };
+        self.metrics.call(server, tool, outcome, began.elapsed());
+        r
+    }
+
+    async fn call_once(
         &self,
         server: &str,
         tool: &str,
@@ -194,15 +213,8 @@ impl Servers {
                 }
             }
         };
-        let began = std::time::Instant::now();
         let r = client.call_tool(tool, args, Some(progress), cancel).await;
         s.slot.lock().expect("slot lock").running -= 1;
-        let outcome = match &r {
-            Ok(v) if v.get("isError").and_then(Value::as_bool) == Some(true) => Outcome::ToolError,
-            Ok(_) => Outcome::Ok,
-            Err(_) => Outcome::NoResult,
-        };
-        self.metrics.call(server, tool, outcome, began.elapsed());
         let server = server.to_owned();
         match r {
             Ok(v) => Ok(v),

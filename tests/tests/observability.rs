@@ -353,3 +353,32 @@ async fn a_nodes_metrics_count_its_tool_calls_and_it_is_ready_only_with_a_hub() 
     assert_eq!(http_get(&http, "/healthz").await?.0, 200);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_restarted_hub_counts_from_its_start_not_what_it_replays() -> anyhow::Result<()> {
+    let mut c = Cluster::start().await?;
+    c.add_node(NodeSpec::demo("edge-1")).await?;
+    let mut agent = c.agent();
+    for i in 0..3 {
+        c.call(&mut agent, "echo", json!({"text": format!("r{i}")}))
+            .await?;
+    }
+    let finished = |body: &str| {
+        sample(
+            body,
+            "flotilla_tasks_finished_total",
+            &[("tool", "echo"), ("outcome", "succeeded")],
+        )
+    };
+    let (_, body) = http_get(&c.hub(1).http()?, "/metrics").await?;
+    assert_eq!(finished(&body), Some(3.0));
+
+    // kill -9 and start again: the hub replays its log, and counts none of it again.
+    c.restart_hub(true).await?;
+    c.wait_node_connected("edge-1").await?;
+    let mut agent = c.agent();
+    c.call(&mut agent, "echo", json!({"text": "after"})).await?;
+    let (_, body) = http_get(&c.hub(1).http()?, "/metrics").await?;
+    assert_eq!(finished(&body), Some(1.0), "{body}");
+    Ok(())
+}

@@ -57,7 +57,8 @@ impl Default for Response {
 
 /// Told about every applied command, on every hub, in log order, while the state is locked.
 pub trait ApplyHook: Send + Sync + 'static {
-    fn applied(&self, state: &State, resp: &Response, effects: &Effects);
+    /// The command at log index `index` was applied.
+    fn applied(&self, index: u64, state: &State, resp: &Response, effects: &Effects);
     /// The whole state was replaced by a snapshot.
     fn replaced(&self, state: &State);
 }

@@ -384,7 +384,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         .into());
                     }
                     fail::fail_point!(crate::faults::APPLY_BEFORE_HOOK);
-                    self.hooks.applied(&state, &r, &effects);
+                    self.hooks.applied(entry.log_id.index, &state, &r, &effects);
                     r
                 }
                 EntryPayload::Membership(m) => {
