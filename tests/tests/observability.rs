@@ -278,10 +278,7 @@ async fn a_real_prometheus_scrapes_every_hub_and_sees_the_calls() -> anyhow::Res
 
 #[test]
 fn the_prometheus_config_and_rules_in_deploy_pass_promtool() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("deploy")
-        .join("prometheus");
+    let dir = deploy().join("prometheus");
     let out = std::process::Command::new("promtool")
         .args(["check", "config", "prometheus.yml"])
         .current_dir(&dir)
@@ -381,4 +378,69 @@ async fn a_restarted_hub_counts_from_its_start_not_what_it_replays() -> anyhow::
     let (_, body) = http_get(&c.hub(1).http()?, "/metrics").await?;
     assert_eq!(finished(&body), Some(1.0), "{body}");
     Ok(())
+}
+
+/// The repository's `deploy/` folder.
+fn deploy() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("deploy")
+}
+
+#[test]
+fn the_grafana_dashboard_queries_parse_and_use_only_documented_metrics() {
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(deploy().join("grafana").join("flotilla.json"))
+            .expect("deploy/grafana/flotilla.json"),
+    )
+    .expect("the dashboard is JSON");
+    let exprs: Vec<String> = dash["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_owned))
+        .collect();
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    // promtool parses PromQL in rule files: each query becomes a recording rule.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, e) in exprs.iter().enumerate() {
+        rules += &format!(
+            "      - record: flotilla_dashboard:panel_{i}\n        expr: {}\n",
+            serde_json::to_string(e).expect("a JSON string is a YAML string")
+        );
+    }
+    let file = dir.path().join("dashboard-rules.yml");
+    std::fs::write(&file, rules).expect("writing the rules");
+    let out = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .expect("promtool (Debian's prometheus package) must be installed");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every metric a panel reads is one docs/metrics.md documents.
+    let docs = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/metrics.md"),
+    )
+    .expect("docs/metrics.md");
+    for e in &exprs {
+        for word in e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if let Some(name) = word.strip_prefix("flotilla_") {
+                let base = name
+                    .trim_end_matches("_bucket")
+                    .trim_end_matches("_count")
+                    .trim_end_matches("_sum");
+                assert!(
+                    docs.contains(&format!("`flotilla_{base}`")),
+                    "panel query {e:?} reads flotilla_{base}, which docs/metrics.md does not list"
+                );
+            }
+        }
+    }
 }
