@@ -52,56 +52,49 @@ pub async fn watch_all(
     Ok(events)
 }
 
-/// Polls a task until it ended; returns it.
-pub async fn wait_done(agent: &Agent, id: &str) -> anyhow::Result<pb::Task> {
-    wait_until(&format!("task {id} to end"), READY, || {
+/// Polls task `id` until `done` holds for it; returns it.
+pub async fn wait_task_where(
+    agent: &Agent,
+    id: &str,
+    what: &str,
+    done: impl Fn(&pb::Task) -> bool,
+) -> anyhow::Result<pb::Task> {
+    wait_until(&format!("task {id} {what}"), READY, || {
         let mut agent = agent.clone();
         let id = id.to_owned();
+        let done = &done;
         async move {
             let t = agent
                 .get_task(pb::GetTaskRequest { task_id: id })
                 .await
                 .ok()?
                 .into_inner();
-            pb::TaskState::try_from(t.state)
-                .ok()?
-                .is_terminal()
-                .then_some(t)
+            done(&t).then_some(t)
         }
+    })
+    .await
+}
+
+/// Polls a task until it ended; returns it.
+pub async fn wait_done(agent: &Agent, id: &str) -> anyhow::Result<pb::Task> {
+    wait_task_where(agent, id, "to end", |t| {
+        pb::TaskState::try_from(t.state).is_ok_and(pb::TaskState::is_terminal)
     })
     .await
 }
 
 /// Polls a task until the scheduler says why it waits; returns it.
 pub async fn wait_pending(agent: &Agent, id: &str) -> anyhow::Result<pb::Task> {
-    wait_until(&format!("task {id} to show why it waits"), READY, || {
-        let mut a = agent.clone();
-        let id = id.to_owned();
-        async move {
-            let t = a
-                .get_task(pb::GetTaskRequest { task_id: id })
-                .await
-                .ok()?
-                .into_inner();
-            (!t.pending_reason.is_empty()).then_some(t)
-        }
+    wait_task_where(agent, id, "to show why it waits", |t| {
+        !t.pending_reason.is_empty()
     })
     .await
 }
 
 /// Polls a task until it is in `want`; returns it.
 pub async fn wait_state(agent: &Agent, id: &str, want: pb::TaskState) -> anyhow::Result<pb::Task> {
-    wait_until(&format!("task {id} to be {want:?}"), READY, || {
-        let mut a = agent.clone();
-        let id = id.to_owned();
-        async move {
-            let t = a
-                .get_task(pb::GetTaskRequest { task_id: id })
-                .await
-                .ok()?
-                .into_inner();
-            (t.state == want as i32).then_some(t)
-        }
+    wait_task_where(agent, id, &format!("to be {want:?}"), |t| {
+        t.state == want as i32
     })
     .await
 }

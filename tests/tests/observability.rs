@@ -23,6 +23,15 @@ fn sample(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> 
     })
 }
 
+/// Polls `/readyz` at `http` until it answers 503; the reason it gives.
+async fn wait_not_ready(http: &str, what: &str) -> anyhow::Result<String> {
+    wait_until(what, READY, || async move {
+        let (status, body) = http_get(http, "/readyz").await.ok()?;
+        (status == 503).then_some(body)
+    })
+    .await
+}
+
 /// `promtool check metrics` on `exposition`: its complaints, if any.
 fn promtool_problems(exposition: &str) -> String {
     let mut child = std::process::Command::new("promtool")
@@ -166,14 +175,7 @@ async fn a_hub_without_a_quorum_is_alive_but_not_ready() -> anyhow::Result<()> {
     c.kill_hub(others[0]);
     c.kill_hub(others[1]);
     let http = c.hub(leader).http()?;
-    let why = wait_until("the lone hub to say it is not ready", READY, || {
-        let http = http.clone();
-        async move {
-            let (status, body) = http_get(&http, "/readyz").await.ok()?;
-            (status == 503).then_some(body)
-        }
-    })
-    .await?;
+    let why = wait_not_ready(&http, "the lone hub to say it is not ready").await?;
     assert!(why.contains("no leader"), "{why}");
     let (status, _) = http_get(&http, "/healthz").await?;
     assert_eq!(status, 200, "alive all the same");
@@ -335,14 +337,7 @@ async fn a_nodes_metrics_count_its_tool_calls_and_it_is_ready_only_with_a_hub() 
 
     // Without its hub the node is alive, not ready, and says so.
     c.kill_hub(1);
-    let why = wait_until("the node to say it is not ready", READY, || {
-        let http = http.clone();
-        async move {
-            let (status, body) = http_get(&http, "/readyz").await.ok()?;
-            (status == 503).then_some(body)
-        }
-    })
-    .await?;
+    let why = wait_not_ready(&http, "the node to say it is not ready").await?;
     assert!(why.contains("no session"), "{why}");
     let (status, body) = http_get(&http, "/metrics").await?;
     assert_eq!(status, 200);
