@@ -5,6 +5,12 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::{fmt, EnvFilter};
 
+/// Histogram buckets for durations in seconds, from 5 ms to 20 minutes (tool calls and
+/// the time they wait), shared by the hub's and the node's metrics.
+pub const DURATION_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0, 1200.0,
+];
+
 /// Installs the global subscriber. `default_filter` applies when `RUST_LOG` is unset.
 pub fn init(json: bool, default_filter: &str) {
     let filter =

@@ -55,14 +55,23 @@ impl ApplyHook for Hooks {
             .map(|t| (t.id.as_str(), t))
             .collect();
         let task = |id: &str| state.tasks.get(id).or(archived.get(id).copied());
+        // Entries replayed on start count nothing again.
+        let counts = self.metrics.counts(index);
         for id in &effects.touched {
             if seen.insert(id) {
                 if let Some(t) = task(id) {
                     self.events.transition(t);
+                    if counts {
+                        self.metrics.transitioned(t);
+                    }
                 }
             }
         }
-        self.metrics.applied(index, effects, task);
+        if counts {
+            for t in effects.inserted.iter().filter_map(|id| task(id)) {
+                self.metrics.submitted(t);
+            }
+        }
         // Attempts the hub ended (cancel, timeout, a decided fan-out, a failed workflow,
         // a drain deadline): tell their node. Only the leader has node sessions.
         for s in &effects.stopped {

@@ -4,17 +4,13 @@
 //! Prometheus expects). Gauges are read from the state and Raft when scraped. Label sets
 //! stay bounded: tools, tenants with queued work, nodes, servers; never a task id.
 
+use flotilla_common::telemetry::DURATION_BUCKETS;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::state::{Effects, State, TaskRecord, TaskStatus};
-
-/// Seconds from 5 ms to about 20 minutes: tool calls and the time they wait.
-const SECONDS: [f64; 14] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0, 1200.0,
-];
+use crate::state::{State, TaskRecord, TaskStatus};
 
 pub struct Metrics {
     registry: Registry,
@@ -87,7 +83,7 @@ impl Metrics {
                         "task_queue_wait_seconds",
                         "From submission to the first assignment.",
                     )
-                    .buckets(SECONDS.to_vec()),
+                    .buckets(DURATION_BUCKETS.to_vec()),
                 )
                 .expect("valid histogram"),
             ),
@@ -98,7 +94,7 @@ impl Metrics {
                         "task_duration_seconds",
                         "The last attempt of a finished task, from its start (or assignment) to its result, by tool.",
                     )
-                    .buckets(SECONDS.to_vec()),
+                    .buckets(DURATION_BUCKETS.to_vec()),
                     &["tool"],
                 )
                 .expect("valid histogram"),
@@ -174,45 +170,36 @@ impl Metrics {
             .store(index, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// What the entry at log index `index` did to tasks: `touched` tasks as they are now
-    /// (in the state or just archived), `inserted` the ids of tasks it created.
-    pub fn applied<'a>(
-        &self,
-        index: u64,
-        effects: &Effects,
-        task: impl Fn(&str) -> Option<&'a TaskRecord>,
-    ) {
-        if index
-            <= self
+    /// Whether the entry at log index `index` is new to this process (not replayed).
+    pub fn counts(&self, index: u64) -> bool {
+        index
+            > self
                 .counted_after
                 .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            return;
+    }
+
+    /// Task `t` was created.
+    pub fn submitted(&self, t: &TaskRecord) {
+        self.tasks_submitted.with_label_values(&[&t.tool]).inc();
+    }
+
+    /// Task `t` made a transition (seen once per applied entry).
+    pub fn transitioned(&self, t: &TaskRecord) {
+        if t.status == TaskStatus::Assigned && t.attempts.len() == 1 {
+            let a = &t.attempts[0];
+            self.queue_wait
+                .observe(seconds(a.assigned_at_ms - t.created_at_ms));
         }
-        for id in &effects.inserted {
-            if let Some(t) = task(id) {
-                self.tasks_submitted.with_label_values(&[&t.tool]).inc();
-            }
-        }
-        let mut seen = std::collections::HashSet::new();
-        for id in effects.touched.iter().filter(|id| seen.insert(*id)) {
-            let Some(t) = task(id) else { continue };
-            if t.status == TaskStatus::Assigned && t.attempts.len() == 1 {
-                let a = &t.attempts[0];
-                self.queue_wait
-                    .observe(seconds(a.assigned_at_ms - t.created_at_ms));
-            }
-            if t.status.is_terminal() {
-                self.tasks_finished
-                    .with_label_values(&[&t.tool, t.status.as_str()])
-                    .inc();
-                if let Some(a) = t.attempts.last().filter(|a| !a.requeued) {
-                    if let Some(end) = a.finished_at_ms {
-                        let start = a.started_at_ms.unwrap_or(a.assigned_at_ms);
-                        self.task_duration
-                            .with_label_values(&[&t.tool])
-                            .observe(seconds(end - start));
-                    }
+        if t.status.is_terminal() {
+            self.tasks_finished
+                .with_label_values(&[&t.tool, t.status.as_str()])
+                .inc();
+            if let Some(a) = t.attempts.last().filter(|a| !a.requeued) {
+                if let Some(end) = a.finished_at_ms {
+                    let start = a.started_at_ms.unwrap_or(a.assigned_at_ms);
+                    self.task_duration
+                        .with_label_values(&[&t.tool])
+                        .observe(seconds(end - start));
                 }
             }
         }

@@ -2,15 +2,11 @@
 //! each). Label values are server and tool names from the node's own config and its
 //! servers' tool lists: bounded, never a task id.
 
+use flotilla_common::telemetry::DURATION_BUCKETS;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
-
-/// Seconds from 5 ms to about 20 minutes.
-const SECONDS: [f64; 14] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0, 1200.0,
-];
 
 pub struct NodeMetrics {
     registry: Registry,
@@ -70,7 +66,7 @@ impl NodeMetrics {
                 "node_mcp_call_duration_seconds",
                 "How long this node's MCP tool calls took, by server.",
             )
-            .buckets(SECONDS.to_vec()),
+            .buckets(DURATION_BUCKETS.to_vec()),
             &["server"],
         )
         .expect("valid histogram");

@@ -16,7 +16,8 @@ use tonic::{
 };
 
 use crate::{
-    flotilla_bin, wait_done, wait_until, AdminServiceClient, AgentServiceClient, Proc, READY,
+    flotilla_bin, wait_done, wait_status, wait_until, AdminServiceClient, AgentServiceClient, Proc,
+    READY,
 };
 
 /// The node TTL of test hubs: short, so node-loss tests are quick.
@@ -337,19 +338,9 @@ impl Cluster {
 
     /// Waits until the hub clients use reports a leader; returns its id.
     pub async fn wait_leader(&self) -> anyhow::Result<u64> {
-        let admin = self.admin();
-        wait_until("a leader", READY, || {
-            let mut admin = admin.clone();
-            async move {
-                let s = admin
-                    .cluster_status(pb::ClusterStatusRequest {})
-                    .await
-                    .ok()?
-                    .into_inner();
-                (s.leader_id != 0).then_some(s.leader_id)
-            }
-        })
-        .await
+        Ok(wait_status(&self.admin(), "a leader", |s| s.leader_id != 0)
+            .await?
+            .leader_id)
     }
 
     /// kill -9 one hub.
