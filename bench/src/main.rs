@@ -601,10 +601,13 @@ async fn soak(calls: usize, hubs: u64, retention_s: u64, conc: usize) -> anyhow:
         let n = WINDOW.min(calls - done);
         let a = agents.clone();
         let base = done;
+        let hub_cpu = || -> u64 { cluster.hubs.iter().map(|h| cpu_ms(h.proc.pid())).sum() };
+        let cpu_before = hub_cpu();
         let stats = drive(conc, n, move |i| {
             call_echo(a[(base + i) % a.len()].clone(), base + i)
         })
         .await;
+        let cpu_per_call = hub_cpu().saturating_sub(cpu_before) as f64 / n as f64;
         done += n;
         errors += stats.errors;
         let rss = cluster
@@ -620,7 +623,7 @@ async fn soak(calls: usize, hubs: u64, retention_s: u64, conc: usize) -> anyhow:
             .max()
             .unwrap_or(0);
         println!(
-            "soak_window calls={done} calls_per_s={:.1} hub_rss_mib={:.1} hub_disk_mib={:.1} errors={errors} p50_ms={:.2} p99_ms={:.2}",
+            "soak_window calls={done} calls_per_s={:.1} hub_rss_mib={:.1} hub_disk_mib={:.1} errors={errors} p50_ms={:.2} p99_ms={:.2} hub_cpu_ms_per_call={cpu_per_call:.3}",
             stats.rate(),
             rss as f64 / 1024.0,
             disk as f64 / (1024.0 * 1024.0),

@@ -57,6 +57,14 @@ impl Backend {
         })
     }
 
+    /// Writes `k`; the value it had before.
+    pub(super) fn replace(&self, t: usize, k: &[u8], v: &[u8]) -> StoreResult<Option<Vec<u8>>> {
+        Ok(match self {
+            Self::Memory(m) => m.lock().expect("history lock")[t].insert(k.to_vec(), v.to_vec()),
+            Self::Sled { trees, .. } => trees[t].insert(k, v)?.map(|v| v.to_vec()),
+        })
+    }
+
     /// Removes `k`; whether it was there.
     pub(super) fn remove(&self, t: usize, k: &[u8]) -> StoreResult<bool> {
         Ok(match self {

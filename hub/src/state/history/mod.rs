@@ -17,11 +17,20 @@
 //! - keys: kind, tenant, NUL, idempotency key, NUL, id → (): every record a key named
 //! - by_tenant: tenant, NUL, id → () (ids are UUIDv7: id order is time order)
 //! - dead: tenant, NUL, id → () (dead-lettered tasks)
-//! - by_finish: end time (big-endian, sign flipped), kind, id → (): what expires first
-//! - expired: expiry index (big-endian), kind, id → (): tombstones to purge
-//! - gone: kind, id → expiry index (big-endian): when a record expired. Kept apart so that
-//!   expiring a record writes a few bytes rather than the whole record again. (Records
-//!   written before this tree existed carried `expired_at` inside; it is still honoured.)
+//! - by_finish: end time (big-endian, sign flipped), kind, id → `Header`: what expires
+//!   first, with what expiring it needs to know (so expiring reads no record)
+//! - gone: kind, id → expiry index (big-endian), `Header`: the records expired and not yet
+//!   purged, with what purging needs to know. Kept apart so that expiring a record writes
+//!   a few bytes rather than the whole record again.
+//!
+//! A record's life is three writes to archive it (record, by_tenant, by_finish), three to
+//! expire it (gone in, by_tenant and by_finish out) and two to purge it (record and gone
+//! out), plus one each way for an idempotency key or a dead letter; no read.
+//!
+//! Older stores: `by_finish` values were empty and `gone` held the index alone (the record
+//! is read instead); the `expired` tree (expiry index, kind, id → ()) listed tombstones to
+//! purge, and records written before `gone` existed carry `expired_at` inside. All are
+//! still read and purged; nothing new is written there.
 
 use std::sync::{
     atomic::{AtomicU64, Ordering},
@@ -89,6 +98,64 @@ impl<T> Stored<T> {
     fn expired(&self, gone: Option<u64>) -> Option<u64> {
         gone.or(self.expired_at)
     }
+}
+
+/// What expiring and purging a record need to know of it: the value of its `by_finish`
+/// key, and of its `gone` mark after the expiry index.
+#[derive(Debug, Clone, PartialEq)]
+struct Header {
+    archived_at: u64,
+    dead: bool,
+    tenant: String,
+    key: Option<String>,
+}
+
+impl Header {
+    const DEAD: u8 = 1;
+    const KEYED: u8 = 2;
+
+    fn of<T>(s: &Stored<T>, dead: bool) -> Self {
+        Self {
+            archived_at: s.archived_at,
+            dead,
+            tenant: s.tenant.clone(),
+            key: s.key.clone(),
+        }
+    }
+
+    /// `archived_at` (8 bytes, big-endian), flags (1), tenant length (4), tenant, key.
+    fn encode(&self) -> Vec<u8> {
+        let flags = if self.dead { Self::DEAD } else { 0 }
+            | if self.key.is_some() { Self::KEYED } else { 0 };
+        let key = self.key.as_deref().unwrap_or_default();
+        let mut out = Vec::with_capacity(13 + self.tenant.len() + key.len());
+        out.extend_from_slice(&self.archived_at.to_be_bytes());
+        out.push(flags);
+        out.extend_from_slice(&(self.tenant.len() as u32).to_be_bytes());
+        out.extend_from_slice(self.tenant.as_bytes());
+        out.extend_from_slice(key.as_bytes());
+        out
+    }
+
+    /// `None` for an older store's empty value (or anything else it cannot read).
+    fn decode(v: &[u8]) -> Option<Self> {
+        let archived_at = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+        let flags = *v.get(8)?;
+        let len = u32::from_be_bytes(v.get(9..13)?.try_into().ok()?) as usize;
+        let tenant = std::str::from_utf8(v.get(13..13usize.checked_add(len)?)?).ok()?;
+        let key = std::str::from_utf8(&v[13 + len..]).ok()?;
+        Some(Self {
+            archived_at,
+            dead: flags & Self::DEAD != 0,
+            tenant: tenant.to_owned(),
+            key: (flags & Self::KEYED != 0).then(|| key.to_owned()),
+        })
+    }
+}
+
+/// The expiry index a `gone` value starts with.
+fn mark_index(v: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(v.get(..8)?.try_into().ok()?))
 }
 
 /// What a read of finished work found.
@@ -253,7 +320,7 @@ impl History {
                 ended_at_ms: t.updated_at_ms,
                 record: Some(t),
             };
-            self.put(&b, KIND_TASK, &t.id, &stored)?;
+            self.put(&b, KIND_TASK, &t.id, &stored, t.dead_lettered)?;
             b.insert(BY_TENANT, &tenant_key(&t.tenant, &t.id), b"")?;
             if t.dead_lettered {
                 b.insert(DEAD, &tenant_key(&t.tenant, &t.id), b"")?;
@@ -268,7 +335,7 @@ impl History {
                 ended_at_ms: w.updated_at_ms,
                 record: Some(w),
             };
-            self.put(&b, KIND_WORKFLOW, &w.id, &stored)?;
+            self.put(&b, KIND_WORKFLOW, &w.id, &stored, false)?;
         }
         Ok(())
     }
@@ -280,6 +347,7 @@ impl History {
         kind: u8,
         id: &str,
         stored: &Stored<&T>,
+        dead: bool,
     ) -> StoreResult<()> {
         let tree = tree_of(kind);
         b.insert(tree, id.as_bytes(), &encode(stored))?;
@@ -289,7 +357,9 @@ impl History {
         }
         let f = join(&[&time_key(stored.ended_at_ms), &[kind], id.as_bytes()]);
         // `count` is the number of `by_finish` keys: records not expired.
-        if !b.insert(BY_FINISH, &f, b"")? {
+        if b.replace(BY_FINISH, &f, &Header::of(stored, dead).encode())?
+            .is_none()
+        {
             self.count.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
@@ -297,9 +367,7 @@ impl History {
 
     /// When the record with `gone` key `key` (`mark_key`) expired, if it did.
     fn gone(&self, b: &Backend, key: &[u8]) -> StoreResult<Option<u64>> {
-        Ok(b.get(GONE, key)?
-            .and_then(|v| v.as_slice().try_into().ok())
-            .map(u64::from_be_bytes))
+        Ok(b.get(GONE, key)?.as_deref().and_then(mark_index))
     }
 
     fn drop_finish_key(&self, b: &Backend, key: &[u8]) -> StoreResult<()> {
@@ -316,53 +384,83 @@ impl History {
     /// short (the record marked, its keys not yet removed) are finished. Returns how many.
     pub fn expire(&self, at: u64, through: &[u8]) -> StoreResult<usize> {
         let b = self.backend();
-        let mut keys = Vec::new();
-        b.scan(BY_FINISH, b"", false, |k, _| {
+        let mut due = Vec::new();
+        b.scan(BY_FINISH, b"", false, |k, v| {
             if k > through {
                 return false;
             }
-            keys.push(k.to_vec());
+            due.push((k.to_vec(), Header::decode(v)));
             true
         })?;
         let mut n = 0;
-        for fk in keys {
+        for (fk, head) in due {
             if fk.len() < 9 {
                 self.drop_finish_key(&b, &fk)?;
                 continue;
             }
             let (kind, id) = (fk[8], &fk[9..]);
-            let tree = tree_of(kind);
-            let Some(v) = b.get(tree, id)? else {
-                self.drop_finish_key(&b, &fk)?;
-                continue;
+            let head = match head {
+                Some(h) => h,
+                None => match self.older_header(&b, kind, id, at)? {
+                    Some(h) => h,
+                    None => {
+                        // No record, or one an older store expired before `at`.
+                        self.drop_finish_key(&b, &fk)?;
+                        continue;
+                    }
+                },
             };
+            // Archived after `at`: a store that is ahead of the replay.
+            if head.archived_at > at {
+                continue;
+            }
             // The record stays whole until purged: a replay before `at` still reads it.
-            // Only its header is parsed; the expiry goes to `gone`.
-            let s: Stored<serde::de::IgnoredAny> = decode(&v)?;
             let gk = mark_key(kind, id);
-            match s.expired(self.gone(&b, &gk)?) {
-                // Archived after `at`: a store that is ahead of the replay.
-                _ if s.archived_at > at => continue,
-                // Expired before: only its key was left behind.
-                Some(e) if e < at => {
+            let mut mark = at.to_be_bytes().to_vec();
+            mark.extend_from_slice(&head.encode());
+            match b.replace(GONE, &gk, &mark)? {
+                // Expired before (only its key was left behind): that expiry stands.
+                Some(prev) if mark_index(&prev).is_some_and(|e| e < at) => {
+                    b.insert(GONE, &gk, &prev)?;
                     self.drop_finish_key(&b, &fk)?;
                     continue;
                 }
-                Some(e) if e == at => {}
-                _ => {
-                    b.insert(GONE, &gk, &at.to_be_bytes())?;
-                    n += 1;
-                }
+                // This expiry, cut short by a crash and now replayed.
+                Some(prev) if mark_index(&prev) == Some(at) => {}
+                _ => n += 1,
             }
             if kind == KIND_TASK {
-                let tk = join(&[s.tenant.as_bytes(), b"\0", id]);
+                let tk = join(&[head.tenant.as_bytes(), b"\0", id]);
                 b.remove(BY_TENANT, &tk)?;
-                b.remove(DEAD, &tk)?;
+                if head.dead {
+                    b.remove(DEAD, &tk)?;
+                }
             }
-            b.insert(EXPIRED, &join(&[&at.to_be_bytes(), &[kind], id]), b"")?;
             self.drop_finish_key(&b, &fk)?;
         }
         Ok(n)
+    }
+
+    /// An older store's `by_finish` key has no header: it is read from the record. `None`
+    /// if there is no record, or it expired before `at` (its expiry inside, or in `gone`).
+    fn older_header(
+        &self,
+        b: &Backend,
+        kind: u8,
+        id: &[u8],
+        at: u64,
+    ) -> StoreResult<Option<Header>> {
+        let Some(v) = b.get(tree_of(kind), id)? else {
+            return Ok(None);
+        };
+        let s: Stored<serde::de::IgnoredAny> = decode(&v)?;
+        if s.expired(self.gone(b, &mark_key(kind, id))?)
+            .is_some_and(|e| e < at)
+        {
+            return Ok(None);
+        }
+        // Not known: removing an absent dead letter is harmless.
+        Ok(Some(Header::of(&s, true)))
     }
 
     /// The `expire` cut through end time `ms` and the record `entry` (`None`: every record
@@ -374,23 +472,58 @@ impl History {
         }
     }
 
-    /// Removes the tombstones of records expired at or before log index `through`: a
-    /// snapshot at `through` is durable, so no replay will look at them again.
+    /// Removes the records expired at or before log index `through`: a snapshot at
+    /// `through` is durable, so no replay will look at them again. Returns how many.
     pub fn purge(&self, through: u64) -> StoreResult<usize> {
         let b = self.backend();
-        let mut gone = Vec::new();
+        let mut n = self.purge_listed(&b, through)?;
+        let mut due = Vec::new();
+        b.scan(GONE, b"", false, |k, v| {
+            if k.len() > 1 && mark_index(v).is_some_and(|e| e <= through) {
+                due.push((k.to_vec(), Header::decode(&v[8..])));
+            }
+            true
+        })?;
+        for (gk, head) in due {
+            let (kind, id) = (gk[0], &gk[1..]);
+            let tree = tree_of(kind);
+            let key = match head {
+                Some(h) => h.key.map(|k| (h.tenant, k)),
+                // An older mark (the index alone): the record says.
+                None => match b.get(tree, id)? {
+                    Some(v) => {
+                        let s: Stored<serde::de::IgnoredAny> = decode(&v)?;
+                        s.key.map(|k| (s.tenant, k))
+                    }
+                    None => None,
+                },
+            };
+            b.remove(tree, id)?;
+            if let Some((tenant, key)) = key {
+                b.remove(KEYS, &join(&[&key_prefix(kind, &tenant, &key), id]))?;
+            }
+            // Last: a purge a crash cut short finds the mark again.
+            b.remove(GONE, &gk)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Purges what an older store listed in the `expired` tree (expiry index, kind, id).
+    fn purge_listed(&self, b: &Backend, through: u64) -> StoreResult<usize> {
+        let mut listed = Vec::new();
         b.scan(EXPIRED, b"", false, |k, _| {
             if k.len() < 9 || u64::from_be_bytes(k[..8].try_into().expect("8 bytes")) > through {
                 return false;
             }
-            gone.push(k.to_vec());
+            listed.push(k.to_vec());
             true
         })?;
-        for k in &gone {
+        for k in &listed {
             let (kind, id) = (k[8], &k[9..]);
             let tree = tree_of(kind);
             let gk = mark_key(kind, id);
-            let mark = self.gone(&b, &gk)?;
+            let mark = self.gone(b, &gk)?;
             if let Some(v) = b.get(tree, id)? {
                 let s: Stored<serde::de::IgnoredAny> = decode(&v)?;
                 if s.expired(mark).is_some_and(|e| e <= through) {
@@ -401,13 +534,13 @@ impl History {
                 }
             }
             // Last, and even without its record (a crash may have come between the two):
-            // the tombstone key stays until its mark is gone, so nothing is left behind.
+            // the listing stays until its mark is gone, so nothing is left behind.
             if mark.is_some_and(|e| e <= through) {
                 b.remove(GONE, &gk)?;
             }
             b.remove(EXPIRED, k)?;
         }
-        Ok(gone.len())
+        Ok(listed.len())
     }
 
     /// Where retention should expire through, if anything is due: records that ended

@@ -68,3 +68,125 @@ fn an_expiry_inside_an_older_record_is_honoured() {
     assert_eq!(h.purge(7).unwrap(), 1);
     assert_eq!(h.task("old").unwrap(), Lookup::Missing);
 }
+
+#[test]
+fn a_header_reads_back_as_written() {
+    for h in [
+        Header {
+            archived_at: 7,
+            dead: true,
+            tenant: "acme".into(),
+            key: Some("k\0é".into()),
+        },
+        Header {
+            archived_at: u64::MAX,
+            dead: false,
+            tenant: String::new(),
+            key: None,
+        },
+        Header {
+            archived_at: 0,
+            dead: false,
+            tenant: "t".into(),
+            key: Some(String::new()),
+        },
+    ] {
+        assert_eq!(Header::decode(&h.encode()), Some(h));
+    }
+    assert_eq!(Header::decode(b""), None, "an older store's empty value");
+    let mut long = Header {
+        archived_at: 1,
+        dead: false,
+        tenant: "t".into(),
+        key: None,
+    }
+    .encode();
+    long[9..13].copy_from_slice(&u32::MAX.to_be_bytes());
+    assert_eq!(
+        Header::decode(&long),
+        None,
+        "a tenant longer than the value"
+    );
+}
+
+/// A store an older hub wrote (empty `by_finish` values, `gone` holding the index alone,
+/// tombstones listed in `expired`) expires and purges as a new one does.
+#[test]
+fn an_older_stores_records_expire_and_purge() {
+    let h = History::default();
+    let b = h.backend();
+    let mut dead = finished("d", 100);
+    dead.dead_lettered = true;
+    dead.idempotency_key = Some("key-d".into());
+    let (older, listed) = (finished("o", 100), finished("l", 50));
+    for t in [&dead, &older, &listed] {
+        let stored = Stored {
+            archived_at: 3,
+            expired_at: None,
+            tenant: t.tenant.clone(),
+            key: t.idempotency_key.clone(),
+            ended_at_ms: t.updated_at_ms,
+            record: Some(t),
+        };
+        b.insert(TASKS, t.id.as_bytes(), &encode(&stored)).unwrap();
+        b.insert(BY_TENANT, &tenant_key(&t.tenant, &t.id), b"")
+            .unwrap();
+        if let Some(k) = &t.idempotency_key {
+            let k = join(&[&key_prefix(KIND_TASK, &t.tenant, k), t.id.as_bytes()]);
+            b.insert(KEYS, &k, b"").unwrap();
+        }
+        if t.dead_lettered {
+            b.insert(DEAD, &tenant_key(&t.tenant, &t.id), b"").unwrap();
+        }
+    }
+    // `l` expired under the older hub: marked with the index alone, listed in `expired`.
+    b.insert(GONE, b"tl", &4u64.to_be_bytes()).unwrap();
+    b.insert(EXPIRED, &join(&[&4u64.to_be_bytes(), b"t", b"l"]), b"")
+        .unwrap();
+    b.remove(BY_TENANT, &tenant_key("t", "l")).unwrap();
+    for t in [&dead, &older] {
+        let f = join(&[&time_key(t.updated_at_ms), b"t", t.id.as_bytes()]);
+        b.insert(BY_FINISH, &f, b"").unwrap();
+    }
+    h.recount().unwrap();
+    assert_eq!(h.len(), 2);
+
+    assert_eq!(h.expire(9, &History::cut(100, None)).unwrap(), 2);
+    assert!(h.list("t", false, 10, |_| true).unwrap().is_empty());
+    assert!(h.list("t", true, 10, |_| true).unwrap().is_empty());
+    assert_eq!(h.task_at("d", 8).unwrap(), Some(TaskStatus::Succeeded));
+    assert_eq!(h.task_at("d", 9).unwrap(), None);
+    assert_eq!(
+        h.keyed_at(false, "t", "key-d", 8).unwrap(),
+        Some("d".into())
+    );
+    assert_eq!(h.keyed_at(false, "t", "key-d", 9).unwrap(), None);
+    assert_eq!(h.len(), 0);
+
+    assert_eq!(h.purge(4).unwrap(), 1, "what the older hub expired");
+    assert_eq!(h.task("l").unwrap(), Lookup::Missing);
+    assert!(matches!(h.task("d").unwrap(), Lookup::Expired { .. }));
+    assert_eq!(h.purge(9).unwrap(), 2);
+    let mut left = Vec::new();
+    h.dump_to(&mut left).unwrap();
+    assert!(left.is_empty(), "nothing left behind");
+}
+
+/// Every tree is empty once a record has been archived, expired and purged, and the
+/// expiry and the purge read no record to do it.
+#[test]
+fn a_records_life_leaves_nothing_and_expiring_reads_no_record() {
+    let h = History::default();
+    let mut t = finished("a", 100);
+    t.dead_lettered = true;
+    t.idempotency_key = Some("k".into());
+    h.archive(2, &[t], &[]).unwrap();
+    // Expiry and purge work from the keys alone: a record that cannot be read does not
+    // stop them.
+    h.backend().insert(TASKS, b"a", b"not json").unwrap();
+    assert_eq!(h.expire(5, &History::cut(100, None)).unwrap(), 1);
+    assert_eq!(h.purge(5).unwrap(), 1);
+    let mut left = Vec::new();
+    h.dump_to(&mut left).unwrap();
+    assert!(left.is_empty(), "nothing left behind");
+}
