@@ -385,6 +385,7 @@ async fn calls(bin: &std::path::Path, args: Args) -> anyhow::Result<()> {
             &bin.display().to_string(),
             &["mcp-demo".into()],
             &Default::default(),
+            &flotilla_node::stderr::StderrTail::new("direct"),
         )
         .await
         .context("starting the demo MCP server")?;

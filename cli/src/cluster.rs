@@ -92,6 +92,7 @@ fn print_status(st: &pb::ClusterStatusResponse, format: Format) {
                 "id": m.id,
                 "address": m.address,
                 "raft_address": m.raft_address,
+                "http_address": m.http_address,
                 "role": m.role,
                 "matched_index": m.matched_index,
                 "lag": m.lag,

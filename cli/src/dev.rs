@@ -199,6 +199,7 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
             raft_listen,
             raft_advertise: None,
             http_listen: "127.0.0.1:0".into(),
+            otlp_endpoint: None,
             // The first hub starts the cluster; the others are added to it below.
             bootstrap: id == 1,
             peers: vec![],
@@ -331,6 +332,7 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
             tenants: Vec::new(),
             cpu_high_water_percent: 0.0,
             http_listen: "127.0.0.1:0".into(),
+            otlp_endpoint: None,
             servers: vec![McpServerConfig {
                 name: "demo".into(),
                 command: exe.display().to_string(),

@@ -109,7 +109,7 @@ fn main() -> ExitCode {
         Command::Hub { .. } | Command::Node { .. } | Command::Dev(_) => "info,openraft=warn",
         _ => "warn",
     };
-    flotilla_common::telemetry::init(cli.log_json, filter);
+    let _traces = flotilla_common::telemetry::init(cli.log_json, filter, traces_of(&cli.command));
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -127,6 +127,31 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Where a hub's or node's spans go, read from its config before anything runs (a config
+/// that does not load is reported by the command itself).
+fn traces_of(command: &Command) -> Option<flotilla_common::telemetry::Traces> {
+    use flotilla_common::telemetry::Traces;
+    match command {
+        Command::Hub { config: path } => {
+            let c = config::load_toml::<config::HubFile>(path).ok()?;
+            Some(Traces {
+                service: "flotilla-hub",
+                instance: format!("hub-{}", c.id),
+                endpoint: c.otlp_endpoint,
+            })
+        }
+        Command::Node { config: path } => {
+            let c = config::load_toml::<config::NodeFile>(path).ok()?;
+            Some(Traces {
+                service: "flotilla-node",
+                instance: c.name,
+                endpoint: c.otlp_endpoint,
+            })
+        }
+        _ => None,
     }
 }
 

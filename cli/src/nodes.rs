@@ -108,6 +108,7 @@ pub(crate) async fn nodes(flags: ClientFlags) -> anyhow::Result<ExitCode> {
                         "region": n.labels.get("region"),
                         "status": n.status,
                         "connected": n.connected,
+                        "http_address": n.http_address,
                         "cpu_percent": n.cpu_percent,
                         "running": n.running,
                         "joined_at": output::time(n.joined_at_ms),

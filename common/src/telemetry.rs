@@ -1,9 +1,32 @@
-//! Logging setup: `tracing` to stderr, human-readable or JSON, filtered by `RUST_LOG`.
-//! Colours only on a terminal: a log written to a file or a pipe is plain text.
+//! Logs and traces.
+//!
+//! Logs: `tracing` events to stderr, human-readable or JSON, filtered by `RUST_LOG`;
+//! colours only on a terminal, so a log written to a file or a pipe is plain text.
+//!
+//! Traces: when an OTLP endpoint is configured (`otlp_endpoint` in hub.toml or node.toml,
+//! or the standard `OTEL_EXPORTER_OTLP_ENDPOINT`), `tracing` spans whose target is one of
+//! Flotilla's crates go to it as OpenTelemetry spans over OTLP/HTTP. Spans never reach the
+//! log (its lines stay as they were), and without an endpoint no span is even created.
+//! W3C trace context (`traceparent`) carries a call's trace from the agent to the hub
+//! (gRPC metadata), and from the hub to the node that runs it (the assignment).
 
-use std::io::IsTerminal;
+use std::{collections::HashMap, io::IsTerminal};
 
-use tracing_subscriber::{fmt, EnvFilter};
+use opentelemetry::{
+    propagation::{Extractor, TextMapPropagator},
+    trace::{TraceContextExt, TracerProvider as _},
+    Context, KeyValue,
+};
+use opentelemetry_sdk::{propagation::TraceContextPropagator, trace::SdkTracerProvider, Resource};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::{
+    filter::{filter_fn, FilterExt},
+    fmt,
+    layer::{Filter, SubscriberExt},
+    registry::LookupSpan,
+    util::SubscriberInitExt,
+    EnvFilter, Layer,
+};
 
 /// Histogram buckets for durations in seconds, from 5 ms to 20 minutes (tool calls and
 /// the time they wait), shared by the hub's and the node's metrics.
@@ -11,17 +34,184 @@ pub const DURATION_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0, 1200.0,
 ];
 
-/// Installs the global subscriber. `default_filter` applies when `RUST_LOG` is unset.
-pub fn init(json: bool, default_filter: &str) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let builder = fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    let _ = if json {
-        builder.json().flatten_event(true).try_init()
-    } else {
-        builder.try_init()
+/// The standard variables that name a collector when the config does not.
+const ENDPOINT_VARS: [&str; 2] = [
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+];
+
+/// Where a process's spans go, and what it is called there.
+pub struct Traces {
+    /// `service.name`: `flotilla-hub`, `flotilla-node`.
+    pub service: &'static str,
+    /// `service.instance.id`: the hub's id, the node's name.
+    pub instance: String,
+    /// The collector's base address (`http://host:4318`); `None`: the standard
+    /// environment variables, and without them no traces.
+    pub endpoint: Option<String>,
+}
+
+/// Keeps trace export running; what is still buffered is sent when it is dropped.
+#[must_use = "traces stop when the guard is dropped"]
+pub struct Guard(Option<SdkTracerProvider>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            if let Err(e) = p.shutdown() {
+                tracing::warn!(error = %e, "flushing traces at exit");
+            }
+        }
+    }
+}
+
+/// Installs the global subscriber. `default_filter` applies to logs when `RUST_LOG` is
+/// unset; `traces`, when it names a collector, adds trace export.
+pub fn init(json: bool, default_filter: &str, traces: Option<Traces>) -> Guard {
+    let plain = (!json).then(|| {
+        fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_filter(logs(default_filter))
+    });
+    let structured = json.then(|| {
+        fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .with_filter(logs(default_filter))
+    });
+    let (provider, failed) = match traces.map(provider).transpose() {
+        Ok(p) => (p.flatten(), None),
+        Err(e) => (None, Some(e)),
     };
+    let spans = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("flotilla"))
+            .with_filter(filter_fn(|m| {
+                m.is_span()
+                    && m.target().starts_with("flotilla")
+                    && *m.level() <= tracing::Level::INFO
+            }))
+    });
+    let _ = tracing_subscriber::registry()
+        .with(spans)
+        .with(plain)
+        .with(structured)
+        .try_init();
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    if let Some(p) = &provider {
+        opentelemetry::global::set_tracer_provider(p.clone());
+    }
+    if let Some(e) = failed {
+        tracing::warn!(error = %e, "cannot export traces; running without them");
+    }
+    Guard(provider)
+}
+
+/// What reaches the log: events (never spans) that `RUST_LOG`, or else `default`, lets
+/// through.
+fn logs<S>(default: &str) -> impl Filter<S>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(default))
+        .and(filter_fn(|m| m.is_event()))
+}
+
+/// The tracer provider for `t`, if it names a collector (or the environment does).
+fn provider(t: Traces) -> anyhow::Result<Option<SdkTracerProvider>> {
+    let from_env = ENDPOINT_VARS
+        .iter()
+        .any(|v| std::env::var(v).is_ok_and(|e| !e.trim().is_empty()));
+    if t.endpoint.is_none() && !from_env {
+        return Ok(None);
+    }
+    use opentelemetry_otlp::WithExportConfig;
+    let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
+    if let Some(base) = &t.endpoint {
+        exporter = exporter.with_endpoint(format!("{}/v1/traces", base.trim_end_matches('/')));
+    }
+    let exporter = exporter.build()?;
+    let resource = Resource::builder()
+        .with_service_name(t.service)
+        .with_attribute(KeyValue::new("service.instance.id", t.instance))
+        .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+        .build();
+    Ok(Some(
+        SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource)
+            .build(),
+    ))
+}
+
+struct Headers<'a>(&'a http::HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// The trace context a request's headers (gRPC metadata) carry, if any.
+pub fn from_headers(headers: &http::HeaderMap) -> Context {
+    TraceContextPropagator::new().extract(&Headers(headers))
+}
+
+/// The trace context a `traceparent` value names (empty when it is not one).
+pub fn from_traceparent(traceparent: &str) -> Context {
+    let carrier: HashMap<String, String> =
+        HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    TraceContextPropagator::new().extract(&carrier)
+}
+
+/// `cx` as a `traceparent` value; `None` when it holds no valid span.
+pub fn traceparent(cx: &Context) -> Option<String> {
+    if !cx.span().span_context().is_valid() {
+        return None;
+    }
+    let mut carrier = HashMap::new();
+    TraceContextPropagator::new().inject_context(cx, &mut carrier);
+    carrier.remove("traceparent")
+}
+
+/// Makes `span` continue the trace `cx` (a no-op when `cx` holds none).
+pub fn set_parent(span: &tracing::Span, cx: Context) {
+    if cx.span().span_context().is_valid() {
+        let _ = span.set_parent(cx);
+    }
+}
+
+/// The trace context of `span`: its own when traces are exported, else empty.
+pub fn context_of(span: &tracing::Span) -> Context {
+    span.context()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_traceparent_reads_back_as_written_and_garbage_is_no_trace() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(traceparent(&from_traceparent(tp)).as_deref(), Some(tp));
+        for bad in [
+            "",
+            "garbage",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(traceparent(&from_traceparent(bad)), None, "{bad}");
+        }
+        let mut h = http::HeaderMap::new();
+        h.insert("traceparent", tp.parse().unwrap());
+        assert_eq!(traceparent(&from_headers(&h)).as_deref(), Some(tp));
+    }
 }

@@ -231,8 +231,10 @@ pub async fn run(
         }
     }
 
+    let http_url = format!("http://{}", listeners.http.local_addr()?);
     let hub = Hub::new(Parts {
         config,
+        http_url,
         raft: raft.clone(),
         state,
         ca,
@@ -349,7 +351,9 @@ pub async fn run(
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .trace_fn(crate::trace::request_span)
         .layer(crate::conn::track_requests())
+        .layer(crate::metrics::grpc::layer(hub.metrics.clone()))
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(agent)

@@ -45,10 +45,13 @@ pub(crate) struct Parts {
     pub sessions: Sessions,
     pub workflows: tokio::sync::watch::Sender<u64>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Where this hub's HTTP port is reached, http://HOST:PORT.
+    pub http_url: String,
 }
 
 struct Inner {
     config: HubConfig,
+    http_url: String,
     raft: Raft,
     /// Every write goes through it: writes that arrive together share one entry.
     commit: crate::commit::GroupCommit,
@@ -84,6 +87,7 @@ impl Hub {
             inner: Arc::new(Inner {
                 commit: crate::commit::GroupCommit::start(p.raft.clone()),
                 config: p.config,
+                http_url: p.http_url,
                 raft: p.raft,
                 state: p.state,
                 ca: p.ca,
@@ -408,6 +412,11 @@ impl Hub {
                     .into(),
                     matched_index: matched.unwrap_or(0),
                     lag: matched.map_or(0, |x| last.saturating_sub(x)),
+                    http: if *id == m.id {
+                        self.inner.http_url.clone()
+                    } else {
+                        String::new()
+                    },
                 }
             })
             .collect();
@@ -444,20 +453,51 @@ impl Hub {
 
     /// The leader's view when it can be reached (it knows replication lag), else our own.
     pub async fn cluster_view(&self) -> ClusterView {
+        let mut view = self.leaders_view().await;
+        // Each hub knows its own HTTP address: ask the others, all at once, briefly.
+        let asks = view
+            .members
+            .iter()
+            .filter(|m| m.http.is_empty() && m.id != self.id())
+            .map(|m| {
+                let (id, raft) = (m.id, m.raft.clone());
+                async move { (id, self.member_view(&raft, Duration::from_secs(1)).await) }
+            });
+        let answers = futures::future::join_all(asks).await;
+        for m in &mut view.members {
+            if m.id == self.id() {
+                m.http = self.inner.http_url.clone();
+            }
+            let theirs = answers.iter().find(|(id, _)| *id == m.id);
+            if let Some((id, Some(v))) = theirs {
+                if let Some(me) = v.members.iter().find(|x| x.id == *id) {
+                    m.http = me.http.clone();
+                }
+            }
+        }
+        view
+    }
+
+    /// The leader's view of the cluster (this hub's own if it cannot be reached).
+    pub async fn leaders_view(&self) -> ClusterView {
         if !self.is_leader() {
             if let Some((_, node)) = self.leader() {
-                if let Ok(mut c) = self.inner.net.client(&node.raft) {
-                    if let Ok(Ok(reply)) =
-                        tokio::time::timeout(Duration::from_secs(2), c.status(encode(&()))).await
-                    {
-                        if let Ok(mut v) = decode::<ClusterView>(reply.get_ref()) {
-                            v.this_hub = self.id();
-                            return v;
-                        }
-                    }
+                if let Some(mut v) = self.member_view(&node.raft, Duration::from_secs(2)).await {
+                    v.this_hub = self.id();
+                    return v;
                 }
             }
         }
         self.local_view()
+    }
+
+    /// The view of the hub whose Raft port is `raft`, if it answers within `wait`.
+    async fn member_view(&self, raft: &str, wait: Duration) -> Option<ClusterView> {
+        let mut c = self.inner.net.client(raft).ok()?;
+        let reply = tokio::time::timeout(wait, c.status(encode(&())))
+            .await
+            .ok()?
+            .ok()?;
+        decode::<ClusterView>(reply.get_ref()).ok()
     }
 }

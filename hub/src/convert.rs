@@ -387,7 +387,14 @@ pub fn cancel_message(task_id: &str, attempt: u32) -> pb::HubMessage {
     }
 }
 
-pub fn assign_message(t: &TaskRecord, server: &str, attempt: u32, fence: u64) -> pb::HubMessage {
+/// The assignment of `t` to `server`; `traceparent` is what the node's span continues.
+pub fn assign_message(
+    t: &TaskRecord,
+    server: &str,
+    attempt: u32,
+    fence: u64,
+    traceparent: String,
+) -> pb::HubMessage {
     pb::HubMessage {
         msg: Some(pb::hub_message::Msg::Assign(pb::Assign {
             task_id: t.id.clone(),
@@ -396,6 +403,7 @@ pub fn assign_message(t: &TaskRecord, server: &str, attempt: u32, fence: u64) ->
             server: server.to_owned(),
             tool: t.tool.clone(),
             arguments: serde_json::to_vec(&t.arguments).unwrap_or_default(),
+            traceparent,
         })),
     }
 }

@@ -24,6 +24,7 @@ pub mod service;
 pub mod sessions;
 pub mod state;
 pub mod timers;
+pub mod trace;
 
 pub use app::{run, Listeners};
 pub use chores::ADMIN_TOKEN_FILE;

@@ -9,6 +9,7 @@ pub mod mcp_client;
 pub mod metrics;
 pub mod reconnect;
 pub mod session;
+pub mod stderr;
 
 use std::{future::Future, sync::Arc};
 
@@ -26,11 +27,8 @@ pub async fn run(
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {http_listen}: {e}"))?;
     let http_addr = http.local_addr()?;
-    flotilla_common::pki::write_whole(
-        &cfg.data_dir.join("http.addr"),
-        format!("http://{http_addr}").as_bytes(),
-        0o644,
-    )?;
+    let http_url = format!("http://{http_addr}");
+    flotilla_common::pki::write_whole(&cfg.data_dir.join("http.addr"), http_url.as_bytes(), 0o644)?;
     let identity = identity::load_or_join(&cfg).await?;
     tracing::info!(node_id = %identity.node_id, hub = %cfg.hub, http = %http_addr, "node starting");
     let metrics = Arc::new(metrics::NodeMetrics::new());
@@ -53,7 +51,7 @@ pub async fn run(
             }
         })
     };
-    let result = session::Session::new(Arc::new(cfg), identity, servers.clone(), metrics)
+    let result = session::Session::new(Arc::new(cfg), identity, servers.clone(), metrics, http_url)
         .run(stop.clone())
         .await;
     stop.cancel();

@@ -18,6 +18,7 @@ pub use crate::mcp_client::Progress;
 use crate::{
     mcp_client::{CallError, McpClient, ToolInfo},
     metrics::{NodeMetrics, Outcome},
+    stderr::StderrTail,
 };
 
 /// Why a tool call got no result from its MCP server.
@@ -265,8 +266,9 @@ async fn supervise(
     let name = s.cfg.name.clone();
     loop {
         let env: HashMap<String, String> = s.cfg.env.clone().into_iter().collect();
+        let stderr = StderrTail::new(&name);
         let started = tokio::select! {
-            r = start_once(&s.cfg, &env) => r,
+            r = start_once(&s.cfg, &env, &stderr) => r,
             _ = stop.cancelled() => return,
         };
         let client = match started {
@@ -315,6 +317,7 @@ async fn supervise(
                 Some(st) => format!("process exited ({st})"),
                 None => "process ended".to_owned(),
             };
+            let why = stderr.explain(why).await;
             tracing::warn!(server = %name, reason = %why, "MCP server died; restarting");
             let mut slot = s.slot.lock().expect("slot lock");
             slot.state = ServerState::Failing;
@@ -334,14 +337,24 @@ async fn supervise(
 async fn start_once(
     cfg: &McpServerConfig,
     env: &HashMap<String, String>,
+    stderr: &StderrTail,
 ) -> Result<(McpClient, Vec<ToolInfo>), String> {
-    let client = tokio::time::timeout(
+    let spawned = tokio::time::timeout(
         Duration::from_secs(20),
-        McpClient::spawn(&cfg.command, &cfg.args, env),
+        McpClient::spawn(&cfg.command, &cfg.args, env, stderr),
     )
-    .await
-    .map_err(|_| format!("{:?} did not finish the MCP handshake in 20s", cfg.command))?
-    .map_err(|e| format!("cannot start {:?}: {e}", cfg.command))?;
+    .await;
+    let client = match spawned {
+        Ok(Ok(c)) => c,
+        Err(_) => {
+            let why = format!("{:?} did not finish the MCP handshake in 20s", cfg.command);
+            return Err(stderr.explain(why).await);
+        }
+        Ok(Err(e)) => {
+            let why = format!("cannot start {:?}: {e}", cfg.command);
+            return Err(stderr.explain(why).await);
+        }
+    };
     match tokio::time::timeout(Duration::from_secs(20), client.list_tools()).await {
         Ok(Ok(tools)) => Ok((client, tools)),
         Ok(Err(e)) => {

@@ -274,21 +274,26 @@ pub struct McpClient {
 }
 
 impl McpClient {
-    /// Spawn `program args` (no shell) with extra `env`, and run the MCP initialize handshake.
+    /// Spawn `program args` (no shell) with extra `env`, and run the MCP initialize
+    /// handshake. What it writes to stderr goes to `stderr`.
     pub async fn spawn(
         program: &str,
         args: &[String],
         env: &HashMap<String, String>,
+        stderr: &crate::stderr::StderrTail,
     ) -> anyhow::Result<McpClient> {
         let mut cmd = tokio::process::Command::new(program);
         cmd.args(args)
             .envs(env)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .kill_on_drop(true);
         let mut child = cmd.spawn()?;
         let pid = child.id();
+        if let Some(e) = child.stderr.take() {
+            stderr.follow(e);
+        }
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
             anyhow::bail!("child process has no stdio pipes");
         };
@@ -307,7 +312,24 @@ impl McpClient {
         let progress = ProgressRouter::default();
         let stdout = ProgressTap::new(stdout, progress.clone());
         // (AsyncRead, AsyncWrite) tuple is an rmcp transport (feature transport-async-rw).
-        let running = NodeHandler.serve((stdout, stdin)).await?;
+        let running = match NodeHandler.serve((stdout, stdin)).await {
+            Ok(r) => r,
+            Err(e) => {
+                // A process that exited says more than the broken pipe the handshake saw.
+                let mut exit = exit_rx.clone();
+                let waited = tokio::time::timeout(
+                    Duration::from_millis(500),
+                    exit.wait_for(|s| s.is_some()),
+                )
+                .await;
+                if let Ok(Ok(status)) = waited {
+                    if let Some(st) = *status {
+                        anyhow::bail!("it exited ({st}) before finishing the MCP handshake");
+                    }
+                }
+                return Err(e.into());
+            }
+        };
         let peer = running.peer().clone();
         Ok(McpClient {
             peer,

@@ -8,6 +8,7 @@ use std::{
     sync::{Arc, Mutex},
     time::Duration,
 };
+use tracing::Instrument;
 
 use flotilla_common::{config::NodeConfig, tls};
 use flotilla_proto::{
@@ -75,6 +76,8 @@ pub struct Session {
     work: Arc<Mutex<Work>>,
     load: Load,
     metrics: Arc<NodeMetrics>,
+    /// Where this node's HTTP port is reached, told to the hub in every hello.
+    http_address: String,
 }
 
 fn msg(m: node_message::Msg) -> NodeMessage {
@@ -87,6 +90,7 @@ impl Session {
         identity: Identity,
         servers: Servers,
         metrics: Arc<NodeMetrics>,
+        http_address: String,
     ) -> Self {
         Self {
             cfg,
@@ -95,6 +99,7 @@ impl Session {
             work: Arc::default(),
             load: Load::new(),
             metrics,
+            http_address,
         }
     }
 
@@ -166,6 +171,7 @@ impl Session {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             tenants: self.cfg.tenants.clone(),
             cpu_high_water_percent: self.cfg.cpu_high_water_percent,
+            http_address: self.http_address.clone(),
         })))
         .await
         .map_err(SessionError::other)?;
@@ -260,8 +266,29 @@ impl Session {
         }
         tracing::info!(task_id = %a.task_id, attempt = a.attempt, tool = %a.tool, server = %a.server, "running task");
         let this = self.clone();
+        // The call's span continues the trace the assignment carries (the agent's call).
+        let span = tracing::info_span!(
+            "tool call",
+            otel.name = %format!("tools/call {}", a.tool),
+            otel.kind = "client",
+            mcp.method.name = "tools/call",
+            gen_ai.operation.name = "execute_tool",
+            gen_ai.tool.name = %a.tool,
+            flotilla.task_id = %a.task_id,
+            flotilla.attempt = a.attempt,
+            flotilla.node_id = %self.identity.node_id,
+            flotilla.server = %a.server,
+            error.type = tracing::field::Empty,
+        );
+        flotilla_common::telemetry::set_parent(
+            &span,
+            flotilla_common::telemetry::from_traceparent(&a.traceparent),
+        );
         tokio::spawn(async move {
-            let result = this.execute(&a, ct).await;
+            let result = this.execute(&a, ct).instrument(span.clone()).await;
+            if !result.error.is_empty() {
+                span.record("error.type", "tool_error");
+            }
             let out = this
                 .work
                 .lock()

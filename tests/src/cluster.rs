@@ -104,6 +104,8 @@ pub struct Options {
     /// `FAILPOINTS` for the hub with this id, each time it starts (see `hub/src/faults.rs`;
     /// remove the entry before starting a hub again to start it clean).
     pub failpoints: BTreeMap<u64, String>,
+    /// hub.toml's and node.toml's `otlp_endpoint`: where hubs and nodes send traces.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for Options {
@@ -117,6 +119,7 @@ impl Default for Options {
             retention_s: flotilla_common::config::defaults::RETENTION_S,
             retention_max_tasks: flotilla_common::config::defaults::RETENTION_MAX_TASKS,
             failpoints: BTreeMap::new(),
+            otlp_endpoint: None,
         }
     }
 }
@@ -203,6 +206,7 @@ async fn start_member(
         raft_listen: "127.0.0.1:0".into(),
         raft_advertise: None,
         http_listen: "127.0.0.1:0".into(),
+        otlp_endpoint: opts.otlp_endpoint.clone(),
         bootstrap,
         peers: vec![],
         ca_cert: Some(pki.join("ca.pem")),
@@ -477,6 +481,7 @@ impl Cluster {
             tenants: spec.tenants.clone(),
             cpu_high_water_percent: 0.0,
             http_listen: "127.0.0.1:0".into(),
+            otlp_endpoint: self.opts.otlp_endpoint.clone(),
         };
         let path = dir.join("node.toml");
         std::fs::write(&path, toml::to_string(&cfg)?)?;

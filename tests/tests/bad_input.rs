@@ -394,3 +394,62 @@ fn malformed_config_files_exit_64_naming_the_key() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_server_that_cannot_start_says_why_and_a_call_for_its_tool_names_it() -> anyhow::Result<()>
+{
+    let mut c = Cluster::start().await?;
+    // What a Python MCP server without its package does: a traceback on stderr, exit 1.
+    let mut git = demo_server("git", 4);
+    git.command = "sh".into();
+    git.args = vec![
+        "-c".into(),
+        "echo 'Traceback (most recent call last):' >&2; echo \"ModuleNotFoundError: No module named 'mcp_server_git'\" >&2; exit 1".into(),
+    ];
+    c.add_node(NodeSpec {
+        name: "edge-1".into(),
+        labels: Default::default(),
+        servers: vec![demo_server("demo", 4), git],
+        tenants: Vec::new(),
+    })
+    .await?;
+
+    let admin = c.admin();
+    let error = wait_until("the failing server's reason", READY, || {
+        let mut admin = admin.clone();
+        async move {
+            let nodes = admin
+                .list_nodes(pb::ListNodesRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .nodes;
+            let s = nodes.first()?.servers.iter().find(|s| s.name == "git")?;
+            (!s.error.is_empty()).then(|| s.error.clone())
+        }
+    })
+    .await?;
+    assert!(
+        error.contains("No module named 'mcp_server_git'"),
+        "the server's own words: {error}"
+    );
+
+    let refused = c
+        .agent()
+        .submit_task(flotilla_tests::submit("git_log", json!({})))
+        .await
+        .expect_err("nobody offers git_log");
+    assert_eq!(refused.code(), tonic::Code::NotFound);
+    let m = refused.message();
+    assert!(m.contains("unknown tool \"git_log\""), "{m}");
+    assert!(
+        m.contains("\"git\" on node edge-1") && m.contains("No module named 'mcp_server_git'"),
+        "names the failing server and why: {m}"
+    );
+    // A tool that exists is not refused for it.
+    let t = c
+        .call(&mut c.agent(), "echo", json!({"text": "fine"}))
+        .await?;
+    assert_eq!(t.state, pb::TaskState::Succeeded as i32);
+    Ok(())
+}

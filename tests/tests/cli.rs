@@ -6,7 +6,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use flotilla_tests::{flotilla_bin, wait_until, READY};
+use flotilla_tests::{flotilla_bin, http_get, wait_until, READY};
 
 /// Runs a client command the way a second shell would after `flotilla dev`: no flags, no
 /// FLOTILLA_* variables, only the same home directory.
@@ -157,6 +157,11 @@ async fn dev_cluster_then_client_commands() -> anyhow::Result<()> {
         .any(|n| n["id"] == node.as_str() && n["connected"] == true));
     let zones: Vec<&str> = nodes.iter().filter_map(|n| n["zone"].as_str()).collect();
     assert!(zones.contains(&"a") && zones.contains(&"b"), "{zones:?}");
+    // Each node says where its HTTP port is, and it answers there.
+    for n in nodes {
+        let http = n["http_address"].as_str().expect("http_address");
+        assert_eq!(http_get(http, "/healthz").await?.0, 200, "{n}");
+    }
 
     let o = flotilla(home, &["tools"]);
     assert!(stdout(&o).contains("sleep"));
@@ -167,6 +172,10 @@ async fn dev_cluster_then_client_commands() -> anyhow::Result<()> {
         .as_str()
         .expect("address")
         .starts_with("https://127.0.0.1:"));
+    let http = st["members"][0]["http_address"]
+        .as_str()
+        .expect("http_address");
+    assert_eq!(http_get(http, "/healthz").await?.0, 200, "{st}");
 
     let o = flotilla(home, &["token", "create", "--uses", "2"]);
     assert!(stdout(&o).starts_with("flt1."), "{o:?}");
@@ -331,6 +340,11 @@ async fn dev_with_three_hubs_survives_killing_the_leader() -> anyhow::Result<()>
     let members = st["members"].as_array().expect("members");
     assert_eq!(members.len(), 3, "{st}");
     let leader = st["leader_id"].as_u64().expect("leader");
+    // Whichever hub answers, every member's HTTP address is known and answers.
+    for m in members {
+        let http = m["http_address"].as_str().expect("http_address");
+        assert_eq!(http_get(http, "/healthz").await?.0, 200, "{st}");
+    }
 
     // Each hub is its own process: kill -9 the leader's.
     let config = home.join(format!(".flotilla/dev/hub-{leader}/hub.toml"));
@@ -356,6 +370,13 @@ async fn dev_with_three_hubs_survives_killing_the_leader() -> anyhow::Result<()>
     let st: serde_json::Value =
         serde_json::from_slice(&flotilla(home, &["cluster", "status", "-o", "json"]).stdout)?;
     assert_ne!(st["leader_id"].as_u64(), Some(leader), "a new leader: {st}");
+    let dead = st["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .find(|m| m["id"].as_u64() == Some(leader))
+        .expect("the killed hub is still a member");
+    assert_eq!(dead["http_address"], "", "a hub that does not answer: {st}");
 
     // dev kept running through the kill.
     assert!(

@@ -146,6 +146,88 @@ async fn a_hubs_metrics_count_the_calls_made_and_promtool_accepts_them() -> anyh
 }
 
 #[tokio::test]
+async fn grpc_requests_are_counted_by_method_and_status_code() -> anyhow::Result<()> {
+    let mut c = Cluster::start().await?;
+    c.add_node(NodeSpec::demo("edge-1")).await?;
+    let mut agent = c.agent();
+    let t = c.call(&mut agent, "echo", json!({"text": "hi"})).await?;
+    assert_eq!(t.state, pb::TaskState::Succeeded as i32);
+    // Refused at once (the status rides in the response headers).
+    let missing = agent
+        .get_task(pb::GetTaskRequest {
+            task_id: "no-such-task".into(),
+        })
+        .await
+        .expect_err("unknown task");
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    // A stream the caller walks away from.
+    let long = agent
+        .submit_task(flotilla_tests::submit("sleep", json!({"ms": 60000})))
+        .await?
+        .into_inner()
+        .task_id;
+    let mut watch = agent
+        .watch_task(pb::WatchTaskRequest {
+            task_id: long.clone(),
+            from_seq: 0,
+        })
+        .await?
+        .into_inner();
+    watch.message().await?.expect("the first event");
+    drop(watch);
+
+    let http = c.hub(1).http()?;
+    let count = |body: &str, method: &str, code: &str| {
+        sample(
+            body,
+            "flotilla_grpc_requests_total",
+            &[
+                ("service", "flotilla.v1.AgentService"),
+                ("method", method),
+                ("code", code),
+            ],
+        )
+    };
+    let body = wait_until("the dropped watch to be counted", READY, || {
+        let http = http.clone();
+        async move {
+            let (_, body) = http_get(&http, "/metrics").await.ok()?;
+            count(&body, "WatchTask", "CANCELLED").map(|_| body)
+        }
+    })
+    .await?;
+    assert_eq!(count(&body, "SubmitTask", "OK"), Some(2.0), "{body}");
+    assert_eq!(count(&body, "GetTask", "NOT_FOUND"), Some(1.0), "{body}");
+    assert!(
+        count(&body, "GetTask", "OK").unwrap_or(0.0) >= 1.0,
+        "{body}"
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "flotilla_grpc_request_duration_seconds_count",
+            &[("method", "SubmitTask")]
+        ),
+        Some(2.0)
+    );
+    // The node's session is a gRPC stream too, still open: not counted yet.
+    assert_eq!(
+        sample(
+            &body,
+            "flotilla_grpc_requests_total",
+            &[
+                ("service", "flotilla.v1.NodeService"),
+                ("method", "Session")
+            ]
+        ),
+        None,
+        "{body}"
+    );
+    assert_eq!(promtool_problems(&body), "", "promtool check metrics");
+    Ok(())
+}
+
+#[tokio::test]
 async fn every_hub_says_it_is_alive_and_ready_once_it_has_a_leader() -> anyhow::Result<()> {
     let c = Cluster::with_hubs(3).await?;
     for h in &c.hubs {
@@ -424,4 +506,143 @@ fn the_grafana_dashboard_queries_parse_and_use_only_documented_metrics() {
             }
         }
     }
+}
+
+/// One span as an OTLP receiver got it.
+#[derive(Clone, Debug)]
+struct Received {
+    service: String,
+    trace_id: String,
+    name: String,
+    attributes: std::collections::BTreeMap<String, String>,
+}
+
+/// An OTLP/HTTP receiver on port 0 (what a collector does with `POST /v1/traces`):
+/// its base address and what it has received.
+async fn otlp_receiver() -> anyhow::Result<(String, std::sync::Arc<std::sync::Mutex<Vec<Received>>>)>
+{
+    use opentelemetry_proto::tonic::{
+        collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse},
+        common::v1::any_value::Value,
+    };
+    use prost::Message;
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = got.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let sink = sink.clone();
+            async move {
+                let Ok(req) = ExportTraceServiceRequest::decode(body) else {
+                    return (axum::http::StatusCode::BAD_REQUEST, Vec::new());
+                };
+                let text = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| match v
+                    .as_ref()
+                    .and_then(|v| v.value.as_ref())
+                {
+                    Some(Value::StringValue(s)) => s.clone(),
+                    Some(Value::IntValue(i)) => i.to_string(),
+                    Some(other) => format!("{other:?}"),
+                    None => String::new(),
+                };
+                let mut out = sink.lock().expect("receiver lock");
+                for rs in req.resource_spans {
+                    let service = rs
+                        .resource
+                        .iter()
+                        .flat_map(|r| &r.attributes)
+                        .find(|a| a.key == "service.name")
+                        .map(|a| text(&a.value))
+                        .unwrap_or_default();
+                    for span in rs.scope_spans.into_iter().flat_map(|s| s.spans) {
+                        out.push(Received {
+                            service: service.clone(),
+                            trace_id: span.trace_id.iter().map(|b| format!("{b:02x}")).collect(),
+                            name: span.name.clone(),
+                            attributes: span
+                                .attributes
+                                .iter()
+                                .map(|a| (a.key.clone(), text(&a.value)))
+                                .collect(),
+                        });
+                    }
+                }
+                (
+                    axum::http::StatusCode::OK,
+                    ExportTraceServiceResponse::default().encode_to_vec(),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((format!("http://{addr}"), got))
+}
+
+#[tokio::test]
+async fn one_trace_covers_a_call_on_the_hub_and_on_the_node() -> anyhow::Result<()> {
+    let (endpoint, got) = otlp_receiver().await?;
+    let mut c = Cluster::with_options(
+        1,
+        flotilla_tests::Options {
+            otlp_endpoint: Some(endpoint),
+            ..Default::default()
+        },
+    )
+    .await?;
+    c.add_node(NodeSpec::demo("edge-1")).await?;
+    // The agent's own trace: the call must join it, not start another.
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut req = tonic::Request::new(flotilla_tests::submit("echo", json!({"text": "traced"})));
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-00f067aa0ba902b7-01").parse()?,
+    );
+    let mut agent = c.agent();
+    let id = agent.submit_task(req).await?.into_inner().task_id;
+    let done = c.wait_task(&mut agent, &id).await?;
+    assert_eq!(done.state, pb::TaskState::Succeeded as i32);
+
+    // Exporters send in batches: wait until both processes' spans of the call arrived.
+    let spans = wait_until("spans of the call from the hub and the node", READY, || {
+        let got = got.clone();
+        let id = id.clone();
+        async move {
+            let spans: Vec<Received> = got
+                .lock()
+                .expect("receiver lock")
+                .iter()
+                .filter(|s| s.trace_id == trace_id)
+                .cloned()
+                .collect();
+            let node_call = spans.iter().any(|s| {
+                s.service == "flotilla-node" && s.attributes.get("flotilla.task_id") == Some(&id)
+            });
+            let hub = spans.iter().any(|s| s.service == "flotilla-hub");
+            (node_call && hub).then_some(spans)
+        }
+    })
+    .await?;
+    let named = |service: &str, name: &str| {
+        spans
+            .iter()
+            .find(|s| s.service == service && s.name == name)
+            .unwrap_or_else(|| panic!("no {name:?} span from {service}: {spans:#?}"))
+    };
+    let call = named("flotilla-node", "tools/call echo");
+    assert_eq!(call.attributes["mcp.method.name"], "tools/call");
+    assert_eq!(call.attributes["gen_ai.tool.name"], "echo");
+    assert_eq!(call.attributes["flotilla.attempt"], "1");
+    assert!(
+        call.attributes["flotilla.node_id"].starts_with("edge-1"),
+        "{call:?}"
+    );
+    named("flotilla-hub", "flotilla.v1.AgentService/SubmitTask");
+    named("flotilla-hub", "admission");
+    named("flotilla-hub", "raft commit");
+    let assigned = named("flotilla-hub", "task assigned");
+    assert_eq!(assigned.attributes["flotilla.task_id"], id);
+    named("flotilla-hub", "task queued");
+    Ok(())
 }

@@ -182,6 +182,7 @@ async fn a_partitioned_leader_commits_nothing_and_the_majority_carries_on() -> a
             raft_listen: format!("{}:7444", net.ip(i)),
             raft_advertise: None,
             http_listen: "127.0.0.1:0".into(),
+            otlp_endpoint: None,
             bootstrap: true,
             peers: peers.clone(),
             ca_cert: Some(pki.join("ca.pem")),
@@ -271,6 +272,7 @@ async fn a_partitioned_leader_commits_nothing_and_the_majority_carries_on() -> a
         tenants: Vec::new(),
         cpu_high_water_percent: 0.0,
         http_listen: "127.0.0.1:0".into(),
+        otlp_endpoint: None,
         servers: vec![McpServerConfig {
             name: "demo".into(),
             command: flotilla_bin().display().to_string(),

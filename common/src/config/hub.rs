@@ -112,6 +112,10 @@ pub struct HubFile {
     /// fixed port for Prometheus and load balancers.
     #[serde(default = "default_http_listen")]
     pub http_listen: String,
+    /// Where to send OpenTelemetry traces (OTLP over plain HTTP, `http://collector:4318`);
+    /// unset: the standard `OTEL_EXPORTER_OTLP_ENDPOINT`, and without either no traces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
     /// Start a new cluster when the data dir is empty: with the `peers` as voters, or with
     /// this hub alone when `peers` is empty. Hubs started without it wait to be added.
     #[serde(default)]
@@ -240,6 +244,7 @@ pub struct HubConfig {
     pub raft_listen: SocketAddr,
     pub raft_advertise: String,
     pub http_listen: SocketAddr,
+    pub otlp_endpoint: Option<String>,
     pub bootstrap: bool,
     pub peers: Vec<PeerFile>,
     /// (certificate, key) of a shared CA, when configured.
@@ -352,6 +357,9 @@ impl HubFile {
                 format!("{:?} is not HOST:PORT with an IP host", self.http_listen),
             )
         })?;
+        if let Some(e) = &self.otlp_endpoint {
+            super::check_otlp_endpoint(e).map_err(|m| invalid(file, "otlp_endpoint", m))?;
+        }
         let mut ids = std::collections::HashSet::new();
         for (i, p) in self.peers.iter().enumerate() {
             if p.id == 0 || !ids.insert(p.id) {
@@ -399,6 +407,7 @@ impl HubFile {
             raft_listen,
             raft_advertise,
             http_listen,
+            otlp_endpoint: self.otlp_endpoint,
             bootstrap: self.bootstrap,
             peers: self.peers,
             ca,

@@ -45,6 +45,24 @@ pub(crate) fn invalid(
     }
 }
 
+/// An OTLP/HTTP collector's base address: `http://`, host and optional port (traces go to
+/// `<endpoint>/v1/traces`, as with `OTEL_EXPORTER_OTLP_ENDPOINT`). The exporter speaks
+/// plain HTTP only: a collector on the same host or private network.
+pub(crate) fn check_otlp_endpoint(e: &str) -> Result<(), String> {
+    if e.starts_with("https://") {
+        return Err(format!(
+            "{e:?}: traces are sent over plain HTTP only; point it at a collector's OTLP/HTTP receiver on this host or a private network (http://...)"
+        ));
+    }
+    let rest = e
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{e:?} must start with http://"))?;
+    if rest.is_empty() || e.len() > 2048 || !e.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!("{e:?} is not a collector address"));
+    }
+    Ok(())
+}
+
 /// Reads and parses a TOML file with unknown keys refused.
 pub fn load_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     let file = path.display().to_string();

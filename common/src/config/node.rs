@@ -59,6 +59,10 @@ pub struct NodeFile {
     /// picks a free port, written to `http.addr` in the data dir.
     #[serde(default = "default_http_listen")]
     pub http_listen: String,
+    /// Where to send OpenTelemetry traces (OTLP over plain HTTP, `http://collector:4318`);
+    /// unset: the standard `OTEL_EXPORTER_OTLP_ENDPOINT`, and without either no traces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
 }
 
 fn default_http_listen() -> String {
@@ -106,6 +110,9 @@ impl NodeFile {
                 "http_listen",
                 format!("{:?} is not HOST:PORT with an IP host", self.http_listen),
             ));
+        }
+        if let Some(e) = &self.otlp_endpoint {
+            super::check_otlp_endpoint(e).map_err(|m| invalid(file, "otlp_endpoint", m))?;
         }
         if !(0.0..=100.0).contains(&self.cpu_high_water_percent) {
             return Err(invalid(

@@ -30,6 +30,29 @@ fn node_config_errors_name_the_key() {
     assert!(e.to_string().contains("servers[0].max_concurrency"), "{e}");
     let e = node("join_token = \"abc\"\n").unwrap_err();
     assert!(e.to_string().contains("`join_token`"), "{e}");
+    let e = node("otlp_endpoint = \"collector:4318\"\n").unwrap_err();
+    assert!(e.to_string().contains("`otlp_endpoint`"), "{e}");
+    let ok = node("otlp_endpoint = \"http://collector:4318\"\n").unwrap();
+    assert_eq!(ok.otlp_endpoint.as_deref(), Some("http://collector:4318"));
+}
+
+#[test]
+fn an_otlp_endpoint_is_an_http_address() {
+    for good in ["http://127.0.0.1:4318", "http://otel.example:4318/base"] {
+        check_otlp_endpoint(good).unwrap();
+    }
+    for bad in [
+        "",
+        "http://",
+        "grpc://x:4317",
+        "127.0.0.1:4318",
+        "http://a b",
+        "https://otel.example:4318",
+    ] {
+        assert!(check_otlp_endpoint(bad).is_err(), "{bad}");
+    }
+    let e = hub("id = 1\ndata_dir = \"/x\"\notlp_endpoint = \"x\"").unwrap_err();
+    assert!(e.to_string().contains("`otlp_endpoint`"), "{e}");
 }
 
 #[test]

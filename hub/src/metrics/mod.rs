@@ -12,6 +12,8 @@ use prometheus::{
 
 use crate::state::{State, TaskRecord, TaskStatus};
 
+pub mod grpc;
+
 pub struct Metrics {
     registry: Registry,
     tasks_submitted: IntCounterVec,
@@ -30,6 +32,8 @@ pub struct Metrics {
     raft_apply_lag: IntGauge,
     auth_failures: IntCounterVec,
     heartbeat_age: prometheus::GaugeVec,
+    /// gRPC requests on the API port (`grpc::layer` feeds it).
+    pub grpc: grpc::GrpcMetrics,
     scraping: std::sync::Mutex<()>,
     /// Entries up to this log index were in the log when the hub started: replaying them
     /// counts nothing again.
@@ -156,6 +160,14 @@ impl Metrics {
                     &["node"],
                 )
                 .expect("valid gauge"),
+            ),
+            grpc: grpc::GrpcMetrics::new(
+                &r,
+                &[
+                    flotilla_proto::FILE_DESCRIPTOR_SET,
+                    tonic_health::pb::FILE_DESCRIPTOR_SET,
+                    tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+                ],
             ),
             scraping: std::sync::Mutex::new(()),
             counted_after: std::sync::atomic::AtomicU64::new(0),

@@ -29,6 +29,9 @@ pub struct MemberView {
     pub role: String,
     pub matched_index: u64,
     pub lag: u64,
+    /// Where its HTTP port is reached: each hub knows its own (empty: not known here).
+    #[serde(default)]
+    pub http: String,
 }
 
 /// A hub's view of the cluster; the leader's is the one with replication figures.

@@ -302,7 +302,10 @@ async fn send_assignment(
     let msg = {
         let state = hub.state();
         match state.tasks.get(task_id) {
-            Some(t) => crate::convert::assign_message(t, &p.server, attempt, fence),
+            Some(t) => {
+                let trace = crate::trace::assignment(t, &p.node_id, &p.server, attempt, true);
+                crate::convert::assign_message(t, &p.server, attempt, fence, trace)
+            }
             None => return,
         }
     };

@@ -179,6 +179,7 @@ impl AdminService for AdminApi {
                     last_seen_ms: l.map_or(n.last_hello_ms.unwrap_or(0), |l| l.last_seen_ms),
                     tenants: n.tenants.clone(),
                     cpu_high_water_percent: n.cpu_high_water_percent,
+                    http_address: l.map(|l| l.http.clone()).unwrap_or_default(),
                 }
             })
             .collect();
@@ -275,7 +276,7 @@ impl AdminService for AdminApi {
     ) -> Result<Response<ClusterStatusResponse>, Status> {
         let claims = auth::admin(&req, &self.hub)?;
         let id = req.into_inner().id;
-        let view = self.hub.cluster_view().await;
+        let view = self.hub.leaders_view().await;
         if !view.members.iter().any(|m| m.id == id) {
             return Err(HubError::NotFound(format!("hub {id} is not a member")).into());
         }
@@ -420,6 +421,7 @@ fn status_response(v: ClusterView) -> ClusterStatusResponse {
                 raft_address: m.raft,
                 matched_index: m.matched_index,
                 lag: m.lag,
+                http_address: m.http,
             })
             .collect(),
         this_hub: v.this_hub,

@@ -1,6 +1,7 @@
 //! AgentService: submit, inspect, watch, cancel and list tasks; list the tool catalogue.
 
 use std::pin::Pin;
+use tracing::Instrument;
 
 use flotilla_common::jwt::Claims;
 use flotilla_proto::{
@@ -118,15 +119,28 @@ impl AgentApi {
         self.hub.quota.queue(&claims.tenant, queued, adding)
     }
 
-    /// Validates and commits one submission (SubmitTask, CallTool).
+    /// Validates and commits one submission (SubmitTask, CallTool), in the trace
+    /// `trace` (a `traceparent`) if it has one.
     async fn submit(
         &self,
         claims: &Claims,
+        trace: Option<String>,
         req: SubmitTaskRequest,
     ) -> HubResult<SubmitTaskResponse> {
-        let task = admission::task(claims, &req, |tool, args| {
-            check_call(&self.hub.state(), claims, tool, args)
-        })?;
+        let admitted =
+            tracing::info_span!("admission", gen_ai.tool.name = %req.tool).in_scope(|| {
+                admission::task(claims, &req, |tool, args| {
+                    check_call(&self.hub.state(), claims, tool, args)
+                })
+            });
+        let mut task = match admitted {
+            // Nobody offers it: a server that fails to start may be why.
+            Err(HubError::NotFound(m)) if !self.hub.state().catalogue.contains_key(&req.tool) => {
+                return Err(HubError::NotFound(m + &self.failing_servers().await));
+            }
+            other => other?,
+        };
+        task.trace = trace;
         // A repeat of an accepted submission answers as it did, even with a full queue.
         if let Some(k) = &task.idempotency_key {
             let known = self
@@ -142,7 +156,13 @@ impl AgentApi {
             }
         }
         self.room_in_queue(claims, 1)?;
-        match self.hub.write(Command::SubmitTask(Box::new(task))).await? {
+        let commit = tracing::info_span!("raft commit");
+        match self
+            .hub
+            .write(Command::SubmitTask(Box::new(task)))
+            .instrument(commit)
+            .await?
+        {
             state::Response::Submitted {
                 task_id,
                 deduplicated,
@@ -155,6 +175,45 @@ impl AgentApi {
             }
             other => Err(HubError::Internal(format!("submit answered {other:?}"))),
         }
+    }
+
+    /// The MCP servers failing now and why, for the answer to a call of a tool that no
+    /// server offers (a server that cannot start never said which tools it has); "" if none.
+    async fn failing_servers(&self) -> String {
+        const SHOWN: usize = 3;
+        const WHY_CHARS: usize = 400;
+        let mut failing: Vec<String> = self
+            .hub
+            .live_nodes()
+            .await
+            .into_iter()
+            .flat_map(|(node, view)| {
+                view.servers
+                    .into_iter()
+                    .filter(|s| {
+                        s.state != flotilla_proto::ServerState::Ready as i32 && !s.error.is_empty()
+                    })
+                    .map(move |s| {
+                        let why: String = s.error.chars().take(WHY_CHARS).collect();
+                        format!("{:?} on node {node} ({why})", s.name)
+                    })
+            })
+            .collect();
+        if failing.is_empty() {
+            return String::new();
+        }
+        failing.sort();
+        let more = failing.len().saturating_sub(SHOWN);
+        failing.truncate(SHOWN);
+        let more = if more > 0 {
+            format!(" and {more} more (`flotilla nodes`)")
+        } else {
+            String::new()
+        };
+        format!(
+            ". Servers that are failing now, and may offer it once they start: {}{more}",
+            failing.join("; ")
+        )
     }
 
     /// A task just committed through this hub, once this hub has applied it: at once on
@@ -191,7 +250,10 @@ impl AgentService for AgentApi {
         req: Request<SubmitTaskRequest>,
     ) -> Result<Response<SubmitTaskResponse>, Status> {
         let claims = self.caller(&req)?;
-        Ok(Response::new(self.submit(&claims, req.into_inner()).await?))
+        let trace = crate::trace::of_submission(req.metadata());
+        Ok(Response::new(
+            self.submit(&claims, trace, req.into_inner()).await?,
+        ))
     }
 
     async fn get_task(&self, req: Request<GetTaskRequest>) -> Result<Response<Task>, Status> {
@@ -240,7 +302,8 @@ impl AgentService for AgentApi {
         let claims = self.caller(&req)?;
         // Counted before the commit: a caller at its stream limit leaves no task behind.
         let permit = self.hub.quota.stream(&claims)?;
-        let accepted = self.submit(&claims, req.into_inner()).await?;
+        let trace = crate::trace::of_submission(req.metadata());
+        let accepted = self.submit(&claims, trace, req.into_inner()).await?;
         let task = self.applied_here(&claims, &accepted.task_id).await?;
         Ok(Response::new(task_events(
             self.hub.clone(),

@@ -24,6 +24,9 @@ pub struct LiveView {
     pub running: u32,
     pub servers: Vec<LiveServerView>,
     pub last_seen_ms: i64,
+    /// Where the node's HTTP port is reached (an older leader does not say).
+    #[serde(default)]
+    pub http: String,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -52,6 +55,8 @@ pub struct LiveNode {
     pub servers: Vec<LiveServer>,
     pub last_seen: Instant,
     pub last_seen_ms: i64,
+    /// Where the node's HTTP port is reached, as its hello said.
+    pub http: String,
 }
 
 impl LiveNode {
@@ -78,6 +83,7 @@ impl Sessions {
         node_id: &str,
         tx: mpsc::Sender<HubMessage>,
         servers: Vec<LiveServer>,
+        http: String,
     ) -> (u64, CancellationToken) {
         self.departed.lock().expect("departed lock").remove(node_id);
         let session = self.next_session.fetch_add(1, Ordering::Relaxed) + 1;
@@ -91,6 +97,7 @@ impl Sessions {
             servers,
             last_seen: Instant::now(),
             last_seen_ms: flotilla_common::now_ms(),
+            http,
         };
         if let Some(old) = self
             .inner
@@ -183,6 +190,7 @@ impl Sessions {
                             })
                             .collect(),
                         last_seen_ms: l.last_seen_ms,
+                        http: l.http.clone(),
                     },
                 )
             })

@@ -60,6 +60,13 @@ pub async fn serve(
         }
     };
     let servers = convert::offered_servers(&hello)?;
+    let http = hello.http_address.clone();
+    if http.len() > 256 || !http.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(HubError::InvalidArgument(
+            "hello: http_address must be at most 256 printable ASCII characters".into(),
+        )
+        .into());
+    }
     let live: Vec<LiveServer> = hello
         .servers
         .iter()
@@ -86,7 +93,7 @@ pub async fn serve(
     })
     .await?;
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
-    let (session, ended) = hub.sessions.open(&node_id, tx.clone(), live);
+    let (session, ended) = hub.sessions.open(&node_id, tx.clone(), live, http);
     let _ = tx
         .send(HubMessage {
             msg: Some(hub_message::Msg::Welcome(Welcome {
@@ -109,8 +116,10 @@ pub async fn serve(
             .filter(|t| t.status == TaskStatus::Assigned)
             .filter_map(|t| {
                 let a = t.current_attempt()?;
-                (a.node_id == node_id)
-                    .then(|| convert::assign_message(t, &a.server, a.number, a.fence))
+                (a.node_id == node_id).then(|| {
+                    let trace = crate::trace::assignment(t, &node_id, &a.server, a.number, false);
+                    convert::assign_message(t, &a.server, a.number, a.fence, trace)
+                })
             })
             .collect()
     };

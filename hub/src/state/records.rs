@@ -126,6 +126,10 @@ pub struct TaskRecord {
     pub parent: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workflow: Option<StepRef>,
+    /// The W3C `traceparent` of the call that submitted it: the spans of its placement
+    /// and of its run on a node join that trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 /// Whether a field holds its type's default (and so is left out of the JSON).
@@ -166,6 +170,7 @@ impl TaskRecord {
             group: None,
             parent: None,
             workflow: None,
+            trace: None,
         }
     }
 
