@@ -388,6 +388,16 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
             .collect::<Vec<_>>()
             .join(", ")
     );
+    match admin
+        .create_dashboard_login(pb::CreateDashboardLoginRequest {})
+        .await
+    {
+        Ok(login) => println!(
+            "Dashboard: {} (a one-time link, valid 5 minutes; `flotilla dashboard` prints another)",
+            login.into_inner().url
+        ),
+        Err(e) => eprintln!("no dashboard link: {}", e.message()),
+    }
     println!();
     println!("In another shell, try:");
     if a.data_dir.is_some() {

@@ -4,6 +4,7 @@
 mod call;
 mod cluster;
 mod connect;
+mod dashboard;
 mod demo;
 mod dev;
 mod nodes;
@@ -68,6 +69,8 @@ enum Command {
     /// Cluster state (admin).
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
+    /// A one-time login link to the live dashboard (admin).
+    Dashboard(ClientOnly),
     /// Join tokens for nodes (admin).
     #[command(subcommand)]
     Token(tokens::TokenCommand),
@@ -209,6 +212,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Workflow(c) => workflow::workflow(c).await,
         Command::Tools(a) => tools::tools_command(a).await,
         Command::Nodes(a) => nodes::nodes_command(a).await,
+        Command::Dashboard(c) => dashboard::dashboard(c).await,
         Command::Scheduling(cmd) => nodes::scheduling(cmd).await,
         Command::Cluster(cmd) => cluster::cluster(cmd).await,
         Command::Token(cmd) => tokens::token(cmd).await,

@@ -78,6 +78,8 @@ pub struct Hub {
     pub workflows: tokio::sync::watch::Sender<u64>,
     /// What `/metrics` shows.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The dashboard's login tickets and sessions (this hub's own).
+    pub dashboard: Arc<crate::dashboard::Dashboard>,
 }
 
 impl Hub {
@@ -102,6 +104,7 @@ impl Hub {
             tokens: crate::auth::TokenCache::default(),
             workflows: p.workflows,
             metrics: p.metrics,
+            dashboard: Arc::default(),
         }
     }
 }
@@ -121,6 +124,11 @@ impl Hub {
 
     pub fn config(&self) -> &HubConfig {
         &self.inner.config
+    }
+
+    /// Where this hub's HTTP port is reached, http://HOST:PORT.
+    pub fn http_url(&self) -> &str {
+        &self.inner.http_url
     }
 
     pub fn id(&self) -> u64 {

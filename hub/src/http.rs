@@ -1,8 +1,8 @@
 //! The hub's HTTP port, for operators and their tools: `/metrics` (Prometheus text
 //! exposition), `/healthz` (the process serves), `/readyz` (for load balancers and
 //! Kubernetes probes: this hub is in a cluster with a leader and has applied what it holds).
-//! Plain HTTP on its own listener (`http_listen` in hub.toml): nothing here is secret or
-//! changes anything.
+//! Plain HTTP on its own listener (`http_listen` in hub.toml): nothing here changes
+//! anything. The dashboard (`/`, `crate::dashboard`) needs a login; the rest is open.
 
 use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
 
@@ -14,6 +14,7 @@ pub fn router(hub: Hub) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
+        .merge(crate::dashboard::routes())
         .with_state(hub)
 }
 

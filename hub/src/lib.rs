@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod commit;
 pub mod conn;
 pub mod convert;
+pub mod dashboard;
 pub mod error;
 pub mod events;
 pub mod faults;

@@ -334,6 +334,15 @@ async fn dev_with_three_hubs_survives_killing_the_leader() -> anyhow::Result<()>
     let home = dir.path();
     let (mut dev, banner) = start_dev(home, &["--hubs", "3"]).await?;
     assert!(banner.contains("3 hub(s)"), "{banner}");
+    // The dashboard link it prints signs a browser in, once.
+    let link = banner
+        .lines()
+        .find_map(|l| l.strip_prefix("Dashboard: "))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("dev prints a dashboard link");
+    let (base, path) = link.split_at(link.find("/login").expect("a login link"));
+    assert_eq!(http_get(base, path).await?.0, 303, "{link}");
+    assert_eq!(http_get(base, path).await?.0, 401, "used once: {link}");
 
     let o = flotilla(home, &["cluster", "status", "-o", "json"]);
     let st: serde_json::Value = serde_json::from_slice(&o.stdout)?;

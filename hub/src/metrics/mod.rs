@@ -290,6 +290,62 @@ impl Metrics {
     }
 }
 
+/// One tool's finished calls since this hub started, and their durations (the dashboard
+/// charts their growth).
+#[derive(Debug, Default, serde::Serialize)]
+pub struct ToolTotals {
+    pub tool: String,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub seconds_sum: f64,
+    pub seconds_count: u64,
+}
+
+impl Metrics {
+    /// `ToolTotals` of every tool that finished a call, by name.
+    pub fn tool_totals(&self) -> Vec<ToolTotals> {
+        use prometheus::core::Collector;
+        let mut by: std::collections::BTreeMap<String, ToolTotals> = Default::default();
+        let label = |m: &prometheus::proto::Metric, name: &str| {
+            m.get_label()
+                .iter()
+                .find(|l| l.name() == name)
+                .map(|l| l.value().to_owned())
+                .unwrap_or_default()
+        };
+        for m in self
+            .tasks_finished
+            .collect()
+            .iter()
+            .flat_map(|f| f.get_metric())
+        {
+            let tool = label(m, "tool");
+            let n = m.get_counter().get_value() as u64;
+            let t = by.entry(tool.clone()).or_insert_with(|| ToolTotals {
+                tool,
+                ..Default::default()
+            });
+            if label(m, "outcome") == "succeeded" {
+                t.succeeded += n;
+            } else {
+                t.failed += n;
+            }
+        }
+        for m in self
+            .task_duration
+            .collect()
+            .iter()
+            .flat_map(|f| f.get_metric())
+        {
+            if let Some(t) = by.get_mut(&label(m, "tool")) {
+                t.seconds_sum += m.get_histogram().get_sample_sum();
+                t.seconds_count += m.get_histogram().get_sample_count();
+            }
+        }
+        by.into_values().collect()
+    }
+}
+
 /// What a scrape reads from Raft.
 pub struct RaftView {
     pub term: u64,

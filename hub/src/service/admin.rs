@@ -4,9 +4,10 @@ use flotilla_common::{jwt, token::JoinToken};
 use flotilla_proto::{
     admin_service_server::AdminService, AddHubRequest, CancelTenantTasksRequest,
     CancelTenantTasksResponse, ClusterMember, ClusterStatusRequest, ClusterStatusResponse,
-    CreateJoinTokenRequest, CreateJoinTokenResponse, DrainNodeRequest, IssueAgentTokenRequest,
-    IssueAgentTokenResponse, ListNodesRequest, ListNodesResponse, NodeInfo, NodeRequest,
-    NodeServer, NodeStatusResponse, RemoveHubRequest, SetSchedulingPausedRequest,
+    CreateDashboardLoginRequest, CreateJoinTokenRequest, CreateJoinTokenResponse, DashboardLogin,
+    DrainNodeRequest, IssueAgentTokenRequest, IssueAgentTokenResponse, ListNodesRequest,
+    ListNodesResponse, NodeInfo, NodeRequest, NodeServer, NodeStatusResponse, RemoveHubRequest,
+    SetSchedulingPausedRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -125,64 +126,7 @@ impl AdminService for AdminApi {
     ) -> Result<Response<ListNodesResponse>, Status> {
         auth::admin(&req, &self.hub)?;
         let live = self.hub.live_nodes().await;
-        let state = self.hub.state();
-        let in_flight = &state.index.active;
-        let limits = crate::scheduler::limits(&self.hub);
-        let now = flotilla_common::now_ms();
-        let nodes = state
-            .nodes
-            .values()
-            .map(|n| {
-                let l = live.get(&n.id);
-                let servers = n
-                    .servers
-                    .iter()
-                    .map(|s| {
-                        let ls = l.and_then(|l| l.servers.iter().find(|x| x.name == s.name));
-                        NodeServer {
-                            name: s.name.clone(),
-                            state: ls
-                                .map(|x| {
-                                    flotilla_proto::ServerState::try_from(x.state)
-                                        .unwrap_or_default()
-                                        .name()
-                                })
-                                .unwrap_or("disconnected")
-                                .to_owned(),
-                            max_concurrency: s.max_concurrency,
-                            running: in_flight
-                                .get(&(n.id.clone(), s.name.clone()))
-                                .copied()
-                                .unwrap_or(0),
-                            tools: s.tools.clone(),
-                            error: ls.map(|x| x.error.clone()).unwrap_or_default(),
-                            breaker: crate::scheduler::breaker(&state, &n.id, &s.name, limits, now)
-                                .as_str()
-                                .to_owned(),
-                            consecutive_failures: state
-                                .breakers
-                                .get(&crate::state::breaker_key(&n.id, &s.name))
-                                .map_or(0, |b| b.consecutive_failures),
-                        }
-                    })
-                    .collect();
-                NodeInfo {
-                    id: n.id.clone(),
-                    name: n.id.clone(),
-                    labels: n.labels.clone().into_iter().collect(),
-                    status: n.status.as_str().to_owned(),
-                    connected: l.is_some(),
-                    cpu_percent: l.map_or(0.0, |l| l.cpu_percent),
-                    running: l.map_or(0, |l| l.running),
-                    servers,
-                    joined_at_ms: n.joined_at_ms,
-                    last_seen_ms: l.map_or(n.last_hello_ms.unwrap_or(0), |l| l.last_seen_ms),
-                    tenants: n.tenants.clone(),
-                    cpu_high_water_percent: n.cpu_high_water_percent,
-                    http_address: l.map(|l| l.http.clone()).unwrap_or_default(),
-                }
-            })
-            .collect();
+        let nodes = node_infos(&self.hub, &live);
         Ok(Response::new(ListNodesResponse { nodes }))
     }
 
@@ -226,6 +170,20 @@ impl AdminService for AdminApi {
         Ok(Response::new(IssueAgentTokenResponse {
             token,
             expires_at_ms,
+        }))
+    }
+
+    async fn create_dashboard_login(
+        &self,
+        req: Request<CreateDashboardLoginRequest>,
+    ) -> Result<Response<DashboardLogin>, Status> {
+        let claims = auth::admin(&req, &self.hub)?;
+        let ticket = self.hub.dashboard.ticket(&claims.sub);
+        tracing::info!(by = ?claims.sub, "dashboard login link issued");
+        Ok(Response::new(DashboardLogin {
+            url: format!("{}/login?ticket={ticket}", self.hub.http_url()),
+            expires_at_ms: flotilla_common::now_ms()
+                + crate::dashboard::TICKET_TTL.as_millis() as i64,
         }))
     }
 
@@ -426,4 +384,70 @@ fn status_response(v: ClusterView) -> ClusterStatusResponse {
             .collect(),
         this_hub: v.this_hub,
     }
+}
+
+/// Every registered node with its servers, as the replicated state and (for connected
+/// nodes) the leader's sessions say: `ListNodes`, and the dashboard.
+pub fn node_infos(
+    hub: &Hub,
+    live: &std::collections::HashMap<String, crate::sessions::LiveView>,
+) -> Vec<NodeInfo> {
+    let state = hub.state();
+    let in_flight = &state.index.active;
+    let limits = crate::scheduler::limits(hub);
+    let now = flotilla_common::now_ms();
+    state
+        .nodes
+        .values()
+        .map(|n| {
+            let l = live.get(&n.id);
+            let servers = n
+                .servers
+                .iter()
+                .map(|s| {
+                    let ls = l.and_then(|l| l.servers.iter().find(|x| x.name == s.name));
+                    NodeServer {
+                        name: s.name.clone(),
+                        state: ls
+                            .map(|x| {
+                                flotilla_proto::ServerState::try_from(x.state)
+                                    .unwrap_or_default()
+                                    .name()
+                            })
+                            .unwrap_or("disconnected")
+                            .to_owned(),
+                        max_concurrency: s.max_concurrency,
+                        running: in_flight
+                            .get(&(n.id.clone(), s.name.clone()))
+                            .copied()
+                            .unwrap_or(0),
+                        tools: s.tools.clone(),
+                        error: ls.map(|x| x.error.clone()).unwrap_or_default(),
+                        breaker: crate::scheduler::breaker(&state, &n.id, &s.name, limits, now)
+                            .as_str()
+                            .to_owned(),
+                        consecutive_failures: state
+                            .breakers
+                            .get(&crate::state::breaker_key(&n.id, &s.name))
+                            .map_or(0, |b| b.consecutive_failures),
+                    }
+                })
+                .collect();
+            NodeInfo {
+                id: n.id.clone(),
+                name: n.id.clone(),
+                labels: n.labels.clone().into_iter().collect(),
+                status: n.status.as_str().to_owned(),
+                connected: l.is_some(),
+                cpu_percent: l.map_or(0.0, |l| l.cpu_percent),
+                running: l.map_or(0, |l| l.running),
+                servers,
+                joined_at_ms: n.joined_at_ms,
+                last_seen_ms: l.map_or(n.last_hello_ms.unwrap_or(0), |l| l.last_seen_ms),
+                tenants: n.tenants.clone(),
+                cpu_high_water_percent: n.cpu_high_water_percent,
+                http_address: l.map(|l| l.http.clone()).unwrap_or_default(),
+            }
+        })
+        .collect()
 }

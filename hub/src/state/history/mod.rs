@@ -709,6 +709,25 @@ impl History {
         }
     }
 
+    /// The `limit` tasks that ended last, of every tenant, newest first.
+    pub fn recent(&self, limit: usize) -> StoreResult<Vec<TaskRecord>> {
+        let b = self.backend();
+        let mut ids = Vec::new();
+        b.scan(BY_FINISH, b"", true, |k, _| {
+            if k.len() > 9 && k[8] == KIND_TASK {
+                ids.push(String::from_utf8_lossy(&k[9..]).into_owned());
+            }
+            ids.len() < limit
+        })?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Lookup::Found(t) = self.task(&id)? {
+                out.push(t);
+            }
+        }
+        Ok(out)
+    }
+
     /// Every record, for a snapshot: (tree, key, value) written to `out` as
     /// `tree:u8 key_len:u32 key value_len:u32 value`, one record at a time.
     pub fn dump_to(&self, out: &mut impl std::io::Write) -> StoreResult<()> {

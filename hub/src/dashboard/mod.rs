@@ -1,0 +1,340 @@
+//! The live dashboard every hub serves at `/` on its HTTP port: hubs and leader, nodes
+//! and their MCP servers, the queue by tenant, running and recently finished tasks, and
+//! per-tool charts, pushed to the page once a second (server-sent events). The page is
+//! three files compiled into the binary; there is no build step.
+//!
+//! Login, as Jupyter does it: `flotilla dashboard` (an admin call) asks a hub for a
+//! one-time ticket that lives five minutes and prints a URL carrying it; opening the URL
+//! trades the ticket for a session cookie (HttpOnly, SameSite=Strict, twelve hours) and
+//! drops the ticket from the address bar. Tickets and sessions are this hub's own (in
+//! memory, bounded); the page shows what the admin who asked for the ticket may see: all.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use axum::{
+    extract::{Query, State},
+    http::{header, HeaderMap, StatusCode},
+    response::{
+        sse::{Event, KeepAlive, Sse},
+        Html, IntoResponse, Redirect, Response,
+    },
+    routing::get,
+    Router,
+};
+use rand::RngCore;
+use serde_json::{json, Value};
+
+use crate::{cluster::Hub, raft::peer::ClusterView};
+
+const INDEX: &str = include_str!("index.html");
+const APP_JS: &str = include_str!("app.js");
+const STYLE: &str = include_str!("style.css");
+
+/// How long a login ticket may wait to be used.
+pub const TICKET_TTL: Duration = Duration::from_secs(300);
+const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+const MAX_TICKETS: usize = 64;
+const MAX_SESSIONS: usize = 256;
+/// Pages open at once (each holds a stream).
+const MAX_STREAMS: usize = 32;
+const COOKIE: &str = "flotilla_dashboard";
+/// Tasks listed as running and as recently finished.
+const RUNNING_SHOWN: usize = 50;
+const RECENT_SHOWN: usize = 20;
+
+struct Login {
+    identity: String,
+    expires: Instant,
+}
+
+/// This hub's login tickets and sessions.
+#[derive(Default)]
+pub struct Dashboard {
+    tickets: Mutex<HashMap<String, Login>>,
+    sessions: Mutex<HashMap<String, Login>>,
+    streams: AtomicUsize,
+    /// The last view of the cluster and when it was taken: asking every hub for its HTTP
+    /// address once a second per open page would be wasteful.
+    cluster: Mutex<Option<(Instant, ClusterView)>>,
+}
+
+fn secret() -> String {
+    let mut b = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+/// Keeps at most `max` unexpired entries, dropping those that expire first.
+fn bounded_insert(m: &mut HashMap<String, Login>, key: String, login: Login, max: usize) {
+    let now = Instant::now();
+    m.retain(|_, l| l.expires > now);
+    while m.len() >= max {
+        let Some(first) = m
+            .iter()
+            .min_by_key(|(_, l)| l.expires)
+            .map(|(k, _)| k.clone())
+        else {
+            break;
+        };
+        m.remove(&first);
+    }
+    m.insert(key, login);
+}
+
+impl Dashboard {
+    /// A new one-time login ticket for `identity`.
+    pub fn ticket(&self, identity: &str) -> String {
+        let t = secret();
+        let login = Login {
+            identity: identity.to_owned(),
+            expires: Instant::now() + TICKET_TTL,
+        };
+        bounded_insert(
+            &mut self.tickets.lock().expect("tickets lock"),
+            t.clone(),
+            login,
+            MAX_TICKETS,
+        );
+        t
+    }
+
+    /// Trades a ticket (once) for a session id.
+    fn redeem(&self, ticket: &str) -> Option<String> {
+        let login = self.tickets.lock().expect("tickets lock").remove(ticket)?;
+        if login.expires <= Instant::now() {
+            return None;
+        }
+        let id = secret();
+        let session = Login {
+            identity: login.identity,
+            expires: Instant::now() + SESSION_TTL,
+        };
+        bounded_insert(
+            &mut self.sessions.lock().expect("sessions lock"),
+            id.clone(),
+            session,
+            MAX_SESSIONS,
+        );
+        Some(id)
+    }
+
+    /// Who the request's session cookie belongs to, if it is a live session.
+    fn who(&self, headers: &HeaderMap) -> Option<String> {
+        let id = headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='))?;
+        let sessions = self.sessions.lock().expect("sessions lock");
+        let s = sessions.get(id)?;
+        (s.expires > Instant::now()).then(|| s.identity.clone())
+    }
+
+    /// The cluster's members and leader, at most two seconds old.
+    async fn cluster(&self, hub: &Hub) -> ClusterView {
+        if let Some((at, v)) = &*self.cluster.lock().expect("cluster view lock") {
+            if at.elapsed() < Duration::from_secs(2) {
+                return v.clone();
+            }
+        }
+        let v = hub.cluster_view().await;
+        *self.cluster.lock().expect("cluster view lock") = Some((Instant::now(), v.clone()));
+        v
+    }
+
+    /// Pages streaming now.
+    pub fn streams(&self) -> usize {
+        self.streams.load(Ordering::Relaxed)
+    }
+}
+
+/// The dashboard's routes, merged into the hub's HTTP router.
+pub fn routes() -> Router<Hub> {
+    Router::new()
+        .route("/", get(index))
+        .route("/login", get(login))
+        .route(
+            "/assets/app.js",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+                    APP_JS,
+                )
+            }),
+        )
+        .route(
+            "/assets/style.css",
+            get(|| async { ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], STYLE) }),
+        )
+        .route("/api/overview", get(overview_json))
+        .route("/api/stream", get(stream))
+}
+
+fn signed_out() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        Html(
+            "<!doctype html><title>Flotilla</title><h1>Flotilla</h1>\
+             <p>Not signed in, or the login link was already used or has expired. \
+             Run <code>flotilla dashboard</code> for a new link (it works once, for five minutes).</p>",
+        ),
+    )
+        .into_response()
+}
+
+async fn index(State(hub): State<Hub>, headers: HeaderMap) -> Response {
+    match hub.dashboard.who(&headers) {
+        Some(_) => Html(INDEX).into_response(),
+        None => signed_out(),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Ticket {
+    ticket: String,
+}
+
+async fn login(State(hub): State<Hub>, Query(t): Query<Ticket>) -> Response {
+    let Some(session) = hub.dashboard.redeem(&t.ticket) else {
+        tracing::info!("dashboard login refused: unknown, used or expired ticket");
+        return signed_out();
+    };
+    let cookie = format!(
+        "{COOKIE}={session}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+        SESSION_TTL.as_secs()
+    );
+    ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
+}
+
+async fn overview_json(State(hub): State<Hub>, headers: HeaderMap) -> Response {
+    let Some(who) = hub.dashboard.who(&headers) else {
+        return StatusCode::UNAUTHORIZED.into_response();
+    };
+    axum::Json(overview(&hub, &who).await).into_response()
+}
+
+/// Holds one of the `MAX_STREAMS` places while a page streams.
+struct StreamPlace(Hub);
+
+impl Drop for StreamPlace {
+    fn drop(&mut self) {
+        self.0.dashboard.streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn stream(State(hub): State<Hub>, headers: HeaderMap) -> Response {
+    let Some(who) = hub.dashboard.who(&headers) else {
+        return StatusCode::UNAUTHORIZED.into_response();
+    };
+    if hub.dashboard.streams.fetch_add(1, Ordering::Relaxed) >= MAX_STREAMS {
+        hub.dashboard.streams.fetch_sub(1, Ordering::Relaxed);
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many dashboard pages open on this hub",
+        )
+            .into_response();
+    }
+    let place = StreamPlace(hub.clone());
+    let events = futures::stream::unfold(place, move |place| {
+        let who = who.clone();
+        async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let o = overview(&place.0, &who).await;
+            let e = Event::default().event("overview").data(o.to_string());
+            Some((Ok::<_, Infallible>(e), place))
+        }
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+/// What the page shows, as `who` may see it (an admin: everything).
+pub async fn overview(hub: &Hub, who: &str) -> Value {
+    let view = hub.dashboard.cluster(hub).await;
+    let live = hub.live_nodes().await;
+    let nodes = crate::service::admin::node_infos(hub, &live);
+    let now = flotilla_common::now_ms();
+    let (queue, running) = {
+        let state = hub.state();
+        let queue: Vec<Value> = state
+            .index
+            .queue
+            .iter()
+            .filter(|(_, q)| !q.is_empty())
+            .map(|(tenant, q)| json!({"tenant": tenant, "queued": q.len()}))
+            .collect();
+        let mut running: Vec<Value> = state
+            .index
+            .on_node
+            .values()
+            .flatten()
+            .filter_map(|id| state.tasks.get(id))
+            .map(|t| {
+                let a = t.current_attempt();
+                json!({
+                    "id": t.id,
+                    "tool": t.tool,
+                    "tenant": t.tenant,
+                    "status": t.status.as_str(),
+                    "node": a.map(|a| a.node_id.clone()),
+                    "since_ms": a.map_or(t.created_at_ms, |a| a.started_at_ms.unwrap_or(a.assigned_at_ms)),
+                })
+            })
+            .collect();
+        running.sort_by_key(|t| t["since_ms"].as_i64());
+        running.truncate(RUNNING_SHOWN);
+        (queue, running)
+    };
+    let history = hub.state().history.clone();
+    let recent: Vec<Value> = history
+        .recent(RECENT_SHOWN)
+        .unwrap_or_default()
+        .iter()
+        .map(|t| {
+            json!({
+                "id": t.id,
+                "tool": t.tool,
+                "tenant": t.tenant,
+                "status": t.status.as_str(),
+                "ended_ms": t.updated_at_ms,
+                "took_ms": (t.updated_at_ms - t.created_at_ms).max(0),
+            })
+        })
+        .collect();
+    json!({
+        "now_ms": now,
+        "hub": {"id": hub.id(), "identity": who},
+        "leader_id": view.leader_id,
+        "term": view.term,
+        "members": view.members.iter().map(|m| json!({
+            "id": m.id, "role": m.role, "api": m.api, "http": m.http, "lag": m.lag,
+        })).collect::<Vec<_>>(),
+        "nodes": nodes.iter().map(|n| json!({
+            "id": n.id,
+            "status": n.status,
+            "connected": n.connected,
+            "region": n.labels.get("region"),
+            "zone": n.labels.get("zone"),
+            "cpu_percent": n.cpu_percent,
+            "running": n.running,
+            "servers": n.servers.iter().map(|s| json!({
+                "name": s.name, "state": s.state, "running": s.running,
+                "max_concurrency": s.max_concurrency, "error": s.error,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "queue": queue,
+        "running": running,
+        "recent": recent,
+        "tools": hub.metrics.tool_totals(),
+    })
+}

@@ -1,0 +1,230 @@
+//! The dashboard as a person sees it: a real headless Chromium (Debian's `chromium`) opens
+//! the login link an admin gets, and the page shows the running cluster and changes, while
+//! it stays open, when a task completes. The browser is driven over the DevTools protocol;
+//! the test saves a screenshot (`dashboard.png` in the tests' target tmp dir).
+
+use std::time::Duration;
+
+use base64::Engine;
+use flotilla_proto as pb;
+use flotilla_tests::{http_get, wait_until, Cluster, NodeSpec, READY};
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio_tungstenite::tungstenite::Message;
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A headless Chromium and a DevTools session with its one page.
+struct Browser {
+    _child: tokio::process::Child,
+    _profile: tempfile::TempDir,
+    page: Socket,
+    next: u64,
+}
+
+impl Browser {
+    async fn launch() -> anyhow::Result<Self> {
+        let profile = tempfile::tempdir()?;
+        let mut child = tokio::process::Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--remote-debugging-port=0",
+                "--window-size=1400,1000",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg("about:blank")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("chromium (Debian's chromium package) must be installed: .ci/run installs it");
+        // It says where DevTools listens on stderr: ws://127.0.0.1:PORT/devtools/browser/...
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let port = tokio::time::timeout(READY, async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(rest) = line.split("ws://127.0.0.1:").nth(1) {
+                    return Ok(rest.split('/').next().unwrap_or_default().to_owned());
+                }
+            }
+            anyhow::bail!("chromium exited before DevTools listened")
+        })
+        .await??;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let base = format!("http://127.0.0.1:{port}");
+        let ws = wait_until("the browser's page target", READY, || {
+            let base = base.clone();
+            async move {
+                let (_, body) = http_get(&base, "/json/list").await.ok()?;
+                let targets: Vec<Value> = serde_json::from_str(&body).ok()?;
+                targets
+                    .iter()
+                    .find(|t| t["type"] == "page")
+                    .and_then(|t| t["webSocketDebuggerUrl"].as_str().map(str::to_owned))
+            }
+        })
+        .await?;
+        let (page, _) = tokio_tungstenite::connect_async(ws.as_str()).await?;
+        Ok(Self {
+            _child: child,
+            _profile: profile,
+            page,
+            next: 0,
+        })
+    }
+
+    /// One DevTools command and its result (events in between are skipped).
+    async fn call(&mut self, method: &str, params: Value) -> anyhow::Result<Value> {
+        self.next += 1;
+        let id = self.next;
+        let msg = json!({"id": id, "method": method, "params": params}).to_string();
+        self.page.send(Message::Text(msg.into())).await?;
+        loop {
+            let Some(m) = self.page.next().await else {
+                anyhow::bail!("the browser closed the DevTools session");
+            };
+            let Message::Text(text) = m? else { continue };
+            let v: Value = serde_json::from_str(text.as_str())?;
+            if v["id"] == id {
+                if let Some(e) = v.get("error") {
+                    anyhow::bail!("{method}: {e}");
+                }
+                return Ok(v["result"].clone());
+            }
+        }
+    }
+
+    async fn open(&mut self, url: &str) -> anyhow::Result<()> {
+        self.call("Page.navigate", json!({"url": url})).await?;
+        Ok(())
+    }
+
+    /// The value of a JavaScript expression in the page.
+    async fn eval(&mut self, expr: &str) -> anyhow::Result<Value> {
+        let r = self
+            .call(
+                "Runtime.evaluate",
+                json!({"expression": expr, "returnByValue": true}),
+            )
+            .await?;
+        Ok(r["result"]["value"].clone())
+    }
+
+    /// Polls `expr` until it is truthy; its value.
+    async fn wait(&mut self, what: &str, expr: &str) -> anyhow::Result<Value> {
+        let deadline = tokio::time::Instant::now() + READY;
+        loop {
+            let v = self.eval(expr).await?;
+            let truthy =
+                !matches!(v, Value::Null | Value::Bool(false)) && v != json!(0) && v != json!("");
+            if truthy {
+                return Ok(v);
+            }
+            if tokio::time::Instant::now() > deadline {
+                let text = self
+                    .eval("document.body && document.body.innerText")
+                    .await?;
+                anyhow::bail!("timed out waiting for {what}; the page says:\n{text}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_dashboard_shows_the_cluster_and_changes_live_when_a_task_completes(
+) -> anyhow::Result<()> {
+    let mut c = Cluster::start().await?;
+    let mut spec = NodeSpec::demo("edge-1");
+    // What a node says is shown as text, never run as markup.
+    spec.labels
+        .insert("region".into(), "<img src=x onerror=alert(1)>".into());
+    c.add_node(spec).await?;
+    let login = c
+        .admin()
+        .create_dashboard_login(pb::CreateDashboardLoginRequest {})
+        .await?
+        .into_inner();
+    let http = c.hub(1).http()?;
+    assert!(
+        login.url.starts_with(&format!("{http}/login?ticket=")),
+        "{login:?}"
+    );
+    // Without the ticket, nothing.
+    assert_eq!(http_get(&http, "/").await?.0, 401);
+    assert_eq!(http_get(&http, "/api/overview").await?.0, 401);
+
+    let mut b = Browser::launch().await?;
+    b.open(&login.url).await?;
+    b.wait(
+        "the node in the page",
+        "document.getElementById('node-edge-1') !== null",
+    )
+    .await?;
+    assert_eq!(
+        b.eval("location.pathname + location.search").await?,
+        json!("/"),
+        "the ticket is gone from the address bar"
+    );
+    assert_eq!(
+        b.eval("document.querySelectorAll('#nodes img').length")
+            .await?,
+        json!(0),
+        "a label's markup must not become an element"
+    );
+    let region = b
+        .eval("document.getElementById('node-edge-1').innerText")
+        .await?;
+    assert!(
+        region.as_str().unwrap_or_default().contains("<img src=x"),
+        "{region}"
+    );
+    b.wait(
+        "a pushed update",
+        "Number(document.getElementById('updates').dataset.count) >= 2",
+    )
+    .await?;
+
+    // A call made while the page is open shows up in it as it finishes.
+    let mut agent = c.agent();
+    let t = c
+        .call(&mut agent, "echo", json!({"text": "on the dashboard"}))
+        .await?;
+    assert_eq!(t.state, pb::TaskState::Succeeded as i32);
+    b.wait(
+        "the finished task in the page",
+        &format!(
+            "(document.getElementById('task-{}') || {{dataset: {{}}}}).dataset.status === 'succeeded'",
+            t.id
+        ),
+    )
+    .await?;
+    b.wait(
+        "the tool's card",
+        "document.getElementById('tool-echo') !== null",
+    )
+    .await?;
+
+    let shot = b
+        .call("Page.captureScreenshot", json!({"format": "png"}))
+        .await?;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(shot["data"].as_str().unwrap_or_default())?;
+    assert!(png.starts_with(b"\x89PNG"), "a PNG");
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    std::fs::write(&path, png)?;
+    eprintln!("screenshot: {}", path.display());
+
+    // The login link works once.
+    b.open(&login.url).await?;
+    b.wait(
+        "the used ticket's refusal",
+        "document.body && document.body.innerText.includes('already used')",
+    )
+    .await?;
+    Ok(())
+}
