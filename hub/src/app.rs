@@ -351,7 +351,10 @@ pub async fn run(
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .trace_fn(crate::trace::request_span)
+        .trace_fn({
+            let metrics = hub.metrics.clone();
+            move |req| crate::trace::request_span(&metrics, req)
+        })
         .layer(crate::conn::track_requests())
         .layer(crate::metrics::grpc::layer(hub.metrics.clone()))
         .add_service(health_svc)

@@ -200,6 +200,7 @@ impl Hub {
     pub async fn write(&self, cmd: Command) -> HubResult<Response> {
         self.ask_leader(
             HubError::Unavailable,
+            false,
             || self.write_as_leader(cmd.clone()),
             |mut c| {
                 let m = encode(&cmd);
@@ -214,9 +215,12 @@ impl Hub {
     /// could not be reached) it asks again, for up to `LEADER_WAIT`. Writes, read indexes
     /// and membership changes all go through here.
     /// `failed` makes the error of an ask that failed for good (or ran out of time).
+    /// `repeatable`: asking twice does no harm, so an RPC that failed in any way (a
+    /// connection a healed partition left broken) is asked again too.
     async fn ask_leader<T, H, HF, R, RF>(
         &self,
         failed: impl Fn(String) -> HubError,
+        repeatable: bool,
         here: H,
         there: R,
     ) -> HubResult<T>
@@ -257,6 +261,7 @@ impl Hub {
                         {
                             format!("leader unreachable: {}", s.message())
                         }
+                        Err(s) if repeatable => format!("asking the leader failed: {}", s.message()),
                         Err(s) => {
                             return failed(format!(
                                 "asking the leader failed ({}); the outcome is unknown, retry with an idempotency key",
@@ -337,6 +342,8 @@ impl Hub {
         let index = self
             .ask_leader(
                 |e| HubError::Unavailable(format!("cannot confirm a consistent read: {e}")),
+                // Asking for a read index twice does nothing twice.
+                true,
                 || self.read_index_as_leader(),
                 |mut c| async move { c.read_index(encode(&())).await },
             )
@@ -354,6 +361,7 @@ impl Hub {
     pub async fn change_membership(&self, change: MembershipChange) -> HubResult<()> {
         self.ask_leader(
             |e| HubError::FailedPrecondition(format!("membership change failed: {e}")),
+            false,
             || self.change_membership_as_leader(change.clone()),
             |mut c| {
                 let m = encode(&change);
@@ -462,14 +470,15 @@ impl Hub {
     /// The leader's view when it can be reached (it knows replication lag), else our own.
     pub async fn cluster_view(&self) -> ClusterView {
         let mut view = self.leaders_view().await;
-        // Each hub knows its own HTTP address: ask the others, all at once, briefly.
+        // Each hub knows its own HTTP address: ask the others, all at once, briefly (a hub
+        // that does not answer in 2 s shows none).
         let asks = view
             .members
             .iter()
             .filter(|m| m.http.is_empty() && m.id != self.id())
             .map(|m| {
                 let (id, raft) = (m.id, m.raft.clone());
-                async move { (id, self.member_view(&raft, Duration::from_secs(1)).await) }
+                async move { (id, self.member_view(&raft, Duration::from_secs(2)).await) }
             });
         let answers = futures::future::join_all(asks).await;
         for m in &mut view.members {

@@ -14,11 +14,13 @@ use opentelemetry::{
 
 use crate::state::TaskRecord;
 
-/// A gRPC request's span, continuing the trace its metadata names (if any).
-pub fn request_span(req: &http::Request<()>) -> tracing::Span {
+/// A gRPC request's span, continuing the trace its metadata names (if any). Named by
+/// the method when the hub serves it (`unknown` otherwise: a caller does not name spans).
+pub fn request_span(metrics: &crate::metrics::Metrics, req: &http::Request<()>) -> tracing::Span {
+    let (service, method) = metrics.grpc.labels(req.uri().path());
     let span = tracing::info_span!(
         "grpc request",
-        otel.name = %req.uri().path().trim_start_matches('/'),
+        otel.name = %format!("{service}/{method}"),
         otel.kind = "server",
         rpc.system = "grpc",
     );

@@ -444,8 +444,18 @@ async fn a_server_that_cannot_start_says_why_and_a_call_for_its_tool_names_it() 
     assert!(m.contains("unknown tool \"git_log\""), "{m}");
     assert!(
         m.contains("\"git\" on node edge-1") && m.contains("No module named 'mcp_server_git'"),
-        "names the failing server and why: {m}"
+        "names the failing server and, to an admin, why: {m}"
     );
+    // An agent without the admin scope learns which server, not what its stderr says.
+    let token = c.agent_token("plain", "default", &["tools"]).await?;
+    let refused = c
+        .agent_with(&token)
+        .submit_task(flotilla_tests::submit("git_log", json!({})))
+        .await
+        .expect_err("nobody offers git_log");
+    let m = refused.message();
+    assert!(m.contains("\"git\" on node edge-1"), "{m}");
+    assert!(!m.contains("mcp_server_git"), "stderr is for admins: {m}");
     // A tool that exists is not refused for it.
     let t = c
         .call(&mut c.agent(), "echo", json!({"text": "fine"}))

@@ -341,7 +341,9 @@ async fn dev_with_three_hubs_survives_killing_the_leader() -> anyhow::Result<()>
         .and_then(|l| l.split_whitespace().next())
         .expect("dev prints a dashboard link");
     let (base, path) = link.split_at(link.find("/login").expect("a login link"));
-    assert_eq!(http_get(base, path).await?.0, 303, "{link}");
+    let (status, page) = http_get(base, path).await?;
+    assert_eq!(status, 200, "{link}");
+    assert!(page.contains("url=/"), "moves on to the dashboard: {page}");
     assert_eq!(http_get(base, path).await?.0, 401, "used once: {link}");
 
     let o = flotilla(home, &["cluster", "status", "-o", "json"]);

@@ -616,11 +616,22 @@ async fn one_trace_covers_a_call_on_the_hub_and_on_the_node() -> anyhow::Result<
                 .filter(|s| s.trace_id == trace_id)
                 .cloned()
                 .collect();
+            // Batches may split a process's spans: wait for every one the test looks at.
+            let wanted = [
+                ("flotilla-node", "tools/call echo"),
+                ("flotilla-hub", "flotilla.v1.AgentService/SubmitTask"),
+                ("flotilla-hub", "admission"),
+                ("flotilla-hub", "raft commit"),
+                ("flotilla-hub", "task assigned"),
+                ("flotilla-hub", "task queued"),
+            ];
+            let all = wanted
+                .iter()
+                .all(|(svc, name)| spans.iter().any(|s| s.service == *svc && s.name == *name));
             let node_call = spans.iter().any(|s| {
                 s.service == "flotilla-node" && s.attributes.get("flotilla.task_id") == Some(&id)
             });
-            let hub = spans.iter().any(|s| s.service == "flotilla-hub");
-            (node_call && hub).then_some(spans)
+            (all && node_call).then_some(spans)
         }
     })
     .await?;

@@ -155,7 +155,15 @@ async function start() {
   render(await r.json());
   const stream = new EventSource("/api/stream");
   stream.addEventListener("overview", e => { live(true, "live"); render(JSON.parse(e.data)); });
-  stream.onerror = () => live(false, "reconnecting");
+  stream.onerror = async () => {
+    live(false, "reconnecting");
+    // A session that ended (expired, or the hub restarted) will not come back by itself.
+    const check = await fetch("/api/overview", { credentials: "same-origin" }).catch(() => null);
+    if (check && check.status === 401) {
+      stream.close();
+      live(false, "signed out: run `flotilla dashboard` for a new link");
+    }
+  };
 }
 
 start();

@@ -24,7 +24,7 @@ use axum::{
     http::{header, HeaderMap, StatusCode},
     response::{
         sse::{Event, KeepAlive, Sse},
-        Html, IntoResponse, Redirect, Response,
+        Html, IntoResponse, Response,
     },
     routing::get,
     Router,
@@ -126,17 +126,27 @@ impl Dashboard {
         Some(id)
     }
 
-    /// Who the request's session cookie belongs to, if it is a live session.
-    fn who(&self, headers: &HeaderMap) -> Option<String> {
+    /// The request's session id and who it belongs to, if it is a live session.
+    fn session(&self, headers: &HeaderMap) -> Option<(String, String)> {
         let id = headers
             .get_all(header::COOKIE)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(';'))
             .find_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='))?;
+        let who = self.identity(id)?;
+        Some((id.to_owned(), who))
+    }
+
+    /// Who session `id` belongs to, while it lives.
+    fn identity(&self, id: &str) -> Option<String> {
         let sessions = self.sessions.lock().expect("sessions lock");
         let s = sessions.get(id)?;
         (s.expires > Instant::now()).then(|| s.identity.clone())
+    }
+
+    fn who(&self, headers: &HeaderMap) -> Option<String> {
+        self.session(headers).map(|(_, who)| who)
     }
 
     /// The cluster's members and leader, at most two seconds old.
@@ -212,7 +222,13 @@ async fn login(State(hub): State<Hub>, Query(t): Query<Ticket>) -> Response {
         "{COOKIE}={session}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
         SESSION_TTL.as_secs()
     );
-    ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
+    // A page that moves on to `/` itself rather than a redirect: a link opened from another
+    // site (a chat, a wiki) is a cross-site navigation, and the Strict cookie would not go
+    // with the redirect's second request; the page's own move is same-site.
+    let page =
+        "<!doctype html><meta http-equiv=\"refresh\" content=\"0;url=/\"><title>Flotilla</title>\
+                <p>Signed in. <a href=\"/\">Open the dashboard</a>.</p>";
+    ([(header::SET_COOKIE, cookie)], Html(page)).into_response()
 }
 
 async fn overview_json(State(hub): State<Hub>, headers: HeaderMap) -> Response {
@@ -232,7 +248,7 @@ impl Drop for StreamPlace {
 }
 
 async fn stream(State(hub): State<Hub>, headers: HeaderMap) -> Response {
-    let Some(who) = hub.dashboard.who(&headers) else {
+    let Some((session, _)) = hub.dashboard.session(&headers) else {
         return StatusCode::UNAUTHORIZED.into_response();
     };
     if hub.dashboard.streams.fetch_add(1, Ordering::Relaxed) >= MAX_STREAMS {
@@ -245,9 +261,11 @@ async fn stream(State(hub): State<Hub>, headers: HeaderMap) -> Response {
     }
     let place = StreamPlace(hub.clone());
     let events = futures::stream::unfold(place, move |place| {
-        let who = who.clone();
+        let session = session.clone();
         async move {
             tokio::time::sleep(Duration::from_secs(1)).await;
+            // A session that expired (or was pushed out by newer ones) ends its streams.
+            let who = place.0.dashboard.identity(&session)?;
             let o = overview(&place.0, &who).await;
             let e = Event::default().event("overview").data(o.to_string());
             Some((Ok::<_, Infallible>(e), place))
@@ -273,26 +291,34 @@ pub async fn overview(hub: &Hub, who: &str) -> Value {
             .filter(|(_, q)| !q.is_empty())
             .map(|(tenant, q)| json!({"tenant": tenant, "queued": q.len()}))
             .collect();
-        let mut running: Vec<Value> = state
+        let since = |t: &crate::state::TaskRecord| {
+            t.current_attempt().map_or(t.created_at_ms, |a| {
+                a.started_at_ms.unwrap_or(a.assigned_at_ms)
+            })
+        };
+        let mut longest: Vec<(i64, &crate::state::TaskRecord)> = state
             .index
             .on_node
             .values()
             .flatten()
             .filter_map(|id| state.tasks.get(id))
-            .map(|t| {
-                let a = t.current_attempt();
+            .map(|t| (since(t), t))
+            .collect();
+        longest.sort_by_key(|(s, t)| (*s, &t.id));
+        longest.truncate(RUNNING_SHOWN);
+        let running: Vec<Value> = longest
+            .into_iter()
+            .map(|(since_ms, t)| {
                 json!({
                     "id": t.id,
                     "tool": t.tool,
                     "tenant": t.tenant,
                     "status": t.status.as_str(),
-                    "node": a.map(|a| a.node_id.clone()),
-                    "since_ms": a.map_or(t.created_at_ms, |a| a.started_at_ms.unwrap_or(a.assigned_at_ms)),
+                    "node": t.current_attempt().map(|a| a.node_id.clone()),
+                    "since_ms": since_ms,
                 })
             })
             .collect();
-        running.sort_by_key(|t| t["since_ms"].as_i64());
-        running.truncate(RUNNING_SHOWN);
         (queue, running)
     };
     let history = hub.state().history.clone();

@@ -76,7 +76,8 @@ impl GrpcMetrics {
         }
     }
 
-    fn labels(&self, path: &str) -> (&str, &str) {
+    /// The (service, method) a request path names, if the hub serves it; else `unknown`.
+    pub fn labels(&self, path: &str) -> (&str, &str) {
         self.methods
             .get(path)
             .map_or((UNKNOWN, UNKNOWN), |(s, m)| (s.as_str(), m.as_str()))
@@ -157,6 +158,7 @@ where
             path: req.uri().path().to_owned(),
             started: Instant::now(),
             status: None,
+            counted: false,
         };
         let fut = self.inner.call(req);
         Box::pin(async move {
@@ -178,23 +180,36 @@ where
     }
 }
 
-/// A request not yet counted.
+/// A request, counted once: when it ends, or when it is dropped before (a client that
+/// gave up before the answer, or walked away from a stream: CANCELLED, unless the
+/// headers already carried its status).
 struct Call {
     metrics: Arc<super::Metrics>,
     path: String,
     started: Instant,
     /// The status the response headers carried (a call refused at once).
     status: Option<&'static str>,
+    counted: bool,
 }
 
 impl Call {
-    fn end(self, code: &str) {
+    fn end(mut self, code: &str) {
+        self.counted = true;
         self.metrics.grpc.record(&self.path, code, self.started);
     }
 }
 
-/// A response body that counts its request once: at its trailers, at its end, or when it
-/// is dropped before either.
+impl Drop for Call {
+    fn drop(&mut self) {
+        if !self.counted {
+            let code = self.status.unwrap_or("CANCELLED");
+            self.metrics.grpc.record(&self.path, code, self.started);
+        }
+    }
+}
+
+/// A response body that counts its request once: at its trailers, at its end, or (its
+/// `Call` dropped with it) when it is dropped before either.
 pub struct Observed<B> {
     body: Pin<Box<B>>,
     call: Option<Call>,
@@ -231,15 +246,6 @@ impl<B: Body> Body for Observed<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
-    }
-}
-
-impl<B> Drop for Observed<B> {
-    fn drop(&mut self) {
-        if let Some(call) = self.call.take() {
-            let code = call.status.unwrap_or("CANCELLED");
-            call.end(code);
-        }
     }
 }
 

@@ -136,7 +136,7 @@ impl AgentApi {
         let mut task = match admitted {
             // Nobody offers it: a server that fails to start may be why.
             Err(HubError::NotFound(m)) if !self.hub.state().catalogue.contains_key(&req.tool) => {
-                return Err(HubError::NotFound(m + &self.failing_servers().await));
+                return Err(HubError::NotFound(m + &self.failing_servers(claims).await));
             }
             other => other?,
         };
@@ -177,28 +177,42 @@ impl AgentApi {
         }
     }
 
-    /// The MCP servers failing now and why, for the answer to a call of a tool that no
-    /// server offers (a server that cannot start never said which tools it has); "" if none.
-    async fn failing_servers(&self) -> String {
+    /// The MCP servers failing now on nodes that serve the caller's tenant, for the
+    /// answer to a call of a tool that no server offers (a server that cannot start never
+    /// said which tools it has); "" if none. Why each fails (its stderr may hold anything)
+    /// is told to admins only; others see it in `flotilla nodes` if they are.
+    async fn failing_servers(&self, claims: &Claims) -> String {
         const SHOWN: usize = 3;
         const WHY_CHARS: usize = 400;
-        let mut failing: Vec<String> = self
-            .hub
-            .live_nodes()
-            .await
-            .into_iter()
-            .flat_map(|(node, view)| {
-                view.servers
-                    .into_iter()
-                    .filter(|s| {
-                        s.state != flotilla_proto::ServerState::Ready as i32 && !s.error.is_empty()
-                    })
-                    .map(move |s| {
-                        let why: String = s.error.chars().take(WHY_CHARS).collect();
-                        format!("{:?} on node {node} ({why})", s.name)
-                    })
-            })
-            .collect();
+        let admin = claims.has_scope(flotilla_common::jwt::ADMIN_SCOPE);
+        let live = self.hub.live_nodes().await;
+        let mut failing: Vec<String> = {
+            let state = self.hub.state();
+            live.into_iter()
+                .filter(|(node, _)| {
+                    state
+                        .nodes
+                        .get(node)
+                        .is_some_and(|n| n.serves(&claims.tenant))
+                })
+                .flat_map(|(node, view)| {
+                    view.servers
+                        .into_iter()
+                        .filter(|s| {
+                            s.state != flotilla_proto::ServerState::Ready as i32
+                                && !s.error.is_empty()
+                        })
+                        .map(move |s| {
+                            if admin {
+                                let why: String = s.error.chars().take(WHY_CHARS).collect();
+                                format!("{:?} on node {node} ({why})", s.name)
+                            } else {
+                                format!("{:?} on node {node}", s.name)
+                            }
+                        })
+                })
+                .collect()
+        };
         if failing.is_empty() {
             return String::new();
         }

@@ -57,6 +57,25 @@ impl Backend {
         })
     }
 
+    /// Writes `k` unless it is there: `None` when written, else the value it holds.
+    pub(super) fn insert_new(&self, t: usize, k: &[u8], v: &[u8]) -> StoreResult<Option<Vec<u8>>> {
+        Ok(match self {
+            Self::Memory(m) => match m.lock().expect("history lock")[t].entry(k.to_vec()) {
+                std::collections::btree_map::Entry::Occupied(e) => Some(e.get().clone()),
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(v.to_vec());
+                    None
+                }
+            },
+            Self::Sled { trees, .. } => {
+                match trees[t].compare_and_swap(k, None::<&[u8]>, Some(v))? {
+                    Ok(()) => None,
+                    Err(e) => e.current.map(|c| c.to_vec()),
+                }
+            }
+        })
+    }
+
     /// Writes `k`; the value it had before.
     pub(super) fn replace(&self, t: usize, k: &[u8], v: &[u8]) -> StoreResult<Option<Vec<u8>>> {
         Ok(match self {

@@ -418,16 +418,23 @@ impl History {
             let gk = mark_key(kind, id);
             let mut mark = at.to_be_bytes().to_vec();
             mark.extend_from_slice(&head.encode());
-            match b.replace(GONE, &gk, &mark)? {
-                // Expired before (only its key was left behind): that expiry stands.
-                Some(prev) if mark_index(&prev).is_some_and(|e| e < at) => {
-                    b.insert(GONE, &gk, &prev)?;
-                    self.drop_finish_key(&b, &fk)?;
-                    continue;
-                }
-                // This expiry, cut short by a crash and now replayed.
-                Some(prev) if mark_index(&prev) == Some(at) => {}
-                _ => n += 1,
+            // Marked only if not marked yet: one write, and an earlier mark is never
+            // overwritten, even for a moment.
+            match b.insert_new(GONE, &gk, &mark)? {
+                None => n += 1,
+                Some(prev) => match mark_index(&prev) {
+                    // Expired before (only its key was left behind): that expiry stands.
+                    Some(e) if e < at => {
+                        self.drop_finish_key(&b, &fk)?;
+                        continue;
+                    }
+                    // This expiry, cut short by a crash and now replayed.
+                    Some(e) if e == at => {}
+                    _ => {
+                        b.insert(GONE, &gk, &mark)?;
+                        n += 1;
+                    }
+                },
             }
             if kind == KIND_TASK {
                 let tk = join(&[head.tenant.as_bytes(), b"\0", id]);
@@ -711,6 +718,9 @@ impl History {
 
     /// The `limit` tasks that ended last, of every tenant, newest first.
     pub fn recent(&self, limit: usize) -> StoreResult<Vec<TaskRecord>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
         let b = self.backend();
         let mut ids = Vec::new();
         b.scan(BY_FINISH, b"", true, |k, _| {
