@@ -11,6 +11,7 @@ use tonic::Status;
 use crate::{
     connect::{agent_client, follow_events, settings, status_error, with_failover, Agent},
     output::{self, Format},
+    progress::Progress,
     ClientFlags,
 };
 
@@ -86,11 +87,10 @@ pub(crate) async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
     if people {
         eprintln!("task {task_id} submitted");
     }
+    let progress = Progress::new(people);
     let mut last = first;
     loop {
-        if people {
-            print_event(&last);
-        }
+        progress.event(&last);
         if last.is_terminal() {
             break;
         }
@@ -104,8 +104,9 @@ pub(crate) async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
     }
     let mut agent = agent_client(&s)?;
     if !last.is_terminal() {
-        watch_until_done(&mut agent, &task_id, last.seq + 1, people).await?;
+        watch_until_done(&mut agent, &task_id, last.seq + 1, &progress).await?;
     }
+    progress.finish();
     let final_task = task_now(&mut agent, &task_id).await?;
     print_result(&final_task, a.flags.output);
     Ok(exit_for(&final_task))
@@ -121,7 +122,7 @@ pub(crate) async fn watch_until_done(
     agent: &mut Agent,
     task_id: &str,
     from: u64,
-    people: bool,
+    progress: &Progress,
 ) -> anyhow::Result<()> {
     let watcher = agent.clone();
     follow_events(
@@ -138,9 +139,7 @@ pub(crate) async fn watch_until_done(
             }
         },
         |ev: &pb::TaskEvent| {
-            if people {
-                print_event(ev);
-            }
+            progress.event(ev);
             (ev.seq, ev.is_terminal())
         },
     )
@@ -155,28 +154,6 @@ pub(crate) async fn task_now(agent: &mut Agent, task_id: &str) -> anyhow::Result
         .await
         .map(|r| r.into_inner())
         .map_err(status_error)
-}
-
-pub(crate) fn print_event(ev: &pb::TaskEvent) {
-    let kind = pb::EventKind::try_from(ev.kind).unwrap_or_default();
-    match kind {
-        pb::EventKind::Progress => {
-            let total = ev.total.map(|t| format!("/{t}")).unwrap_or_default();
-            let msg = if ev.message.is_empty() {
-                String::new()
-            } else {
-                format!(" {}", ev.message)
-            };
-            eprintln!("  progress {}{total}{msg}", ev.progress);
-        }
-        pb::EventKind::Assigned => {
-            eprintln!("  assigned to {} (attempt {})", ev.node_id, ev.attempt)
-        }
-        pb::EventKind::Queued if !ev.message.is_empty() => {
-            eprintln!("  queued again: {}", ev.message)
-        }
-        _ => eprintln!("  {}", ev.kind().name()),
-    }
 }
 
 pub(crate) fn json_bytes(b: &[u8]) -> Value {

@@ -10,6 +10,7 @@ mod dev;
 mod nodes;
 mod options;
 mod output;
+mod progress;
 mod task;
 mod tokens;
 mod tools;
@@ -71,6 +72,11 @@ enum Command {
     Cluster(cluster::ClusterCommand),
     /// A one-time login link to the live dashboard (admin).
     Dashboard(ClientOnly),
+    /// Print a shell completion script: `flotilla completions bash > /etc/bash_completion.d/flotilla`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Join tokens for nodes (admin).
     #[command(subcommand)]
     Token(tokens::TokenCommand),
@@ -213,6 +219,16 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Tools(a) => tools::tools_command(a).await,
         Command::Nodes(a) => nodes::nodes_command(a).await,
         Command::Dashboard(c) => dashboard::dashboard(c).await,
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "flotilla",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Scheduling(cmd) => nodes::scheduling(cmd).await,
         Command::Cluster(cmd) => cluster::cluster(cmd).await,
         Command::Token(cmd) => tokens::token(cmd).await,

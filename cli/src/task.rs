@@ -143,7 +143,10 @@ pub(crate) async fn task(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
         }
         TaskCommand::Watch { id, flags } => {
             let mut agent = agent_client(&settings(&flags)?)?;
-            watch_until_done(&mut agent, &id, 1, true).await?;
+            let progress =
+                crate::progress::Progress::new(flags.output == crate::output::Format::Table);
+            watch_until_done(&mut agent, &id, 1, &progress).await?;
+            progress.finish();
             let t = task_now(&mut agent, &id).await?;
             print_result(&t, flags.output);
             Ok(exit_for(&t))

@@ -188,6 +188,7 @@ pub async fn run(
         .last_log_id
         .map_or(0, |l| l.index);
     metrics.count_after(held);
+    let committed = log_store.committed_index();
     let state = sm_store.state();
     let raft = Raft::new(
         config.id,
@@ -233,6 +234,7 @@ pub async fn run(
 
     let http_url = format!("http://{}", listeners.http.local_addr()?);
     let hub = Hub::new(Parts {
+        committed,
         config,
         http_url,
         raft: raft.clone(),

@@ -47,11 +47,14 @@ pub(crate) struct Parts {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Where this hub's HTTP port is reached, http://HOST:PORT.
     pub http_url: String,
+    /// The last log index known committed here (the log store keeps it).
+    pub committed: Arc<std::sync::atomic::AtomicU64>,
 }
 
 struct Inner {
     config: HubConfig,
     http_url: String,
+    committed: Arc<std::sync::atomic::AtomicU64>,
     raft: Raft,
     /// Every write goes through it: writes that arrive together share one entry.
     commit: crate::commit::GroupCommit,
@@ -90,6 +93,7 @@ impl Hub {
                 commit: crate::commit::GroupCommit::start(p.raft.clone()),
                 config: p.config,
                 http_url: p.http_url,
+                committed: p.committed,
                 raft: p.raft,
                 state: p.state,
                 ca: p.ca,
@@ -129,6 +133,13 @@ impl Hub {
     /// Where this hub's HTTP port is reached, http://HOST:PORT.
     pub fn http_url(&self) -> &str {
         &self.inner.http_url
+    }
+
+    /// The last log index this hub knows committed (0 before the first it learns of).
+    pub fn commit_index(&self) -> u64 {
+        self.inner
+            .committed
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn id(&self) -> u64 {

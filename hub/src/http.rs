@@ -34,6 +34,7 @@ fn raft_view(hub: &Hub) -> RaftView {
     RaftView {
         term,
         is_leader,
+        commit_index: hub.commit_index(),
         last_log_index,
         applied_index,
         limits: crate::scheduler::limits(hub),

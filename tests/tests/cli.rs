@@ -404,3 +404,26 @@ async fn dev_with_three_hubs_survives_killing_the_leader() -> anyhow::Result<()>
     .await?;
     Ok(())
 }
+
+#[test]
+fn shell_completions_are_valid_scripts_that_know_the_commands() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    for (shell, checker) in [("bash", "bash"), ("zsh", ""), ("fish", "")] {
+        let o = flotilla(dir.path(), &["completions", shell]);
+        assert!(o.status.success(), "{shell}: {o:?}");
+        let script = stdout(&o);
+        assert!(
+            script.contains("dashboard") && script.contains("workflow"),
+            "{shell}"
+        );
+        if checker.is_empty() {
+            continue;
+        }
+        // The script parses (`bash -n`).
+        let path = dir.path().join(format!("flotilla.{shell}"));
+        std::fs::write(&path, &script)?;
+        let check = Command::new(checker).arg("-n").arg(&path).output()?;
+        assert!(check.status.success(), "{shell}: {check:?}");
+    }
+    Ok(())
+}

@@ -129,7 +129,13 @@ async fn a_hubs_metrics_count_the_calls_made_and_promtool_accepts_them() -> anyh
         sample(&body, "flotilla_nodes", &[("status", "ready")]),
         Some(1.0)
     );
-    assert!(sample(&body, "flotilla_raft_applied_index", &[]).unwrap_or(0.0) > 0.0);
+    let applied = sample(&body, "flotilla_raft_applied_index", &[]).unwrap_or(0.0);
+    assert!(applied > 0.0, "{body}");
+    // Entries are committed before they are applied.
+    assert!(
+        sample(&body, "flotilla_raft_commit_index", &[]).unwrap_or(0.0) >= applied,
+        "{body}"
+    );
     // Never a task id in a label: the series do not grow with the calls.
     assert!(
         !body.contains(&failed.id),

@@ -28,6 +28,7 @@ pub struct Metrics {
     raft_is_leader: IntGauge,
     raft_leader_changes: IntCounter,
     raft_last_log_index: IntGauge,
+    raft_commit_index: IntGauge,
     raft_applied_index: IntGauge,
     raft_apply_lag: IntGauge,
     auth_failures: IntCounterVec,
@@ -136,6 +137,10 @@ impl Metrics {
             raft_last_log_index: one(
                 "raft_last_log_index",
                 "The index of the last Raft log entry this hub holds.",
+            ),
+            raft_commit_index: one(
+                "raft_commit_index",
+                "The index of the last log entry this hub knows committed.",
             ),
             raft_applied_index: one(
                 "raft_applied_index",
@@ -284,6 +289,7 @@ impl Metrics {
         self.raft_term.set(raft.term as i64);
         self.raft_is_leader.set(i64::from(raft.is_leader));
         self.raft_last_log_index.set(raft.last_log_index as i64);
+        self.raft_commit_index.set(raft.commit_index as i64);
         self.raft_applied_index.set(raft.applied_index as i64);
         self.raft_apply_lag
             .set(raft.last_log_index.saturating_sub(raft.applied_index) as i64);
@@ -350,6 +356,8 @@ impl Metrics {
 pub struct RaftView {
     pub term: u64,
     pub is_leader: bool,
+    /// The last log index this hub knows committed.
+    pub commit_index: u64,
     pub last_log_index: u64,
     pub applied_index: u64,
     /// The hub's breaker thresholds.

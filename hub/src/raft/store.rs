@@ -47,6 +47,8 @@ pub struct LogStore {
     logs: sled::Tree,
     meta: sled::Tree,
     recent: Arc<Mutex<Recent>>,
+    /// The last log index openraft said is committed (for `flotilla_raft_commit_index`).
+    committed: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Most entries, and most bytes of their JSON, kept decoded in memory.
@@ -165,7 +167,13 @@ impl LogStore {
             logs,
             meta,
             recent: Arc::default(),
+            committed: Arc::default(),
         })
+    }
+
+    /// The last log index known committed here, as openraft reports it to the store.
+    pub fn committed_index(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.committed.clone()
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(
@@ -311,6 +319,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
+        if let Some(c) = &committed {
+            self.committed
+                .store(c.index, std::sync::atomic::Ordering::Relaxed);
+        }
         // Not flushed here (it would cost an fsync per commit): the next append/vote flush,
         // or sled's periodic flush (every 500ms by default), persists it. A stale
         // `committed` only means fewer entries are re-applied inside `Raft::new()`; the rest
