@@ -206,5 +206,6 @@ pub fn workflow(
         idempotency_key: (!req.idempotency_key.is_empty()).then_some(req.idempotency_key),
         seq: 0,
         ended_seq: None,
+        trace: None,
     })
 }

@@ -661,5 +661,39 @@ async fn one_trace_covers_a_call_on_the_hub_and_on_the_node() -> anyhow::Result<
     let assigned = named("flotilla-hub", "task assigned");
     assert_eq!(assigned.attributes["flotilla.task_id"], id);
     named("flotilla-hub", "task queued");
+
+    // A workflow's steps join the trace of the call that submitted it.
+    let wf_trace = "0af7651916cd43dd8448eb211c80319c";
+    let mut req = tonic::Request::new(pb::SubmitWorkflowRequest {
+        name: "traced".into(),
+        steps: vec![flotilla_tests::step(
+            "greet",
+            "echo",
+            &[],
+            json!({"text": "step"}),
+        )],
+        ..Default::default()
+    });
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{wf_trace}-b7ad6b7169203331-01").parse()?,
+    );
+    let wf = agent.submit_workflow(req).await?.into_inner().workflow_id;
+    wait_until("the step's span from the node", READY, || {
+        let got = got.clone();
+        let step_task = format!("{wf}.greet");
+        async move {
+            got.lock()
+                .expect("receiver lock")
+                .iter()
+                .any(|s| {
+                    s.trace_id == wf_trace
+                        && s.service == "flotilla-node"
+                        && s.attributes.get("flotilla.task_id") == Some(&step_task)
+                })
+                .then_some(())
+        }
+    })
+    .await?;
     Ok(())
 }

@@ -517,6 +517,7 @@ impl AgentService for AgentApi {
         req: Request<SubmitWorkflowRequest>,
     ) -> Result<Response<SubmitWorkflowResponse>, Status> {
         let claims = self.caller(&req)?;
+        let trace = crate::trace::of_submission(req.metadata());
         let req = req.into_inner();
         if !req.idempotency_key.is_empty() {
             let known = self
@@ -531,7 +532,8 @@ impl AgentService for AgentApi {
                 }));
             }
         }
-        let wf = admission::workflow(&self.hub.state(), &claims, req)?;
+        let mut wf = admission::workflow(&self.hub.state(), &claims, req)?;
+        wf.trace = trace;
         let steps = wf.steps.len();
         self.room_in_queue(&claims, steps)?;
         match self

@@ -688,6 +688,7 @@ fn workflow(steps: Vec<StepRecord>, policy: FailurePolicy) -> Command {
         idempotency_key: None,
         seq: 0,
         ended_seq: None,
+        trace: None,
     }))
 }
 

@@ -132,6 +132,9 @@ pub struct WorkflowRecord {
     pub seq: u64,
     /// The seq of the workflow's end, once it ended.
     pub ended_seq: Option<u64>,
+    /// The W3C `traceparent` of the call that submitted it: its steps' tasks join that trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 impl State {
@@ -331,6 +334,7 @@ impl State {
         t.priority = step.priority;
         t.spec = step.spec.clone();
         t.scopes = w.scopes.clone();
+        t.trace = w.trace.clone();
         t.workflow = Some(StepRef {
             workflow_id: wf_id.to_owned(),
             step: step.name.clone(),
