@@ -453,6 +453,7 @@ impl Hub {
             term: m.current_term,
             last_log_index: last,
             applied_index: m.last_applied.map_or(0, |l| l.index),
+            commit_index: self.commit_index(),
             members,
         }
     }

@@ -168,6 +168,11 @@ async fn dev_cluster_then_client_commands() -> anyhow::Result<()> {
     let o = flotilla(home, &["cluster", "status", "-o", "json"]);
     let st: serde_json::Value = serde_json::from_slice(&o.stdout)?;
     assert_eq!(st["leader_id"], 1);
+    assert!(
+        st["commit_index"].as_u64() >= st["applied_index"].as_u64()
+            && st["applied_index"].as_u64() > Some(0),
+        "{st}"
+    );
     assert!(st["members"][0]["address"]
         .as_str()
         .expect("address")

@@ -42,5 +42,8 @@ pub struct ClusterView {
     pub term: u64,
     pub last_log_index: u64,
     pub applied_index: u64,
+    /// The last index the answering hub knows committed (an older hub does not say: 0).
+    #[serde(default)]
+    pub commit_index: u64,
     pub members: Vec<MemberView>,
 }

@@ -367,7 +367,9 @@ fn status_response(v: ClusterView) -> ClusterStatusResponse {
         leader_id: v.leader_id.unwrap_or(0),
         term: v.term,
         last_log_index: v.last_log_index,
-        commit_index: v.applied_index,
+        // From the leader's view when it answered; an older leader that does not say
+        // reports what it applied, which is committed.
+        commit_index: v.commit_index.max(v.applied_index),
         applied_index: v.applied_index,
         members: v
             .members
