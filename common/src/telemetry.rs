@@ -6,7 +6,7 @@
 //! Traces: when an OTLP endpoint is configured (`otlp_endpoint` in hub.toml or node.toml,
 //! or the standard `OTEL_EXPORTER_OTLP_ENDPOINT`), `tracing` spans whose target is one of
 //! Flotilla's crates go to it as OpenTelemetry spans over OTLP/HTTP. Spans never reach the
-//! log (its lines stay as they were), and without an endpoint no span is even created.
+//! log (its lines stay as they were), and without an endpoint nothing is exported.
 //! W3C trace context (`traceparent`) carries a call's trace from the agent to the hub
 //! (gRPC metadata), and from the hub to the node that runs it (the assignment).
 
