@@ -6,7 +6,7 @@
 //! Traces: when an OTLP endpoint is configured (`otlp_endpoint` in hub.toml or node.toml,
 //! or the standard `OTEL_EXPORTER_OTLP_ENDPOINT`), `tracing` spans whose target is one of
 //! Flotilla's crates go to it as OpenTelemetry spans over OTLP/HTTP. Spans never reach the
-//! log (its lines stay as they were), and without an endpoint nothing is exported.
+//! log (its lines stay as they were), and without an endpoint no span is even created.
 //! W3C trace context (`traceparent`) carries a call's trace from the agent to the hub
 //! (gRPC metadata), and from the hub to the node that runs it (the assignment).
 
@@ -94,7 +94,11 @@ pub fn init(json: bool, default_filter: &str, traces: Option<Traces>) -> Guard {
                     && *m.level() <= tracing::Level::INFO
             }))
     });
+    // No exporter: no layer wants spans, so none is created (an absent layer would still
+    // say it is interested in every callsite; this says no for spans, for all of them).
+    let no_spans = provider.is_none().then(|| filter_fn(|m| !m.is_span()));
     let _ = tracing_subscriber::registry()
+        .with(no_spans)
         .with(spans)
         .with(plain)
         .with(structured)
@@ -198,6 +202,23 @@ pub fn context_of(span: &tracing::Span) -> Context {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn without_an_endpoint_no_span_is_created_and_events_still_log() {
+        std::env::remove_var("OTEL_EXPORTER_OTLP_ENDPOINT");
+        std::env::remove_var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
+        let _guard = init(
+            false,
+            "info",
+            Some(Traces {
+                service: "test",
+                instance: "t".into(),
+                endpoint: None,
+            }),
+        );
+        assert!(tracing::info_span!("a span").is_disabled());
+        assert!(tracing::enabled!(tracing::Level::INFO));
+    }
 
     #[test]
     fn a_traceparent_reads_back_as_written_and_garbage_is_no_trace() {
