@@ -1,4 +1,5 @@
-//! `flotilla dashboard`: a one-time login link to a hub's live dashboard (admin).
+//! `flotilla dashboard`: a one-time login link to a hub's live dashboard, showing what the
+//! configured token may see (an admin token: the whole cluster; another: its tenant's work).
 
 use std::process::ExitCode;
 
@@ -6,12 +7,12 @@ use flotilla_proto as pb;
 use serde_json::json;
 
 use crate::{
-    connect::{admin_client, settings, status_error},
+    connect::{agent_client, settings, status_error},
     output::{self, Format},
 };
 
 pub(crate) async fn dashboard(c: crate::ClientOnly) -> anyhow::Result<ExitCode> {
-    let login = admin_client(&settings(&c.flags)?)?
+    let login = agent_client(&settings(&c.flags)?)?
         .create_dashboard_login(pb::CreateDashboardLoginRequest {})
         .await
         .map_err(status_error)?

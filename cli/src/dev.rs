@@ -388,7 +388,8 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
             .collect::<Vec<_>>()
             .join(", ")
     );
-    match admin
+    match agent
+        .clone()
         .create_dashboard_login(pb::CreateDashboardLoginRequest {})
         .await
     {

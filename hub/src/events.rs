@@ -228,6 +228,21 @@ impl EventLogs {
             .map(|(_, at)| *at)
     }
 
+    /// The last `max` progress events of `task_id` this hub still holds (while the task is
+    /// open and for a short grace after), oldest first.
+    pub fn progress_of(&self, task_id: &str, max: usize) -> Vec<TaskEvent> {
+        let logs = self.inner.lock().expect("event log lock");
+        let Some(log) = logs.by_task.get(task_id) else {
+            return Vec::new();
+        };
+        let progress = log
+            .events
+            .iter()
+            .filter(|e| e.kind == EventKind::Progress as i32);
+        let skip = progress.clone().count().saturating_sub(max);
+        progress.skip(skip).cloned().collect()
+    }
+
     /// Records progress reported by the node running `task_id`.
     pub fn progress(&self, mut ev: TaskEvent) {
         let mut logs = self.inner.lock().expect("event log lock");

@@ -1,6 +1,7 @@
 //! The dashboard as a person sees it: a real headless Chromium (Debian's `chromium`) opens
 //! the login link an admin gets, and the page shows the running cluster and changes, while
-//! it stays open, when a task completes. The browser is driven over the DevTools protocol;
+//! it stays open, when a task completes; a click shows a task's events; a tenant's link
+//! shows that tenant's work only. The browser is driven over the DevTools protocol;
 //! the test saves a screenshot (`dashboard.png` in the tests' target tmp dir).
 
 use std::time::Duration;
@@ -114,6 +115,17 @@ impl Browser {
         Ok(r["result"]["value"].clone())
     }
 
+    /// The value of a JavaScript expression that makes a promise, once it settles.
+    async fn eval_async(&mut self, expr: &str) -> anyhow::Result<Value> {
+        let r = self
+            .call(
+                "Runtime.evaluate",
+                json!({"expression": expr, "returnByValue": true, "awaitPromise": true}),
+            )
+            .await?;
+        Ok(r["result"]["value"].clone())
+    }
+
     /// Polls `expr` until it is truthy; its value.
     async fn wait(&mut self, what: &str, expr: &str) -> anyhow::Result<Value> {
         let deadline = tokio::time::Instant::now() + READY;
@@ -145,7 +157,7 @@ async fn the_dashboard_shows_the_cluster_and_changes_live_when_a_task_completes(
         .insert("region".into(), "<img src=x onerror=alert(1)>".into());
     c.add_node(spec).await?;
     let login = c
-        .admin()
+        .agent()
         .create_dashboard_login(pb::CreateDashboardLoginRequest {})
         .await?
         .into_inner();
@@ -209,6 +221,29 @@ async fn the_dashboard_shows_the_cluster_and_changes_live_when_a_task_completes(
     )
     .await?;
 
+    // A click on the task opens its story.
+    b.eval(&format!("document.getElementById('task-{}').click()", t.id))
+        .await?;
+    b.wait(
+        "the task's detail",
+        &format!(
+            "document.getElementById('detail-section').dataset.id === '{}' \
+             && document.getElementById('detail-section').dataset.status === 'succeeded'",
+            t.id
+        ),
+    )
+    .await?;
+    let events = b
+        .eval("[...document.querySelectorAll('#detail-events tbody tr')].map(r => r.cells[1].innerText + '@' + r.cells[2].innerText).join(' ')")
+        .await?;
+    let events = events.as_str().unwrap_or_default();
+    assert!(
+        events.starts_with("submitted@")
+            && events.contains("assigned@edge-1")
+            && events.ends_with("succeeded@—"),
+        "{events}"
+    );
+
     let shot = b
         .call("Page.captureScreenshot", json!({"format": "png"}))
         .await?;
@@ -226,5 +261,63 @@ async fn the_dashboard_shows_the_cluster_and_changes_live_when_a_task_completes(
         "document.body && document.body.innerText.includes('already used')",
     )
     .await?;
+
+    // A tenant's token signs in to its own tenant's work: its task, not the admin's, and
+    // no hubs or nodes.
+    let token = c.agent_token("alice", "tenant-a", &["tools"]).await?;
+    let mut alice = c.agent_with(&token);
+    let mine = c
+        .call(&mut alice, "echo", json!({"text": "alice's"}))
+        .await?;
+    assert_eq!(mine.state, pb::TaskState::Succeeded as i32);
+    let login = alice
+        .create_dashboard_login(pb::CreateDashboardLoginRequest {})
+        .await?
+        .into_inner();
+    b.open(&login.url).await?;
+    b.wait(
+        "the tenant's task",
+        &format!("document.getElementById('task-{}') !== null", mine.id),
+    )
+    .await?;
+    assert_eq!(
+        b.eval(&format!("document.getElementById('task-{}')", t.id))
+            .await?,
+        Value::Null,
+        "another tenant's task is not shown"
+    );
+    assert_eq!(
+        b.eval("[document.getElementById('nodes-section').hidden, document.getElementById('cluster-section').hidden, document.querySelectorAll('#nodes tbody tr[id]').length]")
+            .await?,
+        json!([true, true, 0])
+    );
+    let card = b
+        .wait(
+            "the tenant's tool card",
+            "(document.getElementById('tool-echo') || {}).innerText",
+        )
+        .await?;
+    assert!(
+        card.as_str().unwrap_or_default().contains("1 in all"),
+        "only the tenant's call counts: {card}"
+    );
+    let refused = b
+        .eval_async(&format!(
+            "fetch('/api/task?id={}').then(r => r.status)",
+            t.id
+        ))
+        .await?;
+    assert_eq!(
+        refused,
+        json!(404),
+        "another tenant's task reads as missing"
+    );
+    let own = b
+        .eval_async(&format!(
+            "fetch('/api/task?id={}').then(r => r.json()).then(t => t.tenant)",
+            mine.id
+        ))
+        .await?;
+    assert_eq!(own, json!("tenant-a"));
     Ok(())
 }

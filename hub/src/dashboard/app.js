@@ -8,6 +8,7 @@ const BUCKET_MS = 5000;
 const samples = new Map(); // tool -> [{t, done, failed, sum, count}]
 let updates = 0;
 let lastNow = null; // when the previous overview was taken
+let shown = null; // the task whose detail is open: {id, terminal}
 
 function el(tag, attrs, ...children) {
   const e = document.createElement(tag);
@@ -65,11 +66,11 @@ function renderQueue(o) {
 }
 
 function renderTasks(o) {
-  fill("running", o.running.map(t => el("tr", { id: `task-${t.id}` },
+  fill("running", o.running.map(t => el("tr", { id: `task-${t.id}`, class: "task", "data-id": t.id },
     el("td", { class: "id", title: t.id }, short(t.id)), el("td", {}, t.tool), el("td", {}, t.tenant),
     el("td", { class: `state-${t.status}` }, t.status), el("td", {}, t.node || "—"),
     el("td", {}, ago(t.since_ms, o.now_ms)))), "nothing running");
-  fill("recent", o.recent.map(t => el("tr", { id: `task-${t.id}`, "data-status": t.status },
+  fill("recent", o.recent.map(t => el("tr", { id: `task-${t.id}`, class: "task", "data-id": t.id, "data-status": t.status },
     el("td", { class: "id", title: t.id }, short(t.id)), el("td", {}, t.tool), el("td", {}, t.tenant),
     el("td", { class: `state-${t.status}` }, t.status), el("td", {}, took(t.took_ms)),
     el("td", {}, `${ago(t.ended_ms, o.now_ms)} ago`))), "nothing finished yet");
@@ -127,10 +128,46 @@ function renderTools(o) {
   box.replaceChildren(...(cards.length ? cards : [el("span", { class: "empty" }, "no call has finished since this hub started")]));
 }
 
+// A task's detail: what it is and its events, from GET /api/task (again at each update
+// while it has not ended).
+async function showTask(id) {
+  const r = await fetch(`/api/task?id=${encodeURIComponent(id)}`, { credentials: "same-origin" });
+  const section = document.getElementById("detail-section");
+  section.hidden = false;
+  const body = await r.json().catch(() => ({ error: `error ${r.status}` }));
+  if (!r.ok) {
+    shown = null;
+    document.getElementById("detail-title").textContent = id;
+    document.getElementById("detail-facts").replaceChildren(el("dt", {}, "error"), el("dd", {}, body.error || r.status));
+    fill("detail-events", [], "—");
+    return;
+  }
+  const t = body;
+  shown = { id: t.id, terminal: t.terminal };
+  section.dataset.status = t.status;
+  section.dataset.id = t.id;
+  document.getElementById("detail-title").textContent = t.id;
+  const facts = [["tool", t.tool], ["tenant", t.tenant], ["agent", t.agent], ["state", t.status],
+    ["submitted", new Date(t.created_ms).toLocaleString()], ["attempts", t.attempts.length]];
+  if (t.dead_lettered) facts.push(["dead letter", "yes"]);
+  if (t.error) facts.push(["error", t.error]);
+  document.getElementById("detail-facts").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
+  fill("detail-events", t.events.map(e => el("tr", { class: `event-${e.what.replace(/ /g, "-")}` },
+    el("td", {}, `+${took(Math.max(0, e.at_ms - t.created_ms))}`), el("td", { class: `state-${e.what}` }, e.what),
+    el("td", {}, e.node || "—"), el("td", {}, e.detail || ""))), "no event");
+}
+
 function render(o) {
-  document.getElementById("who").textContent = `hub ${o.hub.id} · signed in as ${o.hub.identity}`;
-  renderCluster(o);
-  renderNodes(o);
+  const who = o.hub.admin ? `${o.hub.identity} (admin)` : `${o.hub.identity} (tenant ${o.hub.tenant})`;
+  document.getElementById("who").textContent = `hub ${o.hub.id} · signed in as ${who}`;
+  // Hubs and nodes are an admin's to see.
+  document.getElementById("cluster-section").hidden = !o.hub.admin;
+  document.getElementById("nodes-section").hidden = !o.hub.admin;
+  document.getElementById("scope").textContent = o.hub.admin ? "showing the whole cluster ·" : `showing tenant ${o.hub.tenant}'s work ·`;
+  if (o.hub.admin) {
+    renderCluster(o);
+    renderNodes(o);
+  }
   renderQueue(o);
   renderTasks(o);
   renderTools(o);
@@ -138,6 +175,7 @@ function render(o) {
   const u = document.getElementById("updates");
   u.dataset.count = String(updates);
   u.textContent = `updates received: ${updates}, last at ${new Date(o.now_ms).toLocaleTimeString()}`;
+  if (shown && !shown.terminal) showTask(shown.id);
 }
 
 function live(on, text) {
@@ -165,5 +203,14 @@ async function start() {
     }
   };
 }
+
+document.addEventListener("click", e => {
+  const row = e.target.closest("tr.task");
+  if (row) showTask(row.dataset.id);
+});
+document.getElementById("detail-close").addEventListener("click", () => {
+  shown = null;
+  document.getElementById("detail-section").hidden = true;
+});
 
 start();

@@ -7,7 +7,9 @@
 //! one-time ticket that lives five minutes and prints a URL carrying it; opening the URL
 //! trades the ticket for a session cookie (HttpOnly, SameSite=Strict, twelve hours) and
 //! drops the ticket from the address bar. Tickets and sessions are this hub's own (in
-//! memory, bounded); the page shows what the admin who asked for the ticket may see: all.
+//! memory, bounded). Any agent token may ask for a ticket (`CreateDashboardLogin`), and the
+//! page shows what that token may see: an admin, the whole cluster; anyone else, their own
+//! tenant's queue, tasks and tool figures, and no hubs or nodes (as the API shows them).
 
 use std::{
     collections::HashMap,
@@ -32,7 +34,13 @@ use axum::{
 use rand::RngCore;
 use serde_json::{json, Value};
 
-use crate::{cluster::Hub, raft::peer::ClusterView};
+use flotilla_common::jwt::{self, Claims};
+
+use crate::{
+    cluster::Hub,
+    raft::peer::ClusterView,
+    state::{Lookup, TaskRecord},
+};
 
 const INDEX: &str = include_str!("index.html");
 const APP_JS: &str = include_str!("app.js");
@@ -49,9 +57,33 @@ const COOKIE: &str = "flotilla_dashboard";
 /// Tasks listed as running and as recently finished.
 const RUNNING_SHOWN: usize = 50;
 const RECENT_SHOWN: usize = 20;
+/// Progress events shown in a task's detail.
+const PROGRESS_SHOWN: usize = 50;
+
+/// Who a dashboard session belongs to, and what it may see.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Viewer {
+    pub subject: String,
+    /// The tenant whose work the page shows; `None` for an admin, who sees everything.
+    pub tenant: Option<String>,
+}
+
+impl Viewer {
+    /// What the holder of `claims` may see.
+    pub fn of(claims: &Claims) -> Self {
+        Self {
+            subject: claims.sub.clone(),
+            tenant: (!claims.has_scope(jwt::ADMIN_SCOPE)).then(|| claims.tenant.clone()),
+        }
+    }
+
+    fn sees(&self, tenant: &str) -> bool {
+        self.tenant.as_deref().is_none_or(|t| t == tenant)
+    }
+}
 
 struct Login {
-    identity: String,
+    viewer: Viewer,
     expires: Instant,
 }
 
@@ -90,11 +122,11 @@ fn bounded_insert(m: &mut HashMap<String, Login>, key: String, login: Login, max
 }
 
 impl Dashboard {
-    /// A new one-time login ticket for `identity`.
-    pub fn ticket(&self, identity: &str) -> String {
+    /// A new one-time login ticket for `viewer`.
+    pub fn ticket(&self, viewer: Viewer) -> String {
         let t = secret();
         let login = Login {
-            identity: identity.to_owned(),
+            viewer,
             expires: Instant::now() + TICKET_TTL,
         };
         bounded_insert(
@@ -114,7 +146,7 @@ impl Dashboard {
         }
         let id = secret();
         let session = Login {
-            identity: login.identity,
+            viewer: login.viewer,
             expires: Instant::now() + SESSION_TTL,
         };
         bounded_insert(
@@ -127,25 +159,25 @@ impl Dashboard {
     }
 
     /// The request's session id and who it belongs to, if it is a live session.
-    fn session(&self, headers: &HeaderMap) -> Option<(String, String)> {
+    fn session(&self, headers: &HeaderMap) -> Option<(String, Viewer)> {
         let id = headers
             .get_all(header::COOKIE)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(';'))
             .find_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='))?;
-        let who = self.identity(id)?;
+        let who = self.viewer(id)?;
         Some((id.to_owned(), who))
     }
 
     /// Who session `id` belongs to, while it lives.
-    fn identity(&self, id: &str) -> Option<String> {
+    fn viewer(&self, id: &str) -> Option<Viewer> {
         let sessions = self.sessions.lock().expect("sessions lock");
         let s = sessions.get(id)?;
-        (s.expires > Instant::now()).then(|| s.identity.clone())
+        (s.expires > Instant::now()).then(|| s.viewer.clone())
     }
 
-    fn who(&self, headers: &HeaderMap) -> Option<String> {
+    fn who(&self, headers: &HeaderMap) -> Option<Viewer> {
         self.session(headers).map(|(_, who)| who)
     }
 
@@ -187,6 +219,7 @@ pub fn routes() -> Router<Hub> {
         )
         .route("/api/overview", get(overview_json))
         .route("/api/stream", get(stream))
+        .route("/api/task", get(task_json))
 }
 
 fn signed_out() -> Response {
@@ -265,7 +298,7 @@ async fn stream(State(hub): State<Hub>, headers: HeaderMap) -> Response {
         async move {
             tokio::time::sleep(Duration::from_secs(1)).await;
             // A session that expired (or was pushed out by newer ones) ends its streams.
-            let who = place.0.dashboard.identity(&session)?;
+            let who = place.0.dashboard.viewer(&session)?;
             let o = overview(&place.0, &who).await;
             let e = Event::default().event("overview").data(o.to_string());
             Some((Ok::<_, Infallible>(e), place))
@@ -276,11 +309,131 @@ async fn stream(State(hub): State<Hub>, headers: HeaderMap) -> Response {
         .into_response()
 }
 
-/// What the page shows, as `who` may see it (an admin: everything).
-pub async fn overview(hub: &Hub, who: &str) -> Value {
-    let view = hub.dashboard.cluster(hub).await;
-    let live = hub.live_nodes().await;
-    let nodes = crate::service::admin::node_infos(hub, &live);
+#[derive(serde::Deserialize)]
+struct TaskQuery {
+    id: String,
+}
+
+async fn task_json(
+    State(hub): State<Hub>,
+    headers: HeaderMap,
+    Query(q): Query<TaskQuery>,
+) -> Response {
+    let Some(who) = hub.dashboard.who(&headers) else {
+        return StatusCode::UNAUTHORIZED.into_response();
+    };
+    let missing = |why: String| (StatusCode::NOT_FOUND, axum::Json(json!({"error": why})));
+    if q.id.is_empty() || q.id.len() > 128 {
+        return missing(format!("no task {:?}", q.id)).into_response();
+    }
+    let found = hub.state().find_task(&q.id);
+    match found {
+        Ok(Lookup::Found(t)) if who.sees(&t.tenant) => {
+            axum::Json(task_detail(&hub, &t)).into_response()
+        }
+        Ok(Lookup::Expired { tenant, .. }) if who.sees(&tenant) => missing(format!(
+            "task {:?} expired: finished work is kept only as long as the hub's retention",
+            q.id
+        ))
+        .into_response(),
+        Ok(_) => missing(format!("no task {:?}", q.id)).into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "dashboard: reading a task from the history store failed");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the history store failed",
+            )
+                .into_response()
+        }
+    }
+}
+
+/// One task as its detail panel shows it: what it is, its attempts, and its story as a
+/// list of events (from its record, which every hub holds, and the progress this hub saw).
+fn task_detail(hub: &Hub, t: &TaskRecord) -> Value {
+    let started = |a: &crate::state::AttemptRecord| {
+        a.started_at_ms
+            .or_else(|| hub.events.started_at(&t.id, a.number))
+    };
+    let mut events = vec![
+        json!({"at_ms": t.created_at_ms, "what": "submitted", "detail": format!("by {}", t.agent)}),
+    ];
+    for a in &t.attempts {
+        let on = json!({"node": a.node_id, "attempt": a.number});
+        let event = |at: i64, what: &str, detail: String| {
+            let mut e = on.clone();
+            e["at_ms"] = json!(at);
+            e["what"] = json!(what);
+            e["detail"] = json!(detail);
+            e
+        };
+        events.push(event(
+            a.assigned_at_ms,
+            "assigned",
+            format!("attempt {} to {} ({})", a.number, a.node_id, a.server),
+        ));
+        if let Some(at) = started(a) {
+            events.push(event(at, "started", String::new()));
+        }
+        // The last attempt of an ended task ends with the task's own event below.
+        let last = t.status.is_terminal() && a.number == t.attempts.last().map_or(0, |l| l.number);
+        if let Some(at) = a.finished_at_ms.filter(|_| !last) {
+            let what = if a.requeued {
+                "taken back"
+            } else {
+                "attempt ended"
+            };
+            events.push(event(at, what, a.error.clone().unwrap_or_default()));
+        }
+    }
+    for p in hub.events.progress_of(&t.id, PROGRESS_SHOWN) {
+        let total = p.total.map(|t| format!(" of {t}")).unwrap_or_default();
+        events.push(json!({
+            "at_ms": p.at_ms, "what": "progress", "node": p.node_id, "attempt": p.attempt,
+            "detail": format!("{}{total} {}", p.progress, p.message).trim().to_owned(),
+        }));
+    }
+    if t.status.is_terminal() {
+        events.push(json!({
+            "at_ms": t.updated_at_ms, "what": t.status.as_str(),
+            "detail": t.error.clone().unwrap_or_default(),
+        }));
+    }
+    events.sort_by_key(|e| e["at_ms"].as_i64().unwrap_or_default());
+    let running = t.current_attempt().and_then(started).is_some() && t.status.is_active();
+    json!({
+        "id": t.id,
+        "tool": t.tool,
+        "tenant": t.tenant,
+        "agent": t.agent,
+        "status": if running { "running" } else { t.status.as_str() },
+        "terminal": t.status.is_terminal(),
+        "created_ms": t.created_at_ms,
+        "updated_ms": t.updated_at_ms,
+        "dead_lettered": t.dead_lettered,
+        "error": t.error,
+        "attempts": t.attempts.iter().map(|a| json!({
+            "number": a.number, "node": a.node_id, "server": a.server,
+            "assigned_ms": a.assigned_at_ms, "started_ms": started(a),
+            "finished_ms": a.finished_at_ms, "error": a.error, "requeued": a.requeued,
+        })).collect::<Vec<_>>(),
+        "events": events,
+    })
+}
+
+/// What the page shows, as `who` may see it: an admin, everything; anyone else, their
+/// tenant's queue, tasks and tool figures, and no hubs or nodes.
+pub async fn overview(hub: &Hub, who: &Viewer) -> Value {
+    let admin = who.tenant.is_none();
+    let (view, nodes) = if admin {
+        let live = hub.live_nodes().await;
+        (
+            Some(hub.dashboard.cluster(hub).await),
+            crate::service::admin::node_infos(hub, &live),
+        )
+    } else {
+        (None, Vec::new())
+    };
     let now = flotilla_common::now_ms();
     let (queue, running) = {
         let state = hub.state();
@@ -288,20 +441,21 @@ pub async fn overview(hub: &Hub, who: &str) -> Value {
             .index
             .queue
             .iter()
-            .filter(|(_, q)| !q.is_empty())
+            .filter(|(tenant, q)| !q.is_empty() && who.sees(tenant))
             .map(|(tenant, q)| json!({"tenant": tenant, "queued": q.len()}))
             .collect();
-        let since = |t: &crate::state::TaskRecord| {
+        let since = |t: &TaskRecord| {
             t.current_attempt().map_or(t.created_at_ms, |a| {
                 a.started_at_ms.unwrap_or(a.assigned_at_ms)
             })
         };
-        let mut longest: Vec<(i64, &crate::state::TaskRecord)> = state
+        let mut longest: Vec<(i64, &TaskRecord)> = state
             .index
             .on_node
             .values()
             .flatten()
             .filter_map(|id| state.tasks.get(id))
+            .filter(|t| who.sees(&t.tenant))
             .map(|t| (since(t), t))
             .collect();
         longest.sort_by_key(|(s, t)| (*s, &t.id));
@@ -322,8 +476,11 @@ pub async fn overview(hub: &Hub, who: &str) -> Value {
         (queue, running)
     };
     let history = hub.state().history.clone();
-    let recent: Vec<Value> = history
-        .recent(RECENT_SHOWN)
+    let recent = match &who.tenant {
+        None => history.recent(RECENT_SHOWN),
+        Some(tenant) => history.list(tenant, false, RECENT_SHOWN, |_| true),
+    };
+    let recent: Vec<Value> = recent
         .unwrap_or_default()
         .iter()
         .map(|t| {
@@ -337,9 +494,10 @@ pub async fn overview(hub: &Hub, who: &str) -> Value {
             })
         })
         .collect();
+    let view = view.unwrap_or_default();
     json!({
         "now_ms": now,
-        "hub": {"id": hub.id(), "identity": who},
+        "hub": {"id": hub.id(), "identity": who.subject, "tenant": who.tenant, "admin": admin},
         "leader_id": view.leader_id,
         "term": view.term,
         "members": view.members.iter().map(|m| json!({
@@ -361,6 +519,6 @@ pub async fn overview(hub: &Hub, who: &str) -> Value {
         "queue": queue,
         "running": running,
         "recent": recent,
-        "tools": hub.metrics.tool_totals(),
+        "tools": hub.metrics.tool_totals(who.tenant.as_deref()),
     })
 }

@@ -10,6 +10,8 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use std::collections::HashMap;
+
 use crate::state::{State, TaskRecord, TaskStatus};
 
 pub mod grpc;
@@ -36,6 +38,9 @@ pub struct Metrics {
     /// gRPC requests on the API port (`grpc::layer` feeds it).
     pub grpc: grpc::GrpcMetrics,
     scraping: std::sync::Mutex<()>,
+    /// Finished calls by tenant and tool, for the dashboard (a tenant's page shows only its
+    /// own); at most `MAX_TOOL_TOTALS` pairs.
+    tool_totals: std::sync::Mutex<HashMap<(String, String), ToolTotals>>,
     /// Entries up to this log index were in the log when the hub started: replaying them
     /// counts nothing again.
     counted_after: std::sync::atomic::AtomicU64,
@@ -175,6 +180,7 @@ impl Metrics {
                 ],
             ),
             scraping: std::sync::Mutex::new(()),
+            tool_totals: Default::default(),
             counted_after: std::sync::atomic::AtomicU64::new(0),
             registry: r,
         }
@@ -211,14 +217,37 @@ impl Metrics {
             self.tasks_finished
                 .with_label_values(&[&t.tool, t.status.as_str()])
                 .inc();
-            if let Some(a) = t.attempts.last().filter(|a| !a.requeued) {
-                if let Some(end) = a.finished_at_ms {
-                    let start = a.started_at_ms.unwrap_or(a.assigned_at_ms);
-                    self.task_duration
-                        .with_label_values(&[&t.tool])
-                        .observe(seconds(end - start));
-                }
+            let took = t.attempts.last().filter(|a| !a.requeued).and_then(|a| {
+                Some(a.finished_at_ms? - a.started_at_ms.unwrap_or(a.assigned_at_ms))
+            });
+            if let Some(ms) = took {
+                self.task_duration
+                    .with_label_values(&[&t.tool])
+                    .observe(seconds(ms));
             }
+            self.total(t, took);
+        }
+    }
+
+    /// Adds finished task `t` (which ran `took` ms) to its tenant's and tool's totals.
+    fn total(&self, t: &TaskRecord, took: Option<i64>) {
+        let mut totals = self.tool_totals.lock().expect("tool totals lock");
+        let key = (t.tenant.clone(), t.tool.clone());
+        if totals.len() >= MAX_TOOL_TOTALS && !totals.contains_key(&key) {
+            return;
+        }
+        let e = totals.entry(key).or_insert_with(|| ToolTotals {
+            tool: t.tool.clone(),
+            ..Default::default()
+        });
+        if t.status == TaskStatus::Succeeded {
+            e.succeeded += 1;
+        } else {
+            e.failed += 1;
+        }
+        if let Some(ms) = took {
+            e.seconds_sum += seconds(ms);
+            e.seconds_count += 1;
         }
     }
 
@@ -307,46 +336,28 @@ pub struct ToolTotals {
     pub seconds_count: u64,
 }
 
+/// (tenant, tool) pairs the dashboard's totals keep; calls of pairs beyond it are left
+/// out of the dashboard's charts (never out of the Prometheus counters).
+const MAX_TOOL_TOTALS: usize = 4096;
+
 impl Metrics {
-    /// `ToolTotals` of every tool that finished a call, by name.
-    pub fn tool_totals(&self) -> Vec<ToolTotals> {
-        use prometheus::core::Collector;
-        let mut by: std::collections::BTreeMap<String, ToolTotals> = Default::default();
-        let label = |m: &prometheus::proto::Metric, name: &str| {
-            m.get_label()
-                .iter()
-                .find(|l| l.name() == name)
-                .map(|l| l.value().to_owned())
-                .unwrap_or_default()
-        };
-        for m in self
-            .tasks_finished
-            .collect()
-            .iter()
-            .flat_map(|f| f.get_metric())
-        {
-            let tool = label(m, "tool");
-            let n = m.get_counter().get_value() as u64;
-            let t = by.entry(tool.clone()).or_insert_with(|| ToolTotals {
-                tool,
+    /// `ToolTotals` of every tool that finished a call, by name: of `tenant`'s calls, or of
+    /// every tenant's with `None`.
+    pub fn tool_totals(&self, tenant: Option<&str>) -> Vec<ToolTotals> {
+        let mut by: std::collections::BTreeMap<&str, ToolTotals> = Default::default();
+        let totals = self.tool_totals.lock().expect("tool totals lock");
+        for ((of, tool), t) in totals.iter() {
+            if tenant.is_some_and(|want| want != of) {
+                continue;
+            }
+            let e = by.entry(tool).or_insert_with(|| ToolTotals {
+                tool: tool.clone(),
                 ..Default::default()
             });
-            if label(m, "outcome") == "succeeded" {
-                t.succeeded += n;
-            } else {
-                t.failed += n;
-            }
-        }
-        for m in self
-            .task_duration
-            .collect()
-            .iter()
-            .flat_map(|f| f.get_metric())
-        {
-            if let Some(t) = by.get_mut(&label(m, "tool")) {
-                t.seconds_sum += m.get_histogram().get_sample_sum();
-                t.seconds_count += m.get_histogram().get_sample_count();
-            }
+            e.succeeded += t.succeeded;
+            e.failed += t.failed;
+            e.seconds_sum += t.seconds_sum;
+            e.seconds_count += t.seconds_count;
         }
         by.into_values().collect()
     }

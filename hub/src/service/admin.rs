@@ -4,10 +4,9 @@ use flotilla_common::{jwt, token::JoinToken};
 use flotilla_proto::{
     admin_service_server::AdminService, AddHubRequest, CancelTenantTasksRequest,
     CancelTenantTasksResponse, ClusterMember, ClusterStatusRequest, ClusterStatusResponse,
-    CreateDashboardLoginRequest, CreateJoinTokenRequest, CreateJoinTokenResponse, DashboardLogin,
-    DrainNodeRequest, IssueAgentTokenRequest, IssueAgentTokenResponse, ListNodesRequest,
-    ListNodesResponse, NodeInfo, NodeRequest, NodeServer, NodeStatusResponse, RemoveHubRequest,
-    SetSchedulingPausedRequest,
+    CreateJoinTokenRequest, CreateJoinTokenResponse, DrainNodeRequest, IssueAgentTokenRequest,
+    IssueAgentTokenResponse, ListNodesRequest, ListNodesResponse, NodeInfo, NodeRequest,
+    NodeServer, NodeStatusResponse, RemoveHubRequest, SetSchedulingPausedRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -170,20 +169,6 @@ impl AdminService for AdminApi {
         Ok(Response::new(IssueAgentTokenResponse {
             token,
             expires_at_ms,
-        }))
-    }
-
-    async fn create_dashboard_login(
-        &self,
-        req: Request<CreateDashboardLoginRequest>,
-    ) -> Result<Response<DashboardLogin>, Status> {
-        let claims = auth::admin(&req, &self.hub)?;
-        let ticket = self.hub.dashboard.ticket(&claims.sub);
-        tracing::info!(by = ?claims.sub, "dashboard login link issued");
-        Ok(Response::new(DashboardLogin {
-            url: format!("{}/login?ticket={ticket}", self.hub.http_url()),
-            expires_at_ms: flotilla_common::now_ms()
-                + crate::dashboard::TICKET_TTL.as_millis() as i64,
         }))
     }
 

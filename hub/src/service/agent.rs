@@ -5,11 +5,11 @@ use tracing::Instrument;
 
 use flotilla_common::jwt::Claims;
 use flotilla_proto::{
-    agent_service_server::AgentService, CancelTaskRequest, CancelWorkflowRequest, GetTaskRequest,
-    GetWorkflowRequest, ListTasksRequest, ListTasksResponse, ListToolsRequest, ListToolsResponse,
-    NodeToolStats, SubmitTaskRequest, SubmitTaskResponse, SubmitWorkflowRequest,
-    SubmitWorkflowResponse, Task, TaskEvent, TaskState, Tool, WatchTaskRequest,
-    WatchWorkflowRequest, Workflow, WorkflowEvent,
+    agent_service_server::AgentService, CancelTaskRequest, CancelWorkflowRequest,
+    CreateDashboardLoginRequest, DashboardLogin, GetTaskRequest, GetWorkflowRequest,
+    ListTasksRequest, ListTasksResponse, ListToolsRequest, ListToolsResponse, NodeToolStats,
+    SubmitTaskRequest, SubmitTaskResponse, SubmitWorkflowRequest, SubmitWorkflowResponse, Task,
+    TaskEvent, TaskState, Tool, WatchTaskRequest, WatchWorkflowRequest, Workflow, WorkflowEvent,
 };
 use futures::Stream;
 use tonic::{Request, Response, Status};
@@ -637,6 +637,21 @@ impl AgentService for AgentApi {
         let state = self.hub.state();
         let w = visible_workflow(&state, &claims, &id)?;
         Ok(Response::new(convert::workflow(&w)))
+    }
+
+    async fn create_dashboard_login(
+        &self,
+        req: Request<CreateDashboardLoginRequest>,
+    ) -> Result<Response<DashboardLogin>, Status> {
+        let claims = self.caller(&req)?;
+        let viewer = crate::dashboard::Viewer::of(&claims);
+        let ticket = self.hub.dashboard.ticket(viewer.clone());
+        tracing::info!(by = ?claims.sub, tenant = ?viewer.tenant, "dashboard login link issued");
+        Ok(Response::new(DashboardLogin {
+            url: format!("{}/login?ticket={ticket}", self.hub.http_url()),
+            expires_at_ms: flotilla_common::now_ms()
+                + crate::dashboard::TICKET_TTL.as_millis() as i64,
+        }))
     }
 }
 
