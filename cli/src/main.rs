@@ -187,7 +187,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let http = listeners.http.local_addr()?;
             flotilla_common::pki::write_whole(
                 &cfg.data_dir.join(dev::HTTP_ADDR_FILE),
-                format!("http://{http}").as_bytes(),
+                flotilla_common::http::url(http, cfg.http_tls.is_some()).as_bytes(),
                 0o644,
             )?;
             flotilla_common::pki::write_whole(

@@ -2,6 +2,7 @@
 //! and telemetry setup. Nothing here knows about gRPC-generated types.
 
 pub mod config;
+pub mod http;
 pub mod jwt;
 pub mod limits;
 pub mod pki;

@@ -7,6 +7,7 @@ use std::{
     future::Future,
     io,
     net::SocketAddr,
+    path::Path,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -90,6 +91,24 @@ pub fn server_config(ca_pem: &str, identity: &CertifiedKey) -> Result<Arc<Server
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, parse_key(&identity.key_pem)?)?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Server side of a hub's or node's HTTP port when it serves TLS: the operator's
+/// certificate chain and key (PEM files, e.g. from cert-manager or a public CA), TLS 1.2
+/// and 1.3 (browsers, Prometheus and load balancers), HTTP/1.1, no client certificate.
+pub fn http_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let read = |p: &Path| {
+        std::fs::read_to_string(p)
+            .map_err(|e| TlsError::Pem(io::Error::new(e.kind(), format!("{}: {e}", p.display()))))
+    };
+    let chain = parse_certs(&read(cert)?)?;
+    let key = parse_key(&read(key)?)?;
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }
 

@@ -232,7 +232,11 @@ pub async fn run(
         }
     }
 
-    let http_url = format!("http://{}", listeners.http.local_addr()?);
+    let http_tls = match &config.http_tls {
+        Some((cert, key)) => Some(tls::http_server_config(cert, key)?),
+        None => None,
+    };
+    let http_url = flotilla_common::http::url(listeners.http.local_addr()?, http_tls.is_some());
     let hub = Hub::new(Parts {
         committed,
         config,
@@ -311,11 +315,10 @@ pub async fn run(
         let mut stop = stop_rx.clone();
         let app = crate::http::router(hub.clone());
         tokio::spawn(async move {
-            let served = axum::serve(listeners.http, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await;
+            let served = flotilla_common::http::serve(listeners.http, http_tls, app, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
             if let Err(e) = served {
                 tracing::warn!(error = %e, "http server");
             }

@@ -27,7 +27,11 @@ pub async fn run(
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {http_listen}: {e}"))?;
     let http_addr = http.local_addr()?;
-    let http_url = format!("http://{http_addr}");
+    let http_tls = match (&cfg.http_tls_cert, &cfg.http_tls_key) {
+        (Some(cert), Some(key)) => Some(flotilla_common::tls::http_server_config(cert, key)?),
+        _ => None,
+    };
+    let http_url = flotilla_common::http::url(http_addr, http_tls.is_some());
     flotilla_common::pki::write_whole(&cfg.data_dir.join("http.addr"), http_url.as_bytes(), 0o644)?;
     let identity = identity::load_or_join(&cfg).await?;
     tracing::info!(node_id = %identity.node_id, hub = %cfg.hub, http = %http_addr, "node starting");
@@ -39,18 +43,20 @@ pub async fn run(
         shutdown.await;
         trigger.cancel();
     });
-    let http_server = {
-        let stop = stop.clone();
-        let app = http::router(servers.clone(), metrics.clone());
-        tokio::spawn(async move {
-            let served = axum::serve(http, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
+    let http_server =
+        {
+            let stop = stop.clone();
+            let app = http::router(servers.clone(), metrics.clone());
+            tokio::spawn(async move {
+                let served = flotilla_common::http::serve(http, http_tls, app, async move {
+                    stop.cancelled().await
+                })
                 .await;
-            if let Err(e) = served {
-                tracing::warn!(error = %e, "http server");
-            }
-        })
-    };
+                if let Err(e) = served {
+                    tracing::warn!(error = %e, "http server");
+                }
+            })
+        };
     let result = session::Session::new(Arc::new(cfg), identity, servers.clone(), metrics, http_url)
         .run(stop.clone())
         .await;

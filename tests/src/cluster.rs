@@ -106,6 +106,9 @@ pub struct Options {
     pub failpoints: BTreeMap<u64, String>,
     /// hub.toml's and node.toml's `otlp_endpoint`: where hubs and nodes send traces.
     pub otlp_endpoint: Option<String>,
+    /// hub.toml's and node.toml's `http_tls_cert` and `http_tls_key`: the HTTP port
+    /// serves TLS with this certificate and key.
+    pub http_tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for Options {
@@ -120,6 +123,7 @@ impl Default for Options {
             retention_max_tasks: flotilla_common::config::defaults::RETENTION_MAX_TASKS,
             failpoints: BTreeMap::new(),
             otlp_endpoint: None,
+            http_tls: None,
         }
     }
 }
@@ -207,6 +211,8 @@ async fn start_member(
         raft_advertise: None,
         http_listen: "127.0.0.1:0".into(),
         otlp_endpoint: opts.otlp_endpoint.clone(),
+        http_tls_cert: opts.http_tls.as_ref().map(|t| t.0.clone()),
+        http_tls_key: opts.http_tls.as_ref().map(|t| t.1.clone()),
         bootstrap,
         peers: vec![],
         ca_cert: Some(pki.join("ca.pem")),
@@ -482,6 +488,8 @@ impl Cluster {
             cpu_high_water_percent: 0.0,
             http_listen: "127.0.0.1:0".into(),
             otlp_endpoint: self.opts.otlp_endpoint.clone(),
+            http_tls_cert: self.opts.http_tls.as_ref().map(|t| t.0.clone()),
+            http_tls_key: self.opts.http_tls.as_ref().map(|t| t.1.clone()),
         };
         let path = dir.join("node.toml");
         std::fs::write(&path, toml::to_string(&cfg)?)?;

@@ -1,15 +1,60 @@
-//! A plain HTTP/1.1 GET (one request, then the connection closes), enough for a hub's metrics and health endpoints (no client
-//! library: the harness talks to the hub as `curl` or a load balancer would).
+//! A plain HTTP/1.1 GET (one request, then the connection closes), enough for the metrics,
+//! health and dashboard endpoints of hubs and nodes, over plain HTTP or TLS (no client
+//! library: the harness talks to them as `curl` or a load balancer would).
+
+use std::sync::Arc;
 
 use anyhow::Context;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// A response: status code, head (status line and headers) and body.
+pub struct Reply {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
 
 /// GETs `path` from `base` (`http://HOST:PORT`); the status code and the body.
 pub async fn http_get(base: &str, path: &str) -> anyhow::Result<(u16, String)> {
     let host = base.trim_start_matches("http://").trim_end_matches('/');
-    let mut s = tokio::net::TcpStream::connect(host)
+    let s = tokio::net::TcpStream::connect(host)
         .await
         .with_context(|| format!("connecting to {host}"))?;
+    let r = exchange(s, host, path).await?;
+    Ok((r.status, r.body))
+}
+
+/// GETs `path` from `base` (`https://HOST:PORT`) over TLS, trusting only the CA `ca_pem`.
+pub async fn https_get(base: &str, path: &str, ca_pem: &str) -> anyhow::Result<Reply> {
+    let host = base.trim_start_matches("https://").trim_end_matches('/');
+    let mut roots = rustls::RootCertStore::empty();
+    for c in flotilla_common::tls::parse_certs(ca_pem)? {
+        roots.add(c)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(
+        host.rsplit_once(':').map_or(host, |(h, _)| h).to_owned(),
+    )?;
+    let tcp = tokio::net::TcpStream::connect(host)
+        .await
+        .with_context(|| format!("connecting to {host}"))?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .with_context(|| format!("tls handshake with {host}"))?;
+    exchange(tls, host, path).await
+}
+
+async fn exchange(
+    mut s: impl AsyncRead + AsyncWrite + Unpin,
+    host: &str,
+    path: &str,
+) -> anyhow::Result<Reply> {
     s.write_all(
         format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
     )
@@ -45,7 +90,13 @@ pub async fn http_get(base: &str, path: &str) -> anyhow::Result<(u16, String)> {
             body.truncate(n);
         }
         None => {
-            s.read_to_end(&mut body).await?;
+            // A TLS peer that closes without close_notify ends the body too.
+            if let Err(e) = s.read_to_end(&mut body).await {
+                anyhow::ensure!(
+                    e.kind() == std::io::ErrorKind::UnexpectedEof,
+                    "reading the body: {e}"
+                );
+            }
         }
     }
     let body = String::from_utf8(body).context("the response is not UTF-8")?;
@@ -54,5 +105,5 @@ pub async fn http_get(base: &str, path: &str) -> anyhow::Result<(u16, String)> {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .with_context(|| format!("no status in {head:?}"))?;
-    Ok((status, body))
+    Ok(Reply { status, head, body })
 }

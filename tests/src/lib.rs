@@ -7,7 +7,7 @@
 //! - `load`: continuous submissions and the exactly-once check;
 //! - `waits`: polling until something holds;
 //! - `calls`: building requests and reading results;
-//! - `http`: a plain GET for the hubs' metrics and health endpoints.
+//! - `http`: a plain GET (HTTP or HTTPS) for the metrics, health and dashboard endpoints.
 
 mod calls;
 mod cluster;

@@ -285,33 +285,17 @@ fn url_encode(s: &str) -> String {
         .collect()
 }
 
-#[tokio::test]
-async fn a_real_prometheus_scrapes_every_hub_and_sees_the_calls() -> anyhow::Result<()> {
-    let mut c = Cluster::with_hubs(3).await?;
-    c.add_node(NodeSpec::demo("edge-1")).await?;
-    let mut agent = c.agent();
-    for i in 0..5 {
-        c.call(&mut agent, "echo", json!({"text": format!("p{i}")}))
-            .await?;
-    }
-    // Debian's Prometheus, on a free port, scraping each hub every second.
-    let targets: Vec<String> = c
-        .hubs
-        .iter()
-        .map(|h| {
-            h.http()
-                .map(|a| format!("\"{}\"", a.trim_start_matches("http://")))
-        })
-        .collect::<anyhow::Result<_>>()?;
-    let dir = c.dir.path().join("prometheus");
-    std::fs::create_dir_all(&dir)?;
+/// Debian's Prometheus on a free port, scraping every second with `scrape_configs` (YAML
+/// list items indented two spaces); the process and its API's base URL.
+async fn prometheus(
+    dir: &std::path::Path,
+    scrape_configs: &str,
+) -> anyhow::Result<(flotilla_tests::Proc, String)> {
+    std::fs::create_dir_all(dir)?;
     let config = dir.join("prometheus.yml");
     std::fs::write(
         &config,
-        format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: flotilla-hubs\n    static_configs:\n      - targets: [{}]\n",
-            targets.join(", ")
-        ),
+        format!("global:\n  scrape_interval: 1s\nscrape_configs:\n{scrape_configs}"),
     )?;
     let log = dir.join("prometheus.log");
     let prometheus = flotilla_tests::Proc::spawn_program(
@@ -338,18 +322,46 @@ async fn a_real_prometheus_scrapes_every_hub_and_sees_the_calls() -> anyhow::Res
         }
     })
     .await?;
-    let query = |q: &str| {
-        let path = format!("/api/v1/query?query={}", url_encode(q));
-        let api = api.clone();
-        async move {
-            let (status, body) = http_get(&api, &path).await.ok()?;
-            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-            (status == 200).then(|| v["data"]["result"].as_array().cloned())?
-        }
-    };
+    Ok((prometheus, api))
+}
+
+/// The result of PromQL query `q` on the Prometheus at `api`, once it answers.
+async fn query(api: &str, q: &str) -> Option<Vec<serde_json::Value>> {
+    let path = format!("/api/v1/query?query={}", url_encode(q));
+    let (status, body) = http_get(api, &path).await.ok()?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    (status == 200).then(|| v["data"]["result"].as_array().cloned())?
+}
+
+#[tokio::test]
+async fn a_real_prometheus_scrapes_every_hub_and_sees_the_calls() -> anyhow::Result<()> {
+    let mut c = Cluster::with_hubs(3).await?;
+    c.add_node(NodeSpec::demo("edge-1")).await?;
+    let mut agent = c.agent();
+    for i in 0..5 {
+        c.call(&mut agent, "echo", json!({"text": format!("p{i}")}))
+            .await?;
+    }
+    // Debian's Prometheus, on a free port, scraping each hub every second.
+    let targets: Vec<String> = c
+        .hubs
+        .iter()
+        .map(|h| {
+            h.http()
+                .map(|a| format!("\"{}\"", a.trim_start_matches("http://")))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let (_prometheus, api) = prometheus(
+        &c.dir.path().join("prometheus"),
+        &format!(
+            "  - job_name: flotilla-hubs\n    static_configs:\n      - targets: [{}]\n",
+            targets.join(", ")
+        ),
+    )
+    .await?;
     // Every hub up, and every hub counted the five calls.
     let up = wait_until("Prometheus to scrape all three hubs", READY, || async {
-        let r = query("up{job=\"flotilla-hubs\"} == 1").await?;
+        let r = query(&api, "up{job=\"flotilla-hubs\"} == 1").await?;
         (r.len() == 3).then_some(r)
     })
     .await?;
@@ -358,8 +370,11 @@ async fn a_real_prometheus_scrapes_every_hub_and_sees_the_calls() -> anyhow::Res
         "Prometheus to see the calls on every hub",
         READY,
         || async {
-            let r =
-                query("flotilla_tasks_finished_total{tool=\"echo\",outcome=\"succeeded\"}").await?;
+            let r = query(
+                &api,
+                "flotilla_tasks_finished_total{tool=\"echo\",outcome=\"succeeded\"}",
+            )
+            .await?;
             let all_five = r.len() == 3 && r.iter().all(|s| s["value"][1] == "5");
             all_five.then_some(r)
         },
@@ -695,5 +710,108 @@ async fn one_trace_covers_a_call_on_the_hub_and_on_the_node() -> anyhow::Result<
         }
     })
     .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_http_ports_serve_tls_with_the_operators_certificate_and_prometheus_scrapes_them(
+) -> anyhow::Result<()> {
+    // The operator's own CA and certificate (as cert-manager or a company CA would give).
+    let pki = tempfile::tempdir()?;
+    let ca = flotilla_common::pki::Ca::generate("operators")?;
+    let cert = ca.issue_hub("metrics", &["127.0.0.1".to_owned()])?;
+    let (cert_file, key_file, ca_file) = (
+        pki.path().join("http.pem"),
+        pki.path().join("http.key"),
+        pki.path().join("ca.pem"),
+    );
+    std::fs::write(&cert_file, &cert.cert_pem)?;
+    flotilla_common::pki::write_secret(&key_file, cert.key_pem.as_bytes())?;
+    std::fs::write(&ca_file, ca.cert_pem())?;
+    let opts = flotilla_tests::Options {
+        http_tls: Some((cert_file, key_file)),
+        ..Default::default()
+    };
+    let mut c = Cluster::with_options(1, opts).await?;
+    c.add_node(NodeSpec::demo("edge-1")).await?;
+    let hub = c.hub(1).http()?;
+    let node = std::fs::read_to_string(c.node_dir("edge-1").join("http.addr"))?;
+    assert!(hub.starts_with("https://"), "{hub}");
+    assert!(node.starts_with("https://"), "{node}");
+
+    let healthz = flotilla_tests::https_get(&hub, "/healthz", ca.cert_pem()).await?;
+    assert_eq!((healthz.status, healthz.body.as_str()), (200, "ok\n"));
+    wait_until("the node to be ready over TLS", READY, || async {
+        let r = flotilla_tests::https_get(&node, "/readyz", ca.cert_pem())
+            .await
+            .ok()?;
+        (r.status == 200).then_some(())
+    })
+    .await?;
+    // Plain HTTP on a TLS port gets no answer; a client that does not trust the CA gets no
+    // connection.
+    let plain = http_get(&hub.replace("https://", "http://"), "/healthz").await;
+    assert!(
+        plain.is_err(),
+        "plain HTTP answered: {:?}",
+        plain.map(|r| r.0)
+    );
+    let stranger = flotilla_common::pki::Ca::generate("someone else")?;
+    assert!(
+        flotilla_tests::https_get(&hub, "/healthz", stranger.cert_pem())
+            .await
+            .is_err(),
+        "a certificate from an untrusted CA was accepted"
+    );
+
+    // The dashboard's link is https, and its session cookie is never sent over plain HTTP.
+    let login = c
+        .agent()
+        .create_dashboard_login(pb::CreateDashboardLoginRequest {})
+        .await?
+        .into_inner();
+    let path = login
+        .url
+        .strip_prefix(hub.as_str())
+        .unwrap_or_else(|| panic!("{} is not on {hub}", login.url));
+    let signed_in = flotilla_tests::https_get(&hub, path, ca.cert_pem()).await?;
+    assert_eq!(signed_in.status, 200, "{}", signed_in.body);
+    let cookie = signed_in
+        .head
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap_or_default();
+    assert!(cookie.contains("; Secure"), "{cookie}");
+
+    // A real Prometheus scrapes both over TLS, trusting the operator's CA.
+    let tls_job = |name: &str, target: &str| {
+        format!(
+            "  - job_name: {name}\n    scheme: https\n    tls_config:\n      ca_file: {}\n    static_configs:\n      - targets: [\"{}\"]\n",
+            ca_file.display(),
+            target.trim_start_matches("https://")
+        )
+    };
+    let (_prometheus, api) = prometheus(
+        &c.dir.path().join("prometheus"),
+        &(tls_job("hub", &hub) + &tls_job("node", &node)),
+    )
+    .await?;
+    let up = wait_until(
+        "Prometheus to scrape the hub and the node over TLS",
+        READY,
+        || async {
+            let r = query(&api, "up == 1").await?;
+            (r.len() == 2).then_some(r)
+        },
+    )
+    .await?;
+    assert_eq!(up.len(), 2, "{up:?}");
+    let term = wait_until("the hub's Raft term in Prometheus", READY, || async {
+        query(&api, "flotilla_raft_term{job=\"hub\"} >= 1")
+            .await
+            .filter(|r| !r.is_empty())
+    })
+    .await?;
+    assert_eq!(term.len(), 1);
     Ok(())
 }

@@ -112,6 +112,12 @@ pub struct HubFile {
     /// fixed port for Prometheus and load balancers.
     #[serde(default = "default_http_listen")]
     pub http_listen: String,
+    /// Serve the HTTP port over TLS with this certificate chain (PEM) and `http_tls_key`;
+    /// unset: plain HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_tls_cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_tls_key: Option<PathBuf>,
     /// Where to send OpenTelemetry traces (OTLP over plain HTTP, `http://collector:4318`);
     /// unset: the standard `OTEL_EXPORTER_OTLP_ENDPOINT`, and without either no traces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -244,6 +250,8 @@ pub struct HubConfig {
     pub raft_listen: SocketAddr,
     pub raft_advertise: String,
     pub http_listen: SocketAddr,
+    /// (certificate, key) the HTTP port serves TLS with; `None`: plain HTTP.
+    pub http_tls: Option<(PathBuf, PathBuf)>,
     pub otlp_endpoint: Option<String>,
     pub bootstrap: bool,
     pub peers: Vec<PeerFile>,
@@ -407,6 +415,7 @@ impl HubFile {
             raft_listen,
             raft_advertise,
             http_listen,
+            http_tls: super::check_http_tls(file, self.http_tls_cert, self.http_tls_key)?,
             otlp_endpoint: self.otlp_endpoint,
             bootstrap: self.bootstrap,
             peers: self.peers,

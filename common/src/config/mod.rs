@@ -48,6 +48,32 @@ pub(crate) fn invalid(
 /// An OTLP/HTTP collector's base address: `http://`, host and optional port (traces go to
 /// `<endpoint>/v1/traces`, as with `OTEL_EXPORTER_OTLP_ENDPOINT`). The exporter speaks
 /// plain HTTP only: a collector on the same host or private network.
+/// The HTTP port's TLS settings (`http_tls_cert`, `http_tls_key`): both or neither, and
+/// when set, a certificate chain and a private key that read, parse and go together.
+pub(crate) fn check_http_tls(
+    file: &str,
+    cert: Option<std::path::PathBuf>,
+    key: Option<std::path::PathBuf>,
+) -> Result<Option<(std::path::PathBuf, std::path::PathBuf)>, ConfigError> {
+    match (cert, key) {
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(invalid(
+            file,
+            "http_tls_key",
+            "is required with http_tls_cert",
+        )),
+        (None, Some(_)) => Err(invalid(
+            file,
+            "http_tls_cert",
+            "is required with http_tls_key",
+        )),
+        (Some(cert), Some(key)) => match crate::tls::http_server_config(&cert, &key) {
+            Ok(_) => Ok(Some((cert, key))),
+            Err(e) => Err(invalid(file, "http_tls_cert", e.to_string())),
+        },
+    }
+}
+
 pub(crate) fn check_otlp_endpoint(e: &str) -> Result<(), String> {
     if e.starts_with("https://") {
         return Err(format!(

@@ -59,6 +59,12 @@ pub struct NodeFile {
     /// picks a free port, written to `http.addr` in the data dir.
     #[serde(default = "default_http_listen")]
     pub http_listen: String,
+    /// Serve the HTTP port over TLS with this certificate chain (PEM) and `http_tls_key`;
+    /// unset: plain HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_tls_cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_tls_key: Option<PathBuf>,
     /// Where to send OpenTelemetry traces (OTLP over plain HTTP, `http://collector:4318`);
     /// unset: the standard `OTEL_EXPORTER_OTLP_ENDPOINT`, and without either no traces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -114,6 +120,7 @@ impl NodeFile {
         if let Some(e) = &self.otlp_endpoint {
             super::check_otlp_endpoint(e).map_err(|m| invalid(file, "otlp_endpoint", m))?;
         }
+        super::check_http_tls(file, self.http_tls_cert.clone(), self.http_tls_key.clone())?;
         if !(0.0..=100.0).contains(&self.cpu_high_water_percent) {
             return Err(invalid(
                 file,

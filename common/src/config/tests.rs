@@ -91,3 +91,37 @@ fn client_settings_precedence() {
         ClientSettings::resolve(ClientFile::default(), None, &missing, &HashMap::new()).is_err()
     );
 }
+
+#[test]
+fn the_http_ports_tls_needs_a_certificate_and_key_that_read_and_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = crate::pki::Ca::generate("t").unwrap();
+    let pair = ca.issue_hub("h", &[]).unwrap();
+    let other = ca.issue_hub("o", &[]).unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let (cert, key, wrong_key) = (
+        write("c.pem", &pair.cert_pem),
+        write("k.pem", &pair.key_pem),
+        write("o.pem", &other.key_pem),
+    );
+    let with = |extra: String| hub(&format!("id = 1\ndata_dir = \"/x\"\n{extra}"));
+    let ok = with(format!("http_tls_cert = {cert:?}\nhttp_tls_key = {key:?}")).unwrap();
+    assert!(ok.http_tls.is_some());
+    assert!(with(String::new()).unwrap().http_tls.is_none());
+    let e = with(format!("http_tls_cert = {cert:?}")).unwrap_err();
+    assert!(e.to_string().contains("`http_tls_key`: is required"), "{e}");
+    let e = with(format!("http_tls_key = {key:?}")).unwrap_err();
+    assert!(e.to_string().contains("`http_tls_cert`: is required"), "{e}");
+    let e = with("http_tls_cert = \"/nope.pem\"\nhttp_tls_key = \"/nope.key\"".into()).unwrap_err();
+    assert!(e.to_string().contains("/nope.pem"), "{e}");
+    // A key that is not the certificate's is refused at start, not at the first request.
+    let e = with(format!(
+        "http_tls_cert = {cert:?}\nhttp_tls_key = {wrong_key:?}"
+    ))
+    .unwrap_err();
+    assert!(e.to_string().contains("`http_tls_cert`"), "{e}");
+}

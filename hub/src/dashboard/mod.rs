@@ -251,8 +251,14 @@ async fn login(State(hub): State<Hub>, Query(t): Query<Ticket>) -> Response {
         tracing::info!("dashboard login refused: unknown, used or expired ticket");
         return signed_out();
     };
+    // Over TLS the cookie is never sent over plain HTTP.
+    let secure = if hub.http_url().starts_with("https://") {
+        "; Secure"
+    } else {
+        ""
+    };
     let cookie = format!(
-        "{COOKIE}={session}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+        "{COOKIE}={session}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{secure}",
         SESSION_TTL.as_secs()
     );
     // A page that moves on to `/` itself rather than a redirect: a link opened from another
