@@ -14,6 +14,7 @@ mod progress;
 mod task;
 mod tokens;
 mod tools;
+mod top;
 mod workflow;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -70,8 +71,11 @@ enum Command {
     /// Cluster state (admin).
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
-    /// A one-time login link to the live dashboard (admin).
+    /// A one-time login link to the live dashboard (showing what the token may see).
     Dashboard(ClientOnly),
+    /// A live view of the cluster in the terminal: hubs, nodes, queue, calls per second by tool
+    /// and running tasks (what the token may see). Ctrl-C quits.
+    Top(top::TopArgs),
     /// Print a shell completion script: `flotilla completions bash > /etc/bash_completion.d/flotilla`.
     Completions {
         #[arg(value_enum)]
@@ -219,6 +223,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Tools(a) => tools::tools_command(a).await,
         Command::Nodes(a) => nodes::nodes_command(a).await,
         Command::Dashboard(c) => dashboard::dashboard(c).await,
+        Command::Top(a) => top::top(a).await,
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(

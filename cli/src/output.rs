@@ -8,6 +8,11 @@ pub(crate) enum Format {
 
 /// Prints rows under a header with columns padded to their widest cell.
 pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) {
+    print!("{}", table_text(header, rows));
+}
+
+/// Rows under a header with columns padded to their widest cell, a line each.
+pub(crate) fn table_text(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
@@ -16,7 +21,8 @@ pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) {
             }
         }
     }
-    let line = |cells: Vec<String>| {
+    let mut out = String::new();
+    let mut line = |cells: Vec<String>| {
         let mut s = String::new();
         for (i, c) in cells.iter().enumerate() {
             if i + 1 == cells.len() {
@@ -25,12 +31,14 @@ pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) {
                 s.push_str(&format!("{:<w$}  ", c, w = widths[i]));
             }
         }
-        println!("{}", s.trim_end());
+        out.push_str(s.trim_end());
+        out.push('\n');
     };
     line(header.iter().map(|h| h.to_string()).collect());
     for r in rows {
         line(r.clone());
     }
+    out
 }
 
 pub(crate) fn json(v: &serde_json::Value) {

@@ -133,6 +133,31 @@ async fn dev_cluster_then_client_commands() -> anyhow::Result<()> {
         async move { (v["state"] == "running").then_some(()) }
     })
     .await?;
+    // `top` into a pipe prints one view: the nodes, the tools' totals, the running sleep.
+    let o = flotilla(home, &["top"]);
+    assert!(o.status.success(), "{o:?}");
+    let view = stdout(&o);
+    assert!(
+        view.contains("leader hub 1") && view.contains("node-1") && view.contains("node-2"),
+        "{view}"
+    );
+    let total = |tool: &str| {
+        view.lines()
+            .find(|l| l.starts_with(&format!("{tool} ")))
+            .and_then(|l| l.split_whitespace().nth(4))
+            .map(str::to_owned)
+    };
+    assert_eq!(total("echo").as_deref(), Some("1"), "{view}");
+    assert_eq!(total("hash").as_deref(), Some("1"), "{view}");
+    let running = view
+        .lines()
+        .find(|l| l.starts_with(&long[..8]))
+        .unwrap_or_else(|| panic!("the sleep is listed: {view}"));
+    assert!(
+        running.contains(" sleep ") && running.contains(" running "),
+        "{running}"
+    );
+
     let o = flotilla(home, &["task", "cancel", &long]);
     assert!(stdout(&o).contains("cancelled"), "{o:?}");
 

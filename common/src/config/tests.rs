@@ -115,7 +115,10 @@ fn the_http_ports_tls_needs_a_certificate_and_key_that_read_and_match() {
     let e = with(format!("http_tls_cert = {cert:?}")).unwrap_err();
     assert!(e.to_string().contains("`http_tls_key`: is required"), "{e}");
     let e = with(format!("http_tls_key = {key:?}")).unwrap_err();
-    assert!(e.to_string().contains("`http_tls_cert`: is required"), "{e}");
+    assert!(
+        e.to_string().contains("`http_tls_cert`: is required"),
+        "{e}"
+    );
     let e = with("http_tls_cert = \"/nope.pem\"\nhttp_tls_key = \"/nope.key\"".into()).unwrap_err();
     assert!(e.to_string().contains("/nope.pem"), "{e}");
     // A key that is not the certificate's is refused at start, not at the first request.

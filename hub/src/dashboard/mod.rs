@@ -36,6 +36,8 @@ use serde_json::{json, Value};
 
 use flotilla_common::jwt::{self, Claims};
 
+use flotilla_proto as pb;
+
 use crate::{
     cluster::Hub,
     raft::peer::ClusterView,
@@ -274,7 +276,7 @@ async fn overview_json(State(hub): State<Hub>, headers: HeaderMap) -> Response {
     let Some(who) = hub.dashboard.who(&headers) else {
         return StatusCode::UNAUTHORIZED.into_response();
     };
-    axum::Json(overview(&hub, &who).await).into_response()
+    axum::Json(page_json(&overview(&hub, &who).await)).into_response()
 }
 
 /// Holds one of the `MAX_STREAMS` places while a page streams.
@@ -305,7 +307,7 @@ async fn stream(State(hub): State<Hub>, headers: HeaderMap) -> Response {
             tokio::time::sleep(Duration::from_secs(1)).await;
             // A session that expired (or was pushed out by newer ones) ends its streams.
             let who = place.0.dashboard.viewer(&session)?;
-            let o = overview(&place.0, &who).await;
+            let o = page_json(&overview(&place.0, &who).await);
             let e = Event::default().event("overview").data(o.to_string());
             Some((Ok::<_, Infallible>(e), place))
         }
@@ -427,32 +429,38 @@ fn task_detail(hub: &Hub, t: &TaskRecord) -> Value {
     })
 }
 
-/// What the page shows, as `who` may see it: an admin, everything; anyone else, their
-/// tenant's queue, tasks and tool figures, and no hubs or nodes.
-pub async fn overview(hub: &Hub, who: &Viewer) -> Value {
+/// What the page (and `GetOverview`) shows, as `who` may see it: an admin, everything;
+/// anyone else, their tenant's queue, tasks and tool figures, and no hubs or nodes.
+pub async fn overview(hub: &Hub, who: &Viewer) -> pb::Overview {
     let admin = who.tenant.is_none();
-    let (view, nodes) = if admin {
+    let (cluster, nodes) = if admin {
         let live = hub.live_nodes().await;
         (
-            Some(hub.dashboard.cluster(hub).await),
+            Some(crate::service::admin::status_response(
+                hub.dashboard.cluster(hub).await,
+            )),
             crate::service::admin::node_infos(hub, &live),
         )
     } else {
         (None, Vec::new())
     };
-    let now = flotilla_common::now_ms();
     let (queue, running) = {
         let state = hub.state();
-        let queue: Vec<Value> = state
+        let queue = state
             .index
             .queue
             .iter()
             .filter(|(tenant, q)| !q.is_empty() && who.sees(tenant))
-            .map(|(tenant, q)| json!({"tenant": tenant, "queued": q.len()}))
+            .map(|(tenant, q)| pb::TenantQueue {
+                tenant: tenant.clone(),
+                queued: q.len() as u64,
+            })
             .collect();
         let since = |t: &TaskRecord| {
             t.current_attempt().map_or(t.created_at_ms, |a| {
-                a.started_at_ms.unwrap_or(a.assigned_at_ms)
+                a.started_at_ms
+                    .or_else(|| hub.events.started_at(&t.id, a.number))
+                    .unwrap_or(a.assigned_at_ms)
             })
         };
         let mut longest: Vec<(i64, &TaskRecord)> = state
@@ -466,17 +474,25 @@ pub async fn overview(hub: &Hub, who: &Viewer) -> Value {
             .collect();
         longest.sort_by_key(|(s, t)| (*s, &t.id));
         longest.truncate(RUNNING_SHOWN);
-        let running: Vec<Value> = longest
+        let running = longest
             .into_iter()
-            .map(|(since_ms, t)| {
-                json!({
-                    "id": t.id,
-                    "tool": t.tool,
-                    "tenant": t.tenant,
-                    "status": t.status.as_str(),
-                    "node": t.current_attempt().map(|a| a.node_id.clone()),
-                    "since_ms": since_ms,
-                })
+            .map(|(since_ms, t)| pb::TaskBrief {
+                id: t.id.clone(),
+                tool: t.tool.clone(),
+                tenant: t.tenant.clone(),
+                // The node's word that it started is the leader's alone (not replicated).
+                status: match t.current_attempt() {
+                    Some(a) if hub.events.started_at(&t.id, a.number).is_some() => {
+                        "running".to_owned()
+                    }
+                    _ => t.status.as_str().to_owned(),
+                },
+                node: t
+                    .current_attempt()
+                    .map(|a| a.node_id.clone())
+                    .unwrap_or_default(),
+                since_ms,
+                took_ms: 0,
             })
             .collect();
         (queue, running)
@@ -486,30 +502,62 @@ pub async fn overview(hub: &Hub, who: &Viewer) -> Value {
         None => history.recent(RECENT_SHOWN),
         Some(tenant) => history.list(tenant, false, RECENT_SHOWN, |_| true),
     };
-    let recent: Vec<Value> = recent
+    let recent = recent
         .unwrap_or_default()
-        .iter()
-        .map(|t| {
-            json!({
-                "id": t.id,
-                "tool": t.tool,
-                "tenant": t.tenant,
-                "status": t.status.as_str(),
-                "ended_ms": t.updated_at_ms,
-                "took_ms": (t.updated_at_ms - t.created_at_ms).max(0),
-            })
+        .into_iter()
+        .map(|t| pb::TaskBrief {
+            took_ms: (t.updated_at_ms - t.created_at_ms).max(0),
+            since_ms: t.updated_at_ms,
+            node: t
+                .attempts
+                .last()
+                .map(|a| a.node_id.clone())
+                .unwrap_or_default(),
+            status: t.status.as_str().to_owned(),
+            id: t.id,
+            tool: t.tool,
+            tenant: t.tenant,
         })
         .collect();
-    let view = view.unwrap_or_default();
+    let tools = hub
+        .metrics
+        .tool_totals(who.tenant.as_deref())
+        .into_iter()
+        .map(|t| pb::ToolFigures {
+            tool: t.tool,
+            succeeded: t.succeeded,
+            failed: t.failed,
+            seconds_sum: t.seconds_sum,
+            seconds_count: t.seconds_count,
+        })
+        .collect();
+    pb::Overview {
+        now_ms: flotilla_common::now_ms(),
+        hub_id: hub.id(),
+        subject: who.subject.clone(),
+        admin,
+        tenant: who.tenant.clone().unwrap_or_default(),
+        cluster,
+        nodes,
+        queue,
+        running,
+        recent,
+        tools,
+    }
+}
+
+/// The overview in the shape the page reads.
+fn page_json(o: &pb::Overview) -> Value {
+    let cluster = o.cluster.clone().unwrap_or_default();
     json!({
-        "now_ms": now,
-        "hub": {"id": hub.id(), "identity": who.subject, "tenant": who.tenant, "admin": admin},
-        "leader_id": view.leader_id,
-        "term": view.term,
-        "members": view.members.iter().map(|m| json!({
-            "id": m.id, "role": m.role, "api": m.api, "http": m.http, "lag": m.lag,
+        "now_ms": o.now_ms,
+        "hub": {"id": o.hub_id, "identity": o.subject, "tenant": o.tenant, "admin": o.admin},
+        "leader_id": (cluster.leader_id != 0).then_some(cluster.leader_id),
+        "term": cluster.term,
+        "members": cluster.members.iter().map(|m| json!({
+            "id": m.id, "role": m.role, "api": m.address, "http": m.http_address, "lag": m.lag,
         })).collect::<Vec<_>>(),
-        "nodes": nodes.iter().map(|n| json!({
+        "nodes": o.nodes.iter().map(|n| json!({
             "id": n.id,
             "status": n.status,
             "connected": n.connected,
@@ -522,9 +570,18 @@ pub async fn overview(hub: &Hub, who: &Viewer) -> Value {
                 "max_concurrency": s.max_concurrency, "error": s.error,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
-        "queue": queue,
-        "running": running,
-        "recent": recent,
-        "tools": hub.metrics.tool_totals(who.tenant.as_deref()),
+        "queue": o.queue.iter().map(|q| json!({"tenant": q.tenant, "queued": q.queued})).collect::<Vec<_>>(),
+        "running": o.running.iter().map(|t| json!({
+            "id": t.id, "tool": t.tool, "tenant": t.tenant, "status": t.status,
+            "node": (!t.node.is_empty()).then_some(&t.node), "since_ms": t.since_ms,
+        })).collect::<Vec<_>>(),
+        "recent": o.recent.iter().map(|t| json!({
+            "id": t.id, "tool": t.tool, "tenant": t.tenant, "status": t.status,
+            "ended_ms": t.since_ms, "took_ms": t.took_ms,
+        })).collect::<Vec<_>>(),
+        "tools": o.tools.iter().map(|t| json!({
+            "tool": t.tool, "succeeded": t.succeeded, "failed": t.failed,
+            "seconds_sum": t.seconds_sum, "seconds_count": t.seconds_count,
+        })).collect::<Vec<_>>(),
     })
 }

@@ -347,7 +347,7 @@ impl AdminService for AdminApi {
     }
 }
 
-fn status_response(v: ClusterView) -> ClusterStatusResponse {
+pub fn status_response(v: ClusterView) -> ClusterStatusResponse {
     ClusterStatusResponse {
         leader_id: v.leader_id.unwrap_or(0),
         term: v.term,

@@ -6,10 +6,11 @@ use tracing::Instrument;
 use flotilla_common::jwt::Claims;
 use flotilla_proto::{
     agent_service_server::AgentService, CancelTaskRequest, CancelWorkflowRequest,
-    CreateDashboardLoginRequest, DashboardLogin, GetTaskRequest, GetWorkflowRequest,
-    ListTasksRequest, ListTasksResponse, ListToolsRequest, ListToolsResponse, NodeToolStats,
-    SubmitTaskRequest, SubmitTaskResponse, SubmitWorkflowRequest, SubmitWorkflowResponse, Task,
-    TaskEvent, TaskState, Tool, WatchTaskRequest, WatchWorkflowRequest, Workflow, WorkflowEvent,
+    CreateDashboardLoginRequest, DashboardLogin, GetOverviewRequest, GetTaskRequest,
+    GetWorkflowRequest, ListTasksRequest, ListTasksResponse, ListToolsRequest, ListToolsResponse,
+    NodeToolStats, Overview, SubmitTaskRequest, SubmitTaskResponse, SubmitWorkflowRequest,
+    SubmitWorkflowResponse, Task, TaskEvent, TaskState, Tool, WatchTaskRequest,
+    WatchWorkflowRequest, Workflow, WorkflowEvent,
 };
 use futures::Stream;
 use tonic::{Request, Response, Status};
@@ -637,6 +638,17 @@ impl AgentService for AgentApi {
         let state = self.hub.state();
         let w = visible_workflow(&state, &claims, &id)?;
         Ok(Response::new(convert::workflow(&w)))
+    }
+
+    async fn get_overview(
+        &self,
+        req: Request<GetOverviewRequest>,
+    ) -> Result<Response<Overview>, Status> {
+        let claims = self.caller(&req)?;
+        let viewer = crate::dashboard::Viewer::of(&claims);
+        Ok(Response::new(
+            crate::dashboard::overview(&self.hub, &viewer).await,
+        ))
     }
 
     async fn create_dashboard_login(
