@@ -200,6 +200,7 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
             raft_advertise: None,
             http_listen: "127.0.0.1:0".into(),
             otlp_endpoint: None,
+            http_advertise: None,
             http_tls_cert: None,
             http_tls_key: None,
             // The first hub starts the cluster; the others are added to it below.
@@ -335,6 +336,7 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
             cpu_high_water_percent: 0.0,
             http_listen: "127.0.0.1:0".into(),
             otlp_endpoint: None,
+            http_advertise: None,
             http_tls_cert: None,
             http_tls_key: None,
             servers: vec![McpServerConfig {

@@ -46,35 +46,63 @@ pub(crate) async fn top(a: TopArgs) -> anyhow::Result<ExitCode> {
         print!("{}", view(&o, None));
         return Ok(ExitCode::SUCCESS);
     }
+    // The terminal's other screen, without a cursor, given back however this ends.
+    let _screen = Screen::enter()?;
     let mut out = std::io::stdout();
-    // The terminal's other screen, without a cursor, restored on the way out.
-    write!(out, "\x1b[?1049h\x1b[?25l")?;
+    let quit = tokio::signal::ctrl_c();
+    tokio::pin!(quit);
+    let wait = Duration::from_secs_f64(a.interval).max(Duration::from_secs(5));
     let mut prev: Option<pb::Overview> = None;
-    let result = loop {
-        let text = match client.get_overview(pb::GetOverviewRequest {}).await {
-            Ok(o) => {
+    loop {
+        let asked = tokio::select! {
+            r = tokio::time::timeout(wait, client.get_overview(pb::GetOverviewRequest {})) => r,
+            _ = &mut quit => return Ok(ExitCode::SUCCESS),
+        };
+        let text = match asked {
+            Ok(Ok(o)) => {
                 let o = o.into_inner();
                 let text = view(&o, prev.as_ref());
                 prev = Some(o);
                 text
             }
             // A hub that went away: say so and keep asking (the channel reconnects).
-            Err(e) => format!(
+            Ok(Err(e)) => format!(
                 "flotilla top: {}\n(trying again every {} s; Ctrl-C quits)\n",
-                status_error(e),
+                clean(&status_error(e).to_string()),
                 a.interval
+            ),
+            Err(_) => format!(
+                "flotilla top: no answer within {} s\n(trying again; Ctrl-C quits)\n",
+                wait.as_secs()
             ),
         };
         write!(out, "\x1b[H\x1b[2J{text}")?;
         out.flush()?;
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs_f64(a.interval)) => {}
-            _ = tokio::signal::ctrl_c() => break Ok(ExitCode::SUCCESS),
+            _ = &mut quit => return Ok(ExitCode::SUCCESS),
         }
-    };
-    write!(out, "\x1b[?25h\x1b[?1049l")?;
-    out.flush()?;
-    result
+    }
+}
+
+/// The terminal's alternate screen with the cursor hidden, while this lives.
+struct Screen;
+
+impl Screen {
+    fn enter() -> std::io::Result<Self> {
+        let mut out = std::io::stdout();
+        write!(out, "\x1b[?1049h\x1b[?25l")?;
+        out.flush()?;
+        Ok(Self)
+    }
+}
+
+impl Drop for Screen {
+    fn drop(&mut self) {
+        let mut out = std::io::stdout();
+        let _ = write!(out, "\x1b[?25h\x1b[?1049l");
+        let _ = out.flush();
+    }
 }
 
 /// What a hub or node said, safe to print: control characters (a terminal's escape
@@ -221,6 +249,17 @@ fn view(o: &pb::Overview, prev: Option<&pb::Overview>) -> String {
         "\nTOOLS · calls finished since hub {} started\n",
         o.hub_id
     ));
+    // Totals count from the answering hub's start: rates compare two views of one hub
+    // (after a failover or a restart, the next view starts again).
+    let prev = prev.filter(|p| {
+        p.hub_id == o.hub_id
+            && o.tools.iter().all(|t| {
+                p.tools
+                    .iter()
+                    .find(|b| b.tool == t.tool)
+                    .is_none_or(|b| b.succeeded <= t.succeeded && b.failed <= t.failed)
+            })
+    });
     let secs = prev
         .map(|p| (o.now_ms - p.now_ms) as f64 / 1000.0)
         .filter(|s| *s > 0.0);
@@ -365,6 +404,13 @@ mod tests {
         let line = echo(&view(&overview(12_000, 130, 10), Some(&first)));
         let cells: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(&cells[..3], ["echo", "20.0", "5.0"], "{line}");
+        // Another hub (a failover), or this one restarted (totals went down): no rate.
+        let mut other = overview(12_000, 130, 10);
+        other.hub_id = 3;
+        let line = echo(&view(&other, Some(&first)));
+        assert_eq!(line.split_whitespace().nth(1), Some("-"), "{line}");
+        let line = echo(&view(&overview(12_000, 7, 0), Some(&first)));
+        assert_eq!(line.split_whitespace().nth(1), Some("-"), "{line}");
     }
 
     #[test]

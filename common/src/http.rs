@@ -2,16 +2,25 @@
 //! plain HTTP, or TLS with the operator's certificate when the config names one
 //! (`http_tls_cert`, `http_tls_key`).
 
-use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    future::Future,
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use rustls::ServerConfig;
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_rustls::server::TlsStream;
 
 /// How long a client may take to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes under way at once; further connections wait in the kernel's backlog.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Handshakes under way at once, in all and from one address; a connection beyond either
+/// is closed at once (the accept loop never waits, so one client cannot stall the rest).
 const MAX_HANDSHAKES: usize = 256;
+const MAX_HANDSHAKES_PER_IP: usize = 16;
 
 /// The URL scheme and address of a port served with `tls` or without.
 pub fn url(addr: SocketAddr, tls: bool) -> String {
@@ -39,9 +48,10 @@ pub async fn serve(
     }
 }
 
-/// A listener whose connections are TLS streams: handshakes run concurrently (at most
-/// `MAX_HANDSHAKES`, each within `HANDSHAKE_TIMEOUT`), so a slow or silent client holds up
-/// nobody; failed handshakes are logged at debug level and dropped.
+/// A listener whose connections are TLS streams: handshakes run concurrently, each within
+/// `HANDSHAKE_TIMEOUT`, at most `MAX_HANDSHAKES` in all and `MAX_HANDSHAKES_PER_IP` from
+/// one address (beyond, a connection is closed at once); failed handshakes are logged at
+/// debug level and dropped.
 struct TlsListener {
     local: SocketAddr,
     ready: mpsc::Receiver<(TlsStream<tokio::net::TcpStream>, SocketAddr)>,
@@ -52,12 +62,9 @@ impl TlsListener {
         let local = listener.local_addr()?;
         let (tx, ready) = mpsc::channel(64);
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        let pending: Arc<Mutex<HashMap<IpAddr, usize>>> = Default::default();
         tokio::spawn(async move {
             loop {
-                let Ok(slot) = slots.clone().acquire_owned().await else {
-                    return;
-                };
                 let (tcp, peer) = tokio::select! {
                     r = listener.accept() => match r {
                         Ok(c) => c,
@@ -69,6 +76,10 @@ impl TlsListener {
                         }
                     },
                     _ = tx.closed() => return,
+                };
+                let Some(slot) = Pending::take(&pending, peer.ip()) else {
+                    tracing::debug!(%peer, "http: too many tls handshakes under way; closed");
+                    continue;
                 };
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
@@ -89,6 +100,43 @@ impl TlsListener {
     }
 }
 
+/// A handshake's place among those under way; given back when dropped.
+struct Pending {
+    all: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl Pending {
+    fn take(all: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<Self> {
+        let mut m = all.lock().expect("handshakes lock");
+        let total: usize = m.values().sum();
+        let mine = m.entry(ip).or_default();
+        if total >= MAX_HANDSHAKES || *mine >= MAX_HANDSHAKES_PER_IP {
+            if *mine == 0 {
+                m.remove(&ip);
+            }
+            return None;
+        }
+        *mine += 1;
+        Some(Self {
+            all: all.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let mut m = self.all.lock().expect("handshakes lock");
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
 impl axum::serve::Listener for TlsListener {
     type Io = TlsStream<tokio::net::TcpStream>;
     type Addr = SocketAddr;
@@ -103,5 +151,25 @@ impl axum::serve::Listener for TlsListener {
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
         Ok(self.local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_address_cannot_take_every_handshake_place() {
+        let all = Arc::default();
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let held: Vec<_> = std::iter::from_fn(|| Pending::take(&all, a))
+            .take(100)
+            .collect();
+        assert_eq!(held.len(), MAX_HANDSHAKES_PER_IP);
+        let other = Pending::take(&all, b).expect("another address still gets a place");
+        drop(held);
+        drop(other);
+        assert!(all.lock().unwrap().is_empty(), "places are given back");
     }
 }

@@ -64,7 +64,7 @@ pub fn parse_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> 
     Ok(certs)
 }
 
-fn parse_key(pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+pub fn parse_key(pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
     rustls_pemfile::private_key(&mut pem.as_bytes())?.ok_or(TlsError::NoKey)
 }
 

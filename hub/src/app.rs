@@ -236,7 +236,10 @@ pub async fn run(
         Some((cert, key)) => Some(tls::http_server_config(cert, key)?),
         None => None,
     };
-    let http_url = flotilla_common::http::url(listeners.http.local_addr()?, http_tls.is_some());
+    let http_url = match &config.http_advertise {
+        Some(a) => a.clone(),
+        None => flotilla_common::http::url(listeners.http.local_addr()?, http_tls.is_some()),
+    };
     let hub = Hub::new(Parts {
         committed,
         config,

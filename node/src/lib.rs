@@ -57,9 +57,16 @@ pub async fn run(
                 }
             })
         };
-    let result = session::Session::new(Arc::new(cfg), identity, servers.clone(), metrics, http_url)
-        .run(stop.clone())
-        .await;
+    let advertised = cfg.http_advertise.clone().unwrap_or(http_url);
+    let result = session::Session::new(
+        Arc::new(cfg),
+        identity,
+        servers.clone(),
+        metrics,
+        advertised,
+    )
+    .run(stop.clone())
+    .await;
     stop.cancel();
     servers.shutdown().await;
     let _ = http_server.await;

@@ -211,6 +211,7 @@ async fn start_member(
         raft_advertise: None,
         http_listen: "127.0.0.1:0".into(),
         otlp_endpoint: opts.otlp_endpoint.clone(),
+        http_advertise: None,
         http_tls_cert: opts.http_tls.as_ref().map(|t| t.0.clone()),
         http_tls_key: opts.http_tls.as_ref().map(|t| t.1.clone()),
         bootstrap,
@@ -488,6 +489,7 @@ impl Cluster {
             cpu_high_water_percent: 0.0,
             http_listen: "127.0.0.1:0".into(),
             otlp_endpoint: self.opts.otlp_endpoint.clone(),
+            http_advertise: None,
             http_tls_cert: self.opts.http_tls.as_ref().map(|t| t.0.clone()),
             http_tls_key: self.opts.http_tls.as_ref().map(|t| t.1.clone()),
         };

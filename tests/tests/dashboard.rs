@@ -319,5 +319,40 @@ async fn the_dashboard_shows_the_cluster_and_changes_live_when_a_task_completes(
         ))
         .await?;
     assert_eq!(own, json!("tenant-a"));
+    // What the hub sends (not only what the page hides): no hubs or nodes, and only
+    // tenant-a's queue, tasks and tools; GetOverview says the same.
+    let sent = b
+        .eval_async("fetch('/api/overview').then(r => r.json())")
+        .await?;
+    assert_eq!(sent["members"], json!([]), "{sent}");
+    assert_eq!(sent["nodes"], json!([]), "{sent}");
+    for list in ["queue", "running", "recent"] {
+        for item in sent[list].as_array().into_iter().flatten() {
+            assert_eq!(item["tenant"], "tenant-a", "{list}: {sent}");
+        }
+    }
+    assert_eq!(sent["recent"].as_array().map(Vec::len), Some(1), "{sent}");
+    let o = alice
+        .get_overview(pb::GetOverviewRequest {})
+        .await?
+        .into_inner();
+    assert!(!o.admin && o.tenant == "tenant-a", "{o:?}");
+    assert!(o.cluster.is_none() && o.nodes.is_empty(), "{o:?}");
+    assert_eq!(
+        o.recent.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+        [mine.id.as_str()]
+    );
+    let echo = o.tools.iter().find(|t| t.tool == "echo").expect("echo");
+    assert_eq!((echo.succeeded, echo.failed), (1, 0), "only alice's call");
+    let all = c
+        .agent()
+        .get_overview(pb::GetOverviewRequest {})
+        .await?
+        .into_inner();
+    assert!(
+        all.admin && all.cluster.is_some() && all.nodes.len() == 1,
+        "{all:?}"
+    );
+    assert_eq!(all.recent.len(), 2, "an admin sees both tenants' tasks");
     Ok(())
 }

@@ -183,6 +183,7 @@ async fn a_partitioned_leader_commits_nothing_and_the_majority_carries_on() -> a
             raft_advertise: None,
             http_listen: "127.0.0.1:0".into(),
             otlp_endpoint: None,
+            http_advertise: None,
             http_tls_cert: None,
             http_tls_key: None,
             bootstrap: true,
@@ -275,6 +276,7 @@ async fn a_partitioned_leader_commits_nothing_and_the_majority_carries_on() -> a
         cpu_high_water_percent: 0.0,
         http_listen: "127.0.0.1:0".into(),
         otlp_endpoint: None,
+        http_advertise: None,
         http_tls_cert: None,
         http_tls_key: None,
         servers: vec![McpServerConfig {

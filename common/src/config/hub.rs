@@ -112,6 +112,10 @@ pub struct HubFile {
     /// fixed port for Prometheus and load balancers.
     #[serde(default = "default_http_listen")]
     pub http_listen: String,
+    /// The address people and tools use to reach `http_listen` (the dashboard's login
+    /// links, `cluster status`); defaults to `http(s)://<http_listen>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_advertise: Option<String>,
     /// Serve the HTTP port over TLS with this certificate chain (PEM) and `http_tls_key`;
     /// unset: plain HTTP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -252,6 +256,8 @@ pub struct HubConfig {
     pub http_listen: SocketAddr,
     /// (certificate, key) the HTTP port serves TLS with; `None`: plain HTTP.
     pub http_tls: Option<(PathBuf, PathBuf)>,
+    /// How others reach the HTTP port, when it is not `http(s)://<http_listen>`.
+    pub http_advertise: Option<String>,
     pub otlp_endpoint: Option<String>,
     pub bootstrap: bool,
     pub peers: Vec<PeerFile>,
@@ -415,6 +421,11 @@ impl HubFile {
             raft_listen,
             raft_advertise,
             http_listen,
+            http_advertise: super::check_http_advertise(
+                file,
+                self.http_advertise,
+                self.http_tls_cert.is_some(),
+            )?,
             http_tls: super::check_http_tls(file, self.http_tls_cert, self.http_tls_key)?,
             otlp_endpoint: self.otlp_endpoint,
             bootstrap: self.bootstrap,

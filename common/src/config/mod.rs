@@ -48,6 +48,29 @@ pub(crate) fn invalid(
 /// An OTLP/HTTP collector's base address: `http://`, host and optional port (traces go to
 /// `<endpoint>/v1/traces`, as with `OTEL_EXPORTER_OTLP_ENDPOINT`). The exporter speaks
 /// plain HTTP only: a collector on the same host or private network.
+/// `http_advertise`: an `http://` or `https://` address (`https://` exactly when the port
+/// serves TLS) of at most 256 printable characters.
+pub(crate) fn check_http_advertise(
+    file: &str,
+    advertise: Option<String>,
+    tls: bool,
+) -> Result<Option<String>, ConfigError> {
+    let Some(a) = advertise else { return Ok(None) };
+    let scheme = if tls { "https://" } else { "http://" };
+    let rest = a.strip_prefix(scheme).unwrap_or_default();
+    if rest.is_empty() || a.len() > 256 || !a.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            file,
+            "http_advertise",
+            format!(
+                "{a:?} is not a {scheme}HOST:PORT address (the port serves {})",
+                if tls { "TLS" } else { "plain HTTP" }
+            ),
+        ));
+    }
+    Ok(Some(a.trim_end_matches('/').to_owned()))
+}
+
 /// The HTTP port's TLS settings (`http_tls_cert`, `http_tls_key`): both or neither, and
 /// when set, a certificate chain and a private key that read, parse and go together.
 pub(crate) fn check_http_tls(
@@ -67,10 +90,24 @@ pub(crate) fn check_http_tls(
             "http_tls_cert",
             "is required with http_tls_key",
         )),
-        (Some(cert), Some(key)) => match crate::tls::http_server_config(&cert, &key) {
-            Ok(_) => Ok(Some((cert, key))),
-            Err(e) => Err(invalid(file, "http_tls_cert", e.to_string())),
-        },
+        (Some(cert), Some(key)) => {
+            let read = |field: &str, p: &std::path::Path| {
+                std::fs::read_to_string(p)
+                    .map_err(|e| invalid(file, field, format!("{}: {e}", p.display())))
+            };
+            crate::tls::parse_certs(&read("http_tls_cert", &cert)?)
+                .map_err(|e| invalid(file, "http_tls_cert", format!("{}: {e}", cert.display())))?;
+            crate::tls::parse_key(&read("http_tls_key", &key)?)
+                .map_err(|e| invalid(file, "http_tls_key", format!("{}: {e}", key.display())))?;
+            match crate::tls::http_server_config(&cert, &key) {
+                Ok(_) => Ok(Some((cert, key))),
+                Err(e) => Err(invalid(
+                    file,
+                    "http_tls_key",
+                    format!("does not go with the certificate in http_tls_cert: {e}"),
+                )),
+            }
+        }
     }
 }
 

@@ -59,6 +59,10 @@ pub struct NodeFile {
     /// picks a free port, written to `http.addr` in the data dir.
     #[serde(default = "default_http_listen")]
     pub http_listen: String,
+    /// The address people and tools use to reach `http_listen` (`flotilla nodes`);
+    /// defaults to `http(s)://<http_listen>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_advertise: Option<String>,
     /// Serve the HTTP port over TLS with this certificate chain (PEM) and `http_tls_key`;
     /// unset: plain HTTP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -121,6 +125,11 @@ impl NodeFile {
             super::check_otlp_endpoint(e).map_err(|m| invalid(file, "otlp_endpoint", m))?;
         }
         super::check_http_tls(file, self.http_tls_cert.clone(), self.http_tls_key.clone())?;
+        super::check_http_advertise(
+            file,
+            self.http_advertise.clone(),
+            self.http_tls_cert.is_some(),
+        )?;
         if !(0.0..=100.0).contains(&self.cpu_high_water_percent) {
             return Err(invalid(
                 file,

@@ -126,5 +126,28 @@ fn the_http_ports_tls_needs_a_certificate_and_key_that_read_and_match() {
         "http_tls_cert = {cert:?}\nhttp_tls_key = {wrong_key:?}"
     ))
     .unwrap_err();
-    assert!(e.to_string().contains("`http_tls_cert`"), "{e}");
+    assert!(
+        e.to_string().contains("`http_tls_key`: does not go with"),
+        "{e}"
+    );
+    // A certificate given as the key is named as the key.
+    let e = with(format!("http_tls_cert = {cert:?}\nhttp_tls_key = {cert:?}")).unwrap_err();
+    assert!(e.to_string().contains("`http_tls_key`"), "{e}");
+}
+
+#[test]
+fn an_advertised_http_address_has_the_scheme_the_port_serves() {
+    let base = "id = 1\ndata_dir = \"/x\"\n";
+    let ok = hub(&format!(
+        "{base}http_advertise = \"http://hub-1.example:7480/\""
+    ))
+    .unwrap();
+    assert_eq!(
+        ok.http_advertise.as_deref(),
+        Some("http://hub-1.example:7480")
+    );
+    for bad in ["hub-1:7480", "https://hub-1:7480", "http://", "http://a b"] {
+        let e = hub(&format!("{base}http_advertise = {bad:?}")).unwrap_err();
+        assert!(e.to_string().contains("`http_advertise`"), "{bad}: {e}");
+    }
 }

@@ -9,6 +9,8 @@ const samples = new Map(); // tool -> [{t, done, failed, sum, count}]
 let updates = 0;
 let lastNow = null; // when the previous overview was taken
 let shown = null; // the task whose detail is open: {id, terminal}
+let asking = 0; // the latest detail request: older answers are dropped
+let inFlight = false; // a refresh is under way: the next update does not start another
 
 function el(tag, attrs, ...children) {
   const e = document.createElement(tag);
@@ -131,10 +133,21 @@ function renderTools(o) {
 // A task's detail: what it is and its events, from GET /api/task (again at each update
 // while it has not ended).
 async function showTask(id) {
-  const r = await fetch(`/api/task?id=${encodeURIComponent(id)}`, { credentials: "same-origin" });
+  const mine = ++asking;
+  let r, body;
+  inFlight = true;
+  try {
+    r = await fetch(`/api/task?id=${encodeURIComponent(id)}`, { credentials: "same-origin" });
+    body = await r.json().catch(() => ({ error: `error ${r.status}` }));
+  } catch (e) {
+    return;
+  } finally {
+    if (mine === asking) inFlight = false;
+  }
+  // A click on another task (or a close) since this was asked: its answer is stale.
+  if (mine !== asking) return;
   const section = document.getElementById("detail-section");
   section.hidden = false;
-  const body = await r.json().catch(() => ({ error: `error ${r.status}` }));
   if (!r.ok) {
     shown = null;
     document.getElementById("detail-title").textContent = id;
@@ -175,7 +188,7 @@ function render(o) {
   const u = document.getElementById("updates");
   u.dataset.count = String(updates);
   u.textContent = `updates received: ${updates}, last at ${new Date(o.now_ms).toLocaleTimeString()}`;
-  if (shown && !shown.terminal) showTask(shown.id);
+  if (shown && !shown.terminal && !inFlight) showTask(shown.id);
 }
 
 function live(on, text) {
@@ -210,6 +223,7 @@ document.addEventListener("click", e => {
 });
 document.getElementById("detail-close").addEventListener("click", () => {
   shown = null;
+  asking += 1;
   document.getElementById("detail-section").hidden = true;
 });
 

@@ -14,10 +14,7 @@
 use std::{
     collections::HashMap,
     convert::Infallible,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Mutex,
-    },
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -55,6 +52,13 @@ const MAX_TICKETS: usize = 64;
 const MAX_SESSIONS: usize = 256;
 /// Pages open at once (each holds a stream).
 const MAX_STREAMS: usize = 32;
+/// What one viewer (a subject of a tenant) may hold, so that nobody can use up what the
+/// others need: a tenant asking for tickets and sessions in a loop evicts only its own.
+const TICKETS_PER_VIEWER: usize = 4;
+const SESSIONS_PER_VIEWER: usize = 8;
+const STREAMS_PER_VIEWER: usize = 4;
+/// Stream places only admins may take.
+const ADMIN_STREAMS: usize = 8;
 const COOKIE: &str = "flotilla_dashboard";
 /// Tasks listed as running and as recently finished.
 const RUNNING_SHOWN: usize = 50;
@@ -63,7 +67,7 @@ const RECENT_SHOWN: usize = 20;
 const PROGRESS_SHOWN: usize = 50;
 
 /// Who a dashboard session belongs to, and what it may see.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Viewer {
     pub subject: String,
     /// The tenant whose work the page shows; `None` for an admin, who sees everything.
@@ -87,6 +91,9 @@ impl Viewer {
 struct Login {
     viewer: Viewer,
     expires: Instant,
+    /// When a session made from it ends (a ticket's): twelve hours, or sooner if the token
+    /// that asked expires sooner.
+    session_until: Instant,
 }
 
 /// This hub's login tickets and sessions.
@@ -94,7 +101,8 @@ struct Login {
 pub struct Dashboard {
     tickets: Mutex<HashMap<String, Login>>,
     sessions: Mutex<HashMap<String, Login>>,
-    streams: AtomicUsize,
+    /// Pages streaming now, by viewer.
+    streams: Mutex<HashMap<Viewer, usize>>,
     /// The last view of the cluster and when it was taken: asking every hub for its HTTP
     /// address once a second per open page would be wasteful.
     cluster: Mutex<Option<(Instant, ClusterView)>>,
@@ -106,35 +114,65 @@ fn secret() -> String {
     hex::encode(b)
 }
 
-/// Keeps at most `max` unexpired entries, dropping those that expire first.
-fn bounded_insert(m: &mut HashMap<String, Login>, key: String, login: Login, max: usize) {
+/// Keeps the unexpired entries, at most `per` of `login`'s viewer and `max` in all: when
+/// full, the entry that expires first goes, of `login`'s viewer, else of the viewer that
+/// holds the most.
+fn bounded_insert(
+    m: &mut HashMap<String, Login>,
+    key: String,
+    login: Login,
+    per: usize,
+    max: usize,
+) {
     let now = Instant::now();
     m.retain(|_, l| l.expires > now);
-    while m.len() >= max {
-        let Some(first) = m
-            .iter()
+    let first_of = |m: &HashMap<String, Login>, v: &Viewer| {
+        m.iter()
+            .filter(|(_, l)| &l.viewer == v)
             .min_by_key(|(_, l)| l.expires)
             .map(|(k, _)| k.clone())
+    };
+    while m.values().filter(|l| l.viewer == login.viewer).count() >= per {
+        let Some(k) = first_of(m, &login.viewer) else {
+            break;
+        };
+        m.remove(&k);
+    }
+    while m.len() >= max {
+        let mut held: HashMap<&Viewer, usize> = HashMap::new();
+        for l in m.values() {
+            *held.entry(&l.viewer).or_default() += 1;
+        }
+        let Some(most) = held
+            .into_iter()
+            .max_by_key(|(_, n)| *n)
+            .map(|(v, _)| v.clone())
         else {
             break;
         };
-        m.remove(&first);
+        let Some(k) = first_of(m, &most) else { break };
+        m.remove(&k);
     }
     m.insert(key, login);
 }
 
 impl Dashboard {
-    /// A new one-time login ticket for `viewer`.
-    pub fn ticket(&self, viewer: Viewer) -> String {
+    /// A new one-time login ticket for `viewer`, whose token is valid until `token_expires_ms`
+    /// (the session ends then too).
+    pub fn ticket(&self, viewer: Viewer, token_expires_ms: i64) -> String {
         let t = secret();
+        let token_left =
+            Duration::from_millis((token_expires_ms - flotilla_common::now_ms()).max(0) as u64);
         let login = Login {
             viewer,
-            expires: Instant::now() + TICKET_TTL,
+            expires: Instant::now() + TICKET_TTL.min(token_left),
+            session_until: Instant::now() + SESSION_TTL.min(token_left),
         };
         bounded_insert(
             &mut self.tickets.lock().expect("tickets lock"),
             t.clone(),
             login,
+            TICKETS_PER_VIEWER,
             MAX_TICKETS,
         );
         t
@@ -149,15 +187,57 @@ impl Dashboard {
         let id = secret();
         let session = Login {
             viewer: login.viewer,
-            expires: Instant::now() + SESSION_TTL,
+            expires: login.session_until,
+            session_until: login.session_until,
         };
         bounded_insert(
             &mut self.sessions.lock().expect("sessions lock"),
             id.clone(),
             session,
+            SESSIONS_PER_VIEWER,
             MAX_SESSIONS,
         );
         Some(id)
+    }
+
+    /// Takes a stream place for `viewer`, or says why there is none.
+    fn take_stream(&self, viewer: &Viewer) -> Result<(), &'static str> {
+        let mut streams = self.streams.lock().expect("streams lock");
+        let total: usize = streams.values().sum();
+        let mine = streams.get(viewer).copied().unwrap_or(0);
+        if mine >= STREAMS_PER_VIEWER {
+            return Err("too many dashboard pages open for this login on this hub");
+        }
+        let room = if viewer.tenant.is_none() {
+            MAX_STREAMS
+        } else {
+            MAX_STREAMS - ADMIN_STREAMS
+        };
+        let tenants: usize = streams
+            .iter()
+            .filter(|(v, _)| v.tenant.is_some())
+            .map(|(_, n)| n)
+            .sum();
+        let used = if viewer.tenant.is_none() {
+            total
+        } else {
+            tenants
+        };
+        if used >= room || total >= MAX_STREAMS {
+            return Err("too many dashboard pages open on this hub");
+        }
+        *streams.entry(viewer.clone()).or_default() += 1;
+        Ok(())
+    }
+
+    fn drop_stream(&self, viewer: &Viewer) {
+        let mut streams = self.streams.lock().expect("streams lock");
+        if let Some(n) = streams.get_mut(viewer) {
+            *n -= 1;
+            if *n == 0 {
+                streams.remove(viewer);
+            }
+        }
     }
 
     /// The request's session id and who it belongs to, if it is a live session.
@@ -197,7 +277,7 @@ impl Dashboard {
 
     /// Pages streaming now.
     pub fn streams(&self) -> usize {
-        self.streams.load(Ordering::Relaxed)
+        self.streams.lock().expect("streams lock").values().sum()
     }
 }
 
@@ -279,28 +359,23 @@ async fn overview_json(State(hub): State<Hub>, headers: HeaderMap) -> Response {
     axum::Json(page_json(&overview(&hub, &who).await)).into_response()
 }
 
-/// Holds one of the `MAX_STREAMS` places while a page streams.
-struct StreamPlace(Hub);
+/// Holds one of the stream places while a page streams.
+struct StreamPlace(Hub, Viewer);
 
 impl Drop for StreamPlace {
     fn drop(&mut self) {
-        self.0.dashboard.streams.fetch_sub(1, Ordering::Relaxed);
+        self.0.dashboard.drop_stream(&self.1);
     }
 }
 
 async fn stream(State(hub): State<Hub>, headers: HeaderMap) -> Response {
-    let Some((session, _)) = hub.dashboard.session(&headers) else {
+    let Some((session, viewer)) = hub.dashboard.session(&headers) else {
         return StatusCode::UNAUTHORIZED.into_response();
     };
-    if hub.dashboard.streams.fetch_add(1, Ordering::Relaxed) >= MAX_STREAMS {
-        hub.dashboard.streams.fetch_sub(1, Ordering::Relaxed);
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many dashboard pages open on this hub",
-        )
-            .into_response();
+    if let Err(why) = hub.dashboard.take_stream(&viewer) {
+        return (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
     }
-    let place = StreamPlace(hub.clone());
+    let place = StreamPlace(hub.clone(), viewer);
     let events = futures::stream::unfold(place, move |place| {
         let session = session.clone();
         async move {
@@ -584,4 +659,78 @@ fn page_json(o: &pb::Overview) -> Value {
             "seconds_sum": t.seconds_sum, "seconds_count": t.seconds_count,
         })).collect::<Vec<_>>(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn viewer(subject: &str, tenant: Option<&str>) -> Viewer {
+        Viewer {
+            subject: subject.into(),
+            tenant: tenant.map(Into::into),
+        }
+    }
+
+    fn in_an_hour() -> i64 {
+        flotilla_common::now_ms() + 3_600_000
+    }
+
+    #[test]
+    fn a_tenant_asking_in_a_loop_evicts_only_its_own_logins() {
+        let d = Dashboard::default();
+        let admin = viewer("ops", None);
+        let mallory = viewer("mallory", Some("t"));
+        let admin_session = d.redeem(&d.ticket(admin.clone(), in_an_hour())).unwrap();
+        let mut kept = Vec::new();
+        for _ in 0..1000 {
+            if let Some(s) = d.redeem(&d.ticket(mallory.clone(), in_an_hour())) {
+                kept.push(s);
+            }
+        }
+        assert_eq!(d.viewer(&admin_session), Some(admin.clone()));
+        let live = kept.iter().filter(|s| d.viewer(s).is_some()).count();
+        assert_eq!(live, SESSIONS_PER_VIEWER);
+        // Unused tickets are capped per viewer too, and the admin's survives the flood.
+        let admin_ticket = d.ticket(admin.clone(), in_an_hour());
+        for _ in 0..1000 {
+            d.ticket(mallory.clone(), in_an_hour());
+        }
+        assert!(d.redeem(&admin_ticket).is_some());
+    }
+
+    #[test]
+    fn a_session_ends_when_the_token_that_asked_for_it_expires() {
+        let d = Dashboard::default();
+        let v = viewer("short", Some("t"));
+        let gone = d.redeem(&d.ticket(v.clone(), flotilla_common::now_ms() - 1));
+        assert!(gone.is_none(), "an expired token's ticket is refused");
+        let s = d
+            .redeem(&d.ticket(v.clone(), flotilla_common::now_ms() + 60_000))
+            .unwrap();
+        let sessions = d.sessions.lock().unwrap();
+        let left = sessions[&s].expires - Instant::now();
+        assert!(left <= Duration::from_secs(60), "{left:?}");
+    }
+
+    #[test]
+    fn stream_places_are_capped_per_viewer_and_some_are_kept_for_admins() {
+        let d = Dashboard::default();
+        let admin = viewer("ops", None);
+        for i in 0.. {
+            let v = viewer(&format!("t{i}"), Some("t"));
+            let taken = (0..10).filter(|_| d.take_stream(&v).is_ok()).count();
+            assert!(taken <= STREAMS_PER_VIEWER);
+            if taken == 0 {
+                break;
+            }
+        }
+        assert_eq!(d.streams(), MAX_STREAMS - ADMIN_STREAMS);
+        for _ in 0..STREAMS_PER_VIEWER {
+            d.take_stream(&admin).unwrap();
+        }
+        assert!(d.take_stream(&admin).is_err(), "per-viewer cap");
+        d.drop_stream(&admin);
+        d.take_stream(&admin).unwrap();
+    }
 }

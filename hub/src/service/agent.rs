@@ -657,12 +657,16 @@ impl AgentService for AgentApi {
     ) -> Result<Response<DashboardLogin>, Status> {
         let claims = self.caller(&req)?;
         let viewer = crate::dashboard::Viewer::of(&claims);
-        let ticket = self.hub.dashboard.ticket(viewer.clone());
+        let ticket = self
+            .hub
+            .dashboard
+            .ticket(viewer.clone(), claims.exp.saturating_mul(1000));
         tracing::info!(by = ?claims.sub, tenant = ?viewer.tenant, "dashboard login link issued");
         Ok(Response::new(DashboardLogin {
             url: format!("{}/login?ticket={ticket}", self.hub.http_url()),
-            expires_at_ms: flotilla_common::now_ms()
-                + crate::dashboard::TICKET_TTL.as_millis() as i64,
+            expires_at_ms: (flotilla_common::now_ms()
+                + crate::dashboard::TICKET_TTL.as_millis() as i64)
+                .min(claims.exp.saturating_mul(1000)),
         }))
     }
 }
