@@ -192,6 +192,7 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
         let _ = std::fs::remove_file(hub_dir.join(RAFT_ADDR_FILE));
         let (listen, raft_listen) = hub_addrs(&a.listen, i)?;
         let hub_cfg = HubFile {
+            id_from_hostname: false,
             id,
             data_dir: hub_dir.clone(),
             listen,

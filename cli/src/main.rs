@@ -11,6 +11,7 @@ mod nodes;
 mod options;
 mod output;
 mod progress;
+mod setup;
 mod task;
 mod tokens;
 mod tools;
@@ -81,6 +82,11 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// The cluster CA, for hubs set up by hand or by a Helm chart.
+    #[command(subcommand)]
+    Ca(setup::CaCommand),
+    /// Print the admin token a hub left in its data dir when it first led the cluster.
+    AdminToken(setup::AdminTokenArgs),
     /// Join tokens for nodes (admin).
     #[command(subcommand)]
     Token(tokens::TokenCommand),
@@ -224,6 +230,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Nodes(a) => nodes::nodes_command(a).await,
         Command::Dashboard(c) => dashboard::dashboard(c).await,
         Command::Top(a) => top::top(a).await,
+        Command::Ca(c) => setup::ca(c),
+        Command::AdminToken(a) => setup::admin_token(a),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(

@@ -191,16 +191,20 @@ impl Ca {
             return Self::from_pem(&ck.cert_pem, &ck.key_pem);
         }
         let ca = Self::generate(cluster_name)?;
-        CertifiedKey {
-            cert_pem: ca.cert_pem.clone(),
-            key_pem: ca.key.serialize_pem(),
-        }
-        .write(dir, "ca")?;
+        ca.certified_key().write(dir, "ca")?;
         Ok(ca)
     }
 
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
+    }
+
+    /// The certificate and its private key, to write out (`flotilla ca init`).
+    pub fn certified_key(&self) -> CertifiedKey {
+        CertifiedKey {
+            cert_pem: self.cert_pem.clone(),
+            key_pem: self.key.serialize_pem(),
+        }
     }
 
     /// The pin a join token carries: SHA-256 of the CA's public key (SubjectPublicKeyInfo).

@@ -137,6 +137,27 @@ fn load_ca(config: &HubConfig) -> anyhow::Result<Ca> {
     }
 }
 
+/// Where others reach the HTTP port bound at `bound`: `http_advertise`; else, when it
+/// listens on every address (`0.0.0.0`), the host others reach the API at, with its port;
+/// else the bound address.
+fn http_address(config: &HubConfig, bound: std::net::SocketAddr, tls: bool) -> String {
+    if let Some(a) = &config.http_advertise {
+        return a.clone();
+    }
+    if bound.ip().is_unspecified() {
+        if let Ok((host, _)) = tls::split_address(&config.advertise) {
+            let specific = host
+                .parse::<std::net::IpAddr>()
+                .map_or(true, |ip| !ip.is_unspecified());
+            if specific {
+                let scheme = if tls { "https" } else { "http" };
+                return format!("{scheme}://{host}:{}", bound.port());
+            }
+        }
+    }
+    flotilla_common::http::url(bound, tls)
+}
+
 /// Starts a hub on already-bound listeners and serves until `shutdown` resolves.
 pub async fn run(
     mut config: HubConfig,
@@ -236,10 +257,7 @@ pub async fn run(
         Some((cert, key)) => Some(tls::http_server_config(cert, key)?),
         None => None,
     };
-    let http_url = match &config.http_advertise {
-        Some(a) => a.clone(),
-        None => flotilla_common::http::url(listeners.http.local_addr()?, http_tls.is_some()),
-    };
+    let http_url = http_address(&config, listeners.http.local_addr()?, http_tls.is_some());
     let hub = Hub::new(Parts {
         committed,
         config,
@@ -428,5 +446,40 @@ async fn follow_leadership(hub: Hub, mut stop: tokio::sync::watch::Receiver<bool
             r = metrics.changed() => if r.is_err() { return },
             _ = stop.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_http_port_is_advertised_at_a_reachable_host() {
+        let base = "id = 1\ndata_dir = \"/x\"\nlisten = \"0.0.0.0:7443\"\n";
+        let config = |extra: &str| {
+            flotilla_common::config::parse_toml::<flotilla_common::config::HubFile>(
+                "hub.toml",
+                &format!("{base}{extra}"),
+            )
+            .unwrap()
+            .validate("hub.toml")
+            .unwrap()
+        };
+        let any: std::net::SocketAddr = "0.0.0.0:7480".parse().unwrap();
+        let local: std::net::SocketAddr = "127.0.0.1:7480".parse().unwrap();
+        let named = config("advertise = \"https://hub-1.example:7443\"");
+        assert_eq!(
+            http_address(&named, any, false),
+            "http://hub-1.example:7480"
+        );
+        assert_eq!(
+            http_address(&named, any, true),
+            "https://hub-1.example:7480"
+        );
+        assert_eq!(http_address(&named, local, false), "http://127.0.0.1:7480");
+        // Nothing better known: the bound address.
+        assert_eq!(http_address(&config(""), any, false), "http://0.0.0.0:7480");
+        let told = config("http_advertise = \"http://lb.example\"");
+        assert_eq!(http_address(&told, any, false), "http://lb.example");
     }
 }

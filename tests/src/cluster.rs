@@ -203,6 +203,7 @@ async fn start_member(
     let hub_dir = root.join(format!("hub-{id}"));
     std::fs::create_dir_all(&hub_dir)?;
     let cfg = HubFile {
+        id_from_hostname: false,
         id,
         data_dir: hub_dir.clone(),
         listen: "127.0.0.1:0".into(),

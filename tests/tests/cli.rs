@@ -457,3 +457,81 @@ fn shell_completions_are_valid_scripts_that_know_the_commands() -> anyhow::Resul
     }
     Ok(())
 }
+
+/// A hub set up as the Helm chart sets one up: a CA from `flotilla ca init`, one hub.toml
+/// filled in from the environment, the id from the host name (`HOSTNAME`, as a StatefulSet
+/// pod has), and the admin token read back with `flotilla admin-token`.
+#[tokio::test]
+async fn a_hub_configured_as_a_statefulset_pod_serves_with_a_ca_made_by_ca_init(
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let home = dir.path();
+    let ca = home.join("ca");
+    let o = flotilla(home, &["ca", "init", "--out", &ca.display().to_string()]);
+    assert!(o.status.success(), "{o:?}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(ca.join("ca.key"))?.permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // Never over an existing CA.
+    let again = flotilla(home, &["ca", "init", "--out", &ca.display().to_string()]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("exists"),
+        "{again:?}"
+    );
+
+    let data = home.join("hub-data");
+    let config = home.join("hub.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "id_from_hostname = true\ndata_dir = \"${{DATA}}\"\nlisten = \"127.0.0.1:0\"\n\
+             raft_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\nbootstrap = true\n\
+             ca_cert = \"{0}/ca.pem\"\nca_key = \"{0}/ca.key\"\n",
+            ca.display()
+        ),
+    )?;
+    // A variable that is not set stops the start, naming it.
+    let unset = Command::new(flotilla_bin())
+        .args(["hub", "--config", &config.display().to_string()])
+        .env_remove("DATA")
+        .output()?;
+    assert!(!unset.status.success());
+    assert!(
+        String::from_utf8_lossy(&unset.stderr).contains("DATA is not set"),
+        "{unset:?}"
+    );
+
+    let log = home.join("hub.log");
+    let data_s = data.display().to_string();
+    let _hub = flotilla_tests::Proc::spawn_program(
+        &flotilla_bin().display().to_string(),
+        "hub",
+        &["hub", "--config", &config.display().to_string()],
+        &[("HOSTNAME", "flotilla-hub-4"), ("DATA", &data_s)],
+        &log,
+    )?;
+    let token = wait_until("the hub's admin token", READY, || {
+        let o = flotilla(home, &["admin-token", "--data-dir", &data_s]);
+        async move { o.status.success().then(|| stdout(&o).trim().to_owned()) }
+    })
+    .await?;
+    let api = std::fs::read_to_string(data.join("listen.addr"))?;
+    let o = Command::new(flotilla_bin())
+        .args(["cluster", "status", "-o", "json"])
+        .env("HOME", home)
+        .env("FLOTILLA_HUB", api.trim())
+        .env("FLOTILLA_CA", ca.join("ca.pem"))
+        .env("FLOTILLA_TOKEN", &token)
+        .output()?;
+    assert!(o.status.success(), "{o:?}");
+    let status: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    assert_eq!(status["leader_id"], 5, "flotilla-hub-4 is hub 5: {status}");
+    // A data dir without a token says so.
+    let none = flotilla(
+        home,
+        &["admin-token", "--data-dir", &home.display().to_string()],
+    );
+    assert_eq!(none.status.code(), Some(3));
+    Ok(())
+}

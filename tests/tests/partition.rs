@@ -175,6 +175,7 @@ async fn a_partitioned_leader_commits_nothing_and_the_majority_carries_on() -> a
         let hub_dir = dir.path().join(format!("hub-{i}"));
         std::fs::create_dir_all(&hub_dir)?;
         let cfg = HubFile {
+            id_from_hostname: false,
             id: i as u64,
             data_dir: hub_dir.clone(),
             listen: format!("{}:7443", net.ip(i)),

@@ -92,8 +92,14 @@ impl Limits {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HubFile {
-    /// Raft id of this hub: a positive integer, unique in the cluster.
+    /// Raft id of this hub: a positive integer, unique in the cluster (or see
+    /// `id_from_hostname`).
+    #[serde(default)]
     pub id: u64,
+    /// Take the id from the host name instead, as a StatefulSet's pods are named: the number
+    /// after its last `-`, plus one (`flotilla-hub-0` is hub 1).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub id_from_hostname: bool,
     pub data_dir: PathBuf,
     /// Where agents, nodes and admins connect (gRPC over TLS).
     #[serde(default = "default_listen")]
@@ -280,8 +286,31 @@ pub struct HubConfig {
 
 impl HubFile {
     pub fn validate(self, file: &str) -> Result<HubConfig, ConfigError> {
-        if self.id == 0 {
-            return Err(invalid(file, "id", "must be a positive integer"));
+        self.validate_on(file, &super::hostname())
+    }
+
+    /// As [`validate`](Self::validate), on the host named `hostname`.
+    pub fn validate_on(mut self, file: &str, hostname: &str) -> Result<HubConfig, ConfigError> {
+        match (self.id, self.id_from_hostname) {
+            (0, false) => {
+                return Err(invalid(
+                    file,
+                    "id",
+                    "must be a positive integer (or set id_from_hostname = true)",
+                ))
+            }
+            (_, false) => {}
+            (0, true) => {
+                self.id =
+                    id_from_hostname(hostname).map_err(|m| invalid(file, "id_from_hostname", m))?;
+            }
+            (_, true) => {
+                return Err(invalid(
+                    file,
+                    "id",
+                    "give `id` or `id_from_hostname = true`, not both",
+                ))
+            }
         }
         let listen: SocketAddr = self.listen.parse().map_err(|_| {
             invalid(
@@ -341,7 +370,9 @@ impl HubFile {
                 ),
             ));
         }
-        let advertise = match self.advertise {
+        // A hub listed in `peers` is reached where the list says, unless told otherwise.
+        let listed = self.peers.iter().find(|p| p.id == self.id);
+        let advertise = match self.advertise.or_else(|| listed.map(|p| p.api.clone())) {
             Some(a) => {
                 crate::tls::split_address(&a)
                     .map_err(|e| invalid(file, "advertise", e.to_string()))?;
@@ -356,7 +387,10 @@ impl HubFile {
                 format!("{:?} is not HOST:PORT with an IP host", self.raft_listen),
             )
         })?;
-        let raft_advertise = match self.raft_advertise {
+        let raft_advertise = match self
+            .raft_advertise
+            .or_else(|| listed.map(|p| p.raft.clone()))
+        {
             Some(a) => {
                 crate::tls::split_address(&a)
                     .map_err(|e| invalid(file, "raft_advertise", e.to_string()))?;
@@ -446,4 +480,15 @@ impl HubFile {
             trust_node_tools: self.trust_node_tools,
         })
     }
+}
+
+/// Hub id from a StatefulSet pod's host name: the number after its last `-`, plus one.
+pub fn id_from_hostname(hostname: &str) -> Result<u64, String> {
+    hostname
+        .rsplit_once('-')
+        .and_then(|(_, n)| n.parse::<u64>().ok())
+        .and_then(|n| n.checked_add(1))
+        .ok_or_else(|| {
+            format!("host name {hostname:?} does not end in -<number>, as a StatefulSet pod's does")
+        })
 }

@@ -133,7 +133,67 @@ pub fn load_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Confi
         file: file.clone(),
         source,
     })?;
+    let text = expand_env(&file, &text, |name| std::env::var(name).ok())?;
     parse_toml(&file, &text)
+}
+
+/// Replaces each `${NAME}` in a config file's text with the environment variable `NAME`
+/// (letters, digits and `_`), so one file serves many machines or pods (`name =
+/// "${HOSTNAME}"`, a secret from the environment); `$${` writes `${`. A variable that is
+/// not set is an error naming it and its line.
+pub fn expand_env(
+    file: &str,
+    text: &str,
+    var: impl Fn(&str) -> Option<String>,
+) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at..];
+        if let Some(tail) = after.strip_prefix("$${") {
+            out.push_str("${");
+            rest = tail;
+            continue;
+        }
+        let Some(body) = after.strip_prefix("${") else {
+            out.push('$');
+            rest = &after[1..];
+            continue;
+        };
+        let line = text[..text.len() - after.len()].lines().count().max(1);
+        let end = body.find('}').ok_or_else(|| ConfigError::Parse {
+            file: file.to_owned(),
+            message: format!("`${{` without a closing `}}` (at line {line})"),
+        })?;
+        let name = &body[..end];
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(ConfigError::Parse {
+                file: file.to_owned(),
+                message: format!(
+                    "`${{{name}}}` is not a variable name (letters, digits, _; at line {line}); write `$${{` for a literal `${{`"
+                ),
+            });
+        }
+        let value = var(name).ok_or_else(|| ConfigError::Parse {
+            file: file.to_owned(),
+            message: format!("environment variable {name} is not set (used at line {line})"),
+        })?;
+        out.push_str(&value);
+        rest = &body[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// This machine's host name (a pod's name in Kubernetes): `HOSTNAME`, else the kernel's.
+pub fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
 }
 
 pub fn parse_toml<T: serde::de::DeserializeOwned>(

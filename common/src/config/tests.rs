@@ -151,3 +151,70 @@ fn an_advertised_http_address_has_the_scheme_the_port_serves() {
         assert!(e.to_string().contains("`http_advertise`"), "{bad}: {e}");
     }
 }
+
+#[test]
+fn environment_variables_fill_in_a_config_file() {
+    let env = |name: &str| match name {
+        "HOSTNAME" => Some("flotilla-node-7f9c".to_owned()),
+        "TOKEN" => Some("flt1.abc".to_owned()),
+        _ => None,
+    };
+    let text = "name = \"${HOSTNAME}\"\njoin_token = \"${TOKEN}\"\nnote = \"$${HOME} and $5\"\n";
+    assert_eq!(
+        expand_env("node.toml", text, env).unwrap(),
+        "name = \"flotilla-node-7f9c\"\njoin_token = \"flt1.abc\"\nnote = \"${HOME} and $5\"\n"
+    );
+    let e = expand_env("node.toml", "a = 1\nb = \"${NOPE}\"", env).unwrap_err();
+    assert!(
+        e.to_string().contains("NOPE is not set (used at line 2)"),
+        "{e}"
+    );
+    let e = expand_env("node.toml", "b = \"${HOSTNAME\"", env).unwrap_err();
+    assert!(e.to_string().contains("without a closing"), "{e}");
+    let e = expand_env("node.toml", "b = \"${A-B}\"", env).unwrap_err();
+    assert!(e.to_string().contains("not a variable name"), "{e}");
+}
+
+#[test]
+fn a_statefulset_pod_takes_its_hub_id_from_its_name() {
+    assert_eq!(id_from_hostname("flotilla-hub-0"), Ok(1));
+    assert_eq!(id_from_hostname("flotilla-hub-12"), Ok(13));
+    assert!(id_from_hostname("flotilla-hub").is_err());
+    assert!(id_from_hostname("hub").is_err());
+    let file = |extra: &str| {
+        parse_toml::<HubFile>("hub.toml", &format!("data_dir = \"/x\"\n{extra}")).unwrap()
+    };
+    let c = file("id_from_hostname = true")
+        .validate_on("hub.toml", "flotilla-hub-2")
+        .unwrap();
+    assert_eq!(c.id, 3);
+    let e = file("id = 2\nid_from_hostname = true")
+        .validate_on("hub.toml", "h-0")
+        .unwrap_err();
+    assert!(e.to_string().contains("not both"), "{e}");
+    let e = file("id_from_hostname = true")
+        .validate_on("hub.toml", "laptop")
+        .unwrap_err();
+    assert!(e.to_string().contains("`id_from_hostname`"), "{e}");
+    let e = file("").validate_on("hub.toml", "h-0").unwrap_err();
+    assert!(e.to_string().contains("`id`"), "{e}");
+}
+
+#[test]
+fn a_hub_in_the_peer_list_is_reached_where_the_list_says() {
+    let text = "id_from_hostname = true\ndata_dir = \"/x\"\nlisten = \"0.0.0.0:7443\"\n\
+        [[peers]]\nid = 1\napi = \"https://h-0.hubs:7443\"\nraft = \"https://h-0.hubs:7444\"\n\
+        [[peers]]\nid = 2\napi = \"https://h-1.hubs:7443\"\nraft = \"https://h-1.hubs:7444\"\n";
+    let c = parse_toml::<HubFile>("hub.toml", text)
+        .unwrap()
+        .validate_on("hub.toml", "h-1")
+        .unwrap();
+    assert_eq!(c.id, 2);
+    assert_eq!(c.advertise, "https://h-1.hubs:7443");
+    assert_eq!(c.raft_advertise, "https://h-1.hubs:7444");
+    assert!(
+        c.tls_names.contains(&"h-1.hubs".to_owned()),
+        "{:?}",
+        c.tls_names
+    );
+}
