@@ -8,8 +8,15 @@ checked for the fields the operator needs instead.
 """
 
 import json
+import os
 import pathlib
+import secrets
+import shutil
+import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
 
 import helm_python as helm
 import kubernetes_validate
@@ -109,6 +116,166 @@ def hub_checks(docs, label, replicas):
             check(f"{label}: node.toml parses", False, f"{e}\n{text}")
 
 
+def sh(*args, check=True, **kw):
+    r = subprocess.run(list(args), capture_output=True, text=True, **kw)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)}: {r.stderr.strip() or r.stdout.strip()}")
+    return r
+
+
+def wait(what, f, timeout=120):
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        try:
+            v = f()
+            if v:
+                return v
+        except Exception as e:  # noqa: BLE001 - keep the last reason for the failure
+            last = e
+        time.sleep(0.5)
+    raise RuntimeError(f"timed out waiting for {what}" + (f" (last: {last})" if last else ""))
+
+
+def docker_args(container, pod_spec):
+    """docker run flags for a rendered container: user, read-only root, capabilities."""
+    pod_sec = pod_spec.get("securityContext", {})
+    sec = container.get("securityContext", {})
+    out = ["--user", f"{pod_sec['runAsUser']}:{pod_sec['runAsGroup']}"]
+    if sec.get("readOnlyRootFilesystem"):
+        out.append("--read-only")
+    if not sec.get("allowPrivilegeEscalation", True):
+        out += ["--security-opt", "no-new-privileges"]
+    for cap in sec.get("capabilities", {}).get("drop", []):
+        out += ["--cap-drop", cap]
+    for e in container.get("env", []):
+        if "value" in e:
+            out += ["-e", f"{e['name']}={e['value']}"]
+    return out
+
+
+def run_for_real(docs):
+    by = {(d["kind"], d["metadata"]["name"]): d for _, d in docs}
+    for image in ("flotilla:dev", "flotilla-node:dev"):
+        if sh("docker", "image", "inspect", image, check=False).returncode != 0:
+            check(f"run: image {image} exists (deploy/build-images.sh)", False)
+            return
+    tag = secrets.token_hex(3)
+    work = pathlib.Path(tempfile.mkdtemp(prefix="flotilla-chart-"))
+    net = f"flotilla-chart-{tag}"
+    containers = []
+    uid = 65532
+    try:
+        sts = by[("StatefulSet", "flotilla-hub")]
+        spec = sts["spec"]["template"]["spec"]
+        hub = spec["containers"][0]
+        ns = "flotilla"
+        domain = "cluster.local"
+        # The ConfigMap and the CA Secret, as files with the pod's user able to read them.
+        for vol in spec["volumes"]:
+            mount = next(m for m in hub["volumeMounts"] if m["name"] == vol["name"])
+            vol["mountPath"] = mount["mountPath"]
+        conf = work / "hub-config"
+        conf.mkdir()
+        for name, text in by[("ConfigMap", "flotilla-hub")]["data"].items():
+            (conf / name).write_text(text)
+        ca = work / "ca"
+        ca.mkdir()
+        os.chown(ca, uid, uid)
+        sh("docker", "run", "--rm", "--user", f"{uid}:{uid}", "-v", f"{ca}:/out",
+           "flotilla:dev", "ca", "init", "--out", "/out")
+        sh("docker", "network", "create", net)
+        service = f"flotilla.{ns}.svc.{domain}"
+        replicas = sts["spec"]["replicas"]
+        mounts = {"config": conf, "ca": ca}
+        for i in range(replicas):
+            pod = f"flotilla-hub-{i}"
+            name = f"{pod}-{tag}"
+            args = ["docker", "run", "-d", "--name", name, "--hostname", pod, "--network", net,
+                    "--network-alias", f"{pod}.{sts['spec']['serviceName']}.{ns}.svc.{domain}",
+                    "--network-alias", service]
+            args += docker_args(hub, spec)
+            for vol in spec["volumes"]:
+                args += ["-v", f"{mounts[vol['name']]}:{vol['mountPath']}:ro"]
+            data_mount = next(m for m in hub["volumeMounts"] if m["name"] == "data")["mountPath"]
+            args += ["--tmpfs", f"{data_mount}:rw,uid={uid},gid={uid},mode=0700"]
+            args += [hub["image"]] + hub["args"]
+            sh(*args)
+            containers.append(name)
+        check(f"run: {replicas} hub containers started as rendered", True)
+
+        def ip(name):
+            out = sh("docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", name)
+            return out.stdout.strip()
+
+        http = hub["ports"][2]["containerPort"]
+        probe = hub["readinessProbe"]["httpGet"]["path"]
+
+        def ready(name):
+            with urllib.request.urlopen(f"http://{ip(name)}:{http}{probe}", timeout=2) as r:
+                return r.status == 200
+
+        for name in containers:
+            wait(f"{name} to be ready ({probe})", lambda: ready(name))
+        check("run: every hub passes its readiness probe (a leader with a quorum)", True)
+
+        def token():
+            for name in containers:
+                r = sh("docker", "exec", name, "/flotilla", "admin-token", "--data-dir", "/data", check=False)
+                if r.returncode == 0:
+                    return r.stdout.strip()
+            return None
+
+        admin = wait("an admin token on the first leader", token)
+        api = f"https://{service}:{hub['ports'][0]['containerPort']}"
+
+        def client(*cmd):
+            # The token goes through the environment, never on a command line or in a log.
+            return sh("docker", "run", "--rm", "--network", net, "-v", f"{ca}:/ca:ro",
+                      "-e", f"FLOTILLA_HUB={api}", "-e", "FLOTILLA_CA=/ca/ca.pem",
+                      "-e", "FLOTILLA_TOKEN", "flotilla:dev", *cmd,
+                      env={**os.environ, "FLOTILLA_TOKEN": admin})
+
+        status = json.loads(client("cluster", "status", "-o", "json").stdout)
+        members = sorted(m["id"] for m in status["members"])
+        check("run: the hubs form one cluster with a leader",
+              members == list(range(1, replicas + 1)) and status["leader_id"] in members, json.dumps(status))
+
+        # A node from the rendered Deployment, joining with a token from the cluster.
+        # Trusted to bring its tools (the demo server's are new to the cluster).
+        join = client("token", "create", "--uses", "10", "--ttl", "600", "--may-add-tools").stdout.strip()
+        dep = by[("Deployment", "flotilla-node")]
+        nspec = dep["spec"]["template"]["spec"]
+        node = nspec["containers"][0]
+        nconf = work / "node-config"
+        nconf.mkdir()
+        for name, text in by[("ConfigMap", "flotilla-node")]["data"].items():
+            (nconf / name).write_text(text)
+        name = f"flotilla-node-{tag}"
+        args = ["docker", "run", "-d", "--name", name, "--hostname", f"flotilla-node-{tag}",
+                "--network", net, "-e", "FLOTILLA_JOIN_TOKEN"]
+        args += docker_args(node, nspec)
+        args += ["-v", f"{nconf}:/etc/flotilla/config:ro"]
+        for m in node["volumeMounts"]:
+            if m["name"] != "config":
+                args += ["--tmpfs", f"{m['mountPath']}:rw,uid={uid},gid={uid},mode=0700"]
+        args += [node["image"]] + node["args"]
+        sh(*args, env={**os.environ, "FLOTILLA_JOIN_TOKEN": join})
+        containers.append(name)
+        out = wait("a call through the cluster", lambda: client(
+            "call", "echo", "--args", '{"text":"through the chart"}').stdout.strip() == "through the chart")
+        check("run: a tool call goes through the rendered hubs to the rendered node", out)
+    except Exception as e:  # noqa: BLE001 - reported as the failure, with the hubs' logs
+        check("run: the rendered StatefulSet forms a cluster that serves a call", False, str(e))
+        for name in containers:
+            print(f"--- {name} ---\n" + sh("docker", "logs", "--tail", "30", name, check=False).stderr)
+    finally:
+        for name in containers:
+            sh("docker", "rm", "-f", name, check=False)
+        sh("docker", "network", "rm", net, check=False)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main():
     report = helm.lint(str(CHART), strict=True, kube_version=f"v{KUBE}")
     problems = [m for m in report.get("messages", []) if m.get("severity", 0) >= 2] + report.get("errors", [])
@@ -136,6 +303,8 @@ def main():
             check(f"schema refuses {why}", False, "accepted")
         except helm.HelmError:
             check(f"schema refuses {why}", True)
+    if "--run" in sys.argv[1:]:
+        run_for_real(default)
     print(f"chart: {len(failures)} failed")
     return 1 if failures else 0
 

@@ -1,0 +1,8 @@
+# flotilla:dev — the statically linked flotilla binary alone (FROM scratch: no shell, no
+# libc, nothing to patch). It runs any role: hub, node without Python MCP servers, CLI.
+# /data belongs to the non-root user, so a volume mounted there is writable.
+FROM scratch
+COPY flotilla /flotilla
+COPY --chown=65532:65532 data/ /data/
+USER 65532:65532
+ENTRYPOINT ["/flotilla"]
