@@ -7,6 +7,7 @@ mod connect;
 mod dashboard;
 mod demo;
 mod dev;
+mod join;
 mod nodes;
 mod options;
 mod output;
@@ -51,6 +52,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Make this machine a node: join with a token now, write node.toml (without the token).
+    Join(join::JoinArgs),
     /// Serve the built-in demo MCP server on stdin/stdout.
     McpDemo,
     /// Call a tool: submit, show progress, print the result.
@@ -230,6 +233,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Nodes(a) => nodes::nodes_command(a).await,
         Command::Dashboard(c) => dashboard::dashboard(c).await,
         Command::Top(a) => top::top(a).await,
+        Command::Join(a) => join::join(a).await,
         Command::Ca(c) => setup::ca(c),
         Command::AdminToken(a) => setup::admin_token(a),
         Command::Completions { shell } => {
