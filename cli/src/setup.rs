@@ -19,11 +19,24 @@ pub(crate) enum CaCommand {
         /// The cluster's name, in the CA's subject.
         #[arg(long, default_value = "flotilla")]
         cluster_name: String,
+        /// When `--out` already holds a CA (both files), leave it and succeed (for a setup
+        /// step that runs at every start).
+        #[arg(long)]
+        exists_ok: bool,
     },
 }
 
 pub(crate) fn ca(cmd: CaCommand) -> anyhow::Result<ExitCode> {
-    let CaCommand::Init { out, cluster_name } = cmd;
+    let CaCommand::Init {
+        out,
+        cluster_name,
+        exists_ok,
+    } = cmd;
+    if exists_ok && out.join("ca.pem").exists() && out.join("ca.key").exists() {
+        println!("{}", out.join("ca.pem").display());
+        eprintln!("(a CA is already there; left as it is)");
+        return Ok(ExitCode::SUCCESS);
+    }
     for name in ["ca.pem", "ca.key"] {
         anyhow::ensure!(
             !out.join(name).exists(),
