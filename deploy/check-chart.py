@@ -185,6 +185,15 @@ def run_for_real(docs):
         sh("docker", "run", "--rm", "--user", f"{uid}:{uid}", "-v", f"{ca}:/out",
            "flotilla:dev", "ca", "init", "--out", "/out")
         sh("docker", "network", "create", net)
+
+        def volume(name):
+            """A directory as Kubernetes gives a volume to a pod with fsGroup: root's, the
+            pod's group, setgid, group-writable (docker's tmpfs keeps the image's mode)."""
+            d = work / name
+            d.mkdir()
+            os.chown(d, 0, uid)
+            os.chmod(d, 0o2775)
+            return d
         service = f"flotilla.{ns}.svc.{domain}"
         replicas = sts["spec"]["replicas"]
         mounts = {"config": conf, "ca": ca}
@@ -198,10 +207,10 @@ def run_for_real(docs):
             for vol in spec["volumes"]:
                 args += ["-v", f"{mounts[vol['name']]}:{vol['mountPath']}:ro"]
             data_mount = next(m for m in hub["volumeMounts"] if m["name"] == "data")["mountPath"]
-            args += ["--tmpfs", f"{data_mount}:rw,uid={uid},gid={uid},mode=0700"]
+            args += ["-v", f"{volume(f'{pod}-data')}:{data_mount}"]
             args += [hub["image"]] + hub["args"]
-            sh(*args)
             containers.append(name)
+            sh(*args)
         check(f"run: {replicas} hub containers started as rendered", True)
 
         def ip(name):
@@ -221,7 +230,7 @@ def run_for_real(docs):
 
         def token():
             for name in containers:
-                r = sh("docker", "exec", name, "/flotilla", "admin-token", "--data-dir", "/data", check=False)
+                r = sh("docker", "exec", name, "/flotilla", "admin-token", "--data-dir", "/data/hub", check=False)
                 if r.returncode == 0:
                     return r.stdout.strip()
             return None
@@ -258,10 +267,10 @@ def run_for_real(docs):
         args += ["-v", f"{nconf}:/etc/flotilla/config:ro"]
         for m in node["volumeMounts"]:
             if m["name"] != "config":
-                args += ["--tmpfs", f"{m['mountPath']}:rw,uid={uid},gid={uid},mode=0700"]
+                args += ["-v", f"{volume('node-' + m['name'])}:{m['mountPath']}"]
         args += [node["image"]] + node["args"]
-        sh(*args, env={**os.environ, "FLOTILLA_JOIN_TOKEN": join})
         containers.append(name)
+        sh(*args, env={**os.environ, "FLOTILLA_JOIN_TOKEN": join})
         out = wait("a call through the cluster", lambda: client(
             "call", "echo", "--args", '{"text":"through the chart"}').stdout.strip() == "through the chart")
         check("run: a tool call goes through the rendered hubs to the rendered node", out)
@@ -293,6 +302,15 @@ def main():
     hub_checks(prod, "production", 5)
     check("production: a DaemonSet of nodes and a ServiceMonitor",
           kinds.get("DaemonSet") == 1 and kinds.get("ServiceMonitor") == 1, str(kinds))
+    monitor = next(d for _, d in prod if d["kind"] == "ServiceMonitor")
+    want = monitor["spec"]["selector"]["matchLabels"]
+    picked = [d["metadata"]["name"] for _, d in prod if d["kind"] == "Service"
+              and all(d["metadata"]["labels"].get(k) == v for k, v in want.items())]
+    check("production: the ServiceMonitor scrapes each hub once (one Service)", picked == ["flotilla-hubs"], str(picked))
+    node_toml = next(d for _, d in prod if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "flotilla-node")["data"]["node.toml"]
+    import tomllib
+    servers = tomllib.loads(node_toml.replace("${HOSTNAME}", "n").replace("${FLOTILLA_JOIN_TOKEN}", "t"))["servers"]
+    check("production: a server's env renders as a table", servers[0].get("env") == {"TZ": "${TZ}"}, node_toml)
     # Values the schema must refuse.
     chart = helm.Chart.load(str(CHART))
     for bad, why in [({"hub": {"replicas": 2}}, "an even number of hubs"),

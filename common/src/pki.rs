@@ -129,19 +129,31 @@ fn tighten(path: &Path, mode: u32) -> Result<(), PkiError> {
     Ok(())
 }
 
-/// Creates `dir` (and missing parents) as a directory only the owner can enter (0700), or
-/// tightens an existing one that others could read, with a warning: data directories hold
-/// private keys and the signing keys inside sled's files.
+/// Creates `dir` as a directory only the owner can enter (0700), or tightens an existing
+/// one of ours that others could read, with a warning: data directories hold private keys
+/// and the signing keys inside sled's files. Missing parents are made as ordinary
+/// directories (a parent only root can enter would shut out the service's own user). A
+/// directory someone else owns (a volume's root that Kubernetes gives group access with
+/// fsGroup) is left as it is, with a warning: give the process a directory inside it.
 pub fn private_dir(dir: &Path) -> Result<(), PkiError> {
     #[cfg(unix)]
     {
-        use std::os::unix::fs::DirBuilderExt;
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt};
         if !dir.exists() {
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+            }
             std::fs::DirBuilder::new()
-                .recursive(true)
                 .mode(0o700)
                 .create(dir)
                 .map_err(io_err(dir))?;
+        }
+        let owner = std::fs::metadata(dir).map_err(io_err(dir))?.uid();
+        // This process's user: the owner of /proc/self (Linux).
+        let me = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+        if me.is_some_and(|me| me != owner) {
+            tracing::warn!(path = %dir.display(), owner, "a data directory owned by another user is left as it is; its files are still created for this user only");
+            return Ok(());
         }
         tighten(dir, 0o700)
     }

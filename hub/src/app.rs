@@ -146,11 +146,13 @@ fn http_address(config: &HubConfig, bound: std::net::SocketAddr, tls: bool) -> S
     }
     if bound.ip().is_unspecified() {
         if let Ok((host, _)) = tls::split_address(&config.advertise) {
-            let specific = host
-                .parse::<std::net::IpAddr>()
-                .map_or(true, |ip| !ip.is_unspecified());
-            if specific {
+            let ip = host.parse::<std::net::IpAddr>().ok();
+            if !ip.is_some_and(|ip| ip.is_unspecified()) {
                 let scheme = if tls { "https" } else { "http" };
+                let host = match ip {
+                    Some(std::net::IpAddr::V6(_)) => format!("[{host}]"),
+                    _ => host,
+                };
                 return format!("{scheme}://{host}:{}", bound.port());
             }
         }
@@ -479,6 +481,8 @@ mod tests {
         assert_eq!(http_address(&named, local, false), "http://127.0.0.1:7480");
         // Nothing better known: the bound address.
         assert_eq!(http_address(&config(""), any, false), "http://0.0.0.0:7480");
+        let v6 = config("advertise = \"https://[fd00::1]:7443\"");
+        assert_eq!(http_address(&v6, any, false), "http://[fd00::1]:7480");
         let told = config("http_advertise = \"http://lb.example\"");
         assert_eq!(http_address(&told, any, false), "http://lb.example");
     }

@@ -161,7 +161,7 @@ pub fn expand_env(
             rest = &after[1..];
             continue;
         };
-        let line = text[..text.len() - after.len()].lines().count().max(1);
+        let line = text[..text.len() - after.len()].matches('\n').count() + 1;
         let end = body.find('}').ok_or_else(|| ConfigError::Parse {
             file: file.to_owned(),
             message: format!("`${{` without a closing `}}` (at line {line})"),
@@ -179,7 +179,21 @@ pub fn expand_env(
             file: file.to_owned(),
             message: format!("environment variable {name} is not set (used at line {line})"),
         })?;
-        out.push_str(&value);
+        // A value read from a file (a Secret, `token create > f`) ends in a newline: not
+        // part of it. What is left must stay inside the string it is put in.
+        let value = value.trim_end_matches(['\n', '\r']);
+        if value
+            .chars()
+            .any(|c| c.is_control() || c == '"' || c == '\\')
+        {
+            return Err(ConfigError::Parse {
+                file: file.to_owned(),
+                message: format!(
+                    "environment variable {name} (used at line {line}) holds a quote, a backslash or a control character, which cannot go into a config file as it is"
+                ),
+            });
+        }
+        out.push_str(value);
         rest = &body[end + 1..];
     }
     out.push_str(rest);

@@ -169,6 +169,23 @@ fn environment_variables_fill_in_a_config_file() {
         e.to_string().contains("NOPE is not set (used at line 2)"),
         "{e}"
     );
+    let e = expand_env("node.toml", "a = 1\n${NOPE} = 2", env).unwrap_err();
+    assert!(e.to_string().contains("(used at line 2)"), "{e}");
+    // A trailing newline (a value from a file) is dropped; a quote cannot break out.
+    let from_file = |name: &str| match name {
+        "T" => Some("flt1.abc\n".to_owned()),
+        "Q" => Some("x\" = 1\ninjected = \"y".to_owned()),
+        _ => None,
+    };
+    assert_eq!(
+        expand_env("n", "t = \"${T}\"", from_file).unwrap(),
+        "t = \"flt1.abc\""
+    );
+    let e = expand_env("n", "t = \"${Q}\"", from_file).unwrap_err();
+    assert!(
+        e.to_string().contains("Q (used at line 1) holds a quote"),
+        "{e}"
+    );
     let e = expand_env("node.toml", "b = \"${HOSTNAME\"", env).unwrap_err();
     assert!(e.to_string().contains("without a closing"), "{e}");
     let e = expand_env("node.toml", "b = \"${A-B}\"", env).unwrap_err();
