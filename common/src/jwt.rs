@@ -56,6 +56,10 @@ pub struct SigningKey {
     pub private_pem: String,
     pub public_pem: String,
     pub created_at_ms: i64,
+    /// Set when a newer key took over signing: from then on the key still verifies the
+    /// tokens it signed, until this time, when none of them can be valid any more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retire_at_ms: Option<i64>,
 }
 
 impl std::fmt::Debug for SigningKey {
@@ -74,7 +78,35 @@ impl SigningKey {
             private_pem: key.serialize_pem(),
             public_pem: key.public_key_pem(),
             created_at_ms: now_ms,
+            retire_at_ms: None,
         })
+    }
+
+    /// Still verifies tokens at `now_ms`.
+    pub fn live_at(&self, now_ms: i64) -> bool {
+        self.retire_at_ms.is_none_or(|t| now_ms < t)
+    }
+
+    /// The public half as a JSON Web Key (RFC 7517/7518: EC P-256, for ES256).
+    pub fn jwk(&self) -> Result<serde_json::Value, JwtError> {
+        use base64::Engine as _;
+        let key = rcgen::KeyPair::from_pem(&self.private_pem)
+            .map_err(|e| JwtError::Key(e.to_string()))?;
+        // The uncompressed point: 0x04, then x and y, 32 bytes each.
+        let point = key.public_key_raw();
+        if point.len() != 65 || point[0] != 4 {
+            return Err(JwtError::Key("not an uncompressed P-256 point".into()));
+        }
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        Ok(serde_json::json!({
+            "kty": "EC",
+            "crv": "P-256",
+            "alg": "ES256",
+            "use": "sig",
+            "kid": self.kid,
+            "x": b64.encode(&point[1..33]),
+            "y": b64.encode(&point[33..]),
+        }))
     }
 }
 
@@ -220,6 +252,24 @@ mod tests {
         .unwrap();
         let e = verify(&early, [&k1]).unwrap_err();
         assert!(e.user_message().contains("not valid yet"), "{e}");
+    }
+
+    #[test]
+    fn the_jwk_of_a_key_verifies_what_the_key_signed() {
+        let k = SigningKey::generate(0).unwrap();
+        let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(k.jwk().unwrap()).unwrap();
+        assert_eq!(jwk.common.key_id.as_deref(), Some(k.kid.as_str()));
+        let tok = sign(&k, &claims(now() + 60)).unwrap();
+        let dec = DecodingKey::from_jwk(&jwk).unwrap();
+        let mut v = Validation::new(Algorithm::ES256);
+        v.set_audience(&[AUDIENCE]);
+        let got = jsonwebtoken::decode::<Claims>(&tok, &dec, &v).unwrap();
+        assert_eq!(got.claims.sub, "alice");
+        // Another key's JWK does not.
+        let other: jsonwebtoken::jwk::Jwk =
+            serde_json::from_value(SigningKey::generate(0).unwrap().jwk().unwrap()).unwrap();
+        let dec = DecodingKey::from_jwk(&other).unwrap();
+        assert!(jsonwebtoken::decode::<Claims>(&tok, &dec, &v).is_err());
     }
 
     #[test]

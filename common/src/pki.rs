@@ -333,6 +333,9 @@ pub fn spki_pin(spki_der: &[u8]) -> String {
 pub struct PeerIdentity {
     pub common_name: String,
     pub role: String,
+    /// The certificate's serial number, lowercase hex: what tells two certificates of one
+    /// name apart (a node removed and joined again gets a new one).
+    pub serial: String,
 }
 
 /// Reads the common name and role (organizational unit) of a DER certificate.
@@ -349,7 +352,14 @@ pub fn peer_identity(cert_der: &[u8]) -> Option<PeerIdentity> {
     Some(PeerIdentity {
         common_name: cn,
         role,
+        serial: hex::encode(cert.raw_serial()),
     })
+}
+
+/// [`peer_identity`] of the first certificate in a PEM text.
+pub fn pem_identity(pem: &str) -> Option<PeerIdentity> {
+    let der = rustls_pemfile::certs(&mut pem.as_bytes()).next()?.ok()?;
+    peer_identity(&der)
 }
 
 /// SHA-256 pin of the public key inside a DER certificate.
@@ -393,6 +403,13 @@ mod tests {
         let id = peer_identity(&der).unwrap();
         assert_eq!(id.common_name, "node-7");
         assert_eq!(id.role, ROLE_NODE);
+        assert_eq!(pem_identity(&pem), Some(id.clone()));
+        // Each certificate its own serial, even for the same name.
+        let again = ca.sign_node_csr(&csr, "node-7").unwrap();
+        let other = pem_identity(&again).unwrap();
+        assert_eq!(other.common_name, "node-7");
+        assert_ne!(other.serial, id.serial);
+        assert!(!id.serial.is_empty());
     }
 
     #[test]

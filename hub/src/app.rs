@@ -80,6 +80,10 @@ impl ApplyHook for Hooks {
                 crate::convert::cancel_message(&s.task_id, s.attempt),
             );
         }
+        // Removed nodes: their sessions end now (their certificates open no other).
+        for node_id in &effects.removed_nodes {
+            self.sessions.end(node_id);
+        }
         if effects.workflows_changed {
             self.workflows.send_modify(|v| *v += 1);
         }
@@ -282,6 +286,7 @@ pub async fn run(
         chores::Housekeeping::default(),
         stop_rx.clone(),
     ));
+    tokio::spawn(chores::keep_admin_token(hub.clone(), stop_rx.clone()));
     tokio::spawn(chores::drive(hub.clone(), Scheduling, stop_rx.clone()));
     tokio::spawn(chores::drive(
         hub.clone(),

@@ -75,12 +75,29 @@ pub fn agent<T>(req: &Request<T>, hub: &Hub) -> Result<Claims, HubError> {
         hub.metrics.auth_failed(JwtError::Missing.reason());
         return Err(HubError::Unauthenticated(JwtError::Missing.to_string()));
     };
-    let keys = hub.state().signing_keys.clone();
-    hub.tokens.verify(token, &keys).map_err(|e| {
+    let now_ms = flotilla_common::now_ms();
+    let keys = hub.state().verifying_keys(now_ms);
+    let claims = hub.tokens.verify(token, &keys).map_err(|e| {
         tracing::info!(error = %e, "rejected agent token");
         hub.metrics.auth_failed(e.reason());
         HubError::Unauthenticated(e.user_message())
-    })
+    })?;
+    let refuse = |reason: &'static str, why: String| {
+        tracing::info!(subject = ?claims.sub, jti = ?claims.jti, reason, "rejected agent token");
+        hub.metrics.auth_failed(reason);
+        HubError::Unauthenticated(format!("invalid token: {why}"))
+    };
+    let max_s = hub.config().agent_tokens.max_lifetime_s() as i64;
+    if claims.exp.saturating_sub(claims.iat) > max_s + LEEWAY_S {
+        return Err(refuse(
+            "lifetime_too_long",
+            format!("it lives longer than this cluster allows ({max_s} s from issue to expiry)"),
+        ));
+    }
+    if let Some(why) = hub.state().revoked.refuses(&claims) {
+        return Err(refuse("revoked", why));
+    }
+    Ok(claims)
 }
 
 /// Like [`agent`], and the token must hold the admin scope.
@@ -105,8 +122,9 @@ fn bearer<T>(req: &Request<T>) -> Option<&str> {
     Some(t.trim())
 }
 
-/// The node identity in the verified client certificate of the connection.
-pub fn node<T>(req: &Request<T>) -> Result<String, HubError> {
+/// The node identity (name and certificate serial) in the verified client certificate of
+/// the connection.
+pub fn node<T>(req: &Request<T>) -> Result<PeerIdentity, HubError> {
     let cert = req
         .extensions()
         .get::<PeerInfo>()
@@ -117,7 +135,7 @@ pub fn node<T>(req: &Request<T>) -> Result<String, HubError> {
             )
         })?;
     match pki::peer_identity(&cert) {
-        Some(PeerIdentity { common_name, role }) if role == pki::ROLE_NODE => Ok(common_name),
+        Some(id) if id.role == pki::ROLE_NODE => Ok(id),
         _ => Err(HubError::PermissionDenied(
             "this certificate was not issued to a node".into(),
         )),

@@ -3,7 +3,8 @@
 //! lead, it is told so instead, to forget what only a leader keeps. The chores:
 //! `scheduler::Scheduling` (placement passes), `liveness::Liveness` (nodes down, drains
 //! overdue), `timers::Deadlines` (task timeouts), `retention::Retention` (finished work
-//! expired) and `Housekeeping` below (a signing key, the bootstrap admin token).
+//! expired) and `Housekeeping` below (a signing key). Every hub, leader or not, keeps a
+//! bootstrap admin token in its data dir (`keep_admin_token`).
 
 use std::{future::Future, time::Duration};
 
@@ -60,8 +61,7 @@ pub(crate) async fn drive(hub: Hub, mut chore: impl Chore, mut stop: watch::Rece
 /// File in the data dir holding a bootstrap admin token (mode 0600).
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
-/// What only the leader does once: make sure a signing key exists, and leave a bootstrap
-/// admin token in the data dir for the operator.
+/// What only the leader does once: make sure a signing key exists.
 #[derive(Default)]
 pub(crate) struct Housekeeping {
     done: bool,
@@ -91,26 +91,70 @@ impl Chore for Housekeeping {
             }
             tracing::info!("created the agent token signing key");
         }
-        let path = hub.config().data_dir.join(ADMIN_TOKEN_FILE);
-        if !path.exists() {
-            match crate::auth::issue_agent_token(
-                hub,
-                "admin",
-                flotilla_common::jwt::DEFAULT_TENANT,
-                vec!["*".into()],
-                365 * 24 * 3600,
-                (None, None),
-            ) {
-                Ok((token, _)) => {
-                    if let Err(e) = flotilla_common::pki::write_secret(&path, token.as_bytes()) {
-                        tracing::error!(error = %e, "cannot write the admin token");
-                    } else {
-                        tracing::info!(path = %path.display(), "wrote a bootstrap admin token");
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot issue the admin token yet"),
-            }
-        }
         self.done = true;
     }
+}
+
+/// Keeps a valid admin token in the hub's data dir (`admin.token`), for the operator of
+/// the machine it runs on (`flotilla admin-token --data-dir`): short-lived
+/// (`[agent_tokens] bootstrap_admin_hours`), renewed once half its life has passed, or at
+/// once when it is missing, unreadable, signed by a key that no longer verifies, or
+/// revoked. Every hub keeps its own, leader or not; a hub does this only once the cluster
+/// has a signing key.
+pub(crate) async fn keep_admin_token(hub: Hub, mut stop: watch::Receiver<bool>) {
+    let mut beat = tokio::time::interval(Duration::from_secs(1));
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let path = hub.config().data_dir.join(ADMIN_TOKEN_FILE);
+    // When the token on disk (as this hub last read or wrote it) is due for renewal.
+    let mut renew_at_ms: Option<i64> = None;
+    loop {
+        tokio::select! {
+            _ = beat.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let now = flotilla_common::now_ms();
+        if renew_at_ms.is_some_and(|t| now < t) && path.exists() {
+            continue;
+        }
+        if hub.state().active_signing_key().is_none() {
+            continue;
+        }
+        if let Some(t) = renewal_due(&hub, &path) {
+            if now < t {
+                renew_at_ms = Some(t);
+                continue;
+            }
+        }
+        let hours = hub.config().agent_tokens.bootstrap_admin_hours;
+        match crate::auth::issue_agent_token(
+            &hub,
+            "admin",
+            flotilla_common::jwt::DEFAULT_TENANT,
+            vec!["*".into()],
+            hours * 3600,
+            (None, None),
+        ) {
+            Ok((token, _)) => match flotilla_common::pki::write_secret(&path, token.as_bytes()) {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), hours, "wrote a bootstrap admin token");
+                    renew_at_ms = Some(now + (hours * 3600 * 1000 / 2) as i64);
+                }
+                Err(e) => tracing::error!(error = %e, "cannot write the admin token"),
+            },
+            Err(e) => tracing::warn!(error = %e, "cannot issue the admin token yet"),
+        }
+    }
+}
+
+/// When the admin token in `path` is due for renewal (half its life), if it is one this
+/// cluster accepts now.
+fn renewal_due(hub: &Hub, path: &std::path::Path) -> Option<i64> {
+    let token = std::fs::read_to_string(path).ok()?;
+    let now = flotilla_common::now_ms();
+    let keys = hub.state().verifying_keys(now);
+    let claims = flotilla_common::jwt::verify(token.trim(), &keys).ok()?;
+    if hub.state().revoked.refuses(&claims).is_some() {
+        return None;
+    }
+    Some((claims.iat + (claims.exp - claims.iat) / 2) * 1000)
 }

@@ -19,8 +19,17 @@ pub const RESULT_BEFORE_ACK: &str = "hub-result-before-ack";
 /// hook wakes watchers, sessions and the scheduler.
 pub const APPLY_BEFORE_HOOK: &str = "hub-apply-before-hook";
 
+/// After the leader found a node gone past its TTL, before it commits the node down: with
+/// `sleep(ms)`, the node can come back in between.
+pub const LIVENESS_BEFORE_DOWN: &str = "hub-liveness-before-down";
+
 /// Every failpoint, for the check that `FAILPOINTS` names only real ones.
-pub const ALL: [&str; 3] = [ASSIGN_BEFORE_SEND, RESULT_BEFORE_ACK, APPLY_BEFORE_HOOK];
+pub const ALL: [&str; 4] = [
+    ASSIGN_BEFORE_SEND,
+    RESULT_BEFORE_ACK,
+    APPLY_BEFORE_HOOK,
+    LIVENESS_BEFORE_DOWN,
+];
 
 /// Arms the failpoints `FAILPOINTS` names; a name that is not a failpoint, or actions the
 /// `fail` crate cannot read, stop the hub from starting. Without the feature a

@@ -80,6 +80,23 @@ impl Chore for Liveness {
             }
         }
         let live = hub.sessions.snapshot();
+        {
+            // A node marked down while its session is open here: its hello and the down
+            // crossed (the node came back just as it was found gone). Nothing would make it
+            // ready again, so its session ends and its next hello does.
+            let state = hub.state();
+            for (id, l) in &live {
+                if state
+                    .nodes
+                    .get(id)
+                    .is_some_and(|n| n.status == NodeStatus::Down)
+                {
+                    tracing::warn!(node_id = %id, "node is marked down but connected; ending its session so it says hello again");
+                    hub.sessions.close(id, l.session);
+                }
+            }
+        }
+        let live = hub.sessions.snapshot();
         let absent: Vec<String> = hub
             .state()
             .nodes
@@ -97,6 +114,13 @@ impl Chore for Liveness {
             ttl,
         );
         for id in down {
+            tracing::info!(node_id = %id, "node gone past its TTL; marking it down");
+            fail::fail_point!(crate::faults::LIVENESS_BEFORE_DOWN);
+            if hub.sessions.get(&id).is_some() {
+                tracing::info!(node_id = %id, "node came back before it was marked down");
+                self.gone_since.remove(&id);
+                continue;
+            }
             let cmd = Command::NodeDown {
                 node_id: id.clone(),
                 at_ms: flotilla_common::now_ms(),

@@ -93,6 +93,8 @@ pub struct Options {
     pub breaker_failures: u32,
     /// hub.toml's `[limits]`.
     pub limits: flotilla_common::config::Limits,
+    /// hub.toml's `[agent_tokens]`.
+    pub agent_tokens: flotilla_common::config::AgentTokens,
     /// hub.toml's `trust_node_tools` (true by default: every test node may add tools).
     pub trust_node_tools: bool,
     /// Join tokens the harness creates let their nodes add tools.
@@ -117,6 +119,7 @@ impl Default for Options {
             snapshot_logs: flotilla_common::config::defaults::SNAPSHOT_LOGS,
             breaker_failures: flotilla_common::config::defaults::BREAKER_FAILURES,
             limits: Default::default(),
+            agent_tokens: Default::default(),
             trust_node_tools: true,
             trusted_join_tokens: false,
             retention_s: flotilla_common::config::defaults::RETENTION_S,
@@ -231,6 +234,7 @@ async fn start_member(
         retention_s: opts.retention_s,
         retention_max_tasks: opts.retention_max_tasks,
         limits: opts.limits.clone(),
+        agent_tokens: opts.agent_tokens.clone(),
         trust_node_tools: opts.trust_node_tools,
     };
     std::fs::write(hub_dir.join("hub.toml"), toml::to_string(&cfg)?)?;

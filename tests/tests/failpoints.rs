@@ -191,3 +191,55 @@ async fn a_hub_that_dies_inside_the_apply_hook_replays_to_the_state_the_others_h
     assert_eq!(on_2, on_leader, "hub 2 lists what the leader lists");
     Ok(())
 }
+
+/// A node that comes back just as the leader finds it gone (the leader decided, and the
+/// node's hello lands before the leader's "down" does) must end up ready and serving: a
+/// node marked down while connected would never be given work again, and every call would
+/// wait in the queue (seen in the compose chaos run with a node cut off under load).
+#[tokio::test]
+async fn a_node_that_returns_just_as_the_leader_marks_it_down_ends_up_ready() -> anyhow::Result<()>
+{
+    // The leader holds its first "down" for 8 s after deciding it: the node returns then.
+    let (c, _record) = cluster("hub-liveness-before-down=1*sleep(8000)").await?;
+    let node = &c.nodes["edge-1"];
+    node.pause();
+    let hub_log = || c.hub(1).proc.log_text();
+    wait_until("the leader to find edge-1 gone", READY, || {
+        let found = hub_log().contains("node gone past its TTL");
+        async move { found.then_some(()) }
+    })
+    .await?;
+    node.resume();
+    c.wait_node_connected("edge-1").await?;
+    // The node is back (well inside the 8 s); once the leader has acted on its held
+    // decision, the node must be ready, connected and running calls.
+    wait_until("the leader to act on its decision", READY, || {
+        let log = hub_log();
+        let acted = log.contains("node marked down")
+            || log.contains("node came back before it was marked down");
+        async move { acted.then_some(()) }
+    })
+    .await?;
+    let mut agent = c.agent();
+    let t = c
+        .call(&mut agent, "echo", serde_json::json!({"text": "back"}))
+        .await?;
+    assert_eq!(result_text(&t), "back", "{t:?}");
+    let nodes = c
+        .admin()
+        .list_nodes(pb::ListNodesRequest {})
+        .await?
+        .into_inner()
+        .nodes;
+    let n = nodes.iter().find(|n| n.id == "edge-1").expect("listed");
+    assert!(n.connected && n.status == "ready", "{n:?}");
+    // And the race was run: the leader saw the node back before committing it down, or
+    // the two crossed and it ended the session for a fresh hello.
+    let log = hub_log();
+    assert!(
+        log.contains("node came back before it was marked down")
+            || log.contains("node is marked down but connected"),
+        "the node returned while the leader held its decision"
+    );
+    Ok(())
+}

@@ -203,6 +203,7 @@ async fn a_partitioned_leader_commits_nothing_and_the_majority_carries_on() -> a
             retention_s: flotilla_common::config::defaults::RETENTION_S,
             retention_max_tasks: flotilla_common::config::defaults::RETENTION_MAX_TASKS,
             limits: Default::default(),
+            agent_tokens: Default::default(),
             // Its own nodes, started just above: their tools are usable at once.
             trust_node_tools: true,
         };

@@ -88,6 +88,53 @@ impl Limits {
     }
 }
 
+/// `[agent_tokens]` in hub.toml: how long the tokens agents present may live.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentTokens {
+    /// The longest lifetime (expiry minus issue time) a token may have: a longer one is
+    /// refused when issued and when presented. Revocations and rotated signing keys are kept
+    /// this long, since no token they cover can be valid after it.
+    pub max_lifetime_hours: u64,
+    /// Lifetime of the admin token a hub leaves in its data dir (`admin.token`, renewed
+    /// while the hub runs when half of it has passed).
+    pub bootstrap_admin_hours: u64,
+}
+
+impl Default for AgentTokens {
+    fn default() -> Self {
+        Self {
+            max_lifetime_hours: defaults::TOKEN_MAX_LIFETIME_HOURS,
+            bootstrap_admin_hours: defaults::BOOTSTRAP_ADMIN_HOURS,
+        }
+    }
+}
+
+impl AgentTokens {
+    fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("agent_tokens.{k}");
+        if !(1..=10 * 366 * 24).contains(&self.max_lifetime_hours) {
+            return Err(invalid(
+                file,
+                key("max_lifetime_hours"),
+                "must be from 1 to 87840 (ten years)",
+            ));
+        }
+        if self.bootstrap_admin_hours == 0 || self.bootstrap_admin_hours > self.max_lifetime_hours {
+            return Err(invalid(
+                file,
+                key("bootstrap_admin_hours"),
+                "must be at least 1 and at most max_lifetime_hours",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn max_lifetime_s(&self) -> u64 {
+        self.max_lifetime_hours * 3600
+    }
+}
+
 /// `hub.toml`.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -183,6 +230,8 @@ pub struct HubFile {
     pub retention_max_tasks: u64,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub agent_tokens: AgentTokens,
     /// Every node may introduce tool names the cluster has not seen (a single-owner
     /// cluster such as `flotilla dev`). Otherwise only nodes that joined with a token
     /// created with `--may-add-tools` may; a name another node introduces waits until an
@@ -281,6 +330,7 @@ pub struct HubConfig {
     pub retention_s: u64,
     pub retention_max_tasks: u64,
     pub limits: Limits,
+    pub agent_tokens: AgentTokens,
     pub trust_node_tools: bool,
 }
 
@@ -343,6 +393,7 @@ impl HubFile {
             return Err(invalid(file, "breaker_failures", "must be at least 1"));
         }
         self.limits.validate(file)?;
+        self.agent_tokens.validate(file)?;
         if !(8..=65_536).contains(&self.storage_cache_mb) {
             return Err(invalid(
                 file,
@@ -477,6 +528,7 @@ impl HubFile {
             retention_s: self.retention_s,
             retention_max_tasks: self.retention_max_tasks,
             limits: self.limits,
+            agent_tokens: self.agent_tokens,
             trust_node_tools: self.trust_node_tools,
         })
     }

@@ -258,6 +258,9 @@ pub mod defaults {
     /// Finished tasks stay readable for a day.
     pub const RETENTION_S: u64 = 24 * 3600;
     pub const RETENTION_MAX_TASKS: u64 = 1_000_000;
+    /// 90 days: as long as a node's certificate.
+    pub const TOKEN_MAX_LIFETIME_HOURS: u64 = 90 * 24;
+    pub const BOOTSTRAP_ADMIN_HOURS: u64 = 24;
     pub const JOIN_FAILURES_PER_MIN: u32 = 10;
 }
 

@@ -5,8 +5,11 @@ use flotilla_proto::{
     admin_service_server::AdminService, AddHubRequest, CancelTenantTasksRequest,
     CancelTenantTasksResponse, ClusterMember, ClusterStatusRequest, ClusterStatusResponse,
     CreateJoinTokenRequest, CreateJoinTokenResponse, DrainNodeRequest, IssueAgentTokenRequest,
-    IssueAgentTokenResponse, ListNodesRequest, ListNodesResponse, NodeInfo, NodeRequest,
-    NodeServer, NodeStatusResponse, RemoveHubRequest, SetSchedulingPausedRequest,
+    IssueAgentTokenResponse, JoinTokenInfo, ListJoinTokensRequest, ListJoinTokensResponse,
+    ListNodesRequest, ListNodesResponse, ListSigningKeysRequest, ListSigningKeysResponse, NodeInfo,
+    NodeRequest, NodeServer, NodeStatusResponse, RemoveHubRequest, RemoveNodeResponse,
+    RevokeAgentTokensRequest, RevokeAgentTokensResponse, RevokeJoinTokenRequest,
+    RotateSigningKeyRequest, SetSchedulingPausedRequest, SigningKeyInfo,
 };
 use tonic::{Request, Response, Status};
 
@@ -19,6 +22,7 @@ use crate::{
         peer::{ClusterView, MembershipChange},
         HubNode,
     },
+    service::credentials,
     state::{self, Command, JoinTokenRecord, NodeStatus},
 };
 
@@ -68,7 +72,6 @@ impl AdminApi {
 const DEFAULT_JOIN_TTL_S: u64 = 3600;
 const MAX_JOIN_TTL_S: u64 = 7 * 24 * 3600;
 pub const DEFAULT_AGENT_TTL_S: u64 = 24 * 3600;
-const MAX_AGENT_TTL_S: u64 = 366 * 24 * 3600;
 
 pub struct AdminApi {
     pub hub: Hub,
@@ -99,7 +102,8 @@ impl AdminService for AdminApi {
         let token = JoinToken::generate(&self.hub.ca().pin());
         let now = flotilla_common::now_ms();
         let expires = now + (ttl as i64) * 1000;
-        self.hub
+        let created = self
+            .hub
             .write(Command::CreateJoinToken(JoinTokenRecord {
                 id: token.id.clone(),
                 secret_hash: token.secret_hash(),
@@ -108,8 +112,13 @@ impl AdminService for AdminApi {
                 description: r.description,
                 created_at_ms: now,
                 may_add_tools: r.may_add_tools,
+                created_by: claims.sub.clone(),
+                revoked_at_ms: None,
             }))
             .await?;
+        if let state::Response::Rejected(r) = created {
+            return Err(HubError::FailedPrecondition(r.to_string()).into());
+        }
         tracing::info!(token_id = ?token.id, by = ?claims.sub, uses, ttl_s = ttl, may_add_tools = r.may_add_tools, "join token created");
         Ok(Response::new(CreateJoinTokenResponse {
             token: token.to_string(),
@@ -143,9 +152,10 @@ impl AdminService for AdminApi {
         } else {
             r.ttl_seconds
         };
-        if ttl > MAX_AGENT_TTL_S {
+        let max = self.hub.config().agent_tokens.max_lifetime_s();
+        if ttl > max {
             return Err(HubError::InvalidArgument(format!(
-                "ttl_seconds may be at most {MAX_AGENT_TTL_S}"
+                "ttl_seconds may be at most {max} (hub.toml [agent_tokens] max_lifetime_hours)"
             ))
             .into());
         }
@@ -344,6 +354,65 @@ impl AdminService for AdminApi {
             first_seen_node: e.first_seen_node.clone(),
             required_scope: e.required_scope.clone(),
         }))
+    }
+
+    async fn list_join_tokens(
+        &self,
+        req: Request<ListJoinTokensRequest>,
+    ) -> Result<Response<ListJoinTokensResponse>, Status> {
+        auth::admin(&req, &self.hub)?;
+        Ok(Response::new(credentials::list_join_tokens(&self.hub)))
+    }
+
+    async fn revoke_join_token(
+        &self,
+        req: Request<RevokeJoinTokenRequest>,
+    ) -> Result<Response<JoinTokenInfo>, Status> {
+        let claims = auth::admin(&req, &self.hub)?;
+        let id = req.into_inner().token_id;
+        Ok(Response::new(
+            credentials::revoke_join_token(&self.hub, &claims, &id).await?,
+        ))
+    }
+
+    async fn remove_node(
+        &self,
+        req: Request<NodeRequest>,
+    ) -> Result<Response<RemoveNodeResponse>, Status> {
+        let claims = auth::admin(&req, &self.hub)?;
+        let id = req.into_inner().node_id;
+        Ok(Response::new(
+            credentials::remove_node(&self.hub, &claims, &id).await?,
+        ))
+    }
+
+    async fn revoke_agent_tokens(
+        &self,
+        req: Request<RevokeAgentTokensRequest>,
+    ) -> Result<Response<RevokeAgentTokensResponse>, Status> {
+        let claims = auth::admin(&req, &self.hub)?;
+        Ok(Response::new(
+            credentials::revoke_agent_tokens(&self.hub, &claims, req.into_inner()).await?,
+        ))
+    }
+
+    async fn rotate_signing_key(
+        &self,
+        req: Request<RotateSigningKeyRequest>,
+    ) -> Result<Response<SigningKeyInfo>, Status> {
+        let claims = auth::admin(&req, &self.hub)?;
+        let retire_now = req.into_inner().retire_now;
+        Ok(Response::new(
+            credentials::rotate_signing_key(&self.hub, &claims, retire_now).await?,
+        ))
+    }
+
+    async fn list_signing_keys(
+        &self,
+        req: Request<ListSigningKeysRequest>,
+    ) -> Result<Response<ListSigningKeysResponse>, Status> {
+        auth::admin(&req, &self.hub)?;
+        Ok(Response::new(credentials::list_signing_keys(&self.hub)))
     }
 }
 

@@ -2,4 +2,5 @@
 
 pub mod admin;
 pub mod agent;
+pub mod credentials;
 pub mod node;

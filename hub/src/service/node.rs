@@ -86,12 +86,16 @@ impl NodeService for NodeApi {
             .ca()
             .sign_node_csr(&r.csr_pem, &r.name)
             .map_err(|e| HubError::InvalidArgument(e.to_string()))?;
+        let serial = flotilla_common::pki::pem_identity(&cert)
+            .map(|id| id.serial)
+            .ok_or_else(|| HubError::Internal("cannot read the certificate just signed".into()))?;
         let cmd = Command::RegisterNode {
             node_id: r.name.clone(),
             token_id: r.token_id.clone(),
             secret_hash: hash,
             labels: Default::default(),
             at_ms: now,
+            cert_serial: serial,
         };
         match self.hub.write(cmd).await? {
             state::Response::Done => {}
@@ -127,12 +131,32 @@ impl NodeService for NodeApi {
         &self,
         req: Request<Streaming<NodeMessage>>,
     ) -> Result<Response<HubStream>, Status> {
-        let node_id = auth::node(&req)?;
-        if !self.hub.state().nodes.contains_key(&node_id) {
-            return Err(HubError::PermissionDenied(format!(
-                "node {node_id:?} is not registered in this cluster"
-            ))
-            .into());
+        let cert = auth::node(&req)?;
+        let node_id = cert.common_name;
+        let known = self
+            .hub
+            .state()
+            .nodes
+            .get(&node_id)
+            .map(|n| n.holds_certificate(&cert.serial));
+        match known {
+            Some(true) => {}
+            Some(false) => {
+                tracing::warn!(node_id = %node_id, serial = %cert.serial, "refused a node certificate the cluster no longer accepts");
+                self.hub.metrics.auth_failed("revoked_certificate");
+                return Err(HubError::PermissionDenied(format!(
+                    "this certificate of node {node_id:?} is no longer accepted (the node was removed and joined again); join with a new token"
+                ))
+                .into());
+            }
+            None => {
+                tracing::warn!(node_id = %node_id, "refused a session of a node that is not registered (removed, or never joined)");
+                self.hub.metrics.auth_failed("unknown_node");
+                return Err(HubError::PermissionDenied(format!(
+                    "node {node_id:?} is not registered in this cluster (removed, or never joined); join with a new token"
+                ))
+                .into());
+            }
         }
         self.hub.require_leader()?;
         let out = protocol::serve(&self.hub, node_id, req.into_inner()).await?;

@@ -131,6 +131,15 @@ impl Sessions {
         }
     }
 
+    /// Ends the node's session, whichever it is (the node was removed).
+    pub fn end(&self, node_id: &str) {
+        let live = self.inner.lock().expect("sessions lock").remove(node_id);
+        if let Some(l) = live {
+            l.ended.cancel();
+        }
+        self.departed.lock().expect("departed lock").remove(node_id);
+    }
+
     /// When a node whose session closed was last heard from (none once it reconnected).
     pub fn departed_at(&self, node_id: &str) -> Option<Instant> {
         self.departed

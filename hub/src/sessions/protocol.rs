@@ -77,21 +77,26 @@ pub async fn serve(
             running: 0,
         })
         .collect();
-    hub.write(Command::NodeHello {
-        node_id: node_id.clone(),
-        labels: hello.labels.into_iter().collect(),
-        servers,
-        at_ms: flotilla_common::now_ms(),
-        tenants: hello.tenants,
-        cpu_high_water_percent: hello.cpu_high_water_percent,
-        may_add_tools: hub.config().trust_node_tools
-            || hub
-                .state()
-                .nodes
-                .get(&node_id)
-                .is_some_and(|n| n.may_add_tools),
-    })
-    .await?;
+    let said = hub
+        .write(Command::NodeHello {
+            node_id: node_id.clone(),
+            labels: hello.labels.into_iter().collect(),
+            servers,
+            at_ms: flotilla_common::now_ms(),
+            tenants: hello.tenants,
+            cpu_high_water_percent: hello.cpu_high_water_percent,
+            may_add_tools: hub.config().trust_node_tools
+                || hub
+                    .state()
+                    .nodes
+                    .get(&node_id)
+                    .is_some_and(|n| n.may_add_tools),
+        })
+        .await?;
+    if let state::Response::Rejected(r) = said {
+        // Removed between the session's check and its hello.
+        return Err(HubError::PermissionDenied(format!("hello refused: {r}")).into());
+    }
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     let (session, ended) = hub.sessions.open(&node_id, tx.clone(), live, http);
     let _ = tx

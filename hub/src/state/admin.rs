@@ -1,29 +1,9 @@
-//! Credentials and admin controls: join tokens, signing keys, pausing all placement,
-//! cancelling a tenant's work, accepting a tool a node introduced.
+//! Admin controls: pausing all placement, cancelling a tenant's work, accepting a tool a
+//! node introduced. Credentials are `credentials`.
 
-use flotilla_common::jwt::SigningKey;
-
-use super::{JoinTokenRecord, Rejection, Response, State, TaskStatus};
+use super::{Rejection, Response, State, TaskStatus};
 
 impl State {
-    pub(super) fn create_join_token(&mut self, rec: &JoinTokenRecord) -> Response {
-        self.join_tokens.insert(rec.id.clone(), rec.clone());
-        Response::Done
-    }
-
-    /// A signing key for agent tokens (one with the same key id is not added again).
-    pub(super) fn add_signing_key(&mut self, key: &SigningKey) -> Response {
-        if !self.signing_keys.iter().any(|k| k.kid == key.kid) {
-            self.signing_keys.push(key.clone());
-        }
-        Response::Done
-    }
-
-    /// The key new tokens are signed with: the newest.
-    pub fn active_signing_key(&self) -> Option<&SigningKey> {
-        self.signing_keys.iter().max_by_key(|k| k.created_at_ms)
-    }
-
     /// Stops (or resumes) all placement: the emergency control.
     pub(super) fn pause_scheduling(&mut self, paused: bool) -> Response {
         self.scheduling_paused = paused;

@@ -68,12 +68,26 @@ pub enum Command {
         detail: String,
     },
     CreateJoinToken(JoinTokenRecord),
-    /// Consumes one use of a join token and records the node.
+    /// No node may join with the token any more.
+    RevokeJoinToken {
+        token_id: String,
+        at_ms: i64,
+    },
+    /// Consumes one use of a join token and records the node, with the serial of the
+    /// certificate the hub signed for it.
     RegisterNode {
         node_id: String,
         token_id: String,
         secret_hash: String,
         labels: BTreeMap<String, String>,
+        at_ms: i64,
+        #[serde(default)]
+        cert_serial: String,
+    },
+    /// An admin removes a node for good: its tasks go as on node loss, its certificates
+    /// stop opening sessions, and it may come back only by joining again.
+    RemoveNode {
+        node_id: String,
         at_ms: i64,
     },
     NodeHello {
@@ -96,6 +110,20 @@ pub enum Command {
         name: String,
     },
     AddSigningKey(SigningKey),
+    /// A new key signs agent tokens from now on; the older ones verify until
+    /// `retire_old_at_ms`.
+    RotateSigningKey {
+        key: SigningKey,
+        retire_old_at_ms: i64,
+    },
+    /// Refuses an agent token by `jti`, and/or every token of `subject` issued so far,
+    /// until `keep_until_ms` (when every token they cover has expired).
+    RevokeAgentTokens {
+        jti: Option<String>,
+        subject: Option<String>,
+        keep_until_ms: i64,
+        at_ms: i64,
+    },
     /// A node stayed silent past its TTL. Its unfinished tasks are re-queued when the tool
     /// is read-only or idempotent (or the task's retry policy says so), and end `lost`
     /// otherwise.
@@ -191,6 +219,9 @@ impl Command {
             | Self::CancelTask { at_ms, .. }
             | Self::TimeoutTask { at_ms, .. }
             | Self::RegisterNode { at_ms, .. }
+            | Self::RevokeJoinToken { at_ms, .. }
+            | Self::RemoveNode { at_ms, .. }
+            | Self::RevokeAgentTokens { at_ms, .. }
             | Self::NodeHello { at_ms, .. }
             | Self::NodeDown { at_ms, .. }
             | Self::SetNodeStatus { at_ms, .. }
@@ -200,6 +231,7 @@ impl Command {
             | Self::CancelWorkflow { at_ms, .. }
             | Self::ExpireHistory { at_ms, .. } => *at_ms,
             Self::CreateJoinToken(t) => t.created_at_ms,
+            Self::RotateSigningKey { key, .. } => key.created_at_ms,
             Self::AddSigningKey(_)
             | Self::SetSchedulingPaused(_)
             | Self::AcceptTool { .. }
@@ -268,6 +300,10 @@ pub enum Rejection {
     NoSuchTool(String),
     #[error("this command may not be part of a batch")]
     NotBatchable,
+    #[error("no join token {0:?}")]
+    NoSuchJoinToken(String),
+    #[error("too many: {0}")]
+    TooMany(String),
 }
 
 /// A running attempt the hub ended: its node should stop it.
@@ -295,4 +331,6 @@ pub struct Effects {
     pub ended_workflows: Vec<String>,
     /// The history store failed: the apply is incomplete and the hub must stop.
     pub store_error: Option<String>,
+    /// Nodes removed for good: their sessions end now.
+    pub removed_nodes: Vec<String>,
 }

@@ -12,6 +12,7 @@
 mod admin;
 mod archive;
 mod command;
+mod credentials;
 mod fanout;
 pub mod history;
 pub mod index;
@@ -29,6 +30,7 @@ use serde::{Deserialize, Serialize};
 
 pub use self::{
     command::*,
+    credentials::{Revocations, Revoked, MAX_JOIN_TOKENS, MAX_REVOCATIONS, MAX_SIGNING_KEYS},
     fanout::vote_of,
     history::{History, Lookup},
     index::Index,
@@ -64,6 +66,9 @@ pub struct State {
     /// `breaker_key(node, server)` → failures in a row.
     #[serde(default)]
     pub breakers: BTreeMap<String, BreakerRecord>,
+    /// Agent tokens and subjects refused before their tokens expire.
+    #[serde(default)]
+    pub revoked: Revocations,
     #[serde(skip)]
     pub index: Index,
     #[serde(skip)]
@@ -273,14 +278,19 @@ impl State {
                 at_ms,
                 detail,
             } => self.timeout(task_id, *kind, *attempt, *at_ms, detail),
-            Command::CreateJoinToken(rec) => Ok(self.create_join_token(rec)),
+            Command::CreateJoinToken(rec) => self.create_join_token(rec),
+            Command::RevokeJoinToken { token_id, at_ms } => {
+                self.revoke_join_token(token_id, *at_ms)
+            }
             Command::RegisterNode {
                 node_id,
                 token_id,
                 secret_hash,
                 labels,
                 at_ms,
-            } => self.register_node(node_id, token_id, secret_hash, labels, *at_ms),
+                cert_serial,
+            } => self.register_node(node_id, token_id, secret_hash, labels, cert_serial, *at_ms),
+            Command::RemoveNode { node_id, at_ms } => self.remove_node(node_id, *at_ms),
             Command::NodeHello {
                 node_id,
                 labels,
@@ -316,6 +326,18 @@ impl State {
             }
             Command::AcceptTool { name } => self.accept_tool(name),
             Command::AddSigningKey(key) => Ok(self.add_signing_key(key)),
+            Command::RotateSigningKey {
+                key,
+                retire_old_at_ms,
+            } => self.rotate_signing_key(key, *retire_old_at_ms),
+            Command::RevokeAgentTokens {
+                jti,
+                subject,
+                keep_until_ms,
+                at_ms,
+            } => {
+                self.revoke_agent_tokens(jti.as_deref(), subject.as_deref(), *keep_until_ms, *at_ms)
+            }
             Command::SubmitWorkflow(wf) => Ok(self.submit_workflow(index, wf)),
             Command::Batch(_) => Err(Rejection::NotBatchable),
             Command::ExpireHistory {

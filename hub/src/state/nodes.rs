@@ -104,6 +104,7 @@ impl State {
         token_id: &str,
         secret_hash: &str,
         labels: &BTreeMap<String, String>,
+        cert_serial: &str,
         at_ms: i64,
     ) -> Result<Response, Rejection> {
         let tok = self
@@ -121,6 +122,9 @@ impl State {
         tok.uses_left -= 1;
         let mut node = NodeRecord::new(node_id, labels.clone(), at_ms);
         node.may_add_tools = tok.may_add_tools;
+        if !cert_serial.is_empty() {
+            node.cert_serials.push(cert_serial.to_owned());
+        }
         self.nodes.insert(node_id.to_owned(), node);
         Ok(Response::Done)
     }

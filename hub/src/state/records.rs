@@ -335,6 +335,11 @@ pub struct NodeRecord {
     /// Joined with a token that lets it introduce new tool names.
     #[serde(default)]
     pub may_add_tools: bool,
+    /// Serial numbers (hex) of the certificates the cluster issued it: the only ones that
+    /// open its session. Empty only in records from before serials were kept, where any
+    /// certificate with the node's name does.
+    #[serde(default)]
+    pub cert_serials: Vec<String>,
 }
 
 impl NodeRecord {
@@ -351,11 +356,17 @@ impl NodeRecord {
             tenants: Vec::new(),
             cpu_high_water_percent: 0.0,
             may_add_tools: false,
+            cert_serials: Vec::new(),
         }
     }
 
     pub fn serves(&self, tenant: &str) -> bool {
         self.tenants.is_empty() || self.tenants.iter().any(|t| t == tenant)
+    }
+
+    /// Whether the certificate with `serial` is one the cluster issued this node.
+    pub fn holds_certificate(&self, serial: &str) -> bool {
+        self.cert_serials.is_empty() || self.cert_serials.iter().any(|s| s == serial)
     }
 }
 
@@ -371,6 +382,12 @@ pub struct JoinTokenRecord {
     /// Nodes that join with it may introduce new tool names.
     #[serde(default)]
     pub may_add_tools: bool,
+    /// Who made it (the admin token's subject).
+    #[serde(default)]
+    pub created_by: String,
+    /// When an admin revoked it.
+    #[serde(default)]
+    pub revoked_at_ms: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

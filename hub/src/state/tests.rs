@@ -221,6 +221,8 @@ fn join_token_uses_are_counted_and_expiry_checked() {
             description: String::new(),
             created_at_ms: 0,
             may_add_tools: true,
+            created_by: "admin".into(),
+            revoked_at_ms: None,
         }),
     );
     let reg = |node: &str, hash: &str, at| Command::RegisterNode {
@@ -229,6 +231,7 @@ fn join_token_uses_are_counted_and_expiry_checked() {
         secret_hash: hash.into(),
         labels: Default::default(),
         at_ms: at,
+        cert_serial: format!("serial-{node}"),
     };
     assert!(matches!(
         s.apply(2, &reg("a", "wrong", 10)),
