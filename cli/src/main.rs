@@ -67,7 +67,7 @@ enum Command {
     /// List the tools you may call, with what each is expected to take; accept a tool a
     /// node introduced (admin).
     Tools(tools::ToolsArgs),
-    /// List nodes; cordon, uncordon or drain one (admin).
+    /// List nodes; cordon, uncordon, drain or remove one (admin).
     Nodes(nodes::NodesArgs),
     /// Pause or resume all scheduling (admin, emergency control).
     #[command(subcommand)]
@@ -90,12 +90,15 @@ enum Command {
     Ca(setup::CaCommand),
     /// Print the admin token a hub left in its data dir when it first led the cluster.
     AdminToken(setup::AdminTokenArgs),
-    /// Join tokens for nodes (admin).
+    /// Join tokens for nodes: create, list, revoke (admin).
     #[command(subcommand)]
     Token(tokens::TokenCommand),
-    /// Agent tokens (admin).
+    /// Agent tokens: issue, revoke (admin).
     #[command(subcommand, name = "agent-token")]
     AgentToken(tokens::AgentTokenCommand),
+    /// The keys that sign agent tokens: rotate, list (admin).
+    #[command(subcommand)]
+    Keys(tokens::KeysCommand),
 }
 
 /// Flags every client command takes.
@@ -250,6 +253,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Cluster(cmd) => cluster::cluster(cmd).await,
         Command::Token(cmd) => tokens::token(cmd).await,
         Command::AgentToken(cmd) => tokens::agent_token(cmd).await,
+        Command::Keys(cmd) => tokens::keys(cmd).await,
     }
 }
 

@@ -34,6 +34,10 @@ pub(crate) enum NodesAction {
         #[arg(long, default_value_t = 300)]
         deadline: u64,
     },
+    /// Remove the node for good: its certificate stops working on every hub at once, its
+    /// unfinished tasks go as when a node is lost, and it comes back only by joining again
+    /// with a new token (a lost or stolen machine).
+    Remove { node: String },
 }
 
 pub(crate) async fn nodes_command(a: NodesArgs) -> anyhow::Result<ExitCode> {
@@ -41,6 +45,25 @@ pub(crate) async fn nodes_command(a: NodesArgs) -> anyhow::Result<ExitCode> {
         return nodes(a.flags).await;
     };
     let mut admin = admin_client(&settings(&a.flags)?)?;
+    if let NodesAction::Remove { node } = action {
+        let r = admin
+            .remove_node(pb::NodeRequest { node_id: node })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        match a.flags.output {
+            Format::Json => output::json(
+                &json!({"node": r.node_id, "removed": true, "requeued": r.requeued, "lost": r.lost}),
+            ),
+            Format::Table => println!(
+                "node {} removed: {} of its tasks run again elsewhere, {} ended lost",
+                r.node_id,
+                r.requeued.len(),
+                r.lost.len()
+            ),
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let r = match action {
         NodesAction::Cordon { node } => admin.cordon_node(pb::NodeRequest { node_id: node }).await,
         NodesAction::Uncordon { node } => {
@@ -54,6 +77,7 @@ pub(crate) async fn nodes_command(a: NodesArgs) -> anyhow::Result<ExitCode> {
                 })
                 .await
         }
+        NodesAction::Remove { .. } => unreachable!("handled above"),
     }
     .map_err(status_error)?
     .into_inner();

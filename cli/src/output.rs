@@ -46,6 +46,14 @@ pub(crate) fn json(v: &serde_json::Value) {
 }
 
 /// Milliseconds since the epoch as an RFC 3339-like UTC time, or "-".
+/// What a hub, a node or another admin wrote, safe to print: control characters (a
+/// terminal's escape sequences among them) become `?`.
+pub(crate) fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
 pub(crate) fn time(ms: i64) -> String {
     if ms <= 0 {
         return "-".into();

@@ -1,4 +1,5 @@
-//! `flotilla token` and `flotilla agent-token`: join tokens for nodes, tokens for agents.
+//! `flotilla token`, `flotilla agent-token` and `flotilla keys`: join tokens for nodes,
+//! tokens for agents, and the keys that sign them; each made, listed, revoked or rotated.
 
 use std::process::ExitCode;
 
@@ -9,7 +10,7 @@ use serde_json::json;
 use crate::{
     connect::{admin_client, settings, status_error},
     output::{self, Format},
-    ClientFlags,
+    ClientFlags, ClientOnly,
 };
 
 #[derive(Subcommand)]
@@ -31,16 +32,40 @@ pub(crate) enum TokenCommand {
         #[command(flatten)]
         flags: ClientFlags,
     },
+    /// List join tokens that have not expired (never their secrets).
+    List(ClientOnly),
+    /// Revoke a join token: no node may join with it any more.
+    Revoke {
+        /// The token's id (the part before the dot; `flotilla token list` shows it).
+        id: String,
+        #[command(flatten)]
+        flags: ClientFlags,
+    },
 }
 
 pub(crate) async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
-    let TokenCommand::Create {
-        ttl,
-        uses,
-        description,
-        may_add_tools,
-        flags,
-    } = cmd;
+    let (ttl, uses, description, may_add_tools, flags) = match cmd {
+        TokenCommand::Create {
+            ttl,
+            uses,
+            description,
+            may_add_tools,
+            flags,
+        } => (ttl, uses, description, may_add_tools, flags),
+        TokenCommand::List(c) => return list_join_tokens(c.flags).await,
+        TokenCommand::Revoke { id, flags } => {
+            let t = admin_client(&settings(&flags)?)?
+                .revoke_join_token(pb::RevokeJoinTokenRequest { token_id: id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            match flags.output {
+                Format::Json => output::json(&join_token_json(&t)),
+                Format::Table => println!("join token {} revoked", t.token_id),
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
     let r = admin_client(&settings(&flags)?)?
         .create_join_token(pb::CreateJoinTokenRequest {
             ttl_seconds: ttl,
@@ -56,6 +81,56 @@ pub(crate) async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
             "token": r.token, "token_id": r.token_id, "expires_at": output::time(r.expires_at_ms), "ca_pin": r.ca_pin,
         })),
         Format::Table => println!("{}", r.token),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn join_token_json(t: &pb::JoinTokenInfo) -> serde_json::Value {
+    json!({
+        "token_id": t.token_id,
+        "description": t.description,
+        "uses_left": t.uses_left,
+        "expires_at": output::time(t.expires_at_ms),
+        "created_at": output::time(t.created_at_ms),
+        "created_by": t.created_by,
+        "revoked_at": (t.revoked_at_ms > 0).then(|| output::time(t.revoked_at_ms)),
+        "may_add_tools": t.may_add_tools,
+    })
+}
+
+async fn list_join_tokens(flags: ClientFlags) -> anyhow::Result<ExitCode> {
+    let tokens = admin_client(&settings(&flags)?)?
+        .list_join_tokens(pb::ListJoinTokensRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .tokens;
+    match flags.output {
+        Format::Json => output::json(&serde_json::Value::Array(
+            tokens.iter().map(join_token_json).collect(),
+        )),
+        Format::Table => {
+            let rows: Vec<Vec<String>> = tokens
+                .iter()
+                .map(|t| {
+                    let state = if t.revoked_at_ms > 0 {
+                        "revoked".to_owned()
+                    } else if t.uses_left == 0 {
+                        "used up".to_owned()
+                    } else {
+                        format!("{} uses left", t.uses_left)
+                    };
+                    vec![
+                        t.token_id.clone(),
+                        state,
+                        output::time(t.expires_at_ms),
+                        t.created_by.clone(),
+                        output::printable(&t.description),
+                    ]
+                })
+                .collect();
+            output::table(&["ID", "STATE", "EXPIRES", "BY", "DESCRIPTION"], &rows);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -83,18 +158,138 @@ pub(crate) enum AgentTokenCommand {
         #[command(flatten)]
         flags: ClientFlags,
     },
+    /// Revoke agent tokens before they expire: one by its `jti`, or every token of a subject
+    /// issued so far (tokens issued to it later work).
+    Revoke {
+        /// The token's `jti` claim.
+        #[arg(long)]
+        jti: Option<String>,
+        /// The subject (`sub` claim) whose tokens go.
+        #[arg(long)]
+        subject: Option<String>,
+        #[command(flatten)]
+        flags: ClientFlags,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum KeysCommand {
+    /// A new key signs agent tokens from now on. The older keys verify the tokens they
+    /// signed until none can still be valid ([agent_tokens] max_lifetime_hours).
+    Rotate {
+        /// The older keys stop verifying at once (a key that leaked): every token they
+        /// signed is refused, the bootstrap admin tokens in the hubs' data dirs included
+        /// (the hubs write new ones within a second).
+        #[arg(long)]
+        retire_now: bool,
+        #[command(flatten)]
+        flags: ClientFlags,
+    },
+    /// The keys that sign and verify agent tokens.
+    List(ClientOnly),
+}
+
+fn key_json(k: &pb::SigningKeyInfo) -> serde_json::Value {
+    json!({
+        "kid": k.kid,
+        "active": k.active,
+        "created_at": output::time(k.created_at_ms),
+        "retire_at": (k.retire_at_ms > 0).then(|| output::time(k.retire_at_ms)),
+    })
+}
+
+pub(crate) async fn keys(cmd: KeysCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        KeysCommand::Rotate { retire_now, flags } => {
+            let k = admin_client(&settings(&flags)?)?
+                .rotate_signing_key(pb::RotateSigningKeyRequest { retire_now })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            match flags.output {
+                Format::Json => output::json(&key_json(&k)),
+                Format::Table => println!("key {} signs agent tokens from now on", k.kid),
+            }
+        }
+        KeysCommand::List(c) => {
+            let keys = admin_client(&settings(&c.flags)?)?
+                .list_signing_keys(pb::ListSigningKeysRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .keys;
+            match c.flags.output {
+                Format::Json => output::json(&serde_json::Value::Array(
+                    keys.iter().map(key_json).collect(),
+                )),
+                Format::Table => {
+                    let rows: Vec<Vec<String>> = keys
+                        .iter()
+                        .map(|k| {
+                            vec![
+                                k.kid.clone(),
+                                if k.active { "signs" } else { "verifies" }.into(),
+                                output::time(k.created_at_ms),
+                                if k.retire_at_ms > 0 {
+                                    output::time(k.retire_at_ms)
+                                } else {
+                                    "-".into()
+                                },
+                            ]
+                        })
+                        .collect();
+                    output::table(&["KID", "USE", "CREATED", "RETIRES"], &rows);
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub(crate) async fn agent_token(cmd: AgentTokenCommand) -> anyhow::Result<ExitCode> {
-    let AgentTokenCommand::Issue {
-        subject,
-        scopes,
-        tenant,
-        ttl,
-        region,
-        zone,
-        flags,
-    } = cmd;
+    let (subject, scopes, tenant, ttl, region, zone, flags) = match cmd {
+        AgentTokenCommand::Issue {
+            subject,
+            scopes,
+            tenant,
+            ttl,
+            region,
+            zone,
+            flags,
+        } => (subject, scopes, tenant, ttl, region, zone, flags),
+        AgentTokenCommand::Revoke {
+            jti,
+            subject,
+            flags,
+        } => {
+            if jti.is_none() && subject.is_none() {
+                anyhow::bail!("say which tokens: --jti J (one token) or --subject S (every token of S issued so far)");
+            }
+            let r = admin_client(&settings(&flags)?)?
+                .revoke_agent_tokens(pb::RevokeAgentTokensRequest {
+                    jti: jti.clone().unwrap_or_default(),
+                    subject: subject.clone().unwrap_or_default(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            match flags.output {
+                Format::Json => output::json(&json!({
+                    "jti": jti, "subject": subject, "kept_until": output::time(r.kept_until_ms),
+                })),
+                Format::Table => {
+                    let what = match (&jti, &subject) {
+                        (Some(j), Some(s)) => format!("token {j} and every token of {s:?}"),
+                        (Some(j), None) => format!("token {j}"),
+                        (None, Some(s)) => format!("every token of {s:?} issued so far"),
+                        (None, None) => unreachable!("checked above"),
+                    };
+                    println!("revoked {what}; refused on every hub from now on");
+                }
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
     let r = admin_client(&settings(&flags)?)?
         .issue_agent_token(pb::IssueAgentTokenRequest {
             subject,

@@ -11,7 +11,7 @@ use flotilla_proto as pb;
 
 use crate::{
     connect::{agent_client, settings, status_error},
-    output::table_text,
+    output::{printable as clean, table_text},
     ClientFlags,
 };
 
@@ -103,14 +103,6 @@ impl Drop for Screen {
         let _ = write!(out, "\x1b[?25h\x1b[?1049l");
         let _ = out.flush();
     }
-}
-
-/// What a hub or node said, safe to print: control characters (a terminal's escape
-/// sequences among them) become `?`.
-fn clean(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
 }
 
 fn ago(ms: i64) -> String {

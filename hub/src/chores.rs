@@ -8,7 +8,7 @@
 
 use std::{future::Future, time::Duration};
 
-use flotilla_common::jwt::SigningKey;
+use flotilla_common::jwt::{Claims, SigningKey};
 use tokio::sync::watch;
 
 use crate::{cluster::Hub, state::Command};
@@ -105,39 +105,44 @@ pub(crate) async fn keep_admin_token(hub: Hub, mut stop: watch::Receiver<bool>) 
     let mut beat = tokio::time::interval(Duration::from_secs(1));
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let path = hub.config().data_dir.join(ADMIN_TOKEN_FILE);
-    // When the token on disk (as this hub last read or wrote it) is due for renewal.
-    let mut renew_at_ms: Option<i64> = None;
+    // The token on disk as this hub last read or wrote it: its key and claims.
+    let mut current: Option<(String, Claims)> = None;
     loop {
         tokio::select! {
             _ = beat.tick() => {}
             _ = stop.changed() => return,
         }
         let now = flotilla_common::now_ms();
-        if renew_at_ms.is_some_and(|t| now < t) && path.exists() {
-            continue;
-        }
         if hub.state().active_signing_key().is_none() {
             continue;
         }
-        if let Some(t) = renewal_due(&hub, &path) {
-            if now < t {
-                renew_at_ms = Some(t);
-                continue;
-            }
+        if current.is_none() {
+            current = read_admin_token(&hub, &path);
+        }
+        let good = current.as_ref().is_some_and(|(kid, c)| {
+            let state = hub.state();
+            let half_life = (c.iat + (c.exp - c.iat) / 2) * 1000;
+            now < half_life
+                && state.verifying_keys(now).iter().any(|k| &k.kid == kid)
+                && state.revoked.refuses(c).is_none()
+        });
+        if good && path.exists() {
+            continue;
         }
         let hours = hub.config().agent_tokens.bootstrap_admin_hours;
-        match crate::auth::issue_agent_token(
+        let issued = crate::auth::issue_agent_token(
             &hub,
             "admin",
             flotilla_common::jwt::DEFAULT_TENANT,
             vec!["*".into()],
             hours * 3600,
             (None, None),
-        ) {
+        );
+        match issued {
             Ok((token, _)) => match flotilla_common::pki::write_secret(&path, token.as_bytes()) {
                 Ok(()) => {
                     tracing::info!(path = %path.display(), hours, "wrote a bootstrap admin token");
-                    renew_at_ms = Some(now + (hours * 3600 * 1000 / 2) as i64);
+                    current = read_admin_token(&hub, &path);
                 }
                 Err(e) => tracing::error!(error = %e, "cannot write the admin token"),
             },
@@ -146,15 +151,9 @@ pub(crate) async fn keep_admin_token(hub: Hub, mut stop: watch::Receiver<bool>) 
     }
 }
 
-/// When the admin token in `path` is due for renewal (half its life), if it is one this
-/// cluster accepts now.
-fn renewal_due(hub: &Hub, path: &std::path::Path) -> Option<i64> {
+/// The key id and claims of the admin token in `path`, if this cluster accepts it now.
+fn read_admin_token(hub: &Hub, path: &std::path::Path) -> Option<(String, Claims)> {
     let token = std::fs::read_to_string(path).ok()?;
-    let now = flotilla_common::now_ms();
-    let keys = hub.state().verifying_keys(now);
-    let claims = flotilla_common::jwt::verify(token.trim(), &keys).ok()?;
-    if hub.state().revoked.refuses(&claims).is_some() {
-        return None;
-    }
-    Some((claims.iat + (claims.exp - claims.iat) / 2) * 1000)
+    let keys = hub.state().verifying_keys(flotilla_common::now_ms());
+    flotilla_common::jwt::verify_with_kid(token.trim(), &keys).ok()
 }

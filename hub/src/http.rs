@@ -1,7 +1,8 @@
 //! The hub's HTTP port, for operators and their tools: `/metrics` (Prometheus text
 //! exposition), `/healthz` (the process serves), `/readyz` (for load balancers and
-//! Kubernetes probes: this hub is in a cluster with a leader and has applied what it holds).
-//! Plain HTTP on its own listener (`http_listen` in hub.toml): nothing here changes
+//! Kubernetes probes: this hub is in a cluster with a leader and has applied what it holds),
+//! `/.well-known/jwks.json` (the public keys that verify agent tokens, for services that
+//! check a Flotilla token themselves). Plain HTTP on its own listener (`http_listen` in hub.toml): nothing here changes
 //! anything. The dashboard (`/`, `crate::dashboard`) needs a login; the rest is open.
 
 use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
@@ -14,6 +15,7 @@ pub fn router(hub: Hub) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
+        .route("/.well-known/jwks.json", get(jwks))
         .merge(crate::dashboard::routes())
         .with_state(hub)
 }
@@ -65,6 +67,30 @@ async fn metrics(State(hub): State<Hub>) -> impl IntoResponse {
 /// being committed (group commit keeps up to 4 entries in flight); a hub catching up after a
 /// restart or a partition holds thousands.
 const READY_LAG: u64 = 256;
+
+/// The keys that verify agent tokens now (the active one and those rotated out but not yet
+/// retired), as a JSON Web Key Set (RFC 7517). Public halves only.
+async fn jwks(State(hub): State<Hub>) -> impl IntoResponse {
+    let keys: Vec<serde_json::Value> = hub
+        .state()
+        .verifying_keys(flotilla_common::now_ms())
+        .iter()
+        .filter_map(|k| match k.jwk() {
+            Ok(j) => Some(j),
+            Err(e) => {
+                tracing::error!(kid = %k.kid, error = %e, "cannot publish a signing key");
+                None
+            }
+        })
+        .collect();
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "application/jwk-set+json"),
+            (axum::http::header::CACHE_CONTROL, "max-age=60"),
+        ],
+        serde_json::json!({ "keys": keys }).to_string(),
+    )
+}
 
 /// Ready when a leader with a quorum is known and this hub is within `READY_LAG` entries of applying
 /// everything it holds; otherwise 503 saying which is missing.

@@ -1,0 +1,368 @@
+//! Credentials with an end, as an operator uses them after a machine or a token was lost:
+//! a removed node's certificate is refused by every hub and its work runs elsewhere; revoked
+//! join and agent tokens are refused; rotated signing keys keep old tokens working until
+//! they retire (or not at all, for a key that leaked); a token that lives longer than the
+//! cluster allows is refused. Revocations go through the `flotilla` CLI, as operators type
+//! them.
+
+use std::{process::Command, time::Instant};
+
+use base64::Engine as _;
+use flotilla_common::{pki, tls};
+use flotilla_proto as pb;
+use flotilla_tests::{
+    flotilla_bin, http_get, wait_done, wait_state, wait_until, Cluster, NodeSpec, READY,
+};
+use pb::{agent_service_client::AgentServiceClient, node_service_client::NodeServiceClient};
+use tonic::Code;
+
+/// Runs the CLI against `c` as an admin; its standard output, or an error with its stderr.
+fn cli(c: &Cluster, args: &[&str]) -> anyhow::Result<String> {
+    cli_as(c, &c.admin_token, args)
+}
+
+fn cli_as(c: &Cluster, token: &str, args: &[&str]) -> anyhow::Result<String> {
+    let ca = c.dir.path().join("pki/ca.pem");
+    let o = Command::new(flotilla_bin())
+        .args(args)
+        .env("FLOTILLA_HUB", &c.hub_addr)
+        .env("FLOTILLA_CA", &ca)
+        .env("FLOTILLA_TOKEN", token)
+        .env_remove("FLOTILLA_CONFIG")
+        .output()?;
+    anyhow::ensure!(
+        o.status.success(),
+        "flotilla {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(String::from_utf8(o.stdout)?)
+}
+
+fn json(text: &str) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::from_str(text)?)
+}
+
+/// A claim of a JWT, read without verifying it (the test's own token).
+fn claim(token: &str, name: &str) -> String {
+    let part = |i: usize| {
+        let b = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token.split('.').nth(i).expect("three parts"))
+            .expect("base64url");
+        serde_json::from_slice::<serde_json::Value>(&b).expect("json")
+    };
+    let from = if name == "kid" { part(0) } else { part(1) };
+    from[name].as_str().map(str::to_owned).unwrap_or_default()
+}
+
+/// What a hub answers a call made with `token`: Ok, or the gRPC code and message.
+async fn answer(c: &Cluster, hub: u64, token: &str) -> Result<(), (Code, String)> {
+    let mut agent = c.agent_at(hub, token);
+    agent
+        .list_tools(pb::ListToolsRequest::default())
+        .await
+        .map(|_| ())
+        .map_err(|s| (s.code(), s.message().to_owned()))
+}
+
+async fn issue(c: &Cluster, subject: &str, ttl_seconds: u64) -> anyhow::Result<String> {
+    Ok(c.admin()
+        .issue_agent_token(pb::IssueAgentTokenRequest {
+            subject: subject.into(),
+            tenant: "t".into(),
+            scopes: vec!["tools".into()],
+            ttl_seconds,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .token)
+}
+
+/// Opens a node session on `api` with `key` and sends nothing: a hub that accepts the
+/// certificate says the hello is missing (or, not leading, that it is not the leader); one
+/// that refuses it says so first.
+async fn session_code(c: &Cluster, api: &str, key: &pki::CertifiedKey) -> anyhow::Result<Code> {
+    let ch = tls::channel(api, tls::client_config(&c.ca_pem, Some(key))?)?;
+    let r = NodeServiceClient::new(ch)
+        .session(tokio_stream::iter(Vec::<pb::NodeMessage>::new()))
+        .await;
+    Ok(match r {
+        Ok(_) => Code::Ok,
+        Err(s) => s.code(),
+    })
+}
+
+fn last_node(t: &pb::Task) -> &str {
+    t.attempts.last().map_or("", |a| a.node_id.as_str())
+}
+
+#[tokio::test]
+async fn a_removed_node_is_refused_by_every_hub_and_its_work_runs_elsewhere() -> anyhow::Result<()>
+{
+    let mut c = Cluster::with_hubs(3).await?;
+    c.add_node(NodeSpec::demo("edge-1")).await?;
+    c.add_node(NodeSpec::demo("edge-2")).await?;
+    let old_key = pki::CertifiedKey::read(&c.node_dir("edge-1").join("identity"), "node")?
+        .expect("edge-1 keeps its certificate");
+    for h in 1..=3 {
+        let code = session_code(&c, &c.hub(h).api.clone(), &old_key).await?;
+        assert_ne!(
+            code,
+            Code::PermissionDenied,
+            "hub {h} accepts edge-1 while it is in"
+        );
+    }
+
+    // A long call running on edge-1 (edge-2 cordoned while it is placed).
+    cli(&c, &["nodes", "cordon", "edge-2"])?;
+    let agent = c.agent();
+    let id = agent
+        .clone()
+        .submit_task(flotilla_tests::submit(
+            "sleep",
+            serde_json::json!({"ms": 4000, "steps": 4}),
+        ))
+        .await?
+        .into_inner()
+        .task_id;
+    let running = wait_state(&agent, &id, pb::TaskState::Running).await?;
+    assert_eq!(last_node(&running), "edge-1");
+    cli(&c, &["nodes", "uncordon", "edge-2"])?;
+
+    let removed_at = Instant::now();
+    let out = json(&cli(&c, &["nodes", "remove", "edge-1", "-o", "json"])?)?;
+    assert_eq!(out["requeued"], serde_json::json!([id]), "{out}");
+
+    // Every hub refuses edge-1's certificate from now on.
+    for h in 1..=3 {
+        let api = c.hub(h).api.clone();
+        wait_until(&format!("hub {h} to refuse edge-1"), READY, || {
+            let (c, api, key) = (&c, api.clone(), &old_key);
+            async move {
+                (session_code(c, &api, key).await.ok()? == Code::PermissionDenied).then_some(())
+            }
+        })
+        .await?;
+    }
+    println!(
+        "every hub refused the removed node's certificate {} ms after `nodes remove` returned",
+        removed_at.elapsed().as_millis()
+    );
+    // Its call ran again on edge-2 and succeeded; edge-1 is gone from the list.
+    let done = wait_done(&agent, &id).await?;
+    assert_eq!(done.state(), pb::TaskState::Succeeded, "{done:?}");
+    assert_eq!(last_node(&done), "edge-2");
+    let listed = json(&cli(&c, &["nodes", "-o", "json"])?)?;
+    let names: Vec<&str> = listed
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|n| n["id"].as_str())
+        .collect();
+    assert_eq!(names, vec!["edge-2"]);
+    let log = c.nodes["edge-1"].log_text();
+    assert!(
+        log.contains("no longer accepted") || log.contains("not registered"),
+        "the removed node is told why"
+    );
+
+    // It comes back only by joining again: a new certificate, and the old one still refused.
+    drop(c.nodes.remove("edge-1"));
+    std::fs::remove_dir_all(c.node_dir("edge-1").join("identity"))?;
+    c.add_node(NodeSpec::demo("edge-1")).await?;
+    let leader = c.wait_leader().await?;
+    let leader_api = c.hub(leader).api.clone();
+    assert_eq!(
+        session_code(&c, &leader_api, &old_key).await?,
+        Code::PermissionDenied
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn revoked_join_and_agent_tokens_are_refused() -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+
+    // Join tokens: listed without their secrets, refused once revoked.
+    let token = cli(&c, &["token", "create", "--description", "for the lab"])?;
+    let token = token.trim();
+    let id = flotilla_common::token::JoinToken::parse(token)?.id;
+    let listed = json(&cli(&c, &["token", "list", "-o", "json"])?)?;
+    let entry = listed
+        .as_array()
+        .expect("a list")
+        .iter()
+        .find(|t| t["token_id"] == id.as_str())
+        .expect("the new token is listed")
+        .clone();
+    assert_eq!(entry["created_by"], "admin");
+    assert_eq!(entry["description"], "for the lab");
+    assert!(!listed.to_string().contains(token), "never the secret");
+    cli(&c, &["token", "revoke", &id])?;
+    let listed = json(&cli(&c, &["token", "list", "-o", "json"])?)?;
+    assert!(listed.to_string().contains("revoked_at"));
+    let parsed = flotilla_common::token::JoinToken::parse(token)?;
+    let (_key, csr) = pki::node_key_and_csr("late-node")?;
+    let ch = tls::channel(&c.hub_addr, tls::client_config(&c.ca_pem, None)?)?;
+    let refused = NodeServiceClient::new(ch)
+        .join(pb::JoinRequest {
+            token_id: parsed.id.clone(),
+            token_secret: parsed.secret.clone(),
+            name: "late-node".into(),
+            csr_pem: csr,
+        })
+        .await
+        .expect_err("a revoked join token admits no node");
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+
+    // Agent tokens: one by its jti, then every token of a subject issued so far.
+    let a1 = issue(&c, "alice", 600).await?;
+    let a2 = issue(&c, "alice", 600).await?;
+    let bob = issue(&c, "bob", 600).await?;
+    for t in [&a1, &a2, &bob] {
+        assert_eq!(answer(&c, 1, t).await, Ok(()));
+    }
+    cli(&c, &["agent-token", "revoke", "--jti", &claim(&a1, "jti")])?;
+    let (code, msg) = answer(&c, 1, &a1).await.expect_err("revoked by jti");
+    assert_eq!(code, Code::Unauthenticated);
+    assert!(msg.contains("revoked"), "{msg}");
+    assert_eq!(answer(&c, 1, &a2).await, Ok(()), "only that token");
+    // A subject's revocation covers tokens issued up to the second it was made.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    cli(&c, &["agent-token", "revoke", "--subject", "alice"])?;
+    let (code, msg) = answer(&c, 1, &a2)
+        .await
+        .expect_err("revoked with its subject");
+    assert_eq!(code, Code::Unauthenticated);
+    assert!(msg.contains("alice"), "{msg}");
+    assert_eq!(
+        answer(&c, 1, &bob).await,
+        Ok(()),
+        "another subject is untouched"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let a3 = issue(&c, "alice", 600).await?;
+    assert_eq!(
+        answer(&c, 1, &a3).await,
+        Ok(()),
+        "a token issued after works"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn rotated_keys_keep_old_tokens_until_they_retire_and_a_leaked_key_retires_at_once(
+) -> anyhow::Result<()> {
+    let mut c = Cluster::with_hubs(3).await?;
+    let old = issue(&c, "alice", 600).await?;
+    let old_kid = claim(&old, "kid");
+    let rotated = json(&cli(&c, &["keys", "rotate", "-o", "json"])?)?;
+    let new_kid = rotated["kid"].as_str().expect("kid").to_owned();
+    assert_ne!(new_kid, old_kid);
+
+    // New tokens use the new key; the old token still works, on every hub.
+    let new = issue(&c, "alice", 600).await?;
+    assert_eq!(claim(&new, "kid"), new_kid);
+    for h in 1..=3 {
+        for t in [&old, &new] {
+            let hub_has_it = || async { answer(&c, h, t).await.ok() };
+            wait_until(&format!("hub {h} to accept both tokens"), READY, hub_has_it).await?;
+        }
+    }
+    let keys = json(&cli(&c, &["keys", "list", "-o", "json"])?)?;
+    let keys = keys.as_array().expect("a list");
+    assert_eq!(keys.len(), 2);
+    assert_eq!(keys[0]["kid"], new_kid.as_str());
+    assert_eq!(keys[0]["active"], true);
+    assert!(
+        keys[1]["retire_at"].is_string(),
+        "the old key says when it retires"
+    );
+
+    // The hubs publish both public keys.
+    let (status, body) = http_get(&c.hub(2).http()?, "/.well-known/jwks.json").await?;
+    assert_eq!(status, 200);
+    let jwks = json(&body)?;
+    let kids: Vec<&str> = jwks["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .filter_map(|k| k["kid"].as_str())
+        .collect();
+    assert!(
+        kids.contains(&old_kid.as_str()) && kids.contains(&new_kid.as_str()),
+        "{jwks}"
+    );
+    assert!(
+        !body.contains("PRIVATE") && !body.contains("\"d\""),
+        "public halves only"
+    );
+
+    // A key that leaked: rotated out at once, every token it and its predecessors signed is
+    // refused (the admin token in the hubs' data dirs too: each hub writes a new one).
+    cli(&c, &["keys", "rotate", "--retire-now"])?;
+    for t in [&old, &new] {
+        let (code, _) = answer(&c, 1, t).await.expect_err("signed by a retired key");
+        assert_eq!(code, Code::Unauthenticated);
+    }
+    let stale_admin = c.admin_token.clone();
+    let file = c.hub(1).dir.join("admin.token");
+    let fresh = wait_until("hub 1 to write a new admin token", READY, || {
+        let t = std::fs::read_to_string(&file)
+            .ok()
+            .filter(|t| t.trim() != stale_admin);
+        async move { t }
+    })
+    .await?;
+    c.admin_token = fresh.trim().to_owned();
+    assert_eq!(answer(&c, 1, &c.admin_token).await, Ok(()));
+    let newest = issue(&c, "alice", 600).await?;
+    assert_eq!(answer(&c, 3, &newest).await.map_err(|e| e.1), Ok(()));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_token_that_lives_longer_than_the_cluster_allows_is_refused() -> anyhow::Result<()> {
+    let mut c = Cluster::start().await?;
+    let long = issue(&c, "alice", 48 * 3600).await?;
+    assert_eq!(answer(&c, 1, &long).await, Ok(()));
+
+    // The operator tightens the policy to a day at most.
+    let path = c.hub(1).dir.join("hub.toml");
+    let mut cfg: toml::Table = toml::from_str(&std::fs::read_to_string(&path)?)?;
+    let mut limits = toml::Table::new();
+    limits.insert("max_lifetime_hours".into(), 24.into());
+    limits.insert("bootstrap_admin_hours".into(), 12.into());
+    cfg.insert("agent_tokens".into(), toml::Value::Table(limits));
+    std::fs::write(&path, toml::to_string(&cfg)?)?;
+    c.restart_hub(false).await?;
+
+    let (code, msg) = answer(&c, 1, &long).await.expect_err("longer than a day");
+    assert_eq!(code, Code::Unauthenticated);
+    assert!(msg.contains("longer than this cluster allows"), "{msg}");
+    let refused = c
+        .admin()
+        .issue_agent_token(pb::IssueAgentTokenRequest {
+            subject: "alice".into(),
+            ttl_seconds: 48 * 3600,
+            ..Default::default()
+        })
+        .await
+        .expect_err("no token longer than the limit is issued");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(refused.message().contains("max_lifetime_hours"));
+    let day = issue(&c, "alice", 20 * 3600).await?;
+    assert_eq!(answer(&c, 1, &day).await, Ok(()));
+
+    // A JWT with no lifetime limit from elsewhere: unknown key, refused as such.
+    let mut agent = AgentServiceClient::new(c.channel());
+    let mut req = tonic::Request::new(pb::ListToolsRequest::default());
+    req.metadata_mut()
+        .insert("authorization", "Bearer e30.e30.sig".parse()?);
+    let e = agent
+        .list_tools(req)
+        .await
+        .expect_err("not a token of ours");
+    assert_eq!(e.code(), Code::Unauthenticated);
+    Ok(())
+}
