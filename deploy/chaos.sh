@@ -109,12 +109,15 @@ diagnose() {
 }
 within 60 serves && ok "a call from outside goes through" || { fail "first call"; finish; }
 
-# Calls without pause: each acknowledged one is written down with its key.
+# Calls without pause: each acknowledged one is written down with its key. The tool,
+# `record`, appends the key to a file on the node that runs it, so a call that ran twice
+# shows; it is not marked idempotent, so a call on a node that is lost ends `lost` rather
+# than running again.
 load() {
   local w=$1 i=0
   while [ ! -f "$work/stop" ]; do
     local key="w$w-$i" id
-    if id=$(FLOTILLA_HUB=$(cat "$work/hubs") "$FLOTILLA" call echo --args "{\"text\":\"$key\"}" --idempotency-key "$key" --no-wait 2>/dev/null); then
+    if id=$(FLOTILLA_HUB=$(cat "$work/hubs") "$FLOTILLA" call record --args "{\"key\":\"$key\"}" --idempotency-key "$key" --no-wait 2>/dev/null); then
       echo "$key $id" >>"$work/acked"
       i=$((i + 1))
     else
@@ -175,9 +178,19 @@ wait
 acked=$(wc -l <"$work/acked")
 [ "$acked" -gt 0 ] && ok "$acked calls acknowledged under the faults" || fail "no call was acknowledged"
 
-# One task per acknowledged key, each ended once, succeeded ones with their own echo.
-if FLOTILLA="$FLOTILLA" python3 - "$work/acked" >"$work/verdict" <<'PY'
+# What each node's `record` tool wrote.
+for n in node-a1 node-a2 node-b1; do
+  docker cp "$(container $n):/data/record" "$work/record-$n" >/dev/null 2>&1 || : >"$work/record-$n"
+done
+# One task per acknowledged key, each ended once, succeeded ones with their own result,
+# and no call recorded twice (a succeeded one exactly once).
+if FLOTILLA="$FLOTILLA" python3 - "$work/acked" "$work"/record-* >"$work/verdict" <<'PY'
 import json, subprocess, sys, time, os
+runs = {}
+for path in sys.argv[2:]:
+    for line in open(path):
+        runs[line.strip()] = runs.get(line.strip(), 0) + 1
+twice = sorted(k for k, n in runs.items() if n > 1)
 acked = {}
 for line in open(sys.argv[1]):
     key, task = line.split()
@@ -211,9 +224,9 @@ for key, ids in sorted(acked.items()):
         unfinished.append(f"{key}={task}:{state}")
     elif state == "succeeded":
         text = ((t.get("result") or {}).get("content") or [{}])[0].get("text")
-        if text != key:
-            wrong.append(f"{key}={task}:{text!r}")
-print(json.dumps({"keys": len(acked), "listed": len(listed), "states": states, "two_tasks": two, "unfinished": unfinished, "wrong": wrong}))
+        if text != f"recorded {key}" or runs.get(key) != 1:
+            wrong.append(f"{key}={task}:{text!r} ran {runs.get(key, 0)}x")
+print(json.dumps({"keys": len(acked), "listed": len(listed), "runs": sum(runs.values()), "states": states, "two_tasks": two, "unfinished": unfinished, "wrong": wrong, "ran_twice": twice}))
 sys.exit(0)
 PY
 then
@@ -222,7 +235,8 @@ then
   field() { python3 -c "import json,sys; v=json.loads(sys.argv[1])['$1']; print(len(v) if isinstance(v, list) else v)" "$verdict"; }
   [ "$(field two_tasks)" = 0 ] && ok "no idempotency key made two tasks" || fail "keys with two tasks" "$verdict"
   [ "$(field unfinished)" = 0 ] && ok "every acknowledged call reached a terminal state" || fail "calls never finished" "$verdict"
-  [ "$(field wrong)" = 0 ] && ok "every succeeded call holds its own result" || fail "calls with a wrong result" "$verdict"
+  [ "$(field wrong)" = 0 ] && ok "every succeeded call holds its own result and ran once" || fail "calls with a wrong result or run count" "$verdict"
+  [ "$(field ran_twice)" = 0 ] && ok "no call ran twice" || fail "calls that ran twice" "$verdict"
 else
   fail "checking the acknowledged calls"
 fi

@@ -231,7 +231,7 @@ impl Ca {
     /// Issues a server certificate for a hub, valid for `names` (DNS names or IP addresses).
     pub fn issue_hub(&self, hub_name: &str, names: &[String]) -> Result<CertifiedKey, PkiError> {
         let key = KeyPair::generate()?;
-        let mut params = leaf_params(hub_name)?;
+        let mut params = leaf_params(hub_name, LEAF_VALIDITY)?;
         params.subject_alt_names = names.iter().map(|n| san(n)).collect::<Result<_, _>>()?;
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
@@ -249,9 +249,20 @@ impl Ca {
     /// Signs a node's CSR. Only the CSR's public key is used: the subject is the node id the
     /// hub chose, and the only usage is TLS client authentication.
     pub fn sign_node_csr(&self, csr_pem: &str, node_id: &str) -> Result<String, PkiError> {
+        self.sign_node_csr_for(csr_pem, node_id, LEAF_VALIDITY.unsigned_abs())
+    }
+
+    /// [`Ca::sign_node_csr`], valid for `validity`.
+    pub fn sign_node_csr_for(
+        &self,
+        csr_pem: &str,
+        node_id: &str,
+        validity: std::time::Duration,
+    ) -> Result<String, PkiError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| PkiError::BadCsr(e.to_string()))?;
-        let mut params = leaf_params(node_id)?;
+        let validity = Duration::try_from(validity).unwrap_or(LEAF_VALIDITY);
+        let mut params = leaf_params(node_id, validity)?;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.organizational_unit(ROLE_NODE);
         let cert = params.signed_by(&csr.public_key, &self.issuer()?)?;
@@ -261,7 +272,7 @@ impl Ca {
     /// Issues a client certificate directly (for agents and tools that want mTLS).
     pub fn issue_client(&self, subject: &str) -> Result<CertifiedKey, PkiError> {
         let key = KeyPair::generate()?;
-        let mut params = leaf_params(subject)?;
+        let mut params = leaf_params(subject, LEAF_VALIDITY)?;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.organizational_unit(ROLE_AGENT);
         let cert = params.signed_by(&key, &self.issuer()?)?;
@@ -288,15 +299,17 @@ impl ParamsExt for CertificateParams {
     }
 }
 
-fn leaf_params(common_name: &str) -> Result<CertificateParams, PkiError> {
+fn leaf_params(common_name: &str, validity: Duration) -> Result<CertificateParams, PkiError> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params
         .distinguished_name
         .push(DnType::CommonName, common_name.to_owned());
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     let now = OffsetDateTime::now_utc();
-    params.not_before = now - Duration::minutes(5);
-    params.not_after = now + LEAF_VALIDITY;
+    // Backdated for clocks a little behind ours, by at most a tenth of the lifetime (a
+    // short-lived certificate must not be mostly past).
+    params.not_before = now - std::cmp::min(validity / 10_i32, Duration::minutes(5));
+    params.not_after = now + validity;
     let mut serial = [0u8; 16];
     rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut serial);
     serial[0] &= 0x7f;
@@ -356,6 +369,15 @@ pub fn peer_identity(cert_der: &[u8]) -> Option<PeerIdentity> {
     })
 }
 
+/// When the first certificate in a PEM text starts and stops being valid (seconds since
+/// the epoch).
+pub fn pem_validity(pem: &str) -> Option<(i64, i64)> {
+    let der = rustls_pemfile::certs(&mut pem.as_bytes()).next()?.ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    let v = cert.validity();
+    Some((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
 /// [`peer_identity`] of the first certificate in a PEM text.
 pub fn pem_identity(pem: &str) -> Option<PeerIdentity> {
     let der = rustls_pemfile::certs(&mut pem.as_bytes()).next()?.ok()?;
@@ -410,6 +432,17 @@ mod tests {
         assert_eq!(other.common_name, "node-7");
         assert_ne!(other.serial, id.serial);
         assert!(!id.serial.is_empty());
+        let (from, to) = pem_validity(&pem).unwrap();
+        assert_eq!(
+            to - from,
+            LEAF_VALIDITY.whole_seconds() + 300,
+            "90 days, backdated 5 min"
+        );
+        let short = ca
+            .sign_node_csr_for(&csr, "node-7", std::time::Duration::from_secs(60))
+            .unwrap();
+        let (from, to) = pem_validity(&short).unwrap();
+        assert_eq!(to - from, 66, "a minute, backdated a tenth of it");
     }
 
     #[test]

@@ -108,6 +108,7 @@ struct Inner {
     tenants: Mutex<Buckets>,
     streams: Mutex<HashMap<String, u32>>,
     joins: Mutex<Buckets>,
+    renewals: Mutex<Buckets>,
 }
 
 /// The hub's quotas. Cheap to clone.
@@ -151,6 +152,7 @@ impl Quota {
             tenants: Mutex::default(),
             streams: Mutex::default(),
             joins: Mutex::default(),
+            renewals: Mutex::default(),
         }))
     }
 
@@ -252,6 +254,18 @@ impl Quota {
                 .lock()
                 .expect("join buckets")
                 .take(source, rate, burst, Instant::now());
+    }
+
+    /// Counts a certificate renewal of `node_id`: one a minute on average, three at once (a
+    /// node renews at two thirds of its certificate's life; a node asking in a loop would
+    /// otherwise commit an entry each time).
+    pub fn renewal_allowed(&self, node_id: &str) -> HubResult<()> {
+        self.0
+            .renewals
+            .lock()
+            .expect("renewal buckets")
+            .take(node_id, 1.0 / 60.0, 3, Instant::now())
+            .map_err(|wait| exhausted(format!("node {node_id} renews too often"), wait))
     }
 
     /// Refuses a submission of `adding` tasks when the tenant has `queued` waiting already.

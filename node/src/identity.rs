@@ -26,9 +26,26 @@ fn dir(data_dir: &Path) -> PathBuf {
     data_dir.join("identity")
 }
 
+/// Moves a renewed pair (`renewed.key`, `renewed.pem`) in, or finishes a move a crash
+/// interrupted: both written, the key moved, or only part of the key written (dropped).
+fn finish_renewal(d: &Path) -> anyhow::Result<()> {
+    let (key, cert) = (d.join("renewed.key"), d.join("renewed.pem"));
+    if !cert.exists() {
+        // Nothing renewed, or the key alone was being written: the old pair stands.
+        let _ = std::fs::remove_file(&key);
+        return Ok(());
+    }
+    if key.exists() {
+        std::fs::rename(&key, d.join("node.key")).context("moving in the renewed key")?;
+    }
+    std::fs::rename(&cert, d.join("node.pem")).context("moving in the renewed certificate")?;
+    Ok(())
+}
+
 impl Identity {
     pub fn load(data_dir: &Path) -> anyhow::Result<Option<Self>> {
         let d = dir(data_dir);
+        finish_renewal(&d)?;
         let Some(key) = CertifiedKey::read(&d, "node")? else {
             return Ok(None);
         };
@@ -61,6 +78,18 @@ impl Identity {
         std::fs::write(d.join("node-id"), &self.node_id)?;
         std::fs::write(d.join("hubs"), self.hubs.join("\n"))?;
         Ok(())
+    }
+
+    /// Keeps a renewed certificate and its key in place of the current pair. Two files
+    /// cannot be replaced at once, so the pair is first written beside them (the key, then
+    /// the certificate, each whole), then moved in (the key, then the certificate);
+    /// [`finish_renewal`] completes a move a crash interrupted, so the pair on disk always
+    /// matches.
+    pub(crate) fn save_renewed(&self, data_dir: &Path) -> anyhow::Result<()> {
+        let d = dir(data_dir);
+        pki::write_secret(&d.join("renewed.key"), self.key.key_pem.as_bytes())?;
+        pki::write_secret(&d.join("renewed.pem"), self.key.cert_pem.as_bytes())?;
+        finish_renewal(&d)
     }
 
     pub fn client_tls(&self) -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {
@@ -113,4 +142,41 @@ pub async fn load_or_join(cfg: &NodeConfig) -> anyhow::Result<Identity> {
     id.save(&cfg.data_dir)?;
     tracing::info!(node_id = %id.node_id, "joined the cluster");
     Ok(id)
+}
+
+#[cfg(test)]
+mod renewal_tests {
+    use super::*;
+
+    fn pair(d: &Path) -> (String, String) {
+        (
+            std::fs::read_to_string(d.join("node.key")).unwrap(),
+            std::fs::read_to_string(d.join("node.pem")).unwrap(),
+        )
+    }
+
+    #[test]
+    fn an_interrupted_renewal_leaves_a_matching_pair_on_disk() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path();
+        let put = |name: &str, text: &str| std::fs::write(d.join(name), text).unwrap();
+        put("node.key", "old key");
+        put("node.pem", "old cert");
+        // Stopped while the new key was being written: the old pair stands.
+        put("renewed.key", "new k");
+        finish_renewal(d).unwrap();
+        assert_eq!(pair(d), ("old key".into(), "old cert".into()));
+        assert!(!d.join("renewed.key").exists());
+        // Both written, nothing moved yet: the new pair goes in.
+        put("renewed.key", "new key");
+        put("renewed.pem", "new cert");
+        finish_renewal(d).unwrap();
+        assert_eq!(pair(d), ("new key".into(), "new cert".into()));
+        // Stopped between the two moves: the certificate follows its key.
+        put("node.key", "newer key");
+        put("renewed.pem", "newer cert");
+        finish_renewal(d).unwrap();
+        assert_eq!(pair(d), ("newer key".into(), "newer cert".into()));
+        assert!(!d.join("renewed.pem").exists());
+    }
 }

@@ -71,7 +71,8 @@ impl Work {
 #[derive(Clone)]
 pub struct Session {
     cfg: Arc<NodeConfig>,
-    identity: Identity,
+    /// Replaced when the certificate is renewed; the next connection uses the new one.
+    identity: Arc<Mutex<Identity>>,
     servers: Servers,
     work: Arc<Mutex<Work>>,
     load: Load,
@@ -94,7 +95,7 @@ impl Session {
     ) -> Self {
         Self {
             cfg,
-            identity,
+            identity: Arc::new(Mutex::new(identity)),
             servers,
             work: Arc::default(),
             load: Load::new(),
@@ -106,7 +107,7 @@ impl Session {
     /// The hubs to try, the configured one first.
     fn endpoints(&self) -> Vec<String> {
         let mut v = vec![self.cfg.hub.clone()];
-        for h in &self.identity.hubs {
+        for h in &self.identity.lock().expect("identity lock").hubs {
             if !v.contains(h) {
                 v.push(h.clone());
             }
@@ -119,9 +120,9 @@ impl Session {
     /// leader yet (an election) is asked again shortly; an unreachable hub is skipped for
     /// the next one the node knows, and only a full round of failures backs off.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let tls = self.identity.client_tls()?;
         let mut reconnect = Reconnect::new(self.endpoints());
         loop {
+            let tls = self.identity.lock().expect("identity lock").client_tls()?;
             let target = reconnect.target().to_owned();
             let started = std::time::Instant::now();
             let result = tokio::select! {
@@ -188,6 +189,7 @@ impl Session {
                 .map_err(SessionError::other)?;
         }
         let hb = tokio::spawn(self.clone().heartbeats(tx.clone()));
+        let renewal = tokio::spawn(self.clone().keep_certificate(client.clone()));
         let mut tools_changed = self.servers.tools_changed();
         tools_changed.borrow_and_update();
         let result = async {
@@ -228,7 +230,69 @@ impl Session {
         }
         .await;
         hb.abort();
+        renewal.abort();
         result
+    }
+
+    /// Renews the node's certificate over the open connection when two thirds of its life
+    /// have passed (the session goes on; the next connection uses the new certificate).
+    /// A failed renewal is tried again a minute later.
+    async fn keep_certificate(self, mut client: NodeServiceClient<tonic::transport::Channel>) {
+        loop {
+            let cert = self
+                .identity
+                .lock()
+                .expect("identity lock")
+                .key
+                .cert_pem
+                .clone();
+            let Some((from, to)) = flotilla_common::pki::pem_validity(&cert) else {
+                tracing::error!("cannot read the node's own certificate; it will not be renewed");
+                return;
+            };
+            let due_s = from + (to - from) * 2 / 3;
+            let wait_ms = (due_s * 1000 - flotilla_common::now_ms()).max(0) as u64;
+            tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+            match self.renew(&mut client).await {
+                Ok(until_ms) => {
+                    tracing::info!(valid_until = %until_ms, "renewed the node's certificate");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not renew the node's certificate; trying again in a minute");
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+            }
+        }
+    }
+
+    /// Asks for a certificate for a new key, keeps it on disk and in memory; returns when
+    /// it expires (ms since the epoch).
+    async fn renew(
+        &self,
+        client: &mut NodeServiceClient<tonic::transport::Channel>,
+    ) -> anyhow::Result<i64> {
+        let node_id = self.identity.lock().expect("identity lock").node_id.clone();
+        let (key_pem, csr_pem) = flotilla_common::pki::node_key_and_csr(&node_id)?;
+        let r = client
+            .renew_certificate(flotilla_proto::RenewCertificateRequest { csr_pem })
+            .await?
+            .into_inner();
+        let issued = flotilla_common::pki::pem_identity(&r.certificate_pem).ok_or_else(|| {
+            anyhow::anyhow!("the hub answered something that is not a certificate")
+        })?;
+        anyhow::ensure!(
+            issued.common_name == node_id,
+            "the hub issued a certificate for {:?}, not this node",
+            issued.common_name
+        );
+        let mut renewed = self.identity.lock().expect("identity lock").clone();
+        renewed.key = flotilla_common::pki::CertifiedKey {
+            cert_pem: r.certificate_pem,
+            key_pem,
+        };
+        renewed.save_renewed(&self.cfg.data_dir)?;
+        *self.identity.lock().expect("identity lock") = renewed;
+        Ok(r.not_after_ms)
     }
 
     async fn heartbeats(self, tx: mpsc::Sender<NodeMessage>) {
@@ -276,7 +340,7 @@ impl Session {
             gen_ai.tool.name = %a.tool,
             flotilla.task_id = %a.task_id,
             flotilla.attempt = a.attempt,
-            flotilla.node_id = %self.identity.node_id,
+            flotilla.node_id = %self.identity.lock().expect("identity lock").node_id,
             flotilla.server = %a.server,
             error.type = tracing::field::Empty,
         );

@@ -366,3 +366,100 @@ async fn a_token_that_lives_longer_than_the_cluster_allows_is_refused() -> anyho
     assert_eq!(e.code(), Code::Unauthenticated);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_node_renews_its_certificate_while_a_call_runs_and_the_call_completes(
+) -> anyhow::Result<()> {
+    // Certificates of a minute (66 s with their backdating): the node renews at two thirds.
+    let opts = flotilla_tests::Options {
+        node_cert_lifetime_s: 60,
+        ..Default::default()
+    };
+    let mut c = Cluster::with_options(1, opts).await?;
+    c.add_node(NodeSpec::demo("edge-1")).await?;
+    let identity = c.node_dir("edge-1").join("identity");
+    let first = pki::CertifiedKey::read(&identity, "node")?.expect("joined");
+    let first_id = pki::pem_identity(&first.cert_pem).expect("a certificate");
+    let (from, to) = pki::pem_validity(&first.cert_pem).expect("validity");
+    assert_eq!(to - from, 66);
+
+    // A call that runs across the renewal (due about 38 s after joining).
+    let agent = c.agent();
+    let id = agent
+        .clone()
+        .submit_task(flotilla_tests::submit(
+            "sleep",
+            serde_json::json!({"ms": 50_000, "steps": 50}),
+        ))
+        .await?
+        .into_inner()
+        .task_id;
+    wait_state(&agent, &id, pb::TaskState::Running).await?;
+    let renewed = wait_until(
+        "edge-1 to renew its certificate",
+        std::time::Duration::from_secs(120),
+        || {
+            let got = pki::CertifiedKey::read(&identity, "node")
+                .ok()
+                .flatten()
+                .filter(|k| k.cert_pem != first.cert_pem);
+            async move { got }
+        },
+    )
+    .await?;
+    let renewed_id = pki::pem_identity(&renewed.cert_pem).expect("a certificate");
+    assert_eq!(renewed_id.common_name, "edge-1");
+    assert_ne!(renewed_id.serial, first_id.serial);
+    assert_ne!(renewed.key_pem, first.key_pem, "a new key");
+    let (_, renewed_to) = pki::pem_validity(&renewed.cert_pem).expect("validity");
+    assert!(renewed_to > to);
+    let task = agent
+        .clone()
+        .get_task(pb::GetTaskRequest {
+            task_id: id.clone(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        task.state(),
+        pb::TaskState::Running,
+        "renewed while the call ran"
+    );
+
+    // The call completes on its first attempt: the session was never dropped.
+    let done = wait_done(&agent, &id).await?;
+    assert_eq!(done.state(), pb::TaskState::Succeeded, "{done:?}");
+    assert_eq!(done.attempts.len(), 1, "{done:?}");
+    let log = c.nodes["edge-1"].log_text();
+    assert!(log.contains("renewed the node's certificate"));
+    assert!(
+        !log.contains("session with the hub ended"),
+        "the session went on"
+    );
+
+    // Both the certificate it presented and the new one open a session; the next
+    // connection (a restart) uses the new one.
+    let api = c.hub(1).api.clone();
+    for key in [&first, &renewed] {
+        assert_ne!(session_code(&c, &api, key).await?, Code::PermissionDenied);
+    }
+    drop(c.nodes.remove("edge-1"));
+    let spec = NodeSpec::demo("edge-1");
+    let path = c.write_node_config(&spec).await?;
+    let proc = flotilla_tests::Proc::spawn(
+        "edge-1",
+        &["node", "--config", path.to_str().unwrap_or_default()],
+        &c.node_dir("edge-1").join("node-2.log"),
+    )?;
+    c.nodes.insert("edge-1".into(), proc);
+    c.wait_node_connected("edge-1").await?;
+    let t = c
+        .call(
+            &mut c.agent(),
+            "echo",
+            serde_json::json!({"text": "renewed"}),
+        )
+        .await?;
+    assert_eq!(flotilla_tests::result_text(&t), "renewed");
+    Ok(())
+}

@@ -232,6 +232,10 @@ pub struct HubFile {
     pub limits: Limits,
     #[serde(default)]
     pub agent_tokens: AgentTokens,
+    /// How long the certificates nodes get (joining, renewing) are valid, in seconds; a
+    /// node renews its own when two thirds of the time have passed.
+    #[serde(default = "default_node_cert_lifetime_s")]
+    pub node_cert_lifetime_s: u64,
     /// Every node may introduce tool names the cluster has not seen (a single-owner
     /// cluster such as `flotilla dev`). Otherwise only nodes that joined with a token
     /// created with `--may-add-tools` may; a name another node introduces waits until an
@@ -239,6 +243,10 @@ pub struct HubFile {
     /// joining node chooses its own name.)
     #[serde(default)]
     pub trust_node_tools: bool,
+}
+
+fn default_node_cert_lifetime_s() -> u64 {
+    defaults::NODE_CERT_LIFETIME_S
 }
 
 fn default_storage_cache_mb() -> u64 {
@@ -331,6 +339,7 @@ pub struct HubConfig {
     pub retention_max_tasks: u64,
     pub limits: Limits,
     pub agent_tokens: AgentTokens,
+    pub node_cert_lifetime_s: u64,
     pub trust_node_tools: bool,
 }
 
@@ -394,6 +403,13 @@ impl HubFile {
         }
         self.limits.validate(file)?;
         self.agent_tokens.validate(file)?;
+        if !(60..=366 * 24 * 3600).contains(&self.node_cert_lifetime_s) {
+            return Err(invalid(
+                file,
+                "node_cert_lifetime_s",
+                "must be from 60 to 31622400 (a year)",
+            ));
+        }
         if !(8..=65_536).contains(&self.storage_cache_mb) {
             return Err(invalid(
                 file,
@@ -529,6 +545,7 @@ impl HubFile {
             retention_max_tasks: self.retention_max_tasks,
             limits: self.limits,
             agent_tokens: self.agent_tokens,
+            node_cert_lifetime_s: self.node_cert_lifetime_s,
             trust_node_tools: self.trust_node_tools,
         })
     }

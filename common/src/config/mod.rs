@@ -261,6 +261,8 @@ pub mod defaults {
     /// 90 days: as long as a node's certificate.
     pub const TOKEN_MAX_LIFETIME_HOURS: u64 = 90 * 24;
     pub const BOOTSTRAP_ADMIN_HOURS: u64 = 24;
+    /// 90 days.
+    pub const NODE_CERT_LIFETIME_S: u64 = 90 * 24 * 3600;
     pub const JOIN_FAILURES_PER_MIN: u32 = 10;
 }
 

@@ -70,7 +70,9 @@ impl AdminApi {
 }
 
 const DEFAULT_JOIN_TTL_S: u64 = 3600;
-const MAX_JOIN_TTL_S: u64 = 7 * 24 * 3600;
+/// A year: nodes of a Deployment or DaemonSet join whenever a pod is made, with a token kept
+/// in a Secret; `flotilla token list` and `token revoke` keep such a token under control.
+const MAX_JOIN_TTL_S: u64 = 366 * 24 * 3600;
 pub const DEFAULT_AGENT_TTL_S: u64 = 24 * 3600;
 
 pub struct AdminApi {

@@ -3,9 +3,10 @@
 
 use std::pin::Pin;
 
-use flotilla_common::token::hash_secret;
+use flotilla_common::{pki::PeerIdentity, token::hash_secret};
 use flotilla_proto::{
     node_service_server::NodeService, HubMessage, JoinRequest, JoinResponse, NodeMessage,
+    RenewCertificateRequest, RenewCertificateResponse,
 };
 use futures::Stream;
 use tonic::{Request, Response, Status, Streaming};
@@ -28,6 +29,38 @@ fn valid_node_name(s: &str) -> bool {
         && !s.starts_with('-')
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+impl NodeApi {
+    /// The node certificate of the request, if the cluster accepts it: issued to a node that
+    /// is registered, and one of the certificates its record lists.
+    fn accepted_node<T>(&self, req: &Request<T>) -> Result<PeerIdentity, HubError> {
+        let cert = auth::node(req)?;
+        let node_id = &cert.common_name;
+        let known = self
+            .hub
+            .state()
+            .nodes
+            .get(node_id)
+            .map(|n| n.holds_certificate(&cert.serial));
+        match known {
+            Some(true) => Ok(cert),
+            Some(false) => {
+                tracing::warn!(node_id = %node_id, serial = %cert.serial, "refused a node certificate the cluster no longer accepts");
+                self.hub.metrics.auth_failed("revoked_certificate");
+                Err(HubError::PermissionDenied(format!(
+                    "this certificate of node {node_id:?} is no longer accepted (replaced by a renewal, or the node was removed and joined again); join with a new token"
+                )))
+            }
+            None => {
+                tracing::warn!(node_id = %node_id, "refused a node that is not registered (removed, or never joined)");
+                self.hub.metrics.auth_failed("unknown_node");
+                Err(HubError::PermissionDenied(format!(
+                    "node {node_id:?} is not registered in this cluster (removed, or never joined); join with a new token"
+                )))
+            }
+        }
+    }
 }
 
 type HubStream = Pin<Box<dyn Stream<Item = Result<HubMessage, Status>> + Send>>;
@@ -84,7 +117,11 @@ impl NodeService for NodeApi {
         let cert = self
             .hub
             .ca()
-            .sign_node_csr(&r.csr_pem, &r.name)
+            .sign_node_csr_for(
+                &r.csr_pem,
+                &r.name,
+                std::time::Duration::from_secs(self.hub.config().node_cert_lifetime_s),
+            )
             .map_err(|e| HubError::InvalidArgument(e.to_string()))?;
         let serial = flotilla_common::pki::pem_identity(&cert)
             .map(|id| id.serial)
@@ -127,37 +164,49 @@ impl NodeService for NodeApi {
 
     type SessionStream = HubStream;
 
+    async fn renew_certificate(
+        &self,
+        req: Request<RenewCertificateRequest>,
+    ) -> Result<Response<RenewCertificateResponse>, Status> {
+        let cert = self.accepted_node(&req)?;
+        let node_id = cert.common_name;
+        flotilla_common::limits::check_len("csr_pem", &req.get_ref().csr_pem, 16 * 1024)
+            .map_err(HubError::from)?;
+        self.hub.quota.renewal_allowed(&node_id)?;
+        let lifetime = std::time::Duration::from_secs(self.hub.config().node_cert_lifetime_s);
+        let pem = self
+            .hub
+            .ca()
+            .sign_node_csr_for(&req.get_ref().csr_pem, &node_id, lifetime)
+            .map_err(|e| HubError::InvalidArgument(e.to_string()))?;
+        let (serial, not_after_s) = flotilla_common::pki::pem_identity(&pem)
+            .zip(flotilla_common::pki::pem_validity(&pem))
+            .map(|(id, (_, to))| (id.serial, to))
+            .ok_or_else(|| HubError::Internal("cannot read the certificate just signed".into()))?;
+        let cmd = Command::RenewNodeCertificate {
+            node_id: node_id.clone(),
+            presented: cert.serial,
+            serial: serial.clone(),
+            at_ms: flotilla_common::now_ms(),
+        };
+        if let state::Response::Rejected(r) = self.hub.write(cmd).await? {
+            return Err(HubError::PermissionDenied(format!(
+                "renewal refused ({r}); join with a new token"
+            ))
+            .into());
+        }
+        tracing::info!(node_id = %node_id, serial = %serial, not_after_s, "node certificate renewed");
+        Ok(Response::new(RenewCertificateResponse {
+            certificate_pem: pem,
+            not_after_ms: not_after_s * 1000,
+        }))
+    }
+
     async fn session(
         &self,
         req: Request<Streaming<NodeMessage>>,
     ) -> Result<Response<HubStream>, Status> {
-        let cert = auth::node(&req)?;
-        let node_id = cert.common_name;
-        let known = self
-            .hub
-            .state()
-            .nodes
-            .get(&node_id)
-            .map(|n| n.holds_certificate(&cert.serial));
-        match known {
-            Some(true) => {}
-            Some(false) => {
-                tracing::warn!(node_id = %node_id, serial = %cert.serial, "refused a node certificate the cluster no longer accepts");
-                self.hub.metrics.auth_failed("revoked_certificate");
-                return Err(HubError::PermissionDenied(format!(
-                    "this certificate of node {node_id:?} is no longer accepted (the node was removed and joined again); join with a new token"
-                ))
-                .into());
-            }
-            None => {
-                tracing::warn!(node_id = %node_id, "refused a session of a node that is not registered (removed, or never joined)");
-                self.hub.metrics.auth_failed("unknown_node");
-                return Err(HubError::PermissionDenied(format!(
-                    "node {node_id:?} is not registered in this cluster (removed, or never joined); join with a new token"
-                ))
-                .into());
-            }
-        }
+        let node_id = self.accepted_node(&req)?.common_name;
         self.hub.require_leader()?;
         let out = protocol::serve(&self.hub, node_id, req.into_inner()).await?;
         Ok(Response::new(Box::pin(futures::StreamExt::map(

@@ -84,6 +84,14 @@ pub enum Command {
         #[serde(default)]
         cert_serial: String,
     },
+    /// A node renewed its certificate: from now on only the one it presented to ask
+    /// (`presented`) and the new one (`serial`) open its session.
+    RenewNodeCertificate {
+        node_id: String,
+        presented: String,
+        serial: String,
+        at_ms: i64,
+    },
     /// An admin removes a node for good: its tasks go as on node loss, its certificates
     /// stop opening sessions, and it may come back only by joining again.
     RemoveNode {
@@ -221,6 +229,7 @@ impl Command {
             | Self::RegisterNode { at_ms, .. }
             | Self::RevokeJoinToken { at_ms, .. }
             | Self::RemoveNode { at_ms, .. }
+            | Self::RenewNodeCertificate { at_ms, .. }
             | Self::RevokeAgentTokens { at_ms, .. }
             | Self::NodeHello { at_ms, .. }
             | Self::NodeDown { at_ms, .. }

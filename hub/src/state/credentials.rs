@@ -22,6 +22,8 @@ use super::{JoinTokenRecord, Rejection, Response, State, TaskStatus};
 pub const MAX_JOIN_TOKENS: usize = 10_000;
 /// Signing keys held at once (the active one and those still verifying older tokens).
 pub const MAX_SIGNING_KEYS: usize = 16;
+/// Certificates a node may hold at once (the one it connected with and renewals since).
+pub const MAX_NODE_CERTIFICATES: usize = 4;
 /// Revoked token ids, and revoked subjects, held at once (each kind).
 pub const MAX_REVOCATIONS: usize = 100_000;
 
@@ -192,6 +194,38 @@ impl State {
         Ok(Response::NodeWentDown { requeued, lost })
     }
 
+    /// The node renewed its certificate with the one it `presented`: that one, those issued
+    /// after it (a connection keeps presenting the certificate it was opened with, so the
+    /// node may hold a newer one than it shows) and the new `serial` open its session from
+    /// now on, at most `MAX_NODE_CERTIFICATES`; any older one is refused.
+    pub(super) fn renew_node_certificate(
+        &mut self,
+        node_id: &str,
+        presented: &str,
+        serial: &str,
+    ) -> Result<Response, Rejection> {
+        let node = self.node_mut(node_id)?;
+        if !node.holds_certificate(presented) {
+            return Err(Rejection::Stale);
+        }
+        let from = node
+            .cert_serials
+            .iter()
+            .position(|s| s == presented)
+            .unwrap_or(node.cert_serials.len());
+        let mut kept: Vec<String> = node.cert_serials.split_off(from);
+        if kept.is_empty() {
+            kept.push(presented.to_owned());
+        }
+        kept.push(serial.to_owned());
+        // Over the cap, the presented one stays and the oldest after it go.
+        while kept.len() > MAX_NODE_CERTIFICATES {
+            kept.remove(1);
+        }
+        node.cert_serials = kept;
+        Ok(Response::Done)
+    }
+
     /// Drops what can no longer matter at `now_ms`: join tokens past their expiry, retired
     /// signing keys (never the active one), revocations past their keep.
     fn prune_credentials(&mut self, now_ms: i64) {
@@ -353,6 +387,38 @@ mod tests {
         assert_eq!(s.nodes["n1"].status, NodeStatus::Ready);
         // A record from before serials were kept accepts the name's certificates.
         assert!(NodeRecord::new("old", Default::default(), 0).holds_certificate("any"));
+    }
+
+    #[test]
+    fn a_renewal_keeps_the_presented_certificate_and_newer_ones_and_drops_older_ones() {
+        let mut s = State::default();
+        s.apply(1, &token("tok", 100_000));
+        s.apply(2, &register("n1", "a", 10));
+        let renew = |presented: &str, serial: &str| Command::RenewNodeCertificate {
+            node_id: "n1".into(),
+            presented: presented.into(),
+            serial: serial.into(),
+            at_ms: 20,
+        };
+        assert_eq!(s.apply(3, &renew("a", "b")), Response::Done);
+        assert_eq!(s.nodes["n1"].cert_serials, vec!["a", "b"]);
+        // Renewed again over the connection still showing `a`: `b` stays (the node may
+        // hold it if this answer is lost).
+        s.apply(4, &renew("a", "c"));
+        assert_eq!(s.nodes["n1"].cert_serials, vec!["a", "b", "c"]);
+        // Connected with `c` now: `a` and `b` go.
+        s.apply(5, &renew("c", "d"));
+        assert_eq!(s.nodes["n1"].cert_serials, vec!["c", "d"]);
+        assert!(!s.nodes["n1"].holds_certificate("a"));
+        // A certificate no longer held cannot renew.
+        assert_eq!(
+            s.apply(6, &renew("a", "e")),
+            Response::Rejected(Rejection::Stale)
+        );
+        for (i, serial) in ["e", "f", "g", "h"].into_iter().enumerate() {
+            s.apply(7 + i as u64, &renew("c", serial));
+        }
+        assert_eq!(s.nodes["n1"].cert_serials, vec!["c", "f", "g", "h"]);
     }
 
     #[test]

@@ -30,7 +30,10 @@ use serde::{Deserialize, Serialize};
 
 pub use self::{
     command::*,
-    credentials::{Revocations, Revoked, MAX_JOIN_TOKENS, MAX_REVOCATIONS, MAX_SIGNING_KEYS},
+    credentials::{
+        Revocations, Revoked, MAX_JOIN_TOKENS, MAX_NODE_CERTIFICATES, MAX_REVOCATIONS,
+        MAX_SIGNING_KEYS,
+    },
     fanout::vote_of,
     history::{History, Lookup},
     index::Index,
@@ -291,6 +294,12 @@ impl State {
                 cert_serial,
             } => self.register_node(node_id, token_id, secret_hash, labels, cert_serial, *at_ms),
             Command::RemoveNode { node_id, at_ms } => self.remove_node(node_id, *at_ms),
+            Command::RenewNodeCertificate {
+                node_id,
+                presented,
+                serial,
+                ..
+            } => self.renew_node_certificate(node_id, presented, serial),
             Command::NodeHello {
                 node_id,
                 labels,

@@ -210,7 +210,7 @@ impl State {
         Ok(Response::NodeWentDown { requeued, lost })
     }
 
-    fn node_mut(&mut self, node_id: &str) -> Result<&mut NodeRecord, Rejection> {
+    pub(super) fn node_mut(&mut self, node_id: &str) -> Result<&mut NodeRecord, Rejection> {
         self.nodes
             .get_mut(node_id)
             .ok_or_else(|| Rejection::NoSuchNode(node_id.to_owned()))
