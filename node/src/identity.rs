@@ -98,6 +98,16 @@ impl Identity {
 }
 
 /// Loads the stored identity, or joins the cluster with the configured token.
+/// Whether a join that failed with `code` is worth asking again: the hub could not answer,
+/// rather than refused.
+fn join_may_succeed_later(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(
+        code,
+        Unavailable | DeadlineExceeded | ResourceExhausted | Unknown | Aborted
+    )
+}
+
 pub async fn load_or_join(cfg: &NodeConfig) -> anyhow::Result<Identity> {
     if let Some(id) = Identity::load(&cfg.data_dir)? {
         return Ok(id);
@@ -112,16 +122,26 @@ pub async fn load_or_join(cfg: &NodeConfig) -> anyhow::Result<Identity> {
     let (key_pem, csr_pem) = pki::node_key_and_csr(&cfg.name)?;
     let channel = tls::channel(&cfg.hub, tls::pinned_client_config(&token.ca_pin)?)?;
     let mut client = NodeServiceClient::new(channel);
-    let resp = client
-        .join(JoinRequest {
-            token_id: token.id.clone(),
-            token_secret: token.secret.clone(),
-            name: cfg.name.clone(),
-            csr_pem,
-        })
-        .await
-        .map_err(|s| anyhow::anyhow!("join refused by {}: {}", cfg.hub, s.message()))?
-        .into_inner();
+    let request = JoinRequest {
+        token_id: token.id.clone(),
+        token_secret: token.secret.clone(),
+        name: cfg.name.clone(),
+        csr_pem,
+    };
+    // A hub that cannot answer now (down, electing a leader, overloaded) is asked again,
+    // with backoff; a refusal (a bad token, a name taken) ends the start at once.
+    let mut pause = std::time::Duration::from_secs(1);
+    let resp = loop {
+        match client.join(request.clone()).await {
+            Ok(r) => break r.into_inner(),
+            Err(s) if join_may_succeed_later(s.code()) => {
+                tracing::warn!(hub = %cfg.hub, code = ?s.code(), error = %s.message(), retry_in_s = pause.as_secs(), "could not join yet");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(30));
+            }
+            Err(s) => bail!("join refused by {}: {}", cfg.hub, s.message()),
+        }
+    };
     let ca_der = tls::parse_certs(&resp.ca_pem)?;
     let pin_ok = ca_der
         .first()
