@@ -1,6 +1,7 @@
 //! `flotilla`: one binary for hubs, nodes, the local dev cluster, the demo MCP server and
 //! the client commands. `main` parses arguments and calls into the libraries.
 
+mod audit;
 mod call;
 mod cluster;
 mod connect;
@@ -99,6 +100,9 @@ enum Command {
     /// The keys that sign agent tokens: rotate, list (admin).
     #[command(subcommand)]
     Keys(tokens::KeysCommand),
+    /// The audit trail: admin actions, joins, revocations, refused credentials (admin);
+    /// `-o json` prints JSON lines.
+    Audit(audit::AuditArgs),
 }
 
 /// Flags every client command takes.
@@ -254,6 +258,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Token(cmd) => tokens::token(cmd).await,
         Command::AgentToken(cmd) => tokens::agent_token(cmd).await,
         Command::Keys(cmd) => tokens::keys(cmd).await,
+        Command::Audit(a) => audit::audit(a).await,
     }
 }
 

@@ -69,10 +69,23 @@ fn still_valid(kid: &str, c: &Claims, keys: &[jwt::SigningKey], now: i64) -> boo
         && c.nbf.is_none_or(|nbf| now + LEEWAY_S >= nbf)
 }
 
+/// Where a request came from, for the audit trail.
+pub fn source<T>(req: &Request<T>) -> String {
+    req.extensions()
+        .get::<PeerInfo>()
+        .and_then(|p| p.remote_addr)
+        .map_or_else(String::new, |a| a.ip().to_string())
+}
+
 /// Verifies the request's bearer token against the signing keys in the hub's state.
 pub fn agent<T>(req: &Request<T>, hub: &Hub) -> Result<Claims, HubError> {
+    let denied = |actor: &str, tenant: &str, reason: &str| {
+        hub.audit
+            .denied(hub.id(), actor, tenant, "agent token", reason, &source(req));
+    };
     let Some(token) = bearer(req) else {
         hub.metrics.auth_failed(JwtError::Missing.reason());
+        denied("unauthenticated", "", JwtError::Missing.reason());
         return Err(HubError::Unauthenticated(JwtError::Missing.to_string()));
     };
     let now_ms = flotilla_common::now_ms();
@@ -80,11 +93,13 @@ pub fn agent<T>(req: &Request<T>, hub: &Hub) -> Result<Claims, HubError> {
     let claims = hub.tokens.verify(token, &keys).map_err(|e| {
         tracing::info!(error = %e, "rejected agent token");
         hub.metrics.auth_failed(e.reason());
+        denied("unauthenticated", "", e.reason());
         HubError::Unauthenticated(e.user_message())
     })?;
     let refuse = |reason: &'static str, why: String| {
         tracing::info!(subject = ?claims.sub, jti = ?claims.jti, reason, "rejected agent token");
         hub.metrics.auth_failed(reason);
+        denied(&claims.sub, &claims.tenant, reason);
         HubError::Unauthenticated(format!("invalid token: {why}"))
     };
     let max_s = hub.config().agent_tokens.max_lifetime_s() as i64;
@@ -105,6 +120,14 @@ pub fn admin<T>(req: &Request<T>, hub: &Hub) -> Result<Claims, HubError> {
     let claims = agent(req, hub)?;
     if !claims.has_scope(jwt::ADMIN_SCOPE) {
         hub.metrics.auth_failed("missing_scope");
+        hub.audit.denied(
+            hub.id(),
+            &claims.sub,
+            &claims.tenant,
+            "admin API",
+            "missing_scope",
+            &source(req),
+        );
         return Err(HubError::PermissionDenied(format!(
             "this needs the `{}` scope, which the token of {:?} does not hold",
             jwt::ADMIN_SCOPE,

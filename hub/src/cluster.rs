@@ -83,6 +83,8 @@ pub struct Hub {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The dashboard's login tickets and sessions (this hub's own).
     pub dashboard: Arc<crate::dashboard::Dashboard>,
+    /// What this hub saw for the audit trail, waiting to be committed.
+    pub audit: Arc<crate::audit::AuditBuffer>,
 }
 
 impl Hub {
@@ -109,6 +111,7 @@ impl Hub {
             workflows: p.workflows,
             metrics: p.metrics,
             dashboard: Arc::default(),
+            audit: Arc::default(),
         }
     }
 }
@@ -268,7 +271,7 @@ impl Hub {
                         },
                         // Not connected: nothing was sent, so asking again cannot do it twice.
                         Err(s) if s.code() == tonic::Code::Unavailable
-                            && s.message().contains("connect") =>
+                            && s.message().to_ascii_lowercase().contains("connect") =>
                         {
                             format!("leader unreachable: {}", s.message())
                         }

@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod chores;
 pub mod cluster;

@@ -22,10 +22,14 @@ fn cli(c: &Cluster, args: &[&str]) -> anyhow::Result<String> {
 }
 
 fn cli_as(c: &Cluster, token: &str, args: &[&str]) -> anyhow::Result<String> {
+    cli_at(c, &c.hub_addr, token, args)
+}
+
+fn cli_at(c: &Cluster, hub: &str, token: &str, args: &[&str]) -> anyhow::Result<String> {
     let ca = c.dir.path().join("pki/ca.pem");
     let o = Command::new(flotilla_bin())
         .args(args)
-        .env("FLOTILLA_HUB", &c.hub_addr)
+        .env("FLOTILLA_HUB", hub)
         .env("FLOTILLA_CA", &ca)
         .env("FLOTILLA_TOKEN", token)
         .env_remove("FLOTILLA_CONFIG")
@@ -461,5 +465,112 @@ async fn a_node_renews_its_certificate_while_a_call_runs_and_the_call_completes(
         )
         .await?;
     assert_eq!(flotilla_tests::result_text(&t), "renewed");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_audit_trail_shows_refusals_and_admin_actions_on_every_hub_after_a_failover(
+) -> anyhow::Result<()> {
+    let mut c = Cluster::with_hubs(3).await?;
+    c.add_node(NodeSpec::demo("edge-1")).await?;
+    // Refused: a forged token on hub 2, a tools-only token asking for the admin API on hub 3.
+    let forged = "eyJhbGciOiJFUzI1NiIsImtpZCI6Im5vcGUifQ.eyJzdWIiOiJtYWxsb3J5In0.c2ln";
+    assert!(answer(&c, 2, forged).await.is_err());
+    let reader = c.agent_token("reader", "t", &["tools"]).await?;
+    let admin_as_reader = cli_at(&c, &c.hub(3).api.clone(), &reader, &["nodes"]);
+    assert!(admin_as_reader.is_err(), "a tools token may not list nodes");
+    // Admin actions.
+    let join = cli(&c, &["token", "create", "--description", "audit"])?;
+    let join_id = flotilla_common::token::JoinToken::parse(join.trim())?.id;
+    cli(&c, &["token", "revoke", &join_id])?;
+    cli(&c, &["nodes", "cordon", "edge-1"])?;
+    cli(&c, &["agent-token", "revoke", "--subject", "reader"])?;
+    let rotated = json(&cli(&c, &["keys", "rotate", "-o", "json"])?)?;
+    let kid = rotated["kid"].as_str().expect("kid").to_owned();
+
+    // The leader dies; the others still tell the whole story.
+    let leader = c.wait_leader().await?;
+    c.kill_hub(leader);
+    let survivors: Vec<u64> = (1..=3).filter(|h| *h != leader).collect();
+    c.hub_addr = c.hub(survivors[0]).api.clone();
+    c.wait_leader().await?;
+    let wanted = |r: &serde_json::Value| -> Option<&'static str> {
+        let (kind, actor, target, outcome) = (
+            r["kind"].as_str()?,
+            r["actor"].as_str()?,
+            r["target"].as_str()?,
+            r["outcome"].as_str()?,
+        );
+        Some(match (kind, actor) {
+            ("denied", "unauthenticated") if target == "agent token" => "forged token refused",
+            ("denied", "reader") if outcome == "missing_scope" => "reader refused the admin API",
+            ("join", "node edge-1") if outcome == "ok" => "edge-1 joined",
+            ("create_join_token", "admin") if target == join_id => "join token made",
+            ("revoke_join_token", "admin") if target == join_id => "join token revoked",
+            ("cordon_node", "admin") if target == "edge-1" => "edge-1 cordoned",
+            ("revoke_agent_tokens", "admin") if target == "subject reader" => "reader revoked",
+            ("rotate_signing_key", "admin") if target == kid => "key rotated",
+            _ => return None,
+        })
+    };
+    for h in survivors {
+        let api = c.hub(h).api.clone();
+        let story = |out: &str| -> std::collections::BTreeSet<&'static str> {
+            out.lines()
+                .filter_map(|line| serde_json::from_str(line).ok())
+                .filter_map(|r| wanted(&r))
+                .collect()
+        };
+        let deadline = Instant::now() + READY;
+        let seen = loop {
+            let out = cli_at(&c, &api, &c.admin_token, &["audit", "-o", "json"])?;
+            let seen = story(&out);
+            if seen.len() == 8 {
+                break seen;
+            }
+            if Instant::now() >= deadline {
+                let logs: Vec<String> = (1..=3)
+                    .map(|i| {
+                        c.hub(i)
+                            .proc
+                            .log_text()
+                            .lines()
+                            .filter(|l| l.contains("audit") || l.contains("rejected"))
+                            .map(str::to_owned)
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    })
+                    .collect();
+                let addrs: Vec<String> = (1..=3)
+                    .map(|i| format!("hub {i}: api {} raft {}", c.hub(i).api, c.hub(i).raft))
+                    .collect();
+                panic!("hub {h} shows only {seen:?} of the story:\n{out}\n{logs:#?}\n{addrs:?} leader was {leader}");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        };
+        assert_eq!(seen.len(), 8, "{seen:?}");
+        let all = cli_at(&c, &api, &c.admin_token, &["audit", "-o", "json"])?;
+        assert!(!all.contains(join.trim()), "never a join token's secret");
+        assert!(
+            !all.contains(&reader) && !all.contains(forged),
+            "never a token"
+        );
+        // Filters.
+        let denials = cli_at(
+            &c,
+            &api,
+            &c.admin_token,
+            &["audit", "--kind", "denied", "-o", "json"],
+        )?;
+        assert!(denials.lines().count() >= 2);
+        assert!(denials.lines().all(|l| l.contains("\"kind\":\"denied\"")));
+        let table = cli_at(
+            &c,
+            &api,
+            &c.admin_token,
+            &["audit", "--actor", "admin", "--since", "1h"],
+        )?;
+        assert!(table.contains("rotate_signing_key") && !table.contains("denied"));
+    }
     Ok(())
 }

@@ -5,16 +5,17 @@ use flotilla_proto::{
     admin_service_server::AdminService, AddHubRequest, CancelTenantTasksRequest,
     CancelTenantTasksResponse, ClusterMember, ClusterStatusRequest, ClusterStatusResponse,
     CreateJoinTokenRequest, CreateJoinTokenResponse, DrainNodeRequest, IssueAgentTokenRequest,
-    IssueAgentTokenResponse, JoinTokenInfo, ListJoinTokensRequest, ListJoinTokensResponse,
-    ListNodesRequest, ListNodesResponse, ListSigningKeysRequest, ListSigningKeysResponse, NodeInfo,
-    NodeRequest, NodeServer, NodeStatusResponse, RemoveHubRequest, RemoveNodeResponse,
-    RevokeAgentTokensRequest, RevokeAgentTokensResponse, RevokeJoinTokenRequest,
-    RotateSigningKeyRequest, SetSchedulingPausedRequest, SigningKeyInfo,
+    IssueAgentTokenResponse, JoinTokenInfo, ListAuditRequest, ListAuditResponse,
+    ListJoinTokensRequest, ListJoinTokensResponse, ListNodesRequest, ListNodesResponse,
+    ListSigningKeysRequest, ListSigningKeysResponse, NodeInfo, NodeRequest, NodeServer,
+    NodeStatusResponse, RemoveHubRequest, RemoveNodeResponse, RevokeAgentTokensRequest,
+    RevokeAgentTokensResponse, RevokeJoinTokenRequest, RotateSigningKeyRequest,
+    SetSchedulingPausedRequest, SigningKeyInfo,
 };
 use tonic::{Request, Response, Status};
 
 use crate::{
-    auth,
+    audit, auth,
     cluster::Hub,
     convert,
     error::HubError,
@@ -32,25 +33,26 @@ impl AdminApi {
         req: Request<NodeRequest>,
         status: NodeStatus,
     ) -> Result<Response<NodeStatusResponse>, Status> {
-        auth::admin(&req, &self.hub)?;
+        let claims = auth::admin(&req, &self.hub)?;
         let id = req.into_inner().node_id;
         let cmd = Command::SetNodeStatus {
             node_id: id.clone(),
             status,
             at_ms: flotilla_common::now_ms(),
         };
-        self.node_status(&id, cmd).await
+        self.node_status(&claims, &id, cmd).await
     }
 
     async fn node_status(
         &self,
+        by: &jwt::Claims,
         node_id: &str,
         cmd: Command,
     ) -> Result<Response<NodeStatusResponse>, Status> {
         if !self.hub.state().nodes.contains_key(node_id) {
             return Err(HubError::NotFound(format!("no node {node_id:?}")).into());
         }
-        if let state::Response::Rejected(r) = self.hub.write(cmd).await? {
+        if let state::Response::Rejected(r) = audit::write_by(&self.hub, by, cmd).await? {
             return Err(HubError::FailedPrecondition(r.to_string()).into());
         }
         let status = self
@@ -104,9 +106,10 @@ impl AdminService for AdminApi {
         let token = JoinToken::generate(&self.hub.ca().pin());
         let now = flotilla_common::now_ms();
         let expires = now + (ttl as i64) * 1000;
-        let created = self
-            .hub
-            .write(Command::CreateJoinToken(JoinTokenRecord {
+        let created = audit::write_by(
+            &self.hub,
+            &claims,
+            Command::CreateJoinToken(JoinTokenRecord {
                 id: token.id.clone(),
                 secret_hash: token.secret_hash(),
                 expires_at_ms: expires,
@@ -116,8 +119,9 @@ impl AdminService for AdminApi {
                 may_add_tools: r.may_add_tools,
                 created_by: claims.sub.clone(),
                 revoked_at_ms: None,
-            }))
-            .await?;
+            }),
+        )
+        .await?;
         if let state::Response::Rejected(r) = created {
             return Err(HubError::FailedPrecondition(r.to_string()).into());
         }
@@ -178,6 +182,16 @@ impl AdminService for AdminApi {
             ),
         )?;
         tracing::info!(subject = ?r.subject, tenant = ?tenant, scopes = ?r.scopes, by = ?claims.sub, "agent token issued");
+        self.hub.audit.event(
+            self.hub.id(),
+            "issue_agent_token",
+            &claims.sub,
+            &format!(
+                "subject {}, tenant {tenant}, scopes {}",
+                r.subject,
+                r.scopes.join(",")
+            ),
+        );
         Ok(Response::new(IssueAgentTokenResponse {
             token,
             expires_at_ms,
@@ -211,6 +225,12 @@ impl AdminService for AdminApi {
                 .map_err(|e| HubError::InvalidArgument(format!("{name}: {e}")))?;
         }
         tracing::info!(hub = r.id, by = ?claims.sub, "adding hub");
+        self.hub.audit.event(
+            self.hub.id(),
+            "add_hub",
+            &claims.sub,
+            &format!("hub {}", r.id),
+        );
         self.hub
             .change_membership(MembershipChange::Add {
                 id: r.id,
@@ -236,6 +256,12 @@ impl AdminService for AdminApi {
             return Err(HubError::NotFound(format!("hub {id} is not a member")).into());
         }
         tracing::info!(hub = id, by = ?claims.sub, "removing hub");
+        self.hub.audit.event(
+            self.hub.id(),
+            "remove_hub",
+            &claims.sub,
+            &format!("hub {id}"),
+        );
         self.hub
             .change_membership(MembershipChange::Remove { id })
             .await?;
@@ -262,7 +288,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<DrainNodeRequest>,
     ) -> Result<Response<NodeStatusResponse>, Status> {
-        auth::admin(&req, &self.hub)?;
+        let claims = auth::admin(&req, &self.hub)?;
         let r = req.into_inner();
         let secs = if r.deadline_seconds == 0 {
             300
@@ -275,7 +301,7 @@ impl AdminService for AdminApi {
             deadline_ms: now + secs as i64 * 1000,
             at_ms: now,
         };
-        self.node_status(&r.node_id, cmd).await
+        self.node_status(&claims, &r.node_id, cmd).await
     }
 
     async fn set_scheduling_paused(
@@ -284,7 +310,7 @@ impl AdminService for AdminApi {
     ) -> Result<Response<SetSchedulingPausedRequest>, Status> {
         let claims = auth::admin(&req, &self.hub)?;
         let paused = req.into_inner().paused;
-        self.hub.write(Command::SetSchedulingPaused(paused)).await?;
+        audit::write_by(&self.hub, &claims, Command::SetSchedulingPaused(paused)).await?;
         tracing::warn!(paused, by = ?claims.sub, "scheduling paused state changed");
         self.hub.wake();
         Ok(Response::new(SetSchedulingPausedRequest { paused }))
@@ -315,7 +341,7 @@ impl AdminService for AdminApi {
             tenant: tenant.clone(),
             at_ms: flotilla_common::now_ms(),
         };
-        let ids = match self.hub.write(cmd).await? {
+        let ids = match audit::write_by(&self.hub, &claims, cmd).await? {
             state::Response::TasksCancelled(ids) => ids,
             other => {
                 return Err(HubError::Internal(format!("cancel-all answered {other:?}")).into())
@@ -338,7 +364,11 @@ impl AdminService for AdminApi {
         let name = req.into_inner().name;
         match self
             .hub
-            .write(Command::AcceptTool { name: name.clone() })
+            .write(Command::Audited {
+                by: claims.sub.clone(),
+                at_ms: flotilla_common::now_ms(),
+                cmd: Box::new(Command::AcceptTool { name: name.clone() }),
+            })
             .await?
         {
             state::Response::Done => {}
@@ -407,6 +437,18 @@ impl AdminService for AdminApi {
         Ok(Response::new(
             credentials::rotate_signing_key(&self.hub, &claims, retire_now).await?,
         ))
+    }
+
+    async fn list_audit(
+        &self,
+        req: Request<ListAuditRequest>,
+    ) -> Result<Response<ListAuditResponse>, Status> {
+        auth::admin(&req, &self.hub)?;
+        self.hub.read_barrier().await?;
+        Ok(Response::new(credentials::list_audit(
+            &self.hub,
+            req.get_ref(),
+        )))
     }
 
     async fn list_signing_keys(

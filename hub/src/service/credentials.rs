@@ -5,8 +5,9 @@
 
 use flotilla_common::jwt::{Claims, SigningKey};
 use flotilla_proto::{
-    JoinTokenInfo, ListJoinTokensResponse, ListSigningKeysResponse, RemoveNodeResponse,
-    RevokeAgentTokensRequest, RevokeAgentTokensResponse, SigningKeyInfo,
+    AuditRecord, JoinTokenInfo, ListAuditRequest, ListAuditResponse, ListJoinTokensResponse,
+    ListSigningKeysResponse, RemoveNodeResponse, RevokeAgentTokensRequest,
+    RevokeAgentTokensResponse, SigningKeyInfo,
 };
 
 use crate::{
@@ -26,8 +27,8 @@ fn refused(r: Rejection) -> HubError {
     }
 }
 
-async fn commit(hub: &Hub, cmd: Command) -> HubResult<state::Response> {
-    match hub.write(cmd).await? {
+async fn commit(hub: &Hub, by: &Claims, cmd: Command) -> HubResult<state::Response> {
+    match crate::audit::write_by(hub, by, cmd).await? {
         state::Response::Rejected(r) => Err(refused(r)),
         other => Ok(other),
     }
@@ -68,6 +69,7 @@ pub async fn revoke_join_token(hub: &Hub, by: &Claims, token_id: &str) -> HubRes
     flotilla_common::limits::check_len("token_id", token_id, 64)?;
     commit(
         hub,
+        by,
         Command::RevokeJoinToken {
             token_id: token_id.to_owned(),
             at_ms: flotilla_common::now_ms(),
@@ -89,7 +91,7 @@ pub async fn remove_node(hub: &Hub, by: &Claims, node_id: &str) -> HubResult<Rem
         node_id: node_id.to_owned(),
         at_ms: flotilla_common::now_ms(),
     };
-    let (requeued, lost) = match commit(hub, cmd).await? {
+    let (requeued, lost) = match commit(hub, by, cmd).await? {
         state::Response::NodeWentDown { requeued, lost } => (requeued, lost),
         other => return Err(HubError::Internal(format!("remove answered {other:?}"))),
     };
@@ -121,6 +123,7 @@ pub async fn revoke_agent_tokens(
     let keep_until_ms = now + hub.config().agent_tokens.max_lifetime_s() as i64 * 1000;
     commit(
         hub,
+        by,
         Command::RevokeAgentTokens {
             jti: (!jti.is_empty()).then(|| jti.to_owned()),
             subject: (!subject.is_empty()).then(|| subject.to_owned()),
@@ -161,6 +164,7 @@ pub async fn rotate_signing_key(
     };
     commit(
         hub,
+        by,
         Command::RotateSigningKey {
             key: key.clone(),
             retire_old_at_ms,
@@ -186,4 +190,39 @@ pub fn list_signing_keys(hub: &Hub) -> ListSigningKeysResponse {
             .then(b.created_at_ms.cmp(&a.created_at_ms))
     });
     ListSigningKeysResponse { keys }
+}
+
+/// The audit records that match `r`, oldest first (the newest `limit`).
+pub fn list_audit(hub: &Hub, r: &ListAuditRequest) -> ListAuditResponse {
+    let limit = match r.limit {
+        0 => 1000,
+        n => n.min(20_000),
+    } as usize;
+    let state = hub.state();
+    let matching: Vec<AuditRecord> = state
+        .audit
+        .all()
+        .into_iter()
+        .filter(|a| r.since_ms == 0 || a.at_ms >= r.since_ms)
+        .filter(|a| r.until_ms == 0 || a.at_ms < r.until_ms)
+        .filter(|a| r.actor.is_empty() || a.actor == r.actor)
+        .filter(|a| r.tenant.is_empty() || a.tenant == r.tenant)
+        .filter(|a| r.kind.is_empty() || a.kind == r.kind)
+        .map(|a| AuditRecord {
+            seq: a.seq,
+            at_ms: a.at_ms,
+            kind: a.kind.clone(),
+            actor: a.actor.clone(),
+            tenant: a.tenant.clone(),
+            target: a.target.clone(),
+            outcome: a.outcome.clone(),
+            hub: a.hub,
+            source: a.source.clone(),
+            count: a.count,
+        })
+        .collect();
+    let skip = matching.len().saturating_sub(limit);
+    ListAuditResponse {
+        records: matching.into_iter().skip(skip).collect(),
+    }
 }

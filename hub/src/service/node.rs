@@ -48,6 +48,14 @@ impl NodeApi {
             Some(false) => {
                 tracing::warn!(node_id = %node_id, serial = %cert.serial, "refused a node certificate the cluster no longer accepts");
                 self.hub.metrics.auth_failed("revoked_certificate");
+                self.hub.audit.denied(
+                    self.hub.id(),
+                    &format!("node {node_id}"),
+                    "",
+                    "node certificate",
+                    "revoked_certificate",
+                    &auth::source(req),
+                );
                 Err(HubError::PermissionDenied(format!(
                     "this certificate of node {node_id:?} is no longer accepted (replaced by a renewal, or the node was removed and joined again); join with a new token"
                 )))
@@ -55,6 +63,14 @@ impl NodeApi {
             None => {
                 tracing::warn!(node_id = %node_id, "refused a node that is not registered (removed, or never joined)");
                 self.hub.metrics.auth_failed("unknown_node");
+                self.hub.audit.denied(
+                    self.hub.id(),
+                    &format!("node {node_id}"),
+                    "",
+                    "node certificate",
+                    "unknown_node",
+                    &auth::source(req),
+                );
                 Err(HubError::PermissionDenied(format!(
                     "node {node_id:?} is not registered in this cluster (removed, or never joined); join with a new token"
                 )))
@@ -82,6 +98,14 @@ impl NodeService for NodeApi {
             // The secret is never logged; the token id is not secret.
             tracing::warn!(token_id = ?token_id, source = %source, reason = why, "join refused");
             self.hub.quota.join_failed(&source);
+            self.hub.audit.denied(
+                self.hub.id(),
+                "unauthenticated",
+                "",
+                &format!("join token {token_id}"),
+                "bad_join_token",
+                &source,
+            );
             self.hub.metrics.auth_failed("bad_join_token");
             HubError::Unauthenticated(
                 "join token is unknown, expired or used up; create a new one with `flotilla token create`".into(),
@@ -134,7 +158,7 @@ impl NodeService for NodeApi {
             at_ms: now,
             cert_serial: serial,
         };
-        match self.hub.write(cmd).await? {
+        match crate::audit::write_as(&self.hub, &format!("node {}", r.name), cmd).await? {
             state::Response::Done => {}
             state::Response::Rejected(Rejection::NodeExists(n)) => {
                 return Err(HubError::AlreadyExists(format!(
@@ -189,7 +213,8 @@ impl NodeService for NodeApi {
             serial: serial.clone(),
             at_ms: flotilla_common::now_ms(),
         };
-        if let state::Response::Rejected(r) = self.hub.write(cmd).await? {
+        let by = format!("node {node_id}");
+        if let state::Response::Rejected(r) = crate::audit::write_as(&self.hub, &by, cmd).await? {
             return Err(HubError::PermissionDenied(format!(
                 "renewal refused ({r}); join with a new token"
             ))

@@ -168,6 +168,19 @@ pub enum Command {
         workflow_id: String,
         at_ms: i64,
     },
+    /// An admin's command, recorded in the audit trail with who asked (`by`, the token's
+    /// subject) and what came of it.
+    Audited {
+        by: String,
+        at_ms: i64,
+        cmd: Box<Command>,
+    },
+    /// What a hub saw that is not a command of its own, for the audit trail: refusals
+    /// (coalesced), tokens issued, hubs added or removed.
+    Audit {
+        records: Vec<super::audit::AuditRecord>,
+        at_ms: i64,
+    },
     /// Commands that arrived together, committed as one entry (group commit) and applied in
     /// order, each as if alone (see `batchable` for what may not be in one).
     Batch(Vec<Command>),
@@ -187,7 +200,11 @@ impl Command {
     /// applies at the same log index, and the store's versions cannot order an expiry
     /// against a read in the same entry.
     pub fn batchable(&self) -> bool {
-        !matches!(self, Self::Batch(_) | Self::ExpireHistory { .. })
+        match self {
+            Self::Batch(_) | Self::ExpireHistory { .. } => false,
+            Self::Audited { cmd, .. } => cmd.batchable(),
+            _ => true,
+        }
     }
 
     /// About how many bytes the command takes encoded: what group commit budgets.
@@ -212,6 +229,8 @@ impl Command {
                 .map(|t| 256 + t.description.len() + size(&t.input_schema))
                 .sum(),
             Self::Batch(cmds) => cmds.iter().map(Command::approx_bytes).sum(),
+            Self::Audited { cmd, .. } => cmd.approx_bytes(),
+            Self::Audit { records, .. } => records.len() * 512,
             _ => 0,
         }
     }
@@ -230,6 +249,8 @@ impl Command {
             | Self::RevokeJoinToken { at_ms, .. }
             | Self::RemoveNode { at_ms, .. }
             | Self::RenewNodeCertificate { at_ms, .. }
+            | Self::Audited { at_ms, .. }
+            | Self::Audit { at_ms, .. }
             | Self::RevokeAgentTokens { at_ms, .. }
             | Self::NodeHello { at_ms, .. }
             | Self::NodeDown { at_ms, .. }

@@ -11,6 +11,7 @@
 
 mod admin;
 mod archive;
+pub mod audit;
 mod command;
 mod credentials;
 mod fanout;
@@ -72,6 +73,12 @@ pub struct State {
     /// Agent tokens and subjects refused before their tokens expire.
     #[serde(default)]
     pub revoked: Revocations,
+    /// Who did what, and who was refused (bounded rings).
+    #[serde(default)]
+    pub audit: audit::AuditLog,
+    /// The log index of the last audit record made, and how many that entry made so far.
+    #[serde(skip)]
+    audit_seq: (u64, u32),
     #[serde(skip)]
     pub index: Index,
     #[serde(skip)]
@@ -97,6 +104,19 @@ impl State {
                     })
                     .collect(),
             );
+        }
+        if let Command::Audited {
+            by,
+            at_ms,
+            cmd: inner,
+        } = cmd
+        {
+            let r = match inner.batchable() {
+                true => self.apply(index, inner),
+                false => Response::Rejected(Rejection::NotBatchable),
+            };
+            self.audit_action(index, by, inner, &r, *at_ms);
+            return r;
         }
         let settled_to = self.effects.touched.len();
         match self.try_apply(index, cmd) {
@@ -294,6 +314,11 @@ impl State {
                 cert_serial,
             } => self.register_node(node_id, token_id, secret_hash, labels, cert_serial, *at_ms),
             Command::RemoveNode { node_id, at_ms } => self.remove_node(node_id, *at_ms),
+            Command::Audit { records, at_ms } => {
+                self.audit_records(index, records, *at_ms);
+                Ok(Response::Done)
+            }
+            Command::Audited { .. } => Err(Rejection::NotBatchable),
             Command::RenewNodeCertificate {
                 node_id,
                 presented,

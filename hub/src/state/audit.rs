@@ -1,0 +1,297 @@
+//! The audit trail in the replicated state: who did what, and who was refused. Two rings,
+//! so a flood of refusals never pushes an admin's actions out: `actions` (admin commands,
+//! joins, removals, renewals, revocations, tokens issued) and `denials` (authentication and
+//! authorization failures, coalesced by each hub before they are committed). Each ring keeps
+//! at most `AUDIT_RING` records and none older than `AUDIT_RETENTION_MS`, pruned at each
+//! audit command's time, so every hub holds the same records. No record holds a secret or a
+//! task's arguments: only names, ids and reasons, each cut to `AUDIT_TEXT` bytes.
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Command, Response, State};
+
+/// Records kept in each ring.
+pub const AUDIT_RING: usize = 10_000;
+/// Records older than this (30 days) leave.
+pub const AUDIT_RETENTION_MS: i64 = 30 * 24 * 3600 * 1000;
+/// The longest text of a record's field.
+pub const AUDIT_TEXT: usize = 256;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Position in the trail (the log index of the entry that recorded it, then its place
+    /// in that entry): the same on every hub, and increasing.
+    #[serde(default)]
+    pub seq: u64,
+    pub at_ms: i64,
+    /// What happened: `revoke_join_token`, `remove_node`, `denied`, ...
+    pub kind: String,
+    /// Who: an agent token's subject, a node's name, or `unauthenticated`.
+    pub actor: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tenant: String,
+    /// What it was done to (a node, a token id, a subject, a tool).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub target: String,
+    /// `ok`, or why it was refused.
+    pub outcome: String,
+    /// The hub that saw it (denials), or 0.
+    #[serde(default)]
+    pub hub: u64,
+    /// Where from (an address), for denials.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub source: String,
+    /// How many like it this record stands for (denials are coalesced).
+    #[serde(default = "one")]
+    pub count: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+
+fn cut(s: &mut String) {
+    if s.len() > AUDIT_TEXT {
+        let mut end = AUDIT_TEXT;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
+impl AuditRecord {
+    /// The record with every text cut to `AUDIT_TEXT`.
+    pub fn bounded(mut self) -> Self {
+        for s in [
+            &mut self.kind,
+            &mut self.actor,
+            &mut self.tenant,
+            &mut self.target,
+            &mut self.outcome,
+            &mut self.source,
+        ] {
+            cut(s);
+        }
+        self
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AuditLog {
+    pub actions: VecDeque<AuditRecord>,
+    pub denials: VecDeque<AuditRecord>,
+}
+
+impl AuditLog {
+    fn push(ring: &mut VecDeque<AuditRecord>, rec: AuditRecord) {
+        ring.push_back(rec.bounded());
+        while ring.len() > AUDIT_RING {
+            ring.pop_front();
+        }
+    }
+
+    fn prune(&mut self, now_ms: i64) {
+        for ring in [&mut self.actions, &mut self.denials] {
+            while ring
+                .front()
+                .is_some_and(|r| r.at_ms + AUDIT_RETENTION_MS < now_ms)
+            {
+                ring.pop_front();
+            }
+        }
+    }
+
+    /// Both rings' records, oldest first.
+    pub fn all(&self) -> Vec<&AuditRecord> {
+        let mut v: Vec<&AuditRecord> = self.actions.iter().chain(self.denials.iter()).collect();
+        v.sort_by_key(|r| r.seq);
+        v
+    }
+}
+
+/// The name an audited command is recorded under, and what it was done to.
+pub fn kind_and_target(cmd: &Command) -> (&'static str, String) {
+    match cmd {
+        Command::CreateJoinToken(t) => ("create_join_token", t.id.clone()),
+        Command::RevokeJoinToken { token_id, .. } => ("revoke_join_token", token_id.clone()),
+        Command::RemoveNode { node_id, .. } => ("remove_node", node_id.clone()),
+        Command::SetNodeStatus {
+            node_id, status, ..
+        } => match status {
+            super::NodeStatus::Cordoned => ("cordon_node", node_id.clone()),
+            _ => ("uncordon_node", node_id.clone()),
+        },
+        Command::DrainNode { node_id, .. } => ("drain_node", node_id.clone()),
+        Command::SetSchedulingPaused(p) => (
+            if *p {
+                "pause_scheduling"
+            } else {
+                "resume_scheduling"
+            },
+            String::new(),
+        ),
+        Command::CancelTenantTasks { tenant, .. } => ("cancel_tenant_tasks", tenant.clone()),
+        Command::AcceptTool { name } => ("accept_tool", name.clone()),
+        Command::RotateSigningKey { key, .. } => ("rotate_signing_key", key.kid.clone()),
+        Command::RevokeAgentTokens { jti, subject, .. } => (
+            "revoke_agent_tokens",
+            match (jti, subject) {
+                (Some(j), Some(s)) => format!("jti {j}, subject {s}"),
+                (Some(j), None) => format!("jti {j}"),
+                (None, Some(s)) => format!("subject {s}"),
+                (None, None) => String::new(),
+            },
+        ),
+        Command::RegisterNode { node_id, .. } => ("join", node_id.clone()),
+        Command::RenewNodeCertificate { node_id, .. } => ("renew_certificate", node_id.clone()),
+        _ => ("admin_command", String::new()),
+    }
+}
+
+/// Records one `Audit` command may add.
+pub const MAX_AUDIT_RECORDS_PER_ENTRY: usize = 1024;
+
+impl State {
+    /// The next record's place: its entry's log index, then its order in the entry.
+    fn next_audit_seq(&mut self, index: u64) -> u64 {
+        if self.audit_seq.0 != index {
+            self.audit_seq = (index, 0);
+        }
+        let n = self.audit_seq.1;
+        self.audit_seq.1 = n.saturating_add(1);
+        index << 16 | u64::from(n.min(0xffff))
+    }
+
+    /// Records that `by` asked for `cmd` at `at_ms`, and what came of it.
+    pub(super) fn audit_action(
+        &mut self,
+        index: u64,
+        by: &str,
+        cmd: &Command,
+        answer: &Response,
+        at_ms: i64,
+    ) {
+        let (kind, target) = kind_and_target(cmd);
+        let outcome = match answer {
+            Response::Rejected(r) => format!("refused: {r}"),
+            _ => "ok".to_owned(),
+        };
+        self.audit.prune(at_ms);
+        let seq = self.next_audit_seq(index);
+        AuditLog::push(
+            &mut self.audit.actions,
+            AuditRecord {
+                seq,
+                at_ms,
+                kind: kind.to_owned(),
+                actor: by.to_owned(),
+                target,
+                outcome,
+                count: 1,
+                ..Default::default()
+            },
+        );
+    }
+
+    /// Records that a hub saw and coalesced: refusals, and events that are not commands
+    /// (tokens issued, hubs added or removed).
+    pub(super) fn audit_records(&mut self, index: u64, records: &[AuditRecord], at_ms: i64) {
+        self.audit.prune(at_ms);
+        for r in records.iter().take(MAX_AUDIT_RECORDS_PER_ENTRY) {
+            let seq = self.next_audit_seq(index);
+            let rec = AuditRecord { seq, ..r.clone() };
+            let ring = if rec.kind == "denied" {
+                &mut self.audit.denials
+            } else {
+                &mut self.audit.actions
+            };
+            AuditLog::push(ring, rec);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{NodeStatus, Rejection};
+
+    fn denial(at_ms: i64, actor: &str) -> AuditRecord {
+        AuditRecord {
+            at_ms,
+            kind: "denied".into(),
+            actor: actor.into(),
+            outcome: "bad_signature".into(),
+            count: 3,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn actions_and_refusals_are_recorded_in_their_own_bounded_rings() {
+        let mut s = State::default();
+        let cordon = Command::Audited {
+            by: "ops".into(),
+            at_ms: 5,
+            cmd: Box::new(Command::SetNodeStatus {
+                node_id: "n1".into(),
+                status: NodeStatus::Cordoned,
+                at_ms: 5,
+            }),
+        };
+        // The node does not exist: the command is refused, and the trail says so.
+        assert!(matches!(
+            s.apply(7, &cordon),
+            Response::Rejected(Rejection::NoSuchNode(_))
+        ));
+        s.apply(
+            8,
+            &Command::Audit {
+                records: vec![denial(6, "unauthenticated"), denial(6, "mallory")],
+                at_ms: 6,
+            },
+        );
+        let all = s.audit.all();
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[0].kind, "cordon_node");
+        assert_eq!(all[0].actor, "ops");
+        assert_eq!(all[0].target, "n1");
+        assert!(all[0].outcome.starts_with("refused"), "{:?}", all[0]);
+        assert_eq!(all[1].seq, 8 << 16);
+        assert_eq!(all[2].seq, (8 << 16) + 1);
+        assert_eq!(all[2].count, 3);
+        // A flood of refusals fills only its own ring.
+        let flood: Vec<AuditRecord> = (0..MAX_AUDIT_RECORDS_PER_ENTRY + 10)
+            .map(|i| denial(7, &format!("a{i}")))
+            .collect();
+        for i in 0..12 {
+            s.apply(
+                100 + i,
+                &Command::Audit {
+                    records: flood.clone(),
+                    at_ms: 7,
+                },
+            );
+        }
+        assert_eq!(s.audit.denials.len(), AUDIT_RING);
+        assert_eq!(s.audit.actions.len(), 1, "the admin's action stays");
+        // Records past the retention leave at the next audit command.
+        s.apply(
+            200,
+            &Command::Audit {
+                records: vec![],
+                at_ms: 8 + AUDIT_RETENTION_MS,
+            },
+        );
+        assert!(s.audit.all().is_empty());
+        // Texts are bounded.
+        let long = AuditRecord {
+            actor: "é".repeat(AUDIT_TEXT),
+            ..denial(9, "")
+        }
+        .bounded();
+        assert!(long.actor.len() <= AUDIT_TEXT);
+    }
+}
