@@ -82,8 +82,9 @@ pub fn write_secret(path: &Path, data: &[u8]) -> Result<(), PkiError> {
 
 /// Writes `data` to `path` so that a reader sees the old file or the whole new one, never
 /// an empty or partial one (another process polls for these files: the addresses a hub
-/// bound, its admin token): into a new file beside it, created with `mode`, then renamed
-/// over `path`.
+/// bound, its admin token): into a new file beside it, created with `mode` and synced to
+/// disk, then renamed over `path`, and the rename synced (a power cut leaves the old file
+/// or the new one, never an empty one).
 pub fn write_whole(path: &Path, data: &[u8], mode: u32) -> Result<(), PkiError> {
     use std::io::Write;
     #[cfg(unix)]
@@ -102,8 +103,21 @@ pub fn write_whole(path: &Path, data: &[u8], mode: u32) -> Result<(), PkiError> 
     let _ = mode;
     let mut f = opts.open(&tmp).map_err(io_err(&tmp))?;
     f.write_all(data).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
     drop(f);
-    std::fs::rename(&tmp, path).map_err(io_err(path))
+    std::fs::rename(&tmp, path).map_err(io_err(path))?;
+    sync_dir(path);
+    Ok(())
+}
+
+/// Syncs the directory holding `path` (its entries: a rename), where the platform allows.
+pub fn sync_dir(path: &Path) {
+    #[cfg(unix)]
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
 }
 
 /// Makes an existing secret file 0600 if others could read it, with a warning.

@@ -88,29 +88,60 @@ pub fn agent<T>(req: &Request<T>, hub: &Hub) -> Result<Claims, HubError> {
         denied("unauthenticated", "", JwtError::Missing.reason());
         return Err(HubError::Unauthenticated(JwtError::Missing.to_string()));
     };
+    match check_token(hub, token) {
+        Ok(claims) => Ok(claims),
+        Err(Refusal::Invalid(e)) => {
+            tracing::info!(error = %e, "rejected agent token");
+            hub.metrics.auth_failed(e.reason());
+            denied("unauthenticated", "", e.reason());
+            Err(HubError::Unauthenticated(e.user_message()))
+        }
+        Err(Refusal::Policy {
+            claims,
+            reason,
+            why,
+        }) => {
+            tracing::info!(subject = ?claims.sub, jti = ?claims.jti, reason, "rejected agent token");
+            hub.metrics.auth_failed(reason);
+            denied(&claims.sub, &claims.tenant, reason);
+            Err(HubError::Unauthenticated(format!("invalid token: {why}")))
+        }
+    }
+}
+
+/// Why a token is refused: it does not verify, or this cluster's policy refuses it.
+pub enum Refusal {
+    Invalid(JwtError),
+    Policy {
+        claims: Box<Claims>,
+        reason: &'static str,
+        why: String,
+    },
+}
+
+/// Every check an agent token passes: its signature against the keys that verify now, its
+/// claims, the cluster's lifetime limit, and the revocation list. (Whoever holds a session
+/// made from a token, a dashboard page, is checked again with this.)
+pub fn check_token(hub: &Hub, token: &str) -> Result<Claims, Refusal> {
     let now_ms = flotilla_common::now_ms();
     let keys = hub.state().verifying_keys(now_ms);
-    let claims = hub.tokens.verify(token, &keys).map_err(|e| {
-        tracing::info!(error = %e, "rejected agent token");
-        hub.metrics.auth_failed(e.reason());
-        denied("unauthenticated", "", e.reason());
-        HubError::Unauthenticated(e.user_message())
-    })?;
-    let refuse = |reason: &'static str, why: String| {
-        tracing::info!(subject = ?claims.sub, jti = ?claims.jti, reason, "rejected agent token");
-        hub.metrics.auth_failed(reason);
-        denied(&claims.sub, &claims.tenant, reason);
-        HubError::Unauthenticated(format!("invalid token: {why}"))
-    };
+    let claims = hub.tokens.verify(token, &keys).map_err(Refusal::Invalid)?;
     let max_s = hub.config().agent_tokens.max_lifetime_s() as i64;
     if claims.exp.saturating_sub(claims.iat) > max_s + LEEWAY_S {
-        return Err(refuse(
-            "lifetime_too_long",
-            format!("it lives longer than this cluster allows ({max_s} s from issue to expiry)"),
-        ));
+        return Err(Refusal::Policy {
+            why: format!(
+                "it lives longer than this cluster allows ({max_s} s from issue to expiry)"
+            ),
+            claims: Box::new(claims),
+            reason: "lifetime_too_long",
+        });
     }
     if let Some(why) = hub.state().revoked.refuses(&claims) {
-        return Err(refuse("revoked", why));
+        return Err(Refusal::Policy {
+            claims: Box::new(claims),
+            reason: "revoked",
+            why,
+        });
     }
     Ok(claims)
 }
@@ -137,7 +168,8 @@ pub fn admin<T>(req: &Request<T>, hub: &Hub) -> Result<Claims, HubError> {
     Ok(claims)
 }
 
-fn bearer<T>(req: &Request<T>) -> Option<&str> {
+/// The request's bearer token, as sent.
+pub fn bearer<T>(req: &Request<T>) -> Option<&str> {
     let v = req.metadata().get("authorization")?.to_str().ok()?;
     let t = v
         .strip_prefix("Bearer ")

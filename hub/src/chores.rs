@@ -119,10 +119,12 @@ pub(crate) async fn keep_admin_token(hub: Hub, mut stop: watch::Receiver<bool>) 
         if current.is_none() {
             current = read_admin_token(&hub, &path);
         }
+        let max_s = hub.config().agent_tokens.max_lifetime_s() as i64;
         let good = current.as_ref().is_some_and(|(kid, c)| {
             let state = hub.state();
             let half_life = (c.iat + (c.exp - c.iat) / 2) * 1000;
             now < half_life
+                && c.exp - c.iat <= max_s
                 && state.verifying_keys(now).iter().any(|k| &k.kid == kid)
                 && state.revoked.refuses(c).is_none()
         });

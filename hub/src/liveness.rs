@@ -86,13 +86,18 @@ impl Chore for Liveness {
             // ready again, so its session ends and its next hello does.
             let state = hub.state();
             for (id, l) in &live {
-                if state
-                    .nodes
-                    .get(id)
-                    .is_some_and(|n| n.status == NodeStatus::Down)
-                {
-                    tracing::warn!(node_id = %id, "node is marked down but connected; ending its session so it says hello again");
-                    hub.sessions.close(id, l.session);
+                match state.nodes.get(id) {
+                    Some(n) if n.status == NodeStatus::Down => {
+                        tracing::warn!(node_id = %id, "node is marked down but connected; ending its session so it says hello again");
+                        hub.sessions.close(id, l.session);
+                    }
+                    // Removed, or joined again since, while this session was opening: the
+                    // certificate it opened with no longer counts.
+                    Some(n) if n.holds_certificate(&l.serial) => {}
+                    _ => {
+                        tracing::warn!(node_id = %id, serial = %l.serial, "ending a session whose certificate the cluster no longer accepts");
+                        hub.sessions.close(id, l.session);
+                    }
                 }
             }
         }
@@ -114,8 +119,17 @@ impl Chore for Liveness {
             ttl,
         );
         for id in down {
+            // The node's last hello as the leader decides: the fence of its down.
+            let seen_hello_ms = hub
+                .state()
+                .nodes
+                .get(&id)
+                .map(|n| n.last_hello_ms.unwrap_or(0));
             tracing::info!(node_id = %id, "node gone past its TTL; marking it down");
-            fail::fail_point!(crate::faults::LIVENESS_BEFORE_DOWN);
+            // (A test holds the decision here; off the async workers while it does.)
+            tokio::task::block_in_place(|| {
+                fail::fail_point!(crate::faults::LIVENESS_BEFORE_DOWN);
+            });
             if hub.sessions.get(&id).is_some() {
                 tracing::info!(node_id = %id, "node came back before it was marked down");
                 self.gone_since.remove(&id);
@@ -124,12 +138,17 @@ impl Chore for Liveness {
             let cmd = Command::NodeDown {
                 node_id: id.clone(),
                 at_ms: flotilla_common::now_ms(),
+                seen_hello_ms,
             };
             match hub.write(cmd).await {
                 Ok(Response::NodeWentDown { requeued, lost }) => {
                     tracing::warn!(node_id = %id, requeued = requeued.len(), lost = lost.len(), "node marked down");
                     self.gone_since.remove(&id);
                     hub.wake();
+                }
+                Ok(Response::Rejected(crate::state::Rejection::Stale)) => {
+                    tracing::info!(node_id = %id, "node came back before it was marked down (it said hello since)");
+                    self.gone_since.remove(&id);
                 }
                 Ok(other) => tracing::debug!(node_id = %id, ?other, "node down not applied"),
                 Err(e) => tracing::warn!(node_id = %id, error = %e, "could not mark node down"),

@@ -256,15 +256,17 @@ impl Quota {
                 .take(source, rate, burst, Instant::now());
     }
 
-    /// Counts a certificate renewal of `node_id`: one a minute on average, three at once (a
-    /// node renews at two thirds of its certificate's life; a node asking in a loop would
-    /// otherwise commit an entry each time).
-    pub fn renewal_allowed(&self, node_id: &str) -> HubResult<()> {
+    /// Counts a certificate renewal of `node_id`: on average one a minute or six per
+    /// certificate lifetime (`lifetime_s`), whichever is more, three at once (a node renews
+    /// at two thirds of its certificate's life; one asking in a loop would otherwise commit
+    /// an entry each time).
+    pub fn renewal_allowed(&self, node_id: &str, lifetime_s: u64) -> HubResult<()> {
+        let rate = (1.0 / 60.0_f64).max(6.0 / lifetime_s.max(1) as f64);
         self.0
             .renewals
             .lock()
             .expect("renewal buckets")
-            .take(node_id, 1.0 / 60.0, 3, Instant::now())
+            .take(node_id, rate, 3, Instant::now())
             .map_err(|wait| exhausted(format!("node {node_id} renews too often"), wait))
     }
 

@@ -39,6 +39,7 @@ fn finish_renewal(d: &Path) -> anyhow::Result<()> {
         std::fs::rename(&key, d.join("node.key")).context("moving in the renewed key")?;
     }
     std::fs::rename(&cert, d.join("node.pem")).context("moving in the renewed certificate")?;
+    pki::sync_dir(&d.join("node.pem"));
     Ok(())
 }
 

@@ -134,6 +134,24 @@ impl Session {
             let how = match result {
                 Ok(()) => Ended::Closed,
                 Err(e) => {
+                    if e.refused {
+                        // Removed from the cluster: nothing it runs can be reported any more,
+                        // and the hub may be running the same calls elsewhere.
+                        let running: Vec<CancellationToken> = self
+                            .work
+                            .lock()
+                            .expect("work lock")
+                            .running
+                            .drain()
+                            .map(|(_, ct)| ct)
+                            .collect();
+                        if !running.is_empty() {
+                            tracing::warn!(calls = running.len(), "the hub refused this node's certificate; stopping the calls it runs");
+                        }
+                        for ct in running {
+                            ct.cancel();
+                        }
+                    }
                     if e.leader.is_none() && !e.no_leader {
                         tracing::warn!(hub = %target, error = %e.message, unreachable = e.unreachable, "session with the hub ended");
                     }
@@ -420,6 +438,8 @@ struct SessionError {
     unreachable: bool,
     /// The hub is up but knows no leader yet.
     no_leader: bool,
+    /// The hub refused this node's certificate (the node was removed).
+    refused: bool,
 }
 
 impl SessionError {
@@ -429,6 +449,7 @@ impl SessionError {
             leader: None,
             unreachable: false,
             no_leader: false,
+            refused: false,
         }
     }
 
@@ -449,6 +470,7 @@ impl SessionError {
         Self {
             unreachable: broken && leader.is_none() && !no_leader,
             no_leader,
+            refused: s.code() == tonic::Code::PermissionDenied,
             message: format!("{:?}: {}", s.code(), s.message()),
             leader,
         }

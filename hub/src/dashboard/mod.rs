@@ -90,6 +90,9 @@ impl Viewer {
 
 struct Login {
     viewer: Viewer,
+    /// The agent token that asked for the login: the session lives only while the cluster
+    /// still accepts it (not revoked, its key not retired).
+    token: String,
     expires: Instant,
     /// When a session made from it ends (a ticket's): twelve hours, or sooner if the token
     /// that asked expires sooner.
@@ -159,12 +162,13 @@ fn bounded_insert(
 impl Dashboard {
     /// A new one-time login ticket for `viewer`, whose token is valid until `token_expires_ms`
     /// (the session ends then too).
-    pub fn ticket(&self, viewer: Viewer, token_expires_ms: i64) -> String {
+    pub fn ticket(&self, viewer: Viewer, token: &str, token_expires_ms: i64) -> String {
         let t = secret();
         let token_left =
             Duration::from_millis((token_expires_ms - flotilla_common::now_ms()).max(0) as u64);
         let login = Login {
             viewer,
+            token: token.to_owned(),
             expires: Instant::now() + TICKET_TTL.min(token_left),
             session_until: Instant::now() + SESSION_TTL.min(token_left),
         };
@@ -187,6 +191,7 @@ impl Dashboard {
         let id = secret();
         let session = Login {
             viewer: login.viewer,
+            token: login.token,
             expires: login.session_until,
             session_until: login.session_until,
         };
@@ -241,26 +246,37 @@ impl Dashboard {
     }
 
     /// The request's session id and who it belongs to, if it is a live session.
-    fn session(&self, headers: &HeaderMap) -> Option<(String, Viewer)> {
+    fn session(&self, hub: &Hub, headers: &HeaderMap) -> Option<(String, Viewer)> {
         let id = headers
             .get_all(header::COOKIE)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(';'))
             .find_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='))?;
-        let who = self.viewer(id)?;
+        let who = self.viewer(hub, id)?;
         Some((id.to_owned(), who))
     }
 
-    /// Who session `id` belongs to, while it lives.
-    fn viewer(&self, id: &str) -> Option<Viewer> {
+    /// Who session `id` belongs to, while it lives, and the token that made it.
+    fn login(&self, id: &str) -> Option<(Viewer, String)> {
         let sessions = self.sessions.lock().expect("sessions lock");
         let s = sessions.get(id)?;
-        (s.expires > Instant::now()).then(|| s.viewer.clone())
+        (s.expires > Instant::now()).then(|| (s.viewer.clone(), s.token.clone()))
     }
 
-    fn who(&self, headers: &HeaderMap) -> Option<Viewer> {
-        self.session(headers).map(|(_, who)| who)
+    /// Who session `id` belongs to, while it lives and the cluster still accepts the token
+    /// that made it (a revoked token, or one whose key was retired, ends it at once).
+    fn viewer(&self, hub: &Hub, id: &str) -> Option<Viewer> {
+        let (viewer, token) = self.login(id)?;
+        if crate::auth::check_token(hub, &token).is_err() {
+            self.sessions.lock().expect("sessions lock").remove(id);
+            return None;
+        }
+        Some(viewer)
+    }
+
+    fn who(&self, hub: &Hub, headers: &HeaderMap) -> Option<Viewer> {
+        self.session(hub, headers).map(|(_, who)| who)
     }
 
     /// The cluster's members and leader, at most two seconds old.
@@ -317,7 +333,7 @@ fn signed_out() -> Response {
 }
 
 async fn index(State(hub): State<Hub>, headers: HeaderMap) -> Response {
-    match hub.dashboard.who(&headers) {
+    match hub.dashboard.who(&hub, &headers) {
         Some(_) => Html(INDEX).into_response(),
         None => signed_out(),
     }
@@ -353,7 +369,7 @@ async fn login(State(hub): State<Hub>, Query(t): Query<Ticket>) -> Response {
 }
 
 async fn overview_json(State(hub): State<Hub>, headers: HeaderMap) -> Response {
-    let Some(who) = hub.dashboard.who(&headers) else {
+    let Some(who) = hub.dashboard.who(&hub, &headers) else {
         return StatusCode::UNAUTHORIZED.into_response();
     };
     axum::Json(page_json(&overview(&hub, &who).await)).into_response()
@@ -369,7 +385,7 @@ impl Drop for StreamPlace {
 }
 
 async fn stream(State(hub): State<Hub>, headers: HeaderMap) -> Response {
-    let Some((session, viewer)) = hub.dashboard.session(&headers) else {
+    let Some((session, viewer)) = hub.dashboard.session(&hub, &headers) else {
         return StatusCode::UNAUTHORIZED.into_response();
     };
     if let Err(why) = hub.dashboard.take_stream(&viewer) {
@@ -381,7 +397,7 @@ async fn stream(State(hub): State<Hub>, headers: HeaderMap) -> Response {
         async move {
             tokio::time::sleep(Duration::from_secs(1)).await;
             // A session that expired (or was pushed out by newer ones) ends its streams.
-            let who = place.0.dashboard.viewer(&session)?;
+            let who = place.0.dashboard.viewer(&place.0, &session)?;
             let o = page_json(&overview(&place.0, &who).await);
             let e = Event::default().event("overview").data(o.to_string());
             Some((Ok::<_, Infallible>(e), place))
@@ -402,7 +418,7 @@ async fn task_json(
     headers: HeaderMap,
     Query(q): Query<TaskQuery>,
 ) -> Response {
-    let Some(who) = hub.dashboard.who(&headers) else {
+    let Some(who) = hub.dashboard.who(&hub, &headers) else {
         return StatusCode::UNAUTHORIZED.into_response();
     };
     let missing = |why: String| (StatusCode::NOT_FOUND, axum::Json(json!({"error": why})));
@@ -681,20 +697,22 @@ mod tests {
         let d = Dashboard::default();
         let admin = viewer("ops", None);
         let mallory = viewer("mallory", Some("t"));
-        let admin_session = d.redeem(&d.ticket(admin.clone(), in_an_hour())).unwrap();
+        let admin_session = d
+            .redeem(&d.ticket(admin.clone(), "t", in_an_hour()))
+            .unwrap();
         let mut kept = Vec::new();
         for _ in 0..1000 {
-            if let Some(s) = d.redeem(&d.ticket(mallory.clone(), in_an_hour())) {
+            if let Some(s) = d.redeem(&d.ticket(mallory.clone(), "t", in_an_hour())) {
                 kept.push(s);
             }
         }
-        assert_eq!(d.viewer(&admin_session), Some(admin.clone()));
-        let live = kept.iter().filter(|s| d.viewer(s).is_some()).count();
+        assert_eq!(d.login(&admin_session).map(|l| l.0), Some(admin.clone()));
+        let live = kept.iter().filter(|s| d.login(s).is_some()).count();
         assert_eq!(live, SESSIONS_PER_VIEWER);
         // Unused tickets are capped per viewer too, and the admin's survives the flood.
-        let admin_ticket = d.ticket(admin.clone(), in_an_hour());
+        let admin_ticket = d.ticket(admin.clone(), "t", in_an_hour());
         for _ in 0..1000 {
-            d.ticket(mallory.clone(), in_an_hour());
+            d.ticket(mallory.clone(), "t", in_an_hour());
         }
         assert!(d.redeem(&admin_ticket).is_some());
     }
@@ -703,10 +721,10 @@ mod tests {
     fn a_session_ends_when_the_token_that_asked_for_it_expires() {
         let d = Dashboard::default();
         let v = viewer("short", Some("t"));
-        let gone = d.redeem(&d.ticket(v.clone(), flotilla_common::now_ms() - 1));
+        let gone = d.redeem(&d.ticket(v.clone(), "t", flotilla_common::now_ms() - 1));
         assert!(gone.is_none(), "an expired token's ticket is refused");
         let s = d
-            .redeem(&d.ticket(v.clone(), flotilla_common::now_ms() + 60_000))
+            .redeem(&d.ticket(v.clone(), "t", flotilla_common::now_ms() + 60_000))
             .unwrap();
         let sessions = d.sessions.lock().unwrap();
         let left = sessions[&s].expires - Instant::now();

@@ -27,6 +27,7 @@ fn live(cpu: f64) -> LiveNode {
         last_seen: std::time::Instant::now(),
         last_seen_ms: 0,
         http: String::new(),
+        serial: String::new(),
     }
 }
 

@@ -657,10 +657,11 @@ impl AgentService for AgentApi {
     ) -> Result<Response<DashboardLogin>, Status> {
         let claims = self.caller(&req)?;
         let viewer = crate::dashboard::Viewer::of(&claims);
-        let ticket = self
-            .hub
-            .dashboard
-            .ticket(viewer.clone(), claims.exp.saturating_mul(1000));
+        let token = auth::bearer(&req).unwrap_or_default();
+        let ticket =
+            self.hub
+                .dashboard
+                .ticket(viewer.clone(), token, claims.exp.saturating_mul(1000));
         tracing::info!(by = ?claims.sub, tenant = ?viewer.tenant, "dashboard login link issued");
         Ok(Response::new(DashboardLogin {
             url: format!("{}/login?ticket={ticket}", self.hub.http_url()),

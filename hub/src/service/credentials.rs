@@ -77,6 +77,8 @@ pub async fn revoke_join_token(hub: &Hub, by: &Claims, token_id: &str) -> HubRes
     )
     .await?;
     tracing::warn!(token_id = ?token_id, by = ?by.sub, "join token revoked");
+    // On a follower the revocation may not be applied here yet.
+    hub.read_barrier().await?;
     let state = hub.state();
     let t = state
         .join_tokens

@@ -57,7 +57,7 @@ impl NodeApi {
                     &auth::source(req),
                 );
                 Err(HubError::PermissionDenied(format!(
-                    "this certificate of node {node_id:?} is no longer accepted (replaced by a renewal, or the node was removed and joined again); join with a new token"
+                    "this certificate of node {node_id:?} is no longer accepted (replaced by a renewal, or the node was removed and joined again); to bring this machine back, remove the node (`flotilla nodes remove`) and join with a new token"
                 )))
             }
             None => {
@@ -196,7 +196,9 @@ impl NodeService for NodeApi {
         let node_id = cert.common_name;
         flotilla_common::limits::check_len("csr_pem", &req.get_ref().csr_pem, 16 * 1024)
             .map_err(HubError::from)?;
-        self.hub.quota.renewal_allowed(&node_id)?;
+        self.hub
+            .quota
+            .renewal_allowed(&node_id, self.hub.config().node_cert_lifetime_s)?;
         let lifetime = std::time::Duration::from_secs(self.hub.config().node_cert_lifetime_s);
         let pem = self
             .hub
@@ -216,7 +218,13 @@ impl NodeService for NodeApi {
         let by = format!("node {node_id}");
         if let state::Response::Rejected(r) = crate::audit::write_as(&self.hub, &by, cmd).await? {
             return Err(HubError::PermissionDenied(format!(
-                "renewal refused ({r}); join with a new token"
+                "renewal refused ({}); remove the node and join again with a new token",
+                match r {
+                    state::Rejection::Stale => {
+                        "the certificate presented is no longer accepted".to_owned()
+                    }
+                    other => other.to_string(),
+                }
             ))
             .into());
         }
@@ -231,9 +239,10 @@ impl NodeService for NodeApi {
         &self,
         req: Request<Streaming<NodeMessage>>,
     ) -> Result<Response<HubStream>, Status> {
-        let node_id = self.accepted_node(&req)?.common_name;
+        let cert = self.accepted_node(&req)?;
         self.hub.require_leader()?;
-        let out = protocol::serve(&self.hub, node_id, req.into_inner()).await?;
+        let out =
+            protocol::serve(&self.hub, cert.common_name, cert.serial, req.into_inner()).await?;
         Ok(Response::new(Box::pin(futures::StreamExt::map(
             out,
             Ok::<_, Status>,

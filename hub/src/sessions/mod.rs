@@ -57,6 +57,8 @@ pub struct LiveNode {
     pub last_seen_ms: i64,
     /// Where the node's HTTP port is reached, as its hello said.
     pub http: String,
+    /// The serial of the certificate the session was opened with.
+    pub serial: String,
 }
 
 impl LiveNode {
@@ -81,6 +83,7 @@ impl Sessions {
     pub fn open(
         &self,
         node_id: &str,
+        serial: &str,
         tx: mpsc::Sender<HubMessage>,
         servers: Vec<LiveServer>,
         http: String,
@@ -98,6 +101,7 @@ impl Sessions {
             last_seen: Instant::now(),
             last_seen_ms: flotilla_common::now_ms(),
             http,
+            serial: serial.to_owned(),
         };
         if let Some(old) = self
             .inner

@@ -48,6 +48,7 @@ fn live_servers(servers: &[flotilla_proto::ServerStatus]) -> Vec<LiveServer> {
 pub async fn serve(
     hub: &Hub,
     node_id: String,
+    serial: String,
     mut inbound: Streaming<NodeMessage>,
 ) -> Result<impl Stream<Item = HubMessage> + Send + 'static, Status> {
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
@@ -98,7 +99,7 @@ pub async fn serve(
         return Err(HubError::PermissionDenied(format!("hello refused: {r}")).into());
     }
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
-    let (session, ended) = hub.sessions.open(&node_id, tx.clone(), live, http);
+    let (session, ended) = hub.sessions.open(&node_id, &serial, tx.clone(), live, http);
     let _ = tx
         .send(HubMessage {
             msg: Some(hub_message::Msg::Welcome(Welcome {

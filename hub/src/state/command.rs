@@ -138,6 +138,10 @@ pub enum Command {
     NodeDown {
         node_id: String,
         at_ms: i64,
+        /// The node's last hello (ms; 0: none) when the leader found it gone: a node that
+        /// said hello since came back, and is not marked down.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seen_hello_ms: Option<i64>,
     },
     /// Cordon (no new work) or make ready again. A down node stays down until it says hello.
     SetNodeStatus {

@@ -27,6 +27,9 @@ pub const MAX_NODE_CERTIFICATES: usize = 4;
 /// Revoked token ids, and revoked subjects, held at once (each kind).
 pub const MAX_REVOCATIONS: usize = 100_000;
 
+/// How far apart the hubs' clocks may be, as token checks allow (`nbf`, `exp`).
+pub(super) const CLOCK_LEEWAY_MS: i64 = 5_000;
+
 /// Agent tokens refused before their expiry.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Revocations {
@@ -50,7 +53,9 @@ impl Revocations {
             return Some(format!("token {} was revoked", claims.jti));
         }
         let r = self.subjects.get(&claims.sub)?;
-        (claims.iat.saturating_mul(1000) <= r.at_ms).then(|| {
+        // Issue and revocation times come from the clocks of different hubs: tokens issued
+        // up to `CLOCK_LEEWAY_MS` after the revocation are covered too.
+        (claims.iat.saturating_mul(1000) <= r.at_ms + CLOCK_LEEWAY_MS).then(|| {
             format!(
                 "every token of {:?} issued before {} was revoked; ask for a new one",
                 claims.sub, r.at_ms
@@ -67,7 +72,7 @@ impl State {
         self.prune_credentials(rec.created_at_ms);
         if self.join_tokens.len() >= MAX_JOIN_TOKENS {
             return Err(Rejection::TooMany(format!(
-                "{MAX_JOIN_TOKENS} join tokens are open; revoke some or let them expire"
+                "{MAX_JOIN_TOKENS} join tokens are held until they expire (revoked ones too); make fewer, shorter-lived ones"
             )));
         }
         self.join_tokens.insert(rec.id.clone(), rec.clone());
@@ -106,28 +111,41 @@ impl State {
         key: &SigningKey,
         retire_old_at_ms: i64,
     ) -> Result<Response, Rejection> {
-        self.prune_credentials(key.created_at_ms);
         if self.signing_keys.iter().any(|k| k.kid == key.kid) {
             return Ok(Response::Done);
         }
-        if self.signing_keys.len() >= MAX_SIGNING_KEYS {
+        // Keys retired at once (a leak) go before the cap is counted: an emergency rotation
+        // is never refused for room.
+        let retire = |keys: &mut Vec<SigningKey>| {
+            for k in keys {
+                let until = k
+                    .retire_at_ms
+                    .map_or(retire_old_at_ms, |t| t.min(retire_old_at_ms));
+                k.retire_at_ms = Some(until);
+            }
+        };
+        let mut keys = self.signing_keys.clone();
+        retire(&mut keys);
+        keys.retain(|k| k.live_at(key.created_at_ms));
+        if keys.len() >= MAX_SIGNING_KEYS {
             return Err(Rejection::TooMany(format!(
-                "{MAX_SIGNING_KEYS} signing keys are held; rotate again once older ones retire"
+                "{MAX_SIGNING_KEYS} signing keys are held; rotate again once older ones retire, or with --retire-now"
             )));
         }
-        for k in &mut self.signing_keys {
-            let until = k
-                .retire_at_ms
-                .map_or(retire_old_at_ms, |t| t.min(retire_old_at_ms));
-            k.retire_at_ms = Some(until);
-        }
+        self.prune_credentials(key.created_at_ms);
+        retire(&mut self.signing_keys);
         self.signing_keys.push(key.clone());
         Ok(Response::Done)
     }
 
-    /// The key new tokens are signed with: the newest.
+    /// The key new tokens are signed with: the one no rotation has retired (the last
+    /// added; never chosen by its clock time, which another hub's clock set).
     pub fn active_signing_key(&self) -> Option<&SigningKey> {
-        self.signing_keys.iter().max_by_key(|k| k.created_at_ms)
+        self.signing_keys
+            .iter()
+            .rev()
+            .find(|k| k.retire_at_ms.is_none())
+            .or_else(|| self.signing_keys.last())
     }
 
     /// The keys that verify tokens at `now_ms`.
@@ -153,13 +171,16 @@ impl State {
             keep_until_ms,
         };
         let r = &mut self.revoked;
-        for (map, key) in [(&mut r.tokens, jti), (&mut r.subjects, subject)] {
-            let Some(key) = key else { continue };
-            if map.len() >= MAX_REVOCATIONS && !map.contains_key(key) {
+        // Both checked before either is written: a refused command changes nothing.
+        for (map, key) in [(&r.tokens, jti), (&r.subjects, subject)] {
+            if key.is_some_and(|k| map.len() >= MAX_REVOCATIONS && !map.contains_key(k)) {
                 return Err(Rejection::TooMany(format!(
                     "{MAX_REVOCATIONS} revocations of this kind are held; rotate the signing key instead"
                 )));
             }
+        }
+        for (map, key) in [(&mut r.tokens, jti), (&mut r.subjects, subject)] {
+            let Some(key) = key else { continue };
             // A later revocation of a subject covers more; a token's stays as it was.
             let e = map.entry(key.to_owned()).or_insert_with(|| entry.clone());
             e.at_ms = e.at_ms.max(entry.at_ms);
@@ -465,6 +486,10 @@ mod tests {
             s.apply(6, &rotate(&extra, 1_000_000)),
             Response::Rejected(Rejection::TooMany(_))
         ));
+        // An emergency rotation (the old keys retire at once) is never refused for room.
+        assert_eq!(s.apply(7, &rotate(&extra, 9_000)), Response::Done);
+        assert_eq!(kids(s.verifying_keys(9_000)), vec![extra.kid.clone()]);
+        assert_eq!(s.active_signing_key().unwrap().kid, extra.kid);
     }
 
     #[test]
@@ -481,12 +506,17 @@ mod tests {
         assert!(s.revoked.refuses(&claims("alice", "j1", 5)).is_some());
         assert!(s.revoked.refuses(&claims("alice", "j2", 5)).is_none());
         s.apply(2, &revoke(None, Some("bob"), 20_000, 60_000));
-        // Bob's tokens issued at or before 20 s are refused; one issued after is not.
+        // Bob's tokens issued at or before 20 s (and 5 s of clock leeway) are refused; one
+        // issued after is not.
         assert!(s.revoked.refuses(&claims("bob", "x", 20)).is_some());
-        assert!(s.revoked.refuses(&claims("bob", "x", 21)).is_none());
+        assert!(
+            s.revoked.refuses(&claims("bob", "x", 25)).is_some(),
+            "clock leeway"
+        );
+        assert!(s.revoked.refuses(&claims("bob", "x", 26)).is_none());
         // A later revocation of bob covers the tokens issued since.
         s.apply(3, &revoke(None, Some("bob"), 30_000, 70_000));
-        assert!(s.revoked.refuses(&claims("bob", "x", 25)).is_some());
+        assert!(s.revoked.refuses(&claims("bob", "x", 33)).is_some());
         // Entries go once nothing they cover can be valid.
         s.apply(4, &revoke(Some("j9"), None, 55_000, 90_000));
         assert!(!s.revoked.tokens.contains_key("j1"));

@@ -344,7 +344,11 @@ impl State {
                 },
                 *at_ms,
             ),
-            Command::NodeDown { node_id, at_ms } => self.node_down(node_id, *at_ms),
+            Command::NodeDown {
+                node_id,
+                at_ms,
+                seen_hello_ms,
+            } => self.node_down(node_id, *at_ms, *seen_hello_ms),
             Command::SetNodeStatus {
                 node_id, status, ..
             } => self.set_node_status(node_id, *status),

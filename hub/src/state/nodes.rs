@@ -160,8 +160,17 @@ impl State {
     }
 
     /// A node stayed silent past its TTL: down, its tasks re-queued or lost.
-    pub(super) fn node_down(&mut self, node_id: &str, at_ms: i64) -> Result<Response, Rejection> {
+    pub(super) fn node_down(
+        &mut self,
+        node_id: &str,
+        at_ms: i64,
+        seen_hello_ms: Option<i64>,
+    ) -> Result<Response, Rejection> {
         let node = self.node_mut(node_id)?;
+        if seen_hello_ms.is_some_and(|seen| node.last_hello_ms.unwrap_or(0) != seen) {
+            // It said hello after the leader found it gone: it is back.
+            return Err(Rejection::Stale);
+        }
         node.status = NodeStatus::Down;
         node.drain_deadline_ms = None;
         let (requeued, lost) = self.release_tasks(node_id, at_ms, true, TaskStatus::Lost, || {

@@ -282,6 +282,7 @@ fn node_down_reruns_idempotent_tools_and_loses_the_others() {
     let down = Command::NodeDown {
         node_id: "n1".into(),
         at_ms: 9,
+        seen_hello_ms: None,
     };
     assert_eq!(
         s.apply(5, &down),
@@ -293,6 +294,17 @@ fn node_down_reruns_idempotent_tools_and_loses_the_others() {
     assert_eq!(task_now(&s, "safe").status, TaskStatus::Queued);
     assert_eq!(task_now(&s, "risky").status, TaskStatus::Lost);
     assert_eq!(s.nodes["n1"].status, NodeStatus::Down);
+    // A down decided before the node's last hello is stale: the node came back.
+    s.nodes.get_mut("n1").unwrap().status = NodeStatus::Ready;
+    s.nodes.get_mut("n1").unwrap().last_hello_ms = Some(8);
+    let late = Command::NodeDown {
+        node_id: "n1".into(),
+        at_ms: 10,
+        seen_hello_ms: Some(0),
+    };
+    assert_eq!(s.apply(8, &late), Response::Rejected(Rejection::Stale));
+    assert_eq!(s.nodes["n1"].status, NodeStatus::Ready);
+    s.nodes.get_mut("n1").unwrap().status = NodeStatus::Down;
     // The lost attempt's late result is refused; the re-queued one's too.
     assert!(matches!(
         s.apply(6, &finish("risky", 1, 4)),
