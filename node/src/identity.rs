@@ -99,14 +99,22 @@ impl Identity {
 }
 
 /// Loads the stored identity, or joins the cluster with the configured token.
-/// Whether a join that failed with `code` is worth asking again: the hub could not answer,
-/// rather than refused.
-fn join_may_succeed_later(code: tonic::Code) -> bool {
+/// Whether a join that failed with `s` is worth asking again: the hub could not answer,
+/// rather than refused. A hub whose certificate the node does not trust (not from the CA
+/// the token pins: an impostor) is never asked again.
+fn join_may_succeed_later(s: &tonic::Status) -> bool {
     use tonic::Code::*;
-    matches!(
-        code,
-        Unavailable | DeadlineExceeded | ResourceExhausted | Unknown | Aborted
-    )
+    let mut text = s.message().to_ascii_lowercase();
+    let mut cause = std::error::Error::source(s);
+    while let Some(c) = cause {
+        text.push_str(&c.to_string().to_ascii_lowercase());
+        cause = c.source();
+    }
+    !text.contains("certificate")
+        && matches!(
+            s.code(),
+            Unavailable | DeadlineExceeded | ResourceExhausted | Unknown | Aborted
+        )
 }
 
 pub async fn load_or_join(cfg: &NodeConfig) -> anyhow::Result<Identity> {
@@ -135,7 +143,7 @@ pub async fn load_or_join(cfg: &NodeConfig) -> anyhow::Result<Identity> {
     let resp = loop {
         match client.join(request.clone()).await {
             Ok(r) => break r.into_inner(),
-            Err(s) if join_may_succeed_later(s.code()) => {
+            Err(s) if join_may_succeed_later(&s) => {
                 tracing::warn!(hub = %cfg.hub, code = ?s.code(), error = %s.message(), retry_in_s = pause.as_secs(), "could not join yet");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(std::time::Duration::from_secs(30));
