@@ -387,12 +387,14 @@ pub fn cancel_message(task_id: &str, attempt: u32) -> pb::HubMessage {
     }
 }
 
-/// The assignment of `t` to `server`; `traceparent` is what the node's span continues.
+/// The assignment of `t` to `server`; `traceparent` is what the node's span continues;
+/// `at_most_once` asks the node to write the attempt down before it calls the tool.
 pub fn assign_message(
     t: &TaskRecord,
     server: &str,
     attempt: u32,
     fence: u64,
+    at_most_once: bool,
     traceparent: String,
 ) -> pb::HubMessage {
     pb::HubMessage {
@@ -404,6 +406,7 @@ pub fn assign_message(
             tool: t.tool.clone(),
             arguments: serde_json::to_vec(&t.arguments).unwrap_or_default(),
             traceparent,
+            at_most_once,
         })),
     }
 }

@@ -23,12 +23,18 @@ pub const APPLY_BEFORE_HOOK: &str = "hub-apply-before-hook";
 /// `sleep(ms)`, the node can come back in between.
 pub const LIVENESS_BEFORE_DOWN: &str = "hub-liveness-before-down";
 
+/// A node said it started an attempt of a tool that must not run twice, before the start
+/// is committed: with `return`, the start is dropped, as when the leader dies or the
+/// session breaks first, so the task stays assigned while the node runs it.
+pub const START_BEFORE_COMMIT: &str = "hub-start-before-commit";
+
 /// Every failpoint, for the check that `FAILPOINTS` names only real ones.
-pub const ALL: [&str; 4] = [
+pub const ALL: [&str; 5] = [
     ASSIGN_BEFORE_SEND,
     RESULT_BEFORE_ACK,
     APPLY_BEFORE_HOOK,
     LIVENESS_BEFORE_DOWN,
+    START_BEFORE_COMMIT,
 ];
 
 /// Arms the failpoints `FAILPOINTS` names; a name that is not a failpoint, or actions the

@@ -3,6 +3,7 @@
 
 pub mod http;
 pub mod identity;
+pub mod journal;
 pub mod load;
 pub mod mcp;
 pub mod mcp_client;
@@ -35,6 +36,12 @@ pub async fn run(
     flotilla_common::pki::write_whole(&cfg.data_dir.join("http.addr"), http_url.as_bytes(), 0o644)?;
     let identity = identity::load_or_join(&cfg).await?;
     tracing::info!(node_id = %identity.node_id, hub = %cfg.hub, http = %http_addr, "node starting");
+    let journal = journal::Journal::open(&cfg.data_dir).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open the call journal in {}: {e}",
+            cfg.data_dir.display()
+        )
+    })?;
     let metrics = Arc::new(metrics::NodeMetrics::new());
     let servers = mcp::Servers::start(&cfg.servers, metrics.clone()).await;
     let stop = CancellationToken::new();
@@ -61,6 +68,7 @@ pub async fn run(
     let result = session::Session::new(
         Arc::new(cfg),
         identity,
+        journal,
         servers.clone(),
         metrics,
         advertised,

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     identity::Identity,
+    journal::{Entry, Journal},
     load::Load,
     mcp::Servers,
     metrics::NodeMetrics,
@@ -74,6 +75,8 @@ pub struct Session {
     /// Replaced when the certificate is renewed; the next connection uses the new one.
     identity: Arc<Mutex<Identity>>,
     servers: Servers,
+    /// Attempts of at-most-once tools, written down before their calls.
+    journal: Journal,
     work: Arc<Mutex<Work>>,
     load: Load,
     metrics: Arc<NodeMetrics>,
@@ -85,19 +88,47 @@ fn msg(m: node_message::Msg) -> NodeMessage {
     NodeMessage { msg: Some(m) }
 }
 
+/// The report of an attempt the node was running when it stopped.
+fn interrupted(e: Entry) -> TaskResult {
+    TaskResult {
+        task_id: e.task_id,
+        attempt: e.attempt,
+        fence: e.fence,
+        error: "the node stopped while the call ran; whether it took effect is unknown".into(),
+        interrupted: true,
+        ..Default::default()
+    }
+}
+
 impl Session {
+    /// A session for `identity`. Attempts the journal still holds were running when the
+    /// node last stopped: they are reported interrupted as soon as a session opens, and an
+    /// assignment of one of them again is not run.
     pub fn new(
         cfg: Arc<NodeConfig>,
         identity: Identity,
+        journal: Journal,
         servers: Servers,
         metrics: Arc<NodeMetrics>,
         http_address: String,
     ) -> Self {
+        let mut work = Work::default();
+        match journal.unfinished() {
+            Ok(entries) => {
+                for e in entries {
+                    tracing::warn!(task_id = %e.task_id, attempt = e.attempt, "a call was running when the node stopped; reporting it interrupted, not running it again");
+                    work.unacked
+                        .insert((e.task_id.clone(), e.attempt), interrupted(e));
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read the call journal"),
+        }
         Self {
             cfg,
             identity: Arc::new(Mutex::new(identity)),
             servers,
-            work: Arc::default(),
+            journal,
+            work: Arc::new(Mutex::new(work)),
             load: Load::new(),
             metrics,
             http_address,
@@ -236,6 +267,7 @@ impl Session {
                         }
                     }
                     Some(hub_message::Msg::ResultAck(a)) => {
+                        self.journal.end(&a.task_id, a.attempt);
                         self.work
                             .lock()
                             .expect("work lock")
@@ -396,6 +428,22 @@ impl Session {
                 return result;
             }
         };
+        if a.at_most_once {
+            // Written down before the call, so that after a restart the node reports this
+            // attempt interrupted instead of running it a second time.
+            let journal = self.journal.clone();
+            let entry = Entry {
+                task_id: a.task_id.clone(),
+                attempt: a.attempt,
+                fence: a.fence,
+            };
+            let written = tokio::task::spawn_blocking(move || journal.begin(&entry)).await;
+            if let Err(e) = written.map_err(std::io::Error::other).and_then(|r| r) {
+                tracing::error!(task_id = %a.task_id, error = %e, "cannot write the call journal; not running the call");
+                result.error = format!("the node cannot write down the call before running it, so it did not run it: {e}");
+                return result;
+            }
+        }
         self.send(msg(node_message::Msg::Started(TaskStarted {
             task_id: a.task_id.clone(),
             attempt: a.attempt,

@@ -12,7 +12,7 @@ use std::{
 
 use flotilla_proto as pb;
 use flotilla_tests::{
-    check_every_acknowledged_task_ran_once, record_call, recording_node, result_text,
+    check_every_acknowledged_task_ran_once, record_call, recording_node, result_text, submit,
     submit_until_acknowledged, wait_done, wait_state, wait_status, wait_until, Cluster, Options,
     READY,
 };
@@ -241,5 +241,67 @@ async fn a_node_that_returns_just_as_the_leader_marks_it_down_ends_up_ready() ->
             || log.contains("node is marked down but connected"),
         "the node returned while the leader held its decision"
     );
+    Ok(())
+}
+
+/// A node killed while it runs a tool that must not run twice, whose start the hub never
+/// recorded (dropped by the failpoint, as when the leader dies or the session breaks
+/// first), comes back to find the attempt still assigned to it, and the hub sends it the
+/// assignment again. The node wrote the attempt down before calling the tool: it reports
+/// the call interrupted instead of running it a second time, and the task ends lost (seen
+/// in the compose chaos run: a `record` call ran twice across a restart of everything).
+#[tokio::test]
+async fn a_node_restarted_mid_call_reports_the_call_interrupted_and_never_runs_it_again(
+) -> anyhow::Result<()> {
+    let (mut c, record) = cluster("hub-start-before-commit=return").await?;
+    let agent = c.agent();
+    let key = "interrupted";
+    let call = pb::SubmitTaskRequest {
+        idempotency_key: key.into(),
+        // The tool waits before it records, so the node is caught mid-call.
+        ..submit(
+            "record",
+            serde_json::json!({"key": key, "delay_ms": 60_000}),
+        )
+    };
+    let id = submit_until_acknowledged(&agent, call).await?;
+    let calls = c.node_dir("edge-1").join("calls");
+    let written = || std::fs::read_dir(&calls).map(|d| d.count()).unwrap_or(0);
+    wait_until("edge-1 to write the call down", READY, || {
+        let n = written();
+        async move { (n > 0).then_some(()) }
+    })
+    .await?;
+    let mut a = agent.clone();
+    let t = a
+        .get_task(pb::GetTaskRequest {
+            task_id: id.clone(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        t.state(),
+        pb::TaskState::Assigned,
+        "the start was dropped: {t:?}"
+    );
+
+    c.nodes.remove("edge-1").expect("edge-1").kill();
+    let (spec, _) = recording_node(&c, "edge-1");
+    c.add_node(spec).await?;
+    let t = wait_done(&agent, &id).await?;
+    assert_eq!(t.state(), pb::TaskState::Lost, "{t:?}");
+    assert!(
+        t.error.contains("stopped while the call ran"),
+        "{}",
+        t.error
+    );
+    assert_eq!(t.attempts.len(), 1, "{:?}", t.attempts);
+    assert_eq!(runs(&record, key), 0, "the call was not run again");
+    // The hub acknowledged the report: the node forgets the call.
+    wait_until("edge-1 to forget the reported call", READY, || {
+        let n = written();
+        async move { (n == 0).then_some(()) }
+    })
+    .await?;
     Ok(())
 }

@@ -177,23 +177,38 @@ async fn a_node_cannot_report_on_another_nodes_attempt() -> anyhow::Result<()> {
         attempt: at.number,
         fence: at.fence,
         result: serde_json::to_vec(&forged)?,
-        error: String::new(),
+        ..Default::default()
     })))
     .await?;
-    // The hub answers the result (skipping its welcome).
-    let ack = tokio::time::timeout(READY, async {
-        loop {
+    // And claims the attempt was interrupted, which would end it lost.
+    tx.send(msg(pb::node_message::Msg::Result(pb::TaskResult {
+        task_id: id.clone(),
+        attempt: at.number,
+        fence: at.fence,
+        error: "forged".into(),
+        interrupted: true,
+        ..Default::default()
+    })))
+    .await?;
+    // The hub answers both (skipping its welcome).
+    let acks = tokio::time::timeout(READY, async {
+        let mut acks = Vec::new();
+        while acks.len() < 2 {
             match inbound.message().await? {
                 Some(pb::HubMessage {
                     msg: Some(pb::hub_message::Msg::ResultAck(a)),
-                }) => return anyhow::Ok(a),
+                }) => acks.push(a),
                 Some(_) => continue,
                 None => anyhow::bail!("the hub closed the session without an answer"),
             }
         }
+        anyhow::Ok(acks)
     })
     .await??;
-    assert!(!ack.accepted, "a forged result must be refused");
+    assert!(
+        acks.iter().all(|a| !a.accepted),
+        "forged reports must be refused: {acks:?}"
+    );
 
     let done = wait_done(&agent, &id).await?;
     assert_eq!(done.state(), pb::TaskState::Succeeded);

@@ -304,7 +304,8 @@ async fn send_assignment(
         match state.tasks.get(task_id) {
             Some(t) => {
                 let trace = crate::trace::assignment(t, &p.node_id, &p.server, attempt, true);
-                crate::convert::assign_message(t, &p.server, attempt, fence, trace)
+                let once = !state.safe_to_rerun(t);
+                crate::convert::assign_message(t, &p.server, attempt, fence, once, trace)
             }
             None => return,
         }

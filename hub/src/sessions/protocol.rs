@@ -124,7 +124,8 @@ pub async fn serve(
                 let a = t.current_attempt()?;
                 (a.node_id == node_id).then(|| {
                     let trace = crate::trace::assignment(t, &node_id, &a.server, a.number, false);
-                    convert::assign_message(t, &a.server, a.number, a.fence, trace)
+                    let once = !state.safe_to_rerun(t);
+                    convert::assign_message(t, &a.server, a.number, a.fence, once, trace)
                 })
             })
             .collect()
@@ -228,13 +229,13 @@ fn handle(
                 state
                     .tasks
                     .get(&s.task_id)
-                    .and_then(|t| state.catalogue.get(&t.tool))
-                    .is_some_and(|e| e.def.safe_to_rerun())
+                    .is_some_and(|t| state.safe_to_rerun(t))
             };
             if safe {
                 hub.events.started(&s.task_id, node_id, s.attempt, at_ms);
                 return;
             }
+            fail::fail_point!(crate::faults::START_BEFORE_COMMIT, |_| {});
             let hub = hub.clone();
             let node_id = node_id.to_owned();
             tokio::spawn(async move {
@@ -297,43 +298,23 @@ async fn record_result(
     tx: &tokio::sync::mpsc::Sender<HubMessage>,
     r: flotilla_proto::TaskResult,
 ) -> HubResult<()> {
-    let (result, unreadable) = if r.result.is_empty() {
-        (None, None)
-    } else {
-        match serde_json::from_slice::<serde_json::Value>(&r.result)
-            .map_err(|e| format!("the node's result is not JSON: {e}"))
-            .and_then(|v| {
-                limits::check_depth("the node's result", &v)
-                    .map(|()| v)
-                    .map_err(|e| e.to_string())
-            }) {
-            Ok(v) => (Some(v), None),
-            Err(e) => {
-                tracing::warn!(node_id, task_id = ?r.task_id, error = %e, "node sent an unusable result");
-                (None, Some(e))
-            }
+    let cmd = if r.interrupted {
+        Command::LoseTask {
+            task_id: r.task_id.clone(),
+            attempt: r.attempt,
+            fence: r.fence,
+            at_ms: flotilla_common::now_ms(),
+            node_id: node_id.to_owned(),
+            reason: format!(
+                "node {node_id} stopped while the call ran (it restarted) and cannot tell whether the call took effect; the tool is not marked idempotent"
+            ),
         }
-    };
-    let error = if r.error.is_empty() {
-        result
-            .is_none()
-            .then(|| unreadable.unwrap_or_else(|| "node sent an empty result".to_owned()))
     } else {
-        Some(r.error.clone())
-    };
-    let cmd = Command::FinishTask {
-        task_id: r.task_id.clone(),
-        attempt: r.attempt,
-        fence: r.fence,
-        at_ms: flotilla_common::now_ms(),
-        result,
-        error,
-        node_id: node_id.to_owned(),
-        started_at_ms: hub.events.started_at(&r.task_id, r.attempt),
+        finish_command(hub, node_id, &r)
     };
     let accepted = match hub.write(cmd).await? {
         state::Response::TaskNow(status) => {
-            tracing::debug!(node_id, task_id = ?r.task_id, attempt = r.attempt, ?status, "task finished");
+            tracing::debug!(node_id, task_id = ?r.task_id, attempt = r.attempt, ?status, interrupted = r.interrupted, "task finished");
             true
         }
         state::Response::Rejected(Rejection::NotYourAttempt) => {
@@ -358,4 +339,43 @@ async fn record_result(
         .await;
     hub.wake();
     Ok(())
+}
+
+/// What a node's ordinary result commits: the tool's answer (checked: JSON, not too deep)
+/// or the error the node saw.
+fn finish_command(hub: &Hub, node_id: &str, r: &flotilla_proto::TaskResult) -> Command {
+    let (result, unreadable) = if r.result.is_empty() {
+        (None, None)
+    } else {
+        match serde_json::from_slice::<serde_json::Value>(&r.result)
+            .map_err(|e| format!("the node's result is not JSON: {e}"))
+            .and_then(|v| {
+                limits::check_depth("the node's result", &v)
+                    .map(|()| v)
+                    .map_err(|e| e.to_string())
+            }) {
+            Ok(v) => (Some(v), None),
+            Err(e) => {
+                tracing::warn!(node_id, task_id = ?r.task_id, error = %e, "node sent an unusable result");
+                (None, Some(e))
+            }
+        }
+    };
+    let error = if r.error.is_empty() {
+        result
+            .is_none()
+            .then(|| unreadable.unwrap_or_else(|| "node sent an empty result".to_owned()))
+    } else {
+        Some(r.error.clone())
+    };
+    Command::FinishTask {
+        task_id: r.task_id.clone(),
+        attempt: r.attempt,
+        fence: r.fence,
+        at_ms: flotilla_common::now_ms(),
+        result,
+        error,
+        node_id: node_id.to_owned(),
+        started_at_ms: hub.events.started_at(&r.task_id, r.attempt),
+    }
 }

@@ -46,6 +46,16 @@ pub enum Command {
         #[serde(default)]
         started_at_ms: Option<i64>,
     },
+    /// The node holding the attempt stopped while the call ran (it restarted) and cannot
+    /// tell whether the call took effect: the attempt ends as on node loss.
+    LoseTask {
+        task_id: String,
+        attempt: u32,
+        fence: u64,
+        at_ms: i64,
+        node_id: String,
+        reason: String,
+    },
     /// Puts an assigned task that never started back in the queue.
     RequeueTask {
         task_id: String,
@@ -247,6 +257,7 @@ impl Command {
             | Self::StartTask { at_ms, .. }
             | Self::FinishTask { at_ms, .. }
             | Self::RequeueTask { at_ms, .. }
+            | Self::LoseTask { at_ms, .. }
             | Self::CancelTask { at_ms, .. }
             | Self::TimeoutTask { at_ms, .. }
             | Self::RegisterNode { at_ms, .. }

@@ -286,6 +286,23 @@ impl State {
                 error.as_deref(),
                 *started_at_ms,
             ),
+            Command::LoseTask {
+                task_id,
+                attempt,
+                fence,
+                at_ms,
+                node_id,
+                reason,
+            } => self.lose(
+                &Report {
+                    task_id,
+                    attempt: *attempt,
+                    fence: *fence,
+                    node_id,
+                    at_ms: *at_ms,
+                },
+                reason,
+            ),
             Command::RequeueTask {
                 task_id,
                 attempt,

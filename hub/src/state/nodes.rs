@@ -248,10 +248,7 @@ impl State {
             let Some(t) = self.tasks.get(&id) else {
                 continue;
             };
-            let safe = self
-                .catalogue
-                .get(&t.tool)
-                .is_some_and(|e| e.def.safe_to_rerun());
+            let safe = self.safe_to_rerun(t);
             let made = t.tries();
             let rerun = (safe
                 && made < t.spec.retry.max_attempts.max(spec::NODE_LOSS_RERUNS) as usize)

@@ -1,5 +1,5 @@
 //! A node's reports on the attempt it holds: it started, it finished (with the tool's
-//! result or an error). A report counts only from the node holding the current attempt,
+//! result or an error), it was interrupted (the node restarted mid-call). A report counts only from the node holding the current attempt,
 //! with that attempt's number and fence; anything else is refused and changes nothing.
 
 use serde_json::Value;
@@ -84,6 +84,28 @@ impl State {
         // against the server's breaker.
         self.learn(&tool, &node, &server, ok, error.is_none(), took, at_ms);
         Ok(Response::TaskNow(status))
+    }
+}
+
+impl State {
+    /// The node holding the attempt stopped while the call ran and cannot tell whether it
+    /// took effect: lost, as on node loss (run again only when the retry policy covers
+    /// node loss). The server's breaker learns nothing: the server did not fail.
+    pub(super) fn lose(&mut self, r: &Report<'_>, reason: &str) -> Result<Response, Rejection> {
+        self.update(r.task_id, true, |t| {
+            check_reporter(t, r)?;
+            if !t.status.is_active() {
+                return Err(Rejection::WrongState(t.status));
+            }
+            t.close_attempt(r.at_ms, reason);
+            t.fail_or_retry(
+                FailureKind::NodeLost,
+                TaskStatus::Lost,
+                reason.to_owned(),
+                r.at_ms,
+            );
+            Ok(Response::TaskNow(t.status))
+        })
     }
 }
 

@@ -8,6 +8,15 @@ use super::{
 };
 
 impl State {
+    /// Whether running `t`'s tool twice is harmless: the catalogue marks it read-only or
+    /// idempotent. Any other tool runs at most once: its start is committed, and its node
+    /// writes the attempt down before calling it.
+    pub fn safe_to_rerun(&self, t: &TaskRecord) -> bool {
+        self.catalogue
+            .get(&t.tool)
+            .is_some_and(|e| e.def.safe_to_rerun())
+    }
+
     /// Whether another replica of `task_id`'s fan-out task is assigned or running on `node`.
     pub(super) fn sibling_on(&self, task_id: &str, node: &str) -> bool {
         let Some(group) = self

@@ -1200,3 +1200,60 @@ fn a_task_record_leaves_its_defaults_out_and_reads_back_the_same() {
     let old: TaskRecord = serde_json::from_value(full).unwrap();
     assert_eq!(old, done);
 }
+
+#[test]
+fn an_attempt_its_node_lost_in_a_restart_ends_lost_unless_the_policy_covers_node_loss() {
+    let mut s = with_node();
+    s.nodes
+        .insert("n2".into(), NodeRecord::new("n2", Default::default(), 0));
+    let mut retried = task("retried", None);
+    if let Command::SubmitTask(t) = &mut retried {
+        t.spec.retry = RetryPolicy {
+            max_attempts: 2,
+            retry_on: vec![FailureKind::NodeLost],
+            ..Default::default()
+        };
+    }
+    s.apply(1, &task("t1", None));
+    s.apply(2, &retried);
+    s.apply(3, &assign("t1"));
+    s.apply(4, &assign("retried"));
+    let lose = |id: &str, node: &str, fence: u64| Command::LoseTask {
+        task_id: id.into(),
+        attempt: 1,
+        fence,
+        at_ms: 5,
+        node_id: node.into(),
+        reason: "node restarted".into(),
+    };
+    let fence = |s: &State, id: &str| task_now(s, id).current_attempt().unwrap().fence;
+    let (f1, f2) = (fence(&s, "t1"), fence(&s, "retried"));
+    // Only the node holding the attempt, with its fence, may say it lost it.
+    assert_eq!(
+        s.apply(5, &lose("t1", "n2", f1)),
+        Response::Rejected(Rejection::NotYourAttempt)
+    );
+    assert!(matches!(
+        s.apply(6, &lose("t1", "n1", f1 + 100)),
+        Response::Rejected(_)
+    ));
+    assert_eq!(task_now(&s, "t1").status, TaskStatus::Assigned);
+    assert_eq!(
+        s.apply(7, &lose("t1", "n1", f1)),
+        Response::TaskNow(TaskStatus::Lost)
+    );
+    let t = task_now(&s, "t1");
+    assert!(t.dead_lettered);
+    assert_eq!(t.error.as_deref(), Some("node restarted"));
+    assert_eq!(t.attempts[0].error.as_deref(), Some("node restarted"));
+    // Said again (the node's delete was lost to a crash): refused, nothing changes.
+    assert!(matches!(
+        s.apply(8, &lose("t1", "n1", f1)),
+        Response::Rejected(_)
+    ));
+    // A policy that covers node loss runs it again.
+    assert_eq!(
+        s.apply(9, &lose("retried", "n1", f2)),
+        Response::TaskNow(TaskStatus::Queued)
+    );
+}
