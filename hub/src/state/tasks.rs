@@ -133,7 +133,9 @@ impl State {
         })
     }
 
-    /// An assigned attempt that never started goes back to the queue.
+    /// An assigned attempt that never reached its node goes back to the queue. Refused
+    /// when the node said hello after the attempt was assigned: that hello's session sent
+    /// the assignment again, so the node may be running it.
     pub(super) fn requeue(
         &mut self,
         task_id: &str,
@@ -142,6 +144,19 @@ impl State {
         at_ms: i64,
         reason: &str,
     ) -> Result<Response, Rejection> {
+        let resent = self
+            .tasks
+            .get(task_id)
+            .and_then(|t| t.current_attempt())
+            .is_some_and(|a| {
+                self.nodes.get(&a.node_id).is_some_and(|n| {
+                    n.last_hello_ms
+                        .is_some_and(|hello| hello > a.assigned_at_ms)
+                })
+            });
+        if resent {
+            return Err(Rejection::Stale);
+        }
         self.update(task_id, false, |t| {
             check_current(t, attempt, fence)?;
             if t.status != TaskStatus::Assigned {

@@ -147,6 +147,12 @@ fn requeue_makes_the_old_attempt_stale() {
         at_ms: 3,
         reason: "gone".into(),
     };
+    // The node said hello after the assignment: its new session was sent the
+    // assignment, so the task stays with it.
+    s.nodes.get_mut("n1").unwrap().last_hello_ms = Some(3);
+    assert_eq!(s.apply(3, &rq), Response::Rejected(Rejection::Stale));
+    assert_eq!(task_now(&s, "t1").status, TaskStatus::Assigned);
+    s.nodes.get_mut("n1").unwrap().last_hello_ms = Some(1);
     assert_eq!(s.apply(3, &rq), Response::TaskNow(TaskStatus::Queued));
     assert_eq!(
         s.apply(4, &assign("t1")),
