@@ -105,7 +105,7 @@ pub(crate) async fn keep_admin_token(hub: Hub, mut stop: watch::Receiver<bool>) 
     let mut beat = tokio::time::interval(Duration::from_secs(1));
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let path = hub.config().data_dir.join(ADMIN_TOKEN_FILE);
-    // The token on disk as this hub last read or wrote it: its key and claims.
+    // The token on disk as this hub last read or wrote it, with its claims.
     let mut current: Option<(String, Claims)> = None;
     loop {
         tokio::select! {
@@ -119,14 +119,11 @@ pub(crate) async fn keep_admin_token(hub: Hub, mut stop: watch::Receiver<bool>) 
         if current.is_none() {
             current = read_admin_token(&hub, &path);
         }
-        let max_s = hub.config().agent_tokens.max_lifetime_s() as i64;
-        let good = current.as_ref().is_some_and(|(kid, c)| {
-            let state = hub.state();
-            let half_life = (c.iat + (c.exp - c.iat) / 2) * 1000;
-            now < half_life
-                && c.exp - c.iat <= max_s
-                && state.verifying_keys(now).iter().any(|k| &k.kid == kid)
-                && state.revoked.refuses(c).is_none()
+        // Good while the cluster accepts it (key, lifetime, revocations) and less than
+        // half its life has passed.
+        let good = current.as_ref().is_some_and(|(token, c)| {
+            now < (c.iat + (c.exp - c.iat) / 2) * 1000
+                && crate::auth::check_token(&hub, token).is_ok()
         });
         if good && path.exists() {
             continue;
@@ -153,9 +150,9 @@ pub(crate) async fn keep_admin_token(hub: Hub, mut stop: watch::Receiver<bool>) 
     }
 }
 
-/// The key id and claims of the admin token in `path`, if this cluster accepts it now.
+/// The admin token in `path` and its claims, if this cluster accepts it now.
 fn read_admin_token(hub: &Hub, path: &std::path::Path) -> Option<(String, Claims)> {
-    let token = std::fs::read_to_string(path).ok()?;
-    let keys = hub.state().verifying_keys(flotilla_common::now_ms());
-    flotilla_common::jwt::verify_with_kid(token.trim(), &keys).ok()
+    let token = std::fs::read_to_string(path).ok()?.trim().to_owned();
+    let claims = crate::auth::check_token(hub, &token).ok()?;
+    Some((token, claims))
 }

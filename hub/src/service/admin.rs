@@ -362,14 +362,12 @@ impl AdminService for AdminApi {
     ) -> Result<Response<flotilla_proto::AcceptToolResponse>, Status> {
         let claims = auth::admin(&req, &self.hub)?;
         let name = req.into_inner().name;
-        match self
-            .hub
-            .write(Command::Audited {
-                by: claims.sub.clone(),
-                at_ms: flotilla_common::now_ms(),
-                cmd: Box::new(Command::AcceptTool { name: name.clone() }),
-            })
-            .await?
+        match crate::audit::write_by(
+            &self.hub,
+            &claims,
+            Command::AcceptTool { name: name.clone() },
+        )
+        .await?
         {
             state::Response::Done => {}
             state::Response::Rejected(r) => return Err(HubError::NotFound(r.to_string()).into()),
