@@ -124,6 +124,9 @@ pub enum JwtError {
     Key(String),
     #[error("no signing key yet: the cluster is still starting")]
     NoSigningKey,
+    /// An external issuer's token whose claims do not map to this cluster's.
+    #[error("invalid token: {0}")]
+    Claims(String),
 }
 
 impl JwtError {
@@ -134,6 +137,7 @@ impl JwtError {
             JwtError::Missing => "missing_token",
             JwtError::NoKid | JwtError::UnknownKey(_) => "unknown_key",
             JwtError::Key(_) | JwtError::NoSigningKey => "no_signing_key",
+            JwtError::Claims(_) => "bad_claims",
             JwtError::Invalid(e) => match e.kind() {
                 K::ExpiredSignature => "expired",
                 K::ImmatureSignature => "not_yet_valid",
@@ -156,7 +160,9 @@ impl JwtError {
                 K::InvalidSignature => "invalid token: signature does not verify".into(),
                 K::InvalidIssuer => "invalid token: wrong issuer".into(),
                 K::InvalidAudience => "invalid token: wrong audience".into(),
-                K::InvalidAlgorithm => "invalid token: algorithm not accepted (ES256 only)".into(),
+                K::InvalidAlgorithm => {
+                    "invalid token: algorithm not accepted (ES256 for this cluster's tokens; an external issuer's key fixes its own)".into()
+                }
                 K::MissingRequiredClaim(c) => format!("invalid token: missing claim {c:?}"),
                 _ => "invalid token: malformed".into(),
             },
@@ -200,6 +206,107 @@ pub fn verify_with_kid<'a>(
     v.validate_nbf = true;
     v.leeway = 5;
     Ok((kid, jsonwebtoken::decode::<Claims>(token, &dec, &v)?.claims))
+}
+
+/// A signing key of an external issuer (a company identity provider), read from its
+/// JWKS document. The algorithm is the key's own (its `alg`, or what its type and curve
+/// allow), never what a token's header asks for.
+#[derive(Clone)]
+pub struct ExternalKey {
+    pub kid: String,
+    pub alg: Algorithm,
+    key: DecodingKey,
+}
+
+impl std::fmt::Debug for ExternalKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExternalKey")
+            .field("kid", &self.kid)
+            .field("alg", &self.alg)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The signature keys of a JWKS document (RFC 7517). Keys without a `kid`, meant for
+/// encryption, symmetric (`oct`: a JWKS is public, a shared secret in one is a mistake),
+/// or of a type or algorithm this build cannot verify are skipped, each with the reason
+/// in the second list. An error only when the document is not a JWKS at all.
+pub fn parse_jwks(bytes: &[u8]) -> Result<(Vec<ExternalKey>, Vec<String>), String> {
+    use jsonwebtoken::jwk::{AlgorithmParameters as P, EllipticCurve as C, Jwk, PublicKeyUse};
+    #[derive(Deserialize)]
+    struct Doc {
+        keys: Vec<serde_json::Value>,
+    }
+    let doc: Doc =
+        serde_json::from_slice(bytes).map_err(|e| format!("not a JWKS document: {e}"))?;
+    let (mut keys, mut skipped) = (Vec::new(), Vec::new());
+    for (i, v) in doc.keys.into_iter().enumerate() {
+        let jwk: Jwk = match serde_json::from_value(v) {
+            Ok(j) => j,
+            Err(e) => {
+                skipped.push(format!("key {i}: unreadable: {e}"));
+                continue;
+            }
+        };
+        let Some(kid) = jwk.common.key_id.clone() else {
+            skipped.push(format!("key {i}: no kid"));
+            continue;
+        };
+        if matches!(jwk.common.public_key_use, Some(ref u) if *u != PublicKeyUse::Signature) {
+            skipped.push(format!("key {kid:?}: not for signatures"));
+            continue;
+        }
+        let natural = match &jwk.algorithm {
+            P::RSA(_) => Some(Algorithm::RS256),
+            P::EllipticCurve(p) if p.curve == C::P256 => Some(Algorithm::ES256),
+            P::EllipticCurve(p) if p.curve == C::P384 => Some(Algorithm::ES384),
+            P::OctetKeyPair(p) if p.curve == C::Ed25519 => Some(Algorithm::EdDSA),
+            _ => None,
+        };
+        let alg = match (jwk.common.key_algorithm, natural) {
+            (_, None) => None,
+            (None, n) => n,
+            (Some(a), Some(n)) => a
+                .to_string()
+                .parse::<Algorithm>()
+                .ok()
+                .filter(|a| a.family() == n.family()),
+        };
+        let Some(alg) = alg else {
+            skipped.push(format!(
+                "key {kid:?}: a key type or algorithm that cannot verify here"
+            ));
+            continue;
+        };
+        match DecodingKey::from_jwk(&jwk) {
+            Ok(key) => keys.push(ExternalKey { kid, alg, key }),
+            Err(e) => skipped.push(format!("key {kid:?}: {e}")),
+        }
+    }
+    Ok((keys, skipped))
+}
+
+/// Verifies an external issuer's token with `key`: its algorithm pinned to the key's,
+/// `iss` and `aud` as given, `exp` required, `nbf` honoured. Returns every claim, for the
+/// issuer's mapping to tenant and scopes.
+pub fn verify_external(
+    token: &str,
+    key: &ExternalKey,
+    issuer: &str,
+    audience: &str,
+) -> Result<serde_json::Map<String, serde_json::Value>, JwtError> {
+    let mut v = Validation::new(key.alg);
+    v.set_issuer(&[issuer]);
+    v.set_audience(&[audience]);
+    v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+    v.validate_nbf = true;
+    v.leeway = 5;
+    Ok(jsonwebtoken::decode(token, &key.key, &v)?.claims)
+}
+
+/// The key id a token's header names, if it names one.
+pub fn token_kid(token: &str) -> Result<Option<String>, JwtError> {
+    Ok(jsonwebtoken::decode_header(token)?.kid)
 }
 
 #[cfg(test)]

@@ -76,6 +76,24 @@ fn roots(ca_pem: &str) -> Result<RootCertStore, TlsError> {
     Ok(store)
 }
 
+/// Client side for the public web (an identity provider's JWKS URL): the Mozilla roots
+/// built in (an image `FROM scratch` has no system store), plus `extra_ca_pem` for a
+/// provider behind a private CA. TLS 1.2 and 1.3.
+pub fn web_client_config(extra_ca_pem: Option<&str>) -> Result<rustls::ClientConfig, TlsError> {
+    let mut store = RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(pem) = extra_ca_pem {
+        for c in parse_certs(pem)? {
+            store.add(c)?;
+        }
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(store)
+        .with_no_client_auth())
+}
+
 /// Server side: TLS 1.3 only, ALPN h2, the CA's client certificates accepted but optional
 /// (agents may come with a JWT alone; services that need a certificate check for it).
 /// The chain sent includes the CA so a joining node can check it against its pin.

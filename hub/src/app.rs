@@ -287,6 +287,7 @@ pub async fn run(
         stop_rx.clone(),
     ));
     tokio::spawn(chores::keep_admin_token(hub.clone(), stop_rx.clone()));
+    tokio::spawn(crate::issuers::keep_issuers(hub.clone(), stop_rx.clone()));
     tokio::spawn(crate::audit::flush(hub.clone(), stop_rx.clone()));
     tokio::spawn(chores::drive(hub.clone(), Scheduling, stop_rx.clone()));
     tokio::spawn(chores::drive(

@@ -14,7 +14,7 @@ use std::{
 use lru::LruCache;
 use tonic::Request;
 
-use crate::{cluster::Hub, error::HubError};
+use crate::{cluster::Hub, error::HubError, issuers::Issuers};
 
 /// Tokens this hub verified recently. Checking an ES256 signature cost more CPU than the
 /// rest of a tool call (a profile of the hub under load: a fifth of its time), and an agent
@@ -38,21 +38,32 @@ impl Default for TokenCache {
 }
 
 impl TokenCache {
-    /// The claims of `token`, verified against `keys` unless a still-valid verification is
-    /// cached.
-    fn verify(&self, token: &str, keys: &[jwt::SigningKey]) -> Result<Claims, JwtError> {
+    /// The claims of `token`, verified against the cluster's `keys` or, when it names a key
+    /// none of them has, an external issuer's, unless a still-valid verification is cached.
+    fn verify(
+        &self,
+        token: &str,
+        keys: &[jwt::SigningKey],
+        issuers: &Issuers,
+    ) -> Result<Claims, JwtError> {
         let now = flotilla_common::now_ms() / 1000;
         let hit = self
             .0
             .lock()
             .expect("token cache lock")
             .get(token)
-            .filter(|(kid, c)| still_valid(kid, c, keys, now))
+            .filter(|(kid, c)| still_valid(kid, c, keys, issuers, now))
             .map(|(_, c)| c.clone());
         if let Some(c) = hit {
             return Ok(c);
         }
-        let (kid, claims) = jwt::verify_with_kid(token, keys)?;
+        let (kid, claims) = match jwt::verify_with_kid(token, keys) {
+            Err(JwtError::UnknownKey(kid)) => match issuers.verify(token, &kid) {
+                Some(verified) => (kid, verified?),
+                None => return Err(JwtError::UnknownKey(kid)),
+            },
+            other => other?,
+        };
         self.0
             .lock()
             .expect("token cache lock")
@@ -63,10 +74,19 @@ impl TokenCache {
 
 /// Whether a token verified earlier (signed by `kid`, saying `c`) is still good at `now`
 /// (seconds): its key is still there and the clock is inside its validity window.
-fn still_valid(kid: &str, c: &Claims, keys: &[jwt::SigningKey], now: i64) -> bool {
-    keys.iter().any(|k| k.kid == kid)
-        && now <= c.exp + LEEWAY_S
-        && c.nbf.is_none_or(|nbf| now + LEEWAY_S >= nbf)
+fn still_valid(
+    kid: &str,
+    c: &Claims,
+    keys: &[jwt::SigningKey],
+    issuers: &Issuers,
+    now: i64,
+) -> bool {
+    let key_held = if c.iss == jwt::ISSUER {
+        keys.iter().any(|k| k.kid == kid)
+    } else {
+        issuers.knows(&c.iss, kid)
+    };
+    key_held && now <= c.exp + LEEWAY_S && c.nbf.is_none_or(|nbf| now + LEEWAY_S >= nbf)
 }
 
 /// Where a request came from, for the audit trail.
@@ -125,7 +145,10 @@ pub enum Refusal {
 pub fn check_token(hub: &Hub, token: &str) -> Result<Claims, Refusal> {
     let now_ms = flotilla_common::now_ms();
     let keys = hub.state().verifying_keys(now_ms);
-    let claims = hub.tokens.verify(token, &keys).map_err(Refusal::Invalid)?;
+    let claims = hub
+        .tokens
+        .verify(token, &keys, &hub.issuers)
+        .map_err(Refusal::Invalid)?;
     let max_s = hub.config().agent_tokens.max_lifetime_s() as i64;
     if claims.exp.saturating_sub(claims.iat) > max_s + LEEWAY_S {
         return Err(Refusal::Policy {
@@ -251,24 +274,36 @@ mod tests {
         let now = flotilla_common::now_ms() / 1000;
         let token = jwt::sign(&key, &claims(now + 60)).unwrap();
         let cache = TokenCache::default();
+        let none = Issuers::default();
         let keys = vec![key.clone()];
-        assert_eq!(cache.verify(&token, &keys).unwrap().sub, "alice");
+        assert_eq!(cache.verify(&token, &keys, &none).unwrap().sub, "alice");
         // Cached now; once its key is gone it is refused, as a fresh check would.
-        assert!(cache.verify(&token, std::slice::from_ref(&other)).is_err());
+        assert!(cache
+            .verify(&token, std::slice::from_ref(&other), &none)
+            .is_err());
         // A tampered copy is never served from the cache.
         let mut tampered = token.clone();
         tampered.push('x');
-        assert!(cache.verify(&tampered, &keys).is_err());
+        assert!(cache.verify(&tampered, &keys, &none).is_err());
 
         let c = claims(now + 60);
-        assert!(still_valid(&key.kid, &c, &keys, now));
-        assert!(still_valid(&key.kid, &c, &keys, now + 65));
-        assert!(!still_valid(&key.kid, &c, &keys, now + 66), "expired");
-        assert!(!still_valid(&other.kid, &c, &keys, now), "key removed");
+        assert!(still_valid(&key.kid, &c, &keys, &none, now));
+        assert!(still_valid(&key.kid, &c, &keys, &none, now + 65));
+        assert!(
+            !still_valid(&key.kid, &c, &keys, &none, now + 66),
+            "expired"
+        );
+        assert!(
+            !still_valid(&other.kid, &c, &keys, &none, now),
+            "key removed"
+        );
         let later = Claims {
             nbf: Some(now + 100),
             ..c
         };
-        assert!(!still_valid(&key.kid, &later, &keys, now), "not yet valid");
+        assert!(
+            !still_valid(&key.kid, &later, &keys, &none, now),
+            "not yet valid"
+        );
     }
 }

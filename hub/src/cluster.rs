@@ -77,6 +77,8 @@ pub struct Hub {
     pub quota: crate::quota::Quota,
     /// Agent tokens verified recently.
     pub tokens: crate::auth::TokenCache,
+    /// External identity providers and the keys this hub holds for them.
+    pub issuers: Arc<crate::issuers::Issuers>,
     /// Bumped whenever a workflow changes: WatchWorkflow streams wait on it.
     pub workflows: tokio::sync::watch::Sender<u64>,
     /// What `/metrics` shows.
@@ -90,6 +92,7 @@ pub struct Hub {
 impl Hub {
     pub(crate) fn new(p: Parts) -> Self {
         let quota = crate::quota::Quota::new(p.config.limits.clone());
+        let issuers = Arc::new(crate::issuers::Issuers::new(&p.config.agent_tokens.issuers));
         Hub {
             inner: Arc::new(Inner {
                 commit: crate::commit::GroupCommit::start(p.raft.clone()),
@@ -108,6 +111,7 @@ impl Hub {
             placing: Default::default(),
             quota,
             tokens: crate::auth::TokenCache::default(),
+            issuers,
             workflows: p.workflows,
             metrics: p.metrics,
             dashboard: Arc::default(),

@@ -15,6 +15,7 @@ pub mod error;
 pub mod events;
 pub mod faults;
 pub mod http;
+pub mod issuers;
 pub mod liveness;
 pub mod metrics;
 pub mod pending;

@@ -586,3 +586,199 @@ async fn the_audit_trail_shows_refusals_and_admin_actions_on_every_hub_after_a_f
     }
     Ok(())
 }
+
+/// A company identity provider: its key, and tokens it signs for `audience`.
+struct Provider {
+    iss: &'static str,
+    key: flotilla_common::jwt::SigningKey,
+}
+
+impl Provider {
+    fn new(iss: &'static str) -> anyhow::Result<Self> {
+        Ok(Self {
+            iss,
+            key: flotilla_common::jwt::SigningKey::generate(0)?,
+        })
+    }
+
+    fn jwks(&self) -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::json!({ "keys": [self.key.jwk()?] }))
+    }
+
+    /// A token for `sub` in `tenant` holding `scopes`, as the provider issues them.
+    fn token(&self, sub: &str, tenant: &str, scopes: &[&str]) -> anyhow::Result<String> {
+        let now = flotilla_common::now_ms() / 1000;
+        let claims = flotilla_common::jwt::Claims {
+            iss: self.iss.into(),
+            aud: "flotilla-test".into(),
+            sub: sub.into(),
+            tenant: tenant.into(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            iat: now,
+            exp: now + 600,
+            jti: format!("{sub}-{now}"),
+            ..Default::default()
+        };
+        Ok(flotilla_common::jwt::sign(&self.key, &claims)?)
+    }
+}
+
+/// A provider's JWKS served over HTTP on a loopback port, replaceable while it runs; the
+/// count of fetches shows when the hub asked.
+async fn serve_jwks(
+    doc: serde_json::Value,
+) -> anyhow::Result<(
+    String,
+    std::sync::Arc<std::sync::Mutex<serde_json::Value>>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+)> {
+    use std::sync::{atomic::AtomicUsize, Arc, Mutex};
+    let served = Arc::new(Mutex::new(doc));
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let (s, n) = (served.clone(), fetches.clone());
+    let app = axum::Router::new().route(
+        "/jwks",
+        axum::routing::get(move || {
+            let (s, n) = (s.clone(), n.clone());
+            async move {
+                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                axum::Json(s.lock().expect("jwks").clone())
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/jwks", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((url, served, fetches))
+}
+
+#[tokio::test]
+async fn an_external_issuers_token_works_and_one_from_an_untrusted_issuer_does_not(
+) -> anyhow::Result<()> {
+    // Two providers: one publishing its keys in a file, one at a URL.
+    let corp = Provider::new("https://idp.corp.example")?;
+    let sso = Provider::new("https://sso.corp.example")?;
+    let keys_dir = tempfile::tempdir()?;
+    let jwks_file = keys_dir.path().join("corp.jwks.json");
+    std::fs::write(&jwks_file, corp.jwks()?.to_string())?;
+    let (url, served, fetches) = serve_jwks(sso.jwks()?).await?;
+    let issuer = |iss: &str, source: (&str, String)| -> anyhow::Result<_> {
+        Ok(serde_json::from_value::<
+            flotilla_common::config::ExternalIssuer,
+        >(serde_json::json!({
+            "issuer": iss,
+            "audience": "flotilla-test",
+            source.0: source.1,
+            "scopes_claim": "scopes",
+        }))?)
+    };
+    let mut opts = flotilla_tests::Options::default();
+    opts.agent_tokens.issuers = vec![
+        issuer(corp.iss, ("jwks_file", jwks_file.display().to_string()))?,
+        issuer(sso.iss, ("jwks_url", url))?,
+    ];
+    let mut c = Cluster::with_options(1, opts).await?;
+    c.add_node(NodeSpec::demo("edge-1")).await?;
+
+    // The provider's token calls a tool, in the tenant its claim names; `admin` is not
+    // granted by a provider unless hub.toml lists it.
+    let alice = corp.token("alice@corp", "payments", &["tools", "admin"])?;
+    let mut agent = c.agent_with(&alice);
+    let t = c
+        .call(
+            &mut agent,
+            "echo",
+            serde_json::json!({"text": "from the idp"}),
+        )
+        .await?;
+    assert_eq!(t.state(), pb::TaskState::Succeeded, "{t:?}");
+    assert_eq!(t.tenant, "payments");
+    let (code, msg) = c
+        .agent_at(1, &alice)
+        .list_tools(pb::ListToolsRequest::default())
+        .await
+        .map(|_| (Code::Ok, String::new()))
+        .unwrap_or_else(|s| (s.code(), s.message().to_owned()));
+    assert_eq!(code, Code::Ok, "{msg}");
+    let admin_refused = cli_as(&c, &alice, &["token", "list"]).expect_err("no admin scope");
+    assert!(
+        admin_refused.to_string().contains("admin"),
+        "{admin_refused}"
+    );
+
+    // The URL provider's token works too (the hub fetched its keys).
+    let bob = sso.token("bob@corp", "payments", &["tools"])?;
+    wait_until("the hub to fetch the URL provider's keys", READY, || {
+        let ok = answer_now(&c, &bob);
+        async move { ok.await.then_some(()) }
+    })
+    .await?;
+
+    // Untrusted: a token claiming the provider's issuer, signed by a key it never
+    // published; and a provider the hub does not know at all.
+    let mallory = Provider::new(corp.iss)?;
+    for (who, token) in [
+        (
+            "a key the provider never published",
+            mallory.token("alice@corp", "payments", &["tools"])?,
+        ),
+        (
+            "an unknown issuer",
+            Provider::new("https://evil.example")?.token("eve", "payments", &["tools"])?,
+        ),
+    ] {
+        let (code, msg) = answer(&c, 1, &token).await.expect_err(who);
+        assert_eq!(code, Code::Unauthenticated, "{who}: {msg}");
+        assert!(msg.contains("unknown key"), "{who}: {msg}");
+    }
+    // The right key with another provider's issuer or the wrong audience.
+    let swapped = Provider {
+        iss: sso.iss,
+        key: corp.key.clone(),
+    };
+    let (code, msg) = answer(&c, 1, &swapped.token("alice", "payments", &["tools"])?)
+        .await
+        .expect_err("issuer swapped");
+    assert_eq!(code, Code::Unauthenticated);
+    assert!(msg.contains("wrong issuer"), "{msg}");
+
+    // The provider rotates: the file now holds only a new key. Its tokens work once the
+    // hub has read the file again, and the old key's stop.
+    let rotated = Provider::new(corp.iss)?;
+    std::fs::write(&jwks_file, rotated.jwks()?.to_string())?;
+    let carol = rotated.token("carol@corp", "payments", &["tools"])?;
+    wait_until("the hub to read the rotated JWKS file", READY, || {
+        let ok = answer_now(&c, &carol);
+        async move { ok.await.then_some(()) }
+    })
+    .await?;
+    let (code, _) = answer(&c, 1, &corp.token("alice@corp", "payments", &["tools"])?)
+        .await
+        .expect_err("the old key left the file");
+    assert_eq!(code, Code::Unauthenticated);
+
+    // The URL provider rotates: a token naming a key the hub has not seen makes it fetch
+    // again soon, well before refresh_s (300 s).
+    let sso2 = Provider::new(sso.iss)?;
+    *served.lock().expect("jwks") = sso2.jwks()?;
+    let before = fetches.load(std::sync::atomic::Ordering::SeqCst);
+    let dave = sso2.token("dave@corp", "payments", &["tools"])?;
+    wait_until("the hub to fetch the URL provider's new key", READY, || {
+        let ok = answer_now(&c, &dave);
+        async move { ok.await.then_some(()) }
+    })
+    .await?;
+    assert!(fetches.load(std::sync::atomic::Ordering::SeqCst) > before);
+
+    // Revocation covers a provider's subjects as it does the cluster's own.
+    cli(&c, &["agent-token", "revoke", "--subject", "carol@corp"])?;
+    let (code, msg) = answer(&c, 1, &carol).await.expect_err("revoked");
+    assert_eq!(code, Code::Unauthenticated);
+    assert!(msg.contains("revoked"), "{msg}");
+    Ok(())
+}
+
+/// Whether hub 1 accepts `token` now.
+async fn answer_now(c: &Cluster, token: &str) -> bool {
+    answer(c, 1, token).await.is_ok()
+}

@@ -99,6 +99,106 @@ pub struct AgentTokens {
     /// Lifetime of the admin token a hub leaves in its data dir (`admin.token`, renewed
     /// while the hub runs when half of it has passed).
     pub bootstrap_admin_hours: u64,
+    /// Identity providers whose tokens agents may present besides this cluster's own
+    /// (`[[agent_tokens.issuers]]`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub issuers: Vec<ExternalIssuer>,
+}
+
+/// `[[agent_tokens.issuers]]`: a company identity provider this cluster trusts. Its tokens
+/// are verified with the keys it publishes (a JWKS document), must carry its `iss` and this
+/// cluster's `audience`, and are mapped to a tenant and scopes by their claims. The
+/// cluster's lifetime limit and revocations apply to them as to the cluster's own.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalIssuer {
+    /// The provider's `iss`, exactly as its tokens carry it.
+    pub issuer: String,
+    /// The `aud` its tokens must carry to be accepted here.
+    pub audience: String,
+    /// Its keys: a JWKS document in a file, read again whenever the file changes...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_file: Option<PathBuf>,
+    /// ...or fetched from this URL (https; http only for a loopback address) every
+    /// `refresh_s`, and sooner when a token names a key the hub has not seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_url: Option<String>,
+    /// Certificates (PEM) trusted for `jwks_url` besides the public web roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_ca_file: Option<PathBuf>,
+    #[serde(default = "default_jwks_refresh_s")]
+    pub refresh_s: u64,
+    /// The claim naming the tenant.
+    #[serde(default = "default_tenant_claim")]
+    pub tenant_claim: String,
+    /// The tenant of a token without `tenant_claim`; unset: such a token is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_tenant: Option<String>,
+    /// The claim holding scopes: a space-separated string (OAuth's `scope`) or a list.
+    #[serde(default = "default_scopes_claim")]
+    pub scopes_claim: String,
+    /// The scopes its tokens may grant (`prefix:*` and `*` as in scopes); others are
+    /// dropped. Empty (the default): any scope but `admin` and the wildcards that would
+    /// grant it, so a provider opens the admin API only when listed here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_scopes: Vec<String>,
+}
+
+fn default_jwks_refresh_s() -> u64 {
+    300
+}
+fn default_tenant_claim() -> String {
+    "tenant".into()
+}
+fn default_scopes_claim() -> String {
+    "scope".into()
+}
+
+impl ExternalIssuer {
+    fn validate(&self, file: &str, i: usize) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("agent_tokens.issuers[{i}].{k}");
+        if self.issuer.trim().is_empty() || self.issuer == crate::jwt::ISSUER {
+            return Err(invalid(
+                file,
+                key("issuer"),
+                "must be the provider's issuer, not empty and not this cluster's own \"flotilla\"",
+            ));
+        }
+        if self.audience.trim().is_empty() {
+            return Err(invalid(file, key("audience"), "must not be empty"));
+        }
+        match (&self.jwks_file, &self.jwks_url) {
+            (Some(_), None) => {}
+            (None, Some(url)) => {
+                let loopback = ["http://127.", "http://localhost", "http://[::1]"];
+                if !url.starts_with("https://") && !loopback.iter().any(|p| url.starts_with(p)) {
+                    return Err(invalid(
+                        file,
+                        key("jwks_url"),
+                        "must be https:// (http:// only to a loopback address)",
+                    ));
+                }
+            }
+            _ => {
+                return Err(invalid(
+                    file,
+                    key("jwks_file"),
+                    "give exactly one of jwks_file and jwks_url",
+                ))
+            }
+        }
+        if !(10..=86_400).contains(&self.refresh_s) {
+            return Err(invalid(file, key("refresh_s"), "must be from 10 to 86400"));
+        }
+        if self.tenant_claim.is_empty() || self.scopes_claim.is_empty() {
+            return Err(invalid(
+                file,
+                key("tenant_claim"),
+                "tenant_claim and scopes_claim must name claims",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for AgentTokens {
@@ -106,6 +206,7 @@ impl Default for AgentTokens {
         Self {
             max_lifetime_hours: defaults::TOKEN_MAX_LIFETIME_HOURS,
             bootstrap_admin_hours: defaults::BOOTSTRAP_ADMIN_HOURS,
+            issuers: Vec::new(),
         }
     }
 }
@@ -125,6 +226,17 @@ impl AgentTokens {
                 file,
                 key("bootstrap_admin_hours"),
                 "must be at least 1 and at most max_lifetime_hours",
+            ));
+        }
+        for (i, issuer) in self.issuers.iter().enumerate() {
+            issuer.validate(file, i)?;
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(dup) = self.issuers.iter().find(|i| !seen.insert(&i.issuer)) {
+            return Err(invalid(
+                file,
+                "agent_tokens.issuers",
+                format!("issuer {:?} is listed twice", dup.issuer),
             ));
         }
         Ok(())

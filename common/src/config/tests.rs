@@ -235,3 +235,41 @@ fn a_hub_in_the_peer_list_is_reached_where_the_list_says() {
         c.tls_names
     );
 }
+
+#[test]
+fn an_external_issuer_names_one_key_source_and_is_listed_once() {
+    let with = |issuers: &str| hub(&format!("id = 1\ndata_dir = \"/x\"\n{issuers}"));
+    let one = |iss: &str, source: &str| {
+        format!("[[agent_tokens.issuers]]\nissuer = \"{iss}\"\naudience = \"f\"\n{source}\n")
+    };
+    let ok = with(&one("https://idp", "jwks_url = \"https://idp/keys\"")).unwrap();
+    let i = &ok.agent_tokens.issuers[0];
+    assert_eq!(
+        (i.tenant_claim.as_str(), i.scopes_claim.as_str()),
+        ("tenant", "scope")
+    );
+    with(&one(
+        "https://idp",
+        "jwks_url = \"http://127.0.0.1:9/keys\"",
+    ))
+    .unwrap();
+    for (source, key) in [
+        ("", "issuers[0].jwks_file"),
+        (
+            "jwks_url = \"https://a\"\njwks_file = \"/k\"",
+            "issuers[0].jwks_file",
+        ),
+        (
+            "jwks_url = \"http://idp.example/keys\"",
+            "issuers[0].jwks_url",
+        ),
+    ] {
+        let e = with(&one("https://idp", source)).unwrap_err();
+        assert!(e.to_string().contains(key), "{source}: {e}");
+    }
+    let e = with(&one("flotilla", "jwks_file = \"/k\"")).unwrap_err();
+    assert!(e.to_string().contains("issuers[0].issuer"), "{e}");
+    let twice = one("https://idp", "jwks_file = \"/k\"").repeat(2);
+    let e = with(&twice).unwrap_err();
+    assert!(e.to_string().contains("listed twice"), "{e}");
+}
