@@ -100,6 +100,9 @@ enum Command {
     /// The keys that sign agent tokens: rotate, list (admin).
     #[command(subcommand)]
     Keys(tokens::KeysCommand),
+    /// Roles: names for sets of scopes that tokens hold (admin).
+    #[command(subcommand)]
+    Roles(tokens::RolesCommand),
     /// The audit trail: admin actions, joins, revocations, refused credentials (admin);
     /// `-o json` prints JSON lines.
     Audit(audit::AuditArgs),
@@ -258,6 +261,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Token(cmd) => tokens::token(cmd).await,
         Command::AgentToken(cmd) => tokens::agent_token(cmd).await,
         Command::Keys(cmd) => tokens::keys(cmd).await,
+        Command::Roles(cmd) => tokens::roles(cmd).await,
         Command::Audit(a) => audit::audit(a).await,
     }
 }

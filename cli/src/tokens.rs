@@ -1,5 +1,6 @@
-//! `flotilla token`, `flotilla agent-token` and `flotilla keys`: join tokens for nodes,
-//! tokens for agents, and the keys that sign them; each made, listed, revoked or rotated.
+//! `flotilla token`, `flotilla agent-token`, `flotilla keys` and `flotilla roles`: join
+//! tokens for nodes, tokens for agents, the keys that sign them and the roles they hold;
+//! each made, listed, revoked or rotated.
 
 use std::process::ExitCode;
 
@@ -144,6 +145,10 @@ pub(crate) enum AgentTokenCommand {
         /// Comma-separated scopes, e.g. tools,admin or tools:*
         #[arg(long, value_delimiter = ',')]
         scopes: Vec<String>,
+        /// Comma-separated roles (`flotilla roles list`), e.g. operator: their scopes as
+        /// the roles say at each call.
+        #[arg(long = "role", value_delimiter = ',')]
+        roles: Vec<String>,
         #[arg(long, default_value = flotilla_common::jwt::DEFAULT_TENANT)]
         tenant: String,
         /// Lifetime in seconds.
@@ -247,16 +252,17 @@ pub(crate) async fn keys(cmd: KeysCommand) -> anyhow::Result<ExitCode> {
 }
 
 pub(crate) async fn agent_token(cmd: AgentTokenCommand) -> anyhow::Result<ExitCode> {
-    let (subject, scopes, tenant, ttl, region, zone, flags) = match cmd {
+    let (subject, (scopes, roles), tenant, ttl, region, zone, flags) = match cmd {
         AgentTokenCommand::Issue {
             subject,
             scopes,
+            roles,
             tenant,
             ttl,
             region,
             zone,
             flags,
-        } => (subject, scopes, tenant, ttl, region, zone, flags),
+        } => (subject, (scopes, roles), tenant, ttl, region, zone, flags),
         AgentTokenCommand::Revoke {
             jti,
             subject,
@@ -298,6 +304,7 @@ pub(crate) async fn agent_token(cmd: AgentTokenCommand) -> anyhow::Result<ExitCo
             ttl_seconds: ttl,
             region,
             zone,
+            roles,
         })
         .await
         .map_err(status_error)?
@@ -307,6 +314,93 @@ pub(crate) async fn agent_token(cmd: AgentTokenCommand) -> anyhow::Result<ExitCo
             output::json(&json!({"token": r.token, "expires_at": output::time(r.expires_at_ms)}))
         }
         Format::Table => println!("{}", r.token),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Subcommand)]
+pub(crate) enum RolesCommand {
+    /// Every role and the scopes it grants (the built-in viewer, operator and admin too).
+    List(ClientOnly),
+    /// Define a role, or change one: every token holding it may do what it says from then
+    /// on.
+    Set {
+        name: String,
+        /// Comma-separated scopes, e.g. admin:read,tools:billing
+        #[arg(long, value_delimiter = ',', required = true)]
+        scopes: Vec<String>,
+        #[command(flatten)]
+        flags: ClientFlags,
+    },
+    /// Delete a role: tokens holding it keep their other scopes.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        flags: ClientFlags,
+    },
+}
+
+fn role_json(r: &pb::RoleInfo) -> serde_json::Value {
+    json!({"name": r.name, "scopes": r.scopes, "builtin": r.builtin})
+}
+
+pub(crate) async fn roles(cmd: RolesCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        RolesCommand::List(c) => {
+            let roles = admin_client(&settings(&c.flags)?)?
+                .list_roles(pb::ListRolesRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .roles;
+            match c.flags.output {
+                Format::Json => output::json(&serde_json::Value::Array(
+                    roles.iter().map(role_json).collect(),
+                )),
+                Format::Table => {
+                    let rows: Vec<Vec<String>> = roles
+                        .iter()
+                        .map(|r| {
+                            vec![
+                                r.name.clone(),
+                                r.scopes.join(","),
+                                if r.builtin { "built in" } else { "defined" }.into(),
+                            ]
+                        })
+                        .collect();
+                    output::table(&["ROLE", "SCOPES", "KIND"], &rows);
+                }
+            }
+        }
+        RolesCommand::Set {
+            name,
+            scopes,
+            flags,
+        } => {
+            let r = admin_client(&settings(&flags)?)?
+                .set_role(pb::RoleInfo {
+                    name,
+                    scopes,
+                    builtin: false,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            match flags.output {
+                Format::Json => output::json(&role_json(&r)),
+                Format::Table => println!("role {} grants {}", r.name, r.scopes.join(",")),
+            }
+        }
+        RolesCommand::Delete { name, flags } => {
+            admin_client(&settings(&flags)?)?
+                .delete_role(pb::DeleteRoleRequest { name: name.clone() })
+                .await
+                .map_err(status_error)?;
+            match flags.output {
+                Format::Json => output::json(&json!({"deleted": name})),
+                Format::Table => println!("role {name} deleted"),
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -7,8 +7,26 @@ use serde::{Deserialize, Serialize};
 
 pub const ISSUER: &str = "flotilla";
 pub const AUDIENCE: &str = "flotilla";
-/// The scope that opens the admin API.
+/// The scope that opens the whole admin API.
 pub const ADMIN_SCOPE: &str = "admin";
+/// Narrower admin scopes, each opening part of the admin API.
+pub const ADMIN_READ: &str = "admin:read";
+pub const ADMIN_NODES: &str = "admin:nodes";
+pub const ADMIN_TASKS: &str = "admin:tasks";
+pub const ADMIN_CREDENTIALS: &str = "admin:credentials";
+pub const ADMIN_CLUSTER: &str = "admin:cluster";
+
+/// The roles every cluster has, and the scopes they grant.
+pub const BUILTIN_ROLES: [(&str, &[&str]); 3] = [
+    ("viewer", &[ADMIN_READ]),
+    ("operator", &[ADMIN_READ, ADMIN_NODES, ADMIN_TASKS]),
+    ("admin", &["*"]),
+];
+
+/// Whether `scope` opens any part of the admin API (`*` included).
+pub fn is_admin_scope(scope: &str) -> bool {
+    scope == "*" || scope == ADMIN_SCOPE || scope.starts_with("admin:")
+}
 /// The tenant of a token that does not name one.
 pub const DEFAULT_TENANT: &str = "default";
 
@@ -31,11 +49,21 @@ pub struct Claims {
     pub region: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
+    /// Roles held: their scopes join `scopes` when the token is checked, as the cluster's
+    /// roles say then.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roles: Vec<String>,
 }
 
 impl Claims {
     pub fn has_scope(&self, required: &str) -> bool {
         scope_allows(&self.scopes, required)
+    }
+
+    /// Whether the token opens the admin calls that need `scope`: it holds `admin`, or
+    /// that scope.
+    pub fn may(&self, scope: &str) -> bool {
+        self.has_scope(ADMIN_SCOPE) || self.has_scope(scope)
     }
 }
 
@@ -326,6 +354,7 @@ mod tests {
             jti: "j".into(),
             region: None,
             zone: None,
+            roles: Vec::new(),
         }
     }
 

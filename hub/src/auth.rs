@@ -159,20 +159,30 @@ pub fn check_token(hub: &Hub, token: &str) -> Result<Claims, Refusal> {
             reason: "lifetime_too_long",
         });
     }
-    if let Some(why) = hub.state().revoked.refuses(&claims) {
+    let state = hub.state();
+    if let Some(why) = state.revoked.refuses(&claims) {
         return Err(Refusal::Policy {
             claims: Box::new(claims),
             reason: "revoked",
             why,
         });
     }
+    let mut claims = claims;
+    for role in &claims.roles {
+        for scope in state.role_scopes(role) {
+            if !claims.scopes.contains(&scope) {
+                claims.scopes.push(scope);
+            }
+        }
+    }
     Ok(claims)
 }
 
-/// Like [`agent`], and the token must hold the admin scope.
-pub fn admin<T>(req: &Request<T>, hub: &Hub) -> Result<Claims, HubError> {
+/// Like [`agent`], and the token must open the admin calls that need `scope` (it holds
+/// `admin`, or `scope`, itself or through a role).
+pub fn admin<T>(req: &Request<T>, hub: &Hub, scope: &str) -> Result<Claims, HubError> {
     let claims = agent(req, hub)?;
-    if !claims.has_scope(jwt::ADMIN_SCOPE) {
+    if !claims.may(scope) {
         hub.metrics.auth_failed("missing_scope");
         hub.audit.denied(
             hub.id(),
@@ -183,7 +193,7 @@ pub fn admin<T>(req: &Request<T>, hub: &Hub) -> Result<Claims, HubError> {
             &source(req),
         );
         return Err(HubError::PermissionDenied(format!(
-            "this needs the `{}` scope, which the token of {:?} does not hold",
+            "this needs the `{scope}` scope (or `{}`), which the token of {:?} does not hold",
             jwt::ADMIN_SCOPE,
             claims.sub
         )));
@@ -225,7 +235,7 @@ pub fn issue_agent_token(
     hub: &Hub,
     subject: &str,
     tenant: &str,
-    scopes: Vec<String>,
+    (scopes, roles): (Vec<String>, Vec<String>),
     ttl_s: u64,
     locality: (Option<String>, Option<String>),
 ) -> Result<(String, i64), HubError> {
@@ -247,6 +257,7 @@ pub fn issue_agent_token(
         jti: flotilla_common::random_id(12),
         region: locality.0,
         zone: locality.1,
+        roles,
     };
     let token = jwt::sign(key, &claims).map_err(|e| HubError::Internal(e.to_string()))?;
     Ok((token, exp * 1000))

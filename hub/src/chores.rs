@@ -133,7 +133,7 @@ pub(crate) async fn keep_admin_token(hub: Hub, mut stop: watch::Receiver<bool>) 
             &hub,
             "admin",
             flotilla_common::jwt::DEFAULT_TENANT,
-            vec!["*".into()],
+            (vec!["*".into()], Vec::new()),
             hours * 3600,
             (None, None),
         );

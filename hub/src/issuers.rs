@@ -206,14 +206,16 @@ fn map_claims(
         jti: text("jti").unwrap_or_default(),
         region: None,
         zone: None,
+        // Roles are this cluster's names; a provider grants scopes.
+        roles: Vec::new(),
     })
 }
 
 /// Whether a provider may grant `scope`: listed in `allowed_scopes`, or, with none
-/// listed, any scope that does not open the admin API.
+/// listed, any scope that opens no part of the admin API.
 fn allowed(cfg: &ExternalIssuer, scope: &str) -> bool {
     if cfg.allowed_scopes.is_empty() {
-        !jwt::scope_allows(&[scope.to_owned()], jwt::ADMIN_SCOPE)
+        !jwt::is_admin_scope(scope)
     } else {
         jwt::scope_allows(&cfg.allowed_scopes, scope)
     }
@@ -361,7 +363,7 @@ mod tests {
     fn base() -> Value {
         json!({"iss": "https://idp.example", "aud": "flotilla-prod", "sub": "alice@corp",
                "exp": now() + 600, "iat": now(), "tenant": "payments", "jti": "j1",
-               "scope": "tools:read admin *"})
+               "scope": "tools:read admin * admin:credentials"})
     }
 
     fn verify(issuers: &Issuers, token: &str) -> Result<Claims, JwtError> {

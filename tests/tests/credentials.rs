@@ -782,3 +782,150 @@ async fn an_external_issuers_token_works_and_one_from_an_untrusted_issuer_does_n
 async fn answer_now(c: &Cluster, token: &str) -> bool {
     answer(c, 1, token).await.is_ok()
 }
+
+/// The CLI's error text for a refused command (its stderr).
+fn refused(c: &Cluster, token: &str, args: &[&str]) -> String {
+    cli_as(c, token, args)
+        .expect_err(&format!("{args:?} should be refused"))
+        .to_string()
+}
+
+#[tokio::test]
+async fn roles_grant_parts_of_the_admin_api_and_a_changed_role_changes_every_token(
+) -> anyhow::Result<()> {
+    let mut c = Cluster::start().await?;
+    c.add_node(NodeSpec::demo("edge-1")).await?;
+    let issue = |sub: &str, role: &str| {
+        cli(
+            &c,
+            &[
+                "agent-token",
+                "issue",
+                "--subject",
+                sub,
+                "--role",
+                role,
+                "--ttl",
+                "600",
+            ],
+        )
+        .map(|t| t.trim().to_owned())
+    };
+
+    // A viewer reads; it cannot change anything.
+    let vera = issue("vera", "viewer")?;
+    assert!(cli_as(&c, &vera, &["nodes"])?.contains("edge-1"));
+    cli_as(&c, &vera, &["audit"])?;
+    let e = refused(&c, &vera, &["nodes", "cordon", "edge-1"]);
+    assert!(
+        e.contains("admin:nodes") && e.contains("PermissionDenied"),
+        "{e}"
+    );
+
+    // An operator cordons and pauses; it cannot touch credentials.
+    let otto = issue("otto", "operator")?;
+    cli_as(&c, &otto, &["nodes", "cordon", "edge-1"])?;
+    cli_as(&c, &otto, &["nodes", "uncordon", "edge-1"])?;
+    let e = refused(&c, &otto, &["token", "create"]);
+    assert!(e.contains("admin:credentials"), "{e}");
+
+    // A role of the operator's own: changing it changes what a token already issued may do.
+    cli(
+        &c,
+        &[
+            "roles",
+            "set",
+            "oncall",
+            "--scopes",
+            "admin:read,admin:tasks",
+        ],
+    )?;
+    let olga = issue("olga", "oncall")?;
+    cli_as(&c, &olga, &["scheduling", "pause"])?;
+    cli_as(&c, &olga, &["scheduling", "resume"])?;
+    cli(&c, &["roles", "set", "oncall", "--scopes", "admin:read"])?;
+    let e = refused(&c, &olga, &["scheduling", "pause"]);
+    assert!(e.contains("admin:tasks"), "{e}");
+    cli(&c, &["roles", "delete", "oncall"])?;
+    let e = refused(&c, &olga, &["nodes"]);
+    assert!(e.contains("admin:read"), "{e}");
+
+    // No escalation: whoever may issue tokens and set roles grants only what it holds.
+    cli(
+        &c,
+        &[
+            "roles",
+            "set",
+            "issuer",
+            "--scopes",
+            "admin:credentials,tools",
+        ],
+    )?;
+    let ivan = issue("ivan", "issuer")?;
+    let e = refused(
+        &c,
+        &ivan,
+        &[
+            "agent-token",
+            "issue",
+            "--subject",
+            "x",
+            "--scopes",
+            "admin",
+        ],
+    );
+    assert!(e.contains("only scopes its issuer holds"), "{e}");
+    let e = refused(
+        &c,
+        &ivan,
+        &[
+            "agent-token",
+            "issue",
+            "--subject",
+            "x",
+            "--role",
+            "operator",
+        ],
+    );
+    assert!(e.contains("only scopes its issuer holds"), "{e}");
+    let e = refused(&c, &ivan, &["roles", "set", "issuer", "--scopes", "*"]);
+    assert!(e.contains("only scopes its issuer holds"), "{e}");
+    cli_as(
+        &c,
+        &ivan,
+        &[
+            "agent-token",
+            "issue",
+            "--subject",
+            "tool-user",
+            "--scopes",
+            "tools",
+        ],
+    )?;
+
+    // Built-in roles stay as they are; an unknown role is named.
+    let e = cli(&c, &["roles", "set", "viewer", "--scopes", "*"])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("built in"), "{e}");
+    let e = cli(
+        &c,
+        &["agent-token", "issue", "--subject", "x", "--role", "nobody"],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("no role \"nobody\""), "{e}");
+    let listed = json(&cli(&c, &["roles", "list", "-o", "json"])?)?;
+    let names: Vec<&str> = listed
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    assert_eq!(names, ["viewer", "operator", "admin", "issuer"]);
+
+    // The audit trail says who changed which role.
+    let audit = cli(&c, &["audit", "--kind", "set_role", "-o", "json"])?;
+    assert!(audit.contains("oncall: admin:read admin:tasks"), "{audit}");
+    Ok(())
+}

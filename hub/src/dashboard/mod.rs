@@ -79,7 +79,7 @@ impl Viewer {
     pub fn of(claims: &Claims) -> Self {
         Self {
             subject: claims.sub.clone(),
-            tenant: (!claims.has_scope(jwt::ADMIN_SCOPE)).then(|| claims.tenant.clone()),
+            tenant: (!claims.may(jwt::ADMIN_READ)).then(|| claims.tenant.clone()),
         }
     }
 

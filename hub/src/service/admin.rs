@@ -1,15 +1,17 @@
-//! AdminService: join tokens, nodes, agent tokens, cluster status. Needs the `admin` scope.
+//! AdminService: join tokens, nodes, agent tokens, roles, cluster status. Each call needs
+//! `admin` or its own narrower admin scope (`jwt::ADMIN_READ`, ...).
 
 use flotilla_common::{jwt, token::JoinToken};
 use flotilla_proto::{
     admin_service_server::AdminService, AddHubRequest, CancelTenantTasksRequest,
     CancelTenantTasksResponse, ClusterMember, ClusterStatusRequest, ClusterStatusResponse,
-    CreateJoinTokenRequest, CreateJoinTokenResponse, DrainNodeRequest, IssueAgentTokenRequest,
-    IssueAgentTokenResponse, JoinTokenInfo, ListAuditRequest, ListAuditResponse,
-    ListJoinTokensRequest, ListJoinTokensResponse, ListNodesRequest, ListNodesResponse,
+    CreateJoinTokenRequest, CreateJoinTokenResponse, DeleteRoleRequest, DeleteRoleResponse,
+    DrainNodeRequest, IssueAgentTokenRequest, IssueAgentTokenResponse, JoinTokenInfo,
+    ListAuditRequest, ListAuditResponse, ListJoinTokensRequest, ListJoinTokensResponse,
+    ListNodesRequest, ListNodesResponse, ListRolesRequest, ListRolesResponse,
     ListSigningKeysRequest, ListSigningKeysResponse, NodeInfo, NodeRequest, NodeServer,
     NodeStatusResponse, RemoveHubRequest, RemoveNodeResponse, RevokeAgentTokensRequest,
-    RevokeAgentTokensResponse, RevokeJoinTokenRequest, RotateSigningKeyRequest,
+    RevokeAgentTokensResponse, RevokeJoinTokenRequest, RoleInfo, RotateSigningKeyRequest,
     SetSchedulingPausedRequest, SigningKeyInfo,
 };
 use tonic::{Request, Response, Status};
@@ -33,7 +35,7 @@ impl AdminApi {
         req: Request<NodeRequest>,
         status: NodeStatus,
     ) -> Result<Response<NodeStatusResponse>, Status> {
-        let claims = auth::admin(&req, &self.hub)?;
+        let claims = auth::admin(&req, &self.hub, jwt::ADMIN_NODES)?;
         let id = req.into_inner().node_id;
         let cmd = Command::SetNodeStatus {
             node_id: id.clone(),
@@ -41,6 +43,40 @@ impl AdminApi {
             at_ms: flotilla_common::now_ms(),
         };
         self.node_status(&claims, &id, cmd).await
+    }
+
+    /// Refuses a token that would hold more than its issuer: every scope asked for, and
+    /// every scope of every role asked for (as the role stands now), must be one the
+    /// issuer holds, unless it holds `admin`. Unknown roles are refused.
+    fn may_grant(
+        &self,
+        issuer: &jwt::Claims,
+        scopes: &[String],
+        roles: &[String],
+    ) -> Result<(), HubError> {
+        flotilla_common::limits::check_count("roles", roles.len(), 16)?;
+        let state = self.hub.state();
+        if let Some(r) = roles.iter().find(|r| !state.role_exists(r)) {
+            return Err(HubError::InvalidArgument(format!(
+                "no role {r:?}; `flotilla roles list` shows the roles"
+            )));
+        }
+        if issuer.has_scope(jwt::ADMIN_SCOPE) {
+            return Ok(());
+        }
+        let role_scopes = roles.iter().flat_map(|r| state.role_scopes(r));
+        if let Some(s) = scopes
+            .iter()
+            .cloned()
+            .chain(role_scopes)
+            .find(|s| !issuer.has_scope(s))
+        {
+            return Err(HubError::PermissionDenied(format!(
+                "a token may hold only scopes its issuer holds; {:?} does not hold {s:?}",
+                issuer.sub
+            )));
+        }
+        Ok(())
     }
 
     async fn node_status(
@@ -87,7 +123,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<CreateJoinTokenRequest>,
     ) -> Result<Response<CreateJoinTokenResponse>, Status> {
-        let claims = auth::admin(&req, &self.hub)?;
+        let claims = auth::admin(&req, &self.hub, jwt::ADMIN_CREDENTIALS)?;
         let r = req.into_inner();
         let ttl = if r.ttl_seconds == 0 {
             DEFAULT_JOIN_TTL_S
@@ -138,7 +174,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesResponse>, Status> {
-        auth::admin(&req, &self.hub)?;
+        auth::admin(&req, &self.hub, jwt::ADMIN_READ)?;
         let live = self.hub.live_nodes().await;
         let nodes = node_infos(&self.hub, &live);
         Ok(Response::new(ListNodesResponse { nodes }))
@@ -148,7 +184,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<IssueAgentTokenRequest>,
     ) -> Result<Response<IssueAgentTokenResponse>, Status> {
-        let claims = auth::admin(&req, &self.hub)?;
+        let claims = auth::admin(&req, &self.hub, jwt::ADMIN_CREDENTIALS)?;
         let r = req.into_inner();
         if r.subject.trim().is_empty() {
             return Err(HubError::InvalidArgument("subject must not be empty".into()).into());
@@ -170,11 +206,12 @@ impl AdminService for AdminApi {
         } else {
             r.tenant
         };
+        self.may_grant(&claims, &r.scopes, &r.roles)?;
         let (token, expires_at_ms) = auth::issue_agent_token(
             &self.hub,
             &r.subject,
             &tenant,
-            r.scopes.clone(),
+            (r.scopes.clone(), r.roles.clone()),
             ttl,
             (
                 (!r.region.is_empty()).then(|| r.region.clone()),
@@ -187,9 +224,10 @@ impl AdminService for AdminApi {
             "issue_agent_token",
             &claims.sub,
             &format!(
-                "subject {}, tenant {tenant}, scopes {}",
+                "subject {}, tenant {tenant}, scopes {}, roles {}",
                 r.subject,
-                r.scopes.join(",")
+                r.scopes.join(","),
+                r.roles.join(",")
             ),
         );
         Ok(Response::new(IssueAgentTokenResponse {
@@ -202,7 +240,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
-        auth::admin(&req, &self.hub)?;
+        auth::admin(&req, &self.hub, jwt::ADMIN_READ)?;
         Ok(Response::new(status_response(
             self.hub.cluster_view().await,
         )))
@@ -212,7 +250,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<AddHubRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
-        let claims = auth::admin(&req, &self.hub)?;
+        let claims = auth::admin(&req, &self.hub, jwt::ADMIN_CLUSTER)?;
         let r = req.into_inner();
         if r.id == 0 {
             return Err(HubError::InvalidArgument("hub id must be positive".into()).into());
@@ -249,7 +287,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<RemoveHubRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
-        let claims = auth::admin(&req, &self.hub)?;
+        let claims = auth::admin(&req, &self.hub, jwt::ADMIN_CLUSTER)?;
         let id = req.into_inner().id;
         let view = self.hub.leaders_view().await;
         if !view.members.iter().any(|m| m.id == id) {
@@ -288,7 +326,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<DrainNodeRequest>,
     ) -> Result<Response<NodeStatusResponse>, Status> {
-        let claims = auth::admin(&req, &self.hub)?;
+        let claims = auth::admin(&req, &self.hub, jwt::ADMIN_NODES)?;
         let r = req.into_inner();
         let secs = if r.deadline_seconds == 0 {
             300
@@ -308,7 +346,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<SetSchedulingPausedRequest>,
     ) -> Result<Response<SetSchedulingPausedRequest>, Status> {
-        let claims = auth::admin(&req, &self.hub)?;
+        let claims = auth::admin(&req, &self.hub, jwt::ADMIN_TASKS)?;
         let paused = req.into_inner().paused;
         audit::write_by(&self.hub, &claims, Command::SetSchedulingPaused(paused)).await?;
         tracing::warn!(paused, by = ?claims.sub, "scheduling paused state changed");
@@ -320,7 +358,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<CancelTenantTasksRequest>,
     ) -> Result<Response<CancelTenantTasksResponse>, Status> {
-        let claims = auth::admin(&req, &self.hub)?;
+        let claims = auth::admin(&req, &self.hub, jwt::ADMIN_TASKS)?;
         let tenant = req.into_inner().tenant;
         if tenant.is_empty() {
             return Err(HubError::InvalidArgument("tenant must not be empty".into()).into());
@@ -360,7 +398,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<flotilla_proto::AcceptToolRequest>,
     ) -> Result<Response<flotilla_proto::AcceptToolResponse>, Status> {
-        let claims = auth::admin(&req, &self.hub)?;
+        let claims = auth::admin(&req, &self.hub, jwt::ADMIN_NODES)?;
         let name = req.into_inner().name;
         match crate::audit::write_by(
             &self.hub,
@@ -390,7 +428,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<ListJoinTokensRequest>,
     ) -> Result<Response<ListJoinTokensResponse>, Status> {
-        auth::admin(&req, &self.hub)?;
+        auth::admin(&req, &self.hub, jwt::ADMIN_READ)?;
         Ok(Response::new(credentials::list_join_tokens(&self.hub)))
     }
 
@@ -398,7 +436,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<RevokeJoinTokenRequest>,
     ) -> Result<Response<JoinTokenInfo>, Status> {
-        let claims = auth::admin(&req, &self.hub)?;
+        let claims = auth::admin(&req, &self.hub, jwt::ADMIN_CREDENTIALS)?;
         let id = req.into_inner().token_id;
         Ok(Response::new(
             credentials::revoke_join_token(&self.hub, &claims, &id).await?,
@@ -409,7 +447,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<NodeRequest>,
     ) -> Result<Response<RemoveNodeResponse>, Status> {
-        let claims = auth::admin(&req, &self.hub)?;
+        let claims = auth::admin(&req, &self.hub, jwt::ADMIN_NODES)?;
         let id = req.into_inner().node_id;
         Ok(Response::new(
             credentials::remove_node(&self.hub, &claims, &id).await?,
@@ -420,7 +458,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<RevokeAgentTokensRequest>,
     ) -> Result<Response<RevokeAgentTokensResponse>, Status> {
-        let claims = auth::admin(&req, &self.hub)?;
+        let claims = auth::admin(&req, &self.hub, jwt::ADMIN_CREDENTIALS)?;
         Ok(Response::new(
             credentials::revoke_agent_tokens(&self.hub, &claims, req.into_inner()).await?,
         ))
@@ -430,7 +468,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<RotateSigningKeyRequest>,
     ) -> Result<Response<SigningKeyInfo>, Status> {
-        let claims = auth::admin(&req, &self.hub)?;
+        let claims = auth::admin(&req, &self.hub, jwt::ADMIN_CREDENTIALS)?;
         let retire_now = req.into_inner().retire_now;
         Ok(Response::new(
             credentials::rotate_signing_key(&self.hub, &claims, retire_now).await?,
@@ -441,7 +479,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<ListAuditRequest>,
     ) -> Result<Response<ListAuditResponse>, Status> {
-        auth::admin(&req, &self.hub)?;
+        auth::admin(&req, &self.hub, jwt::ADMIN_READ)?;
         self.hub.read_barrier().await?;
         Ok(Response::new(credentials::list_audit(
             &self.hub,
@@ -453,8 +491,100 @@ impl AdminService for AdminApi {
         &self,
         req: Request<ListSigningKeysRequest>,
     ) -> Result<Response<ListSigningKeysResponse>, Status> {
-        auth::admin(&req, &self.hub)?;
+        auth::admin(&req, &self.hub, jwt::ADMIN_READ)?;
         Ok(Response::new(credentials::list_signing_keys(&self.hub)))
+    }
+
+    async fn list_roles(
+        &self,
+        req: Request<ListRolesRequest>,
+    ) -> Result<Response<ListRolesResponse>, Status> {
+        auth::admin(&req, &self.hub, jwt::ADMIN_READ)?;
+        let state = self.hub.state();
+        let builtin = jwt::BUILTIN_ROLES.iter().map(|(name, scopes)| RoleInfo {
+            name: (*name).to_owned(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            builtin: true,
+        });
+        let defined = state.roles.iter().map(|(name, scopes)| RoleInfo {
+            name: name.clone(),
+            scopes: scopes.clone(),
+            builtin: false,
+        });
+        Ok(Response::new(ListRolesResponse {
+            roles: builtin.chain(defined).collect(),
+        }))
+    }
+
+    async fn set_role(&self, req: Request<RoleInfo>) -> Result<Response<RoleInfo>, Status> {
+        let claims = auth::admin(&req, &self.hub, jwt::ADMIN_CREDENTIALS)?;
+        let r = req.into_inner();
+        let name_ok = !r.name.is_empty()
+            && r.name.len() <= 64
+            && r.name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
+        if !name_ok {
+            return Err(HubError::InvalidArgument(
+                "a role name is 1 to 64 of a-z, A-Z, 0-9, '-', '_', '.', ':'".into(),
+            )
+            .into());
+        }
+        flotilla_common::limits::check_count(
+            "scopes",
+            r.scopes.len(),
+            state::credentials::MAX_ROLE_SCOPES,
+        )
+        .map_err(HubError::from)?;
+        for s in &r.scopes {
+            if s.is_empty()
+                || s.len() > 256
+                || s.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(HubError::InvalidArgument(format!(
+                    "scope {s:?}: 1 to 256 bytes, no spaces"
+                ))
+                .into());
+            }
+        }
+        // Whoever changes a role changes what every token holding it may do: only to
+        // scopes the changer holds.
+        self.may_grant(&claims, &r.scopes, &[])?;
+        let cmd = Command::SetRole {
+            name: r.name.clone(),
+            scopes: r.scopes.clone(),
+        };
+        match audit::write_by(&self.hub, &claims, cmd).await? {
+            state::Response::Rejected(rej) => {
+                Err(HubError::FailedPrecondition(rej.to_string()).into())
+            }
+            _ => {
+                tracing::info!(role = %r.name, scopes = ?r.scopes, by = ?claims.sub, "role set");
+                Ok(Response::new(RoleInfo {
+                    builtin: false,
+                    ..r
+                }))
+            }
+        }
+    }
+
+    async fn delete_role(
+        &self,
+        req: Request<DeleteRoleRequest>,
+    ) -> Result<Response<DeleteRoleResponse>, Status> {
+        let claims = auth::admin(&req, &self.hub, jwt::ADMIN_CREDENTIALS)?;
+        let name = req.into_inner().name;
+        let cmd = Command::DeleteRole { name: name.clone() };
+        match audit::write_by(&self.hub, &claims, cmd).await? {
+            state::Response::Rejected(r @ state::Rejection::NoSuchRole(_)) => {
+                Err(HubError::NotFound(r.to_string()).into())
+            }
+            state::Response::Rejected(r) => Err(HubError::FailedPrecondition(r.to_string()).into()),
+            _ => {
+                tracing::info!(role = %name, by = ?claims.sub, "role deleted");
+                Ok(Response::new(DeleteRoleResponse {}))
+            }
+        }
     }
 }
 

@@ -185,7 +185,7 @@ impl AgentApi {
     async fn failing_servers(&self, claims: &Claims) -> String {
         const SHOWN: usize = 3;
         const WHY_CHARS: usize = 400;
-        let admin = claims.has_scope(flotilla_common::jwt::ADMIN_SCOPE);
+        let admin = claims.may(flotilla_common::jwt::ADMIN_READ);
         let live = self.hub.live_nodes().await;
         let mut failing: Vec<String> = {
             let state = self.hub.state();
@@ -466,7 +466,7 @@ impl AgentService for AgentApi {
             .catalogue
             .values()
             .filter(|e| claims.has_scope(&e.required_scope))
-            .filter(|e| e.accepted || claims.has_scope(flotilla_common::jwt::ADMIN_SCOPE))
+            .filter(|e| e.accepted || claims.may(flotilla_common::jwt::ADMIN_READ))
             .map(|e| {
                 let nodes = state
                     .nodes

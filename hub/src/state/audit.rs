@@ -135,6 +135,8 @@ pub fn kind_and_target(cmd: &Command) -> (&'static str, String) {
         ),
         Command::CancelTenantTasks { tenant, .. } => ("cancel_tenant_tasks", tenant.clone()),
         Command::AcceptTool { name } => ("accept_tool", name.clone()),
+        Command::SetRole { name, scopes } => ("set_role", format!("{name}: {}", scopes.join(" "))),
+        Command::DeleteRole { name } => ("delete_role", name.clone()),
         Command::RotateSigningKey { key, .. } => ("rotate_signing_key", key.kid.clone()),
         Command::RevokeAgentTokens { jti, subject, .. } => (
             "revoke_agent_tokens",

@@ -142,6 +142,15 @@ pub enum Command {
         keep_until_ms: i64,
         at_ms: i64,
     },
+    /// Defines or changes a role: a name for a set of scopes (not a built-in one).
+    SetRole {
+        name: String,
+        scopes: Vec<String>,
+    },
+    /// Deletes a role; tokens holding it keep their other scopes.
+    DeleteRole {
+        name: String,
+    },
     /// A node stayed silent past its TTL. Its unfinished tasks are re-queued when the tool
     /// is read-only or idempotent (or the task's retry policy says so), and end `lost`
     /// otherwise.
@@ -280,6 +289,8 @@ impl Command {
             Self::AddSigningKey(_)
             | Self::SetSchedulingPaused(_)
             | Self::AcceptTool { .. }
+            | Self::SetRole { .. }
+            | Self::DeleteRole { .. }
             | Self::Batch(_) => 0,
         }
     }
@@ -349,6 +360,10 @@ pub enum Rejection {
     NoSuchJoinToken(String),
     #[error("too many: {0}")]
     TooMany(String),
+    #[error("role {0:?} is built in and cannot be changed")]
+    BuiltinRole(String),
+    #[error("no role {0:?}")]
+    NoSuchRole(String),
 }
 
 /// A running attempt the hub ended: its node should stop it.

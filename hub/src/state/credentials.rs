@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 
-use flotilla_common::jwt::{Claims, SigningKey};
+use flotilla_common::jwt::{self, Claims, SigningKey};
 use serde::{Deserialize, Serialize};
 
 use super::{JoinTokenRecord, Rejection, Response, State, TaskStatus};
@@ -258,6 +258,55 @@ impl State {
         self.revoked
             .subjects
             .retain(|_, r| r.keep_until_ms > now_ms);
+    }
+}
+
+/// Most roles an admin may define, and scopes in one.
+pub const MAX_ROLES: usize = 256;
+pub const MAX_ROLE_SCOPES: usize = 64;
+
+impl State {
+    /// The scopes `role` grants now: a built-in role's, a defined one's, or none.
+    pub fn role_scopes(&self, role: &str) -> Vec<String> {
+        match jwt::BUILTIN_ROLES.iter().find(|(name, _)| *name == role) {
+            Some((_, scopes)) => scopes.iter().map(|s| s.to_string()).collect(),
+            None => self.roles.get(role).cloned().unwrap_or_default(),
+        }
+    }
+
+    /// Whether `role` exists (built in or defined).
+    pub fn role_exists(&self, role: &str) -> bool {
+        jwt::BUILTIN_ROLES.iter().any(|(name, _)| *name == role) || self.roles.contains_key(role)
+    }
+
+    pub(super) fn set_role(
+        &mut self,
+        name: &str,
+        scopes: &[String],
+    ) -> Result<Response, Rejection> {
+        if jwt::BUILTIN_ROLES.iter().any(|(n, _)| *n == name) {
+            return Err(Rejection::BuiltinRole(name.to_owned()));
+        }
+        if !self.roles.contains_key(name) && self.roles.len() >= MAX_ROLES {
+            return Err(Rejection::TooMany(format!("roles (at most {MAX_ROLES})")));
+        }
+        if scopes.len() > MAX_ROLE_SCOPES {
+            return Err(Rejection::TooMany(format!(
+                "scopes in a role (at most {MAX_ROLE_SCOPES})"
+            )));
+        }
+        self.roles.insert(name.to_owned(), scopes.to_vec());
+        Ok(Response::Done)
+    }
+
+    pub(super) fn delete_role(&mut self, name: &str) -> Result<Response, Rejection> {
+        if jwt::BUILTIN_ROLES.iter().any(|(n, _)| *n == name) {
+            return Err(Rejection::BuiltinRole(name.to_owned()));
+        }
+        self.roles
+            .remove(name)
+            .map(|_| Response::Done)
+            .ok_or_else(|| Rejection::NoSuchRole(name.to_owned()))
     }
 }
 
@@ -565,5 +614,63 @@ mod tests {
             serde_json::to_string(&a).unwrap(),
             serde_json::to_string(&b).unwrap()
         );
+    }
+}
+
+#[cfg(test)]
+mod role_tests {
+    use super::super::Command;
+    use super::*;
+
+    #[test]
+    fn roles_grant_scopes_built_in_ones_stay_and_the_count_is_bounded() {
+        let mut s = State::default();
+        assert_eq!(s.role_scopes("viewer"), vec![jwt::ADMIN_READ]);
+        assert!(s.role_scopes("nobody").is_empty());
+        let set = |name: &str, scopes: &[&str]| Command::SetRole {
+            name: name.into(),
+            scopes: scopes.iter().map(|x| x.to_string()).collect(),
+        };
+        assert_eq!(
+            s.apply(1, &set("billing", &["tools:billing"])),
+            Response::Done
+        );
+        assert_eq!(s.role_scopes("billing"), vec!["tools:billing"]);
+        assert!(s.role_exists("billing") && s.role_exists("operator"));
+        assert_eq!(
+            s.apply(2, &set("viewer", &["*"])),
+            Response::Rejected(Rejection::BuiltinRole("viewer".into()))
+        );
+        assert_eq!(
+            s.apply(
+                3,
+                &Command::DeleteRole {
+                    name: "admin".into()
+                }
+            ),
+            Response::Rejected(Rejection::BuiltinRole("admin".into()))
+        );
+        assert_eq!(
+            s.apply(
+                4,
+                &Command::DeleteRole {
+                    name: "billing".into()
+                }
+            ),
+            Response::Done
+        );
+        assert!(s.role_scopes("billing").is_empty());
+        for i in 0..MAX_ROLES {
+            assert_eq!(
+                s.apply(5 + i as u64, &set(&format!("r{i}"), &["x"])),
+                Response::Done
+            );
+        }
+        assert!(matches!(
+            s.apply(9999, &set("one-more", &["x"])),
+            Response::Rejected(Rejection::TooMany(_))
+        ));
+        // Changing one that exists is still allowed at the cap.
+        assert_eq!(s.apply(10_000, &set("r0", &["y"])), Response::Done);
     }
 }

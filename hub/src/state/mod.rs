@@ -13,7 +13,7 @@ mod admin;
 mod archive;
 pub mod audit;
 mod command;
-mod credentials;
+pub mod credentials;
 mod fanout;
 pub mod history;
 pub mod index;
@@ -73,6 +73,9 @@ pub struct State {
     /// Agent tokens and subjects refused before their tokens expire.
     #[serde(default)]
     pub revoked: Revocations,
+    /// Roles defined by admins: name → scopes (the built-in ones are not stored).
+    #[serde(default)]
+    pub roles: BTreeMap<String, Vec<String>>,
     /// Who did what, and who was refused (bounded rings).
     #[serde(default)]
     pub audit: audit::AuditLog,
@@ -393,6 +396,8 @@ impl State {
             } => {
                 self.revoke_agent_tokens(jti.as_deref(), subject.as_deref(), *keep_until_ms, *at_ms)
             }
+            Command::SetRole { name, scopes } => self.set_role(name, scopes),
+            Command::DeleteRole { name } => self.delete_role(name),
             Command::SubmitWorkflow(wf) => Ok(self.submit_workflow(index, wf)),
             Command::Batch(_) => Err(Rejection::NotBatchable),
             Command::ExpireHistory {
