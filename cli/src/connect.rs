@@ -53,6 +53,8 @@ pub(crate) fn settings(flags: &ClientFlags) -> anyhow::Result<ClientSettings> {
             hubs: Vec::new(),
             ca: flags.ca.clone(),
             token: flags.token.clone(),
+            cert: flags.cert.clone(),
+            key: flags.key.clone(),
         },
         flags.config.as_deref(),
         &default_client_config(),
@@ -65,7 +67,21 @@ pub(crate) fn settings(flags: &ClientFlags) -> anyhow::Result<ClientSettings> {
 pub(crate) fn connect_with(s: &ClientSettings, start: usize) -> anyhow::Result<(Channel, Auth)> {
     let ca = std::fs::read_to_string(&s.ca)
         .with_context(|| format!("reading CA certificate {}", s.ca.display()))?;
-    let channel = tls::channel_any(&s.hubs, tls::client_config(&ca, None)?, start)?;
+    let identity = match &s.identity {
+        Some((cert, key)) => {
+            let read = |p: &std::path::Path| {
+                std::fs::read_to_string(p).with_context(|| {
+                    format!("cannot read the client certificate file {}", p.display())
+                })
+            };
+            Some(flotilla_common::pki::CertifiedKey {
+                cert_pem: read(cert)?,
+                key_pem: read(key)?,
+            })
+        }
+        None => None,
+    };
+    let channel = tls::channel_any(&s.hubs, tls::client_config(&ca, identity.as_ref())?, start)?;
     let value: MetadataValue<_> = format!("Bearer {}", s.token.trim())
         .parse()
         .context("token contains characters not allowed in a header")?;

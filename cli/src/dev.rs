@@ -268,6 +268,7 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
         hubs: addrs.iter().map(|(_, api, _, _)| api.clone()).collect(),
         ca: Some(pki.join("ca.pem")),
         token: Some(admin_token),
+        ..Default::default()
     };
     let client_toml = dir.join("client.toml");
     flotilla_common::pki::write_secret(&client_toml, toml::to_string(&client)?.as_bytes())?;

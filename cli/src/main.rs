@@ -100,6 +100,9 @@ enum Command {
     /// The keys that sign agent tokens: rotate, list (admin).
     #[command(subcommand)]
     Keys(tokens::KeysCommand),
+    /// Client certificates for agents, where the cluster requires them (admin).
+    #[command(subcommand, name = "agent-cert")]
+    AgentCert(tokens::AgentCertCommand),
     /// Roles: names for sets of scopes that tokens hold (admin).
     #[command(subcommand)]
     Roles(tokens::RolesCommand),
@@ -120,6 +123,12 @@ pub struct ClientFlags {
     /// Agent token (JWT) [env: FLOTILLA_TOKEN]
     #[arg(long, global = true)]
     token: Option<String>,
+    /// Client certificate (PEM), for clusters that require one [env: FLOTILLA_CERT]
+    #[arg(long, global = true)]
+    cert: Option<PathBuf>,
+    /// The client certificate's key (PEM) [env: FLOTILLA_KEY]
+    #[arg(long, global = true)]
+    key: Option<PathBuf>,
     /// Client config file [env: FLOTILLA_CONFIG; default: the dev cluster's client.toml]
     #[arg(long, global = true)]
     config: Option<PathBuf>,
@@ -262,6 +271,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::AgentToken(cmd) => tokens::agent_token(cmd).await,
         Command::Keys(cmd) => tokens::keys(cmd).await,
         Command::Roles(cmd) => tokens::roles(cmd).await,
+        Command::AgentCert(cmd) => tokens::agent_cert(cmd).await,
         Command::Audit(a) => audit::audit(a).await,
     }
 }

@@ -404,3 +404,70 @@ pub(crate) async fn roles(cmd: RolesCommand) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+#[derive(Subcommand)]
+pub(crate) enum AgentCertCommand {
+    /// Issue a client certificate for an agent, bound to a token subject, for clusters
+    /// that require one beside the token (hub.toml [agent_tokens]
+    /// require_client_certificate). The key is made here and never leaves this machine.
+    Issue {
+        /// The subject (`sub`) of the tokens it will be presented with.
+        #[arg(long)]
+        subject: String,
+        /// Where to write `SUBJECT.pem` and `SUBJECT.key` (0600).
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Lifetime in seconds; default: the cluster's node certificate lifetime.
+        #[arg(long, default_value_t = 0)]
+        ttl: u64,
+        #[command(flatten)]
+        flags: ClientFlags,
+    },
+}
+
+pub(crate) async fn agent_cert(cmd: AgentCertCommand) -> anyhow::Result<ExitCode> {
+    let AgentCertCommand::Issue {
+        subject,
+        out,
+        ttl,
+        flags,
+    } = cmd;
+    let (key_pem, csr_pem) = flotilla_common::pki::node_key_and_csr(&subject)?;
+    let r = admin_client(&settings(&flags)?)?
+        .issue_agent_certificate(pb::IssueAgentCertificateRequest {
+            subject: subject.clone(),
+            csr_pem,
+            ttl_seconds: ttl,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let file = subject.replace(
+        |c: char| !(c.is_ascii_alphanumeric() || "-_.@".contains(c)),
+        "_",
+    );
+    flotilla_common::pki::CertifiedKey {
+        cert_pem: r.certificate_pem,
+        key_pem,
+    }
+    .write(&out, &file)?;
+    let (cert, key) = (
+        out.join(format!("{file}.pem")),
+        out.join(format!("{file}.key")),
+    );
+    match flags.output {
+        Format::Json => output::json(&json!({
+            "cert": cert, "key": key, "expires_at": output::time(r.expires_at_ms),
+        })),
+        Format::Table => {
+            println!(
+                "wrote {} and {} (valid until {})",
+                cert.display(),
+                key.display(),
+                output::time(r.expires_at_ms)
+            );
+            println!("use them with --cert and --key, FLOTILLA_CERT and FLOTILLA_KEY, or cert/key in client.toml");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

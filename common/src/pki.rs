@@ -273,12 +273,35 @@ impl Ca {
         node_id: &str,
         validity: std::time::Duration,
     ) -> Result<String, PkiError> {
+        self.sign_client_csr(csr_pem, node_id, ROLE_NODE, validity)
+    }
+
+    /// Signs an agent's CSR for `subject` (a token's `sub`), valid for `validity`: for
+    /// clusters that require agents to present a certificate beside their token.
+    pub fn sign_agent_csr_for(
+        &self,
+        csr_pem: &str,
+        subject: &str,
+        validity: std::time::Duration,
+    ) -> Result<String, PkiError> {
+        self.sign_client_csr(csr_pem, subject, ROLE_AGENT, validity)
+    }
+
+    /// A client certificate for the CSR's public key only: the name and role are the
+    /// CA's to choose, the only usage TLS client authentication.
+    fn sign_client_csr(
+        &self,
+        csr_pem: &str,
+        name: &str,
+        role: &str,
+        validity: std::time::Duration,
+    ) -> Result<String, PkiError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| PkiError::BadCsr(e.to_string()))?;
         let validity = Duration::try_from(validity).unwrap_or(LEAF_VALIDITY);
-        let mut params = leaf_params(node_id, validity)?;
+        let mut params = leaf_params(name, validity)?;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.organizational_unit(ROLE_NODE);
+        params.organizational_unit(role);
         let cert = params.signed_by(&csr.public_key, &self.issuer()?)?;
         Ok(cert.pem())
     }

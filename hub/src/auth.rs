@@ -109,7 +109,15 @@ pub fn agent<T>(req: &Request<T>, hub: &Hub) -> Result<Claims, HubError> {
         return Err(HubError::Unauthenticated(JwtError::Missing.to_string()));
     };
     match check_token(hub, token) {
-        Ok(claims) => Ok(claims),
+        Ok(claims) => match client_certificate(req, hub, &claims) {
+            Ok(()) => Ok(claims),
+            Err(why) => {
+                tracing::info!(subject = ?claims.sub, why, "refused an agent without its client certificate");
+                hub.metrics.auth_failed("client_certificate");
+                denied(&claims.sub, &claims.tenant, "client_certificate");
+                Err(HubError::Unauthenticated(why.to_owned()))
+            }
+        },
         Err(Refusal::Invalid(e)) => {
             tracing::info!(error = %e, "rejected agent token");
             hub.metrics.auth_failed(e.reason());
@@ -126,6 +134,27 @@ pub fn agent<T>(req: &Request<T>, hub: &Hub) -> Result<Claims, HubError> {
             denied(&claims.sub, &claims.tenant, reason);
             Err(HubError::Unauthenticated(format!("invalid token: {why}")))
         }
+    }
+}
+
+/// Where hub.toml requires agents to present a client certificate beside their token: the
+/// connection's certificate must be one the cluster CA issued to an agent (`flotilla
+/// agent-cert issue`), for the token's subject.
+fn client_certificate<T>(req: &Request<T>, hub: &Hub, claims: &Claims) -> Result<(), &'static str> {
+    if !hub.config().agent_tokens.require_client_certificate {
+        return Ok(());
+    }
+    let cert = req
+        .extensions()
+        .get::<PeerInfo>()
+        .and_then(|p| p.client_cert.clone())
+        .ok_or("this cluster requires agents to present a client certificate beside the token (flotilla agent-cert issue; --cert and --key)")?;
+    match pki::peer_identity(&cert) {
+        Some(id) if id.role == pki::ROLE_AGENT && id.common_name == claims.sub => Ok(()),
+        Some(id) if id.role == pki::ROLE_AGENT => {
+            Err("the client certificate was issued for another subject than the token's")
+        }
+        _ => Err("the client certificate was not issued to an agent"),
     }
 }
 

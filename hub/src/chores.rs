@@ -107,12 +107,17 @@ pub(crate) async fn keep_admin_token(hub: Hub, mut stop: watch::Receiver<bool>) 
     let path = hub.config().data_dir.join(ADMIN_TOKEN_FILE);
     // The token on disk as this hub last read or wrote it, with its claims.
     let mut current: Option<(String, Claims)> = None;
+    // When the admin client certificate on disk is due for renewal (ms).
+    let mut cert_due: Option<i64> = None;
     loop {
         tokio::select! {
             _ = beat.tick() => {}
             _ = stop.changed() => return,
         }
         let now = flotilla_common::now_ms();
+        if hub.config().agent_tokens.require_client_certificate {
+            keep_admin_certificate(&hub, now, &mut cert_due);
+        }
         if hub.state().active_signing_key().is_none() {
             continue;
         }
@@ -147,6 +152,34 @@ pub(crate) async fn keep_admin_token(hub: Hub, mut stop: watch::Receiver<bool>) 
             },
             Err(e) => tracing::warn!(error = %e, "cannot issue the admin token yet"),
         }
+    }
+}
+
+/// Where agents must present a client certificate, keeps one for `admin` (the bootstrap
+/// token's subject) in the data dir (`admin.pem`, `admin.key`), made from the CA this hub
+/// holds, renewed at two thirds of its life.
+fn keep_admin_certificate(hub: &Hub, now_ms: i64, due: &mut Option<i64>) {
+    let dir = &hub.config().data_dir;
+    if due.is_none() {
+        *due = std::fs::read_to_string(dir.join("admin.pem"))
+            .ok()
+            .and_then(|pem| flotilla_common::pki::pem_validity(&pem))
+            .map(|(from, to)| (from + (to - from) * 2 / 3) * 1000);
+    }
+    if due.is_some_and(|d| now_ms < d) {
+        return;
+    }
+    let made = hub
+        .ca()
+        .issue_client("admin")
+        .map_err(|e| e.to_string())
+        .and_then(|k| k.write(dir, "admin").map_err(|e| e.to_string()));
+    match made {
+        Ok(()) => {
+            tracing::info!(dir = %dir.display(), "wrote the admin client certificate");
+            *due = None;
+        }
+        Err(e) => tracing::error!(error = %e, "cannot write the admin client certificate"),
     }
 }
 

@@ -8,7 +8,7 @@ use std::{
 use anyhow::Context;
 use flotilla_common::{
     config::{HubFile, McpServerConfig, NodeFile},
-    tls,
+    pki, tls,
 };
 use flotilla_proto as pb;
 use tonic::{
@@ -396,12 +396,24 @@ impl Cluster {
         Ok(())
     }
 
+    /// The client certificate the harness presents: where hub.toml requires agents to
+    /// present one, the admin certificate the first hub keeps in its data dir.
+    pub fn client_identity(&self) -> Option<pki::CertifiedKey> {
+        if !self.opts.agent_tokens.require_client_certificate {
+            return None;
+        }
+        pki::CertifiedKey::read(&self.hubs[0].dir, "admin")
+            .ok()
+            .flatten()
+    }
+
     /// A channel to a given hub.
     pub fn channel_to(&self, id: u64) -> Channel {
         let addr = &self.hub(id).api;
+        let identity = self.client_identity();
         tls::channel(
             addr,
-            tls::client_config(&self.ca_pem, None).expect("tls config"),
+            tls::client_config(&self.ca_pem, identity.as_ref()).expect("tls config"),
         )
         .expect("channel")
     }
@@ -411,9 +423,10 @@ impl Cluster {
     }
 
     pub fn channel(&self) -> Channel {
+        let identity = self.client_identity();
         tls::channel(
             &self.hub_addr,
-            tls::client_config(&self.ca_pem, None).expect("tls config"),
+            tls::client_config(&self.ca_pem, identity.as_ref()).expect("tls config"),
         )
         .expect("channel")
     }

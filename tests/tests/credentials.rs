@@ -26,14 +26,30 @@ fn cli_as(c: &Cluster, token: &str, args: &[&str]) -> anyhow::Result<String> {
 }
 
 fn cli_at(c: &Cluster, hub: &str, token: &str, args: &[&str]) -> anyhow::Result<String> {
+    run_cli(c, hub, token, None, args)
+}
+
+/// Runs the CLI against `hub` as `token`, presenting the client certificate `cert` (a
+/// `NAME.pem` beside its `NAME.key`) when given.
+fn run_cli(
+    c: &Cluster,
+    hub: &str,
+    token: &str,
+    cert: Option<&std::path::Path>,
+    args: &[&str],
+) -> anyhow::Result<String> {
     let ca = c.dir.path().join("pki/ca.pem");
-    let o = Command::new(flotilla_bin())
-        .args(args)
+    let mut cmd = Command::new(flotilla_bin());
+    cmd.args(args)
         .env("FLOTILLA_HUB", hub)
         .env("FLOTILLA_CA", &ca)
         .env("FLOTILLA_TOKEN", token)
-        .env_remove("FLOTILLA_CONFIG")
-        .output()?;
+        .env_remove("FLOTILLA_CONFIG");
+    if let Some(cert) = cert {
+        cmd.env("FLOTILLA_CERT", cert)
+            .env("FLOTILLA_KEY", cert.with_extension("key"));
+    }
+    let o = cmd.output()?;
     anyhow::ensure!(
         o.status.success(),
         "flotilla {args:?} failed: {}",
@@ -927,5 +943,111 @@ async fn roles_grant_parts_of_the_admin_api_and_a_changed_role_changes_every_tok
     // The audit trail says who changed which role.
     let audit = cli(&c, &["audit", "--kind", "set_role", "-o", "json"])?;
     assert!(audit.contains("oncall: admin:read admin:tasks"), "{audit}");
+    Ok(())
+}
+
+/// Runs the CLI as `token` presenting the client certificate `cert`, or none.
+fn cli_cert(
+    c: &Cluster,
+    token: &str,
+    cert: Option<&std::path::Path>,
+    args: &[&str],
+) -> anyhow::Result<String> {
+    run_cli(c, &c.hub_addr, token, cert, args)
+}
+
+#[tokio::test]
+async fn where_client_certificates_are_required_a_token_works_only_with_its_subjects_certificate(
+) -> anyhow::Result<()> {
+    let mut opts = flotilla_tests::Options::default();
+    opts.agent_tokens.require_client_certificate = true;
+    // The harness presents the admin certificate the hub keeps in its data dir.
+    let mut c = Cluster::with_options(1, opts).await?;
+    // Nodes are unaffected: they present their own certificates.
+    c.add_node(NodeSpec::demo("edge-1")).await?;
+    let admin_cert = c.hub(1).dir.join("admin.pem");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(c.hub(1).dir.join("admin.key"))?.permissions(),
+    );
+    assert_eq!(mode & 0o077, 0, "the admin key is the owner's alone");
+
+    // The admin token alone is refused; with the admin certificate it works.
+    let e = cli_cert(&c, &c.admin_token, None, &["nodes"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("requires agents to present a client certificate"),
+        "{e}"
+    );
+    cli_cert(&c, &c.admin_token, Some(&admin_cert), &["nodes"])?;
+
+    // An agent's certificate: the key is made by the CLI and stays with the agent.
+    let out = tempfile::tempdir()?;
+    let out_dir = out.path().to_str().expect("utf-8");
+    cli_cert(
+        &c,
+        &c.admin_token,
+        Some(&admin_cert),
+        &[
+            "agent-cert",
+            "issue",
+            "--subject",
+            "alice",
+            "--out",
+            out_dir,
+        ],
+    )?;
+    let alice_cert = out.path().join("alice.pem");
+    let issued = pki::pem_identity(&std::fs::read_to_string(&alice_cert)?).expect("a certificate");
+    assert_eq!(
+        (issued.common_name.as_str(), issued.role.as_str()),
+        ("alice", pki::ROLE_AGENT)
+    );
+
+    let alice = issue(&c, "alice", 600).await?;
+    let bob = issue(&c, "bob", 600).await?;
+    let tools = cli_cert(&c, &alice, Some(&alice_cert), &["tools"])?;
+    assert!(tools.contains("echo"), "{tools}");
+    let node_cert = c.node_dir("edge-1").join("identity/node.pem");
+    for (who, token, cert, why) in [
+        (
+            "alice without a certificate",
+            &alice,
+            None,
+            "requires agents to present",
+        ),
+        (
+            "bob with alice's certificate",
+            &bob,
+            Some(alice_cert.as_path()),
+            "another subject",
+        ),
+        (
+            "alice with a node's certificate",
+            &alice,
+            Some(node_cert.as_path()),
+            "not issued to an agent",
+        ),
+    ] {
+        let e = cli_cert(&c, token, cert, &["tools"])
+            .expect_err(who)
+            .to_string();
+        assert!(
+            e.contains(why) && e.contains("Unauthenticated"),
+            "{who}: {e}"
+        );
+    }
+    // Refusals are in the audit trail (each hub writes them down within a second).
+    wait_until("the refusals in the audit trail", READY, || {
+        let audit = cli_cert(
+            &c,
+            &c.admin_token,
+            Some(&admin_cert),
+            &["audit", "--kind", "denied", "-o", "json"],
+        )
+        .unwrap_or_default();
+        async move { audit.contains("client_certificate").then_some(()) }
+    })
+    .await?;
     Ok(())
 }

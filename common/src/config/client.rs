@@ -22,6 +22,12 @@ pub struct ClientFile {
     pub ca: Option<PathBuf>,
     /// The agent JWT.
     pub token: Option<String>,
+    /// A client certificate (PEM) and its key, for clusters that require one beside the
+    /// token (`flotilla agent-cert issue`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
 }
 
 /// Where client commands look for settings: flags first, then environment, then the file.
@@ -31,12 +37,16 @@ pub struct ClientSettings {
     pub hubs: Vec<String>,
     pub ca: PathBuf,
     pub token: String,
+    /// (certificate, key) to present, when set.
+    pub identity: Option<(PathBuf, PathBuf)>,
 }
 
 pub const ENV_HUB: &str = "FLOTILLA_HUB";
 pub const ENV_TOKEN: &str = "FLOTILLA_TOKEN";
 pub const ENV_CA: &str = "FLOTILLA_CA";
 pub const ENV_CONFIG: &str = "FLOTILLA_CONFIG";
+pub const ENV_CERT: &str = "FLOTILLA_CERT";
+pub const ENV_KEY: &str = "FLOTILLA_KEY";
 
 impl ClientSettings {
     /// Resolves settings. `env` is passed in so tests need not touch the process environment.
@@ -100,10 +110,33 @@ impl ClientSettings {
                 format!("no agent token: pass --token or set {ENV_TOKEN}"),
             )
         })?;
+        let path_of = |flag: Option<PathBuf>, env_key: &str, file: Option<PathBuf>| {
+            pick(
+                flag.map(|p| p.display().to_string()),
+                env_key,
+                file.map(|p| p.display().to_string()),
+            )
+            .map(PathBuf::from)
+        };
+        let identity = match (
+            path_of(flags.cert, ENV_CERT, file.cert),
+            path_of(flags.key, ENV_KEY, file.key),
+        ) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => {
+                return Err(invalid(
+                    &name,
+                    "cert",
+                    format!("a client certificate needs its key: give both --cert and --key (or {ENV_CERT} and {ENV_KEY})"),
+                ))
+            }
+        };
         Ok(Self {
             hubs,
             ca: PathBuf::from(ca),
             token,
+            identity,
         })
     }
 }

@@ -103,6 +103,11 @@ pub struct AgentTokens {
     /// (`[[agent_tokens.issuers]]`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub issuers: Vec<ExternalIssuer>,
+    /// Agents (admins included) must also present a client certificate the cluster CA
+    /// issued for the token's subject (`flotilla agent-cert issue`): mutual TLS end to end.
+    /// Each hub then keeps one for `admin` in its data dir (`admin.crt`, `admin.key`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub require_client_certificate: bool,
 }
 
 /// `[[agent_tokens.issuers]]`: a company identity provider this cluster trusts. Its tokens
@@ -207,6 +212,7 @@ impl Default for AgentTokens {
             max_lifetime_hours: defaults::TOKEN_MAX_LIFETIME_HOURS,
             bootstrap_admin_hours: defaults::BOOTSTRAP_ADMIN_HOURS,
             issuers: Vec::new(),
+            require_client_certificate: false,
         }
     }
 }

@@ -75,6 +75,18 @@ fn client_settings_precedence() {
     };
     let s = ClientSettings::resolve(flags, None, &path, &env).unwrap();
     assert_eq!(s.token, "flag");
+    assert_eq!(s.identity, None);
+    // A client certificate comes with its key, from any of the three places.
+    let mut with_cert = env.clone();
+    with_cert.insert(ENV_CERT.to_string(), "/a.pem".to_string());
+    let e = ClientSettings::resolve(ClientFile::default(), None, &path, &with_cert).unwrap_err();
+    assert!(e.to_string().contains("needs its key"), "{e}");
+    let flags = ClientFile {
+        key: Some("/a.key".into()),
+        ..Default::default()
+    };
+    let s = ClientSettings::resolve(flags, None, &path, &with_cert).unwrap();
+    assert_eq!(s.identity, Some(("/a.pem".into(), "/a.key".into())));
     // Several hubs: from a list in the file, or commas in a flag or the environment.
     std::fs::write(
         &path,

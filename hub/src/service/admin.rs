@@ -6,13 +6,14 @@ use flotilla_proto::{
     admin_service_server::AdminService, AddHubRequest, CancelTenantTasksRequest,
     CancelTenantTasksResponse, ClusterMember, ClusterStatusRequest, ClusterStatusResponse,
     CreateJoinTokenRequest, CreateJoinTokenResponse, DeleteRoleRequest, DeleteRoleResponse,
-    DrainNodeRequest, IssueAgentTokenRequest, IssueAgentTokenResponse, JoinTokenInfo,
-    ListAuditRequest, ListAuditResponse, ListJoinTokensRequest, ListJoinTokensResponse,
-    ListNodesRequest, ListNodesResponse, ListRolesRequest, ListRolesResponse,
-    ListSigningKeysRequest, ListSigningKeysResponse, NodeInfo, NodeRequest, NodeServer,
-    NodeStatusResponse, RemoveHubRequest, RemoveNodeResponse, RevokeAgentTokensRequest,
-    RevokeAgentTokensResponse, RevokeJoinTokenRequest, RoleInfo, RotateSigningKeyRequest,
-    SetSchedulingPausedRequest, SigningKeyInfo,
+    DrainNodeRequest, IssueAgentCertificateRequest, IssueAgentCertificateResponse,
+    IssueAgentTokenRequest, IssueAgentTokenResponse, JoinTokenInfo, ListAuditRequest,
+    ListAuditResponse, ListJoinTokensRequest, ListJoinTokensResponse, ListNodesRequest,
+    ListNodesResponse, ListRolesRequest, ListRolesResponse, ListSigningKeysRequest,
+    ListSigningKeysResponse, NodeInfo, NodeRequest, NodeServer, NodeStatusResponse,
+    RemoveHubRequest, RemoveNodeResponse, RevokeAgentTokensRequest, RevokeAgentTokensResponse,
+    RevokeJoinTokenRequest, RoleInfo, RotateSigningKeyRequest, SetSchedulingPausedRequest,
+    SigningKeyInfo,
 };
 use tonic::{Request, Response, Status};
 
@@ -566,6 +567,50 @@ impl AdminService for AdminApi {
                 }))
             }
         }
+    }
+
+    async fn issue_agent_certificate(
+        &self,
+        req: Request<IssueAgentCertificateRequest>,
+    ) -> Result<Response<IssueAgentCertificateResponse>, Status> {
+        let claims = auth::admin(&req, &self.hub, jwt::ADMIN_CREDENTIALS)?;
+        let r = req.into_inner();
+        if r.subject.trim().is_empty() {
+            return Err(HubError::InvalidArgument("subject must not be empty".into()).into());
+        }
+        flotilla_common::limits::check_len("subject", &r.subject, 256).map_err(HubError::from)?;
+        flotilla_common::limits::check_len("csr_pem", &r.csr_pem, 16 * 1024)
+            .map_err(HubError::from)?;
+        let max = 366 * 24 * 3600;
+        let ttl = match r.ttl_seconds {
+            0 => self.hub.config().node_cert_lifetime_s,
+            t if (60..=max).contains(&t) => t,
+            _ => {
+                return Err(HubError::InvalidArgument(format!(
+                    "ttl_seconds must be from 60 to {max} (a year)"
+                ))
+                .into())
+            }
+        };
+        let pem = self
+            .hub
+            .ca()
+            .sign_agent_csr_for(&r.csr_pem, &r.subject, std::time::Duration::from_secs(ttl))
+            .map_err(|e| HubError::InvalidArgument(e.to_string()))?;
+        let expires_at_ms = flotilla_common::pki::pem_validity(&pem)
+            .map(|(_, to)| to * 1000)
+            .unwrap_or_default();
+        tracing::info!(subject = ?r.subject, by = ?claims.sub, "agent certificate issued");
+        self.hub.audit.event(
+            self.hub.id(),
+            "issue_agent_certificate",
+            &claims.sub,
+            &format!("subject {}", r.subject),
+        );
+        Ok(Response::new(IssueAgentCertificateResponse {
+            certificate_pem: pem,
+            expires_at_ms,
+        }))
     }
 
     async fn delete_role(
