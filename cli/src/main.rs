@@ -145,6 +145,7 @@ pub struct ClientOnly {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    flotilla_common::tls::install_default_provider();
     let filter = match &cli.command {
         Command::McpDemo => "warn",
         Command::Hub { .. } | Command::Node { .. } | Command::Dev(_) => "info,openraft=warn",

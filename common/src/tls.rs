@@ -56,6 +56,14 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Makes ring the process's default TLS crypto provider, for the libraries that build
+/// their own TLS configuration from it (the OTLP exporter's HTTP client). Every
+/// configuration Flotilla builds itself names its provider. Call once, at start.
+pub fn install_default_provider() {
+    // Err: a provider is installed already (a second call, or a test harness).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 pub fn parse_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = rustls_pemfile::certs(&mut pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
     if certs.is_empty() {
