@@ -72,6 +72,7 @@ fn world(nodes: usize, queued: usize, slots: u32) -> (State, HashMap<String, Liv
                 last_seen_ms: 0,
                 http: String::new(),
                 serial: String::new(),
+                stopping: false,
             },
         );
     }

@@ -340,6 +340,7 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
             .into_iter()
             .collect(),
             heartbeat_ms: flotilla_common::config::defaults::HEARTBEAT_MS,
+            stop_grace_ms: 25_000,
             tenants: Vec::new(),
             cpu_high_water_percent: 0.0,
             http_listen: "127.0.0.1:0".into(),

@@ -92,6 +92,7 @@ pub(crate) async fn join(a: JoinArgs) -> anyhow::Result<ExitCode> {
         join_token: Some(a.token.clone()),
         labels: a.labels.iter().cloned().collect(),
         heartbeat_ms: flotilla_common::config::defaults::HEARTBEAT_MS,
+        stop_grace_ms: 25_000,
         servers,
         tenants: Vec::new(),
         cpu_high_water_percent: 0.0,

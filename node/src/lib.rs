@@ -44,10 +44,23 @@ pub async fn run(
     })?;
     let metrics = Arc::new(metrics::NodeMetrics::new());
     let servers = mcp::Servers::start(&cfg.servers, metrics.clone()).await;
+    let advertised = cfg.http_advertise.clone().unwrap_or(http_url);
+    let grace = std::time::Duration::from_millis(cfg.stop_grace_ms);
+    let session = session::Session::new(
+        Arc::new(cfg),
+        identity,
+        journal,
+        servers.clone(),
+        metrics.clone(),
+        advertised,
+    );
     let stop = CancellationToken::new();
     let trigger = stop.clone();
+    let finishing = session.clone();
     tokio::spawn(async move {
         shutdown.await;
+        // No new work; the calls running finish and are reported, within the grace.
+        finishing.finish_work(grace).await;
         trigger.cancel();
     });
     let http_server =
@@ -64,17 +77,7 @@ pub async fn run(
                 }
             })
         };
-    let advertised = cfg.http_advertise.clone().unwrap_or(http_url);
-    let result = session::Session::new(
-        Arc::new(cfg),
-        identity,
-        journal,
-        servers.clone(),
-        metrics,
-        advertised,
-    )
-    .run(stop.clone())
-    .await;
+    let result = session.run(stop.clone()).await;
     stop.cancel();
     servers.shutdown().await;
     let _ = http_server.await;

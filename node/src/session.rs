@@ -5,7 +5,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 use tracing::Instrument;
@@ -77,6 +80,8 @@ pub struct Session {
     servers: Servers,
     /// Attempts of at-most-once tools, written down before their calls.
     journal: Journal,
+    /// Set on SIGTERM: the hub is told, and gives this node no new work.
+    stopping: Arc<AtomicBool>,
     work: Arc<Mutex<Work>>,
     load: Load,
     metrics: Arc<NodeMetrics>,
@@ -128,6 +133,7 @@ impl Session {
             identity: Arc::new(Mutex::new(identity)),
             servers,
             journal,
+            stopping: Arc::default(),
             work: Arc::new(Mutex::new(work)),
             load: Load::new(),
             metrics,
@@ -345,24 +351,64 @@ impl Session {
         Ok(r.not_after_ms)
     }
 
+    fn heartbeat(&self) -> NodeMessage {
+        let running = self.work.lock().expect("work lock").running.len() as u32;
+        msg(node_message::Msg::Heartbeat(Heartbeat {
+            cpu_percent: self.load.cpu_percent(),
+            running,
+            servers: self.servers.statuses(),
+            stopping: self.stopping.load(Ordering::Relaxed),
+        }))
+    }
+
     async fn heartbeats(self, tx: mpsc::Sender<NodeMessage>) {
         let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.heartbeat_ms));
         loop {
             tick.tick().await;
-            let running = self.work.lock().expect("work lock").running.len() as u32;
-            let hb = Heartbeat {
-                cpu_percent: self.load.cpu_percent(),
-                running,
-                servers: self.servers.statuses(),
-            };
-            if tx
-                .send(msg(node_message::Msg::Heartbeat(hb)))
-                .await
-                .is_err()
-            {
+            if tx.send(self.heartbeat()).await.is_err() {
                 return;
             }
         }
+    }
+
+    /// Stops gracefully: tells the hub at once that this node takes no new work, then
+    /// waits until the calls it runs have finished and the hub has acknowledged their
+    /// results, for at most `grace` (the session stays open meanwhile). Calls still
+    /// running after that are stopped with the session; for a tool that must not run
+    /// twice the journal reports them interrupted when the node starts again.
+    pub async fn finish_work(&self, grace: Duration) {
+        self.stopping.store(true, Ordering::Relaxed);
+        self.send(self.heartbeat());
+        let (running, unacked) = self.held();
+        tracing::info!(
+            running,
+            unacked,
+            grace_ms = grace.as_millis() as u64,
+            "stopping: no new work; finishing the calls this node runs"
+        );
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let (running, unacked) = self.held();
+            if running == 0 && unacked == 0 {
+                tracing::info!("every call finished and reported; stopping");
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    running,
+                    unacked,
+                    "stop grace over; stopping with calls unfinished or unreported"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Calls running, and results the hub has not acknowledged.
+    fn held(&self) -> (usize, usize) {
+        let w = self.work.lock().expect("work lock");
+        (w.running.len(), w.unacked.len())
     }
 
     fn send(&self, m: NodeMessage) {

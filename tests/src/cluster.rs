@@ -506,6 +506,7 @@ impl Cluster {
             },
             labels: spec.labels.clone(),
             heartbeat_ms: 200,
+            stop_grace_ms: 25_000,
             servers: spec.servers.clone(),
             tenants: spec.tenants.clone(),
             cpu_high_water_percent: 0.0,

@@ -117,6 +117,11 @@ impl Proc {
             .status();
     }
 
+    /// SIGTERM, without waiting: what a supervisor sends to stop a process gracefully.
+    pub fn sigterm(&self) {
+        self.signal("-TERM");
+    }
+
     /// SIGSTOP: the process freezes, its sockets stay open.
     pub fn pause(&self) {
         self.signal("-STOP");

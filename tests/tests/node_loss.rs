@@ -1,8 +1,11 @@
 //! A node killed mid-task: after its TTL the hub marks it down through Raft; a read-only
-//! tool's task runs again on another node, a non-idempotent one ends `lost`.
+//! tool's task runs again on another node, a non-idempotent one ends `lost`. A node
+//! stopped with SIGTERM instead finishes what it runs and takes no new work.
 
 use flotilla_proto as pb;
-use flotilla_tests::{demo_server, result_text, submit, wait_state, Cluster, NodeSpec};
+use flotilla_tests::{
+    demo_server, result_text, submit, wait_state, wait_until, Cluster, NodeSpec, READY,
+};
 use serde_json::json;
 
 fn node(c: &Cluster, name: &str) -> NodeSpec {
@@ -99,5 +102,70 @@ async fn a_lost_node_reruns_idempotent_work_elsewhere_and_loses_the_rest() -> an
             .status,
         "ready"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_node_stopped_with_sigterm_finishes_its_calls_and_takes_no_new_work() -> anyhow::Result<()>
+{
+    let mut c = Cluster::start().await?;
+    c.add_node(node(&c, "edge-1")).await?;
+    let mut agent = c.agent();
+    // A call that must not run twice, in flight on edge-1 for three seconds.
+    let call = agent
+        .submit_task(submit(
+            "record",
+            json!({"key": "in-flight", "delay_ms": 3000}),
+        ))
+        .await?
+        .into_inner()
+        .task_id;
+    assert_eq!(running_on(&agent, &call).await?, "edge-1");
+    c.add_node(node(&c, "edge-2")).await?;
+
+    // Stopped as Kubernetes or systemd stop it.
+    c.nodes["edge-1"].sigterm();
+    let admin = c.admin();
+    wait_until("the hub to see edge-1 stopping", READY, || {
+        let mut admin = admin.clone();
+        async move {
+            let nodes = admin
+                .list_nodes(pb::ListNodesRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .nodes;
+            nodes
+                .iter()
+                .any(|n| n.id == "edge-1" && n.stopping)
+                .then_some(())
+        }
+    })
+    .await?;
+    // New work goes elsewhere meanwhile...
+    let t = c
+        .call(&mut agent, "echo", json!({"text": "elsewhere"}))
+        .await?;
+    assert_eq!(
+        t.attempts.last().map(|a| a.node_id.as_str()),
+        Some("edge-2")
+    );
+    // ...and the call in flight completes where it ran, once, before the node exits.
+    let t = c.wait_task(&mut agent, &call).await?;
+    assert_eq!(t.state, pb::TaskState::Succeeded as i32, "{t:?}");
+    assert_eq!(result_text(&t), "recorded in-flight");
+    assert_eq!(t.attempts.len(), 1, "{:?}", t.attempts);
+    let record = c.dir.path().join("edge-1.record");
+    assert_eq!(std::fs::read_to_string(record)?, "in-flight\n");
+    let node = c.nodes.get_mut("edge-1").expect("edge-1");
+    let status = wait_until("edge-1 to exit", READY, || {
+        let st = node.exited();
+        async move { st }
+    })
+    .await?;
+    assert!(status.success(), "a graceful stop exits 0: {status:?}");
+    assert!(node
+        .log_text()
+        .contains("every call finished and reported; stopping"));
     Ok(())
 }

@@ -275,6 +275,7 @@ async fn a_partitioned_leader_commits_nothing_and_the_majority_carries_on() -> a
         join_token: Some(join),
         labels: Default::default(),
         heartbeat_ms: 200,
+        stop_grace_ms: 25_000,
         tenants: Vec::new(),
         cpu_high_water_percent: 0.0,
         http_listen: "127.0.0.1:0".into(),

@@ -47,6 +47,11 @@ pub struct NodeFile {
     pub labels: BTreeMap<String, String>,
     #[serde(default = "default_heartbeat")]
     pub heartbeat_ms: u64,
+    /// On SIGTERM the node takes no new work and lets the calls it runs finish (their
+    /// results reach the hub) for at most this long, then stops. Keep it below the
+    /// supervisor's own grace (Kubernetes: terminationGracePeriodSeconds, 30 s).
+    #[serde(default = "default_stop_grace")]
+    pub stop_grace_ms: u64,
     #[serde(default)]
     pub servers: Vec<McpServerConfig>,
     /// Tenants whose tasks this node runs; empty: every tenant.
@@ -83,6 +88,10 @@ fn default_heartbeat() -> u64 {
     defaults::HEARTBEAT_MS
 }
 
+fn default_stop_grace() -> u64 {
+    25_000
+}
+
 pub type NodeConfig = NodeFile;
 
 fn valid_name(s: &str) -> bool {
@@ -112,6 +121,13 @@ impl NodeFile {
                 file,
                 "heartbeat_ms",
                 "must be between 100 and 60000",
+            ));
+        }
+        if self.stop_grace_ms > 600_000 {
+            return Err(invalid(
+                file,
+                "stop_grace_ms",
+                "must be at most 600000 (ten minutes)",
             ));
         }
         if self.http_listen.parse::<std::net::SocketAddr>().is_err() {

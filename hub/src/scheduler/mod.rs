@@ -131,6 +131,7 @@ pub fn breaker(state: &State, node: &str, server: &str, limits: Limits, now_ms: 
 enum Miss {
     NotReady,
     Disconnected,
+    Stopping,
     ServerNotReady,
     Tenant,
     Scope,
@@ -147,6 +148,7 @@ impl Miss {
         match self {
             Self::NotReady => "cordoned, draining or down",
             Self::Disconnected => "not connected",
+            Self::Stopping => "stopping (finishing its calls, taking no new work)",
             Self::ServerNotReady => "MCP server not ready",
             Self::Tenant => "not serving this tenant",
             Self::Scope => "server needs a scope the agent lacks",
@@ -234,6 +236,9 @@ fn check(
     let Some(l) = cx.live.get(&node.id) else {
         return Err(Miss::Disconnected);
     };
+    if l.stopping {
+        return Err(Miss::Stopping);
+    }
     if !l.server_ready(&server.name) {
         return Err(Miss::ServerNotReady);
     }

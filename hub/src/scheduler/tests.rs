@@ -28,6 +28,7 @@ fn live(cpu: f64) -> LiveNode {
         last_seen_ms: 0,
         http: String::new(),
         serial: String::new(),
+        stopping: false,
     }
 }
 

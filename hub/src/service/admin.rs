@@ -720,6 +720,7 @@ pub fn node_infos(
                 tenants: n.tenants.clone(),
                 cpu_high_water_percent: n.cpu_high_water_percent,
                 http_address: l.map(|l| l.http.clone()).unwrap_or_default(),
+                stopping: l.is_some_and(|l| l.stopping),
             }
         })
         .collect()

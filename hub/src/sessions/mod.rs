@@ -27,6 +27,9 @@ pub struct LiveView {
     /// Where the node's HTTP port is reached (an older leader does not say).
     #[serde(default)]
     pub http: String,
+    /// The node is stopping: no new work for it.
+    #[serde(default)]
+    pub stopping: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -59,6 +62,8 @@ pub struct LiveNode {
     pub http: String,
     /// The serial of the certificate the session was opened with.
     pub serial: String,
+    /// The node said it is stopping (SIGTERM): it finishes its calls, takes no new work.
+    pub stopping: bool,
 }
 
 impl LiveNode {
@@ -102,6 +107,7 @@ impl Sessions {
             last_seen_ms: flotilla_common::now_ms(),
             http,
             serial: serial.to_owned(),
+            stopping: false,
         };
         if let Some(old) = self
             .inner
@@ -160,11 +166,13 @@ impl Sessions {
         cpu: f64,
         running: u32,
         servers: Vec<LiveServer>,
+        stopping: bool,
     ) {
         let mut m = self.inner.lock().expect("sessions lock");
         if let Some(l) = m.get_mut(node_id).filter(|l| l.session == session) {
             l.cpu_percent = cpu;
             l.running = running;
+            l.stopping = stopping;
             if !servers.is_empty() {
                 l.servers = servers;
             }
@@ -203,6 +211,7 @@ impl Sessions {
                             })
                             .collect(),
                         last_seen_ms: l.last_seen_ms,
+                        stopping: l.stopping,
                         http: l.http.clone(),
                     },
                 )

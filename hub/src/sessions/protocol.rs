@@ -210,6 +210,7 @@ fn handle(
                 hb.cpu_percent,
                 hb.running,
                 live_servers(&hb.servers),
+                hb.stopping,
             );
             hub.wake();
         }
