@@ -132,6 +132,7 @@ pub(crate) async fn nodes(flags: ClientFlags) -> anyhow::Result<ExitCode> {
                         "region": n.labels.get("region"),
                         "status": n.status,
                         "connected": n.connected,
+                        "stopping": n.stopping,
                         "http_address": n.http_address,
                         "cpu_percent": n.cpu_percent,
                         "running": n.running,
@@ -160,7 +161,12 @@ pub(crate) async fn nodes(flags: ClientFlags) -> anyhow::Result<ExitCode> {
                     vec![
                         n.id.clone(),
                         n.status.clone(),
-                        if n.connected { "yes" } else { "no" }.into(),
+                        match (n.connected, n.stopping) {
+                            (true, true) => "stopping",
+                            (true, false) => "yes",
+                            _ => "no",
+                        }
+                        .into(),
                         n.labels.get("zone").cloned().unwrap_or_else(|| "-".into()),
                         format!("{:.0}", n.cpu_percent),
                         n.running.to_string(),
