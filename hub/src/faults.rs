@@ -28,13 +28,18 @@ pub const LIVENESS_BEFORE_DOWN: &str = "hub-liveness-before-down";
 /// session breaks first, so the task stays assigned while the node runs it.
 pub const START_BEFORE_COMMIT: &str = "hub-start-before-commit";
 
+/// After a node's join is committed, before it is answered: the node never gets its
+/// certificate and asks again.
+pub const JOIN_BEFORE_ANSWER: &str = "hub-join-before-answer";
+
 /// Every failpoint, for the check that `FAILPOINTS` names only real ones.
-pub const ALL: [&str; 5] = [
+pub const ALL: [&str; 6] = [
     ASSIGN_BEFORE_SEND,
     RESULT_BEFORE_ACK,
     APPLY_BEFORE_HOOK,
     LIVENESS_BEFORE_DOWN,
     START_BEFORE_COMMIT,
+    JOIN_BEFORE_ANSWER,
 ];
 
 /// Arms the failpoints `FAILPOINTS` names; a name that is not a failpoint, or actions the

@@ -305,3 +305,38 @@ async fn a_node_restarted_mid_call_reports_the_call_interrupted_and_never_runs_i
     .await?;
     Ok(())
 }
+
+/// A node whose join was committed but never answered (the hub died in between) asks
+/// again with the same token and key, and joins: not "name taken", even though the
+/// token's only use is spent.
+#[tokio::test]
+async fn a_node_whose_join_answer_was_lost_joins_when_it_asks_again() -> anyhow::Result<()> {
+    // edge-1 joins as usual; hub 1 dies answering the next join.
+    let (mut c, _record) = cluster("hub-join-before-answer=1*off->panic").await?;
+    let (spec, _) = recording_node(&c, "edge-2");
+    let config = c.write_node_config(&spec).await?;
+    let node = flotilla_tests::Proc::spawn(
+        "edge-2",
+        &["node", "--config", config.to_str().unwrap_or_default()],
+        &c.node_dir("edge-2").join("node.log"),
+    )?;
+    c.nodes.insert("edge-2".into(), node);
+    wait_stopped_at(&mut c, 1, "hub-join-before-answer").await?;
+
+    // The node keeps asking hub 1, the only hub it knows before it has joined.
+    c.opts.failpoints.remove(&1);
+    c.start_hub(1).await?;
+    c.wait_node_connected("edge-2").await?;
+    let log = c.nodes["edge-2"].log_text();
+    assert!(log.contains("joined the cluster"), "{log}");
+    assert!(!log.contains("join refused"), "{log}");
+    let t = c
+        .call(
+            &mut c.agent(),
+            "echo",
+            serde_json::json!({"text": "joined"}),
+        )
+        .await?;
+    assert_eq!(t.state, pb::TaskState::Succeeded as i32, "{t:?}");
+    Ok(())
+}

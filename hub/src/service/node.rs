@@ -121,15 +121,22 @@ impl NodeService for NodeApi {
         let now = flotilla_common::now_ms();
         {
             let state = self.hub.state();
+            // A node of that name that joined with this token may be asking again (its
+            // answer was lost): the state machine compares the key too.
+            let asking_again = state.nodes.get(&r.name).map(|n| {
+                n.joined_with
+                    .as_ref()
+                    .is_some_and(|(token, _)| *token == r.token_id)
+            });
             let ok = state.join_tokens.get(&r.token_id).is_some_and(|t| {
-                t.uses_left > 0
+                (t.uses_left > 0 || asking_again == Some(true))
                     && t.expires_at_ms > now
                     && flotilla_common::secret_eq(&t.secret_hash, &hash)
             });
             if !ok {
                 return Err(refuse("unknown, expired, used up or wrong secret").into());
             }
-            if state.nodes.contains_key(&r.name) {
+            if asking_again == Some(false) {
                 return Err(HubError::AlreadyExists(format!(
                     "a node named {:?} has joined already; pick another name",
                     r.name
@@ -150,6 +157,13 @@ impl NodeService for NodeApi {
         let serial = flotilla_common::pki::pem_identity(&cert)
             .map(|id| id.serial)
             .ok_or_else(|| HubError::Internal("cannot read the certificate just signed".into()))?;
+        let key_pin = flotilla_common::tls::parse_certs(&cert)
+            .ok()
+            .and_then(|c| {
+                c.first()
+                    .and_then(|c| flotilla_common::pki::cert_spki_pin(c))
+            })
+            .ok_or_else(|| HubError::Internal("cannot read the certificate just signed".into()))?;
         let cmd = Command::RegisterNode {
             node_id: r.name.clone(),
             token_id: r.token_id.clone(),
@@ -157,6 +171,7 @@ impl NodeService for NodeApi {
             labels: Default::default(),
             at_ms: now,
             cert_serial: serial,
+            key_pin,
         };
         match crate::audit::write_as(&self.hub, &format!("node {}", r.name), cmd).await? {
             state::Response::Done => {}
@@ -171,6 +186,7 @@ impl NodeService for NodeApi {
             }
             other => return Err(HubError::Internal(format!("join answered {other:?}")).into()),
         }
+        fail::fail_point!(crate::faults::JOIN_BEFORE_ANSWER);
         tracing::info!(node_id = %r.name, token_id = ?r.token_id, "node joined");
         Ok(Response::new(JoinResponse {
             node_id: r.name,

@@ -93,6 +93,10 @@ pub enum Command {
         at_ms: i64,
         #[serde(default)]
         cert_serial: String,
+        /// The pin of the node's key (`sha256:` of its public key): a join asked again
+        /// with the same token and key is the same join.
+        #[serde(default)]
+        key_pin: String,
     },
     /// A node renewed its certificate: from now on only the one it presented to ask
     /// (`presented`) and the new one (`serial`) open its session.

@@ -341,6 +341,7 @@ mod tests {
             labels: Default::default(),
             at_ms,
             cert_serial: serial.into(),
+            key_pin: String::new(),
         }
     }
 

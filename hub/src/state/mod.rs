@@ -332,7 +332,14 @@ impl State {
                 labels,
                 at_ms,
                 cert_serial,
-            } => self.register_node(node_id, token_id, secret_hash, labels, cert_serial, *at_ms),
+                key_pin,
+            } => self.register_node(
+                node_id,
+                (token_id, secret_hash),
+                labels,
+                (cert_serial, key_pin),
+                *at_ms,
+            ),
             Command::RemoveNode { node_id, at_ms } => self.remove_node(node_id, *at_ms),
             Command::Audit { records, at_ms } => {
                 self.audit_records(index, records, *at_ms);

@@ -98,32 +98,53 @@ impl State {
     }
 
     /// A node joins with a join token: one use of the token is spent, the node recorded.
+    /// The same join asked again (same name, token and key: the node never got the
+    /// answer) spends nothing and adds the new certificate.
     pub(super) fn register_node(
         &mut self,
         node_id: &str,
-        token_id: &str,
-        secret_hash: &str,
+        (token_id, secret_hash): (&str, &str),
         labels: &BTreeMap<String, String>,
-        cert_serial: &str,
+        (cert_serial, key_pin): (&str, &str),
         at_ms: i64,
     ) -> Result<Response, Rejection> {
         let tok = self
             .join_tokens
             .get_mut(token_id)
             .filter(|t| {
-                t.uses_left > 0
-                    && t.expires_at_ms > at_ms
-                    && flotilla_common::secret_eq(&t.secret_hash, secret_hash)
+                t.expires_at_ms > at_ms && flotilla_common::secret_eq(&t.secret_hash, secret_hash)
             })
             .ok_or(Rejection::BadJoinToken)?;
-        if self.nodes.contains_key(node_id) {
-            return Err(Rejection::NodeExists(node_id.to_owned()));
+        if let Some(node) = self.nodes.get_mut(node_id) {
+            let again = !key_pin.is_empty()
+                && node
+                    .joined_with
+                    .as_ref()
+                    .is_some_and(|(t, k)| t == token_id && k == key_pin);
+            if !again {
+                return Err(Rejection::NodeExists(node_id.to_owned()));
+            }
+            if !cert_serial.is_empty() && !node.cert_serials.iter().any(|s| s == cert_serial) {
+                node.cert_serials.push(cert_serial.to_owned());
+                let extra = node
+                    .cert_serials
+                    .len()
+                    .saturating_sub(super::credentials::MAX_NODE_CERTIFICATES);
+                node.cert_serials.drain(..extra);
+            }
+            return Ok(Response::Done);
+        }
+        if tok.uses_left == 0 {
+            return Err(Rejection::BadJoinToken);
         }
         tok.uses_left -= 1;
         let mut node = NodeRecord::new(node_id, labels.clone(), at_ms);
         node.may_add_tools = tok.may_add_tools;
         if !cert_serial.is_empty() {
             node.cert_serials.push(cert_serial.to_owned());
+        }
+        if !key_pin.is_empty() {
+            node.joined_with = Some((token_id.to_owned(), key_pin.to_owned()));
         }
         self.nodes.insert(node_id.to_owned(), node);
         Ok(Response::Done)

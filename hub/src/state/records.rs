@@ -340,6 +340,11 @@ pub struct NodeRecord {
     /// certificate with the node's name does.
     #[serde(default)]
     pub cert_serials: Vec<String>,
+    /// The join token it joined with, and the pin of the key it joined with: a join asked
+    /// again with both (its answer was lost) gets a certificate again instead of "name
+    /// taken".
+    #[serde(default)]
+    pub joined_with: Option<(String, String)>,
 }
 
 impl NodeRecord {
@@ -357,6 +362,7 @@ impl NodeRecord {
             cpu_high_water_percent: 0.0,
             may_add_tools: false,
             cert_serials: Vec::new(),
+            joined_with: None,
         }
     }
 

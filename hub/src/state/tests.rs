@@ -238,6 +238,7 @@ fn join_token_uses_are_counted_and_expiry_checked() {
         labels: Default::default(),
         at_ms: at,
         cert_serial: format!("serial-{node}"),
+        key_pin: "pin-1".into(),
     };
     assert!(matches!(
         s.apply(2, &reg("a", "wrong", 10)),
@@ -256,6 +257,36 @@ fn join_token_uses_are_counted_and_expiry_checked() {
         s.apply(5, &reg("b", "h", 10)),
         Response::Rejected(Rejection::BadJoinToken)
     ));
+    // The token is used up, but "a" asking again with the same token and key (it never
+    // got the answer) is the same join: its new certificate is added, nothing spent.
+    let again = |key_pin: &str, serial: &str| match reg("a", "h", 11) {
+        Command::RegisterNode {
+            node_id,
+            token_id,
+            secret_hash,
+            labels,
+            at_ms,
+            ..
+        } => Command::RegisterNode {
+            node_id,
+            token_id,
+            secret_hash,
+            labels,
+            at_ms,
+            cert_serial: serial.into(),
+            key_pin: key_pin.into(),
+        },
+        _ => unreachable!(),
+    };
+    assert_eq!(s.apply(6, &again("pin-1", "serial-a2")), Response::Done);
+    assert_eq!(s.nodes["a"].cert_serials, ["serial-a", "serial-a2"]);
+    // Another key under the same name is another node: refused.
+    assert_eq!(
+        s.apply(7, &again("pin-2", "serial-x")),
+        Response::Rejected(Rejection::NodeExists("a".into()))
+    );
+    assert_eq!(s.nodes["a"].cert_serials, ["serial-a", "serial-a2"]);
+    assert_eq!(s.join_tokens["tok"].uses_left, 0);
 }
 
 #[test]
