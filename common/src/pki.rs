@@ -59,6 +59,16 @@ impl CertifiedKey {
         write_secret(&dir.join(format!("{name}.key")), self.key_pem.as_bytes())
     }
 
+    /// Whether the certificate is for this key (their public keys are the same).
+    pub fn pair_matches(&self) -> bool {
+        let key = KeyPair::from_pem(&self.key_pem)
+            .map(|k| spki_pin(&rcgen::PublicKeyData::subject_public_key_info(&k)));
+        let cert = crate::tls::parse_certs(&self.cert_pem)
+            .ok()
+            .and_then(|c| c.first().and_then(|c| cert_spki_pin(c)));
+        matches!((key, cert), (Ok(k), Some(c)) if k == c)
+    }
+
     /// Reads what [`CertifiedKey::write`] wrote; `None` when the certificate is absent.
     pub fn read(dir: &Path, name: &str) -> Result<Option<Self>, PkiError> {
         let cert = dir.join(format!("{name}.pem"));
@@ -430,6 +440,19 @@ pub fn cert_spki_pin(cert_der: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_certificate_matches_its_own_key_only() {
+        let ca = Ca::generate("t").unwrap();
+        let a = ca.issue_client("a").unwrap();
+        let b = ca.issue_client("b").unwrap();
+        assert!(a.pair_matches());
+        let mixed = CertifiedKey {
+            cert_pem: a.cert_pem.clone(),
+            key_pem: b.key_pem.clone(),
+        };
+        assert!(!mixed.pair_matches());
+    }
 
     #[cfg(unix)]
     #[test]

@@ -161,19 +161,34 @@ pub(crate) async fn keep_admin_token(hub: Hub, mut stop: watch::Receiver<bool>) 
 fn keep_admin_certificate(hub: &Hub, now_ms: i64, due: &mut Option<i64>) {
     let dir = &hub.config().data_dir;
     if due.is_none() {
-        *due = std::fs::read_to_string(dir.join("admin.pem"))
+        // Due now unless the pair on disk reads back and matches.
+        *due = flotilla_common::pki::CertifiedKey::read(dir, "admin")
             .ok()
-            .and_then(|pem| flotilla_common::pki::pem_validity(&pem))
+            .flatten()
+            .filter(flotilla_common::pki::CertifiedKey::pair_matches)
+            .and_then(|k| flotilla_common::pki::pem_validity(&k.cert_pem))
             .map(|(from, to)| (from + (to - from) * 2 / 3) * 1000);
     }
     if due.is_some_and(|d| now_ms < d) {
         return;
     }
+    // The key first: a crash between the two leaves a new key beside an old certificate,
+    // which the next start replaces (the pair is checked), never the other way round.
     let made = hub
         .ca()
         .issue_client("admin")
         .map_err(|e| e.to_string())
-        .and_then(|k| k.write(dir, "admin").map_err(|e| e.to_string()));
+        .and_then(|k| {
+            flotilla_common::pki::write_secret(&dir.join("admin.key"), k.key_pem.as_bytes())
+                .and_then(|()| {
+                    flotilla_common::pki::write_whole(
+                        &dir.join("admin.pem"),
+                        k.cert_pem.as_bytes(),
+                        0o644,
+                    )
+                })
+                .map_err(|e| e.to_string())
+        });
     match made {
         Ok(()) => {
             tracing::info!(dir = %dir.display(), "wrote the admin client certificate");

@@ -116,8 +116,8 @@ impl Issuer {
             .cloned()
     }
 
-    /// Takes the keys of a JWKS document read from `from`; one that is not a JWKS, or has
-    /// no key that verifies here, leaves the keys as they were.
+    /// Takes the keys of a JWKS document read from `from`; one that is not a JWKS leaves
+    /// the keys as they were.
     fn load(&self, bytes: &[u8], from: &str) {
         let issuer = &self.cfg.issuer;
         match jwt::parse_jwks(bytes) {
@@ -126,8 +126,13 @@ impl Issuer {
                     tracing::warn!(issuer, from, "JWKS key skipped: {why}");
                 }
                 if keys.is_empty() {
-                    tracing::error!(issuer, from, "the issuer's JWKS has no key that can verify tokens; keeping the keys held before");
-                    return;
+                    // The provider published no key this hub can use (or none at all,
+                    // after a compromise): none of its tokens is accepted.
+                    tracing::warn!(
+                        issuer,
+                        from,
+                        "the issuer's JWKS has no key that can verify tokens; refusing its tokens"
+                    );
                 }
                 let kids: Vec<&str> = keys.iter().map(|k| k.kid.as_str()).collect();
                 tracing::info!(issuer, from, keys = ?kids, "issuer keys loaded");
@@ -199,8 +204,8 @@ fn map_claims(
         sub,
         tenant,
         scopes,
-        // Without iat, the lifetime limit measures from now.
-        iat: int("iat").unwrap_or_else(|| flotilla_common::now_ms() / 1000),
+        // Revoking a subject covers the tokens issued up to then: it needs to know when.
+        iat: int("iat").ok_or_else(|| bad("no iat (issued at) claim".into()))?,
         exp,
         nbf: int("nbf"),
         jti: text("jti").unwrap_or_default(),
@@ -310,7 +315,14 @@ fn web_client(issuers: &Issuers) -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .timeout(FETCH_TIMEOUT)
-        .redirect(reqwest::redirect::Policy::limited(3))
+        .redirect(reqwest::redirect::Policy::custom(|a| {
+            // Never from https to cleartext, and not far.
+            if a.url().scheme() != "https" || a.previous().len() >= 3 {
+                a.stop()
+            } else {
+                a.follow()
+            }
+        }))
         .build()?)
 }
 
@@ -410,6 +422,12 @@ mod tests {
         let (issuers, token) = signed(claims);
         let e = verify(&issuers, &token).unwrap_err();
         assert!(e.user_message().contains("tenant"), "{e}");
+        // Without iat a subject's revocation could not tell when it was issued.
+        let mut claims = base();
+        claims.as_object_mut().unwrap().remove("iat");
+        let (issuers, token) = signed(claims);
+        let e = verify(&issuers, &token).unwrap_err();
+        assert!(e.user_message().contains("iat"), "{e}");
         // A key the provider does not publish: not this provider's token at all.
         let (other, _) = signed(base());
         let (_, token) = signed(base());
@@ -418,13 +436,15 @@ mod tests {
     }
 
     #[test]
-    fn an_unreadable_document_keeps_the_keys_held() {
+    fn an_unreadable_document_keeps_the_keys_held_and_an_empty_one_drops_them() {
         let (issuers, token) = signed(base());
         issuers.list[0].load(b"{not json", "test");
-        issuers.list[0].load(
-            br#"{"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "s"}]}"#,
-            "test",
-        );
         assert!(verify(&issuers, &token).is_ok());
+        // A document with no usable key (only a shared secret, which is never trusted)
+        // leaves the provider with none.
+        let secret_only = br#"{"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "s"}]}"#;
+        issuers.list[0].load(secret_only, "test");
+        let kid = jwt::token_kid(&token).unwrap().unwrap();
+        assert!(issuers.verify(&token, &kid).is_none());
     }
 }

@@ -68,15 +68,16 @@ impl Journal {
     }
 
     /// The attempts written down and not yet acknowledged: at start, the ones that were
-    /// running when the node stopped. A file that does not read back whole was being
-    /// written when the node stopped, so its call never began: it is deleted.
+    /// running when the node stopped. A file that reads but is not a whole entry was being
+    /// written when the node stopped, so its call never began: it is deleted. A file that
+    /// cannot be read at all is an error: the node must not start without knowing.
     pub fn unfinished(&self) -> io::Result<Vec<Entry>> {
         let mut out = Vec::new();
         for f in fs::read_dir(&self.dir)? {
             let path = f?.path();
-            match fs::read(&path)
+            let bytes = fs::read(&path)?;
+            match serde_json::from_slice::<Entry>(&bytes)
                 .ok()
-                .and_then(|b| serde_json::from_slice::<Entry>(&b).ok())
                 .filter(|e| path == self.path(&e.task_id, e.attempt))
             {
                 Some(e) => out.push(e),

@@ -53,7 +53,7 @@ pub async fn run(
         servers.clone(),
         metrics.clone(),
         advertised,
-    );
+    )?;
     let stop = CancellationToken::new();
     let trigger = stop.clone();
     let finishing = session.clone();

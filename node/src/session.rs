@@ -108,7 +108,8 @@ fn interrupted(e: Entry) -> TaskResult {
 impl Session {
     /// A session for `identity`. Attempts the journal still holds were running when the
     /// node last stopped: they are reported interrupted as soon as a session opens, and an
-    /// assignment of one of them again is not run.
+    /// assignment of one of them again is not run. A journal that cannot be read stops the
+    /// start: running without it could run a call a second time.
     pub fn new(
         cfg: Arc<NodeConfig>,
         identity: Identity,
@@ -116,19 +117,17 @@ impl Session {
         servers: Servers,
         metrics: Arc<NodeMetrics>,
         http_address: String,
-    ) -> Self {
+    ) -> anyhow::Result<Self> {
         let mut work = Work::default();
-        match journal.unfinished() {
-            Ok(entries) => {
-                for e in entries {
-                    tracing::warn!(task_id = %e.task_id, attempt = e.attempt, "a call was running when the node stopped; reporting it interrupted, not running it again");
-                    work.unacked
-                        .insert((e.task_id.clone(), e.attempt), interrupted(e));
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "cannot read the call journal"),
+        let entries = journal.unfinished().map_err(|e| {
+            anyhow::anyhow!("cannot read the call journal (calls/ in the data dir): {e}")
+        })?;
+        for e in entries {
+            tracing::warn!(task_id = %e.task_id, attempt = e.attempt, "a call was running when the node stopped; reporting it interrupted, not running it again");
+            work.unacked
+                .insert((e.task_id.clone(), e.attempt), interrupted(e));
         }
-        Self {
+        Ok(Self {
             cfg,
             identity: Arc::new(Mutex::new(identity)),
             servers,
@@ -138,7 +137,7 @@ impl Session {
             load: Load::new(),
             metrics,
             http_address,
-        }
+        })
     }
 
     /// The hubs to try, the configured one first.
@@ -228,6 +227,7 @@ impl Session {
             tenants: self.cfg.tenants.clone(),
             cpu_high_water_percent: self.cfg.cpu_high_water_percent,
             http_address: self.http_address.clone(),
+            stopping: self.stopping.load(Ordering::Relaxed),
         })))
         .await
         .map_err(SessionError::other)?;

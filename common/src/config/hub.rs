@@ -105,7 +105,7 @@ pub struct AgentTokens {
     pub issuers: Vec<ExternalIssuer>,
     /// Agents (admins included) must also present a client certificate the cluster CA
     /// issued for the token's subject (`flotilla agent-cert issue`): mutual TLS end to end.
-    /// Each hub then keeps one for `admin` in its data dir (`admin.crt`, `admin.key`).
+    /// Each hub then keeps one for `admin` in its data dir (`admin.pem`, `admin.key`).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub require_client_certificate: bool,
 }
@@ -159,6 +159,26 @@ fn default_scopes_claim() -> String {
     "scope".into()
 }
 
+/// Whether `url` is `http://` to this machine: a loopback IP or exactly `localhost`, with
+/// no user part (`http://localhost@elsewhere/` is elsewhere).
+fn http_to_loopback(url: &str) -> bool {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.contains('@') {
+        return false;
+    }
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 impl ExternalIssuer {
     fn validate(&self, file: &str, i: usize) -> Result<(), ConfigError> {
         let key = |k: &str| format!("agent_tokens.issuers[{i}].{k}");
@@ -175,8 +195,7 @@ impl ExternalIssuer {
         match (&self.jwks_file, &self.jwks_url) {
             (Some(_), None) => {}
             (None, Some(url)) => {
-                let loopback = ["http://127.", "http://localhost", "http://[::1]"];
-                if !url.starts_with("https://") && !loopback.iter().any(|p| url.starts_with(p)) {
+                if !url.starts_with("https://") && !http_to_loopback(url) {
                     return Err(invalid(
                         file,
                         key("jwks_url"),

@@ -265,6 +265,18 @@ fn an_external_issuer_names_one_key_source_and_is_listed_once() {
         "jwks_url = \"http://127.0.0.1:9/keys\"",
     ))
     .unwrap();
+    for local in ["http://[::1]:9/keys", "http://localhost/keys"] {
+        with(&one("https://idp", &format!("jwks_url = \"{local}\""))).unwrap();
+    }
+    for remote in [
+        "http://127.0.0.1.evil.example/keys",
+        "http://localhost.evil.example/keys",
+        "http://localhost@evil.example/keys",
+        "http://10.0.0.1/keys",
+    ] {
+        let e = with(&one("https://idp", &format!("jwks_url = \"{remote}\""))).unwrap_err();
+        assert!(e.to_string().contains("jwks_url"), "{remote}: {e}");
+    }
     for (source, key) in [
         ("", "issuers[0].jwks_file"),
         (

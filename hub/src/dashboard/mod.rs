@@ -265,14 +265,17 @@ impl Dashboard {
     }
 
     /// Who session `id` belongs to, while it lives and the cluster still accepts the token
-    /// that made it (a revoked token, or one whose key was retired, ends it at once).
+    /// that made it (a revoked token, or one whose key was retired, ends it at once), with
+    /// what its token may see now (its roles as they stand).
     fn viewer(&self, hub: &Hub, id: &str) -> Option<Viewer> {
-        let (viewer, token) = self.login(id)?;
-        if crate::auth::check_token(hub, &token).is_err() {
-            self.sessions.lock().expect("sessions lock").remove(id);
-            return None;
+        let (_, token) = self.login(id)?;
+        match crate::auth::check_token(hub, &token) {
+            Ok(claims) => Some(Viewer::of(&claims)),
+            Err(_) => {
+                self.sessions.lock().expect("sessions lock").remove(id);
+                None
+            }
         }
-        Some(viewer)
     }
 
     fn who(&self, hub: &Hub, headers: &HeaderMap) -> Option<Viewer> {

@@ -548,9 +548,17 @@ impl AdminService for AdminApi {
                 .into());
             }
         }
-        // Whoever changes a role changes what every token holding it may do: only to
-        // scopes the changer holds.
+        // Whoever changes a role changes what every token holding it may do: only a role
+        // whose scopes, now and after, the changer holds.
+        let now = self
+            .hub
+            .state()
+            .roles
+            .get(&r.name)
+            .cloned()
+            .unwrap_or_default();
         self.may_grant(&claims, &r.scopes, &[])?;
+        self.may_grant(&claims, &now, &[])?;
         let cmd = Command::SetRole {
             name: r.name.clone(),
             scopes: r.scopes.clone(),
@@ -619,6 +627,14 @@ impl AdminService for AdminApi {
     ) -> Result<Response<DeleteRoleResponse>, Status> {
         let claims = auth::admin(&req, &self.hub, jwt::ADMIN_CREDENTIALS)?;
         let name = req.into_inner().name;
+        let now = self
+            .hub
+            .state()
+            .roles
+            .get(&name)
+            .cloned()
+            .unwrap_or_default();
+        self.may_grant(&claims, &now, &[])?;
         let cmd = Command::DeleteRole { name: name.clone() };
         match audit::write_by(&self.hub, &claims, cmd).await? {
             state::Response::Rejected(r @ state::Rejection::NoSuchRole(_)) => {

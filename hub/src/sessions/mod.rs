@@ -181,6 +181,14 @@ impl Sessions {
         }
     }
 
+    /// The node said in its hello that it is stopping.
+    pub fn mark_stopping(&self, node_id: &str, session: u64) {
+        let mut m = self.inner.lock().expect("sessions lock");
+        if let Some(l) = m.get_mut(node_id).filter(|l| l.session == session) {
+            l.stopping = true;
+        }
+    }
+
     pub fn get(&self, node_id: &str) -> Option<LiveNode> {
         self.inner
             .lock()

@@ -62,6 +62,7 @@ pub async fn serve(
     };
     let servers = convert::offered_servers(&hello)?;
     let http = hello.http_address.clone();
+    let stopping = hello.stopping;
     if http.len() > 256 || !http.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(HubError::InvalidArgument(
             "hello: http_address must be at most 256 printable ASCII characters".into(),
@@ -100,6 +101,9 @@ pub async fn serve(
     }
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     let (session, ended) = hub.sessions.open(&node_id, &serial, tx.clone(), live, http);
+    if stopping {
+        hub.sessions.mark_stopping(&node_id, session);
+    }
     let _ = tx
         .send(HubMessage {
             msg: Some(hub_message::Msg::Welcome(Welcome {
