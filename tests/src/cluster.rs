@@ -535,10 +535,20 @@ impl Cluster {
     }
 
     pub async fn wait_node_connected(&self, name: &str) -> anyhow::Result<()> {
+        self.wait_node(name, "connect", |n| n.connected).await
+    }
+
+    /// Waits until the hub lists node `name` as `what` says (`ListNodes`).
+    pub async fn wait_node(
+        &self,
+        name: &str,
+        what: &str,
+        is: impl Fn(&pb::NodeInfo) -> bool,
+    ) -> anyhow::Result<()> {
         let admin = self.admin();
-        wait_until(&format!("node {name} to connect"), READY, || {
+        let is = &is;
+        wait_until(&format!("node {name} to {what}"), READY, || {
             let mut admin = admin.clone();
-            let name = name.to_owned();
             async move {
                 let nodes = admin
                     .list_nodes(pb::ListNodesRequest {})
@@ -546,10 +556,7 @@ impl Cluster {
                     .ok()?
                     .into_inner()
                     .nodes;
-                nodes
-                    .iter()
-                    .find(|n| n.id == name && n.connected)
-                    .map(|_| ())
+                nodes.iter().any(|n| n.id == name && is(n)).then_some(())
             }
         })
         .await

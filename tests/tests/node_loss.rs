@@ -125,23 +125,8 @@ async fn a_node_stopped_with_sigterm_finishes_its_calls_and_takes_no_new_work() 
 
     // Stopped as Kubernetes or systemd stop it.
     c.nodes["edge-1"].sigterm();
-    let admin = c.admin();
-    wait_until("the hub to see edge-1 stopping", READY, || {
-        let mut admin = admin.clone();
-        async move {
-            let nodes = admin
-                .list_nodes(pb::ListNodesRequest {})
-                .await
-                .ok()?
-                .into_inner()
-                .nodes;
-            nodes
-                .iter()
-                .any(|n| n.id == "edge-1" && n.stopping)
-                .then_some(())
-        }
-    })
-    .await?;
+    c.wait_node("edge-1", "be seen stopping", |n| n.stopping)
+        .await?;
     // New work goes elsewhere meanwhile...
     let t = c
         .call(&mut agent, "echo", json!({"text": "elsewhere"}))
