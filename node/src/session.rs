@@ -18,7 +18,7 @@ use flotilla_proto::{
     hub_message, node_message, node_service_client::NodeServiceClient, Assign, Heartbeat, Hello,
     NodeMessage, TaskProgress, TaskResult, TaskStarted,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -32,15 +32,30 @@ use crate::{
 
 type Key = (String, u32);
 
-/// What the node holds: calls running, results the hub has not acknowledged, and the
-/// open session's outgoing queue. A result leaves only when acknowledged, so every
-/// session sends the ones still held again (the hub's fencing makes a repeat harmless).
+/// What the node holds: calls running, starts the hub has not answered, results the hub
+/// has not acknowledged, and the open session's outgoing queue. A result leaves only
+/// when acknowledged, so every session sends the ones still held again (the hub's
+/// fencing makes a repeat harmless); so does a start.
 #[derive(Default)]
 struct Work {
     running: HashMap<Key, CancellationToken>,
+    /// Attempts of at-most-once tools, written down, whose start the hub has not yet
+    /// answered: the call waits for the answer.
+    awaiting: HashMap<Key, Awaiting>,
     unacked: HashMap<Key, TaskResult>,
     out: Option<mpsc::Sender<NodeMessage>>,
 }
+
+/// A start sent and not yet answered: when it was last sent, and who waits for the answer.
+struct Awaiting {
+    start: TaskStarted,
+    sent: std::time::Instant,
+    answer: oneshot::Sender<bool>,
+}
+
+/// How long a start goes unanswered before the node sends it again (the hub answers a
+/// repeat as it answered the first, so a repeat is harmless).
+const START_RESEND: Duration = Duration::from_secs(2);
 
 impl Work {
     /// Starts `key` unless the node already runs it or holds its result (the hub sends
@@ -65,10 +80,46 @@ impl Work {
         self.unacked.remove(key);
     }
 
-    /// A session opened with `out`: the results it must send first.
-    fn connected(&mut self, out: mpsc::Sender<NodeMessage>) -> Vec<TaskResult> {
+    /// `start` is sent (or about to be): the answer comes on the receiver.
+    fn await_start(&mut self, start: TaskStarted) -> oneshot::Receiver<bool> {
+        let (answer, rx) = oneshot::channel();
+        let key = (start.task_id.clone(), start.attempt);
+        self.awaiting.insert(
+            key,
+            Awaiting {
+                start,
+                sent: std::time::Instant::now(),
+                answer,
+            },
+        );
+        rx
+    }
+
+    /// The hub answered the start of `key`.
+    fn start_answered(&mut self, key: &Key, accepted: bool) {
+        if let Some(a) = self.awaiting.remove(key) {
+            let _ = a.answer.send(accepted);
+        }
+    }
+
+    /// Starts unanswered for at least `after`, marked sent again now.
+    fn starts_to_resend(&mut self, after: Duration) -> Vec<TaskStarted> {
+        let now = std::time::Instant::now();
+        self.awaiting
+            .values_mut()
+            .filter(|a| now.duration_since(a.sent) >= after)
+            .map(|a| {
+                a.sent = now;
+                a.start.clone()
+            })
+            .collect()
+    }
+
+    /// A session opened with `out`: the results and starts it must send first.
+    fn connected(&mut self, out: mpsc::Sender<NodeMessage>) -> (Vec<TaskResult>, Vec<TaskStarted>) {
         self.out = Some(out);
-        self.unacked.values().cloned().collect()
+        let starts = self.starts_to_resend(Duration::ZERO);
+        (self.unacked.values().cloned().collect(), starts)
     }
 }
 
@@ -236,12 +287,14 @@ impl Session {
             .await
             .map_err(SessionError::from_status)?
             .into_inner();
-        // Connected: results the hub has not acknowledged go again.
-        let pending = self.work.lock().expect("work lock").connected(tx.clone());
-        for r in pending {
-            tx.send(msg(node_message::Msg::Result(r)))
-                .await
-                .map_err(SessionError::other)?;
+        // Connected: results and starts the hub has not answered go again.
+        let (results, starts) = self.work.lock().expect("work lock").connected(tx.clone());
+        let again = results
+            .into_iter()
+            .map(node_message::Msg::Result)
+            .chain(starts.into_iter().map(node_message::Msg::Started));
+        for m in again {
+            tx.send(msg(m)).await.map_err(SessionError::other)?;
         }
         let hb = tokio::spawn(self.clone().heartbeats(tx.clone()));
         let renewal = tokio::spawn(self.clone().keep_certificate(client.clone()));
@@ -271,6 +324,12 @@ impl Session {
                             tracing::info!(task_id = %c.task_id, attempt = c.attempt, "cancelling");
                             ct.cancel();
                         }
+                    }
+                    Some(hub_message::Msg::StartAck(a)) => {
+                        self.work
+                            .lock()
+                            .expect("work lock")
+                            .start_answered(&(a.task_id, a.attempt), a.accepted);
                     }
                     Some(hub_message::Msg::ResultAck(a)) => {
                         self.journal.end(&a.task_id, a.attempt);
@@ -361,12 +420,25 @@ impl Session {
         }))
     }
 
+    /// Sends a heartbeat every interval, and starts the hub has left unanswered for a
+    /// while (its commit failed, or the leader changed under it).
     async fn heartbeats(self, tx: mpsc::Sender<NodeMessage>) {
         let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.heartbeat_ms));
         loop {
             tick.tick().await;
             if tx.send(self.heartbeat()).await.is_err() {
                 return;
+            }
+            let again = self
+                .work
+                .lock()
+                .expect("work lock")
+                .starts_to_resend(START_RESEND);
+            for s in again {
+                tracing::info!(task_id = %s.task_id, attempt = s.attempt, "the hub has not answered this call's start; sending it again");
+                if tx.send(msg(node_message::Msg::Started(s))).await.is_err() {
+                    return;
+                }
             }
         }
     }
@@ -445,7 +517,11 @@ impl Session {
             flotilla_common::telemetry::from_traceparent(&a.traceparent),
         );
         tokio::spawn(async move {
-            let result = this.execute(&a, ct).instrument(span.clone()).await;
+            let Some(result) = this.execute(&a, ct).instrument(span.clone()).await else {
+                // Never ran: the hub refused its start, or it was cancelled before.
+                this.work.lock().expect("work lock").running.remove(&key);
+                return;
+            };
             if !result.error.is_empty() {
                 span.record("error.type", "tool_error");
             }
@@ -460,7 +536,9 @@ impl Session {
         });
     }
 
-    async fn execute(&self, a: &Assign, ct: CancellationToken) -> TaskResult {
+    /// Runs the call of `a`; `None` when it never ran and there is nothing to report
+    /// (an at-most-once start the hub refused, or a cancel before the hub answered it).
+    async fn execute(&self, a: &Assign, ct: CancellationToken) -> Option<TaskResult> {
         let mut result = TaskResult {
             task_id: a.task_id.clone(),
             attempt: a.attempt,
@@ -471,30 +549,42 @@ impl Session {
             Ok(serde_json::Value::Object(m)) => m,
             _ => {
                 result.error = "arguments are not a JSON object".into();
-                return result;
+                return Some(result);
             }
         };
-        if a.at_most_once {
-            // Written down before the call, so that after a restart the node reports this
-            // attempt interrupted instead of running it a second time.
-            let journal = self.journal.clone();
-            let entry = Entry {
-                task_id: a.task_id.clone(),
-                attempt: a.attempt,
-                fence: a.fence,
-            };
-            let written = tokio::task::spawn_blocking(move || journal.begin(&entry)).await;
-            if let Err(e) = written.map_err(std::io::Error::other).and_then(|r| r) {
-                tracing::error!(task_id = %a.task_id, error = %e, "cannot write the call journal; not running the call");
-                result.error = format!("the node cannot write down the call before running it, so it did not run it: {e}");
-                return result;
-            }
-        }
-        self.send(msg(node_message::Msg::Started(TaskStarted {
+        let start = TaskStarted {
             task_id: a.task_id.clone(),
             attempt: a.attempt,
             fence: a.fence,
-        })));
+        };
+        if a.at_most_once {
+            if let Err(e) = self.write_down(a).await {
+                tracing::error!(task_id = %a.task_id, error = %e, "cannot write the call journal; not running the call");
+                result.error = format!("the node cannot write down the call before running it, so it did not run it: {e}");
+                return Some(result);
+            }
+            // The call waits for the hub's committed start: from then on the task is
+            // running in the log, and no hub sends it again or gives it to another node.
+            let answer = self
+                .work
+                .lock()
+                .expect("work lock")
+                .await_start(start.clone());
+            self.send(msg(node_message::Msg::Started(start)));
+            let accepted = tokio::select! {
+                a = answer => a.unwrap_or(false),
+                _ = ct.cancelled() => false,
+            };
+            if !accepted {
+                let key = (a.task_id.clone(), a.attempt);
+                self.work.lock().expect("work lock").awaiting.remove(&key);
+                tracing::info!(task_id = %a.task_id, attempt = a.attempt, "start refused or cancelled before the hub answered; the call did not run");
+                self.journal.end(&a.task_id, a.attempt);
+                return None;
+            }
+        } else {
+            self.send(msg(node_message::Msg::Started(start)));
+        }
         let (ptx, mut prx) = mpsc::channel(64);
         let forward = {
             let this = self.clone();
@@ -518,7 +608,21 @@ impl Session {
             Err(e) => result.error = e.to_string(),
         }
         let _ = forward.await;
-        result
+        Some(result)
+    }
+
+    /// Writes the attempt of `a` down (synced) before its start is sent, so that after a
+    /// restart the node reports it interrupted instead of running it a second time.
+    async fn write_down(&self, a: &Assign) -> std::io::Result<()> {
+        let journal = self.journal.clone();
+        let entry = Entry {
+            task_id: a.task_id.clone(),
+            attempt: a.attempt,
+            fence: a.fence,
+        };
+        tokio::task::spawn_blocking(move || journal.begin(&entry))
+            .await
+            .map_err(std::io::Error::other)?
     }
 }
 
@@ -618,6 +722,7 @@ mod tests {
         let (tx, _rx) = mpsc::channel(8);
         let mut first: Vec<Key> = w
             .connected(tx.clone())
+            .0
             .into_iter()
             .map(|r| (r.task_id, r.attempt))
             .collect();
@@ -626,11 +731,43 @@ mod tests {
         w.acknowledged(&("t1".into(), 1));
         let again: Vec<Key> = w
             .connected(tx)
+            .0
             .into_iter()
             .map(|r| (r.task_id, r.attempt))
             .collect();
         assert_eq!(again, vec![("t2".into(), 3)]);
         assert!(w.out.is_some());
+    }
+
+    fn start(task: &str, attempt: u32) -> TaskStarted {
+        TaskStarted {
+            task_id: task.into(),
+            attempt,
+            fence: 7,
+        }
+    }
+
+    #[test]
+    fn a_start_goes_again_on_every_session_and_after_a_while_until_the_hub_answers_it() {
+        let mut w = Work::default();
+        let mut first = w.await_start(start("t1", 1));
+        let mut second = w.await_start(start("t2", 1));
+        // Sent just now: not again yet.
+        assert!(w.starts_to_resend(Duration::from_secs(60)).is_empty());
+        assert_eq!(w.starts_to_resend(Duration::ZERO).len(), 2);
+
+        w.start_answered(&("t1".into(), 1), true);
+        assert_eq!(first.try_recv(), Ok(true));
+        let (tx, _rx) = mpsc::channel(8);
+        let (_, starts) = w.connected(tx);
+        assert_eq!(starts, vec![start("t2", 1)], "only the unanswered start");
+
+        w.start_answered(&("t2".into(), 1), false);
+        assert_eq!(second.try_recv(), Ok(false), "refused: the call never runs");
+        assert!(w.awaiting.is_empty());
+        // An answer to a start the node no longer waits for changes nothing.
+        w.start_answered(&("t3".into(), 1), true);
+        assert!(w.starts_to_resend(Duration::ZERO).is_empty());
     }
 
     #[test]

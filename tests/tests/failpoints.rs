@@ -244,16 +244,66 @@ async fn a_node_that_returns_just_as_the_leader_marks_it_down_ends_up_ready() ->
     Ok(())
 }
 
-/// A node killed while it runs a tool that must not run twice, whose start the hub never
-/// recorded (dropped by the failpoint, as when the leader dies or the session breaks
-/// first), comes back to find the attempt still assigned to it, and the hub sends it the
-/// assignment again. The node wrote the attempt down before calling the tool: it reports
-/// the call interrupted instead of running it a second time, and the task ends lost (seen
-/// in the compose chaos run: a `record` call ran twice across a restart of everything).
+/// A tool that must not run twice is called only once the hub has committed the call's
+/// start. Here every start is dropped before its commit (as when the leader dies or the
+/// session breaks first): the node waits, sending the start again, and never calls the
+/// tool while the task is only assigned (which a hub may send again, or give to another
+/// node). Cancelled, the task is dropped by the node without ever running.
+#[tokio::test]
+async fn a_call_that_must_not_run_twice_waits_for_its_start_to_be_committed() -> anyhow::Result<()>
+{
+    let (c, record) = cluster("hub-start-before-commit=return").await?;
+    let agent = c.agent();
+    let key = "unstarted";
+    let call = pb::SubmitTaskRequest {
+        idempotency_key: key.into(),
+        ..submit("record", serde_json::json!({"key": key}))
+    };
+    let id = submit_until_acknowledged(&agent, call).await?;
+    let node_log = || c.nodes["edge-1"].log_text();
+    let resent = "the hub has not answered this call's start; sending it again";
+    wait_until("edge-1 to send the start again twice", READY, || {
+        let n = node_log().matches(resent).count();
+        async move { (n >= 2).then_some(()) }
+    })
+    .await?;
+    assert_eq!(runs(&record, key), 0, "the tool was not called");
+    let calls = c.node_dir("edge-1").join("calls");
+    let written = || std::fs::read_dir(&calls).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(written(), 1, "written down before its start was sent");
+    let mut a = agent.clone();
+    let t = a
+        .get_task(pb::GetTaskRequest {
+            task_id: id.clone(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(t.state(), pb::TaskState::Assigned, "{t:?}");
+
+    a.cancel_task(pb::CancelTaskRequest {
+        task_id: id.clone(),
+    })
+    .await?;
+    wait_until("edge-1 to drop the cancelled call", READY, || {
+        let n = written();
+        async move { (n == 0).then_some(()) }
+    })
+    .await?;
+    assert_eq!(runs(&record, key), 0, "the tool was never called");
+    let t = wait_done(&agent, &id).await?;
+    assert_eq!(t.state(), pb::TaskState::Cancelled, "{t:?}");
+    Ok(())
+}
+
+/// A node killed while it runs a tool that must not run twice (the call's start is
+/// committed, so the task is running on it) comes back knowing from its journal that the
+/// call was in flight: it reports it interrupted instead of running it again, and the task
+/// ends lost (seen in the compose chaos run: a `record` call ran twice across a restart of
+/// everything).
 #[tokio::test]
 async fn a_node_restarted_mid_call_reports_the_call_interrupted_and_never_runs_it_again(
 ) -> anyhow::Result<()> {
-    let (mut c, record) = cluster("hub-start-before-commit=return").await?;
+    let (mut c, record) = cluster("").await?;
     let agent = c.agent();
     let key = "interrupted";
     let call = pb::SubmitTaskRequest {
@@ -265,25 +315,10 @@ async fn a_node_restarted_mid_call_reports_the_call_interrupted_and_never_runs_i
         )
     };
     let id = submit_until_acknowledged(&agent, call).await?;
+    wait_state(&agent, &id, pb::TaskState::Running).await?;
     let calls = c.node_dir("edge-1").join("calls");
     let written = || std::fs::read_dir(&calls).map(|d| d.count()).unwrap_or(0);
-    wait_until("edge-1 to write the call down", READY, || {
-        let n = written();
-        async move { (n > 0).then_some(()) }
-    })
-    .await?;
-    let mut a = agent.clone();
-    let t = a
-        .get_task(pb::GetTaskRequest {
-            task_id: id.clone(),
-        })
-        .await?
-        .into_inner();
-    assert_eq!(
-        t.state(),
-        pb::TaskState::Assigned,
-        "the start was dropped: {t:?}"
-    );
+    assert_eq!(written(), 1, "the call is written down while it runs");
 
     c.nodes.remove("edge-1").expect("edge-1").kill();
     let (spec, _) = recording_node(&c, "edge-1");

@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use flotilla_common::limits;
 use flotilla_proto::{
-    hub_message, node_message, EventKind, HubMessage, NodeMessage, ResultAck, TaskEvent, Welcome,
+    hub_message, node_message, EventKind, HubMessage, NodeMessage, ResultAck, StartAck, TaskEvent,
+    TaskStarted, Welcome,
 };
 use futures::Stream;
 use tonic::{Status, Streaming};
@@ -178,6 +179,27 @@ fn holds(hub: &Hub, node_id: &str, task_id: &str, attempt: u32, fence: u64) -> b
     })
 }
 
+/// Whether the log has `node_id` running the attempt `s` names.
+fn started_by(hub: &Hub, node_id: &str, s: &TaskStarted) -> bool {
+    hub.state().tasks.get(&s.task_id).is_some_and(|t| {
+        t.status == TaskStatus::Running
+            && t.current_attempt().is_some_and(|a| {
+                a.number == s.attempt && a.fence == s.fence && a.node_id == node_id
+            })
+    })
+}
+
+/// Tells the node whether its start of `s` is in the log (`accepted`) or refused.
+fn answer_start(tx: &tokio::sync::mpsc::Sender<HubMessage>, s: &TaskStarted, accepted: bool) {
+    let _ = tx.try_send(HubMessage {
+        msg: Some(hub_message::Msg::StartAck(StartAck {
+            task_id: s.task_id.clone(),
+            attempt: s.attempt,
+            accepted,
+        })),
+    });
+}
+
 /// Logs a report about an attempt the node does not hold (another node's, or one that
 /// ended), at warning level when another node holds it.
 fn refused_report(hub: &Hub, node_id: &str, task_id: &str, attempt: u32, what: &str) {
@@ -221,6 +243,8 @@ fn handle(
         node_message::Msg::Started(s) => {
             if !holds(hub, node_id, &s.task_id, s.attempt, s.fence) {
                 refused_report(hub, node_id, &s.task_id, s.attempt, "start");
+                // A node holding an at-most-once call waits for this: it never runs it.
+                answer_start(tx, &s, false);
                 return;
             }
             let at_ms = flotilla_common::now_ms();
@@ -240,19 +264,42 @@ fn handle(
                 hub.events.started(&s.task_id, node_id, s.attempt, at_ms);
                 return;
             }
+            // The node calls the tool only once this start is answered accepted, and an
+            // answer is sent only for what the log holds: a repeat of a start already
+            // committed is accepted at once; a start whose commit fails is not answered
+            // (the node sends it again).
+            if started_by(hub, node_id, &s) {
+                answer_start(tx, &s, true);
+                return;
+            }
             fail::fail_point!(crate::faults::START_BEFORE_COMMIT, |_| {});
             let hub = hub.clone();
             let node_id = node_id.to_owned();
+            let tx = tx.clone();
             tokio::spawn(async move {
                 let cmd = Command::StartTask {
                     task_id: s.task_id.clone(),
                     attempt: s.attempt,
                     fence: s.fence,
                     at_ms,
-                    node_id,
+                    node_id: node_id.clone(),
                 };
-                if let Ok(state::Response::Rejected(r)) = hub.write(cmd).await {
-                    tracing::debug!(task_id = ?s.task_id, attempt = s.attempt, reason = %r, "start not recorded");
+                match hub.write(cmd).await {
+                    Ok(state::Response::TaskNow(_)) => answer_start(&tx, &s, true),
+                    Ok(state::Response::Rejected(r)) => {
+                        // A repeat that raced the first commit finds the task started.
+                        let accepted = started_by(&hub, &node_id, &s);
+                        if !accepted {
+                            tracing::info!(node_id = %node_id, task_id = ?s.task_id, attempt = s.attempt, reason = %r, "start refused; the node will not run the call");
+                        }
+                        answer_start(&tx, &s, accepted);
+                    }
+                    Ok(other) => {
+                        tracing::error!(node_id = %node_id, task_id = ?s.task_id, "start answered {other:?}; not acknowledged");
+                    }
+                    Err(e) => {
+                        tracing::warn!(node_id = %node_id, task_id = ?s.task_id, error = %e, "start not recorded; the node will send it again");
+                    }
                 }
             });
         }
