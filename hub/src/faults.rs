@@ -25,7 +25,7 @@ pub const LIVENESS_BEFORE_DOWN: &str = "hub-liveness-before-down";
 
 /// A node said it started an attempt of a tool that must not run twice, before the start
 /// is committed: with `return`, the start is dropped, as when the leader dies or the
-/// session breaks first, so the task stays assigned while the node runs it.
+/// session breaks first, so the task stays assigned and the node, never answered, waits.
 pub const START_BEFORE_COMMIT: &str = "hub-start-before-commit";
 
 /// After a node's join is committed, before it is answered: the node never gets its
