@@ -209,6 +209,7 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
             peers: vec![],
             ca_cert: Some(pki.join("ca.pem")),
             ca_key: Some(pki.join("ca.key")),
+            ca_trust: None,
             cluster_name: "flotilla-dev".into(),
             tls_names: vec![],
             node_ttl_ms: flotilla_common::config::defaults::NODE_TTL_MS,

@@ -431,6 +431,53 @@ pub fn pem_identity(pem: &str) -> Option<PeerIdentity> {
     peer_identity(&der)
 }
 
+/// The CA certificates a cluster trusts, as one PEM text: `signing_pem` (the CA that
+/// signs now) first, then each certificate of `extra_pem` that is not the same one. While
+/// the CA is rotated, `extra_pem` holds the other CA (see docs/security.md): hubs accept
+/// certificates of both, and nodes, given this bundle, accept hubs of both. Anything in
+/// `extra_pem` that is not a CA certificate is refused.
+pub fn trust_bundle(signing_pem: &str, extra_pem: &str) -> Result<String, PkiError> {
+    let bad = |what: String| PkiError::BadPem(what);
+    let mut seen = Vec::new();
+    let mut out = String::new();
+    for (source, pem) in [("the CA certificate", signing_pem), ("ca_trust", extra_pem)] {
+        for der in rustls_pemfile::certs(&mut pem.as_bytes()) {
+            let der = der.map_err(|e| bad(format!("{source}: {e}")))?;
+            let (_, cert) = x509_parser::parse_x509_certificate(&der)
+                .map_err(|e| bad(format!("{source}: not an X.509 certificate: {e}")))?;
+            if !cert.is_ca() {
+                return Err(bad(format!(
+                    "{source}: {} is not a CA certificate",
+                    cert.subject()
+                )));
+            }
+            if seen.contains(&der.to_vec()) {
+                continue;
+            }
+            seen.push(der.to_vec());
+            out.push_str(&pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec())));
+        }
+        if seen.is_empty() {
+            return Err(bad(format!("{source}: no certificate")));
+        }
+    }
+    Ok(out)
+}
+
+/// Whether the DER certificate `cert_der` was signed by the first certificate in `ca_pem`.
+pub fn issued_by(cert_der: &[u8], ca_pem: &str) -> bool {
+    let Some(Ok(ca_der)) = rustls_pemfile::certs(&mut ca_pem.as_bytes()).next() else {
+        return false;
+    };
+    let (Ok((_, cert)), Ok((_, ca))) = (
+        x509_parser::parse_x509_certificate(cert_der),
+        x509_parser::parse_x509_certificate(&ca_der),
+    ) else {
+        return false;
+    };
+    cert.verify_signature(Some(ca.public_key())).is_ok()
+}
+
 /// SHA-256 pin of the public key inside a DER certificate.
 pub fn cert_spki_pin(cert_der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
@@ -513,6 +560,48 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(cert_spki_pin(&der).unwrap(), ca.pin());
+    }
+
+    #[test]
+    fn a_trust_bundle_puts_the_signing_ca_first_and_refuses_what_is_not_a_ca() {
+        let old = Ca::generate("t").unwrap();
+        let new = Ca::generate("t").unwrap();
+        let both = format!("{}{}", old.cert_pem(), new.cert_pem());
+        let bundle = trust_bundle(new.cert_pem(), &both).unwrap();
+        let certs: Vec<_> = rustls_pemfile::certs(&mut bundle.as_bytes())
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(certs.len(), 2, "the signing CA once, then the old one");
+        assert_eq!(cert_spki_pin(&certs[0]).unwrap(), new.pin());
+        assert_eq!(cert_spki_pin(&certs[1]).unwrap(), old.pin());
+        assert_eq!(
+            trust_bundle(new.cert_pem(), "")
+                .unwrap()
+                .matches("BEGIN")
+                .count(),
+            1
+        );
+
+        let leaf = new.issue_client("someone").unwrap();
+        let err = trust_bundle(new.cert_pem(), &leaf.cert_pem).unwrap_err();
+        assert!(err.to_string().contains("not a CA certificate"), "{err}");
+        assert!(trust_bundle("junk", "").is_err());
+    }
+
+    #[test]
+    fn a_certificate_is_issued_by_the_ca_that_signed_it_only() {
+        let old = Ca::generate("t").unwrap();
+        let new = Ca::generate("t").unwrap();
+        let (_, csr) = node_key_and_csr("n").unwrap();
+        let pem = old.sign_node_csr(&csr, "n").unwrap();
+        let der = rustls_pemfile::certs(&mut pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        assert!(issued_by(&der, old.cert_pem()));
+        // Same subject, another key: not its issuer.
+        assert!(!issued_by(&der, new.cert_pem()));
+        assert!(!issued_by(b"junk", old.cert_pem()));
     }
 
     #[test]

@@ -104,14 +104,16 @@ pub fn web_client_config(extra_ca_pem: Option<&str>) -> Result<rustls::ClientCon
 
 /// Server side: TLS 1.3 only, ALPN h2, the CA's client certificates accepted but optional
 /// (agents may come with a JWT alone; services that need a certificate check for it).
-/// The chain sent includes the CA so a joining node can check it against its pin.
+/// `ca_pem` may be a bundle (a CA rotation's overlap), the signing CA first: every CA in it
+/// is trusted for client certificates, and the chain sent includes the signing one, so a
+/// joining node can check it against its pin.
 pub fn server_config(ca_pem: &str, identity: &CertifiedKey) -> Result<Arc<ServerConfig>, TlsError> {
     let verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider())
             .allow_unauthenticated()
             .build()?;
     let mut chain = parse_certs(&identity.cert_pem)?;
-    chain.extend(parse_certs(ca_pem)?);
+    chain.extend(parse_certs(ca_pem)?.into_iter().take(1));
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)

@@ -141,6 +141,26 @@ fn load_ca(config: &HubConfig) -> anyhow::Result<Ca> {
     }
 }
 
+/// The CA certificates this hub trusts: its signing CA, and `ca_trust`'s while the CA is
+/// rotated.
+fn trust_bundle(config: &HubConfig, ca: &Ca) -> anyhow::Result<String> {
+    let extra = match &config.ca_trust {
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+        }
+        None => String::new(),
+    };
+    let bundle = flotilla_common::pki::trust_bundle(ca.cert_pem(), &extra)?;
+    let others = bundle.matches("BEGIN CERTIFICATE").count() - 1;
+    if others > 0 {
+        tracing::info!(
+            others,
+            "trusting CA certificates besides the signing one (ca_trust)"
+        );
+    }
+    Ok(bundle)
+}
+
 /// Where others reach the HTTP port bound at `bound`: `http_advertise`; else, when it
 /// listens on every address (`0.0.0.0`), the host others reach the API at, with its port;
 /// else the bound address.
@@ -184,12 +204,13 @@ pub async fn run(
     flotilla_common::pki::private_dir(&data_dir)
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;
     let ca = load_ca(&config).context("cluster CA")?;
+    let trust_pem = trust_bundle(&config, &ca).context("ca_trust")?;
     let identity = ca
         .issue_hub(&format!("hub-{}", config.id), &config.tls_names)
         .context("hub certificate")?;
-    let api_tls = tls::server_config(ca.cert_pem(), &identity)?;
-    let raft_tls = tls::server_config_mtls(ca.cert_pem(), &identity)?;
-    let net = Network::new(tls::client_config(ca.cert_pem(), Some(&identity))?);
+    let api_tls = tls::server_config(&trust_pem, &identity)?;
+    let raft_tls = tls::server_config_mtls(&trust_pem, &identity)?;
+    let net = Network::new(tls::client_config(&trust_pem, Some(&identity))?);
 
     let events = EventLogs::default();
     let wake = Arc::new(Notify::new());
@@ -271,6 +292,7 @@ pub async fn run(
         raft: raft.clone(),
         state,
         ca,
+        trust_pem,
         wake,
         net,
         events,

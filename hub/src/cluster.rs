@@ -39,6 +39,8 @@ pub(crate) struct Parts {
     pub raft: Raft,
     pub state: Arc<RwLock<State>>,
     pub ca: Ca,
+    /// The CA certificates trusted: the signing CA first, then `ca_trust`'s.
+    pub trust_pem: String,
     pub wake: Arc<Notify>,
     pub net: Network,
     pub events: EventLogs,
@@ -60,6 +62,7 @@ struct Inner {
     commit: crate::commit::GroupCommit,
     state: Arc<RwLock<State>>,
     ca: Ca,
+    trust_pem: String,
     wake: Arc<Notify>,
     net: Network,
 }
@@ -102,6 +105,7 @@ impl Hub {
                 raft: p.raft,
                 state: p.state,
                 ca: p.ca,
+                trust_pem: p.trust_pem,
                 wake: p.wake,
                 net: p.net,
             }),
@@ -131,6 +135,12 @@ impl Hub {
 
     pub fn ca(&self) -> &Ca {
         &self.inner.ca
+    }
+
+    /// The CA certificates this hub trusts, the signing CA first (a PEM bundle): what
+    /// nodes are given to trust hubs by.
+    pub fn trust_pem(&self) -> &str {
+        &self.inner.trust_pem
     }
 
     pub fn config(&self) -> &HubConfig {

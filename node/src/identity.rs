@@ -93,6 +93,13 @@ impl Identity {
         finish_renewal(&d)
     }
 
+    /// Keeps `ca_pem` (the CA certificates the cluster trusts, from a hub's welcome) as
+    /// identity/ca.pem, replacing the file whole.
+    pub(crate) fn save_ca(&self, data_dir: &Path) -> anyhow::Result<()> {
+        pki::write_whole(&dir(data_dir).join("ca.pem"), self.ca_pem.as_bytes(), 0o644)?;
+        Ok(())
+    }
+
     pub fn client_tls(&self) -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {
         Ok(tls::client_config(&self.ca_pem, Some(&self.key))?)
     }

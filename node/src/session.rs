@@ -133,6 +133,8 @@ pub struct Session {
     journal: Journal,
     /// Set on SIGTERM: the hub is told, and gives this node no new work.
     stopping: Arc<AtomicBool>,
+    /// Notified when a hub asks for the certificate to be renewed now (the CA rotated).
+    renew_now: Arc<tokio::sync::Notify>,
     work: Arc<Mutex<Work>>,
     load: Load,
     metrics: Arc<NodeMetrics>,
@@ -184,6 +186,7 @@ impl Session {
             servers,
             journal,
             stopping: Arc::default(),
+            renew_now: Arc::default(),
             work: Arc::new(Mutex::new(work)),
             load: Load::new(),
             metrics,
@@ -316,6 +319,13 @@ impl Session {
                     Some(hub_message::Msg::Welcome(w)) => {
                         tracing::info!(node_id = %w.node_id, "session open");
                         self.metrics.connected(true);
+                        self.keep_trust(&w.ca_pem);
+                        if w.renew_certificate {
+                            tracing::info!(
+                                "the hub asks for a certificate from its current CA; renewing now"
+                            );
+                            self.renew_now.notify_one();
+                        }
                     }
                     Some(hub_message::Msg::Assign(a)) => self.assign(a),
                     Some(hub_message::Msg::Cancel(c)) => {
@@ -367,7 +377,10 @@ impl Session {
             };
             let due_s = from + (to - from) * 2 / 3;
             let wait_ms = (due_s * 1000 - flotilla_common::now_ms()).max(0) as u64;
-            tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(wait_ms)) => {}
+                _ = self.renew_now.notified() => {}
+            }
             match self.renew(&mut client).await {
                 Ok(until_ms) => {
                     tracing::info!(valid_until = %until_ms, "renewed the node's certificate");
@@ -408,6 +421,39 @@ impl Session {
         renewed.save_renewed(&self.cfg.data_dir)?;
         *self.identity.lock().expect("identity lock") = renewed;
         Ok(r.not_after_ms)
+    }
+
+    /// Keeps the CA certificates a hub's welcome names, when they differ from the ones the
+    /// node trusts: during a CA rotation the bundle grows to hold the new CA (so hubs with
+    /// certificates of either are trusted), and later shrinks to the new one. The hub that
+    /// sends it was trusted by the old bundle over this very connection.
+    fn keep_trust(&self, ca_pem: &str) {
+        if ca_pem.is_empty() {
+            return; // a hub from before bundles
+        }
+        let mut renewed = self.identity.lock().expect("identity lock").clone();
+        if renewed.ca_pem == ca_pem {
+            return;
+        }
+        match tls::parse_certs(ca_pem) {
+            Ok(certs) if !certs.is_empty() => {}
+            _ => {
+                tracing::warn!(
+                    "the hub sent CA certificates that do not read; keeping the ones this node has"
+                );
+                return;
+            }
+        }
+        renewed.ca_pem = ca_pem.to_owned();
+        if let Err(e) = renewed.save_ca(&self.cfg.data_dir) {
+            tracing::warn!(error = %e, "cannot keep the cluster's CA certificates; using them until the node restarts");
+        }
+        let count = ca_pem.matches("BEGIN CERTIFICATE").count();
+        *self.identity.lock().expect("identity lock") = renewed;
+        tracing::info!(
+            certificates = count,
+            "now trusting the cluster's CA certificates the hub sent"
+        );
     }
 
     fn heartbeat(&self) -> NodeMessage {

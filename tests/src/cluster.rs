@@ -225,6 +225,7 @@ async fn start_member(
         peers: vec![],
         ca_cert: Some(pki.join("ca.pem")),
         ca_key: Some(pki.join("ca.key")),
+        ca_trust: None,
         cluster_name: "test".into(),
         tls_names: vec![],
         node_ttl_ms: NODE_TTL_MS,

@@ -1051,3 +1051,147 @@ async fn where_client_certificates_are_required_a_token_works_only_with_its_subj
     .await?;
     Ok(())
 }
+
+/// Edits hub `id`'s hub.toml with `edit`, stops it gracefully and starts it again, and
+/// waits until it answers with a leader (one hub at a time, as a rolling restart goes).
+async fn restart_with(
+    c: &mut Cluster,
+    id: u64,
+    edit: impl Fn(&mut flotilla_common::config::HubFile),
+) -> anyhow::Result<()> {
+    let path = c.hub(id).dir.join("hub.toml");
+    let mut cfg: flotilla_common::config::HubFile =
+        toml::from_str(&std::fs::read_to_string(&path)?)?;
+    edit(&mut cfg);
+    std::fs::write(&path, toml::to_string(&cfg)?)?;
+    c.hub_mut(id).proc.terminate();
+    c.start_hub(id).await?;
+    let admin = pb::admin_service_client::AdminServiceClient::with_interceptor(
+        c.channel_to(id),
+        flotilla_tests::Bearer::new(&c.admin_token),
+    );
+    flotilla_tests::wait_status(&admin, &format!("hub {id} back with a leader"), |s| {
+        s.leader_id != 0
+    })
+    .await?;
+    Ok(())
+}
+
+/// An echo call that must succeed on edge-1.
+async fn call(c: &Cluster, text: &str) -> anyhow::Result<()> {
+    let t = c
+        .call(&mut c.agent(), "echo", serde_json::json!({"text": text}))
+        .await?;
+    anyhow::ensure!(
+        t.state == pb::TaskState::Succeeded as i32 && last_node(&t) == "edge-1",
+        "{t:?}"
+    );
+    Ok(())
+}
+
+fn certificates(pem: &str) -> usize {
+    pem.matches("BEGIN CERTIFICATE").count()
+}
+
+/// The CA is rotated as docs/security.md tells an operator to: a new CA made with
+/// `flotilla ca init`; every hub restarted in turn trusting both (nodes are given both);
+/// then signing with the new one (nodes renew at once); then trusting the new one alone.
+/// Calls go through a node at every step, the node is never joined again, and at the end a
+/// certificate from the old CA is refused.
+#[tokio::test]
+async fn the_ca_is_rotated_with_an_overlap_and_the_node_follows_without_joining_again(
+) -> anyhow::Result<()> {
+    let mut c = Cluster::with_hubs(3).await?;
+    c.add_node(NodeSpec::demo("edge-1")).await?;
+    let identity = c.node_dir("edge-1").join("identity");
+    let old_key = pki::CertifiedKey::read(&identity, "node")?.expect("edge-1's certificate");
+    let old_ca = std::fs::read_to_string(c.dir.path().join("pki/ca.pem"))?;
+
+    let next = c.dir.path().join("pki-next");
+    let out = Command::new(flotilla_bin())
+        .args(["ca", "init", "--out", next.to_str().unwrap_or_default()])
+        .args(["--cluster-name", "test"])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "ca init: {out:?}");
+    let new_ca = std::fs::read_to_string(next.join("ca.pem"))?;
+    let both = c.dir.path().join("ca-both.pem");
+    std::fs::write(&both, format!("{old_ca}{new_ca}"))?;
+    let node_trusts = |want: usize| {
+        let path = identity.join("ca.pem");
+        move || {
+            let n = std::fs::read_to_string(&path).map_or(0, |p| certificates(&p));
+            async move { (n == want).then_some(()) }
+        }
+    };
+
+    // 1. Every hub trusts both CAs; the old one still signs. The node is given both.
+    for id in 1..=3 {
+        restart_with(&mut c, id, |h| h.ca_trust = Some(both.clone())).await?;
+    }
+    c.ca_pem = format!("{old_ca}{new_ca}");
+    c.wait_node_connected("edge-1").await?;
+    wait_until("edge-1 to trust both CAs", READY, node_trusts(2)).await?;
+    call(&c, "trusting both").await?;
+
+    // 2. The new CA signs: hubs present its certificates, and the node renews its own at
+    // once, without joining again.
+    for id in 1..=3 {
+        let (cert, key) = (next.join("ca.pem"), next.join("ca.key"));
+        restart_with(&mut c, id, |h| {
+            h.ca_cert = Some(cert.clone());
+            h.ca_key = Some(key.clone());
+        })
+        .await?;
+    }
+    wait_until(
+        "edge-1 to hold a certificate from the new CA",
+        READY,
+        || {
+            let key = pki::CertifiedKey::read(&identity, "node").ok().flatten();
+            let renewed = key.is_some_and(|k| {
+                tls::parse_certs(&k.cert_pem)
+                    .ok()
+                    .and_then(|c| c.into_iter().next())
+                    .is_some_and(|der| pki::issued_by(&der, &new_ca))
+            });
+            async move { renewed.then_some(()) }
+        },
+    )
+    .await?;
+    c.wait_node_connected("edge-1").await?;
+    call(&c, "signed by the new CA").await?;
+
+    // 3. The old CA is dropped: the node trusts the new one alone, and a certificate from
+    // the old CA is refused.
+    for id in 1..=3 {
+        restart_with(&mut c, id, |h| h.ca_trust = None).await?;
+    }
+    c.ca_pem = new_ca.clone();
+    wait_until("edge-1 to trust the new CA alone", READY, node_trusts(1)).await?;
+    assert_eq!(
+        std::fs::read_to_string(identity.join("ca.pem"))?,
+        pki::trust_bundle(&new_ca, "")?
+    );
+    c.wait_node_connected("edge-1").await?;
+    call(&c, "the new CA alone").await?;
+    let leader = c.wait_leader().await?;
+    let api = c.hub(leader).api.clone();
+    let current = pki::CertifiedKey::read(&identity, "node")?.expect("edge-1's certificate");
+    assert_eq!(
+        session_code(&c, &api, &current).await?,
+        Code::InvalidArgument,
+        "the renewed certificate is accepted (the hub then waits for a hello)"
+    );
+    let refused = session_code(&c, &api, &old_key).await?;
+    assert!(
+        matches!(refused, Code::Unavailable | Code::Unknown | Code::Cancelled),
+        "a certificate from the old CA fails the TLS handshake: {refused:?}"
+    );
+    let log = c.nodes["edge-1"].log_text();
+    assert_eq!(
+        log.matches("joined the cluster").count(),
+        1,
+        "joined once, at the start"
+    );
+    Ok(())
+}

@@ -191,6 +191,7 @@ async fn a_partitioned_leader_commits_nothing_and_the_majority_carries_on() -> a
             peers: peers.clone(),
             ca_cert: Some(pki.join("ca.pem")),
             ca_key: Some(pki.join("ca.key")),
+            ca_trust: None,
             cluster_name: "partition".into(),
             tls_names: vec![],
             node_ttl_ms: flotilla_tests::NODE_TTL_MS,

@@ -329,6 +329,12 @@ pub struct HubFile {
     pub ca_cert: Option<PathBuf>,
     #[serde(default)]
     pub ca_key: Option<PathBuf>,
+    /// While the CA is rotated: a PEM file of CA certificates trusted besides the one that
+    /// signs (the old CA, or the next one). Hubs accept hubs', nodes' and agents'
+    /// certificates from any of them, and give the bundle to nodes, which then accept hubs
+    /// of any of them. Unset: only the signing CA (docs/security.md, "Rotating the CA").
+    #[serde(default)]
+    pub ca_trust: Option<PathBuf>,
     #[serde(default = "default_cluster_name")]
     pub cluster_name: String,
     /// Names (DNS or IP) the hub certificate is valid for, besides localhost and 127.0.0.1.
@@ -463,6 +469,8 @@ pub struct HubConfig {
     pub peers: Vec<PeerFile>,
     /// (certificate, key) of a shared CA, when configured.
     pub ca: Option<(PathBuf, PathBuf)>,
+    /// CA certificates trusted besides the signing one (a CA rotation's overlap).
+    pub ca_trust: Option<PathBuf>,
     pub cluster_name: String,
     pub tls_names: Vec<String>,
     pub node_ttl_ms: u64,
@@ -669,6 +677,7 @@ impl HubFile {
             bootstrap: self.bootstrap,
             peers: self.peers,
             ca,
+            ca_trust: self.ca_trust,
             cluster_name: self.cluster_name,
             tls_names,
             node_ttl_ms: self.node_ttl_ms,

@@ -191,7 +191,7 @@ impl NodeService for NodeApi {
         Ok(Response::new(JoinResponse {
             node_id: r.name,
             certificate_pem: cert,
-            ca_pem: self.hub.ca().cert_pem().to_owned(),
+            ca_pem: self.hub.trust_pem().to_owned(),
             hub_endpoints: self
                 .hub
                 .local_view()
@@ -257,8 +257,21 @@ impl NodeService for NodeApi {
     ) -> Result<Response<HubStream>, Status> {
         let cert = self.accepted_node(&req)?;
         self.hub.require_leader()?;
-        let out =
-            protocol::serve(&self.hub, cert.common_name, cert.serial, req.into_inner()).await?;
+        // Signed by a CA the cluster still trusts but no longer signs with (the CA is
+        // being rotated): the node is told to renew now.
+        let old_ca = req
+            .extensions()
+            .get::<flotilla_common::tls::PeerInfo>()
+            .and_then(|p| p.client_cert.clone())
+            .is_some_and(|der| !flotilla_common::pki::issued_by(&der, self.hub.ca().cert_pem()));
+        let out = protocol::serve(
+            &self.hub,
+            cert.common_name,
+            cert.serial,
+            old_ca,
+            req.into_inner(),
+        )
+        .await?;
         Ok(Response::new(Box::pin(futures::StreamExt::map(
             out,
             Ok::<_, Status>,

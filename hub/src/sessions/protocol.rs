@@ -45,11 +45,14 @@ fn live_servers(servers: &[flotilla_proto::ServerStatus]) -> Vec<LiveServer> {
 
 /// Runs the session of `node_id` (authenticated, registered, and this hub the leader):
 /// waits for its hello, commits it, and returns what the hub sends the node. The node's
-/// messages are handled on a task of their own until the session ends.
+/// messages are handled on a task of their own until the session ends. `old_ca`: the
+/// node's certificate is from a CA the cluster no longer signs with; the welcome tells it
+/// to renew.
 pub async fn serve(
     hub: &Hub,
     node_id: String,
     serial: String,
+    old_ca: bool,
     mut inbound: Streaming<NodeMessage>,
 ) -> Result<impl Stream<Item = HubMessage> + Send + 'static, Status> {
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
@@ -110,6 +113,8 @@ pub async fn serve(
             msg: Some(hub_message::Msg::Welcome(Welcome {
                 node_id: node_id.clone(),
                 heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS,
+                ca_pem: hub.trust_pem().to_owned(),
+                renew_certificate: old_ca,
             })),
         })
         .await;
@@ -137,6 +142,9 @@ pub async fn serve(
     };
     for m in resend {
         let _ = tx.send(m).await;
+    }
+    if old_ca {
+        tracing::info!(node_id = %node_id, "node's certificate is from a CA no longer signing; asking it to renew");
     }
     tracing::info!(node_id = %node_id, session, "node session open");
     hub.wake();
