@@ -311,9 +311,18 @@ def main():
     import tomllib
     servers = tomllib.loads(node_toml.replace("${HOSTNAME}", "n").replace("${FLOTILLA_JOIN_TOKEN}", "t"))["servers"]
     check("production: a server's env renders as a table", servers[0].get("env") == {"TZ": "${TZ}"}, node_toml)
+    # A CA rotation's overlap: the bundle from the CA Secret is trusted.
+    rotating = render({"ca": {"secretName": "flotilla-ca-next", "trustKey": "ca-both.pem"}}, "rotating the CA")
+    cm = next(d for _, d in rotating if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "flotilla-hub")
+    trusted = tomllib.loads(cm["data"]["hub.toml"].replace("${HOSTNAME}", "flotilla-hub-0")).get("ca_trust")
+    check("rotating the CA: hub.toml trusts the Secret's bundle", trusted == "/etc/flotilla/ca/ca-both.pem", str(trusted))
+    sts = next(d for _, d in rotating if d["kind"] == "StatefulSet")
+    secret = [v["secret"]["secretName"] for v in sts["spec"]["template"]["spec"]["volumes"] if "secret" in v]
+    check("rotating the CA: hubs mount the named CA Secret", "flotilla-ca-next" in secret, str(secret))
     # Values the schema must refuse.
     chart = helm.Chart.load(str(CHART))
     for bad, why in [({"hub": {"replicas": 2}}, "an even number of hubs"),
+                     ({"ca": {"secretName": "c", "trustKey": "../etc/passwd"}}, "a CA bundle key that is a path"),
                      ({"node": {"kind": "StatefulSet"}}, "an unknown node kind"),
                      ({"hubs": 3}, "an unknown key")]:
         try:

@@ -161,11 +161,19 @@ pub(crate) async fn keep_admin_token(hub: Hub, mut stop: watch::Receiver<bool>) 
 fn keep_admin_certificate(hub: &Hub, now_ms: i64, due: &mut Option<i64>) {
     let dir = &hub.config().data_dir;
     if due.is_none() {
-        // Due now unless the pair on disk reads back and matches.
+        // Due now unless the pair on disk reads back, matches, and is from the CA that
+        // signs now (after a CA rotation it is made again).
+        let current = |k: &flotilla_common::pki::CertifiedKey| {
+            flotilla_common::tls::parse_certs(&k.cert_pem)
+                .ok()
+                .and_then(|c| c.into_iter().next())
+                .is_some_and(|der| flotilla_common::pki::issued_by(&der, hub.ca().cert_pem()))
+        };
         *due = flotilla_common::pki::CertifiedKey::read(dir, "admin")
             .ok()
             .flatten()
             .filter(flotilla_common::pki::CertifiedKey::pair_matches)
+            .filter(current)
             .and_then(|k| flotilla_common::pki::pem_validity(&k.cert_pem))
             .map(|(from, to)| (from + (to - from) * 2 / 3) * 1000);
     }
