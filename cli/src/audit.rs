@@ -1,5 +1,6 @@
 //! `flotilla audit`: the audit trail (admin actions, joins, renewals, revocations, tokens
-//! issued, refused credentials), filtered, as a table or as JSON lines for export.
+//! issued, refused credentials, and tool calls: submitted, assigned, ended), filtered, as
+//! a table or as JSON lines for export.
 
 use std::process::ExitCode;
 
@@ -23,9 +24,13 @@ pub(crate) struct AuditArgs {
     actor: String,
     #[arg(long, default_value = "")]
     tenant: String,
-    /// Only this kind: denied, join, remove_node, revoke_agent_tokens, rotate_signing_key, ...
+    /// Only this kind: denied, join, remove_node, revoke_agent_tokens, rotate_signing_key,
+    /// submit, assign, result, ...
     #[arg(long, default_value = "")]
     kind: String,
+    /// Leave out tool calls (submit, assign, result).
+    #[arg(long)]
+    no_calls: bool,
     /// The newest this many records.
     #[arg(long, default_value_t = 1000)]
     limit: u32,
@@ -77,6 +82,7 @@ pub(crate) async fn audit(a: AuditArgs) -> anyhow::Result<ExitCode> {
             tenant: a.tenant,
             kind: a.kind,
             limit: a.limit,
+            without_calls: a.no_calls,
         })
         .await
         .map_err(status_error)?
@@ -97,6 +103,7 @@ pub(crate) async fn audit(a: AuditArgs) -> anyhow::Result<ExitCode> {
                         output::time(r.at_ms),
                         r.kind.clone(),
                         output::printable(&r.actor),
+                        output::printable(&r.tenant),
                         output::printable(&r.target),
                         output::printable(&r.outcome),
                         if r.count > 1 {
@@ -109,7 +116,9 @@ pub(crate) async fn audit(a: AuditArgs) -> anyhow::Result<ExitCode> {
                 })
                 .collect();
             output::table(
-                &["AT", "KIND", "ACTOR", "TARGET", "OUTCOME", "COUNT", "FROM"],
+                &[
+                    "AT", "KIND", "ACTOR", "TENANT", "TARGET", "OUTCOME", "COUNT", "FROM",
+                ],
                 &rows,
             );
         }

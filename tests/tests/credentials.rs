@@ -507,6 +507,17 @@ async fn the_audit_trail_shows_refusals_and_admin_actions_on_every_hub_after_a_f
     let reader = c.agent_token("reader", "t", &["tools"]).await?;
     let admin_as_reader = cli_at(&c, &c.hub(3).api.clone(), &reader, &["nodes"]);
     assert!(admin_as_reader.is_err(), "a tools token may not list nodes");
+    // A tool call: its submission, assignment and result are in the trail, its arguments
+    // and result are not.
+    let caller = c.agent_token("caller", "t", &["tools"]).await?;
+    let call = c
+        .call(
+            &mut c.agent_with(&caller),
+            "echo",
+            serde_json::json!({"text": "s3cret-argument"}),
+        )
+        .await?;
+    assert_eq!(call.state, pb::TaskState::Succeeded as i32, "{call:?}");
     // Admin actions.
     let join = cli(&c, &["token", "create", "--description", "audit"])?;
     let join_id = flotilla_common::token::JoinToken::parse(join.trim())?.id;
@@ -599,6 +610,44 @@ async fn the_audit_trail_shows_refusals_and_admin_actions_on_every_hub_after_a_f
             &["audit", "--actor", "admin", "--since", "1h"],
         )?;
         assert!(table.contains("rotate_signing_key") && !table.contains("denied"));
+        // The tool call, read from the task history on this hub.
+        let calls = cli_at(
+            &c,
+            &api,
+            &c.admin_token,
+            &["audit", "--tenant", "t", "-o", "json"],
+        )?;
+        let calls: Vec<(String, String, String, String)> = calls
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|r| r["target"].as_str().unwrap_or("").contains(&call.id))
+            .map(|r| {
+                let f = |k: &str| r[k].as_str().unwrap_or("").to_owned();
+                (f("kind"), f("actor"), f("outcome"), f("target"))
+            })
+            .collect();
+        let kinds: Vec<(&str, &str, &str)> = calls
+            .iter()
+            .map(|(k, a, o, _)| (k.as_str(), a.as_str(), o.as_str()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("submit", "caller", "ok"),
+                ("assign", "scheduler", "ok"),
+                ("result", "node edge-1", "succeeded")
+            ],
+            "{calls:?}"
+        );
+        assert!(calls[1].3.contains("to node edge-1"), "{calls:?}");
+        assert!(!all.contains("s3cret-argument"), "never a call's data");
+        let without = cli_at(
+            &c,
+            &api,
+            &c.admin_token,
+            &["audit", "--no-calls", "-o", "json"],
+        )?;
+        assert!(!without.contains(&call.id), "{without}");
     }
     Ok(())
 }

@@ -200,16 +200,59 @@ pub fn list_audit(hub: &Hub, r: &ListAuditRequest) -> ListAuditResponse {
         0 => 1000,
         n => n.min(20_000),
     } as usize;
+    let keep = |a: &state::audit::AuditRecord| {
+        (r.since_ms == 0 || a.at_ms >= r.since_ms)
+            && (r.until_ms == 0 || a.at_ms < r.until_ms)
+            && (r.actor.is_empty() || a.actor == r.actor)
+            && (r.tenant.is_empty() || a.tenant == r.tenant)
+            && (r.kind.is_empty() || a.kind == r.kind)
+    };
     let state = hub.state();
-    let matching: Vec<AuditRecord> = state
+    let mut matching: Vec<state::audit::AuditRecord> = state
         .audit
         .all()
         .into_iter()
-        .filter(|a| r.since_ms == 0 || a.at_ms >= r.since_ms)
-        .filter(|a| r.until_ms == 0 || a.at_ms < r.until_ms)
-        .filter(|a| r.actor.is_empty() || a.actor == r.actor)
-        .filter(|a| r.tenant.is_empty() || a.tenant == r.tenant)
-        .filter(|a| r.kind.is_empty() || a.kind == r.kind)
+        .filter(|a| keep(a))
+        .cloned()
+        .collect();
+    let calls = r.kind.is_empty() || state::audit::CALL_KINDS.contains(&r.kind.as_str());
+    if calls && !r.without_calls {
+        // Tool calls are read from the tasks: the open ones, and the `limit` that ended
+        // last (each has a record at its end, so no older task has one of the newest
+        // `limit` records unless a filter leaves records out).
+        let since = if r.since_ms == 0 {
+            i64::MIN
+        } else {
+            r.since_ms
+        };
+        let ended = if r.tenant.is_empty() {
+            state.history.recent_since(limit, since)
+        } else {
+            state
+                .history
+                .list(&r.tenant, false, limit, |t| t.updated_at_ms >= since)
+        }
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot read finished tasks for the audit trail");
+            Vec::new()
+        });
+        let open = state
+            .tasks
+            .values()
+            .filter(|t| r.tenant.is_empty() || t.tenant == r.tenant);
+        for t in open.chain(ended.iter()) {
+            matching.extend(
+                state::audit::call_records(t)
+                    .into_iter()
+                    .filter(|a| keep(a)),
+            );
+        }
+        matching.sort_by(|a, b| {
+            (a.at_ms, a.seq, &a.kind, &a.target).cmp(&(b.at_ms, b.seq, &b.kind, &b.target))
+        });
+    }
+    let matching: Vec<AuditRecord> = matching
+        .into_iter()
         .map(|a| AuditRecord {
             seq: a.seq,
             at_ms: a.at_ms,

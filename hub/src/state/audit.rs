@@ -153,6 +153,76 @@ pub fn kind_and_target(cmd: &Command) -> (&'static str, String) {
     }
 }
 
+/// Kinds of the records a tool call makes (`call_records`).
+pub const CALL_KINDS: [&str; 3] = ["submit", "assign", "result"];
+
+/// The audit records of a tool call, read from its task record rather than stored twice:
+/// its submission (by the agent's subject), each assignment (by the scheduler, to a node),
+/// and each attempt's end (by the node that reported it, or the cluster when it ended an
+/// attempt itself: node lost, timed out, cancelled). They live as long as the task does
+/// (`retention_s`, `retention_max_tasks`) and are the same on every hub. Like every audit
+/// record they hold names, ids and outcomes only: never the arguments, the result or an
+/// error's text (which may quote either). `seq` is 0: they are not entries of the trail.
+pub fn call_records(t: &super::TaskRecord) -> Vec<AuditRecord> {
+    let record = |at_ms, kind: &str, actor: String, target: String, outcome: &str| {
+        AuditRecord {
+            at_ms,
+            kind: kind.to_owned(),
+            actor,
+            tenant: t.tenant.clone(),
+            target,
+            outcome: outcome.to_owned(),
+            count: 1,
+            ..Default::default()
+        }
+        .bounded()
+    };
+    let mut out = vec![record(
+        t.created_at_ms,
+        "submit",
+        t.agent.clone(),
+        format!("task {} tool {}", t.id, t.tool),
+        "ok",
+    )];
+    let last = t.attempts.len();
+    for (i, a) in t.attempts.iter().enumerate() {
+        out.push(record(
+            a.assigned_at_ms,
+            "assign",
+            "scheduler".to_owned(),
+            format!(
+                "task {} attempt {} to node {} server {}",
+                t.id, a.number, a.node_id, a.server
+            ),
+            "ok",
+        ));
+        let Some(at) = a.finished_at_ms else { continue };
+        let outcome = if a.requeued {
+            "requeued"
+        } else if i + 1 == last && t.status.is_terminal() {
+            t.status.as_str()
+        } else {
+            "retried"
+        };
+        // The node's report ended the task (a success or a failure); otherwise the
+        // cluster ended the attempt (retried it, found the node lost, timed it out, ...).
+        let by_node = outcome == "succeeded" || outcome == "failed";
+        let actor = if by_node {
+            format!("node {}", a.node_id)
+        } else {
+            "cluster".to_owned()
+        };
+        out.push(record(
+            at,
+            "result",
+            actor,
+            format!("task {} attempt {}", t.id, a.number),
+            outcome,
+        ));
+    }
+    out
+}
+
 /// Records one `Audit` command may add.
 pub const MAX_AUDIT_RECORDS_PER_ENTRY: usize = 1024;
 
@@ -229,6 +299,68 @@ mod tests {
             count: 3,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_tool_call_reads_as_its_submission_assignments_and_results_without_its_data() {
+        use crate::state::{AttemptRecord, TaskRecord, TaskStatus};
+        let attempt = |number, node: &str, assigned, finished| AttemptRecord {
+            number,
+            node_id: node.into(),
+            server: "demo".into(),
+            fence: u64::from(number),
+            assigned_at_ms: assigned,
+            started_at_ms: None,
+            finished_at_ms: finished,
+            error: Some("secret from the tool".into()),
+            requeued: false,
+        };
+        let t = TaskRecord {
+            status: TaskStatus::Succeeded,
+            result: Some(serde_json::json!({"content": "private"})),
+            attempts: vec![
+                attempt(1, "edge-1", 11, Some(12)),
+                attempt(2, "edge-2", 13, Some(14)),
+            ],
+            ..TaskRecord::new(
+                "t1",
+                "record",
+                "acme",
+                "ci",
+                serde_json::json!({"password": "hunter2"}),
+                10,
+            )
+        };
+        let got: Vec<(i64, String, String, String)> = call_records(&t)
+            .into_iter()
+            .map(|r| {
+                assert_eq!(r.tenant, "acme");
+                let all = format!("{r:?}");
+                for secret in ["hunter2", "private", "secret from the tool"] {
+                    assert!(!all.contains(secret), "{all}");
+                }
+                (r.at_ms, r.kind, r.actor, r.outcome)
+            })
+            .collect();
+        let want = [
+            (10, "submit", "ci", "ok"),
+            (11, "assign", "scheduler", "ok"),
+            (12, "result", "cluster", "retried"),
+            (13, "assign", "scheduler", "ok"),
+            (14, "result", "node edge-2", "succeeded"),
+        ];
+        let want: Vec<(i64, String, String, String)> = want
+            .iter()
+            .map(|(at, k, a, o)| (*at, k.to_string(), a.to_string(), o.to_string()))
+            .collect();
+        assert_eq!(got, want);
+        // A task still running has no result yet.
+        let running = TaskRecord {
+            status: TaskStatus::Running,
+            attempts: vec![attempt(1, "edge-1", 11, None)],
+            ..t
+        };
+        assert_eq!(call_records(&running).len(), 2);
     }
 
     #[test]
