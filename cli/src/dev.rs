@@ -229,6 +229,7 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
             },
             // Its own nodes, started just above: their tools are usable at once.
             node_cert_lifetime_s: flotilla_common::config::defaults::NODE_CERT_LIFETIME_S,
+            hub_cert_lifetime_s: flotilla_common::config::defaults::NODE_CERT_LIFETIME_S,
             trust_node_tools: true,
         };
         let hub_toml = hub_dir.join("hub.toml");

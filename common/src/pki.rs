@@ -254,8 +254,19 @@ impl Ca {
 
     /// Issues a server certificate for a hub, valid for `names` (DNS names or IP addresses).
     pub fn issue_hub(&self, hub_name: &str, names: &[String]) -> Result<CertifiedKey, PkiError> {
+        self.issue_hub_for(hub_name, names, LEAF_VALIDITY.unsigned_abs())
+    }
+
+    /// [`Ca::issue_hub`], valid for `validity`.
+    pub fn issue_hub_for(
+        &self,
+        hub_name: &str,
+        names: &[String],
+        validity: std::time::Duration,
+    ) -> Result<CertifiedKey, PkiError> {
         let key = KeyPair::generate()?;
-        let mut params = leaf_params(hub_name, LEAF_VALIDITY)?;
+        let validity = Duration::try_from(validity).unwrap_or(LEAF_VALIDITY);
+        let mut params = leaf_params(hub_name, validity)?;
         params.subject_alt_names = names.iter().map(|n| san(n)).collect::<Result<_, _>>()?;
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,

@@ -102,22 +102,86 @@ pub fn web_client_config(extra_ca_pem: Option<&str>) -> Result<rustls::ClientCon
         .with_no_client_auth())
 }
 
+/// A certificate chain and key that can be replaced while servers and clients use them:
+/// a hub renews its own certificate in place, and every handshake from then on presents
+/// the new one (connections already open go on).
+#[derive(Debug)]
+pub struct LiveIdentity {
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl LiveIdentity {
+    /// `identity`'s certificate followed by `chain_pem` (the CA that signed it).
+    pub fn new(identity: &CertifiedKey, chain_pem: &str) -> Result<Arc<Self>, TlsError> {
+        Ok(Arc::new(Self {
+            current: std::sync::RwLock::new(certified(identity, chain_pem)?),
+        }))
+    }
+
+    /// From now on, present `identity` (followed by `chain_pem`).
+    pub fn replace(&self, identity: &CertifiedKey, chain_pem: &str) -> Result<(), TlsError> {
+        let new = certified(identity, chain_pem)?;
+        *self.current.write().expect("identity lock") = new;
+        Ok(())
+    }
+
+    fn get(&self) -> Arc<rustls::sign::CertifiedKey> {
+        self.current.read().expect("identity lock").clone()
+    }
+}
+
+fn certified(
+    identity: &CertifiedKey,
+    chain_pem: &str,
+) -> Result<Arc<rustls::sign::CertifiedKey>, TlsError> {
+    let mut chain = parse_certs(&identity.cert_pem)?;
+    chain.extend(parse_certs(chain_pem)?.into_iter().take(1));
+    let key = provider()
+        .key_provider
+        .load_private_key(parse_key(&identity.key_pem)?)?;
+    Ok(Arc::new(rustls::sign::CertifiedKey::new(chain, key)))
+}
+
+impl rustls::server::ResolvesServerCert for LiveIdentity {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.get())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for LiveIdentity {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.get())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
 /// Server side: TLS 1.3 only, ALPN h2, the CA's client certificates accepted but optional
 /// (agents may come with a JWT alone; services that need a certificate check for it).
 /// `ca_pem` may be a bundle (a CA rotation's overlap), the signing CA first: every CA in it
 /// is trusted for client certificates, and the chain sent includes the signing one, so a
 /// joining node can check it against its pin.
-pub fn server_config(ca_pem: &str, identity: &CertifiedKey) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn server_config(
+    ca_pem: &str,
+    identity: Arc<LiveIdentity>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider())
             .allow_unauthenticated()
             .build()?;
-    let mut chain = parse_certs(&identity.cert_pem)?;
-    chain.extend(parse_certs(ca_pem)?.into_iter().take(1));
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, parse_key(&identity.key_pem)?)?;
+        .with_cert_resolver(identity);
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(cfg))
 }
@@ -144,7 +208,7 @@ pub fn http_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, 
 /// the cluster CA is required (the service then checks it was issued to a hub).
 pub fn server_config_mtls(
     ca_pem: &str,
-    identity: &CertifiedKey,
+    identity: Arc<LiveIdentity>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider())
@@ -152,10 +216,21 @@ pub fn server_config_mtls(
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            parse_certs(&identity.cert_pem)?,
-            parse_key(&identity.key_pem)?,
-        )?;
+        .with_cert_resolver(identity);
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Client side for a hub calling another: trusting `ca_pem`, presenting `identity` (as it
+/// is at each handshake).
+pub fn hub_client_config(
+    ca_pem: &str,
+    identity: Arc<LiveIdentity>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(ca_pem)?)
+        .with_client_cert_resolver(identity);
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(cfg))
 }
@@ -646,5 +721,69 @@ fn host_port(host: &str, port: u16) -> String {
         format!("[{host}]:{port}")
     } else {
         format!("{host}:{port}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::Ca;
+
+    /// One mutual-TLS handshake in memory: the serials of the certificates the server and
+    /// the client presented.
+    async fn handshake(server: Arc<ServerConfig>, client: Arc<ClientConfig>) -> (String, String) {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let accept = tokio::spawn(async move {
+            let s = tokio_rustls::TlsAcceptor::from(server)
+                .accept(a)
+                .await
+                .expect("server side");
+            let der = s.get_ref().1.peer_certificates().expect("client cert")[0].to_vec();
+            crate::pki::peer_identity(&der).expect("readable").serial
+        });
+        let name = ServerName::try_from("localhost").expect("name");
+        let c = tokio_rustls::TlsConnector::from(client)
+            .connect(name, b)
+            .await
+            .expect("client side");
+        let der = c.get_ref().1.peer_certificates().expect("server cert")[0].to_vec();
+        let server_serial = crate::pki::peer_identity(&der).expect("readable").serial;
+        (server_serial, accept.await.expect("accepted"))
+    }
+
+    fn serial(k: &CertifiedKey) -> String {
+        crate::pki::pem_identity(&k.cert_pem)
+            .expect("readable")
+            .serial
+    }
+
+    #[tokio::test]
+    async fn a_replaced_identity_is_what_the_next_handshake_presents_on_either_side() {
+        install_default_provider();
+        let ca = Ca::generate("t").unwrap();
+        let names = vec!["localhost".to_owned()];
+        let (a1, a2) = (
+            ca.issue_hub("hub-1", &names).unwrap(),
+            ca.issue_hub("hub-1", &names).unwrap(),
+        );
+        let (b1, b2) = (
+            ca.issue_hub("hub-2", &names).unwrap(),
+            ca.issue_hub("hub-2", &names).unwrap(),
+        );
+        let server_id = LiveIdentity::new(&a1, ca.cert_pem()).unwrap();
+        let client_id = LiveIdentity::new(&b1, ca.cert_pem()).unwrap();
+        let server = server_config_mtls(ca.cert_pem(), server_id.clone()).unwrap();
+        let client = hub_client_config(ca.cert_pem(), client_id.clone()).unwrap();
+        assert_eq!(
+            handshake(server.clone(), client.clone()).await,
+            (serial(&a1), serial(&b1))
+        );
+        server_id.replace(&a2, ca.cert_pem()).unwrap();
+        client_id.replace(&b2, ca.cert_pem()).unwrap();
+        assert_eq!(
+            handshake(server, client).await,
+            (serial(&a2), serial(&b2)),
+            "the same configs, the new certificates"
+        );
     }
 }

@@ -205,12 +205,13 @@ pub async fn run(
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;
     let ca = load_ca(&config).context("cluster CA")?;
     let trust_pem = trust_bundle(&config, &ca).context("ca_trust")?;
-    let identity = ca
-        .issue_hub(&format!("hub-{}", config.id), &config.tls_names)
-        .context("hub certificate")?;
-    let api_tls = tls::server_config(&trust_pem, &identity)?;
-    let raft_tls = tls::server_config_mtls(&trust_pem, &identity)?;
-    let net = Network::new(tls::client_config(&trust_pem, Some(&identity))?);
+    let identity = tls::LiveIdentity::new(
+        &chores::issue_hub_certificate(&config, &ca).context("hub certificate")?,
+        ca.cert_pem(),
+    )?;
+    let api_tls = tls::server_config(&trust_pem, identity.clone())?;
+    let raft_tls = tls::server_config_mtls(&trust_pem, identity.clone())?;
+    let net = Network::new(tls::hub_client_config(&trust_pem, identity.clone())?);
 
     let events = EventLogs::default();
     let wake = Arc::new(Notify::new());
@@ -309,6 +310,11 @@ pub async fn run(
         stop_rx.clone(),
     ));
     tokio::spawn(chores::keep_admin_token(hub.clone(), stop_rx.clone()));
+    tokio::spawn(chores::keep_hub_certificate(
+        hub.clone(),
+        identity,
+        stop_rx.clone(),
+    ));
     tokio::spawn(crate::issuers::keep_issuers(hub.clone(), stop_rx.clone()));
     tokio::spawn(crate::audit::flush(hub.clone(), stop_rx.clone()));
     tokio::spawn(chores::drive(hub.clone(), Scheduling, stop_rx.clone()));

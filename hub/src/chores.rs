@@ -155,6 +155,57 @@ pub(crate) async fn keep_admin_token(hub: Hub, mut stop: watch::Receiver<bool>) 
     }
 }
 
+/// A certificate for this hub from `ca`, valid for `hub_cert_lifetime_s`.
+pub(crate) fn issue_hub_certificate(
+    config: &flotilla_common::config::HubConfig,
+    ca: &flotilla_common::pki::Ca,
+) -> Result<flotilla_common::pki::CertifiedKey, flotilla_common::pki::PkiError> {
+    ca.issue_hub_for(
+        &format!("hub-{}", config.id),
+        &config.tls_names,
+        Duration::from_secs(config.hub_cert_lifetime_s),
+    )
+}
+
+/// Renews this hub's own certificate in place at two thirds of its life: every handshake
+/// from then on (agents, nodes, other hubs, in either direction) sees the new one, and
+/// connections already open go on. Without it a hub that runs longer than its
+/// certificate's life would be refused by every peer. Every hub does this, leader or not.
+pub(crate) async fn keep_hub_certificate(
+    hub: Hub,
+    identity: std::sync::Arc<flotilla_common::tls::LiveIdentity>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let lifetime = Duration::from_secs(hub.config().hub_cert_lifetime_s);
+    let mut wait = lifetime * 2 / 3;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => return,
+        }
+        let renewed = issue_hub_certificate(hub.config(), hub.ca())
+            .map_err(|e| e.to_string())
+            .and_then(|k| {
+                identity
+                    .replace(&k, hub.ca().cert_pem())
+                    .map_err(|e| e.to_string())
+            });
+        wait = match renewed {
+            Ok(()) => {
+                tracing::info!(
+                    valid_for_s = lifetime.as_secs(),
+                    "renewed the hub's certificate"
+                );
+                lifetime * 2 / 3
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot renew the hub's certificate; trying again soon");
+                (lifetime / 20).min(Duration::from_secs(60))
+            }
+        };
+    }
+}
+
 /// Where agents must present a client certificate, keeps one for `admin` (the bootstrap
 /// token's subject) in the data dir (`admin.pem`, `admin.key`), made from the CA this hub
 /// holds, renewed at two thirds of its life.

@@ -97,6 +97,8 @@ pub struct Options {
     pub agent_tokens: flotilla_common::config::AgentTokens,
     /// How long node certificates last.
     pub node_cert_lifetime_s: u64,
+    /// How long hub certificates last.
+    pub hub_cert_lifetime_s: u64,
     /// hub.toml's `trust_node_tools` (true by default: every test node may add tools).
     pub trust_node_tools: bool,
     /// Join tokens the harness creates let their nodes add tools.
@@ -123,6 +125,7 @@ impl Default for Options {
             limits: Default::default(),
             agent_tokens: Default::default(),
             node_cert_lifetime_s: flotilla_common::config::defaults::NODE_CERT_LIFETIME_S,
+            hub_cert_lifetime_s: flotilla_common::config::defaults::NODE_CERT_LIFETIME_S,
             trust_node_tools: true,
             trusted_join_tokens: false,
             retention_s: flotilla_common::config::defaults::RETENTION_S,
@@ -240,6 +243,7 @@ async fn start_member(
         limits: opts.limits.clone(),
         agent_tokens: opts.agent_tokens.clone(),
         node_cert_lifetime_s: opts.node_cert_lifetime_s,
+        hub_cert_lifetime_s: opts.hub_cert_lifetime_s,
         trust_node_tools: opts.trust_node_tools,
     };
     std::fs::write(hub_dir.join("hub.toml"), toml::to_string(&cfg)?)?;

@@ -1244,3 +1244,84 @@ async fn the_ca_is_rotated_with_an_overlap_and_the_node_follows_without_joining_
     );
     Ok(())
 }
+
+/// The serial and end (seconds since the epoch) of the certificate the hub at `api`
+/// presents in a new handshake.
+async fn presented(c: &Cluster, api: &str) -> anyhow::Result<(String, i64)> {
+    let (host, port) = tls::split_address(api)?;
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+    let connector = tokio_rustls::TlsConnector::from(tls::client_config(&c.ca_pem, None)?);
+    let name = rustls::pki_types::ServerName::try_from(host.clone())?;
+    let conn = connector.connect(name, tcp).await?;
+    let der = conn
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .expect("the hub presents a certificate")
+        .to_vec();
+    let serial = pki::peer_identity(&der).expect("readable").serial;
+    let pem = format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        base64::engine::general_purpose::STANDARD.encode(&der)
+    );
+    let (_, to) = pki::pem_validity(&pem).expect("validity");
+    Ok((serial, to))
+}
+
+/// A hub renews its own certificate in place at two thirds of its life (a minute here):
+/// past the end of the first ones, agents still connect to every hub, and a hub restarted
+/// then is reached by the others with their renewed certificates and catches up. Without
+/// renewal a cluster that ran longer than its hubs' certificates would stop.
+#[tokio::test]
+async fn hubs_renew_their_own_certificates_in_place_and_outlive_the_first_ones(
+) -> anyhow::Result<()> {
+    let opts = flotilla_tests::Options {
+        hub_cert_lifetime_s: 60,
+        ..Default::default()
+    };
+    let mut c = Cluster::with_options(3, opts).await?;
+    c.add_node(NodeSpec::demo("edge-1")).await?;
+    let mut first = Vec::new();
+    for id in 1..=3 {
+        first.push(presented(&c, &c.hub(id).api).await?);
+    }
+    let first_end = first.iter().map(|(_, to)| *to).max().unwrap_or_default();
+    let long = std::time::Duration::from_secs(150);
+    wait_until("every hub to renew its certificate", long, || {
+        let renewed = (1..=3).all(|id| {
+            c.hub(id)
+                .proc
+                .log_text()
+                .contains("renewed the hub's certificate")
+        });
+        async move { renewed.then_some(()) }
+    })
+    .await?;
+    // Wait out the first certificates (the clock, not readiness, is what is waited for).
+    wait_until("the first certificates to end", long, || {
+        let over = flotilla_common::now_ms() / 1000 > first_end + 1;
+        async move { over.then_some(()) }
+    })
+    .await?;
+    for (id, (serial, end)) in (1..=3).zip(&first) {
+        let (now_serial, now_end) = presented(&c, &c.hub(id).api).await?;
+        assert_ne!(&now_serial, serial, "hub {id} presents a new certificate");
+        assert!(now_end > *end, "hub {id}'s lasts longer");
+    }
+    // Raft over new connections: hub 3 restarts, and the others reach it with their
+    // renewed client certificates.
+    c.hub_mut(3).proc.terminate();
+    c.start_hub(3).await?;
+    let t = c
+        .call(
+            &mut c.agent(),
+            "echo",
+            serde_json::json!({"text": "renewed"}),
+        )
+        .await?;
+    assert_eq!(t.state, pb::TaskState::Succeeded as i32, "{t:?}");
+    let at_3 = c.agent_at(3, &c.admin_token);
+    wait_state(&at_3, &t.id, pb::TaskState::Succeeded).await?;
+    Ok(())
+}

@@ -207,6 +207,7 @@ async fn a_partitioned_leader_commits_nothing_and_the_majority_carries_on() -> a
             agent_tokens: Default::default(),
             // Its own nodes, started just above: their tools are usable at once.
             node_cert_lifetime_s: flotilla_common::config::defaults::NODE_CERT_LIFETIME_S,
+            hub_cert_lifetime_s: flotilla_common::config::defaults::NODE_CERT_LIFETIME_S,
             trust_node_tools: true,
         };
         let toml_path = hub_dir.join("hub.toml");

@@ -379,6 +379,10 @@ pub struct HubFile {
     /// node renews its own when two thirds of the time have passed.
     #[serde(default = "default_node_cert_lifetime_s")]
     pub node_cert_lifetime_s: u64,
+    /// How long the hub's own certificate is valid, in seconds; the hub makes itself a new
+    /// one from the CA at two thirds of that, in place (connections go on; new ones use it).
+    #[serde(default = "default_node_cert_lifetime_s")]
+    pub hub_cert_lifetime_s: u64,
     /// Every node may introduce tool names the cluster has not seen (a single-owner
     /// cluster such as `flotilla dev`). Otherwise only nodes that joined with a token
     /// created with `--may-add-tools` may; a name another node introduces waits until an
@@ -485,6 +489,7 @@ pub struct HubConfig {
     pub limits: Limits,
     pub agent_tokens: AgentTokens,
     pub node_cert_lifetime_s: u64,
+    pub hub_cert_lifetime_s: u64,
     pub trust_node_tools: bool,
 }
 
@@ -548,12 +553,13 @@ impl HubFile {
         }
         self.limits.validate(file)?;
         self.agent_tokens.validate(file)?;
-        if !(60..=366 * 24 * 3600).contains(&self.node_cert_lifetime_s) {
-            return Err(invalid(
-                file,
-                "node_cert_lifetime_s",
-                "must be from 60 to 31622400 (a year)",
-            ));
+        for (key, v) in [
+            ("node_cert_lifetime_s", self.node_cert_lifetime_s),
+            ("hub_cert_lifetime_s", self.hub_cert_lifetime_s),
+        ] {
+            if !(60..=366 * 24 * 3600).contains(&v) {
+                return Err(invalid(file, key, "must be from 60 to 31622400 (a year)"));
+            }
         }
         if !(8..=65_536).contains(&self.storage_cache_mb) {
             return Err(invalid(
@@ -692,6 +698,7 @@ impl HubFile {
             limits: self.limits,
             agent_tokens: self.agent_tokens,
             node_cert_lifetime_s: self.node_cert_lifetime_s,
+            hub_cert_lifetime_s: self.hub_cert_lifetime_s,
             trust_node_tools: self.trust_node_tools,
         })
     }
