@@ -173,6 +173,11 @@ fn map_claims(
             cfg.tenant_claim
         )));
     }
+    if !cfg.allowed_tenants.is_empty() && !cfg.allowed_tenants.contains(&tenant) {
+        return Err(bad(format!(
+            "this issuer may not name tenant {tenant:?} (allowed_tenants)"
+        )));
+    }
     let held: Vec<String> = match m.get(&cfg.scopes_claim) {
         None => Vec::new(),
         Some(Value::String(s)) => s.split_whitespace().map(str::to_owned).collect(),
@@ -201,7 +206,7 @@ fn map_claims(
     Ok(Claims {
         iss: cfg.issuer.clone(),
         aud: cfg.audience.clone(),
-        sub,
+        sub: format!("{}{sub}", cfg.subject_prefix),
         tenant,
         scopes,
         // Revoking a subject covers the tokens issued up to then: it needs to know when.
@@ -402,6 +407,22 @@ mod tests {
         with_admin.allowed_scopes = vec!["tools:*".into(), "admin".into()];
         assert!(allowed(&with_admin, "admin") && allowed(&with_admin, "tools:read"));
         assert!(!allowed(&with_admin, "*") && !allowed(&with_admin, "billing"));
+    }
+
+    #[test]
+    fn a_provider_names_only_its_allowed_tenants_and_its_subjects_carry_its_prefix() {
+        let mut limited = cfg();
+        limited.allowed_tenants = vec!["payments".into()];
+        limited.subject_prefix = "corp:".into();
+        let m = base().as_object().unwrap().clone();
+        let c = map_claims(&limited, &m).unwrap();
+        assert_eq!(c.sub, "corp:alice@corp");
+        let mut other = m.clone();
+        other.insert("tenant".into(), json!("billing"));
+        let e = map_claims(&limited, &other).unwrap_err();
+        assert!(e.to_string().contains("may not name tenant"), "{e}");
+        // Without a list, any tenant; without a prefix, the provider's subject as it is.
+        assert_eq!(map_claims(&cfg(), &other).unwrap().sub, "alice@corp");
     }
 
     #[test]

@@ -147,6 +147,15 @@ pub struct ExternalIssuer {
     /// grant it, so a provider opens the admin API only when listed here.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_scopes: Vec<String>,
+    /// The tenants its tokens may name; a token for any other is refused. Empty (the
+    /// default): any tenant.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_tenants: Vec<String>,
+    /// Put before every subject from this provider (e.g. `corp:`), so that its users are
+    /// told apart from this cluster's own subjects and another provider's in the audit
+    /// trail, in revocations and in client certificates. Empty (the default): none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub subject_prefix: String,
 }
 
 fn default_jwks_refresh_s() -> u64 {
@@ -219,6 +228,22 @@ impl ExternalIssuer {
                 file,
                 key("tenant_claim"),
                 "tenant_claim and scopes_claim must name claims",
+            ));
+        }
+        if self.allowed_tenants.iter().any(|t| t.is_empty()) {
+            return Err(invalid(
+                file,
+                key("allowed_tenants"),
+                "must not hold an empty name",
+            ));
+        }
+        if self.subject_prefix.len() > 64
+            || !self.subject_prefix.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(invalid(
+                file,
+                key("subject_prefix"),
+                "must be at most 64 printable ASCII characters, no spaces",
             ));
         }
         Ok(())
