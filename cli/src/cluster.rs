@@ -88,7 +88,10 @@ fn print_status(st: &pb::ClusterStatusResponse, format: Format) {
             "commit_index": st.commit_index,
             "applied_index": st.applied_index,
             "this_hub": st.this_hub,
+            "command_level": st.command_level,
             "members": st.members.iter().map(|m| json!({
+                "command_level": m.command_level,
+                "version": m.version,
                 "id": m.id,
                 "address": m.address,
                 "raft_address": m.raft_address,
@@ -100,11 +103,25 @@ fn print_status(st: &pb::ClusterStatusResponse, format: Format) {
         })),
         Format::Table => {
             println!(
-                "leader {}  term {}  last log {}  applied {}  (answered by hub {})",
-                st.leader_id, st.term, st.last_log_index, st.applied_index, st.this_hub
+                "leader {}  term {}  last log {}  applied {}  command level {}  (answered by hub {})",
+                st.leader_id,
+                st.term,
+                st.last_log_index,
+                st.applied_index,
+                st.command_level,
+                st.this_hub
             );
             output::table(
-                &["HUB", "ROLE", "ADDRESS", "RAFT ADDRESS", "MATCHED", "LAG"],
+                &[
+                    "HUB",
+                    "ROLE",
+                    "ADDRESS",
+                    "RAFT ADDRESS",
+                    "MATCHED",
+                    "LAG",
+                    "VERSION",
+                    "LEVEL",
+                ],
                 &st.members
                     .iter()
                     .map(|m| {
@@ -115,6 +132,12 @@ fn print_status(st: &pb::ClusterStatusResponse, format: Format) {
                             m.raft_address.clone(),
                             m.matched_index.to_string(),
                             m.lag.to_string(),
+                            m.version.clone(),
+                            if m.command_level == 0 {
+                                "?".to_owned()
+                            } else {
+                                m.command_level.to_string()
+                            },
                         ]
                     })
                     .collect::<Vec<_>>(),

@@ -309,6 +309,11 @@ pub async fn run(
         chores::Housekeeping::default(),
         stop_rx.clone(),
     ));
+    tokio::spawn(chores::drive(
+        hub.clone(),
+        chores::ClusterLevel::default(),
+        stop_rx.clone(),
+    ));
     tokio::spawn(chores::keep_admin_token(hub.clone(), stop_rx.clone()));
     tokio::spawn(chores::keep_hub_certificate(
         hub.clone(),

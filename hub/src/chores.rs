@@ -58,6 +58,59 @@ pub(crate) async fn drive(hub: Hub, mut chore: impl Chore, mut stop: watch::Rece
     }
 }
 
+/// Raises the cluster's command level (`state::COMMAND_LEVEL`) to the lowest any member
+/// (voter or learner) reports, once that is above it: commands of a new build are written
+/// only when every hub can apply them, so a rolling upgrade never puts an entry an older
+/// hub cannot read into the log. A member that cannot be asked now holds the level where
+/// it is until the next beat. Done once the level is this hub's own.
+#[derive(Default)]
+pub(crate) struct ClusterLevel {
+    done: bool,
+    /// The lowest level last seen, to say so once when it holds the cluster back.
+    seen: Option<u32>,
+}
+
+impl Chore for ClusterLevel {
+    fn period(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+
+    fn finished(&self) -> bool {
+        self.done
+    }
+
+    async fn run(&mut self, hub: &Hub) {
+        let current = hub.state().cluster_level;
+        let mine = crate::raft::peer::HubVersion::this().command_level;
+        if current >= mine {
+            self.done = true;
+            return;
+        }
+        let view = hub.local_view();
+        let mut lowest = (mine, view.this_hub);
+        for m in view.members.iter().filter(|m| m.id != view.this_hub) {
+            match hub.hub_version(&m.raft).await {
+                Some(v) if v.command_level < lowest.0 => lowest = (v.command_level, m.id),
+                Some(_) => {}
+                None => return,
+            }
+        }
+        let (level, held_by) = lowest;
+        if level < mine && self.seen != Some(level) {
+            tracing::warn!(hub = held_by, level, this_build = mine, "a hub runs an older build: commands it cannot apply wait until every hub is upgraded");
+        }
+        self.seen = Some(level);
+        if level > current {
+            match hub.write(Command::SetClusterLevel { level }).await {
+                Ok(_) => tracing::info!(level, "every hub can apply commands of this level"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not raise the cluster's command level yet")
+                }
+            }
+        }
+    }
+}
+
 /// File in the data dir holding a bootstrap admin token (mode 0600).
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 

@@ -226,6 +226,7 @@ impl Hub {
     /// Commits a command through Raft and returns what applying it did. On a follower the
     /// command is forwarded to the leader, so any hub serves every write.
     pub async fn write(&self, cmd: Command) -> HubResult<Response> {
+        self.check_level(&cmd).await?;
         self.ask_leader(
             HubError::Unavailable,
             false,
@@ -236,6 +237,30 @@ impl Hub {
             },
         )
         .await
+    }
+
+    /// Refuses a command some hub of the cluster could not apply (it runs an older build:
+    /// a rolling upgrade is under way). A cluster whose level is not settled yet (just
+    /// started, or just upgraded from a build without levels) is given a few seconds for
+    /// its leader to ask every hub.
+    async fn check_level(&self, cmd: &Command) -> HubResult<()> {
+        let needs = cmd.level();
+        if needs <= 1 || matches!(cmd, Command::SetClusterLevel { .. }) {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let level = self.state().cluster_level;
+            if level >= needs {
+                return Ok(());
+            }
+            if level != 0 || tokio::time::Instant::now() >= deadline {
+                return Err(HubError::FailedPrecondition(format!(
+                    "not every hub can apply this yet: it needs command level {needs}, and the cluster is at {level} (a hub runs an older build); upgrade every hub first (`flotilla cluster status` shows each hub's level)"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Asks the leader: `here` when Raft names this hub leader, else `there`, an RPC to the
@@ -410,6 +435,24 @@ impl Hub {
         let raft = &self.inner.raft;
         match change {
             MembershipChange::Add { id, node } => {
+                // A hub of an older build than the log already needs would stop at the
+                // first entry it cannot read.
+                let level = self.state().cluster_level;
+                match self.hub_version(&node.raft).await {
+                    None => {
+                        return Err(PeerError::Failed(format!(
+                            "cannot reach hub {id} at {} to ask its version; start it first",
+                            node.raft
+                        )))
+                    }
+                    Some(v) if v.command_level < level => {
+                        return Err(PeerError::Failed(format!(
+                            "hub {id} runs an older build ({}, command level {}) than the cluster needs ({level}); give it this cluster's build",
+                            v.version, v.command_level
+                        )))
+                    }
+                    Some(_) => {}
+                }
                 tracing::info!(hub = id, %node, "adding hub as learner");
                 raft.add_learner(id, node, true).await.map_err(map)?;
                 tracing::info!(hub = id, "learner caught up; promoting to voter");
@@ -425,6 +468,22 @@ impl Hub {
             }
         }
         Ok(())
+    }
+
+    /// What the hub at `raft` (its Raft address) runs: `None` when it cannot be asked now.
+    /// A hub of a build before levels answers UNIMPLEMENTED: level 1.
+    pub async fn hub_version(&self, raft: &str) -> Option<crate::raft::peer::HubVersion> {
+        let mut c = self.inner.net.client(raft).ok()?;
+        match tokio::time::timeout(Duration::from_secs(2), c.version(encode(&()))).await {
+            Ok(Ok(reply)) => decode(reply.get_ref()).ok(),
+            Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => {
+                Some(crate::raft::peer::HubVersion {
+                    command_level: 1,
+                    version: "older than levels".into(),
+                })
+            }
+            _ => None,
+        }
     }
 
     /// This hub's own view of the cluster.

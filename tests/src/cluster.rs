@@ -110,6 +110,9 @@ pub struct Options {
     /// `FAILPOINTS` for the hub with this id, each time it starts (see `hub/src/faults.rs`;
     /// remove the entry before starting a hub again to start it clean).
     pub failpoints: BTreeMap<u64, String>,
+    /// More environment for the hub with this id, each time it starts (remove the entry
+    /// before starting it again to start it without).
+    pub hub_env: BTreeMap<u64, Vec<(String, String)>>,
     /// hub.toml's and node.toml's `otlp_endpoint`: where hubs and nodes send traces.
     pub otlp_endpoint: Option<String>,
     /// hub.toml's and node.toml's `http_tls_cert` and `http_tls_key`: the HTTP port
@@ -131,6 +134,7 @@ impl Default for Options {
             retention_s: flotilla_common::config::defaults::RETENTION_S,
             retention_max_tasks: flotilla_common::config::defaults::RETENTION_MAX_TASKS,
             failpoints: BTreeMap::new(),
+            hub_env: BTreeMap::new(),
             otlp_endpoint: None,
             http_tls: None,
         }
@@ -175,6 +179,13 @@ fn spawn_hub(dir: &Path, id: u64, opts: &Options) -> anyhow::Result<Proc> {
         .get(&id)
         .map(|f| ("FAILPOINTS", f.as_str()))
         .into_iter()
+        .chain(
+            opts.hub_env
+                .get(&id)
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        )
         .collect();
     Proc::spawn_program(
         &flotilla_bin().display().to_string(),

@@ -3,8 +3,8 @@
 
 use flotilla_proto as pb;
 use flotilla_tests::{
-    check_every_acknowledged_task_ran_once, recording_node, result_text, wait_until, Cluster, Load,
-    NodeSpec, Options, READY,
+    check_every_acknowledged_task_ran_once, recording_node, result_text, wait_status, wait_until,
+    Cluster, Load, NodeSpec, Options, READY,
 };
 use serde_json::json;
 
@@ -208,5 +208,91 @@ async fn restarting_every_hub_at_once_brings_every_task_and_node_back() -> anyho
         .call(&mut agent, "record", json!({"key": "after-restart"}))
         .await?;
     assert_eq!(result_text(&t), "recorded after-restart");
+    Ok(())
+}
+
+/// Waits until the cluster's command level is `want`.
+async fn level(c: &Cluster, want: u32) -> anyhow::Result<pb::ClusterStatusResponse> {
+    wait_status(&c.admin(), &format!("command level {want}"), |s| {
+        s.command_level == want
+    })
+    .await
+}
+
+/// A rolling upgrade: while one hub still runs an older build (played here by a test build
+/// of this one that reports the command level of the builds before roles), the cluster
+/// writes no command that hub could not read: defining a role is refused with a clear
+/// error, while tool calls go on. Once that hub runs the new build the cluster's level
+/// rises and the role is defined. A hub of an older build than the cluster needs cannot be
+/// added at all.
+#[tokio::test]
+async fn a_rolling_upgrade_writes_no_command_an_older_hub_cannot_apply() -> anyhow::Result<()> {
+    let older = vec![("FLOTILLA_COMMAND_LEVEL".to_owned(), "1".to_owned())];
+    let opts = Options {
+        hub_env: (1..=3).map(|id| (id, older.clone())).collect(),
+        ..Options::default()
+    };
+    // Every hub on the older build; then hubs 1 and 2 get the new one, one at a time.
+    let mut c = Cluster::with_options(3, opts).await?;
+    c.add_node(NodeSpec::demo("edge-1")).await?;
+    level(&c, 1).await?;
+    for id in [1, 2] {
+        c.opts.hub_env.remove(&id);
+        c.hub_mut(id).proc.terminate();
+        c.hub_addr = c.hub(3).api.clone();
+        c.start_hub(id).await?;
+    }
+    c.hub_addr = c.hub(1).api.clone();
+    let st = wait_status(&c.admin(), "hubs 1 and 2 on the new build", |s| {
+        let of = |id: u64| {
+            s.members
+                .iter()
+                .find(|m| m.id == id)
+                .map(|m| m.command_level)
+        };
+        (of(1), of(2), of(3)) == (Some(2), Some(2), Some(1))
+    })
+    .await?;
+    assert_eq!(st.command_level, 1, "{st:?}");
+
+    let role = pb::RoleInfo {
+        name: "auditor".into(),
+        scopes: vec!["admin:read".into()],
+        builtin: false,
+    };
+    let refused = c.admin().set_role(role.clone()).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("upgrade every hub"),
+        "{}",
+        refused.message()
+    );
+    let t = c
+        .call(&mut c.agent(), "echo", json!({"text": "mixed"}))
+        .await?;
+    assert_eq!(result_text(&t), "mixed");
+
+    // Hub 3 gets the new build.
+    c.opts.hub_env.remove(&3);
+    c.hub_mut(3).proc.terminate();
+    c.start_hub(3).await?;
+    level(&c, 2).await?;
+    c.admin().set_role(role).await?;
+    let roles = c
+        .admin()
+        .list_roles(pb::ListRolesRequest {})
+        .await?
+        .into_inner();
+    assert!(roles.roles.iter().any(|r| r.name == "auditor"), "{roles:?}");
+
+    // A hub of the older build is not let in any more.
+    c.opts.hub_env.insert(4, older);
+    let added = c.add_hub(4).await;
+    let e = added.expect_err("an older hub is refused");
+    assert!(format!("{e:#}").contains("older build"), "{e:#}");
     Ok(())
 }

@@ -15,6 +15,32 @@ pub enum PeerError {
     Failed(String),
 }
 
+/// What a hub's build is: the commands it can apply (`state::COMMAND_LEVEL`) and its
+/// version.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HubVersion {
+    pub command_level: u32,
+    pub version: String,
+}
+
+impl HubVersion {
+    /// This hub's. A test build (with failpoints) reports the level `FLOTILLA_COMMAND_LEVEL`
+    /// names, if set, to play a hub of an older build in a rolling upgrade.
+    pub fn this() -> Self {
+        #[cfg(feature = "failpoints")]
+        let level = std::env::var("FLOTILLA_COMMAND_LEVEL")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(crate::state::COMMAND_LEVEL);
+        #[cfg(not(feature = "failpoints"))]
+        let level = crate::state::COMMAND_LEVEL;
+        Self {
+            command_level: level,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum MembershipChange {
     Add { id: u64, node: HubNode },

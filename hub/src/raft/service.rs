@@ -102,4 +102,9 @@ impl RaftService for RaftApi {
         check_hub(&req)?;
         Ok(Response::new(encode(&self.hub.sessions.views())))
     }
+
+    async fn version(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        check_hub(&req)?;
+        Ok(Response::new(encode(&super::peer::HubVersion::this())))
+    }
 }

@@ -242,9 +242,28 @@ impl AdminService for AdminApi {
         req: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
         auth::admin(&req, &self.hub, jwt::ADMIN_READ)?;
-        Ok(Response::new(status_response(
-            self.hub.cluster_view().await,
-        )))
+        let mut status = status_response(self.hub.cluster_view().await);
+        // Each hub's build, asked of it (at once, each within 2 s).
+        let asked = status.members.iter().map(|m| {
+            let hub = self.hub.clone();
+            let (id, raft) = (m.id, m.raft_address.clone());
+            async move {
+                if id == hub.id() {
+                    Some(crate::raft::peer::HubVersion::this())
+                } else {
+                    hub.hub_version(&raft).await
+                }
+            }
+        });
+        let versions = futures::future::join_all(asked).await;
+        for (m, v) in status.members.iter_mut().zip(versions) {
+            if let Some(v) = v {
+                m.command_level = v.command_level;
+                m.version = v.version;
+            }
+        }
+        status.command_level = self.hub.state().cluster_level;
+        Ok(Response::new(status))
     }
 
     async fn add_hub(
@@ -669,9 +688,11 @@ pub fn status_response(v: ClusterView) -> ClusterStatusResponse {
                 matched_index: m.matched_index,
                 lag: m.lag,
                 http_address: m.http,
+                ..Default::default()
             })
             .collect(),
         this_hub: v.this_hub,
+        ..Default::default()
     }
 }
 

@@ -220,9 +220,37 @@ pub enum Command {
         through_entry: Option<String>,
         at_ms: i64,
     },
+    /// Every hub of the cluster can apply commands up to `level` (see `COMMAND_LEVEL`):
+    /// the leader raises it once every member's build says so. It never goes down.
+    SetClusterLevel {
+        level: u32,
+    },
 }
 
+/// The newest commands this build can apply. A command this build writes that an older
+/// build could not read (a new variant) has a higher level than any older build's, and is
+/// written only once the cluster's level (`State::cluster_level`, raised by the leader when
+/// every hub reports it) reaches it: during a rolling upgrade the hubs still on the older
+/// build never meet an entry they cannot read. Level 1: everything up to the builds before
+/// levels existed (those report none). Level 2: `LoseTask`, `SetRole`, `DeleteRole`,
+/// `SetClusterLevel`. Raise it, and give the new variants that level in
+/// [`Command::level`], whenever a variant is added.
+pub const COMMAND_LEVEL: u32 = 2;
+
 impl Command {
+    /// The level a hub must have to apply this command (see [`COMMAND_LEVEL`]).
+    pub fn level(&self) -> u32 {
+        match self {
+            Self::LoseTask { .. }
+            | Self::SetRole { .. }
+            | Self::DeleteRole { .. }
+            | Self::SetClusterLevel { .. } => 2,
+            Self::Audited { cmd, .. } => cmd.level(),
+            Self::Batch(cmds) => cmds.iter().map(Command::level).max().unwrap_or(1),
+            _ => 1,
+        }
+    }
+
     /// May share an entry with other commands. Expiry may not: every command of an entry
     /// applies at the same log index, and the store's versions cannot order an expiry
     /// against a read in the same entry.
@@ -295,6 +323,7 @@ impl Command {
             | Self::AcceptTool { .. }
             | Self::SetRole { .. }
             | Self::DeleteRole { .. }
+            | Self::SetClusterLevel { .. }
             | Self::Batch(_) => 0,
         }
     }

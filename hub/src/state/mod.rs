@@ -79,6 +79,10 @@ pub struct State {
     /// Who did what, and who was refused (bounded rings).
     #[serde(default)]
     pub audit: audit::AuditLog,
+    /// The newest commands every hub can apply (`command::COMMAND_LEVEL`); 0 until the
+    /// first leader of a build with levels has asked every hub.
+    #[serde(default)]
+    pub cluster_level: u32,
     /// The log index of the last audit record made, and how many that entry made so far.
     #[serde(skip)]
     audit_seq: (u64, u32),
@@ -407,6 +411,10 @@ impl State {
             Command::DeleteRole { name } => self.delete_role(name),
             Command::SubmitWorkflow(wf) => Ok(self.submit_workflow(index, wf)),
             Command::Batch(_) => Err(Rejection::NotBatchable),
+            Command::SetClusterLevel { level } => {
+                self.cluster_level = self.cluster_level.max(*level);
+                Ok(Response::Done)
+            }
             Command::ExpireHistory {
                 through_ms,
                 through_entry,

@@ -1294,3 +1294,33 @@ fn an_attempt_its_node_lost_in_a_restart_ends_lost_unless_the_policy_covers_node
         Response::TaskNow(TaskStatus::Queued)
     );
 }
+
+#[test]
+fn a_commands_level_is_its_newest_part_and_the_clusters_level_never_goes_down() {
+    let role = Command::SetRole {
+        name: "r".into(),
+        scopes: vec![],
+    };
+    assert_eq!(role.level(), 2);
+    let audited = Command::Audited {
+        by: "ops".into(),
+        at_ms: 1,
+        cmd: Box::new(role.clone()),
+    };
+    assert_eq!(audited.level(), 2, "wrapped, it needs what it wraps");
+    assert_eq!(Command::SetSchedulingPaused(true).level(), 1);
+    assert_eq!(
+        Command::Batch(vec![Command::SetSchedulingPaused(true), audited]).level(),
+        2
+    );
+    assert!(
+        COMMAND_LEVEL >= 2,
+        "this build applies every command it names"
+    );
+
+    let mut s = State::default();
+    assert_eq!(s.cluster_level, 0);
+    s.apply(1, &Command::SetClusterLevel { level: 2 });
+    s.apply(2, &Command::SetClusterLevel { level: 1 });
+    assert_eq!(s.cluster_level, 2, "a level is never lowered");
+}
