@@ -19,6 +19,9 @@ pub(crate) struct AuditArgs {
     /// Only records from this long ago on: 90s, 15m, 12h, 7d.
     #[arg(long, value_parser = parse_age)]
     since: Option<i64>,
+    /// Only records from before this long ago: 90s, 15m, 12h, 7d.
+    #[arg(long, value_parser = parse_age)]
+    until: Option<i64>,
     /// Only what this actor did (a token's subject, `node NAME`, `unauthenticated`).
     #[arg(long, default_value = "")]
     actor: String,
@@ -77,7 +80,9 @@ pub(crate) async fn audit(a: AuditArgs) -> anyhow::Result<ExitCode> {
     let records = admin_client(&settings(&a.flags)?)?
         .list_audit(pb::ListAuditRequest {
             since_ms,
-            until_ms: 0,
+            until_ms: a
+                .until
+                .map_or(0, |age| flotilla_common::now_ms().saturating_sub(age)),
             actor: a.actor,
             tenant: a.tenant,
             kind: a.kind,

@@ -452,7 +452,9 @@ pub fn trust_bundle(signing_pem: &str, extra_pem: &str) -> Result<String, PkiErr
     let mut seen = Vec::new();
     let mut out = String::new();
     for (source, pem) in [("the CA certificate", signing_pem), ("ca_trust", extra_pem)] {
+        let mut read = 0;
         for der in rustls_pemfile::certs(&mut pem.as_bytes()) {
+            read += 1;
             let der = der.map_err(|e| bad(format!("{source}: {e}")))?;
             let (_, cert) = x509_parser::parse_x509_certificate(&der)
                 .map_err(|e| bad(format!("{source}: not an X.509 certificate: {e}")))?;
@@ -468,8 +470,10 @@ pub fn trust_bundle(signing_pem: &str, extra_pem: &str) -> Result<String, PkiErr
             seen.push(der.to_vec());
             out.push_str(&pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec())));
         }
-        if seen.is_empty() {
-            return Err(bad(format!("{source}: no certificate")));
+        // Nothing in the signing CA, or a bundle given that holds no certificate (empty,
+        // DER, a key): refused rather than trusting less than the operator meant.
+        if read == 0 && (source != "ca_trust" || !pem.trim().is_empty()) {
+            return Err(bad(format!("{source}: no PEM certificate in it")));
         }
     }
     Ok(out)
@@ -597,6 +601,11 @@ mod tests {
         let err = trust_bundle(new.cert_pem(), &leaf.cert_pem).unwrap_err();
         assert!(err.to_string().contains("not a CA certificate"), "{err}");
         assert!(trust_bundle("junk", "").is_err());
+        let err = trust_bundle(new.cert_pem(), &leaf.key_pem).unwrap_err();
+        assert!(
+            err.to_string().contains("no PEM certificate"),
+            "a key, not a bundle: {err}"
+        );
     }
 
     #[test]

@@ -146,7 +146,14 @@ fn load_ca(config: &HubConfig) -> anyhow::Result<Ca> {
 fn trust_bundle(config: &HubConfig, ca: &Ca) -> anyhow::Result<String> {
     let extra = match &config.ca_trust {
         Some(path) => {
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            anyhow::ensure!(
+                !text.trim().is_empty(),
+                "{} is empty: it should hold the CA certificates to trust (PEM)",
+                path.display()
+            );
+            text
         }
         None => String::new(),
     };

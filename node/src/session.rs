@@ -618,15 +618,32 @@ impl Session {
                 .await_start(start.clone());
             self.send(msg(node_message::Msg::Started(start)));
             let accepted = tokio::select! {
-                a = answer => a.unwrap_or(false),
-                _ = ct.cancelled() => false,
+                a = answer => a.ok(),
+                _ = ct.cancelled() => None,
             };
-            if !accepted {
-                let key = (a.task_id.clone(), a.attempt);
-                self.work.lock().expect("work lock").awaiting.remove(&key);
-                tracing::info!(task_id = %a.task_id, attempt = a.attempt, "start refused or cancelled before the hub answered; the call did not run");
-                self.journal.end(&a.task_id, a.attempt);
-                return None;
+            let key = (a.task_id.clone(), a.attempt);
+            match accepted {
+                Some(true) => {}
+                Some(false) => {
+                    // Refused: the log does not have this attempt running here, and the
+                    // call never ran. Nothing to report.
+                    tracing::info!(task_id = %a.task_id, attempt = a.attempt, "start refused; the call did not run");
+                    self.journal.end(&a.task_id, a.attempt);
+                    return None;
+                }
+                None => {
+                    // Cancelled (by the hub, or the node stops) with no answer: the start
+                    // may be in the log all the same. Reported like a call cut short, and
+                    // the entry stays until the hub has the report (or the node restarts
+                    // and reports it), so the task never stays running here for good.
+                    self.work.lock().expect("work lock").awaiting.remove(&key);
+                    tracing::info!(task_id = %a.task_id, attempt = a.attempt, "stopped before the hub answered the call's start; the call did not run; reporting it interrupted");
+                    return Some(interrupted(Entry {
+                        task_id: a.task_id.clone(),
+                        attempt: a.attempt,
+                        fence: a.fence,
+                    }));
+                }
             }
         } else {
             self.send(msg(node_message::Msg::Started(start)));

@@ -518,6 +518,20 @@ async fn the_audit_trail_shows_refusals_and_admin_actions_on_every_hub_after_a_f
         )
         .await?;
     assert_eq!(call.state, pb::TaskState::Succeeded as i32, "{call:?}");
+    // A call the token's scopes do not cover is refused, and the trail says so (asked of
+    // hub 2, like the forged token: a hub keeps what it saw for up to a second before it
+    // commits it, and the leader is killed below).
+    let nobody = c.agent_token("nobody", "t", &["billing"]).await?;
+    let refused = c
+        .agent_at(2, &nobody)
+        .submit_task(pb::SubmitTaskRequest {
+            tool: "echo".into(),
+            arguments: serde_json::to_vec(&serde_json::json!({"text": "no"}))?,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
     // Admin actions.
     let join = cli(&c, &["token", "create", "--description", "audit"])?;
     let join_id = flotilla_common::token::JoinToken::parse(join.trim())?.id;
@@ -549,6 +563,9 @@ async fn the_audit_trail_shows_refusals_and_admin_actions_on_every_hub_after_a_f
             ("cordon_node", "admin") if target == "edge-1" => "edge-1 cordoned",
             ("revoke_agent_tokens", "admin") if target == "subject reader" => "reader revoked",
             ("rotate_signing_key", "admin") if target == kid => "key rotated",
+            ("denied", "nobody") if target == "tool echo" && outcome == "missing_scope" => {
+                "a call without its scope refused"
+            }
             _ => return None,
         })
     };
@@ -564,7 +581,7 @@ async fn the_audit_trail_shows_refusals_and_admin_actions_on_every_hub_after_a_f
         let seen = loop {
             let out = cli_at(&c, &api, &c.admin_token, &["audit", "-o", "json"])?;
             let seen = story(&out);
-            if seen.len() == 8 {
+            if seen.len() == 9 {
                 break seen;
             }
             if Instant::now() >= deadline {
@@ -587,7 +604,7 @@ async fn the_audit_trail_shows_refusals_and_admin_actions_on_every_hub_after_a_f
             }
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         };
-        assert_eq!(seen.len(), 8, "{seen:?}");
+        assert_eq!(seen.len(), 9, "{seen:?}");
         let all = cli_at(&c, &api, &c.admin_token, &["audit", "-o", "json"])?;
         assert!(!all.contains(join.trim()), "never a join token's secret");
         assert!(

@@ -237,13 +237,14 @@ impl ExternalIssuer {
                 "must not hold an empty name",
             ));
         }
-        if self.subject_prefix.len() > 64
-            || !self.subject_prefix.bytes().all(|b| b.is_ascii_graphic())
+        let p = &self.subject_prefix;
+        if !p.is_empty()
+            && (p.len() > 64 || !p.bytes().all(|b| b.is_ascii_graphic()) || !p.ends_with(':'))
         {
             return Err(invalid(
                 file,
                 key("subject_prefix"),
-                "must be at most 64 printable ASCII characters, no spaces",
+                "must be at most 64 printable ASCII characters, no spaces, ending with ':' (e.g. \"corp:\")",
             ));
         }
         Ok(())
@@ -280,6 +281,24 @@ impl AgentTokens {
         }
         for (i, issuer) in self.issuers.iter().enumerate() {
             issuer.validate(file, i)?;
+        }
+        // Prefixes keep providers' subjects apart only if no two can produce the same one.
+        for (i, a) in self.issuers.iter().enumerate() {
+            for b in self.issuers.iter().skip(i + 1) {
+                let (pa, pb) = (&a.subject_prefix, &b.subject_prefix);
+                if pa.is_empty() && pb.is_empty() {
+                    continue; // no prefixes at all: subjects shared on purpose
+                }
+                if pa.starts_with(pb.as_str()) || pb.starts_with(pa.as_str()) {
+                    return Err(invalid(
+                        file,
+                        key("issuers"),
+                        format!(
+                            "subject_prefix {pa:?} and {pb:?} overlap: give each provider its own"
+                        ),
+                    ));
+                }
+            }
         }
         let mut seen = std::collections::BTreeSet::new();
         if let Some(dup) = self.issuers.iter().find(|i| !seen.insert(&i.issuer)) {

@@ -297,3 +297,26 @@ fn an_external_issuer_names_one_key_source_and_is_listed_once() {
     let e = with(&twice).unwrap_err();
     assert!(e.to_string().contains("listed twice"), "{e}");
 }
+
+#[test]
+fn providers_subject_prefixes_end_with_a_colon_and_never_overlap() {
+    let with = |issuers: &str| hub(&format!("id = 1\ndata_dir = \"/x\"\n{issuers}"));
+    let one = |iss: &str, prefix: &str| {
+        format!(
+            "[[agent_tokens.issuers]]\nissuer = \"{iss}\"\naudience = \"f\"\njwks_file = \"/k\"\nsubject_prefix = \"{prefix}\"\n"
+        )
+    };
+    with(&format!(
+        "{}{}",
+        one("https://a", "corp:"),
+        one("https://b", "partner:")
+    ))
+    .unwrap();
+    with(&format!("{}{}", one("https://a", ""), one("https://b", ""))).unwrap();
+    for (a, b) in [("corp:", "corp:"), ("corp:", ""), ("c:", "c:x:")] {
+        let e = with(&format!("{}{}", one("https://a", a), one("https://b", b))).unwrap_err();
+        assert!(e.to_string().contains("overlap"), "{a} {b}: {e}");
+    }
+    let e = with(&one("https://a", "corp")).unwrap_err();
+    assert!(e.to_string().contains("subject_prefix"), "{e}");
+}

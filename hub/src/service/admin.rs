@@ -31,6 +31,22 @@ use crate::{
 };
 
 impl AdminApi {
+    /// Refuses `subject` for a credential of ours when an external provider's users get
+    /// subjects like it (its `subject_prefix`).
+    fn not_a_providers(&self, subject: &str) -> Result<(), HubError> {
+        let issuers = &self.hub.config().agent_tokens.issuers;
+        match issuers
+            .iter()
+            .find(|i| !i.subject_prefix.is_empty() && subject.starts_with(&i.subject_prefix))
+        {
+            Some(i) => Err(HubError::InvalidArgument(format!(
+                "subjects starting with {:?} belong to the provider {:?}",
+                i.subject_prefix, i.issuer
+            ))),
+            None => Ok(()),
+        }
+    }
+
     async fn set_status(
         &self,
         req: Request<NodeRequest>,
@@ -190,6 +206,7 @@ impl AdminService for AdminApi {
         if r.subject.trim().is_empty() {
             return Err(HubError::InvalidArgument("subject must not be empty".into()).into());
         }
+        self.not_a_providers(&r.subject)?;
         let ttl = if r.ttl_seconds == 0 {
             DEFAULT_AGENT_TTL_S
         } else {
@@ -501,10 +518,9 @@ impl AdminService for AdminApi {
     ) -> Result<Response<ListAuditResponse>, Status> {
         auth::admin(&req, &self.hub, jwt::ADMIN_READ)?;
         self.hub.read_barrier().await?;
-        Ok(Response::new(credentials::list_audit(
-            &self.hub,
-            req.get_ref(),
-        )))
+        Ok(Response::new(
+            credentials::list_audit(&self.hub, req.get_ref()).await,
+        ))
     }
 
     async fn list_signing_keys(
@@ -605,6 +621,7 @@ impl AdminService for AdminApi {
         if r.subject.trim().is_empty() {
             return Err(HubError::InvalidArgument("subject must not be empty".into()).into());
         }
+        self.not_a_providers(&r.subject)?;
         flotilla_common::limits::check_len("subject", &r.subject, 256).map_err(HubError::from)?;
         flotilla_common::limits::check_len("csr_pem", &r.csr_pem, 16 * 1024)
             .map_err(HubError::from)?;

@@ -108,6 +108,23 @@ impl AgentApi {
         Ok(claims)
     }
 
+    /// Puts a refusal for a missing tool scope in the audit trail (`what`: the call or
+    /// workflow refused), and hands the error on.
+    fn audit_refusal(&self, claims: &Claims, what: &str, e: HubError) -> HubError {
+        if matches!(e, HubError::PermissionDenied(_)) {
+            self.hub.audit.denied(
+                self.hub.id(),
+                &claims.sub,
+                &claims.tenant,
+                what,
+                "missing_scope",
+                "",
+            );
+            self.hub.metrics.auth_failed("missing_scope");
+        }
+        e
+    }
+
     /// Refuses `adding` more tasks when the caller's tenant has a full queue.
     fn room_in_queue(&self, claims: &Claims, adding: usize) -> HubResult<()> {
         let queued = self
@@ -139,7 +156,9 @@ impl AgentApi {
             Err(HubError::NotFound(m)) if !self.hub.state().catalogue.contains_key(&req.tool) => {
                 return Err(HubError::NotFound(m + &self.failing_servers(claims).await));
             }
-            other => other?,
+            other => {
+                other.map_err(|e| self.audit_refusal(claims, &format!("tool {}", req.tool), e))?
+            }
         };
         task.trace = trace;
         // A repeat of an accepted submission answers as it did, even with a full queue.
@@ -533,7 +552,9 @@ impl AgentService for AgentApi {
                 }));
             }
         }
-        let mut wf = admission::workflow(&self.hub.state(), &claims, req)?;
+        let name = req.name.clone();
+        let mut wf = admission::workflow(&self.hub.state(), &claims, req)
+            .map_err(|e| self.audit_refusal(&claims, &format!("workflow {name}"), e))?;
         wf.trace = trace;
         let steps = wf.steps.len();
         self.room_in_queue(&claims, steps)?;

@@ -194,61 +194,101 @@ pub fn list_signing_keys(hub: &Hub) -> ListSigningKeysResponse {
     ListSigningKeysResponse { keys }
 }
 
-/// The audit records that match `r`, oldest first (the newest `limit`).
-pub fn list_audit(hub: &Hub, r: &ListAuditRequest) -> ListAuditResponse {
+/// Whether the audit record `a` is one `r` asks for.
+fn wanted(r: &ListAuditRequest, a: &state::audit::AuditRecord) -> bool {
+    (r.since_ms == 0 || a.at_ms >= r.since_ms)
+        && (r.until_ms == 0 || a.at_ms < r.until_ms)
+        && (r.actor.is_empty() || a.actor == r.actor)
+        && (r.tenant.is_empty() || a.tenant == r.tenant)
+        && (r.kind.is_empty() || a.kind == r.kind)
+}
+
+/// The audit records that match `r`, oldest first (the newest `limit`). The trail's own
+/// records and the open tasks' are read under the state lock; finished tasks are read from
+/// the history store after it is released, off the async threads, so a large listing
+/// never holds up the state machine.
+pub async fn list_audit(hub: &Hub, r: &ListAuditRequest) -> ListAuditResponse {
     let limit = match r.limit {
         0 => 1000,
         n => n.min(20_000),
     } as usize;
-    let keep = |a: &state::audit::AuditRecord| {
-        (r.since_ms == 0 || a.at_ms >= r.since_ms)
-            && (r.until_ms == 0 || a.at_ms < r.until_ms)
-            && (r.actor.is_empty() || a.actor == r.actor)
-            && (r.tenant.is_empty() || a.tenant == r.tenant)
-            && (r.kind.is_empty() || a.kind == r.kind)
-    };
-    let state = hub.state();
-    let mut matching: Vec<state::audit::AuditRecord> = state
-        .audit
-        .all()
-        .into_iter()
-        .filter(|a| keep(a))
-        .cloned()
-        .collect();
-    let calls = r.kind.is_empty() || state::audit::CALL_KINDS.contains(&r.kind.as_str());
-    if calls && !r.without_calls {
-        // Tool calls are read from the tasks: the open ones, and the `limit` that ended
-        // last (each has a record at its end, so no older task has one of the newest
-        // `limit` records unless a filter leaves records out).
-        let since = if r.since_ms == 0 {
-            i64::MIN
-        } else {
-            r.since_ms
-        };
-        let ended = if r.tenant.is_empty() {
-            state.history.recent_since(limit, since)
-        } else {
-            state
-                .history
-                .list(&r.tenant, false, limit, |t| t.updated_at_ms >= since)
+    let calls = !r.without_calls
+        && (r.kind.is_empty() || state::audit::CALL_KINDS.contains(&r.kind.as_str()));
+    let (mut matching, open, history) = {
+        let state = hub.state();
+        let mut matching: Vec<state::audit::AuditRecord> = state
+            .audit
+            .all()
+            .into_iter()
+            .filter(|a| wanted(r, a))
+            .cloned()
+            .collect();
+        let mut open = std::collections::HashSet::new();
+        if calls {
+            for t in state
+                .tasks
+                .values()
+                .filter(|t| r.tenant.is_empty() || t.tenant == r.tenant)
+            {
+                let before = matching.len();
+                matching.extend(
+                    state::audit::call_records(t)
+                        .into_iter()
+                        .filter(|a| wanted(r, a)),
+                );
+                if matching.len() > before {
+                    open.insert(t.id.clone());
+                }
+            }
         }
-        .unwrap_or_else(|e| {
-            tracing::error!(error = %e, "cannot read finished tasks for the audit trail");
-            Vec::new()
-        });
-        let open = state
-            .tasks
-            .values()
-            .filter(|t| r.tenant.is_empty() || t.tenant == r.tenant);
-        for t in open.chain(ended.iter()) {
+        (matching, open, state.history.clone())
+    };
+    if calls {
+        // Finished tasks, newest end first, in the window, that have a record asked for:
+        // the newest `limit` of them hold the newest `limit` records (each has a record
+        // at its end). A task that finished since the open ones were read is taken once.
+        let req = r.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            history.ended_between(req.since_ms, req.until_ms, limit, |t| {
+                (req.tenant.is_empty() || t.tenant == req.tenant)
+                    && state::audit::call_records(t)
+                        .iter()
+                        .any(|a| wanted(&req, a))
+            })
+        })
+        .await;
+        let ended = match read {
+            Ok(Ok(ended)) => ended,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot read finished tasks for the audit trail");
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reading finished tasks for the audit trail failed");
+                Vec::new()
+            }
+        };
+        for t in ended.iter().filter(|t| !open.contains(&t.id)) {
             matching.extend(
                 state::audit::call_records(t)
                     .into_iter()
-                    .filter(|a| keep(a)),
+                    .filter(|a| wanted(r, a)),
             );
         }
+        // By time; a call's records made in one millisecond in the order they happen.
+        let step = |kind: &str| {
+            state::audit::CALL_KINDS
+                .iter()
+                .position(|k| *k == kind)
+                .unwrap_or(state::audit::CALL_KINDS.len())
+        };
         matching.sort_by(|a, b| {
-            (a.at_ms, a.seq, &a.kind, &a.target).cmp(&(b.at_ms, b.seq, &b.kind, &b.target))
+            (a.at_ms, a.seq, step(&a.kind), &a.target).cmp(&(
+                b.at_ms,
+                b.seq,
+                step(&b.kind),
+                &b.target,
+            ))
         });
     }
     let matching: Vec<AuditRecord> = matching

@@ -150,6 +150,7 @@ pub async fn serve(
     hub.wake();
     let hub = hub.clone();
     let ended_in = ended.clone();
+    let starting = Starting::default();
     tokio::spawn(async move {
         loop {
             let m = tokio::select! {
@@ -157,7 +158,7 @@ pub async fn serve(
                 _ = ended_in.cancelled() => break,
             };
             match m {
-                Ok(Some(msg)) => handle(&hub, &node_id, session, &tx, msg),
+                Ok(Some(msg)) => handle(&hub, &node_id, session, &tx, &starting, msg),
                 Ok(None) => break,
                 Err(e) => {
                     tracing::info!(node_id = %node_id, error = %e, "node session broken");
@@ -225,11 +226,17 @@ fn refused_report(hub: &Hub, node_id: &str, task_id: &str, attempt: u32, what: &
     }
 }
 
+/// Starts of at-most-once attempts whose commit is in flight on this session: a repeat
+/// the node sends meanwhile (a commit slower than its resend) adds no second write; the
+/// first one's answer serves both.
+type Starting = std::sync::Arc<std::sync::Mutex<std::collections::HashSet<(String, u32)>>>;
+
 fn handle(
     hub: &Hub,
     node_id: &str,
     session: u64,
     tx: &tokio::sync::mpsc::Sender<HubMessage>,
+    starting: &Starting,
     msg: NodeMessage,
 ) {
     let Some(msg) = msg.msg else { return };
@@ -281,9 +288,14 @@ fn handle(
                 return;
             }
             fail::fail_point!(crate::faults::START_BEFORE_COMMIT, |_| {});
+            let key = (s.task_id.clone(), s.attempt);
+            if !starting.lock().expect("starting lock").insert(key.clone()) {
+                return;
+            }
             let hub = hub.clone();
             let node_id = node_id.to_owned();
             let tx = tx.clone();
+            let starting = starting.clone();
             tokio::spawn(async move {
                 let cmd = Command::StartTask {
                     task_id: s.task_id.clone(),
@@ -309,6 +321,7 @@ fn handle(
                         tracing::warn!(node_id = %node_id, task_id = ?s.task_id, error = %e, "start not recorded; the node will send it again");
                     }
                 }
+                starting.lock().expect("starting lock").remove(&key);
             });
         }
         node_message::Msg::Progress(p) => {

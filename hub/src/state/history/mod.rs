@@ -721,6 +721,56 @@ impl History {
         self.recent_since(limit, i64::MIN)
     }
 
+    /// Tasks that ended at or after `since_ms` and before `until_ms` (0: no bound), newest
+    /// end first, that `keep` accepts, at most `limit`. Looks at `LIST_SCAN` at most.
+    pub fn ended_between(
+        &self,
+        since_ms: i64,
+        until_ms: i64,
+        limit: usize,
+        mut keep: impl FnMut(&TaskRecord) -> bool,
+    ) -> StoreResult<Vec<TaskRecord>> {
+        let b = self.backend();
+        let since = time_key(if since_ms == 0 { i64::MIN } else { since_ms });
+        let until = (until_ms != 0).then(|| time_key(until_ms));
+        let mut out = Vec::new();
+        let mut ids = Vec::new();
+        let mut from: Option<Vec<u8>> = until.map(|u| u.to_vec());
+        let mut scanned = 0;
+        while out.len() < limit && scanned < LIST_SCAN {
+            ids.clear();
+            let mut last = None;
+            let mut ended = false;
+            b.scan_before(BY_FINISH, b"", from.as_deref(), true, |k, _| {
+                last = Some(k.to_vec());
+                if k.len() < 8 || k[..8] < since[..] {
+                    ended = true;
+                    return false;
+                }
+                if k.len() > 9 && k[8] == KIND_TASK {
+                    ids.push(String::from_utf8_lossy(&k[9..]).into_owned());
+                }
+                ids.len() < 256
+            })?;
+            scanned += ids.len().max(1);
+            for id in &ids {
+                if let Lookup::Found(t) = self.task(id)? {
+                    if keep(&t) {
+                        out.push(t);
+                        if out.len() >= limit {
+                            return Ok(out);
+                        }
+                    }
+                }
+            }
+            match last {
+                Some(k) if !ended && ids.len() == 256 => from = Some(k),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
     /// Like [`History::recent`], only tasks that ended at or after `since_ms`.
     pub fn recent_since(&self, limit: usize, since_ms: i64) -> StoreResult<Vec<TaskRecord>> {
         if limit == 0 {

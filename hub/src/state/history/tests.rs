@@ -190,3 +190,31 @@ fn a_records_life_leaves_nothing_and_expiring_reads_no_record() {
     h.dump_to(&mut left).unwrap();
     assert!(left.is_empty(), "nothing left behind");
 }
+
+/// A window of end times, newest first, filtered before the limit counts, across pages.
+#[test]
+fn tasks_ended_in_a_window_are_read_newest_first_and_filtered_before_the_limit() {
+    let h = History::default();
+    let tasks: Vec<TaskRecord> = (0..600)
+        .map(|i| {
+            let mut t = finished(&format!("t{i:04}"), 1_000 + i);
+            if i % 2 == 1 {
+                t.tenant = "other".into();
+            }
+            t
+        })
+        .collect();
+    h.archive(5, &tasks, &[]).unwrap();
+    let ids = |v: Vec<TaskRecord>| v.into_iter().map(|t| t.id).collect::<Vec<_>>();
+    // [1100, 1500): the newest first.
+    let got = ids(h.ended_between(1_100, 1_500, 3, |_| true).unwrap());
+    assert_eq!(got, ["t0499", "t0498", "t0497"]);
+    // A filter that passes one in two still fills the limit, past a page of 256.
+    let got = h.ended_between(0, 0, 300, |t| t.tenant == "t").unwrap();
+    assert_eq!(got.len(), 300);
+    assert!(got.iter().all(|t| t.tenant == "t"));
+    assert_eq!(got[0].id, "t0598");
+    // Nothing before the window's start.
+    assert!(h.ended_between(2_000, 0, 10, |_| true).unwrap().is_empty());
+    assert_eq!(h.ended_between(1_598, 0, 10, |_| true).unwrap().len(), 2);
+}
