@@ -87,20 +87,36 @@ impl Chore for ClusterLevel {
             return;
         }
         let view = hub.local_view();
+        let members =
+            |v: &crate::raft::peer::ClusterView| v.members.iter().map(|m| m.id).collect::<Vec<_>>();
         let mut lowest = (mine, view.this_hub);
         for m in view.members.iter().filter(|m| m.id != view.this_hub) {
             match hub.hub_version(&m.raft).await {
                 Some(v) if v.command_level < lowest.0 => lowest = (v.command_level, m.id),
                 Some(_) => {}
-                None => return,
+                None => {
+                    // It may come back on an older build: the level stays until it answers
+                    // (or is removed with `cluster remove-hub`).
+                    if self.seen != Some(0) {
+                        tracing::warn!(hub = m.id, "cannot ask a hub its build; the command level stays where it is until it answers or is removed");
+                        self.seen = Some(0);
+                    }
+                    return;
+                }
             }
+        }
+        // A hub added while the others were asked was not asked: next beat.
+        if members(&hub.local_view()) != members(&view) {
+            return;
         }
         let (level, held_by) = lowest;
         if level < mine && self.seen != Some(level) {
             tracing::warn!(hub = held_by, level, this_build = mine, "a hub runs an older build: commands it cannot apply wait until every hub is upgraded");
         }
         self.seen = Some(level);
-        if level > current {
+        // Level 1 is what every build applies: never written (a build before levels could
+        // not read `SetClusterLevel` itself).
+        if level >= 2 && level > current {
             match hub.write(Command::SetClusterLevel { level }).await {
                 Ok(_) => tracing::info!(level, "every hub can apply commands of this level"),
                 Err(e) => {

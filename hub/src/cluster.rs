@@ -435,9 +435,10 @@ impl Hub {
         let raft = &self.inner.raft;
         match change {
             MembershipChange::Add { id, node } => {
-                // A hub of an older build than the log already needs would stop at the
-                // first entry it cannot read.
-                let level = self.state().cluster_level;
+                // A hub of an older build than this one would stop at the first entry it
+                // cannot read (the cluster's level may be raised while it is added): add
+                // hubs of the newest build only.
+                let level = crate::raft::peer::HubVersion::this().command_level;
                 match self.hub_version(&node.raft).await {
                     None => {
                         return Err(PeerError::Failed(format!(
@@ -447,7 +448,7 @@ impl Hub {
                     }
                     Some(v) if v.command_level < level => {
                         return Err(PeerError::Failed(format!(
-                            "hub {id} runs an older build ({}, command level {}) than the cluster needs ({level}); give it this cluster's build",
+                            "hub {id} runs an older build ({}, command level {}) than the leader ({level}); give it the newest build",
                             v.version, v.command_level
                         )))
                     }

@@ -43,6 +43,8 @@ struct Work {
     /// answered: the call waits for the answer.
     awaiting: HashMap<Key, Awaiting>,
     unacked: HashMap<Key, TaskResult>,
+    /// When each unacknowledged result was last sent.
+    sent: HashMap<Key, std::time::Instant>,
     out: Option<mpsc::Sender<NodeMessage>>,
 }
 
@@ -56,6 +58,10 @@ struct Awaiting {
 /// How long a start goes unanswered before the node sends it again (the hub answers a
 /// repeat as it answered the first, so a repeat is harmless).
 const START_RESEND: Duration = Duration::from_secs(2);
+/// How long a result goes unacknowledged on an open session before the node sends it
+/// again (the hub could not commit it then: no quorum, or a command not every hub can
+/// apply yet during a rolling upgrade). Its fence makes a repeat harmless.
+const RESULT_RESEND: Duration = Duration::from_secs(10);
 
 impl Work {
     /// Starts `key` unless the node already runs it or holds its result (the hub sends
@@ -71,6 +77,7 @@ impl Work {
     /// `key` finished with `result`, held until acknowledged; the queue to send it on now.
     fn finish(&mut self, key: Key, result: TaskResult) -> Option<mpsc::Sender<NodeMessage>> {
         self.running.remove(&key);
+        self.sent.insert(key.clone(), std::time::Instant::now());
         self.unacked.insert(key, result);
         self.out.clone()
     }
@@ -78,6 +85,21 @@ impl Work {
     /// The hub has the result of `key` (accepted or refused as stale): drop it.
     fn acknowledged(&mut self, key: &Key) {
         self.unacked.remove(key);
+        self.sent.remove(key);
+    }
+
+    /// Results unacknowledged for at least `after`, marked sent again now.
+    fn results_to_resend(&mut self, after: Duration) -> Vec<TaskResult> {
+        let now = std::time::Instant::now();
+        let mut again = Vec::new();
+        for (key, r) in &self.unacked {
+            let last = self.sent.entry(key.clone()).or_insert(now);
+            if now.duration_since(*last) >= after {
+                *last = now;
+                again.push(r.clone());
+            }
+        }
+        again
     }
 
     /// `start` is sent (or about to be): the answer comes on the receiver.
@@ -119,7 +141,7 @@ impl Work {
     fn connected(&mut self, out: mpsc::Sender<NodeMessage>) -> (Vec<TaskResult>, Vec<TaskStarted>) {
         self.out = Some(out);
         let starts = self.starts_to_resend(Duration::ZERO);
-        (self.unacked.values().cloned().collect(), starts)
+        (self.results_to_resend(Duration::ZERO), starts)
     }
 }
 
@@ -475,14 +497,22 @@ impl Session {
             if tx.send(self.heartbeat()).await.is_err() {
                 return;
             }
-            let again = self
-                .work
-                .lock()
-                .expect("work lock")
-                .starts_to_resend(START_RESEND);
-            for s in again {
+            let (starts, results) = {
+                let mut w = self.work.lock().expect("work lock");
+                (
+                    w.starts_to_resend(START_RESEND),
+                    w.results_to_resend(RESULT_RESEND),
+                )
+            };
+            for s in starts {
                 tracing::info!(task_id = %s.task_id, attempt = s.attempt, "the hub has not answered this call's start; sending it again");
                 if tx.send(msg(node_message::Msg::Started(s))).await.is_err() {
+                    return;
+                }
+            }
+            for r in results {
+                tracing::info!(task_id = %r.task_id, attempt = r.attempt, "the hub has not acknowledged this result; sending it again");
+                if tx.send(msg(node_message::Msg::Result(r))).await.is_err() {
                     return;
                 }
             }
@@ -800,6 +830,11 @@ mod tests {
             .collect();
         assert_eq!(again, vec![("t2".into(), 3)]);
         assert!(w.out.is_some());
+        // On an open session an unacknowledged result goes again only after a while.
+        assert!(w.results_to_resend(Duration::from_secs(60)).is_empty());
+        assert_eq!(w.results_to_resend(Duration::ZERO).len(), 1);
+        w.acknowledged(&("t2".into(), 3));
+        assert!(w.results_to_resend(Duration::ZERO).is_empty() && w.sent.is_empty());
     }
 
     fn start(task: &str, attempt: u32) -> TaskStarted {

@@ -235,7 +235,6 @@ async fn a_rolling_upgrade_writes_no_command_an_older_hub_cannot_apply() -> anyh
     // Every hub on the older build; then hubs 1 and 2 get the new one, one at a time.
     let mut c = Cluster::with_options(3, opts).await?;
     c.add_node(NodeSpec::demo("edge-1")).await?;
-    level(&c, 1).await?;
     for id in [1, 2] {
         c.opts.hub_env.remove(&id);
         c.hub_mut(id).proc.terminate();

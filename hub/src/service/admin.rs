@@ -279,7 +279,8 @@ impl AdminService for AdminApi {
                 m.version = v.version;
             }
         }
-        status.command_level = self.hub.state().cluster_level;
+        // Level 1 (what every build applies) is never written: 0 reads as 1.
+        status.command_level = self.hub.state().cluster_level.max(1);
         Ok(Response::new(status))
     }
 

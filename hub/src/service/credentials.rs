@@ -249,7 +249,9 @@ pub async fn list_audit(hub: &Hub, r: &ListAuditRequest) -> ListAuditResponse {
         // at its end). A task that finished since the open ones were read is taken once.
         let req = r.clone();
         let read = tokio::task::spawn_blocking(move || {
-            history.ended_between(req.since_ms, req.until_ms, limit, |t| {
+            // From the newest end: a task that ended after `until` may have its submission
+            // or assignment inside the window.
+            history.ended_between(req.since_ms, 0, limit, |t| {
                 (req.tenant.is_empty() || t.tenant == req.tenant)
                     && state::audit::call_records(t)
                         .iter()

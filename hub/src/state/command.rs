@@ -234,11 +234,17 @@ pub enum Command {
 /// build never meet an entry they cannot read. Level 1: everything up to the builds before
 /// levels existed (those report none). Level 2: `LoseTask`, `SetRole`, `DeleteRole`,
 /// `SetClusterLevel`. Raise it, and give the new variants that level in
-/// [`Command::level`], whenever a variant is added.
+/// [`Command::level`], whenever a variant is added, or a field an older build would drop,
+/// or a change in what applying a command does (an older hub would apply it otherwise,
+/// and the hubs' states would differ): such a change must then also depend on
+/// `State::cluster_level` in apply until every hub has it. (This build also changed what
+/// `LoseTask` does to an attempt that never started; no build with the old behaviour
+/// reports level 2, so the cluster writes `LoseTask` only once every hub has the new one.)
 pub const COMMAND_LEVEL: u32 = 2;
 
 impl Command {
     /// The level a hub must have to apply this command (see [`COMMAND_LEVEL`]).
+    /// Every variant is listed, so a new one cannot be added without choosing its level.
     pub fn level(&self) -> u32 {
         match self {
             Self::LoseTask { .. }
@@ -247,7 +253,33 @@ impl Command {
             | Self::SetClusterLevel { .. } => 2,
             Self::Audited { cmd, .. } => cmd.level(),
             Self::Batch(cmds) => cmds.iter().map(Command::level).max().unwrap_or(1),
-            _ => 1,
+            Self::SubmitTask(_)
+            | Self::AssignTask { .. }
+            | Self::StartTask { .. }
+            | Self::FinishTask { .. }
+            | Self::RequeueTask { .. }
+            | Self::CancelTask { .. }
+            | Self::TimeoutTask { .. }
+            | Self::CreateJoinToken(_)
+            | Self::RevokeJoinToken { .. }
+            | Self::RegisterNode { .. }
+            | Self::RenewNodeCertificate { .. }
+            | Self::RemoveNode { .. }
+            | Self::NodeHello { .. }
+            | Self::AcceptTool { .. }
+            | Self::AddSigningKey(_)
+            | Self::RotateSigningKey { .. }
+            | Self::RevokeAgentTokens { .. }
+            | Self::NodeDown { .. }
+            | Self::SetNodeStatus { .. }
+            | Self::DrainNode { .. }
+            | Self::EvictNode { .. }
+            | Self::SetSchedulingPaused(_)
+            | Self::CancelTenantTasks { .. }
+            | Self::SubmitWorkflow(_)
+            | Self::CancelWorkflow { .. }
+            | Self::Audit { .. }
+            | Self::ExpireHistory { .. } => 1,
         }
     }
 

@@ -90,12 +90,23 @@ impl State {
 impl State {
     /// The node holding the attempt stopped while the call ran and cannot tell whether it
     /// took effect: lost, as on node loss (run again only when the retry policy covers
-    /// node loss). The server's breaker learns nothing: the server did not fail.
+    /// node loss). The server's breaker learns nothing: the server did not fail. An
+    /// attempt whose start the log never took (still assigned) never ran, since the node
+    /// calls such a tool only once its start is committed: it goes back to the queue,
+    /// not counted as a try.
     pub(super) fn lose(&mut self, r: &Report<'_>, reason: &str) -> Result<Response, Rejection> {
         self.update(r.task_id, true, |t| {
             check_reporter(t, r)?;
             if !t.status.is_active() {
                 return Err(Rejection::WrongState(t.status));
+            }
+            if t.status == TaskStatus::Assigned {
+                t.close_attempt(r.at_ms, "its node stopped before the call started");
+                if let Some(a) = t.attempts.last_mut() {
+                    a.requeued = true;
+                }
+                t.set(TaskStatus::Queued, r.at_ms);
+                return Ok(Response::TaskNow(t.status));
             }
             t.close_attempt(r.at_ms, reason);
             t.fail_or_retry(

@@ -1255,6 +1255,17 @@ fn an_attempt_its_node_lost_in_a_restart_ends_lost_unless_the_policy_covers_node
     s.apply(2, &retried);
     s.apply(3, &assign("t1"));
     s.apply(4, &assign("retried"));
+    let fence = |s: &State, id: &str| task_now(s, id).current_attempt().unwrap().fence;
+    for (i, id) in ["t1", "retried"].into_iter().enumerate() {
+        let start = Command::StartTask {
+            task_id: id.into(),
+            attempt: 1,
+            fence: fence(&s, id),
+            at_ms: 4,
+            node_id: "n1".into(),
+        };
+        s.apply(40 + i as u64, &start);
+    }
     let lose = |id: &str, node: &str, fence: u64| Command::LoseTask {
         task_id: id.into(),
         attempt: 1,
@@ -1263,7 +1274,6 @@ fn an_attempt_its_node_lost_in_a_restart_ends_lost_unless_the_policy_covers_node
         node_id: node.into(),
         reason: "node restarted".into(),
     };
-    let fence = |s: &State, id: &str| task_now(s, id).current_attempt().unwrap().fence;
     let (f1, f2) = (fence(&s, "t1"), fence(&s, "retried"));
     // Only the node holding the attempt, with its fence, may say it lost it.
     assert_eq!(
@@ -1274,7 +1284,7 @@ fn an_attempt_its_node_lost_in_a_restart_ends_lost_unless_the_policy_covers_node
         s.apply(6, &lose("t1", "n1", f1 + 100)),
         Response::Rejected(_)
     ));
-    assert_eq!(task_now(&s, "t1").status, TaskStatus::Assigned);
+    assert_eq!(task_now(&s, "t1").status, TaskStatus::Running);
     assert_eq!(
         s.apply(7, &lose("t1", "n1", f1)),
         Response::TaskNow(TaskStatus::Lost)
@@ -1293,6 +1303,17 @@ fn an_attempt_its_node_lost_in_a_restart_ends_lost_unless_the_policy_covers_node
         s.apply(9, &lose("retried", "n1", f2)),
         Response::TaskNow(TaskStatus::Queued)
     );
+    // An attempt whose start the log never took never ran: back to the queue, whatever
+    // the policy, and not counted as a try.
+    s.apply(10, &task("unstarted", None));
+    s.apply(11, &assign("unstarted"));
+    let f3 = fence(&s, "unstarted");
+    assert_eq!(
+        s.apply(12, &lose("unstarted", "n1", f3)),
+        Response::TaskNow(TaskStatus::Queued)
+    );
+    let t = task_now(&s, "unstarted");
+    assert!(t.attempts[0].requeued && !t.dead_lettered, "{t:?}");
 }
 
 #[test]
