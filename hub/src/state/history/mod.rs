@@ -718,7 +718,7 @@ impl History {
 
     /// The `limit` tasks that ended last, of every tenant, newest first.
     pub fn recent(&self, limit: usize) -> StoreResult<Vec<TaskRecord>> {
-        self.recent_since(limit, i64::MIN)
+        self.ended_between(0, 0, limit, |_| true)
     }
 
     /// Tasks that ended at or after `since_ms` and before `until_ms` (0: no bound), newest
@@ -766,32 +766,6 @@ impl History {
             match last {
                 Some(k) if !ended && ids.len() == 256 => from = Some(k),
                 _ => break,
-            }
-        }
-        Ok(out)
-    }
-
-    /// Like [`History::recent`], only tasks that ended at or after `since_ms`.
-    pub fn recent_since(&self, limit: usize, since_ms: i64) -> StoreResult<Vec<TaskRecord>> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let b = self.backend();
-        let mut ids = Vec::new();
-        let since = time_key(since_ms);
-        b.scan(BY_FINISH, b"", true, |k, _| {
-            if k.len() < 8 || k[..8] < since[..] {
-                return false;
-            }
-            if k.len() > 9 && k[8] == KIND_TASK {
-                ids.push(String::from_utf8_lossy(&k[9..]).into_owned());
-            }
-            ids.len() < limit
-        })?;
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Lookup::Found(t) = self.task(&id)? {
-                out.push(t);
             }
         }
         Ok(out)
