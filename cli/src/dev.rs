@@ -222,6 +222,7 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
             retention_s: flotilla_common::config::defaults::RETENTION_S,
             retention_max_tasks: flotilla_common::config::defaults::RETENTION_MAX_TASKS,
             limits: Default::default(),
+            audit: Default::default(),
             // client.toml keeps the admin token: a local cluster's lasts as long as any.
             agent_tokens: flotilla_common::config::AgentTokens {
                 bootstrap_admin_hours: flotilla_common::config::defaults::TOKEN_MAX_LIFETIME_HOURS,

@@ -15,7 +15,7 @@ use crate::{
     events::EventLogs,
     liveness::Liveness,
     raft::{self, network::Network, ApplyHook, HubNode, Raft},
-    retention::Retention,
+    retention::{AuditRetention, Retention},
     scheduler::Scheduling,
     sessions::Sessions,
     state::{Effects, Response, State},
@@ -339,6 +339,11 @@ pub async fn run(
     tokio::spawn(chores::drive(
         hub.clone(),
         Retention::new(hub.config()),
+        stop_rx.clone(),
+    ));
+    tokio::spawn(chores::drive(
+        hub.clone(),
+        AuditRetention::new(hub.config()),
         stop_rx.clone(),
     ));
 

@@ -58,3 +58,47 @@ impl Chore for Retention {
         }
     }
 }
+
+/// The chore that applies hub.toml's `[audit]` to the audit trail's own records: once a
+/// second, when a ring holds a record past `retention_s` or more than `max_records`,
+/// commits an `ExpireAudit` with this hub's settings. Not before every hub can apply it
+/// (until then, apply keeps the fixed retention of older builds).
+pub(crate) struct AuditRetention {
+    retention_ms: i64,
+    max_records: u32,
+}
+
+impl AuditRetention {
+    pub(crate) fn new(c: &flotilla_common::config::HubConfig) -> Self {
+        Self {
+            retention_ms: i64::try_from(c.audit.retention_s.saturating_mul(1000))
+                .unwrap_or(i64::MAX),
+            max_records: c.audit.max_records,
+        }
+    }
+}
+
+impl Chore for AuditRetention {
+    fn period(&self) -> Duration {
+        TICK
+    }
+
+    async fn run(&mut self, hub: &Hub) {
+        let through_ms = flotilla_common::now_ms().saturating_sub(self.retention_ms);
+        let due = {
+            let s = hub.state();
+            s.cluster_level >= crate::state::audit::LEVEL_EXPIRE_AUDIT
+                && s.audit.expiry_due(through_ms, self.max_records as usize)
+        };
+        if !due {
+            return;
+        }
+        let cmd = Command::ExpireAudit {
+            through_ms,
+            max_records: self.max_records,
+        };
+        if let Err(e) = hub.write(cmd).await {
+            tracing::warn!(error = %e, "expiring audit records not committed");
+        }
+    }
+}

@@ -93,6 +93,8 @@ pub struct Options {
     pub breaker_failures: u32,
     /// hub.toml's `[limits]`.
     pub limits: flotilla_common::config::Limits,
+    /// hub.toml's `[audit]`: how long the trail's own records are kept.
+    pub audit: flotilla_common::config::Audit,
     /// hub.toml's `[agent_tokens]`.
     pub agent_tokens: flotilla_common::config::AgentTokens,
     /// How long node certificates last.
@@ -126,6 +128,7 @@ impl Default for Options {
             snapshot_logs: flotilla_common::config::defaults::SNAPSHOT_LOGS,
             breaker_failures: flotilla_common::config::defaults::BREAKER_FAILURES,
             limits: Default::default(),
+            audit: Default::default(),
             agent_tokens: Default::default(),
             node_cert_lifetime_s: flotilla_common::config::defaults::NODE_CERT_LIFETIME_S,
             hub_cert_lifetime_s: flotilla_common::config::defaults::NODE_CERT_LIFETIME_S,
@@ -252,6 +255,7 @@ async fn start_member(
         retention_s: opts.retention_s,
         retention_max_tasks: opts.retention_max_tasks,
         limits: opts.limits.clone(),
+        audit: opts.audit.clone(),
         agent_tokens: opts.agent_tokens.clone(),
         node_cert_lifetime_s: opts.node_cert_lifetime_s,
         hub_cert_lifetime_s: opts.hub_cert_lifetime_s,

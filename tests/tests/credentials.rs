@@ -669,6 +669,77 @@ async fn the_audit_trail_shows_refusals_and_admin_actions_on_every_hub_after_a_f
     Ok(())
 }
 
+/// The trail's own records are kept as hub.toml's `[audit]` says: the newest
+/// `max_records` of each kind, none older than `retention_s`, the same on every hub.
+#[tokio::test]
+async fn the_audit_trail_keeps_what_hub_toml_says() -> anyhow::Result<()> {
+    let mut opts = flotilla_tests::Options::default();
+    opts.audit.max_records = 3;
+    let mut c = Cluster::with_options(2, opts).await?;
+    // Hub 2's addition is recorded within a second, by the hub that added it.
+    let api = c.hub(1).api.clone();
+    wait_until("hub 2's addition in the trail", READY, || async {
+        let records = audit_actions(&c, &api)?;
+        records.iter().any(|r| r["kind"] == "add_hub").then_some(())
+    })
+    .await?;
+    let mut made = Vec::new();
+    for _ in 0..5 {
+        let token = c.join_token().await?;
+        made.push(flotilla_common::token::JoinToken::parse(&token)?.id);
+    }
+    for h in [1, 2] {
+        let api = c.hub(h).api.clone();
+        let kept = wait_until("the newest three actions", READY, || async {
+            let records = audit_actions(&c, &api)?;
+            (records.len() == 3).then_some(records)
+        })
+        .await?;
+        let targets: Vec<&str> = kept.iter().filter_map(|r| r["target"].as_str()).collect();
+        assert_eq!(targets, made[2..], "hub {h}: {kept:?}");
+    }
+    // A retention of a second: they all leave (on every hub, from the new leader's cut).
+    for h in [1, 2] {
+        let toml_path = c.hub(h).dir.join("hub.toml");
+        let mut cfg: flotilla_common::config::HubFile =
+            toml::from_str(&std::fs::read_to_string(&toml_path)?)?;
+        cfg.audit.retention_s = 1;
+        std::fs::write(&toml_path, toml::to_string(&cfg)?)?;
+        c.hub_mut(h).proc.terminate();
+        c.start_hub(h).await?;
+    }
+    c.wait_leader().await?;
+    for h in [1, 2] {
+        let api = c.hub(h).api.clone();
+        wait_until("the old actions to leave", READY, || async {
+            let records = audit_actions(&c, &api)?;
+            let old = records
+                .iter()
+                .any(|r| made.iter().any(|id| r["target"] == id.as_str()));
+            (!old).then_some(())
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// The audit trail's records on the hub at `api`, but refusals and tool calls.
+fn audit_actions(c: &Cluster, api: &str) -> Option<Vec<serde_json::Value>> {
+    let out = cli_at(
+        c,
+        api,
+        &c.admin_token,
+        &["audit", "--no-calls", "-o", "json"],
+    )
+    .ok()?;
+    Some(
+        out.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|r| r["kind"] != "denied")
+            .collect(),
+    )
+}
+
 /// A company identity provider: its key, and tokens it signs for `audience`.
 struct Provider {
     iss: &'static str,

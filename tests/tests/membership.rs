@@ -249,7 +249,8 @@ async fn a_rolling_upgrade_writes_no_command_an_older_hub_cannot_apply() -> anyh
                 .find(|m| m.id == id)
                 .map(|m| m.command_level)
         };
-        (of(1), of(2), of(3)) == (Some(2), Some(2), Some(1))
+        let new = Some(flotilla_hub::state::COMMAND_LEVEL);
+        (of(1), of(2), of(3)) == (new, new, Some(1))
     })
     .await?;
     assert_eq!(st.command_level, 1, "{st:?}");
@@ -279,7 +280,7 @@ async fn a_rolling_upgrade_writes_no_command_an_older_hub_cannot_apply() -> anyh
     c.opts.hub_env.remove(&3);
     c.hub_mut(3).proc.terminate();
     c.start_hub(3).await?;
-    level(&c, 2).await?;
+    level(&c, flotilla_hub::state::COMMAND_LEVEL).await?;
     c.admin().set_role(role).await?;
     let roles = c
         .admin()

@@ -204,6 +204,7 @@ async fn a_partitioned_leader_commits_nothing_and_the_majority_carries_on() -> a
             retention_s: flotilla_common::config::defaults::RETENTION_S,
             retention_max_tasks: flotilla_common::config::defaults::RETENTION_MAX_TASKS,
             limits: Default::default(),
+            audit: Default::default(),
             agent_tokens: Default::default(),
             // Its own nodes, started just above: their tools are usable at once.
             node_cert_lifetime_s: flotilla_common::config::defaults::NODE_CERT_LIFETIME_S,

@@ -6,6 +6,46 @@ use serde::{Deserialize, Serialize};
 
 use super::{defaults, invalid, ConfigError};
 
+/// `[audit]` in hub.toml: how long the audit trail's own records (admin actions, joins,
+/// revocations, refusals) are kept. The leader's settings are the cluster's: give every hub
+/// the same. Tool calls' records live as long as their tasks (`retention_s`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Audit {
+    /// Records older than this many seconds leave.
+    pub retention_s: u64,
+    /// At most this many records of each kind (actions, refusals) are kept, the newest.
+    pub max_records: u32,
+}
+
+impl Default for Audit {
+    fn default() -> Self {
+        Self {
+            retention_s: defaults::AUDIT_RETENTION_S,
+            max_records: defaults::AUDIT_MAX_RECORDS,
+        }
+    }
+}
+
+impl Audit {
+    fn check(&self, file: &str) -> Result<(), ConfigError> {
+        if self.retention_s == 0 {
+            return Err(invalid(file, "audit.retention_s", "must be at least 1"));
+        }
+        if !(1..=defaults::AUDIT_MAX_RECORDS_LIMIT).contains(&self.max_records) {
+            return Err(invalid(
+                file,
+                "audit.max_records",
+                format!(
+                    "must be between 1 and {} (the records live in every snapshot)",
+                    defaults::AUDIT_MAX_RECORDS_LIMIT
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// `[limits]` in hub.toml: what one agent, tenant or connection may use. 0 turns a rate
 /// or count limit off. docs/security.md explains each.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -418,6 +458,8 @@ pub struct HubFile {
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
+    pub audit: Audit,
+    #[serde(default)]
     pub agent_tokens: AgentTokens,
     /// How long the certificates nodes get (joining, renewing) are valid, in seconds; a
     /// node renews its own when two thirds of the time have passed.
@@ -531,6 +573,7 @@ pub struct HubConfig {
     pub retention_s: u64,
     pub retention_max_tasks: u64,
     pub limits: Limits,
+    pub audit: Audit,
     pub agent_tokens: AgentTokens,
     pub node_cert_lifetime_s: u64,
     pub hub_cert_lifetime_s: u64,
@@ -619,6 +662,7 @@ impl HubFile {
                 "must be at least 1 (finished tasks must stay readable for a while)",
             ));
         }
+        self.audit.check(file)?;
         if self.snapshot_logs < 10 {
             return Err(invalid(file, "snapshot_logs", "must be at least 10"));
         }
@@ -740,6 +784,7 @@ impl HubFile {
             retention_s: self.retention_s,
             retention_max_tasks: self.retention_max_tasks,
             limits: self.limits,
+            audit: self.audit,
             agent_tokens: self.agent_tokens,
             node_cert_lifetime_s: self.node_cert_lifetime_s,
             hub_cert_lifetime_s: self.hub_cert_lifetime_s,

@@ -258,6 +258,12 @@ pub mod defaults {
     /// Finished tasks stay readable for a day.
     pub const RETENTION_S: u64 = 24 * 3600;
     pub const RETENTION_MAX_TASKS: u64 = 1_000_000;
+    /// The audit trail's own records: 30 days, ...
+    pub const AUDIT_RETENTION_S: u64 = 30 * 24 * 3600;
+    /// ... and 10,000 of each kind (actions, refusals) ...
+    pub const AUDIT_MAX_RECORDS: u32 = 10_000;
+    /// ... and never more than 100,000 of each, whatever hub.toml says.
+    pub const AUDIT_MAX_RECORDS_LIMIT: u32 = 100_000;
     /// 90 days: as long as a node's certificate.
     pub const TOKEN_MAX_LIFETIME_HOURS: u64 = 90 * 24;
     pub const BOOTSTRAP_ADMIN_HOURS: u64 = 24;

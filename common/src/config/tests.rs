@@ -19,6 +19,24 @@ fn hub_config_errors_name_the_key() {
 }
 
 #[test]
+fn the_audit_retention_is_bounded() {
+    let base = "id = 1\ndata_dir = \"/x\"\n";
+    let ok = hub(base).unwrap();
+    assert_eq!(ok.audit, Audit::default());
+    let ok = hub(&format!(
+        "{base}[audit]\nmax_records = 100000\nretention_s = 60\n"
+    ))
+    .unwrap();
+    assert_eq!((ok.audit.max_records, ok.audit.retention_s), (100_000, 60));
+    for bad in ["max_records = 0", "max_records = 100001", "retention_s = 0"] {
+        let e = hub(&format!("{base}[audit]\n{bad}\n")).unwrap_err();
+        assert!(e.to_string().contains("`audit."), "{bad}: {e}");
+    }
+    let e = hub(&format!("{base}[audit]\nkeep = 1\n")).unwrap_err();
+    assert!(e.to_string().contains("keep"), "{e}");
+}
+
+#[test]
 fn node_config_errors_name_the_key() {
     let base = "name = \"n1\"\ndata_dir = \"/x\"\nhub = \"https://127.0.0.1:1\"\n";
     let node = |extra: &str| {

@@ -1,10 +1,13 @@
 //! The audit trail in the replicated state: who did what, and who was refused. Two rings,
 //! so a flood of refusals never pushes an admin's actions out: `actions` (admin commands,
 //! joins, removals, renewals, revocations, tokens issued) and `denials` (authentication and
-//! authorization failures, coalesced by each hub before they are committed). Each ring keeps
-//! at most `AUDIT_RING` records and none older than `AUDIT_RETENTION_MS`, pruned at each
-//! audit command's time, so every hub holds the same records. No record holds a secret or a
-//! task's arguments: only names, ids and reasons, each cut to `AUDIT_TEXT` bytes.
+//! authorization failures, coalesced by each hub before they are committed). Retention is
+//! the leader's hub.toml `[audit]`, committed as `Command::ExpireAudit` (so every hub drops
+//! the same records at the same index); whatever it says, a ring never holds more than
+//! `AUDIT_RING_MAX`. Until every hub runs a build that knows `ExpireAudit` (cluster level
+//! 3), apply keeps the fixed retention older builds have: `FIXED_RING` records, none older
+//! than `FIXED_RETENTION_MS`. No record holds a secret or a task's arguments: only names,
+//! ids and reasons, each cut to `AUDIT_TEXT` bytes.
 
 use std::collections::VecDeque;
 
@@ -12,10 +15,15 @@ use serde::{Deserialize, Serialize};
 
 use super::{Command, Response, State};
 
-/// Records kept in each ring.
-pub const AUDIT_RING: usize = 10_000;
-/// Records older than this (30 days) leave.
-pub const AUDIT_RETENTION_MS: i64 = 30 * 24 * 3600 * 1000;
+/// Records a ring holds at most, whatever the retention: the bound on memory and snapshots.
+pub const AUDIT_RING_MAX: usize =
+    flotilla_common::config::defaults::AUDIT_MAX_RECORDS_LIMIT as usize;
+/// Records kept in each ring before the cluster reaches level 3.
+pub const FIXED_RING: usize = 10_000;
+/// Before the cluster reaches level 3, records older than this (30 days) leave.
+pub const FIXED_RETENTION_MS: i64 = 30 * 24 * 3600 * 1000;
+/// The cluster level from which retention is `ExpireAudit`'s.
+pub const LEVEL_EXPIRE_AUDIT: u32 = 3;
 /// The longest text of a record's field.
 pub const AUDIT_TEXT: usize = 256;
 
@@ -86,22 +94,32 @@ pub struct AuditLog {
 }
 
 impl AuditLog {
-    fn push(ring: &mut VecDeque<AuditRecord>, rec: AuditRecord) {
+    fn push(ring: &mut VecDeque<AuditRecord>, rec: AuditRecord, cap: usize) {
         ring.push_back(rec.bounded());
-        while ring.len() > AUDIT_RING {
+        while ring.len() > cap {
             ring.pop_front();
         }
     }
 
-    fn prune(&mut self, now_ms: i64) {
+    /// Drops the records made before `through_ms`, then all but the newest `keep` of each
+    /// ring.
+    fn expire(&mut self, through_ms: i64, keep: usize) {
         for ring in [&mut self.actions, &mut self.denials] {
-            while ring
-                .front()
-                .is_some_and(|r| r.at_ms + AUDIT_RETENTION_MS < now_ms)
-            {
+            while ring.front().is_some_and(|r| r.at_ms < through_ms) {
+                ring.pop_front();
+            }
+            while ring.len() > keep {
                 ring.pop_front();
             }
         }
+    }
+
+    /// Whether `expire(through_ms, keep)` would drop anything: the leader asks before it
+    /// commits one.
+    pub fn expiry_due(&self, through_ms: i64, keep: usize) -> bool {
+        [&self.actions, &self.denials]
+            .iter()
+            .any(|ring| ring.len() > keep || ring.front().is_some_and(|r| r.at_ms < through_ms))
     }
 
     /// Both rings' records, oldest first.
@@ -227,6 +245,26 @@ pub fn call_records(t: &super::TaskRecord) -> Vec<AuditRecord> {
 pub const MAX_AUDIT_RECORDS_PER_ENTRY: usize = 1024;
 
 impl State {
+    /// Before level 3 every hub applies the fixed retention at each audit command (older
+    /// builds do, and states must not differ); from it, only `ExpireAudit` cuts, and pushes
+    /// only keep a ring under `AUDIT_RING_MAX`.
+    fn audit_cap(&mut self, at_ms: i64) -> usize {
+        if self.cluster_level >= LEVEL_EXPIRE_AUDIT {
+            AUDIT_RING_MAX
+        } else {
+            self.audit
+                .expire(at_ms.saturating_sub(FIXED_RETENTION_MS), usize::MAX);
+            FIXED_RING
+        }
+    }
+
+    /// `Command::ExpireAudit`.
+    pub(super) fn expire_audit(&mut self, through_ms: i64, max_records: u32) -> Response {
+        self.audit
+            .expire(through_ms, (max_records as usize).clamp(1, AUDIT_RING_MAX));
+        Response::Done
+    }
+
     /// The next record's place: its entry's log index, then its order in the entry.
     fn next_audit_seq(&mut self, index: u64) -> u64 {
         if self.audit_seq.0 != index {
@@ -251,7 +289,7 @@ impl State {
             Response::Rejected(r) => format!("refused: {r}"),
             _ => "ok".to_owned(),
         };
-        self.audit.prune(at_ms);
+        let cap = self.audit_cap(at_ms);
         let seq = self.next_audit_seq(index);
         AuditLog::push(
             &mut self.audit.actions,
@@ -265,13 +303,14 @@ impl State {
                 count: 1,
                 ..Default::default()
             },
+            cap,
         );
     }
 
     /// Records that a hub saw and coalesced: refusals, and events that are not commands
     /// (tokens issued, hubs added or removed).
     pub(super) fn audit_records(&mut self, index: u64, records: &[AuditRecord], at_ms: i64) {
-        self.audit.prune(at_ms);
+        let cap = self.audit_cap(at_ms);
         for r in records.iter().take(MAX_AUDIT_RECORDS_PER_ENTRY) {
             let seq = self.next_audit_seq(index);
             let rec = AuditRecord { seq, ..r.clone() };
@@ -280,7 +319,7 @@ impl State {
             } else {
                 &mut self.audit.actions
             };
-            AuditLog::push(ring, rec);
+            AuditLog::push(ring, rec, cap);
         }
     }
 }
@@ -365,6 +404,7 @@ mod tests {
 
     #[test]
     fn actions_and_refusals_are_recorded_in_their_own_bounded_rings() {
+        // A cluster some of whose hubs predate `ExpireAudit`: the fixed retention.
         let mut s = State::default();
         let cordon = Command::Audited {
             by: "ops".into(),
@@ -409,14 +449,14 @@ mod tests {
                 },
             );
         }
-        assert_eq!(s.audit.denials.len(), AUDIT_RING);
+        assert_eq!(s.audit.denials.len(), FIXED_RING);
         assert_eq!(s.audit.actions.len(), 1, "the admin's action stays");
         // Records past the retention leave at the next audit command.
         s.apply(
             200,
             &Command::Audit {
                 records: vec![],
-                at_ms: 8 + AUDIT_RETENTION_MS,
+                at_ms: 8 + FIXED_RETENTION_MS,
             },
         );
         assert!(s.audit.all().is_empty());
@@ -427,5 +467,86 @@ mod tests {
         }
         .bounded();
         assert!(long.actor.len() <= AUDIT_TEXT);
+    }
+
+    #[test]
+    fn once_every_hub_can_apply_it_retention_is_what_the_leader_commits() {
+        let mut a = State::default();
+        a.apply(1, &Command::SetClusterLevel { level: 3 });
+        let flood: Vec<AuditRecord> = (0..MAX_AUDIT_RECORDS_PER_ENTRY)
+            .map(|i| denial(i as i64, &format!("a{i}")))
+            .collect();
+        let mut index = 10;
+        let mut apply = |s: &mut State, cmd: &Command| {
+            index += 1;
+            s.apply(index, cmd)
+        };
+        for _ in 0..12 {
+            apply(
+                &mut a,
+                &Command::Audit {
+                    records: flood.clone(),
+                    at_ms: 2_000,
+                },
+            );
+        }
+        // Past the fixed 10,000, and no age cut at apply: a year later, nothing left yet.
+        assert_eq!(a.audit.denials.len(), 12 * MAX_AUDIT_RECORDS_PER_ENTRY);
+        apply(
+            &mut a,
+            &Command::Audited {
+                by: "ops".into(),
+                at_ms: 1_500,
+                cmd: Box::new(Command::SetSchedulingPaused(true)),
+            },
+        );
+        apply(
+            &mut a,
+            &Command::Audit {
+                records: vec![],
+                at_ms: 2_000 + 365 * FIXED_RETENTION_MS,
+            },
+        );
+        assert_eq!(a.audit.denials.len(), 12 * MAX_AUDIT_RECORDS_PER_ENTRY);
+        assert!(!a.audit.expiry_due(0, 100_000));
+        // The leader's cut: records before 1,000 go, then each ring keeps its newest 5.
+        assert!(a.audit.expiry_due(1_000, 100_000));
+        let mut b = a.clone();
+        let cut = Command::ExpireAudit {
+            through_ms: 1_000,
+            max_records: 5,
+        };
+        assert_eq!(apply(&mut a, &cut), Response::Done);
+        assert_eq!(apply(&mut b, &cut), Response::Done);
+        assert_eq!(a.audit, b.audit, "every hub drops the same records");
+        assert_eq!(a.audit.denials.len(), 5);
+        assert!(a.audit.denials.iter().all(|r| r.at_ms >= 1_000));
+        assert_eq!(
+            a.audit.denials.back().map(|r| r.actor.as_str()),
+            Some("a1023"),
+            "the newest stay"
+        );
+        assert_eq!(a.audit.actions.len(), 1, "the action is newer than the cut");
+        assert!(!a.audit.expiry_due(1_000, 5));
+        // An age cut alone.
+        apply(
+            &mut a,
+            &Command::ExpireAudit {
+                through_ms: 1_600,
+                max_records: 5,
+            },
+        );
+        assert!(a.audit.actions.is_empty());
+        // Nothing an entry says keeps a ring above the bound.
+        for _ in 0..(AUDIT_RING_MAX / MAX_AUDIT_RECORDS_PER_ENTRY + 2) {
+            apply(
+                &mut a,
+                &Command::Audit {
+                    records: flood.clone(),
+                    at_ms: 3_000,
+                },
+            );
+        }
+        assert_eq!(a.audit.denials.len(), AUDIT_RING_MAX);
     }
 }

@@ -225,6 +225,12 @@ pub enum Command {
     SetClusterLevel {
         level: u32,
     },
+    /// Retention of the audit trail's own records (hub.toml `[audit]` on the leader): those
+    /// made before `through_ms` leave, then each ring keeps its newest `max_records`.
+    ExpireAudit {
+        through_ms: i64,
+        max_records: u32,
+    },
 }
 
 /// The newest commands this build can apply. A command this build writes that an older
@@ -233,14 +239,15 @@ pub enum Command {
 /// every hub reports it) reaches it: during a rolling upgrade the hubs still on the older
 /// build never meet an entry they cannot read. Level 1: everything up to the builds before
 /// levels existed (those report none). Level 2: `LoseTask`, `SetRole`, `DeleteRole`,
-/// `SetClusterLevel`. Raise it, and give the new variants that level in
-/// [`Command::level`], whenever a variant is added, or a field an older build would drop,
+/// `SetClusterLevel`. Level 3: `ExpireAudit` (with it, apply stops cutting the audit
+/// rings at the fixed 10,000 records and 30 days: see `state::audit`). Raise it, and give
+/// the new variants that level in [`Command::level`], whenever a variant is added, or a field an older build would drop,
 /// or a change in what applying a command does (an older hub would apply it otherwise,
 /// and the hubs' states would differ): such a change must then also depend on
 /// `State::cluster_level` in apply until every hub has it. (This build also changed what
 /// `LoseTask` does to an attempt that never started; no build with the old behaviour
 /// reports level 2, so the cluster writes `LoseTask` only once every hub has the new one.)
-pub const COMMAND_LEVEL: u32 = 2;
+pub const COMMAND_LEVEL: u32 = 3;
 
 impl Command {
     /// The level a hub must have to apply this command (see [`COMMAND_LEVEL`]).
@@ -251,6 +258,7 @@ impl Command {
             | Self::SetRole { .. }
             | Self::DeleteRole { .. }
             | Self::SetClusterLevel { .. } => 2,
+            Self::ExpireAudit { .. } => 3,
             Self::Audited { cmd, .. } => cmd.level(),
             Self::Batch(cmds) => cmds.iter().map(Command::level).max().unwrap_or(1),
             Self::SubmitTask(_)
@@ -356,6 +364,7 @@ impl Command {
             | Self::SetRole { .. }
             | Self::DeleteRole { .. }
             | Self::SetClusterLevel { .. }
+            | Self::ExpireAudit { .. }
             | Self::Batch(_) => 0,
         }
     }

@@ -415,6 +415,10 @@ impl State {
                 self.cluster_level = self.cluster_level.max(*level);
                 Ok(Response::Done)
             }
+            Command::ExpireAudit {
+                through_ms,
+                max_records,
+            } => Ok(self.expire_audit(*through_ms, *max_records)),
             Command::ExpireHistory {
                 through_ms,
                 through_entry,
