@@ -154,7 +154,9 @@ def docker_args(container, pod_spec):
     return out
 
 
-def run_for_real(docs):
+def run_for_real(docs, scaled):
+    """Runs the rendered hubs and a node for real; then `scaled` (the same chart with more
+    hub replicas) as a `helm upgrade` would roll it out."""
     by = {(d["kind"], d["metadata"]["name"]): d for _, d in docs}
     for image in ("flotilla:dev", "flotilla-node:dev"):
         if sh("docker", "image", "inspect", image, check=False).returncode != 0:
@@ -197,7 +199,10 @@ def run_for_real(docs):
         service = f"flotilla.{ns}.svc.{domain}"
         replicas = sts["spec"]["replicas"]
         mounts = {"config": conf, "ca": ca}
-        for i in range(replicas):
+        hubs = []
+
+        def start_hub(i):
+            """Pod i of the StatefulSet: its stable name, the shared config, its own volume."""
             pod = f"flotilla-hub-{i}"
             name = f"{pod}-{tag}"
             args = ["docker", "run", "-d", "--name", name, "--hostname", pod, "--network", net,
@@ -210,7 +215,11 @@ def run_for_real(docs):
             args += ["-v", f"{volume(f'{pod}-data')}:{data_mount}"]
             args += [hub["image"]] + hub["args"]
             containers.append(name)
+            hubs.append(name)
             sh(*args)
+
+        for i in range(replicas):
+            start_hub(i)
         check(f"run: {replicas} hub containers started as rendered", True)
 
         def ip(name):
@@ -224,12 +233,12 @@ def run_for_real(docs):
             with urllib.request.urlopen(f"http://{ip(name)}:{http}{probe}", timeout=2) as r:
                 return r.status == 200
 
-        for name in containers:
+        for name in hubs:
             wait(f"{name} to be ready ({probe})", lambda: ready(name))
         check("run: every hub passes its readiness probe (a leader with a quorum)", True)
 
         def token():
-            for name in containers:
+            for name in hubs:
                 r = sh("docker", "exec", name, "/flotilla", "admin-token", "--data-dir", "/data/hub", check=False)
                 if r.returncode == 0:
                     return r.stdout.strip()
@@ -274,6 +283,28 @@ def run_for_real(docs):
         out = wait("a call through the cluster", lambda: client(
             "call", "echo", "--args", '{"text":"through the chart"}').stdout.strip() == "through the chart")
         check("run: a tool call goes through the rendered hubs to the rendered node", out)
+
+        # `helm upgrade --set hub.replicas=5`: the ConfigMap lists five hubs and two new pods
+        # start; they find the running cluster and ask its leader to add them.
+        grown = {(d["kind"], d["metadata"]["name"]): d for _, d in scaled}
+        for name, text in grown[("ConfigMap", "flotilla-hub")]["data"].items():
+            (conf / name).write_text(text)
+        more = grown[("StatefulSet", "flotilla-hub")]["spec"]["replicas"]
+        for i in range(replicas, more):
+            start_hub(i)
+
+        def grown_cluster():
+            st = json.loads(client("cluster", "status", "-o", "json").stdout)
+            voters = sorted(m["id"] for m in st["members"] if m["role"] in ("leader", "follower"))
+            return st if voters == list(range(1, more + 1)) else None
+        status = wait(f"{more} voters after scaling up", grown_cluster, timeout=180)
+        check(f"run: scaled to {more} replicas, the new hubs join the cluster as voters",
+              status["leader_id"] in range(1, more + 1), json.dumps(status))
+        for name in hubs[replicas:]:
+            wait(f"{name} to be ready ({probe})", lambda: ready(name))
+        out = wait("a call after scaling up", lambda: client(
+            "call", "echo", "--args", '{"text":"five hubs"}').stdout.strip() == "five hubs")
+        check("run: a tool call goes through the grown cluster", out)
     except Exception as e:  # noqa: BLE001 - reported as the failure, with the hubs' logs
         check("run: the rendered StatefulSet forms a cluster that serves a call", False, str(e))
         for name in containers:
@@ -331,7 +362,7 @@ def main():
         except helm.HelmError:
             check(f"schema refuses {why}", True)
     if "--run" in sys.argv[1:]:
-        run_for_real(default)
+        run_for_real(default, render({"hub": {"replicas": 5}}, "five hubs"))
     print(f"chart: {len(failures)} failed")
     return 1 if failures else 0
 

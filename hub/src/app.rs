@@ -2,7 +2,7 @@
 //! runs until the shutdown future resolves. `run(config, listener, shutdown)` takes an
 //! already-bound listener so tests can start hubs on port 0.
 
-use std::{collections::BTreeMap, future::Future, sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use flotilla_common::{config::HubConfig, pki::Ca, tls};
@@ -14,7 +14,7 @@ use crate::{
     cluster::{Hub, Parts},
     events::EventLogs,
     liveness::Liveness,
-    raft::{self, network::Network, ApplyHook, HubNode, Raft},
+    raft::{self, network::Network, ApplyHook, Raft},
     retention::{AuditRetention, Retention},
     scheduler::Scheduling,
     sessions::Sessions,
@@ -256,38 +256,6 @@ pub async fn run(
     .await
     .context("starting raft")?;
 
-    if config.bootstrap && !raft.is_initialized().await? {
-        let members: BTreeMap<u64, HubNode> = if config.peers.is_empty() {
-            BTreeMap::from([(
-                config.id,
-                HubNode {
-                    api: config.advertise.clone(),
-                    raft: config.raft_advertise.clone(),
-                },
-            )])
-        } else {
-            config
-                .peers
-                .iter()
-                .map(|p| {
-                    (
-                        p.id,
-                        HubNode {
-                            api: p.api.clone(),
-                            raft: p.raft.clone(),
-                        },
-                    )
-                })
-                .collect()
-        };
-        let ids: Vec<u64> = members.keys().copied().collect();
-        match raft.initialize(members).await {
-            Ok(()) => tracing::info!(hub = config.id, voters = ?ids, "bootstrapped a new cluster"),
-            // Another peer initialized first with the same members: nothing to do.
-            Err(e) => tracing::info!(hub = config.id, error = %e, "cluster already initialized"),
-        }
-    }
-
     let http_tls = match &config.http_tls {
         Some((cert, key)) => Some(tls::http_server_config(cert, key)?),
         None => None,
@@ -410,6 +378,9 @@ pub async fn run(
                 },
             ),
     );
+    // A new cluster, or this hub into an existing one (hub.toml `bootstrap`), now that the
+    // Raft port answers the other hubs.
+    tokio::spawn(raft::bootstrap::start(hub.clone(), stop_rx.clone()));
     // On shutdown: end node sessions first (nodes move to another hub at once), then give
     // in-flight calls and watches a bounded time to finish.
     let (drain_tx, mut drain_rx) = tokio::sync::watch::channel(false);

@@ -133,6 +133,11 @@ impl Hub {
         &self.inner.raft
     }
 
+    /// Clients to other hubs' Raft ports.
+    pub(crate) fn net(&self) -> &Network {
+        &self.inner.net
+    }
+
     pub fn ca(&self) -> &Ca {
         &self.inner.ca
     }

@@ -4,6 +4,7 @@
 
 #![allow(clippy::result_large_err)] // openraft's StorageError is large; every storage fn returns it
 
+pub(crate) mod bootstrap;
 pub mod codec;
 pub mod network;
 pub mod peer;
