@@ -74,7 +74,7 @@ pub(crate) fn admin_token(a: AdminTokenArgs) -> anyhow::Result<ExitCode> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             eprintln!(
-                "no admin token in {}: a hub writes one when it first leads the cluster; ask the other hubs",
+                "no admin token in {}: every hub writes one once the cluster has a leader and a signing key; wait, or ask another hub",
                 a.data_dir.display()
             );
             Ok(ExitCode::from(3))

@@ -37,7 +37,7 @@ pub(crate) enum TokenCommand {
     List(ClientOnly),
     /// Revoke a join token: no node may join with it any more.
     Revoke {
-        /// The token's id (the part before the dot; `flotilla token list` shows it).
+        /// The token's id (the third field of `flt1.PIN.ID.SECRET`; `flotilla token list` shows it).
         id: String,
         #[command(flatten)]
         flags: ClientFlags,

@@ -103,7 +103,10 @@ fn valid_name(s: &str) -> bool {
 }
 
 impl NodeFile {
-    pub fn validate(self, file: &str) -> Result<NodeConfig, ConfigError> {
+    pub fn validate(mut self, file: &str) -> Result<NodeConfig, ConfigError> {
+        // `join_token = "${FLOTILLA_JOIN_TOKEN}"` with the variable unset or empty (a node
+        // that joined already, started without it) means no token.
+        self.join_token = self.join_token.filter(|t| !t.trim().is_empty());
         if !valid_name(&self.name) {
             return Err(invalid(
                 file,

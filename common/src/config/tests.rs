@@ -46,6 +46,7 @@ fn node_config_errors_name_the_key() {
     node("").unwrap();
     let e = node("[[servers]]\nname = \"s\"\ncommand = \"x\"\nmax_concurrency = 0\n").unwrap_err();
     assert!(e.to_string().contains("servers[0].max_concurrency"), "{e}");
+    assert_eq!(node("join_token = \"\"\n").unwrap().join_token, None);
     let e = node("join_token = \"abc\"\n").unwrap_err();
     assert!(e.to_string().contains("`join_token`"), "{e}");
     let e = node("otlp_endpoint = \"collector:4318\"\n").unwrap_err();
