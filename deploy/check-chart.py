@@ -350,12 +350,17 @@ def main():
     sts = next(d for _, d in rotating if d["kind"] == "StatefulSet")
     secret = [v["secret"]["secretName"] for v in sts["spec"]["template"]["spec"]["volumes"] if "secret" in v]
     check("rotating the CA: hubs mount the named CA Secret", "flotilla-ca-next" in secret, str(secret))
+    named = render({"hub": {"extraTlsNames": ["flotilla.example.com"]}}, "extra certificate names")
+    cm = next(d for _, d in named if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "flotilla-hub")
+    names = tomllib.loads(cm["data"]["hub.toml"].replace("${HOSTNAME}", "flotilla-hub-0")).get("tls_names", [])
+    check("extra certificate names: in hub.toml tls_names", "flotilla.example.com" in names, str(names))
     # Values the schema must refuse.
     chart = helm.Chart.load(str(CHART))
     for bad, why in [({"hub": {"replicas": 2}}, "an even number of hubs"),
                      ({"ca": {"secretName": "c", "trustKey": "../etc/passwd"}}, "a CA bundle key that is a path"),
                      ({"node": {"kind": "StatefulSet"}}, "an unknown node kind"),
-                     ({"hubs": 3}, "an unknown key")]:
+                     ({"hubs": 3}, "an unknown key"),
+                     ({"hub": {"settings": {"tls_names": ["x"]}}}, "a hub.toml key the chart sets, in settings")]:
         try:
             chart.validate_schema(bad)
             check(f"schema refuses {why}", False, "accepted")
