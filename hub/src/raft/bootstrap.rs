@@ -80,9 +80,11 @@ const JOINING: &str = "joining";
 
 /// Whether this hub's own membership counts it as a voter.
 fn a_voter(hub: &Hub) -> bool {
-    let m = hub.raft().metrics().borrow().clone();
     let me = hub.config().id;
-    m.membership_config
+    hub.raft()
+        .metrics()
+        .borrow()
+        .membership_config
         .membership()
         .voter_ids()
         .any(|id| id == me)
@@ -105,32 +107,27 @@ pub(crate) async fn start(hub: Hub, mut stop: watch::Receiver<bool>) {
     if held && !marker.exists() {
         return;
     }
-    let members: BTreeMap<u64, HubNode> = if c.peers.is_empty() {
-        BTreeMap::from([(
-            c.id,
-            HubNode {
-                api: c.advertise.clone(),
-                raft: c.raft_advertise.clone(),
-            },
-        )])
-    } else {
-        c.peers
-            .iter()
-            .map(|p| {
-                (
-                    p.id,
-                    HubNode {
-                        api: p.api.clone(),
-                        raft: p.raft.clone(),
-                    },
-                )
-            })
-            .collect()
-    };
     if c.peers.is_empty() {
-        initialize(&hub, members).await;
+        let alone = HubNode {
+            api: c.advertise.clone(),
+            raft: c.raft_advertise.clone(),
+        };
+        initialize(&hub, BTreeMap::from([(c.id, alone)])).await;
         return;
     }
+    let members: BTreeMap<u64, HubNode> = c
+        .peers
+        .iter()
+        .map(|p| {
+            (
+                p.id,
+                HubNode {
+                    api: p.api.clone(),
+                    raft: p.raft.clone(),
+                },
+            )
+        })
+        .collect();
     if let Err(e) = std::fs::write(&marker, b"") {
         tracing::warn!(error = %e, path = %marker.display(), "cannot note that this hub is joining");
     }

@@ -245,10 +245,10 @@ pub fn call_records(t: &super::TaskRecord) -> Vec<AuditRecord> {
 pub const MAX_AUDIT_RECORDS_PER_ENTRY: usize = 1024;
 
 impl State {
-    /// Before level 3 every hub applies the fixed retention at each audit command (older
-    /// builds do, and states must not differ); from it, only `ExpireAudit` cuts, and pushes
-    /// only keep a ring under `AUDIT_RING_MAX`.
-    fn audit_cap(&mut self, at_ms: i64) -> usize {
+    /// Before an audit command adds records: below level 3 every hub cuts by the fixed
+    /// retention first (older builds do, and states must not differ); from it, only
+    /// `ExpireAudit` cuts. Returns the most records a ring may then hold.
+    fn prepare_audit_push(&mut self, at_ms: i64) -> usize {
         if self.cluster_level >= LEVEL_EXPIRE_AUDIT {
             AUDIT_RING_MAX
         } else {
@@ -289,7 +289,7 @@ impl State {
             Response::Rejected(r) => format!("refused: {r}"),
             _ => "ok".to_owned(),
         };
-        let cap = self.audit_cap(at_ms);
+        let cap = self.prepare_audit_push(at_ms);
         let seq = self.next_audit_seq(index);
         AuditLog::push(
             &mut self.audit.actions,
@@ -310,7 +310,7 @@ impl State {
     /// Records that a hub saw and coalesced: refusals, and events that are not commands
     /// (tokens issued, hubs added or removed).
     pub(super) fn audit_records(&mut self, index: u64, records: &[AuditRecord], at_ms: i64) {
-        let cap = self.audit_cap(at_ms);
+        let cap = self.prepare_audit_push(at_ms);
         for r in records.iter().take(MAX_AUDIT_RECORDS_PER_ENTRY) {
             let seq = self.next_audit_seq(index);
             let rec = AuditRecord { seq, ..r.clone() };

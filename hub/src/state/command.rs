@@ -258,7 +258,7 @@ impl Command {
             | Self::SetRole { .. }
             | Self::DeleteRole { .. }
             | Self::SetClusterLevel { .. } => 2,
-            Self::ExpireAudit { .. } => 3,
+            Self::ExpireAudit { .. } => super::audit::LEVEL_EXPIRE_AUDIT,
             Self::Audited { cmd, .. } => cmd.level(),
             Self::Batch(cmds) => cmds.iter().map(Command::level).max().unwrap_or(1),
             Self::SubmitTask(_)
