@@ -314,6 +314,7 @@ pub async fn run(
         AuditRetention::new(hub.config()),
         stop_rx.clone(),
     ));
+    tokio::spawn(crate::retention::purge_sooner(hub.clone(), stop_rx.clone()));
 
     let (health, health_svc) = tonic_health::server::health_reporter();
     health

@@ -3,12 +3,63 @@
 //! `ExpireHistory` through Raft, naming the cut (end time and record) below which finished
 //! work goes, at most `history::EXPIRE_BATCH` records at a time. Every hub then expires the
 //! same records at the same log index.
+//!
+//! An expired record stays on disk (a tombstone) until this hub's next snapshot covers its
+//! expiry; `purge_sooner` makes that snapshot once enough of them wait, so under a steady
+//! load the data dir holds the retention's worth of records, not the retention's worth plus
+//! whatever expired since the last snapshot `snapshot_logs` entries ago.
 
 use std::time::Duration;
+
+use tokio::sync::watch;
 
 use crate::{chores::Chore, cluster::Hub, state::Command};
 
 const TICK: Duration = Duration::from_secs(1);
+
+/// Tombstones that make a hub snapshot before `snapshot_logs` says so (about 5 MB of
+/// `echo` calls: what a snapshot frees outweighs what it costs).
+pub(crate) const TOMBSTONES_FOR_SNAPSHOT: u64 = 4_096;
+
+/// Least time between two snapshots `purge_sooner` asks for: a hub with a large live state
+/// snapshots at most this often on its account.
+const SNAPSHOT_GAP: Duration = Duration::from_secs(2);
+
+/// On every hub: asks Raft for a snapshot (which purges the tombstones it covers) once
+/// `TOMBSTONES_FOR_SNAPSHOT` expired records wait for one.
+pub(crate) async fn purge_sooner(hub: Hub, mut stop: watch::Receiver<bool>) {
+    let mut beat = tokio::time::interval(TICK);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last: Option<tokio::time::Instant> = None;
+    // A test build (with failpoints) takes a smaller count from the environment, so a
+    // test reaches it with a few calls.
+    #[cfg(feature = "failpoints")]
+    let threshold = std::env::var("FLOTILLA_TOMBSTONES_FOR_SNAPSHOT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(TOMBSTONES_FOR_SNAPSHOT);
+    #[cfg(not(feature = "failpoints"))]
+    let threshold = TOMBSTONES_FOR_SNAPSHOT;
+    loop {
+        tokio::select! {
+            _ = beat.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let waiting = hub.state().history.tombstones();
+        if waiting < threshold || last.is_some_and(|t| t.elapsed() < SNAPSHOT_GAP) {
+            continue;
+        }
+        last = Some(tokio::time::Instant::now());
+        // Ignored by Raft while a snapshot is being built already.
+        match hub.raft().trigger().snapshot().await {
+            Ok(()) => tracing::debug!(
+                tombstones = waiting,
+                "snapshot asked for to purge expired work"
+            ),
+            Err(e) => tracing::warn!(error = %e, "asking for a snapshot failed"),
+        }
+    }
+}
 
 /// The chore that expires finished work past the retention.
 pub(crate) struct Retention {

@@ -134,3 +134,62 @@ async fn finished_tasks_stay_readable_on_every_hub_across_restarts_and_snapshots
     }
     Ok(())
 }
+
+/// The value of the unlabelled sample `name` in a Prometheus text exposition.
+fn gauge(exposition: &str, name: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Expired records leave the disk once enough of them wait, not only when `snapshot_logs`
+/// entries have passed: the hub snapshots early to purge them (the threshold is lowered
+/// for the test; `snapshot_logs` is set so high that no snapshot would come otherwise).
+#[tokio::test]
+async fn expired_work_is_purged_without_waiting_for_snapshot_logs() -> anyhow::Result<()> {
+    let mut opts = Options {
+        snapshot_logs: 1_000_000,
+        retention_max_tasks: 5,
+        ..Default::default()
+    };
+    opts.hub_env.insert(
+        1,
+        vec![("FLOTILLA_TOMBSTONES_FOR_SNAPSHOT".into(), "10".into())],
+    );
+    let mut c = Cluster::with_options(1, opts).await?;
+    c.add_node(NodeSpec::demo("edge-1")).await?;
+    let mut agent = c.agent_at(1, &c.admin_token);
+    let ids = calls(&c, &mut agent, "p", 30).await?;
+    let http = c.hub(1).http()?;
+    // Twenty-five expire; each expiry is a tombstone until a snapshot covers it, and the
+    // gauge reads zero only once they are purged.
+    let kept = wait_until("the expired calls to be purged", READY, || {
+        let http = http.clone();
+        async move {
+            let (_, body) = flotilla_tests::http_get(&http, "/metrics").await.ok()?;
+            let records = gauge(&body, "flotilla_history_records")?;
+            (records == 5.0 && gauge(&body, "flotilla_history_tombstones")? == 0.0)
+                .then_some(records)
+        }
+    })
+    .await?;
+    assert_eq!(kept, 5.0);
+    // Purged: gone for good (not "expired"), while the newest five still read back.
+    let status = agent
+        .get_task(pb::GetTaskRequest {
+            task_id: ids[0].clone(),
+        })
+        .await
+        .expect_err("purged");
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    for (i, id) in ids[25..].iter().enumerate() {
+        let t = agent
+            .get_task(pb::GetTaskRequest {
+                task_id: id.clone(),
+            })
+            .await?
+            .into_inner();
+        assert_eq!(result_text(&t), format!("p{}", 25 + i));
+    }
+    Ok(())
+}

@@ -33,6 +33,8 @@ pub struct Metrics {
     raft_commit_index: IntGauge,
     raft_applied_index: IntGauge,
     raft_apply_lag: IntGauge,
+    history_records: IntGauge,
+    history_tombstones: IntGauge,
     auth_failures: IntCounterVec,
     heartbeat_age: prometheus::GaugeVec,
     /// gRPC requests on the API port (`grpc::layer` feeds it).
@@ -154,6 +156,14 @@ impl Metrics {
             raft_apply_lag: one(
                 "raft_apply_lag",
                 "Entries this hub holds but has not applied yet.",
+            ),
+            history_records: one(
+                "history_records",
+                "Finished tasks and workflows this hub keeps in its history store (until retention expires them).",
+            ),
+            history_tombstones: one(
+                "history_tombstones",
+                "Expired finished work still on this hub's disk, waiting for a snapshot to cover its expiry.",
             ),
             auth_failures: counter(
                 "auth_failures_total",
@@ -322,6 +332,9 @@ impl Metrics {
         self.raft_applied_index.set(raft.applied_index as i64);
         self.raft_apply_lag
             .set(raft.last_log_index.saturating_sub(raft.applied_index) as i64);
+        self.history_records.set(state.history.len() as i64);
+        self.history_tombstones
+            .set(state.history.tombstones() as i64);
     }
 }
 

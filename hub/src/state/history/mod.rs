@@ -186,6 +186,8 @@ pub struct History {
     backend: Arc<RwLock<Arc<Backend>>>,
     /// Records not expired (tasks and workflows): what count-based retention looks at.
     count: Arc<AtomicU64>,
+    /// Records expired and not yet purged (their `gone` marks): what a snapshot would free.
+    tombstones: Arc<AtomicU64>,
 }
 
 impl Default for History {
@@ -260,6 +262,7 @@ impl History {
         Self {
             backend: Arc::new(RwLock::new(Arc::new(backend))),
             count: Arc::default(),
+            tombstones: Arc::default(),
         }
     }
 
@@ -293,13 +296,23 @@ impl History {
         self.len() == 0
     }
 
+    /// Records expired and waiting for a snapshot to cover their expiry before they are
+    /// purged (they take disk until then).
+    pub fn tombstones(&self) -> u64 {
+        self.tombstones.load(Ordering::Relaxed)
+    }
+
     fn recount(&self) -> StoreResult<()> {
-        let mut n = 0;
-        self.backend().scan(BY_FINISH, b"", false, |_, _| {
-            n += 1;
-            true
-        })?;
-        self.count.store(n, Ordering::Relaxed);
+        let count = |tree| -> StoreResult<u64> {
+            let mut n = 0;
+            self.backend().scan(tree, b"", false, |_, _| {
+                n += 1;
+                true
+            })?;
+            Ok(n)
+        };
+        self.count.store(count(BY_FINISH)?, Ordering::Relaxed);
+        self.tombstones.store(count(GONE)?, Ordering::Relaxed);
         Ok(())
     }
 
@@ -421,7 +434,10 @@ impl History {
             // Marked only if not marked yet: one write, and an earlier mark is never
             // overwritten, even for a moment.
             match b.insert_new(GONE, &gk, &mark)? {
-                None => n += 1,
+                None => {
+                    n += 1;
+                    self.tombstones.fetch_add(1, Ordering::Relaxed);
+                }
                 Some(prev) => match mark_index(&prev) {
                     // Expired before (only its key was left behind): that expiry stands.
                     Some(e) if e < at => {
@@ -485,12 +501,16 @@ impl History {
         let b = self.backend();
         let mut n = self.purge_listed(&b, through)?;
         let mut due = Vec::new();
+        let mut marks = 0;
         b.scan(GONE, b"", false, |k, v| {
+            marks += 1;
             if k.len() > 1 && mark_index(v).is_some_and(|e| e <= through) {
                 due.push((k.to_vec(), Header::decode(&v[8..])));
             }
             true
         })?;
+        // What stays once this purge is through (the scan saw every mark).
+        let left = marks - due.len() as u64;
         for (gk, head) in due {
             let (kind, id) = (gk[0], &gk[1..]);
             let tree = tree_of(kind);
@@ -513,6 +533,7 @@ impl History {
             b.remove(GONE, &gk)?;
             n += 1;
         }
+        self.tombstones.store(left, Ordering::Relaxed);
         Ok(n)
     }
 
@@ -848,6 +869,8 @@ impl History {
         let old = std::mem::replace(&mut *self.backend.write().expect("history lock"), new);
         self.count
             .store(other.count.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.tombstones
+            .store(other.tombstones.load(Ordering::Relaxed), Ordering::Relaxed);
         Retired(old)
     }
 }

@@ -218,3 +218,27 @@ fn tasks_ended_in_a_window_are_read_newest_first_and_filtered_before_the_limit()
     assert!(h.ended_between(2_000, 0, 10, |_| true).unwrap().is_empty());
     assert_eq!(h.ended_between(1_598, 0, 10, |_| true).unwrap().len(), 2);
 }
+
+/// What waits for a snapshot to be purged is counted as it expires, as a purge leaves it,
+/// and again from disk when the store is opened (what `purge_sooner` looks at).
+#[test]
+fn tombstones_are_counted_until_purged_and_across_a_reopen() {
+    let db = sled::Config::new().temporary(true).open().unwrap();
+    let h = History::open(&db, 0).unwrap();
+    let records: Vec<_> = (0..5)
+        .map(|i| finished(&format!("r{i}"), 100 + i))
+        .collect();
+    h.archive(3, &records, &[]).unwrap();
+    assert_eq!(h.tombstones(), 0);
+    assert_eq!(h.expire(7, &History::cut(101, None)).unwrap(), 2);
+    assert_eq!(h.expire(9, &History::cut(102, None)).unwrap(), 1);
+    // A replay of an expiry marks nothing new.
+    assert_eq!(h.expire(9, &History::cut(102, None)).unwrap(), 0);
+    assert_eq!(h.tombstones(), 3);
+    assert_eq!(History::open(&db, 0).unwrap().tombstones(), 3);
+    assert_eq!(h.purge(8).unwrap(), 2, "only what a snapshot at 8 covers");
+    assert_eq!(h.tombstones(), 1);
+    assert_eq!(h.purge(9).unwrap(), 1);
+    assert_eq!((h.tombstones(), h.len()), (0, 2));
+    assert_eq!(History::open(&db, 0).unwrap().tombstones(), 0);
+}
