@@ -21,16 +21,23 @@ const TICK: Duration = Duration::from_secs(1);
 /// `echo` calls: what a snapshot frees outweighs what it costs).
 pub(crate) const TOMBSTONES_FOR_SNAPSHOT: u64 = 4_096;
 
-/// Least time between two snapshots `purge_sooner` asks for: a hub with a large live state
-/// snapshots at most this often on its account.
+/// Least time between the end of one snapshot `purge_sooner` asked for and the next
+/// request; at least ten times what the last one took, so a hub with a large live state
+/// (serialized under the state lock) spends at most a tenth of its time on them.
 const SNAPSHOT_GAP: Duration = Duration::from_secs(2);
+
+/// How long a requested snapshot is waited for before asking may start again.
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(60);
 
 /// On every hub: asks Raft for a snapshot (which purges the tombstones it covers) once
 /// `TOMBSTONES_FOR_SNAPSHOT` expired records wait for one.
 pub(crate) async fn purge_sooner(hub: Hub, mut stop: watch::Receiver<bool>) {
     let mut beat = tokio::time::interval(TICK);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last: Option<tokio::time::Instant> = None;
+    // The clone follows the store across snapshot installs.
+    let history = hub.state().history.clone();
+    let mut metrics = hub.raft().metrics();
+    let mut not_before = tokio::time::Instant::now();
     // A test build (with failpoints) takes a smaller count from the environment, so a
     // test reaches it with a few calls.
     #[cfg(feature = "failpoints")]
@@ -45,19 +52,30 @@ pub(crate) async fn purge_sooner(hub: Hub, mut stop: watch::Receiver<bool>) {
             _ = beat.tick() => {}
             _ = stop.changed() => return,
         }
-        let waiting = hub.state().history.tombstones();
-        if waiting < threshold || last.is_some_and(|t| t.elapsed() < SNAPSHOT_GAP) {
+        let waiting = history.tombstones();
+        if waiting < threshold || tokio::time::Instant::now() < not_before {
             continue;
         }
-        last = Some(tokio::time::Instant::now());
-        // Ignored by Raft while a snapshot is being built already.
-        match hub.raft().trigger().snapshot().await {
-            Ok(()) => tracing::debug!(
-                tombstones = waiting,
-                "snapshot asked for to purge expired work"
-            ),
-            Err(e) => tracing::warn!(error = %e, "asking for a snapshot failed"),
+        let before = metrics.borrow().snapshot;
+        let asked = tokio::time::Instant::now();
+        // Ignored by Raft while a snapshot is being built already (its end is awaited
+        // below all the same, and it purges as well).
+        if let Err(e) = hub.raft().trigger().snapshot().await {
+            tracing::warn!(error = %e, "asking for a snapshot failed");
+            not_before = asked + SNAPSHOT_WAIT;
+            continue;
         }
+        tracing::debug!(
+            tombstones = waiting,
+            "snapshot asked for to purge expired work"
+        );
+        let built = metrics.wait_for(|m| m.snapshot != before);
+        tokio::select! {
+            _ = tokio::time::timeout(SNAPSHOT_WAIT, built) => {}
+            _ = stop.changed() => return,
+        }
+        let took = asked.elapsed();
+        not_before = tokio::time::Instant::now() + SNAPSHOT_GAP.max(took * 10);
     }
 }
 

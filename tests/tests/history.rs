@@ -144,7 +144,8 @@ fn gauge(exposition: &str, name: &str) -> Option<f64> {
 
 /// Expired records leave the disk once enough of them wait, not only when `snapshot_logs`
 /// entries have passed: the hub snapshots early to purge them (the threshold is lowered
-/// for the test; `snapshot_logs` is set so high that no snapshot would come otherwise).
+/// to one for the test, so the last expiry's tombstones go too; `snapshot_logs` is set so
+/// high that no snapshot would come otherwise).
 #[tokio::test]
 async fn expired_work_is_purged_without_waiting_for_snapshot_logs() -> anyhow::Result<()> {
     let mut opts = Options {
@@ -154,7 +155,7 @@ async fn expired_work_is_purged_without_waiting_for_snapshot_logs() -> anyhow::R
     };
     opts.hub_env.insert(
         1,
-        vec![("FLOTILLA_TOMBSTONES_FOR_SNAPSHOT".into(), "10".into())],
+        vec![("FLOTILLA_TOMBSTONES_FOR_SNAPSHOT".into(), "1".into())],
     );
     let mut c = Cluster::with_options(1, opts).await?;
     c.add_node(NodeSpec::demo("edge-1")).await?;
@@ -174,14 +175,18 @@ async fn expired_work_is_purged_without_waiting_for_snapshot_logs() -> anyhow::R
     })
     .await?;
     assert_eq!(kept, 5.0);
-    // Purged: gone for good (not "expired"), while the newest five still read back.
-    let status = agent
-        .get_task(pb::GetTaskRequest {
-            task_id: ids[0].clone(),
-        })
-        .await
-        .expect_err("purged");
-    assert_eq!(status.code(), tonic::Code::NotFound);
+    // Purged: no longer known at all (an expired record not yet purged reads "expired"),
+    // while the newest five still read back.
+    for id in &ids[..25] {
+        let status = agent
+            .get_task(pb::GetTaskRequest {
+                task_id: id.clone(),
+            })
+            .await
+            .expect_err("purged");
+        assert_eq!(status.code(), tonic::Code::NotFound);
+        assert!(!status.message().contains("expired"), "{status:?}");
+    }
     for (i, id) in ids[25..].iter().enumerate() {
         let t = agent
             .get_task(pb::GetTaskRequest {

@@ -297,9 +297,21 @@ impl History {
     }
 
     /// Records expired and waiting for a snapshot to cover their expiry before they are
-    /// purged (they take disk until then).
+    /// purged (they take disk until then). Exact at open and after a snapshot install;
+    /// between them it may read low if a store swap raced a purge.
     pub fn tombstones(&self) -> u64 {
         self.tombstones.load(Ordering::Relaxed)
+    }
+
+    /// One `gone` mark fewer. Counted down (not set from a scan) because `expire` may add
+    /// marks while a purge runs; never below zero, so a count that was low stays low until
+    /// the next open or install counts again, rather than wrapping around.
+    fn untomb(&self) {
+        let _ = self
+            .tombstones
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(1))
+            });
     }
 
     fn recount(&self) -> StoreResult<()> {
@@ -501,16 +513,12 @@ impl History {
         let b = self.backend();
         let mut n = self.purge_listed(&b, through)?;
         let mut due = Vec::new();
-        let mut marks = 0;
         b.scan(GONE, b"", false, |k, v| {
-            marks += 1;
             if k.len() > 1 && mark_index(v).is_some_and(|e| e <= through) {
                 due.push((k.to_vec(), Header::decode(&v[8..])));
             }
             true
         })?;
-        // What stays once this purge is through (the scan saw every mark).
-        let left = marks - due.len() as u64;
         for (gk, head) in due {
             let (kind, id) = (gk[0], &gk[1..]);
             let tree = tree_of(kind);
@@ -530,10 +538,11 @@ impl History {
                 b.remove(KEYS, &join(&[&key_prefix(kind, &tenant, &key), id]))?;
             }
             // Last: a purge a crash cut short finds the mark again.
-            b.remove(GONE, &gk)?;
+            if b.remove(GONE, &gk)? {
+                self.untomb();
+            }
             n += 1;
         }
-        self.tombstones.store(left, Ordering::Relaxed);
         Ok(n)
     }
 
@@ -563,8 +572,8 @@ impl History {
             }
             // Last, and even without its record (a crash may have come between the two):
             // the listing stays until its mark is gone, so nothing is left behind.
-            if mark.is_some_and(|e| e <= through) {
-                b.remove(GONE, &gk)?;
+            if mark.is_some_and(|e| e <= through) && b.remove(GONE, &gk)? {
+                self.untomb();
             }
             b.remove(EXPIRED, k)?;
         }
