@@ -242,3 +242,31 @@ fn tombstones_are_counted_until_purged_and_across_a_reopen() {
     assert_eq!((h.tombstones(), h.len()), (0, 2));
     assert_eq!(History::open(&db, 0).unwrap().tombstones(), 0);
 }
+
+/// An expiry a crash cut short (its mark written, the record's keys not yet removed) is
+/// finished when the entry is applied again after the restart, and its tombstone is
+/// counted once: by the count taken when the store opens, not again by the replay.
+#[test]
+fn a_replayed_expiry_cut_short_counts_its_tombstone_once() {
+    let db = sled::Config::new().temporary(true).open().unwrap();
+    let h = History::open(&db, 0).unwrap();
+    h.archive(3, &[finished("a", 100), finished("b", 200)], &[])
+        .unwrap();
+    let head = Header {
+        archived_at: 3,
+        dead: false,
+        tenant: "t".into(),
+        key: None,
+    };
+    let mut mark = 9u64.to_be_bytes().to_vec();
+    mark.extend_from_slice(&head.encode());
+    h.backend()
+        .insert(GONE, &mark_key(KIND_TASK, b"a"), &mark)
+        .unwrap();
+    let h = History::open(&db, 0).unwrap();
+    assert_eq!((h.tombstones(), h.len()), (1, 2));
+    assert_eq!(h.expire(9, &History::cut(100, None)).unwrap(), 0);
+    assert_eq!((h.tombstones(), h.len()), (1, 1), "finished, counted once");
+    assert_eq!(h.purge(9).unwrap(), 1);
+    assert_eq!(h.tombstones(), 0);
+}
