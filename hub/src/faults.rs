@@ -42,6 +42,17 @@ pub const ALL: [&str; 6] = [
     JOIN_BEFORE_ANSWER,
 ];
 
+/// A setting a test plays with: in a build with failpoints, the environment variable
+/// `var` when it is set and reads as a `T`; otherwise, and in every other build, `default`.
+pub fn test_setting<T: std::str::FromStr>(var: &str, default: T) -> T {
+    #[cfg(feature = "failpoints")]
+    if let Some(v) = std::env::var(var).ok().and_then(|v| v.parse().ok()) {
+        return v;
+    }
+    let _ = var;
+    default
+}
+
 /// Arms the failpoints `FAILPOINTS` names; a name that is not a failpoint, or actions the
 /// `fail` crate cannot read, stop the hub from starting. Without the feature a
 /// non-empty `FAILPOINTS` is only logged.

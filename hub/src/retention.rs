@@ -38,15 +38,9 @@ pub(crate) async fn purge_sooner(hub: Hub, mut stop: watch::Receiver<bool>) {
     let history = hub.state().history.clone();
     let mut metrics = hub.raft().metrics();
     let mut not_before = tokio::time::Instant::now();
-    // A test build (with failpoints) takes a smaller count from the environment, so a
-    // test reaches it with a few calls.
-    #[cfg(feature = "failpoints")]
-    let threshold = std::env::var("FLOTILLA_TOMBSTONES_FOR_SNAPSHOT")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(TOMBSTONES_FOR_SNAPSHOT);
-    #[cfg(not(feature = "failpoints"))]
-    let threshold = TOMBSTONES_FOR_SNAPSHOT;
+    // A test lowers it, to reach it with a few calls.
+    let threshold =
+        crate::faults::test_setting("FLOTILLA_TOMBSTONES_FOR_SNAPSHOT", TOMBSTONES_FOR_SNAPSHOT);
     loop {
         tokio::select! {
             _ = beat.tick() => {}

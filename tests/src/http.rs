@@ -107,3 +107,19 @@ async fn exchange(
         .with_context(|| format!("no status in {head:?}"))?;
     Ok(Reply { status, head, body })
 }
+
+/// The value of the sample of `name` whose labels include every one of `labels`, in a
+/// Prometheus text exposition (what `/metrics` answers).
+pub fn metric_sample(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        let (set, value) = match rest.strip_prefix('{') {
+            Some(r) => r.split_once("} ")?,
+            None => ("", rest.strip_prefix(' ')?),
+        };
+        labels
+            .iter()
+            .all(|(k, v)| set.split(',').any(|p| p == format!("{k}=\"{v}\"")))
+            .then(|| value.trim().parse().ok())?
+    })
+}

@@ -3,7 +3,9 @@
 //! snapshot install), and expire when the retention says so.
 
 use flotilla_proto as pb;
-use flotilla_tests::{result_text, wait_until, Agent, Cluster, NodeSpec, Options, READY};
+use flotilla_tests::{
+    metric_sample, result_text, wait_until, Agent, Cluster, NodeSpec, Options, READY,
+};
 use serde_json::json;
 
 /// Makes `n` echo calls named `{prefix}{i}`; their task ids, in order.
@@ -135,13 +137,6 @@ async fn finished_tasks_stay_readable_on_every_hub_across_restarts_and_snapshots
     Ok(())
 }
 
-/// The value of the unlabelled sample `name` in a Prometheus text exposition.
-fn gauge(exposition: &str, name: &str) -> Option<f64> {
-    exposition
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
 /// Expired records leave the disk once enough of them wait, not only when `snapshot_logs`
 /// entries have passed: the hub snapshots early to purge them (the threshold is lowered
 /// to one for the test, so the last expiry's tombstones go too; `snapshot_logs` is set so
@@ -168,8 +163,8 @@ async fn expired_work_is_purged_without_waiting_for_snapshot_logs() -> anyhow::R
         let http = http.clone();
         async move {
             let (_, body) = flotilla_tests::http_get(&http, "/metrics").await.ok()?;
-            let records = gauge(&body, "flotilla_history_records")?;
-            (records == 5.0 && gauge(&body, "flotilla_history_tombstones")? == 0.0)
+            let records = metric_sample(&body, "flotilla_history_records", &[])?;
+            (records == 5.0 && metric_sample(&body, "flotilla_history_tombstones", &[])? == 0.0)
                 .then_some(records)
         }
     })

@@ -5,23 +5,8 @@
 use std::io::Write;
 
 use flotilla_proto as pb;
-use flotilla_tests::{http_get, wait_until, Cluster, NodeSpec, READY};
+use flotilla_tests::{http_get, metric_sample, wait_until, Cluster, NodeSpec, READY};
 use serde_json::json;
-
-/// The value of the sample of `name` whose labels include every one of `labels`.
-fn sample(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    exposition.lines().find_map(|line| {
-        let rest = line.strip_prefix(name)?;
-        let (set, value) = match rest.strip_prefix('{') {
-            Some(r) => r.split_once("} ")?,
-            None => ("", rest.strip_prefix(' ')?),
-        };
-        labels
-            .iter()
-            .all(|(k, v)| set.split(',').any(|p| p == format!("{k}=\"{v}\"")))
-            .then(|| value.trim().parse().ok())?
-    })
-}
 
 /// Polls `/readyz` at `http` until it answers 503; the reason it gives.
 async fn wait_not_ready(http: &str, what: &str) -> anyhow::Result<String> {
@@ -89,10 +74,11 @@ async fn a_hubs_metrics_count_the_calls_made_and_promtool_accepts_them() -> anyh
     let http = c.hub(1).http()?;
     let (status, body) = http_get(&http, "/metrics").await?;
     assert_eq!(status, 200, "{body}");
-    let auth = |reason: &str| sample(&body, "flotilla_auth_failures_total", &[("reason", reason)]);
+    let auth =
+        |reason: &str| metric_sample(&body, "flotilla_auth_failures_total", &[("reason", reason)]);
     assert_eq!(auth("missing_token"), Some(1.0), "{body}");
     assert_eq!(auth("malformed"), Some(1.0), "{body}");
-    let age = sample(
+    let age = metric_sample(
         &body,
         "flotilla_node_heartbeat_age_seconds",
         &[("node", "edge-1")],
@@ -100,7 +86,7 @@ async fn a_hubs_metrics_count_the_calls_made_and_promtool_accepts_them() -> anyh
     .expect("the leader knows when it last heard from the node");
     assert!((0.0..60.0).contains(&age), "{age}");
     let finished = |tool: &str, outcome: &str| {
-        sample(
+        metric_sample(
             &body,
             "flotilla_tasks_finished_total",
             &[("tool", tool), ("outcome", outcome)],
@@ -109,11 +95,11 @@ async fn a_hubs_metrics_count_the_calls_made_and_promtool_accepts_them() -> anyh
     assert_eq!(finished("echo", "succeeded"), Some(3.0), "{body}");
     assert_eq!(finished("fail", "failed"), Some(1.0), "{body}");
     assert_eq!(
-        sample(&body, "flotilla_tasks_submitted_total", &[("tool", "echo")]),
+        metric_sample(&body, "flotilla_tasks_submitted_total", &[("tool", "echo")]),
         Some(3.0)
     );
     assert_eq!(
-        sample(
+        metric_sample(
             &body,
             "flotilla_task_duration_seconds_count",
             &[("tool", "echo")]
@@ -121,19 +107,22 @@ async fn a_hubs_metrics_count_the_calls_made_and_promtool_accepts_them() -> anyh
         Some(3.0)
     );
     assert_eq!(
-        sample(&body, "flotilla_task_queue_wait_seconds_count", &[]),
+        metric_sample(&body, "flotilla_task_queue_wait_seconds_count", &[]),
         Some(4.0)
     );
-    assert_eq!(sample(&body, "flotilla_raft_is_leader", &[]), Some(1.0));
     assert_eq!(
-        sample(&body, "flotilla_nodes", &[("status", "ready")]),
+        metric_sample(&body, "flotilla_raft_is_leader", &[]),
         Some(1.0)
     );
-    let applied = sample(&body, "flotilla_raft_applied_index", &[]).unwrap_or(0.0);
+    assert_eq!(
+        metric_sample(&body, "flotilla_nodes", &[("status", "ready")]),
+        Some(1.0)
+    );
+    let applied = metric_sample(&body, "flotilla_raft_applied_index", &[]).unwrap_or(0.0);
     assert!(applied > 0.0, "{body}");
     // Entries are committed before they are applied.
     assert!(
-        sample(&body, "flotilla_raft_commit_index", &[]).unwrap_or(0.0) >= applied,
+        metric_sample(&body, "flotilla_raft_commit_index", &[]).unwrap_or(0.0) >= applied,
         "{body}"
     );
     // Never a task id in a label: the series do not grow with the calls.
@@ -184,7 +173,7 @@ async fn grpc_requests_are_counted_by_method_and_status_code() -> anyhow::Result
 
     let http = c.hub(1).http()?;
     let count = |body: &str, method: &str, code: &str| {
-        sample(
+        metric_sample(
             body,
             "flotilla_grpc_requests_total",
             &[
@@ -209,7 +198,7 @@ async fn grpc_requests_are_counted_by_method_and_status_code() -> anyhow::Result
         "{body}"
     );
     assert_eq!(
-        sample(
+        metric_sample(
             &body,
             "flotilla_grpc_request_duration_seconds_count",
             &[("method", "SubmitTask")]
@@ -218,7 +207,7 @@ async fn grpc_requests_are_counted_by_method_and_status_code() -> anyhow::Result
     );
     // The node's session is a gRPC stream too, still open: not counted yet.
     assert_eq!(
-        sample(
+        metric_sample(
             &body,
             "flotilla_grpc_requests_total",
             &[
@@ -408,7 +397,7 @@ async fn a_nodes_metrics_count_its_tool_calls_and_it_is_ready_only_with_a_hub() 
     let (status, body) = http_get(&http, "/metrics").await?;
     assert_eq!(status, 200, "{body}");
     let calls = |tool: &str, outcome: &str| {
-        sample(
+        metric_sample(
             &body,
             "flotilla_node_mcp_calls_total",
             &[("server", "demo"), ("tool", tool), ("outcome", outcome)],
@@ -417,7 +406,7 @@ async fn a_nodes_metrics_count_its_tool_calls_and_it_is_ready_only_with_a_hub() 
     assert_eq!(calls("echo", "ok"), Some(2.0), "{body}");
     assert_eq!(calls("fail", "tool_error"), Some(1.0), "{body}");
     assert_eq!(
-        sample(
+        metric_sample(
             &body,
             "flotilla_node_mcp_call_duration_seconds_count",
             &[("server", "demo")]
@@ -425,10 +414,13 @@ async fn a_nodes_metrics_count_its_tool_calls_and_it_is_ready_only_with_a_hub() 
         Some(3.0)
     );
     assert_eq!(
-        sample(&body, "flotilla_node_mcp_server_up", &[("server", "demo")]),
+        metric_sample(&body, "flotilla_node_mcp_server_up", &[("server", "demo")]),
         Some(1.0)
     );
-    assert_eq!(sample(&body, "flotilla_node_hub_connected", &[]), Some(1.0));
+    assert_eq!(
+        metric_sample(&body, "flotilla_node_hub_connected", &[]),
+        Some(1.0)
+    );
     assert_eq!(promtool_problems(&body), "", "promtool check metrics");
     let (status, _) = http_get(&http, "/readyz").await?;
     assert_eq!(status, 200);
@@ -439,7 +431,10 @@ async fn a_nodes_metrics_count_its_tool_calls_and_it_is_ready_only_with_a_hub() 
     assert!(why.contains("no session"), "{why}");
     let (status, body) = http_get(&http, "/metrics").await?;
     assert_eq!(status, 200);
-    assert_eq!(sample(&body, "flotilla_node_hub_connected", &[]), Some(0.0));
+    assert_eq!(
+        metric_sample(&body, "flotilla_node_hub_connected", &[]),
+        Some(0.0)
+    );
     assert_eq!(http_get(&http, "/healthz").await?.0, 200);
     Ok(())
 }
@@ -454,7 +449,7 @@ async fn a_restarted_hub_counts_from_its_start_not_what_it_replays() -> anyhow::
             .await?;
     }
     let finished = |body: &str| {
-        sample(
+        metric_sample(
             body,
             "flotilla_tasks_finished_total",
             &[("tool", "echo"), ("outcome", "succeeded")],

@@ -27,15 +27,11 @@ impl HubVersion {
     /// This hub's. A test build (with failpoints) reports the level `FLOTILLA_COMMAND_LEVEL`
     /// names, if set, to play a hub of an older build in a rolling upgrade.
     pub fn this() -> Self {
-        #[cfg(feature = "failpoints")]
-        let level = std::env::var("FLOTILLA_COMMAND_LEVEL")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(crate::state::COMMAND_LEVEL);
-        #[cfg(not(feature = "failpoints"))]
-        let level = crate::state::COMMAND_LEVEL;
         Self {
-            command_level: level,
+            command_level: crate::faults::test_setting(
+                "FLOTILLA_COMMAND_LEVEL",
+                crate::state::COMMAND_LEVEL,
+            ),
             version: env!("CARGO_PKG_VERSION").to_owned(),
         }
     }
