@@ -1,9 +1,6 @@
-//! The Raft log, vote and committed index on sled. An append is acknowledged to openraft
-//! only after sled has flushed it to disk.
-//!
-//! Layout (one `sled::Db`):
-//! - tree `logs`: key = big-endian `u64` log index, value = JSON `Entry<TypeConfig>`
-//! - tree `meta`: `vote`, `committed`, `last_purged` (JSON)
+//! The Raft log: its entries in a write-ahead log of their own (`wal`), the vote and the
+//! committed id in sled's `meta` tree (JSON). An append is acknowledged to openraft only
+//! once the WAL has it on disk; a vote is saved only once sled has flushed it.
 //!
 //! The newest entries are also kept decoded in memory (`Recent`): openraft reads every
 //! entry back right after appending it, to apply it and to send it to followers, and
@@ -14,7 +11,8 @@ use std::fmt::Debug;
 use std::io;
 use std::ops::Bound;
 use std::ops::RangeBounds;
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
 
 use openraft::storage::LogFlushed;
 use openraft::storage::RaftLogStorage;
@@ -29,23 +27,23 @@ use openraft::RaftLogReader;
 use openraft::StorageError;
 use openraft::StorageIOError;
 use openraft::Vote;
-use serde::Deserialize;
+use raft_log::api::raft_log_writer::RaftLogWriter;
 
 use super::NodeId;
 use super::StorageResult;
 use super::TypeConfig;
+use super::wal::{self, from_wal, to_wal, Flushed, Wal};
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
-const KEY_LAST_PURGED: &[u8] = b"last_purged";
 
-/// Log store. Cheap to clone (sled handles are reference counted); the clone is also the
-/// `LogReader` handed to replication tasks.
-#[derive(Debug, Clone)]
+/// Log store. Cheap to clone (the handles are shared); the clone is also the `LogReader`
+/// handed to replication tasks.
+#[derive(Clone)]
 pub struct LogStore {
     db: sled::Db,
-    logs: sled::Tree,
     meta: sled::Tree,
+    wal: Arc<RwLock<Wal>>,
     recent: Arc<Mutex<Recent>>,
     /// The last log index openraft said is committed (for `flotilla_raft_commit_index`).
     committed: Arc<std::sync::atomic::AtomicU64>,
@@ -136,14 +134,10 @@ impl Recent {
     }
 }
 
-/// Only the log id of a stored entry (serde ignores the `payload` field).
-#[derive(Deserialize)]
-struct StoredLogId {
-    log_id: LogId<NodeId>,
-}
-
-fn idx_key(index: u64) -> [u8; 8] {
-    index.to_be_bytes()
+impl Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore").finish_non_exhaustive()
+    }
 }
 
 fn io_err(
@@ -155,17 +149,18 @@ fn io_err(
 }
 
 impl LogStore {
-    pub fn new(db: sled::Db) -> StorageResult<Self> {
-        let logs = db
-            .open_tree("logs")
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+    /// Opens the log: the vote and committed id in `db`, the entries in the WAL at
+    /// `wal_dir` (moved there from `db` if an older build kept them in it).
+    pub fn new(db: sled::Db, wal_dir: &Path) -> StorageResult<Self> {
         let meta = db
             .open_tree("meta")
             .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e))?;
+        let wal = wal::open(&db, &meta, wal_dir)
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
         Ok(Self {
             db,
-            logs,
             meta,
+            wal: Arc::new(RwLock::new(wal)),
             recent: Arc::default(),
             committed: Arc::default(),
         })
@@ -219,21 +214,25 @@ impl LogStore {
         self.recent.lock().expect("log cache lock")
     }
 
-    fn last_purged(&self) -> StorageResult<Option<LogId<NodeId>>> {
-        self.get_meta(KEY_LAST_PURGED, ErrorSubject::Logs)
+    fn wal(&self) -> std::sync::RwLockReadGuard<'_, Wal> {
+        self.wal.read().expect("log lock")
     }
 
-    /// Remove all log keys in `range` with one atomic sled batch.
-    fn remove_range<R: RangeBounds<[u8; 8]>>(&self, range: R) -> StorageResult<()> {
-        let mut batch = sled::Batch::default();
-        for kv in self.logs.range(range) {
-            let (k, _) = kv.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-            batch.remove(k);
-        }
-        self.logs
-            .apply_batch(batch)
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
-        Ok(())
+    fn wal_mut(&self) -> std::sync::RwLockWriteGuard<'_, Wal> {
+        self.wal.write().expect("log lock")
+    }
+
+    /// Waits until everything written to the WAL so far is on disk.
+    async fn flush_wal(&self) -> StorageResult<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sent = self.wal_mut().flush(Flushed::Wait(tx));
+        let done = match sent {
+            Ok(()) => rx
+                .await
+                .unwrap_or_else(|_| Err(io::Error::other("the log's flush worker stopped"))),
+            Err(e) => Err(e),
+        };
+        done.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))
     }
 }
 
@@ -264,16 +263,13 @@ impl RaftLogReader<TypeConfig> for LogStore {
             return Ok(entries);
         }
 
+        let hi = hi.saturating_add(1);
+        let wal = self.wal();
         let mut entries = Vec::new();
-        for kv in self.logs.range(idx_key(lo)..=idx_key(hi)) {
-            let (k, v) = kv.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+        for item in wal.read(lo, hi) {
+            let (id, v) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
             let entry: Entry<TypeConfig> = super::codec::decode(&v).map_err(|e| {
-                let index = k
-                    .as_ref()
-                    .try_into()
-                    .map(u64::from_be_bytes)
-                    .unwrap_or_default();
-                StorageIOError::read_log_at_index(index, AnyError::new(&e))
+                StorageIOError::read_log_at_index(id.1, AnyError::new(&e))
             })?;
             entries.push(entry);
         }
@@ -285,22 +281,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
-        let last_purged_log_id = self.last_purged()?;
-        let last = self
-            .logs
-            .last()
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-        let last_log_id = match last {
-            Some((_, v)) => {
-                let s: StoredLogId = super::codec::decode(&v)
-                    .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-                Some(s.log_id)
-            }
-            None => last_purged_log_id,
-        };
+        let wal = self.wal();
+        let state = wal.log_state();
+        let last_purged_log_id = state.purged().map(from_wal);
         Ok(LogState {
             last_purged_log_id,
-            last_log_id,
+            last_log_id: state.last().map(from_wal).or(last_purged_log_id),
         })
     }
 
@@ -350,62 +336,57 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
+        let mut written = Vec::new();
         let mut decoded = Vec::new();
         for entry in entries {
             let v = serde_json::to_vec(&entry)
                 .map_err(|e| StorageIOError::write_log_entry(entry.log_id, AnyError::new(&e)))?;
-            batch.insert(&idx_key(entry.log_id.index)[..], v.as_slice());
             decoded.push((entry, v.len()));
+            written.push((to_wal(&decoded.last().expect("pushed").0.log_id), v));
         }
-        {
+        let flushed = {
             // Under the lock, so a reader sees the entries in both places or in neither.
             let mut recent = self.recent();
-            let applied = self.logs.apply_batch(batch);
-            if applied.is_err() {
+            let mut wal = self.wal_mut();
+            let appended = wal.append(written);
+            if appended.is_err() {
                 recent.clear();
             }
-            applied.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+            appended.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
             for (entry, size) in decoded {
                 recent.push(entry, size);
             }
-        }
-
-        // Entries are readable now; report them flushed only once they are on disk.
-        match self.db.flush_async().await {
-            Ok(_) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                let err = io_err(
-                    ErrorSubject::Logs,
-                    ErrorVerb::Write,
-                    io::Error::other(e.to_string()),
-                );
-                callback.log_io_completed(Err(io::Error::from(e)));
-                Err(err)
-            }
-        }
+            // Entries are readable now; openraft hears they are flushed once they are on disk.
+            wal.flush(Flushed::Raft(callback))
+        };
+        flushed.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
         tracing::debug!(%log_id, "truncate logs since (inclusive)");
-        self.recent().truncate(log_id.index);
-        self.remove_range(idx_key(log_id.index)..)?;
-        self.flush(ErrorSubject::Logs).await
+        {
+            let mut recent = self.recent();
+            recent.truncate(log_id.index);
+            self.wal_mut()
+                .truncate(log_id.index)
+                .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        }
+        self.flush_wal().await
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
         tracing::debug!(%log_id, "purge logs upto (inclusive)");
-        if self.last_purged()?.as_ref() >= Some(&log_id) {
+        let mut recent = self.recent();
+        let mut wal = self.wal_mut();
+        if wal.log_state().purged().map(from_wal) >= Some(log_id) {
             return Ok(());
         }
-        // Record last_purged first: if we crash between the two writes, the remaining
-        // entries <= last_purged are simply ignored/removed later, never a hole.
-        self.put_meta(KEY_LAST_PURGED, &log_id, ErrorSubject::Logs)?;
-        self.recent().purge(log_id.index);
-        self.remove_range(..=idx_key(log_id.index))?;
+        recent.purge(log_id.index);
+        // The WAL removes the chunk files this purge empties once its record is on disk;
+        // nobody needs to wait for that (a purge lost in a crash is only done again).
+        wal.purge(to_wal(&log_id))
+            .and_then(|_| wal.flush(Flushed::Wait(tokio::sync::oneshot::channel().0)))
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
         Ok(())
     }
 }
@@ -470,8 +451,11 @@ mod tests {
     #[tokio::test]
     async fn an_entry_deeper_than_serde_json_allows_reads_back() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
-        let store = LogStore::new(db).unwrap();
+        let db = sled::Config::new()
+            .path(dir.path().join("raft"))
+            .open()
+            .unwrap();
+        let store = LogStore::new(db, &dir.path().join("raft.wal")).unwrap();
         let mut args = serde_json::json!("x");
         for _ in 0..300 {
             args = serde_json::json!({ "a": args });
@@ -483,7 +467,11 @@ mod tests {
         };
         let bytes = serde_json::to_vec(&entry).unwrap();
         assert!(serde_json::from_slice::<Entry<TypeConfig>>(&bytes).is_err());
-        store.logs.insert(idx_key(7), bytes).unwrap();
+        {
+            let mut wal = store.wal_mut();
+            wal.purge(((1, 1), 6)).unwrap();
+            wal.append([(((1, 1), 7), bytes)]).unwrap();
+        }
         let mut reader = store.clone();
         let got = reader.try_get_log_entries(7..8).await.unwrap();
         match &got[0].payload {
