@@ -29,10 +29,10 @@ use openraft::StorageIOError;
 use openraft::Vote;
 use raft_log::api::raft_log_writer::RaftLogWriter;
 
+use super::wal::{self, from_wal, to_wal, Flushed, Wal};
 use super::NodeId;
 use super::StorageResult;
 use super::TypeConfig;
-use super::wal::{self, from_wal, to_wal, Flushed, Wal};
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
@@ -268,9 +268,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let mut entries = Vec::new();
         for item in wal.read(lo, hi) {
             let (id, v) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-            let entry: Entry<TypeConfig> = super::codec::decode(&v).map_err(|e| {
-                StorageIOError::read_log_at_index(id.1, AnyError::new(&e))
-            })?;
+            let entry: Entry<TypeConfig> = super::codec::decode(&v)
+                .map_err(|e| StorageIOError::read_log_at_index(id.1, AnyError::new(&e)))?;
             entries.push(entry);
         }
         Ok(entries)
@@ -348,7 +347,23 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             // Under the lock, so a reader sees the entries in both places or in neither.
             let mut recent = self.recent();
             let mut wal = self.wal_mut();
-            let appended = wal.append(written);
+            // Entries a purge already covers are not written again: openraft does not send
+            // them, but its storage suite appends below a purge that `get_initial_state`
+            // made (the state machine was ahead of the log).
+            let purged = wal.log_state().purged().map(|p| p.1);
+            if let Some(p) = purged {
+                written.retain(|(id, _)| id.1 > p);
+                decoded.retain(|(e, _)| e.log_id.index > p);
+            }
+            // openraft truncates a conflicting suffix before appending, but an append over
+            // entries already held replaces them (as openraft's storage suite checks).
+            let first = written.first().map(|(id, _)| id.1);
+            let held = wal.log_state().last().map(|l| l.1);
+            let appended = match (first, held) {
+                (Some(first), Some(last)) if first <= last => wal::truncate(&mut wal, first),
+                _ => Ok(()),
+            }
+            .and_then(|()| wal.append(written).map(|_| ()));
             if appended.is_err() {
                 recent.clear();
             }
@@ -367,8 +382,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         {
             let mut recent = self.recent();
             recent.truncate(log_id.index);
-            self.wal_mut()
-                .truncate(log_id.index)
+            wal::truncate(&mut self.wal_mut(), log_id.index)
                 .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
         }
         self.flush_wal().await

@@ -114,6 +114,32 @@ pub(super) fn flush_blocking(wal: &mut Wal) -> io::Result<()> {
         .map_err(|_| io::Error::other("the log's flush worker stopped"))?
 }
 
+/// Removes the entries from `index` on.
+///
+/// `raft-log` cuts after the entry before `index`, or after the purge point; a log that
+/// starts above index 0 with nothing purged (openraft's own logs start at 0, its storage
+/// suite's at 1) has neither, so the purge point is first moved to just before its first
+/// entry (purging nothing).
+pub(super) fn truncate(wal: &mut Wal, index: u64) -> io::Result<()> {
+    use raft_log::api::raft_log_writer::RaftLogWriter;
+    let state = wal.log_state();
+    let at_purge_point = index == <WalTypes as raft_log::Types>::next_log_index(state.purged());
+    if !at_purge_point && index > 0 && wal.read(index - 1, index).next().is_none() {
+        let Some(first) = wal.read(0, u64::MAX).next().transpose()?.map(|(id, _)| id) else {
+            return Ok(());
+        };
+        if index > first.1 {
+            return Err(io::Error::other(format!(
+                "cannot cut the log at {index}: entry {} is missing",
+                index - 1
+            )));
+        }
+        wal.purge(((first.0 .0, first.0 .1), first.1 - 1))?;
+        return wal.truncate(first.1).map(|_| ());
+    }
+    wal.truncate(index).map(|_| ())
+}
+
 /// Only the log id of a stored entry (serde ignores the `payload` field).
 #[derive(Deserialize)]
 struct StoredLogId {
@@ -141,7 +167,11 @@ pub(super) fn open(db: &sled::Db, meta: &sled::Tree, dir: &Path) -> io::Result<W
             std::fs::File::open(parent)?.sync_all()?;
         }
     }
-    if !old.is_empty() || meta.contains_key(KEY_LAST_PURGED).map_err(io::Error::other)? {
+    if !old.is_empty()
+        || meta
+            .contains_key(KEY_LAST_PURGED)
+            .map_err(io::Error::other)?
+    {
         let moved = old.len();
         old.clear().map_err(io::Error::other)?;
         meta.remove(KEY_LAST_PURGED).map_err(io::Error::other)?;
@@ -165,7 +195,11 @@ fn copy_sled_log(old: &sled::Tree, meta: &sled::Tree, wal: &mut Wal) -> io::Resu
         let (_, v) = kv.map_err(io::Error::other)?;
         let id: StoredLogId = super::codec::decode(&v).map_err(io::Error::other)?;
         // An entry a purge left behind before a crash (the purge id was written first).
-        if wal.log_state().purged().is_some_and(|p| p.1 >= id.log_id.index) {
+        if wal
+            .log_state()
+            .purged()
+            .is_some_and(|p| p.1 >= id.log_id.index)
+        {
             continue;
         }
         wal.append([(to_wal(&id.log_id), v.to_vec())])?;
@@ -191,7 +225,10 @@ mod tests {
     #[test]
     fn a_log_kept_in_sled_moves_into_the_wal() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().path(dir.path().join("raft")).open().unwrap();
+        let db = sled::Config::new()
+            .path(dir.path().join("raft"))
+            .open()
+            .unwrap();
         let meta = db.open_tree("meta").unwrap();
         let logs = db.open_tree("logs").unwrap();
         // Purged through 3; entry 3 was left behind by a crash between the two writes.
@@ -220,7 +257,10 @@ mod tests {
 
         let again = open(&db, &meta, &path).unwrap();
         assert_eq!(again.read(0, 10).count(), 3);
-        assert_eq!(again.log_state().last().map(from_wal).map(|l| l.index), Some(6));
+        assert_eq!(
+            again.log_state().last().map(from_wal).map(|l| l.index),
+            Some(6)
+        );
     }
 
     /// A migration cut short before its rename is done again from sled; one cut short after
@@ -228,7 +268,10 @@ mod tests {
     #[test]
     fn a_migration_cut_short_is_finished_on_the_next_open() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().path(dir.path().join("raft")).open().unwrap();
+        let db = sled::Config::new()
+            .path(dir.path().join("raft"))
+            .open()
+            .unwrap();
         let meta = db.open_tree("meta").unwrap();
         let logs = db.open_tree("logs").unwrap();
         for index in 1..=3u64 {
