@@ -103,6 +103,14 @@ pub fn init(json: bool, default_filter: &str, traces: Option<Traces>) -> Guard {
         .with(plain)
         .with(structured)
         .try_init();
+    // `try_init` also forwards the `log` crate's records (sled's, raft-log's) at every
+    // level, so each of sled's per-operation `trace!` calls went through the whole filter.
+    // Let through at the source only what the log's filter can pass.
+    log::set_max_level(log_level(
+        EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| EnvFilter::new(default_filter))
+            .max_level_hint(),
+    ));
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     if let Some(p) = &provider {
         opentelemetry::global::set_tracer_provider(p.clone());
@@ -122,6 +130,19 @@ where
     EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(default))
         .and(filter_fn(|m| m.is_event()))
+}
+
+/// The `log` crate's level for a filter's most verbose level (`None`: it did not say).
+fn log_level(hint: Option<tracing::level_filters::LevelFilter>) -> log::LevelFilter {
+    use tracing::level_filters::LevelFilter as L;
+    match hint {
+        Some(L::OFF) => log::LevelFilter::Off,
+        Some(L::ERROR) => log::LevelFilter::Error,
+        Some(L::WARN) => log::LevelFilter::Warn,
+        Some(L::INFO) => log::LevelFilter::Info,
+        Some(L::DEBUG) => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    }
 }
 
 /// The tracer provider for `t`, if it names a collector (or the environment does).
@@ -218,6 +239,10 @@ mod tests {
         );
         assert!(tracing::info_span!("a span").is_disabled());
         assert!(tracing::enabled!(tracing::Level::INFO));
+        // The `log` crate's records (sled's) stop at the level the filter can pass.
+        if std::env::var_os("RUST_LOG").is_none() {
+            assert_eq!(log::max_level(), log::LevelFilter::Info);
+        }
     }
 
     #[test]

@@ -35,7 +35,7 @@ pub(super) type WalLogId = ((u64, u64), u64);
 
 /// Chunk files are this size at most: a purge frees whole chunks, and the open chunk's
 /// entries are all held in memory by `raft-log`.
-const CHUNK_BYTES: usize = 4 << 20;
+const CHUNK_BYTES: usize = 1 << 20;
 /// Entries `raft-log` keeps in memory besides those of the open chunk.
 const CACHE_ENTRIES: usize = 4096;
 const CACHE_BYTES: usize = 8 << 20;
