@@ -1,5 +1,5 @@
-//! Raft for the hub group, split the way openraft's examples split it: `store` (log: a
-//! WAL, `wal`), `sm` (state machine: in memory, durable through snapshots and the log),
+//! Raft for the hub group, split the way openraft's examples split it: `store` (log on
+//! sled), `sm` (state machine: in memory, durable through snapshots and the log),
 //! `network` (RPC client between hubs), `service` (RPC server between hubs).
 
 #![allow(clippy::result_large_err)] // openraft's StorageError is large; every storage fn returns it
@@ -11,7 +11,6 @@ pub mod peer;
 pub mod service;
 pub mod sm;
 pub mod store;
-mod wal;
 
 use std::{path::Path, sync::Arc};
 
@@ -66,7 +65,7 @@ pub trait ApplyHook: Send + Sync + 'static {
 }
 
 /// Opens (or creates) the sled database at `path`, with a page cache of at most
-/// `cache_bytes`, and the log's entries in `path` + `.wal`, and builds both stores on them.
+/// `cache_bytes`, and builds both stores on it.
 pub fn open(
     path: &Path,
     cache_bytes: u64,
@@ -77,7 +76,7 @@ pub fn open(
         .cache_capacity(cache_bytes)
         .open()
         .map_err(|e| anyhow::anyhow!("opening raft storage at {}: {e}", path.display()))?;
-    let log = store::LogStore::new(db.clone(), &path.with_extension("wal"))?;
+    let log = store::LogStore::new(db.clone())?;
     let sm = sm::StateMachineStore::new(db, hooks, &path.with_extension("tmp"))?;
     Ok((log, sm))
 }

@@ -1,6 +1,9 @@
-//! The Raft log: its entries in a write-ahead log of their own (`wal`), the vote and the
-//! committed id in sled's `meta` tree (JSON). An append is acknowledged to openraft only
-//! once the WAL has it on disk; a vote is saved only once sled has flushed it.
+//! The Raft log, vote and committed index on sled. An append is acknowledged to openraft
+//! only after sled has flushed it to disk.
+//!
+//! Layout (one `sled::Db`):
+//! - tree `logs`: key = big-endian `u64` log index, value = JSON `Entry<TypeConfig>`
+//! - tree `meta`: `vote`, `committed`, `last_purged` (JSON)
 //!
 //! The newest entries are also kept decoded in memory (`Recent`): openraft reads every
 //! entry back right after appending it, to apply it and to send it to followers, and
@@ -11,8 +14,7 @@ use std::fmt::Debug;
 use std::io;
 use std::ops::Bound;
 use std::ops::RangeBounds;
-use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::LogFlushed;
 use openraft::storage::RaftLogStorage;
@@ -27,23 +29,23 @@ use openraft::RaftLogReader;
 use openraft::StorageError;
 use openraft::StorageIOError;
 use openraft::Vote;
-use raft_log::api::raft_log_writer::RaftLogWriter;
+use serde::Deserialize;
 
-use super::wal::{self, from_wal, to_wal, Flushed, Wal};
 use super::NodeId;
 use super::StorageResult;
 use super::TypeConfig;
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_LAST_PURGED: &[u8] = b"last_purged";
 
-/// Log store. Cheap to clone (the handles are shared); the clone is also the `LogReader`
-/// handed to replication tasks.
-#[derive(Clone)]
+/// Log store. Cheap to clone (sled handles are reference counted); the clone is also the
+/// `LogReader` handed to replication tasks.
+#[derive(Debug, Clone)]
 pub struct LogStore {
     db: sled::Db,
+    logs: sled::Tree,
     meta: sled::Tree,
-    wal: Arc<RwLock<Wal>>,
     recent: Arc<Mutex<Recent>>,
     /// The last log index openraft said is committed (for `flotilla_raft_commit_index`).
     committed: Arc<std::sync::atomic::AtomicU64>,
@@ -134,10 +136,14 @@ impl Recent {
     }
 }
 
-impl Debug for LogStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LogStore").finish_non_exhaustive()
-    }
+/// Only the log id of a stored entry (serde ignores the `payload` field).
+#[derive(Deserialize)]
+struct StoredLogId {
+    log_id: LogId<NodeId>,
+}
+
+fn idx_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
 }
 
 fn io_err(
@@ -149,18 +155,17 @@ fn io_err(
 }
 
 impl LogStore {
-    /// Opens the log: the vote and committed id in `db`, the entries in the WAL at
-    /// `wal_dir` (moved there from `db` if an older build kept them in it).
-    pub fn new(db: sled::Db, wal_dir: &Path) -> StorageResult<Self> {
+    pub fn new(db: sled::Db) -> StorageResult<Self> {
+        let logs = db
+            .open_tree("logs")
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
         let meta = db
             .open_tree("meta")
             .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e))?;
-        let wal = wal::open(&db, &meta, wal_dir)
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
         Ok(Self {
             db,
+            logs,
             meta,
-            wal: Arc::new(RwLock::new(wal)),
             recent: Arc::default(),
             committed: Arc::default(),
         })
@@ -214,25 +219,21 @@ impl LogStore {
         self.recent.lock().expect("log cache lock")
     }
 
-    fn wal(&self) -> std::sync::RwLockReadGuard<'_, Wal> {
-        self.wal.read().expect("log lock")
+    fn last_purged(&self) -> StorageResult<Option<LogId<NodeId>>> {
+        self.get_meta(KEY_LAST_PURGED, ErrorSubject::Logs)
     }
 
-    fn wal_mut(&self) -> std::sync::RwLockWriteGuard<'_, Wal> {
-        self.wal.write().expect("log lock")
-    }
-
-    /// Waits until everything written to the WAL so far is on disk.
-    async fn flush_wal(&self) -> StorageResult<()> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let sent = self.wal_mut().flush(Flushed::Wait(tx));
-        let done = match sent {
-            Ok(()) => rx
-                .await
-                .unwrap_or_else(|_| Err(io::Error::other("the log's flush worker stopped"))),
-            Err(e) => Err(e),
-        };
-        done.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))
+    /// Remove all log keys in `range` with one atomic sled batch.
+    fn remove_range<R: RangeBounds<[u8; 8]>>(&self, range: R) -> StorageResult<()> {
+        let mut batch = sled::Batch::default();
+        for kv in self.logs.range(range) {
+            let (k, _) = kv.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+            batch.remove(k);
+        }
+        self.logs
+            .apply_batch(batch)
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        Ok(())
     }
 }
 
@@ -263,13 +264,17 @@ impl RaftLogReader<TypeConfig> for LogStore {
             return Ok(entries);
         }
 
-        let hi = hi.saturating_add(1);
-        let wal = self.wal();
         let mut entries = Vec::new();
-        for item in wal.read(lo, hi) {
-            let (id, v) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-            let entry: Entry<TypeConfig> = super::codec::decode(&v)
-                .map_err(|e| StorageIOError::read_log_at_index(id.1, AnyError::new(&e)))?;
+        for kv in self.logs.range(idx_key(lo)..=idx_key(hi)) {
+            let (k, v) = kv.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+            let entry: Entry<TypeConfig> = super::codec::decode(&v).map_err(|e| {
+                let index = k
+                    .as_ref()
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .unwrap_or_default();
+                StorageIOError::read_log_at_index(index, AnyError::new(&e))
+            })?;
             entries.push(entry);
         }
         Ok(entries)
@@ -280,12 +285,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
-        let wal = self.wal();
-        let state = wal.log_state();
-        let last_purged_log_id = state.purged().map(from_wal);
+        let last_purged_log_id = self.last_purged()?;
+        let last = self
+            .logs
+            .last()
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+        let last_log_id = match last {
+            Some((_, v)) => {
+                let s: StoredLogId = super::codec::decode(&v)
+                    .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+                Some(s.log_id)
+            }
+            None => last_purged_log_id,
+        };
         Ok(LogState {
             last_purged_log_id,
-            last_log_id: state.last().map(from_wal).or(last_purged_log_id),
+            last_log_id,
         })
     }
 
@@ -335,72 +350,62 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut written = Vec::new();
+        let mut batch = sled::Batch::default();
         let mut decoded = Vec::new();
         for entry in entries {
             let v = serde_json::to_vec(&entry)
                 .map_err(|e| StorageIOError::write_log_entry(entry.log_id, AnyError::new(&e)))?;
+            batch.insert(&idx_key(entry.log_id.index)[..], v.as_slice());
             decoded.push((entry, v.len()));
-            written.push((to_wal(&decoded.last().expect("pushed").0.log_id), v));
         }
-        let flushed = {
+        {
             // Under the lock, so a reader sees the entries in both places or in neither.
             let mut recent = self.recent();
-            let mut wal = self.wal_mut();
-            // Entries a purge already covers are not written again: openraft does not send
-            // them, but its storage suite appends below a purge that `get_initial_state`
-            // made (the state machine was ahead of the log).
-            let purged = wal.log_state().purged().map(|p| p.1);
-            if let Some(p) = purged {
-                written.retain(|(id, _)| id.1 > p);
-                decoded.retain(|(e, _)| e.log_id.index > p);
-            }
-            // openraft truncates a conflicting suffix before appending, but an append over
-            // entries already held replaces them (as openraft's storage suite checks).
-            let first = written.first().map(|(id, _)| id.1);
-            let held = wal.log_state().last().map(|l| l.1);
-            let appended = match (first, held) {
-                (Some(first), Some(last)) if first <= last => wal::truncate(&mut wal, first),
-                _ => Ok(()),
-            }
-            .and_then(|()| wal.append(written).map(|_| ()));
-            if appended.is_err() {
+            let applied = self.logs.apply_batch(batch);
+            if applied.is_err() {
                 recent.clear();
             }
-            appended.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+            applied.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
             for (entry, size) in decoded {
                 recent.push(entry, size);
             }
-            // Entries are readable now; openraft hears they are flushed once they are on disk.
-            wal.flush(Flushed::Raft(callback))
-        };
-        flushed.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))
+        }
+
+        // Entries are readable now; report them flushed only once they are on disk.
+        match self.db.flush_async().await {
+            Ok(_) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                let err = io_err(
+                    ErrorSubject::Logs,
+                    ErrorVerb::Write,
+                    io::Error::other(e.to_string()),
+                );
+                callback.log_io_completed(Err(io::Error::from(e)));
+                Err(err)
+            }
+        }
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
         tracing::debug!(%log_id, "truncate logs since (inclusive)");
-        {
-            let mut recent = self.recent();
-            recent.truncate(log_id.index);
-            wal::truncate(&mut self.wal_mut(), log_id.index)
-                .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
-        }
-        self.flush_wal().await
+        self.recent().truncate(log_id.index);
+        self.remove_range(idx_key(log_id.index)..)?;
+        self.flush(ErrorSubject::Logs).await
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
         tracing::debug!(%log_id, "purge logs upto (inclusive)");
-        let mut recent = self.recent();
-        let mut wal = self.wal_mut();
-        if wal.log_state().purged().map(from_wal) >= Some(log_id) {
+        if self.last_purged()?.as_ref() >= Some(&log_id) {
             return Ok(());
         }
-        recent.purge(log_id.index);
-        // The WAL removes the chunk files this purge empties once its record is on disk;
-        // nobody needs to wait for that (a purge lost in a crash is only done again).
-        wal.purge(to_wal(&log_id))
-            .and_then(|_| wal.flush(Flushed::Wait(tokio::sync::oneshot::channel().0)))
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        // Record last_purged first: if we crash between the two writes, the remaining
+        // entries <= last_purged are simply ignored/removed later, never a hole.
+        self.put_meta(KEY_LAST_PURGED, &log_id, ErrorSubject::Logs)?;
+        self.recent().purge(log_id.index);
+        self.remove_range(..=idx_key(log_id.index))?;
         Ok(())
     }
 }
@@ -465,11 +470,8 @@ mod tests {
     #[tokio::test]
     async fn an_entry_deeper_than_serde_json_allows_reads_back() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new()
-            .path(dir.path().join("raft"))
-            .open()
-            .unwrap();
-        let store = LogStore::new(db, &dir.path().join("raft.wal")).unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let store = LogStore::new(db).unwrap();
         let mut args = serde_json::json!("x");
         for _ in 0..300 {
             args = serde_json::json!({ "a": args });
@@ -481,11 +483,7 @@ mod tests {
         };
         let bytes = serde_json::to_vec(&entry).unwrap();
         assert!(serde_json::from_slice::<Entry<TypeConfig>>(&bytes).is_err());
-        {
-            let mut wal = store.wal_mut();
-            wal.purge(((1, 1), 6)).unwrap();
-            wal.append([(((1, 1), 7), bytes)]).unwrap();
-        }
+        store.logs.insert(idx_key(7), bytes).unwrap();
         let mut reader = store.clone();
         let got = reader.try_get_log_entries(7..8).await.unwrap();
         match &got[0].payload {
