@@ -103,7 +103,7 @@ pub fn init(json: bool, default_filter: &str, traces: Option<Traces>) -> Guard {
         .with(plain)
         .with(structured)
         .try_init();
-    // `try_init` also forwards the `log` crate's records (sled's, raft-log's) at every
+    // `try_init` also forwards the `log` crate's records (sled's among them) at every
     // level, so each of sled's per-operation `trace!` calls went through the whole filter.
     // Let through at the source only what the log's filter can pass.
     log::set_max_level(log_level(
