@@ -106,11 +106,7 @@ pub fn init(json: bool, default_filter: &str, traces: Option<Traces>) -> Guard {
     // `try_init` also forwards the `log` crate's records (sled's among them) at every
     // level, so each of sled's per-operation `trace!` calls went through the whole filter.
     // Let through at the source only what the log's filter can pass.
-    log::set_max_level(log_level(
-        EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| EnvFilter::new(default_filter))
-            .max_level_hint(),
-    ));
+    log::set_max_level(log_level(env_filter(default_filter).max_level_hint()));
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     if let Some(p) = &provider {
         opentelemetry::global::set_tracer_provider(p.clone());
@@ -127,9 +123,12 @@ fn logs<S>(default: &str) -> impl Filter<S>
 where
     S: tracing::Subscriber + for<'a> LookupSpan<'a>,
 {
-    EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(default))
-        .and(filter_fn(|m| m.is_event()))
+    env_filter(default).and(filter_fn(|m| m.is_event()))
+}
+
+/// `RUST_LOG`'s filter, or `default`'s when it is unset or unreadable.
+fn env_filter(default: &str) -> EnvFilter {
+    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default))
 }
 
 /// The `log` crate's level for a filter's most verbose level (`None`: it did not say).
