@@ -1,6 +1,7 @@
-//! Raft for the hub group, split the way openraft's examples split it: `store` (log on
-//! sled), `sm` (state machine: in memory, durable through snapshots and the log),
-//! `network` (RPC client between hubs), `service` (RPC server between hubs).
+//! Raft for the hub group, split the way openraft's examples split it: `store` (the log,
+//! its entries in segment files of their own, `wal`), `sm` (state machine: in memory,
+//! durable through snapshots and the log), `network` (RPC client between hubs), `service`
+//! (RPC server between hubs).
 
 #![allow(clippy::result_large_err)] // openraft's StorageError is large; every storage fn returns it
 
@@ -11,6 +12,7 @@ pub mod peer;
 pub mod service;
 pub mod sm;
 pub mod store;
+mod wal;
 
 use std::{path::Path, sync::Arc};
 
@@ -65,7 +67,7 @@ pub trait ApplyHook: Send + Sync + 'static {
 }
 
 /// Opens (or creates) the sled database at `path`, with a page cache of at most
-/// `cache_bytes`, and builds both stores on it.
+/// `cache_bytes`, and the log's entries in `path` + `.wal`, and builds both stores on them.
 pub fn open(
     path: &Path,
     cache_bytes: u64,
@@ -76,7 +78,7 @@ pub fn open(
         .cache_capacity(cache_bytes)
         .open()
         .map_err(|e| anyhow::anyhow!("opening raft storage at {}: {e}", path.display()))?;
-    let log = store::LogStore::new(db.clone())?;
+    let log = store::LogStore::new(db.clone(), &path.with_extension("wal"))?;
     let sm = sm::StateMachineStore::new(db, hooks, &path.with_extension("tmp"))?;
     Ok((log, sm))
 }

@@ -1,9 +1,6 @@
-//! The Raft log, vote and committed index on sled. An append is acknowledged to openraft
-//! only after sled has flushed it to disk.
-//!
-//! Layout (one `sled::Db`):
-//! - tree `logs`: key = big-endian `u64` log index, value = JSON `Entry<TypeConfig>`
-//! - tree `meta`: `vote`, `committed`, `last_purged` (JSON)
+//! The Raft log: its entries in segment files of their own (`wal`), the vote and the
+//! committed id in sled's `meta` tree (JSON). An append is acknowledged to openraft only
+//! once its segment is synced; a vote is saved only once sled has flushed it.
 //!
 //! The newest entries are also kept decoded in memory (`Recent`): openraft reads every
 //! entry back right after appending it, to apply it and to send it to followers, and
@@ -11,9 +8,9 @@
 
 use std::collections::VecDeque;
 use std::fmt::Debug;
-use std::io;
 use std::ops::Bound;
 use std::ops::RangeBounds;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::LogFlushed;
@@ -29,23 +26,23 @@ use openraft::RaftLogReader;
 use openraft::StorageError;
 use openraft::StorageIOError;
 use openraft::Vote;
-use serde::Deserialize;
 
+use super::wal::{Done, Wal};
 use super::NodeId;
 use super::StorageResult;
 use super::TypeConfig;
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
-const KEY_LAST_PURGED: &[u8] = b"last_purged";
 
-/// Log store. Cheap to clone (sled handles are reference counted); the clone is also the
-/// `LogReader` handed to replication tasks.
+/// Log store. Cheap to clone (the handles are shared); the clone is also the `LogReader`
+/// handed to replication tasks.
 #[derive(Debug, Clone)]
 pub struct LogStore {
     db: sled::Db,
-    logs: sled::Tree,
     meta: sled::Tree,
+    /// Locked after `recent` where both are.
+    wal: Arc<Mutex<Wal>>,
     recent: Arc<Mutex<Recent>>,
     /// The last log index openraft said is committed (for `flotilla_raft_commit_index`).
     committed: Arc<std::sync::atomic::AtomicU64>,
@@ -56,8 +53,8 @@ const RECENT_ENTRIES: usize = 256;
 const RECENT_BYTES: usize = 8 << 20;
 
 /// The newest appended entries, decoded: a contiguous run of indexes ending at the last
-/// append, the same as the `logs` tree holds for them (appends, truncation and purges
-/// change both under one `&mut LogStore`).
+/// append, the same as the segment files hold for them (appends, truncation and purges
+/// change both under both locks).
 #[derive(Debug, Default)]
 struct Recent {
     entries: VecDeque<(Entry<TypeConfig>, usize)>,
@@ -136,16 +133,6 @@ impl Recent {
     }
 }
 
-/// Only the log id of a stored entry (serde ignores the `payload` field).
-#[derive(Deserialize)]
-struct StoredLogId {
-    log_id: LogId<NodeId>,
-}
-
-fn idx_key(index: u64) -> [u8; 8] {
-    index.to_be_bytes()
-}
-
 fn io_err(
     subject: ErrorSubject<NodeId>,
     verb: ErrorVerb,
@@ -155,17 +142,18 @@ fn io_err(
 }
 
 impl LogStore {
-    pub fn new(db: sled::Db) -> StorageResult<Self> {
-        let logs = db
-            .open_tree("logs")
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+    /// Opens the log: the vote and committed id in `db`, the entries in segment files in
+    /// `wal_dir` (moved there from `db` if an older build kept them in it).
+    pub fn new(db: sled::Db, wal_dir: &Path) -> StorageResult<Self> {
         let meta = db
             .open_tree("meta")
             .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e))?;
+        let wal = super::wal::open(&db, &meta, wal_dir)
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
         Ok(Self {
             db,
-            logs,
             meta,
+            wal: Arc::new(Mutex::new(wal)),
             recent: Arc::default(),
             committed: Arc::default(),
         })
@@ -219,21 +207,8 @@ impl LogStore {
         self.recent.lock().expect("log cache lock")
     }
 
-    fn last_purged(&self) -> StorageResult<Option<LogId<NodeId>>> {
-        self.get_meta(KEY_LAST_PURGED, ErrorSubject::Logs)
-    }
-
-    /// Remove all log keys in `range` with one atomic sled batch.
-    fn remove_range<R: RangeBounds<[u8; 8]>>(&self, range: R) -> StorageResult<()> {
-        let mut batch = sled::Batch::default();
-        for kv in self.logs.range(range) {
-            let (k, _) = kv.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-            batch.remove(k);
-        }
-        self.logs
-            .apply_batch(batch)
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
-        Ok(())
+    fn wal(&self) -> std::sync::MutexGuard<'_, Wal> {
+        self.wal.lock().expect("log lock")
     }
 }
 
@@ -264,17 +239,17 @@ impl RaftLogReader<TypeConfig> for LogStore {
             return Ok(entries);
         }
 
-        let mut entries = Vec::new();
-        for kv in self.logs.range(idx_key(lo)..=idx_key(hi)) {
-            let (k, v) = kv.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-            let entry: Entry<TypeConfig> = super::codec::decode(&v).map_err(|e| {
-                let index = k
-                    .as_ref()
-                    .try_into()
-                    .map(u64::from_be_bytes)
-                    .unwrap_or_default();
-                StorageIOError::read_log_at_index(index, AnyError::new(&e))
-            })?;
+        // Where they are, under the lock; read and decoded outside it.
+        let found = self.wal().locate(lo, hi);
+        let mut entries = Vec::with_capacity(found.len());
+        for pos in found {
+            let index = pos.log_id.index;
+            let entry: Entry<TypeConfig> = Wal::read(&pos)
+                .map_err(|e| StorageIOError::read_log_at_index(index, AnyError::new(&e)))
+                .and_then(|json| {
+                    super::codec::decode(&json)
+                        .map_err(|e| StorageIOError::read_log_at_index(index, AnyError::new(&e)))
+                })?;
             entries.push(entry);
         }
         Ok(entries)
@@ -285,22 +260,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
-        let last_purged_log_id = self.last_purged()?;
-        let last = self
-            .logs
-            .last()
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-        let last_log_id = match last {
-            Some((_, v)) => {
-                let s: StoredLogId = super::codec::decode(&v)
-                    .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-                Some(s.log_id)
-            }
-            None => last_purged_log_id,
-        };
+        let wal = self.wal();
+        let last_purged_log_id = wal.purged();
         Ok(LogState {
             last_purged_log_id,
-            last_log_id,
+            last_log_id: wal.last().or(last_purged_log_id),
         })
     }
 
@@ -323,8 +287,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             self.committed
                 .store(c.index, std::sync::atomic::Ordering::Relaxed);
         }
-        // Not flushed here (it would cost an fsync per commit): the next append/vote flush,
-        // or sled's periodic flush (every 500ms by default), persists it. A stale
+        // Not flushed here (it would cost an fsync per commit): the next vote or snapshot
+        // flush, or sled's periodic flush (every 500ms by default), persists it. A stale
         // `committed` only means fewer entries are re-applied inside `Raft::new()`; the rest
         // is re-committed and applied once the node has a leader again.
         self.put_meta(KEY_COMMITTED, &committed, ErrorSubject::Store)
@@ -350,63 +314,49 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
+        let mut written = Vec::new();
         let mut decoded = Vec::new();
         for entry in entries {
             let v = serde_json::to_vec(&entry)
                 .map_err(|e| StorageIOError::write_log_entry(entry.log_id, AnyError::new(&e)))?;
-            batch.insert(&idx_key(entry.log_id.index)[..], v.as_slice());
-            decoded.push((entry, v.len()));
+            written.push((entry.log_id, v));
+            decoded.push(entry);
         }
-        {
-            // Under the lock, so a reader sees the entries in both places or in neither.
-            let mut recent = self.recent();
-            let applied = self.logs.apply_batch(batch);
-            if applied.is_err() {
-                recent.clear();
-            }
-            applied.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
-            for (entry, size) in decoded {
-                recent.push(entry, size);
-            }
+        // Under both locks, so a reader sees the entries in both places or in neither.
+        let mut recent = self.recent();
+        let mut wal = self.wal();
+        if let Err(e) = wal.append(&written) {
+            recent.clear();
+            return Err(io_err(ErrorSubject::Logs, ErrorVerb::Write, e));
         }
-
-        // Entries are readable now; report them flushed only once they are on disk.
-        match self.db.flush_async().await {
-            Ok(_) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                let err = io_err(
-                    ErrorSubject::Logs,
-                    ErrorVerb::Write,
-                    io::Error::other(e.to_string()),
-                );
-                callback.log_io_completed(Err(io::Error::from(e)));
-                Err(err)
+        // What the log skipped (at or below its purge point) is not held here either.
+        let purged = wal.purged().map(|p| p.index);
+        for (entry, (_, v)) in decoded.into_iter().zip(&written) {
+            if purged.is_none_or(|p| entry.log_id.index > p) {
+                recent.push(entry, v.len());
             }
         }
+        // Entries are readable now; openraft hears they are flushed once they are on disk.
+        wal.flush(Done::Raft(callback));
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
         tracing::debug!(%log_id, "truncate logs since (inclusive)");
-        self.recent().truncate(log_id.index);
-        self.remove_range(idx_key(log_id.index)..)?;
-        self.flush(ErrorSubject::Logs).await
+        let mut recent = self.recent();
+        recent.truncate(log_id.index);
+        self.wal()
+            .truncate(log_id.index)
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
         tracing::debug!(%log_id, "purge logs upto (inclusive)");
-        if self.last_purged()?.as_ref() >= Some(&log_id) {
-            return Ok(());
-        }
-        // Record last_purged first: if we crash between the two writes, the remaining
-        // entries <= last_purged are simply ignored/removed later, never a hole.
-        self.put_meta(KEY_LAST_PURGED, &log_id, ErrorSubject::Logs)?;
-        self.recent().purge(log_id.index);
-        self.remove_range(..=idx_key(log_id.index))?;
-        Ok(())
+        let mut recent = self.recent();
+        recent.purge(log_id.index);
+        self.wal()
+            .purge(log_id)
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
     }
 }
 
@@ -471,7 +421,7 @@ mod tests {
     async fn an_entry_deeper_than_serde_json_allows_reads_back() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
-        let store = LogStore::new(db).unwrap();
+        let store = LogStore::new(db, &dir.path().join("wal")).unwrap();
         let mut args = serde_json::json!("x");
         for _ in 0..300 {
             args = serde_json::json!({ "a": args });
@@ -483,7 +433,7 @@ mod tests {
         };
         let bytes = serde_json::to_vec(&entry).unwrap();
         assert!(serde_json::from_slice::<Entry<TypeConfig>>(&bytes).is_err());
-        store.logs.insert(idx_key(7), bytes).unwrap();
+        store.wal().append(&[(entry.log_id, bytes)]).unwrap();
         let mut reader = store.clone();
         let got = reader.try_get_log_entries(7..8).await.unwrap();
         match &got[0].payload {

@@ -1,0 +1,849 @@
+//! The Raft log's entries on disk, apart from the sled database that holds the state
+//! machine: segment files in `data_dir/raft.wal/`.
+//!
+//! Why apart: with the entries in sled, every append's fsync flushed all of sled's dirty
+//! pages (the history store's writes too), and every purge deleted entries key by key,
+//! leaving garbage that sled's segment cleaner then copied around. Here an append costs a
+//! write and an `fdatasync` of its own bytes, and a purge unlinks whole files.
+//!
+//! Layout:
+//! - `<first index, 20 digits>.seg`: records, each `[len u32][crc32 u32][body]` (little
+//!   endian) with body = `[index u64][term u64][leader node u64][entry JSON]` and the CRC
+//!   over the body. Indexes run on without a gap within a segment and from one segment to
+//!   the next.
+//! - `purged`: the last purged log id (JSON), replaced whole (written beside, synced,
+//!   renamed). Records at or below it are ignored wherever they still are.
+//!
+//! What makes it survive a crash at any point:
+//! - an append is acknowledged only after `fdatasync` of the segment it went to;
+//! - a segment is full before the next is created, and is synced before the next is
+//!   created, so only the last segment can end in a torn write: at open, the last segment
+//!   is cut at its first record that does not check out (length, CRC, index). A bad record
+//!   in any other segment is damage this log did not make, and opening fails;
+//! - a purge makes `purged` durable before it unlinks anything, so a crash in between
+//!   leaves files that the next open removes;
+//! - a truncation unlinks whole segments from the newest back and cuts the one left, then
+//!   syncs both, so what survives a crash is always a prefix.
+//!
+//! Log ids are ordered by index alone: a truncation cuts at an index, whatever the terms.
+//!
+//! Syncs for appends run on a thread of their own (`Flusher`): appends that arrive while
+//! one sync runs share the next one.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc};
+
+use openraft::storage::LogFlushed;
+use openraft::{CommittedLeaderId, LogId};
+use serde::Deserialize;
+
+use super::{NodeId, TypeConfig};
+
+/// A segment takes no more appends once it holds this much; purges free whole segments.
+const SEGMENT_BYTES: u64 = 2 << 20;
+/// Record header: length and CRC.
+const HEADER: usize = 8;
+/// Body prefix: index, term, leader node.
+const ID_BYTES: usize = 24;
+/// No record is larger (entries are bounded far below by the request limits); a length
+/// above it is a torn or damaged header, not a record.
+const MAX_BODY: usize = 256 << 20;
+const PURGED: &str = "purged";
+
+/// Where a held entry's record is.
+#[derive(Clone, Debug)]
+pub(super) struct Pos {
+    pub(super) log_id: LogId<NodeId>,
+    file: Arc<File>,
+    offset: u64,
+    /// The whole record, header included.
+    len: u32,
+}
+
+#[derive(Debug)]
+struct Segment {
+    first: u64,
+    path: PathBuf,
+    file: Arc<File>,
+    len: u64,
+}
+
+/// The log's files and where each held entry is.
+#[derive(Debug)]
+pub(super) struct Wal {
+    dir: PathBuf,
+    purged: Option<LogId<NodeId>>,
+    /// Oldest first; the last takes appends.
+    segments: VecDeque<Segment>,
+    /// Every entry above `purged`, in index order without gaps.
+    entries: VecDeque<Pos>,
+    flusher: mpsc::Sender<Flush>,
+}
+
+/// Who hears that an append reached the disk.
+pub(super) enum Done {
+    Raft(LogFlushed<TypeConfig>),
+    Wait(std::sync::mpsc::SyncSender<io::Result<()>>),
+}
+
+impl Done {
+    fn send(self, res: io::Result<()>) {
+        match self {
+            Done::Raft(cb) => cb.log_io_completed(res),
+            Done::Wait(tx) => {
+                let _ = tx.send(res);
+            }
+        }
+    }
+}
+
+struct Flush {
+    file: Option<Arc<File>>,
+    done: Done,
+}
+
+fn corrupt(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+fn segment_name(first: u64) -> String {
+    format!("{first:020}.seg")
+}
+
+fn open_segment(path: &Path, create: bool) -> io::Result<File> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true).write(true);
+    if create {
+        opts.create_new(true).mode(0o600);
+    }
+    opts.open(path)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Encodes one record.
+fn record(log_id: &LogId<NodeId>, json: &[u8], out: &mut Vec<u8>) {
+    let body_len = ID_BYTES + json.len();
+    let start = out.len();
+    out.extend_from_slice(&(body_len as u32).to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&log_id.index.to_le_bytes());
+    out.extend_from_slice(&log_id.leader_id.term.to_le_bytes());
+    out.extend_from_slice(&log_id.leader_id.node_id.to_le_bytes());
+    out.extend_from_slice(json);
+    let crc = crc32fast::hash(&out[start + HEADER..]);
+    out[start + 4..start + HEADER].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Decodes the record at the start of `buf`: its log id, its JSON and its whole length, or
+/// why it is not a record.
+fn parse(buf: &[u8]) -> Result<(LogId<NodeId>, &[u8], usize), String> {
+    if buf.len() < HEADER {
+        return Err(format!("{} bytes, shorter than a record header", buf.len()));
+    }
+    let body_len = u32::from_le_bytes(buf[0..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(buf[4..8].try_into().expect("4 bytes"));
+    if !(ID_BYTES..=MAX_BODY).contains(&body_len) {
+        return Err(format!("a record length of {body_len} bytes"));
+    }
+    let Some(body) = buf.get(HEADER..HEADER + body_len) else {
+        return Err(format!(
+            "a record of {body_len} bytes with {} left",
+            buf.len() - HEADER
+        ));
+    };
+    if crc32fast::hash(body) != crc {
+        return Err("a record whose CRC does not match".into());
+    }
+    let word = |i: usize| u64::from_le_bytes(body[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    let log_id = LogId::new(CommittedLeaderId::new(word(1), word(2)), word(0));
+    Ok((log_id, &body[ID_BYTES..], HEADER + body_len))
+}
+
+impl Wal {
+    /// Opens the log in `dir`, creating it if needed, and cuts a torn tail off its last
+    /// segment.
+    pub(super) fn open(dir: &Path) -> io::Result<Wal> {
+        flotilla_common::pki::private_dir(dir).map_err(|e| io::Error::other(e.to_string()))?;
+        let purged = match std::fs::read(dir.join(PURGED)) {
+            Ok(bytes) => Some(
+                super::codec::decode::<LogId<NodeId>>(&bytes)
+                    .map_err(|e| corrupt(format!("{}: {e}", dir.join(PURGED).display())))?,
+            ),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let mut firsts = Vec::new();
+        for item in std::fs::read_dir(dir)? {
+            let name = item?.file_name();
+            let name = name.to_string_lossy();
+            if let Some(first) = name
+                .strip_suffix(".seg")
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                firsts.push(first);
+            } else if name.starts_with('.') && name.ends_with(".tmp") {
+                // A `purged` file whose rename never happened.
+                let _ = std::fs::remove_file(dir.join(&*name));
+            }
+        }
+        firsts.sort_unstable();
+
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("raft-wal-sync".into())
+            .spawn(move || Flusher { rx }.run())?;
+        let mut wal = Wal {
+            dir: dir.to_path_buf(),
+            purged,
+            segments: VecDeque::new(),
+            entries: VecDeque::new(),
+            flusher: tx,
+        };
+        let count = firsts.len();
+        let mut next: Option<u64> = None;
+        for (i, first) in firsts.into_iter().enumerate() {
+            let path = dir.join(segment_name(first));
+            let last = i + 1 == count;
+            if next.is_some_and(|n| n != first) {
+                return Err(corrupt(format!(
+                    "{}: the previous segment ends at {}, this one starts at {first}",
+                    path.display(),
+                    next.unwrap_or_default() - 1
+                )));
+            }
+            let file = Arc::new(open_segment(&path, false)?);
+            let bytes = std::fs::read(&path)?;
+            let mut at = 0usize;
+            let mut index = first;
+            while at < bytes.len() {
+                let problem = match parse(&bytes[at..]) {
+                    Ok((log_id, _, len)) if log_id.index == index => {
+                        if wal.purged.is_none_or(|p| log_id.index > p.index) {
+                            wal.entries.push_back(Pos {
+                                log_id,
+                                file: file.clone(),
+                                offset: at as u64,
+                                len: len as u32,
+                            });
+                        }
+                        at += len;
+                        index += 1;
+                        continue;
+                    }
+                    Ok((log_id, _, _)) => {
+                        format!("entry {} where {index} belongs", log_id.index)
+                    }
+                    Err(problem) => problem,
+                };
+                if !last {
+                    return Err(corrupt(format!(
+                        "{}: {problem} at byte {at}; only the last segment may end in a torn write",
+                        path.display()
+                    )));
+                }
+                tracing::warn!(
+                    segment = %path.display(),
+                    at,
+                    dropped_bytes = bytes.len() - at,
+                    %problem,
+                    "cutting a torn write off the end of the raft log (a crash during an append that was never acknowledged)"
+                );
+                file.set_len(at as u64)?;
+                file.sync_all()?;
+                break;
+            }
+            if at == 0 && last {
+                // Created at a rollover, crashed before its first record was durable.
+                std::fs::remove_file(&path)?;
+                sync_dir(dir)?;
+                break;
+            }
+            next = Some(index);
+            wal.segments.push_back(Segment {
+                first,
+                path,
+                file,
+                len: at as u64,
+            });
+        }
+        // Segments a purge made durable but did not get to unlink.
+        wal.unlink_purged()?;
+        Ok(wal)
+    }
+
+    pub(super) fn purged(&self) -> Option<LogId<NodeId>> {
+        self.purged
+    }
+
+    pub(super) fn last(&self) -> Option<LogId<NodeId>> {
+        self.entries.back().map(|p| p.log_id)
+    }
+
+    /// Where the held entries `lo..=hi` are.
+    pub(super) fn locate(&self, lo: u64, hi: u64) -> Vec<Pos> {
+        let Some(first) = self.entries.front().map(|p| p.log_id.index) else {
+            return vec![];
+        };
+        let from = lo.saturating_sub(first) as usize;
+        let to = hi.saturating_sub(first).saturating_add(1);
+        let to = usize::try_from(to)
+            .unwrap_or(usize::MAX)
+            .min(self.entries.len());
+        if hi < first || from >= to {
+            return vec![];
+        }
+        self.entries.range(from..to).cloned().collect()
+    }
+
+    /// Writes entries (log id and JSON) after the last one held: they are readable when
+    /// this returns and durable once a `flush` after it reports so. Entries at or below the
+    /// purge point are skipped; entries at or below the last one held replace it and all
+    /// after it.
+    pub(super) fn append(&mut self, entries: &[(LogId<NodeId>, Vec<u8>)]) -> io::Result<()> {
+        let purged = self.purged.map(|p| p.index);
+        let entries: Vec<_> = entries
+            .iter()
+            .filter(|(id, _)| purged.is_none_or(|p| id.index > p))
+            .collect();
+        let Some(first) = entries.first().map(|(id, _)| id.index) else {
+            return Ok(());
+        };
+        if self.last().is_some_and(|l| first <= l.index) {
+            self.truncate(first)?;
+        }
+        let mut expect = self.last().map(|l| l.index + 1);
+        let mut buf = Vec::new();
+        let mut offsets = Vec::new();
+        for (id, json) in entries {
+            if expect.is_some_and(|e| e != id.index) {
+                return Err(io::Error::other(format!(
+                    "append of entry {} after {}: the log has no gaps",
+                    id.index,
+                    expect.unwrap_or_default() - 1
+                )));
+            }
+            expect = Some(id.index + 1);
+            if self
+                .segments
+                .back()
+                .is_none_or(|s| s.len + buf.len() as u64 >= SEGMENT_BYTES)
+            {
+                self.write_out(&mut buf, &mut offsets)?;
+                self.roll_over(id.index)?;
+            }
+            let start = buf.len();
+            record(id, json, &mut buf);
+            offsets.push((*id, start, buf.len() - start));
+        }
+        self.write_out(&mut buf, &mut offsets)
+    }
+
+    /// Writes what `append` encoded for the last segment and records where it went.
+    fn write_out(
+        &mut self,
+        buf: &mut Vec<u8>,
+        offsets: &mut Vec<(LogId<NodeId>, usize, usize)>,
+    ) -> io::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let seg = self.segments.back_mut().expect("a segment to write to");
+        seg.file.write_all_at(buf, seg.len)?;
+        for (log_id, start, len) in offsets.drain(..) {
+            self.entries.push_back(Pos {
+                log_id,
+                file: seg.file.clone(),
+                offset: seg.len + start as u64,
+                len: len as u32,
+            });
+        }
+        seg.len += buf.len() as u64;
+        buf.clear();
+        Ok(())
+    }
+
+    /// Starts a new segment at `first`, after making the one before it durable.
+    fn roll_over(&mut self, first: u64) -> io::Result<()> {
+        if let Some(seg) = self.segments.back() {
+            seg.file.sync_data()?;
+        }
+        let path = self.dir.join(segment_name(first));
+        let file = open_segment(&path, true)?;
+        sync_dir(&self.dir)?;
+        self.segments.push_back(Segment {
+            first,
+            path,
+            file: Arc::new(file),
+            len: 0,
+        });
+        Ok(())
+    }
+
+    /// Asks for what was written so far to be made durable; `done` hears when it is.
+    pub(super) fn flush(&self, done: Done) {
+        let file = self.segments.back().map(|s| s.file.clone());
+        if let Err(mpsc::SendError(f)) = self.flusher.send(Flush { file, done }) {
+            f.done
+                .send(Err(io::Error::other("the raft log's sync thread stopped")));
+        }
+    }
+
+    /// `flush`, waiting for it (blocking the thread).
+    pub(super) fn sync(&self) -> io::Result<()> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.flush(Done::Wait(tx));
+        rx.recv()
+            .map_err(|_| io::Error::other("the raft log's sync thread stopped"))?
+    }
+
+    /// Removes the entries from `index` on, durably.
+    pub(super) fn truncate(&mut self, index: u64) -> io::Result<()> {
+        let mut unlinked = false;
+        while self.segments.back().is_some_and(|s| s.first >= index) {
+            let seg = self.segments.pop_back().expect("checked");
+            std::fs::remove_file(&seg.path)?;
+            unlinked = true;
+        }
+        // Where the first removed entry starts, if it is in the segment that is left.
+        let mut cut = None;
+        while self.entries.back().is_some_and(|p| p.log_id.index >= index) {
+            let pos = self.entries.pop_back().expect("checked");
+            if let Some(seg) = self.segments.back() {
+                if Arc::ptr_eq(&pos.file, &seg.file) {
+                    cut = Some(pos.offset);
+                }
+            }
+        }
+        if let (Some(seg), Some(offset)) = (self.segments.back_mut(), cut) {
+            if offset < seg.len {
+                seg.file.set_len(offset)?;
+                seg.file.sync_all()?;
+                seg.len = offset;
+            }
+        }
+        if unlinked {
+            sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets the entries up to `log_id` and unlinks the segments that hold nothing else.
+    /// The purge point is durable when this returns.
+    pub(super) fn purge(&mut self, log_id: LogId<NodeId>) -> io::Result<()> {
+        if self.purged.is_some_and(|p| p.index >= log_id.index) {
+            return Ok(());
+        }
+        let json = serde_json::to_vec(&log_id).map_err(io::Error::other)?;
+        flotilla_common::pki::write_whole(&self.dir.join(PURGED), &json, 0o600)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        self.purged = Some(log_id);
+        while self
+            .entries
+            .front()
+            .is_some_and(|p| p.log_id.index <= log_id.index)
+        {
+            self.entries.pop_front();
+        }
+        self.unlink_purged()
+    }
+
+    /// Unlinks the oldest segments while every entry they hold is at or below the purge
+    /// point.
+    fn unlink_purged(&mut self) -> io::Result<()> {
+        let Some(purged) = self.purged.map(|p| p.index) else {
+            return Ok(());
+        };
+        loop {
+            // The last index of the oldest segment: one before the next segment's first, or
+            // (for the last segment) the last entry; a last segment with no entry above the
+            // purge point holds nothing worth keeping.
+            let done = match (self.segments.front(), self.segments.get(1)) {
+                (None, _) => true,
+                (Some(_), Some(next)) => next.first - 1 > purged,
+                (Some(_), None) => !self.entries.is_empty(),
+            };
+            if done {
+                return Ok(());
+            }
+            let seg = self.segments.pop_front().expect("checked");
+            std::fs::remove_file(&seg.path)?;
+        }
+    }
+
+    /// Reads the JSON of the entry at `pos`, checking that the record is whole and is that
+    /// entry.
+    pub(super) fn read(pos: &Pos) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0; pos.len as usize];
+        pos.file.read_exact_at(&mut buf, pos.offset)?;
+        match parse(&buf) {
+            Ok((log_id, json, _)) if log_id == pos.log_id => Ok(json.to_vec()),
+            Ok((log_id, _, _)) => Err(corrupt(format!(
+                "read entry {log_id} where {} was written",
+                pos.log_id
+            ))),
+            Err(problem) => Err(corrupt(format!("entry {}: {problem}", pos.log_id))),
+        }
+    }
+}
+
+/// Makes appends durable, in the order they were asked for, and says so.
+struct Flusher {
+    rx: mpsc::Receiver<Flush>,
+}
+
+impl Flusher {
+    fn run(self) {
+        while let Ok(first) = self.rx.recv() {
+            let mut batch = vec![first];
+            batch.extend(self.rx.try_iter());
+            // One sync per file, oldest file first (a rollover already synced the file
+            // before the newest, so this is one sync in all but rare cases).
+            let mut synced: Vec<Arc<File>> = Vec::new();
+            let mut failed: Option<(io::ErrorKind, String)> = None;
+            for f in &batch {
+                let Some(file) = &f.file else { continue };
+                if failed.is_some() || synced.iter().any(|s| Arc::ptr_eq(s, file)) {
+                    continue;
+                }
+                if let Err(e) = file.sync_data() {
+                    tracing::error!(error = %e, "syncing the raft log failed");
+                    failed = Some((e.kind(), e.to_string()));
+                }
+                synced.push(file.clone());
+            }
+            for f in batch {
+                f.done.send(match &failed {
+                    None => Ok(()),
+                    Some((kind, msg)) => Err(io::Error::new(*kind, msg.clone())),
+                });
+            }
+        }
+    }
+}
+
+/// Only the log id of an entry's JSON (serde ignores the `payload` field).
+#[derive(Deserialize)]
+struct StoredLogId {
+    log_id: LogId<NodeId>,
+}
+
+const KEY_LAST_PURGED: &[u8] = b"last_purged";
+
+/// Opens the log at `dir`, first moving a log kept in sled by older builds (`logs` tree,
+/// and `last_purged` in `meta`) into it when `dir` does not exist yet.
+///
+/// The copy is made in a directory beside `dir`, made durable, and renamed into place;
+/// only then is sled's copy removed. The rename decides: a crash before it leaves the old
+/// log in charge (the copy is made again), a crash after it leaves only sled to clear.
+pub(super) fn open(db: &sled::Db, meta: &sled::Tree, dir: &Path) -> io::Result<Wal> {
+    let old = db.open_tree("logs").map_err(io::Error::other)?;
+    if !dir.exists() {
+        let fresh = PathBuf::from(format!("{}.new", dir.display()));
+        if fresh.exists() {
+            std::fs::remove_dir_all(&fresh)?;
+        }
+        let mut wal = Wal::open(&fresh)?;
+        copy_sled_log(&old, meta, &mut wal)?;
+        wal.sync()?;
+        drop(wal);
+        std::fs::rename(&fresh, dir)?;
+        flotilla_common::pki::sync_dir(dir);
+    }
+    if !old.is_empty()
+        || meta
+            .contains_key(KEY_LAST_PURGED)
+            .map_err(io::Error::other)?
+    {
+        let moved = old.len();
+        old.clear().map_err(io::Error::other)?;
+        meta.remove(KEY_LAST_PURGED).map_err(io::Error::other)?;
+        db.flush().map_err(io::Error::other)?;
+        tracing::info!(
+            entries = moved,
+            wal = %dir.display(),
+            "moved the raft log out of sled into its own segment files"
+        );
+    }
+    Wal::open(dir)
+}
+
+fn copy_sled_log(old: &sled::Tree, meta: &sled::Tree, wal: &mut Wal) -> io::Result<()> {
+    if let Some(bytes) = meta.get(KEY_LAST_PURGED).map_err(io::Error::other)? {
+        let purged: LogId<NodeId> = super::codec::decode(&bytes).map_err(io::Error::other)?;
+        wal.purge(purged)?;
+    }
+    let mut batch = Vec::new();
+    for kv in old.iter() {
+        let (_, v) = kv.map_err(io::Error::other)?;
+        let id: StoredLogId = super::codec::decode(&v).map_err(io::Error::other)?;
+        batch.push((id.log_id, v.to_vec()));
+        if batch.len() >= 1024 {
+            wal.append(&batch)?;
+            batch.clear();
+        }
+    }
+    wal.append(&batch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{Entry, EntryPayload};
+
+    fn id(term: u64, index: u64) -> LogId<NodeId> {
+        LogId::new(CommittedLeaderId::new(term, 1), index)
+    }
+
+    fn entry_json(term: u64, index: u64) -> Vec<u8> {
+        serde_json::to_vec(&Entry::<TypeConfig> {
+            log_id: id(term, index),
+            payload: EntryPayload::Blank,
+        })
+        .unwrap()
+    }
+
+    fn append(wal: &mut Wal, term: u64, indexes: std::ops::RangeInclusive<u64>) {
+        let batch: Vec<_> = indexes
+            .map(|i| (id(term, i), entry_json(term, i)))
+            .collect();
+        wal.append(&batch).unwrap();
+        wal.sync().unwrap();
+    }
+
+    /// (term, index) of every held entry, read back from disk.
+    fn held(wal: &Wal) -> Vec<(u64, u64)> {
+        wal.locate(0, u64::MAX)
+            .iter()
+            .map(|p| {
+                let json = Wal::read(p).unwrap();
+                let e: StoredLogId = serde_json::from_slice(&json).unwrap();
+                assert_eq!(e.log_id, p.log_id);
+                (e.log_id.leader_id.term, e.log_id.index)
+            })
+            .collect()
+    }
+
+    fn segments(dir: &Path) -> Vec<String> {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".seg"))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// A big entry, so that a few fill a segment.
+    fn big(term: u64, index: u64) -> (LogId<NodeId>, Vec<u8>) {
+        let mut json = entry_json(term, index);
+        json.extend(std::iter::repeat_n(b' ', (SEGMENT_BYTES / 4) as usize));
+        (id(term, index), json)
+    }
+
+    #[test]
+    fn entries_survive_a_reopen_across_segments_truncation_and_purge() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal");
+        let mut wal = Wal::open(&path).unwrap();
+        assert_eq!(wal.last(), None);
+        let batch: Vec<_> = (1..=10).map(|i| big(1, i)).collect();
+        wal.append(&batch).unwrap();
+        wal.sync().unwrap();
+        assert_eq!(
+            segments(&path),
+            [segment_name(1), segment_name(5), segment_name(9)]
+        );
+        // A new leader's entries replace a conflicting suffix, across a segment boundary.
+        append(&mut wal, 2, 7..=8);
+        assert_eq!(wal.last(), Some(id(2, 8)));
+        assert_eq!(segments(&path), [segment_name(1), segment_name(5)]);
+        drop(wal);
+
+        let mut wal = Wal::open(&path).unwrap();
+        let expect: Vec<_> = (1..=6)
+            .map(|i| (1, i))
+            .chain((7..=8).map(|i| (2, i)))
+            .collect();
+        assert_eq!(held(&wal), expect);
+        // Purging through 5 frees the first segment (1-4) whole; the second holds 6-8 too.
+        wal.purge(id(1, 5)).unwrap();
+        assert_eq!(held(&wal), expect[5..]);
+        assert_eq!(segments(&path), [segment_name(5)]);
+        drop(wal);
+
+        let mut wal = Wal::open(&path).unwrap();
+        assert_eq!(wal.purged(), Some(id(1, 5)));
+        assert_eq!(held(&wal), expect[5..]);
+        // A purge past the last entry (a snapshot installed) empties the log; appends go on
+        // after the purge point.
+        wal.purge(id(3, 20)).unwrap();
+        assert_eq!(wal.last(), None);
+        assert!(segments(&path).is_empty());
+        append(&mut wal, 3, 21..=22);
+        drop(wal);
+        let wal = Wal::open(&path).unwrap();
+        assert_eq!(held(&wal), [(3, 21), (3, 22)]);
+        assert_eq!(wal.purged(), Some(id(3, 20)));
+    }
+
+    /// Truncation is by index: a suffix from a higher term is cut like any other.
+    #[test]
+    fn truncation_cuts_by_index_whatever_the_terms() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::open(dir.path()).unwrap();
+        append(&mut wal, 1, 1..=3);
+        append(&mut wal, 5, 4..=6);
+        wal.truncate(4).unwrap();
+        assert_eq!(wal.last(), Some(id(1, 3)));
+        append(&mut wal, 3, 4..=4);
+        assert_eq!(held(&wal), [(1, 1), (1, 2), (1, 3), (3, 4)]);
+        assert!(
+            wal.append(&[(id(3, 9), entry_json(3, 9))]).is_err(),
+            "a gap"
+        );
+    }
+
+    /// A crash in the middle of an append leaves part of a record at the end of the last
+    /// segment: the next open cuts it off and keeps every whole record before it.
+    #[test]
+    fn a_torn_tail_is_cut_off_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::open(dir.path()).unwrap();
+        append(&mut wal, 1, 1..=5);
+        drop(wal);
+        let last = dir.path().join(segment_name(1));
+        let whole = std::fs::metadata(&last).unwrap().len();
+        let mut torn = Vec::new();
+        record(&id(1, 6), &entry_json(1, 6), &mut torn);
+        for garbage in [torn[..torn.len() - 3].to_vec(), vec![0; 40], {
+            let mut bad = torn.clone();
+            *bad.last_mut().unwrap() ^= 1;
+            bad
+        }] {
+            let f = std::fs::OpenOptions::new().write(true).open(&last).unwrap();
+            f.write_all_at(&garbage, whole).unwrap();
+            drop(f);
+            let mut wal = Wal::open(dir.path()).unwrap();
+            assert_eq!(wal.last(), Some(id(1, 5)));
+            assert_eq!(std::fs::metadata(&last).unwrap().len(), whole);
+            append(&mut wal, 1, 6..=6);
+            assert_eq!(held(&wal).len(), 6);
+            wal.truncate(6).unwrap();
+        }
+    }
+
+    /// Damage in a segment that is not the last is not a torn write: opening refuses.
+    #[test]
+    fn damage_before_the_last_segment_refuses_to_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::open(dir.path()).unwrap();
+        wal.append(&(1..=6).map(|i| big(1, i)).collect::<Vec<_>>())
+            .unwrap();
+        wal.sync().unwrap();
+        drop(wal);
+        let first = dir.path().join(segment_name(1));
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&first)
+            .unwrap();
+        f.write_all_at(b"XX", 100).unwrap();
+        let err = Wal::open(dir.path()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("CRC"), "{err}");
+    }
+
+    /// A crash after a rollover created the next segment and before anything in it was
+    /// durable leaves an empty last segment: it is removed, and the full one before it is
+    /// whole (it was synced before the new one was created).
+    #[test]
+    fn a_crash_at_a_rollover_loses_nothing_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::open(dir.path()).unwrap();
+        wal.append(&(1..=4).map(|i| big(1, i)).collect::<Vec<_>>())
+            .unwrap();
+        wal.sync().unwrap();
+        let full = segments(dir.path());
+        // The next append fills no new record: the crash came between the create and the
+        // write.
+        wal.roll_over(5).unwrap();
+        drop(wal);
+        assert_eq!(segments(dir.path()).len(), full.len() + 1);
+        let mut wal = Wal::open(dir.path()).unwrap();
+        assert_eq!(segments(dir.path()), full);
+        assert_eq!(wal.last(), Some(id(1, 4)));
+        wal.append(&[big(1, 5)]).unwrap();
+        wal.sync().unwrap();
+        assert_eq!(held(&wal).len(), 5);
+    }
+
+    /// A data dir whose log is in sled comes up with the same entries and purge point in
+    /// segment files, and sled no longer holds them; opening again changes nothing.
+    #[test]
+    fn a_log_kept_in_sled_moves_into_segment_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new()
+            .path(dir.path().join("raft"))
+            .open()
+            .unwrap();
+        let meta = db.open_tree("meta").unwrap();
+        let logs = db.open_tree("logs").unwrap();
+        // Purged through 3; entry 3 was left behind by a crash between the two writes.
+        let purged = id(1, 3);
+        meta.insert(KEY_LAST_PURGED, serde_json::to_vec(&purged).unwrap())
+            .unwrap();
+        for (term, index) in [(1u64, 3u64), (1, 4), (2, 5), (2, 6)] {
+            logs.insert(index.to_be_bytes(), entry_json(term, index))
+                .unwrap();
+        }
+        let path = dir.path().join("raft.wal");
+        let wal = open(&db, &meta, &path).unwrap();
+        assert_eq!(wal.purged(), Some(purged));
+        assert_eq!(held(&wal), [(1, 4), (2, 5), (2, 6)]);
+        assert_eq!(Wal::read(&wal.locate(5, 5)[0]).unwrap(), entry_json(2, 5));
+        assert!(logs.is_empty());
+        assert!(!meta.contains_key(KEY_LAST_PURGED).unwrap());
+        drop(wal);
+
+        let again = open(&db, &meta, &path).unwrap();
+        assert_eq!(held(&again), [(1, 4), (2, 5), (2, 6)]);
+    }
+
+    /// A migration cut short before its rename is done again from sled; one cut short after
+    /// it only clears sled.
+    #[test]
+    fn a_migration_cut_short_is_finished_on_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new()
+            .path(dir.path().join("raft"))
+            .open()
+            .unwrap();
+        let meta = db.open_tree("meta").unwrap();
+        let logs = db.open_tree("logs").unwrap();
+        for index in 1..=3u64 {
+            logs.insert(index.to_be_bytes(), entry_json(1, index))
+                .unwrap();
+        }
+        let path = dir.path().join("raft.wal");
+        // Before the rename: a half-written log beside the final directory.
+        let half = PathBuf::from(format!("{}.new", path.display()));
+        std::fs::create_dir_all(&half).unwrap();
+        std::fs::write(half.join(segment_name(1)), b"x").unwrap();
+        let wal = open(&db, &meta, &path).unwrap();
+        assert_eq!(held(&wal).len(), 3);
+        assert!(!half.exists());
+        drop(wal);
+
+        // After the rename, before sled was cleared: sled's copy is dropped, the log kept.
+        logs.insert(9u64.to_be_bytes(), entry_json(1, 9)).unwrap();
+        let wal = open(&db, &meta, &path).unwrap();
+        assert_eq!(held(&wal).len(), 3);
+        assert!(logs.is_empty());
+    }
+}
