@@ -8,7 +8,7 @@ use flotilla_proto as pb;
 use flotilla_tests::{
     check_every_acknowledged_task_ran_once, record_call, recording_node, result_text, step, submit,
     submit_until_acknowledged, wait_state, wait_status, wait_until, wait_workflow_done, Cluster,
-    Load, NodeSpec, READY,
+    Load, NodeSpec, Options, READY,
 };
 use serde_json::json;
 
@@ -237,6 +237,49 @@ async fn killing_the_leader_under_load_loses_no_acknowledged_task() -> anyhow::R
     let t = wait_state(&old, id, pb::TaskState::Succeeded).await?;
     assert_eq!(result_text(&t), format!("recorded {key}"));
     let _ = old.list_tools(pb::ListToolsRequest {}).await?;
+    Ok(())
+}
+
+/// kill -9 of a lone hub, again and again under load, with small log segments and frequent
+/// snapshots so that the kills land in appends, segment rollovers and purges: the hub
+/// reopens its log every time (a torn append is cut off, nothing acknowledged is lost) and
+/// every acknowledged task still runs exactly once.
+#[tokio::test]
+async fn a_hub_killed_again_and_again_under_load_reopens_its_log_and_loses_nothing(
+) -> anyhow::Result<()> {
+    let mut opts = Options {
+        snapshot_logs: 40,
+        ..Default::default()
+    };
+    opts.hub_env.insert(
+        1,
+        vec![("FLOTILLA_TEST_WAL_SEGMENT_BYTES".into(), "8192".into())],
+    );
+    let mut c = Cluster::with_options(1, opts).await?;
+    let (spec, record) = recording_node(&c, "edge-1");
+    c.add_node(spec).await?;
+    let load = Load::start(&c, 4);
+    for _ in 0..6 {
+        load.wait_more(25).await?;
+        c.restart_hub(true).await?;
+    }
+    load.wait_more(25).await?;
+    let acked = load.stop().await?;
+    check_every_acknowledged_task_ran_once(&c, 1, &acked, &record).await?;
+    // The log rolled over into new segments all along (each is named by its first index).
+    let wal = c.hub(1).dir.join("raft.wal");
+    let newest = std::fs::read_dir(&wal)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_suffix(".seg")?.parse::<u64>().ok()
+        })
+        .max();
+    anyhow::ensure!(
+        newest.is_some_and(|n| n > 100),
+        "newest segment in {}: {newest:?}",
+        wal.display()
+    );
     Ok(())
 }
 

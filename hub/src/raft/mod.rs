@@ -78,7 +78,7 @@ pub fn open(
         .cache_capacity(cache_bytes)
         .open()
         .map_err(|e| anyhow::anyhow!("opening raft storage at {}: {e}", path.display()))?;
-    let log = store::LogStore::new(db.clone(), &path.with_extension("wal"))?;
-    let sm = sm::StateMachineStore::new(db, hooks, &path.with_extension("tmp"))?;
+    let sm = sm::StateMachineStore::new(db.clone(), hooks, &path.with_extension("tmp"))?;
+    let log = store::LogStore::new(db, &path.with_extension("wal"), sm.durable_snapshot())?;
     Ok((log, sm))
 }

@@ -74,6 +74,9 @@ pub struct StateMachineStore {
     snapshot_lock: Arc<Mutex<()>>,
     /// Where snapshot files being sent or received live (unnamed, gone when closed).
     tmp_dir: PathBuf,
+    /// One more than the last log index of the persisted snapshot (0: none), for the log
+    /// store, which must not purge its disk past it.
+    durable: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Clone for StateMachineStore {
@@ -87,6 +90,7 @@ impl Clone for StateMachineStore {
             snapshots: self.snapshots.clone(),
             snapshot_lock: self.snapshot_lock.clone(),
             tmp_dir: self.tmp_dir.clone(),
+            durable: self.durable.clone(),
         }
     }
 }
@@ -122,8 +126,10 @@ impl StateMachineStore {
         };
         let history =
             History::open(&db, generation).map_err(|e| snap_err(None, ErrorVerb::Read, e))?;
+        let durable = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut initial = match read_persisted_snapshot(&snapshots)? {
             Some((meta, bytes)) => {
+                durable.store(durable_mark(&meta), std::sync::atomic::Ordering::Release);
                 tracing::info!(snapshot = %meta, finished = history.len(), "state machine restored from snapshot");
                 decode_snapshot(&meta, &bytes, &history)?.0
             }
@@ -142,8 +148,15 @@ impl StateMachineStore {
             snapshots,
             snapshot_lock,
             tmp_dir: tmp_dir.to_owned(),
+            durable,
         };
         Ok(sm)
+    }
+
+    /// One more than the last log index of the snapshot on disk (0: none); the log store
+    /// reads it.
+    pub fn durable_snapshot(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.durable.clone()
     }
 
     /// The shared application state, for readers (never hold its guard across an await).
@@ -192,6 +205,8 @@ impl StateMachineStore {
             .flush_async()
             .await
             .map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
+        self.durable
+            .store(durable_mark(meta), std::sync::atomic::Ordering::Release);
         Ok(true)
     }
 
@@ -210,6 +225,11 @@ impl StateMachineStore {
 }
 
 /// The live part of snapshot data: `MAGIC`, length, JSON.
+/// What `StateMachineStore::durable` holds for a snapshot on disk.
+fn durable_mark(meta: &Meta) -> u64 {
+    meta.last_log_id.map_or(0, |l| l.index.saturating_add(1))
+}
+
 fn live_part(json: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(MAGIC.len() + 8 + json.len());
     out.extend_from_slice(MAGIC);

@@ -41,9 +41,11 @@ const KEY_COMMITTED: &[u8] = b"committed";
 pub struct LogStore {
     db: sled::Db,
     meta: sled::Tree,
-    /// Locked after `recent` where both are.
+    /// Never locked together with `recent`.
     wal: Arc<Mutex<Wal>>,
     recent: Arc<Mutex<Recent>>,
+    /// One more than the last index the state machine has made durable (0: none).
+    snapshot_durable: Arc<std::sync::atomic::AtomicU64>,
     /// The last log index openraft said is committed (for `flotilla_raft_commit_index`).
     committed: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -144,7 +146,13 @@ fn io_err(
 impl LogStore {
     /// Opens the log: the vote and committed id in `db`, the entries in segment files in
     /// `wal_dir` (moved there from `db` if an older build kept them in it).
-    pub fn new(db: sled::Db, wal_dir: &Path) -> StorageResult<Self> {
+    /// `snapshot_durable` is the state machine's (`StateMachineStore::durable_snapshot`):
+    /// the log is not purged on disk past it.
+    pub fn new(
+        db: sled::Db,
+        wal_dir: &Path,
+        snapshot_durable: Arc<std::sync::atomic::AtomicU64>,
+    ) -> StorageResult<Self> {
         let meta = db
             .open_tree("meta")
             .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e))?;
@@ -154,9 +162,17 @@ impl LogStore {
             db,
             meta,
             wal: Arc::new(Mutex::new(wal)),
+            snapshot_durable,
             recent: Arc::default(),
             committed: Arc::default(),
         })
+    }
+
+    /// The last index the state machine has made durable in a snapshot, if any.
+    fn durable_snapshot(&self) -> Option<u64> {
+        self.snapshot_durable
+            .load(std::sync::atomic::Ordering::Acquire)
+            .checked_sub(1)
     }
 
     /// The last log index known committed here, as openraft reports it to the store.
@@ -244,12 +260,18 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let mut entries = Vec::with_capacity(found.len());
         for pos in found {
             let index = pos.log_id.index;
-            let entry: Entry<TypeConfig> = Wal::read(&pos)
-                .map_err(|e| StorageIOError::read_log_at_index(index, AnyError::new(&e)))
-                .and_then(|json| {
-                    super::codec::decode(&json)
-                        .map_err(|e| StorageIOError::read_log_at_index(index, AnyError::new(&e)))
-                })?;
+            let json = match Wal::read(&pos) {
+                Ok(json) => json,
+                // Truncated or purged since it was found (a replication task of a leader
+                // that has just stepped down): the log ends before it now, as the
+                // entries read so far do.
+                Err(_) if !self.wal().holds(&pos) => break,
+                Err(e) => {
+                    return Err(StorageIOError::read_log_at_index(index, AnyError::new(&e)).into())
+                }
+            };
+            let entry: Entry<TypeConfig> = super::codec::decode(&json)
+                .map_err(|e| StorageIOError::read_log_at_index(index, AnyError::new(&e)))?;
             entries.push(entry);
         }
         Ok(entries)
@@ -322,29 +344,33 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             written.push((entry.log_id, v));
             decoded.push(entry);
         }
-        // Under both locks, so a reader sees the entries in both places or in neither.
-        let mut recent = self.recent();
-        let mut wal = self.wal();
-        if let Err(e) = wal.append(&written) {
-            recent.clear();
-            return Err(io_err(ErrorSubject::Logs, ErrorVerb::Write, e));
-        }
+        // The two locks are never held together: a reader that finds entries in `recent`
+        // does not wait on the log's I/O. Only this `&mut` store changes either, and a
+        // reader that misses `recent` finds the entries in the log.
+        let purged = {
+            let mut wal = self.wal();
+            if let Err(e) = wal.append(&written, self.durable_snapshot()) {
+                drop(wal);
+                self.recent().clear();
+                return Err(io_err(ErrorSubject::Logs, ErrorVerb::Write, e));
+            }
+            // Readable now; openraft hears they are flushed once they are on disk.
+            wal.flush(Done::Raft(callback));
+            wal.purged().map(|p| p.index)
+        };
         // What the log skipped (at or below its purge point) is not held here either.
-        let purged = wal.purged().map(|p| p.index);
+        let mut recent = self.recent();
         for (entry, (_, v)) in decoded.into_iter().zip(&written) {
             if purged.is_none_or(|p| entry.log_id.index > p) {
                 recent.push(entry, v.len());
             }
         }
-        // Entries are readable now; openraft hears they are flushed once they are on disk.
-        wal.flush(Done::Raft(callback));
         Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
         tracing::debug!(%log_id, "truncate logs since (inclusive)");
-        let mut recent = self.recent();
-        recent.truncate(log_id.index);
+        self.recent().truncate(log_id.index);
         self.wal()
             .truncate(log_id.index)
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
@@ -352,10 +378,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
         tracing::debug!(%log_id, "purge logs upto (inclusive)");
-        let mut recent = self.recent();
-        recent.purge(log_id.index);
+        self.recent().purge(log_id.index);
+        let durable = self.durable_snapshot();
         self.wal()
-            .purge(log_id)
+            .purge(log_id, durable)
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
     }
 }
@@ -421,7 +447,7 @@ mod tests {
     async fn an_entry_deeper_than_serde_json_allows_reads_back() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
-        let store = LogStore::new(db, &dir.path().join("wal")).unwrap();
+        let store = LogStore::new(db, &dir.path().join("wal"), Arc::default()).unwrap();
         let mut args = serde_json::json!("x");
         for _ in 0..300 {
             args = serde_json::json!({ "a": args });
@@ -433,7 +459,7 @@ mod tests {
         };
         let bytes = serde_json::to_vec(&entry).unwrap();
         assert!(serde_json::from_slice::<Entry<TypeConfig>>(&bytes).is_err());
-        store.wal().append(&[(entry.log_id, bytes)]).unwrap();
+        store.wal().append(&[(entry.log_id, bytes)], None).unwrap();
         let mut reader = store.clone();
         let got = reader.try_get_log_entries(7..8).await.unwrap();
         match &got[0].payload {

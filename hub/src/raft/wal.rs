@@ -22,8 +22,12 @@
 //!   in any other segment is damage this log did not make, and opening fails;
 //! - a purge makes `purged` durable before it unlinks anything, so a crash in between
 //!   leaves files that the next open removes;
-//! - a truncation unlinks whole segments from the newest back and cuts the one left, then
-//!   syncs both, so what survives a crash is always a prefix.
+//! - a purge past what the state machine has made durable (a follower installing a
+//!   snapshot: openraft purges the log while the install is still running) takes effect in
+//!   memory at once and on disk only once the snapshot is durable, so a crash in between
+//!   leaves the old log, not a log purged past a state machine that never got there;
+//! - a truncation unlinks whole segments from the newest back and syncs the directory,
+//!   then cuts the one left and syncs it, so what survives a crash is always a prefix.
 //!
 //! Log ids are ordered by index alone: a truncation cuts at an index, whatever the terms.
 //!
@@ -44,6 +48,8 @@ use serde::Deserialize;
 use super::{NodeId, TypeConfig};
 
 /// A segment takes no more appends once it holds this much; purges free whole segments.
+/// (A failpoints build takes `FLOTILLA_TEST_WAL_SEGMENT_BYTES`, for tests that need many
+/// rollovers.)
 const SEGMENT_BYTES: u64 = 2 << 20;
 /// Record header: length and CRC.
 const HEADER: usize = 8;
@@ -67,6 +73,8 @@ pub(super) struct Pos {
 #[derive(Debug)]
 struct Segment {
     first: u64,
+    /// One past the index of its last record.
+    next: u64,
     path: PathBuf,
     file: Arc<File>,
     len: u64,
@@ -76,11 +84,15 @@ struct Segment {
 #[derive(Debug)]
 pub(super) struct Wal {
     dir: PathBuf,
+    /// The purge point openraft set: nothing at or below it is held.
     purged: Option<LogId<NodeId>>,
+    /// The purge point in the `purged` file; records between the two are still on disk.
+    purged_on_disk: Option<LogId<NodeId>>,
     /// Oldest first; the last takes appends.
     segments: VecDeque<Segment>,
     /// Every entry above `purged`, in index order without gaps.
     entries: VecDeque<Pos>,
+    segment_bytes: u64,
     flusher: mpsc::Sender<Flush>,
 }
 
@@ -187,6 +199,12 @@ impl Wal {
                 .strip_suffix(".seg")
                 .and_then(|n| n.parse::<u64>().ok())
             {
+                if name != segment_name(first) {
+                    return Err(corrupt(format!(
+                        "{}: a segment file this log did not name",
+                        dir.join(&*name).display()
+                    )));
+                }
                 firsts.push(first);
             } else if name.starts_with('.') && name.ends_with(".tmp") {
                 // A `purged` file whose rename never happened.
@@ -202,8 +220,13 @@ impl Wal {
         let mut wal = Wal {
             dir: dir.to_path_buf(),
             purged,
+            purged_on_disk: purged,
             segments: VecDeque::new(),
             entries: VecDeque::new(),
+            segment_bytes: crate::faults::test_setting(
+                "FLOTILLA_TEST_WAL_SEGMENT_BYTES",
+                SEGMENT_BYTES,
+            ),
             flusher: tx,
         };
         let count = firsts.len();
@@ -215,7 +238,7 @@ impl Wal {
                 return Err(corrupt(format!(
                     "{}: the previous segment ends at {}, this one starts at {first}",
                     path.display(),
-                    next.unwrap_or_default() - 1
+                    next.unwrap_or_default().saturating_sub(1)
                 )));
             }
             let file = Arc::new(open_segment(&path, false)?);
@@ -234,7 +257,7 @@ impl Wal {
                             });
                         }
                         at += len;
-                        index += 1;
+                        index = index.saturating_add(1);
                         continue;
                     }
                     Ok((log_id, _, _)) => {
@@ -268,6 +291,7 @@ impl Wal {
             next = Some(index);
             wal.segments.push_back(Segment {
                 first,
+                next: index,
                 path,
                 file,
                 len: at as u64,
@@ -280,6 +304,16 @@ impl Wal {
 
     pub(super) fn purged(&self) -> Option<LogId<NodeId>> {
         self.purged
+    }
+
+    /// Whether the entry at `pos` is still held there (a truncation or purge since may
+    /// have removed it).
+    pub(super) fn holds(&self, pos: &Pos) -> bool {
+        self.locate(pos.log_id.index, pos.log_id.index)
+            .first()
+            .is_some_and(|p| {
+                p.log_id == pos.log_id && p.offset == pos.offset && Arc::ptr_eq(&p.file, &pos.file)
+            })
     }
 
     pub(super) fn last(&self) -> Option<LogId<NodeId>> {
@@ -305,8 +339,12 @@ impl Wal {
     /// Writes entries (log id and JSON) after the last one held: they are readable when
     /// this returns and durable once a `flush` after it reports so. Entries at or below the
     /// purge point are skipped; entries at or below the last one held replace it and all
-    /// after it.
-    pub(super) fn append(&mut self, entries: &[(LogId<NodeId>, Vec<u8>)]) -> io::Result<()> {
+    /// after it. `durable_upto` is as for `purge`.
+    pub(super) fn append(
+        &mut self,
+        entries: &[(LogId<NodeId>, Vec<u8>)],
+        durable_upto: Option<u64>,
+    ) -> io::Result<()> {
         let purged = self.purged.map(|p| p.index);
         let entries: Vec<_> = entries
             .iter()
@@ -315,10 +353,30 @@ impl Wal {
         let Some(first) = entries.first().map(|(id, _)| id.index) else {
             return Ok(());
         };
+        self.persist_purge(durable_upto)?;
+        if self.segments.back().is_some_and(|s| s.next != first)
+            && self.purged.map(|p| p.index) > self.purged_on_disk.map(|p| p.index)
+        {
+            // The log goes on past a purge not yet on disk, after records that purge
+            // covers: the purge must be on disk first, or the segments would have a gap.
+            // openraft sends a follower entries past an installed snapshot only once the
+            // install is done, so this is not reached in a cluster.
+            tracing::debug!(
+                first,
+                "making a pending purge durable before an append past it"
+            );
+            self.persist_purge(Some(u64::MAX))?;
+        }
         if self.last().is_some_and(|l| first <= l.index) {
             self.truncate(first)?;
         }
-        let mut expect = self.last().map(|l| l.index + 1);
+        if let Some(back) = self.segments.back().filter(|s| s.next != first) {
+            return Err(io::Error::other(format!(
+                "append of entry {first} after records up to {}: the log has no gaps",
+                back.next.saturating_sub(1)
+            )));
+        }
+        let mut expect = self.last().map(|l| l.index.saturating_add(1));
         let mut buf = Vec::new();
         let mut offsets = Vec::new();
         for (id, json) in entries {
@@ -329,11 +387,11 @@ impl Wal {
                     expect.unwrap_or_default() - 1
                 )));
             }
-            expect = Some(id.index + 1);
+            expect = Some(id.index.saturating_add(1));
             if self
                 .segments
                 .back()
-                .is_none_or(|s| s.len + buf.len() as u64 >= SEGMENT_BYTES)
+                .is_none_or(|s| s.len + buf.len() as u64 >= self.segment_bytes)
             {
                 self.write_out(&mut buf, &mut offsets)?;
                 self.roll_over(id.index)?;
@@ -357,6 +415,7 @@ impl Wal {
         let seg = self.segments.back_mut().expect("a segment to write to");
         seg.file.write_all_at(buf, seg.len)?;
         for (log_id, start, len) in offsets.drain(..) {
+            seg.next = log_id.index.saturating_add(1);
             self.entries.push_back(Pos {
                 log_id,
                 file: seg.file.clone(),
@@ -379,6 +438,7 @@ impl Wal {
         sync_dir(&self.dir)?;
         self.segments.push_back(Segment {
             first,
+            next: first,
             path,
             file: Arc::new(file),
             len: 0,
@@ -411,38 +471,44 @@ impl Wal {
             std::fs::remove_file(&seg.path)?;
             unlinked = true;
         }
+        if unlinked {
+            // Before the cut below: a cut segment followed by one it no longer leads to
+            // would not open.
+            sync_dir(&self.dir)?;
+        }
         // Where the first removed entry starts, if it is in the segment that is left.
         let mut cut = None;
         while self.entries.back().is_some_and(|p| p.log_id.index >= index) {
             let pos = self.entries.pop_back().expect("checked");
             if let Some(seg) = self.segments.back() {
                 if Arc::ptr_eq(&pos.file, &seg.file) {
-                    cut = Some(pos.offset);
+                    cut = Some((pos.offset, pos.log_id.index));
                 }
             }
         }
-        if let (Some(seg), Some(offset)) = (self.segments.back_mut(), cut) {
+        if let (Some(seg), Some((offset, next))) = (self.segments.back_mut(), cut) {
             if offset < seg.len {
                 seg.file.set_len(offset)?;
                 seg.file.sync_all()?;
                 seg.len = offset;
+                seg.next = next;
             }
-        }
-        if unlinked {
-            sync_dir(&self.dir)?;
         }
         Ok(())
     }
 
-    /// Forgets the entries up to `log_id` and unlinks the segments that hold nothing else.
-    /// The purge point is durable when this returns.
-    pub(super) fn purge(&mut self, log_id: LogId<NodeId>) -> io::Result<()> {
+    /// Forgets the entries up to `log_id`. On disk, the purge point is written and the
+    /// segments that hold nothing else are unlinked now if `log_id` is at or below
+    /// `durable_upto` (the last index the state machine has made durable; `None` for
+    /// none), and otherwise at a later call once it is.
+    pub(super) fn purge(
+        &mut self,
+        log_id: LogId<NodeId>,
+        durable_upto: Option<u64>,
+    ) -> io::Result<()> {
         if self.purged.is_some_and(|p| p.index >= log_id.index) {
             return Ok(());
         }
-        let json = serde_json::to_vec(&log_id).map_err(io::Error::other)?;
-        flotilla_common::pki::write_whole(&self.dir.join(PURGED), &json, 0o600)
-            .map_err(|e| io::Error::other(e.to_string()))?;
         self.purged = Some(log_id);
         while self
             .entries
@@ -451,30 +517,42 @@ impl Wal {
         {
             self.entries.pop_front();
         }
+        self.persist_purge(durable_upto)
+    }
+
+    /// Writes the purge point to disk if it is newer there and at or below `durable_upto`,
+    /// then unlinks what it covers.
+    fn persist_purge(&mut self, durable_upto: Option<u64>) -> io::Result<()> {
+        let Some(purged) = self.purged else {
+            return Ok(());
+        };
+        if self.purged_on_disk.is_some_and(|p| p.index >= purged.index)
+            || durable_upto.is_none_or(|d| purged.index > d)
+        {
+            return Ok(());
+        }
+        let json = serde_json::to_vec(&purged).map_err(io::Error::other)?;
+        flotilla_common::pki::write_whole(&self.dir.join(PURGED), &json, 0o600)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        self.purged_on_disk = Some(purged);
         self.unlink_purged()
     }
 
-    /// Unlinks the oldest segments while every entry they hold is at or below the purge
-    /// point.
+    /// Unlinks the oldest segments while every record they hold is at or below the purge
+    /// point on disk.
     fn unlink_purged(&mut self) -> io::Result<()> {
-        let Some(purged) = self.purged.map(|p| p.index) else {
+        let Some(purged) = self.purged_on_disk.map(|p| p.index) else {
             return Ok(());
         };
-        loop {
-            // The last index of the oldest segment: one before the next segment's first, or
-            // (for the last segment) the last entry; a last segment with no entry above the
-            // purge point holds nothing worth keeping.
-            let done = match (self.segments.front(), self.segments.get(1)) {
-                (None, _) => true,
-                (Some(_), Some(next)) => next.first - 1 > purged,
-                (Some(_), None) => !self.entries.is_empty(),
-            };
-            if done {
-                return Ok(());
-            }
+        while self
+            .segments
+            .front()
+            .is_some_and(|s| s.next <= purged.saturating_add(1))
+        {
             let seg = self.segments.pop_front().expect("checked");
             std::fs::remove_file(&seg.path)?;
         }
+        Ok(())
     }
 
     /// Reads the JSON of the entry at `pos`, checking that the record is whole and is that
@@ -556,6 +634,24 @@ pub(super) fn open(db: &sled::Db, meta: &sled::Tree, dir: &Path) -> io::Result<W
         std::fs::rename(&fresh, dir)?;
         flotilla_common::pki::sync_dir(dir);
     }
+    if let Some((_, v)) = old.last().map_err(io::Error::other)? {
+        // Left by a migration cut short after its rename, sled's entries are all in the
+        // segment files too. Entries past them were written by an older build run on this
+        // data dir after a newer one: dropping them could lose what was acknowledged.
+        let id: StoredLogId = super::codec::decode(&v).map_err(io::Error::other)?;
+        let wal = Wal::open(dir)?;
+        let held = wal.last().or(wal.purged()).map(|l| l.index);
+        if held.is_none_or(|h| id.log_id.index > h) {
+            return Err(io::Error::other(format!(
+                "the raft log in sled goes on to entry {} past the {} entries in {}: an older \
+                 flotilla ran on this data dir after this one moved its log out of sled; run \
+                 the older build, or restore the data dir from before it ran",
+                id.log_id.index,
+                held.map_or("no".to_string(), |h| format!("{h}")),
+                dir.display()
+            )));
+        }
+    }
     if !old.is_empty()
         || meta
             .contains_key(KEY_LAST_PURGED)
@@ -577,7 +673,7 @@ pub(super) fn open(db: &sled::Db, meta: &sled::Tree, dir: &Path) -> io::Result<W
 fn copy_sled_log(old: &sled::Tree, meta: &sled::Tree, wal: &mut Wal) -> io::Result<()> {
     if let Some(bytes) = meta.get(KEY_LAST_PURGED).map_err(io::Error::other)? {
         let purged: LogId<NodeId> = super::codec::decode(&bytes).map_err(io::Error::other)?;
-        wal.purge(purged)?;
+        wal.purge(purged, Some(u64::MAX))?;
     }
     let mut batch = Vec::new();
     for kv in old.iter() {
@@ -585,11 +681,11 @@ fn copy_sled_log(old: &sled::Tree, meta: &sled::Tree, wal: &mut Wal) -> io::Resu
         let id: StoredLogId = super::codec::decode(&v).map_err(io::Error::other)?;
         batch.push((id.log_id, v.to_vec()));
         if batch.len() >= 1024 {
-            wal.append(&batch)?;
+            wal.append(&batch, None)?;
             batch.clear();
         }
     }
-    wal.append(&batch)
+    wal.append(&batch, None)
 }
 
 #[cfg(test)]
@@ -613,7 +709,7 @@ mod tests {
         let batch: Vec<_> = indexes
             .map(|i| (id(term, i), entry_json(term, i)))
             .collect();
-        wal.append(&batch).unwrap();
+        wal.append(&batch, None).unwrap();
         wal.sync().unwrap();
     }
 
@@ -654,7 +750,7 @@ mod tests {
         let mut wal = Wal::open(&path).unwrap();
         assert_eq!(wal.last(), None);
         let batch: Vec<_> = (1..=10).map(|i| big(1, i)).collect();
-        wal.append(&batch).unwrap();
+        wal.append(&batch, None).unwrap();
         wal.sync().unwrap();
         assert_eq!(
             segments(&path),
@@ -673,7 +769,7 @@ mod tests {
             .collect();
         assert_eq!(held(&wal), expect);
         // Purging through 5 frees the first segment (1-4) whole; the second holds 6-8 too.
-        wal.purge(id(1, 5)).unwrap();
+        wal.purge(id(1, 5), Some(5)).unwrap();
         assert_eq!(held(&wal), expect[5..]);
         assert_eq!(segments(&path), [segment_name(5)]);
         drop(wal);
@@ -683,7 +779,7 @@ mod tests {
         assert_eq!(held(&wal), expect[5..]);
         // A purge past the last entry (a snapshot installed) empties the log; appends go on
         // after the purge point.
-        wal.purge(id(3, 20)).unwrap();
+        wal.purge(id(3, 20), Some(20)).unwrap();
         assert_eq!(wal.last(), None);
         assert!(segments(&path).is_empty());
         append(&mut wal, 3, 21..=22);
@@ -691,6 +787,36 @@ mod tests {
         let wal = Wal::open(&path).unwrap();
         assert_eq!(held(&wal), [(3, 21), (3, 22)]);
         assert_eq!(wal.purged(), Some(id(3, 20)));
+    }
+
+    /// A follower installing a snapshot: openraft purges the log past the state machine
+    /// before the install is durable. A crash then must find the old log, not one purged
+    /// past a state machine that never got there; once the snapshot is durable, the purge
+    /// reaches the disk.
+    #[test]
+    fn a_purge_past_the_durable_snapshot_waits_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::open(dir.path()).unwrap();
+        append(&mut wal, 1, 1..=5);
+        wal.purge(id(2, 100), Some(3)).unwrap();
+        assert_eq!(wal.last(), None, "nothing is held past the purge point");
+        assert_eq!(wal.purged(), Some(id(2, 100)));
+        drop(wal);
+
+        // The crash: the old log is all there.
+        let mut wal = Wal::open(dir.path()).unwrap();
+        assert_eq!(wal.purged(), None);
+        assert_eq!(held(&wal).len(), 5);
+        wal.purge(id(2, 100), Some(3)).unwrap();
+        // The install is durable by the next append: the purge reaches the disk first.
+        wal.append(&[(id(2, 101), entry_json(2, 101))], Some(100))
+            .unwrap();
+        wal.sync().unwrap();
+        assert_eq!(segments(dir.path()), [segment_name(101)]);
+        drop(wal);
+        let wal = Wal::open(dir.path()).unwrap();
+        assert_eq!(wal.purged(), Some(id(2, 100)));
+        assert_eq!(held(&wal), [(2, 101)]);
     }
 
     /// Truncation is by index: a suffix from a higher term is cut like any other.
@@ -705,7 +831,7 @@ mod tests {
         append(&mut wal, 3, 4..=4);
         assert_eq!(held(&wal), [(1, 1), (1, 2), (1, 3), (3, 4)]);
         assert!(
-            wal.append(&[(id(3, 9), entry_json(3, 9))]).is_err(),
+            wal.append(&[(id(3, 9), entry_json(3, 9))], None).is_err(),
             "a gap"
         );
     }
@@ -744,7 +870,7 @@ mod tests {
     fn damage_before_the_last_segment_refuses_to_open() {
         let dir = tempfile::tempdir().unwrap();
         let mut wal = Wal::open(dir.path()).unwrap();
-        wal.append(&(1..=6).map(|i| big(1, i)).collect::<Vec<_>>())
+        wal.append(&(1..=6).map(|i| big(1, i)).collect::<Vec<_>>(), None)
             .unwrap();
         wal.sync().unwrap();
         drop(wal);
@@ -766,7 +892,7 @@ mod tests {
     fn a_crash_at_a_rollover_loses_nothing_acknowledged() {
         let dir = tempfile::tempdir().unwrap();
         let mut wal = Wal::open(dir.path()).unwrap();
-        wal.append(&(1..=4).map(|i| big(1, i)).collect::<Vec<_>>())
+        wal.append(&(1..=4).map(|i| big(1, i)).collect::<Vec<_>>(), None)
             .unwrap();
         wal.sync().unwrap();
         let full = segments(dir.path());
@@ -778,7 +904,7 @@ mod tests {
         let mut wal = Wal::open(dir.path()).unwrap();
         assert_eq!(segments(dir.path()), full);
         assert_eq!(wal.last(), Some(id(1, 4)));
-        wal.append(&[big(1, 5)]).unwrap();
+        wal.append(&[big(1, 5)], None).unwrap();
         wal.sync().unwrap();
         assert_eq!(held(&wal).len(), 5);
     }
@@ -841,9 +967,17 @@ mod tests {
         drop(wal);
 
         // After the rename, before sled was cleared: sled's copy is dropped, the log kept.
-        logs.insert(9u64.to_be_bytes(), entry_json(1, 9)).unwrap();
+        logs.insert(3u64.to_be_bytes(), entry_json(1, 3)).unwrap();
         let wal = open(&db, &meta, &path).unwrap();
         assert_eq!(held(&wal).len(), 3);
         assert!(logs.is_empty());
+        drop(wal);
+
+        // An older build ran after this one and wrote entries past the segment files':
+        // opening refuses rather than drop them.
+        logs.insert(4u64.to_be_bytes(), entry_json(1, 4)).unwrap();
+        let err = open(&db, &meta, &path).unwrap_err();
+        assert!(err.to_string().contains("an older flotilla"), "{err}");
+        assert_eq!(logs.len(), 1);
     }
 }
