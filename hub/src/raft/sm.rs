@@ -224,12 +224,12 @@ impl StateMachineStore {
     }
 }
 
-/// The live part of snapshot data: `MAGIC`, length, JSON.
 /// What `StateMachineStore::durable` holds for a snapshot on disk.
 fn durable_mark(meta: &Meta) -> u64 {
     meta.last_log_id.map_or(0, |l| l.index.saturating_add(1))
 }
 
+/// The live part of snapshot data: `MAGIC`, length, JSON.
 fn live_part(json: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(MAGIC.len() + 8 + json.len());
     out.extend_from_slice(MAGIC);
@@ -447,7 +447,15 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let bytes = if head == MAGIC {
             let mut len = [0u8; 8];
             input.read_exact(&mut len).map_err(read_err)?;
-            let mut json = vec![0; u64::from_be_bytes(len) as usize];
+            let len = u64::from_be_bytes(len);
+            let size = input.get_ref().metadata().map_err(read_err)?.len();
+            if len > size {
+                return Err(read_err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("a snapshot's live state of {len} bytes in a file of {size}"),
+                )));
+            }
+            let mut json = vec![0; len as usize];
             input.read_exact(&mut json).map_err(read_err)?;
             live_part(&json)
         } else {

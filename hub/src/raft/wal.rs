@@ -234,7 +234,12 @@ impl Wal {
         for (i, first) in firsts.into_iter().enumerate() {
             let path = dir.join(segment_name(first));
             let last = i + 1 == count;
-            if next.is_some_and(|n| n != first) {
+            // A gap is damage, unless all it leaves out is purged anyway (unlinks of purged
+            // segments reordered by a crash).
+            let covered = wal
+                .purged
+                .is_some_and(|p| first <= p.index.saturating_add(1));
+            if next.is_some_and(|n| n != first) && !covered {
                 return Err(corrupt(format!(
                     "{}: the previous segment ends at {}, this one starts at {first}",
                     path.display(),
@@ -247,7 +252,7 @@ impl Wal {
             let mut index = first;
             while at < bytes.len() {
                 let problem = match parse(&bytes[at..]) {
-                    Ok((log_id, _, len)) if log_id.index == index => {
+                    Ok((log_id, _, len)) if log_id.index == index && index < u64::MAX => {
                         if wal.purged.is_none_or(|p| log_id.index > p.index) {
                             wal.entries.push_back(Pos {
                                 log_id,
@@ -354,6 +359,9 @@ impl Wal {
             return Ok(());
         };
         self.persist_purge(durable_upto)?;
+        if self.last().is_some_and(|l| first <= l.index) {
+            self.truncate(first)?;
+        }
         if self.segments.back().is_some_and(|s| s.next != first)
             && self.purged.map(|p| p.index) > self.purged_on_disk.map(|p| p.index)
         {
@@ -366,9 +374,6 @@ impl Wal {
                 "making a pending purge durable before an append past it"
             );
             self.persist_purge(Some(u64::MAX))?;
-        }
-        if self.last().is_some_and(|l| first <= l.index) {
-            self.truncate(first)?;
         }
         if let Some(back) = self.segments.back().filter(|s| s.next != first) {
             return Err(io::Error::other(format!(
@@ -534,6 +539,9 @@ impl Wal {
         let json = serde_json::to_vec(&purged).map_err(io::Error::other)?;
         flotilla_common::pki::write_whole(&self.dir.join(PURGED), &json, 0o600)
             .map_err(|e| io::Error::other(e.to_string()))?;
+        // `write_whole` syncs the rename as best it can; here a failure must stop the
+        // unlinks below.
+        sync_dir(&self.dir)?;
         self.purged_on_disk = Some(purged);
         self.unlink_purged()
     }
@@ -636,18 +644,19 @@ pub(super) fn open(db: &sled::Db, meta: &sled::Tree, dir: &Path) -> io::Result<W
     }
     if let Some((_, v)) = old.last().map_err(io::Error::other)? {
         // Left by a migration cut short after its rename, sled's entries are all in the
-        // segment files too. Entries past them were written by an older build run on this
-        // data dir after a newer one: dropping them could lose what was acknowledged.
+        // segment files too (or purged there). Any other entry was written by an older
+        // build run on this data dir after this one: dropping it could lose what was
+        // acknowledged.
         let id: StoredLogId = super::codec::decode(&v).map_err(io::Error::other)?;
+        let id = id.log_id;
         let wal = Wal::open(dir)?;
-        let held = wal.last().or(wal.purged()).map(|l| l.index);
-        if held.is_none_or(|h| id.log_id.index > h) {
+        let purged = wal.purged().is_some_and(|p| id.index <= p.index);
+        let held = wal.locate(id.index, id.index).first().map(|p| p.log_id);
+        if !purged && held != Some(id) {
             return Err(io::Error::other(format!(
-                "the raft log in sled goes on to entry {} past the {} entries in {}: an older \
+                "the raft log in sled ends at entry {id}, which {} does not hold: an older \
                  flotilla ran on this data dir after this one moved its log out of sled; run \
                  the older build, or restore the data dir from before it ran",
-                id.log_id.index,
-                held.map_or("no".to_string(), |h| format!("{h}")),
                 dir.display()
             )));
         }
@@ -819,6 +828,26 @@ mod tests {
         assert_eq!(held(&wal), [(2, 101)]);
     }
 
+    /// A crash can persist one unlink of purged segments and not an older one: the gap
+    /// it leaves holds only purged entries, and the log opens.
+    #[test]
+    fn a_gap_of_purged_segments_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::open(dir.path()).unwrap();
+        wal.append(&(1..=10).map(|i| big(1, i)).collect::<Vec<_>>(), None)
+            .unwrap();
+        wal.sync().unwrap();
+        let oldest = dir.path().join(segment_name(1));
+        let kept = std::fs::read(&oldest).unwrap();
+        wal.purge(id(1, 8), Some(8)).unwrap();
+        assert_eq!(segments(dir.path()), [segment_name(9)]);
+        drop(wal);
+        std::fs::write(&oldest, kept).unwrap();
+        let wal = Wal::open(dir.path()).unwrap();
+        assert_eq!(held(&wal), [(1, 9), (1, 10)]);
+        assert_eq!(segments(dir.path()), [segment_name(9)]);
+    }
+
     /// Truncation is by index: a suffix from a higher term is cut like any other.
     #[test]
     fn truncation_cuts_by_index_whatever_the_terms() {
@@ -975,9 +1004,13 @@ mod tests {
 
         // An older build ran after this one and wrote entries past the segment files':
         // opening refuses rather than drop them.
-        logs.insert(4u64.to_be_bytes(), entry_json(1, 4)).unwrap();
-        let err = open(&db, &meta, &path).unwrap_err();
-        assert!(err.to_string().contains("an older flotilla"), "{err}");
-        assert_eq!(logs.len(), 1);
+        for (term, index) in [(1u64, 4u64), (7, 3)] {
+            logs.clear().unwrap();
+            logs.insert(index.to_be_bytes(), entry_json(term, index))
+                .unwrap();
+            let err = open(&db, &meta, &path).unwrap_err();
+            assert!(err.to_string().contains("an older flotilla"), "{err}");
+            assert_eq!(logs.len(), 1);
+        }
     }
 }
