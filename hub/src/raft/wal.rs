@@ -938,17 +938,20 @@ mod tests {
         assert_eq!(held(&wal).len(), 5);
     }
 
+    /// An older build's database in `dir`: the whole db, its `meta` and `logs` trees.
+    fn sled_log(dir: &Path) -> (sled::Db, sled::Tree, sled::Tree) {
+        let db = sled::Config::new().path(dir.join("raft")).open().unwrap();
+        let meta = db.open_tree("meta").unwrap();
+        let logs = db.open_tree("logs").unwrap();
+        (db, meta, logs)
+    }
+
     /// A data dir whose log is in sled comes up with the same entries and purge point in
     /// segment files, and sled no longer holds them; opening again changes nothing.
     #[test]
     fn a_log_kept_in_sled_moves_into_segment_files() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new()
-            .path(dir.path().join("raft"))
-            .open()
-            .unwrap();
-        let meta = db.open_tree("meta").unwrap();
-        let logs = db.open_tree("logs").unwrap();
+        let (db, meta, logs) = sled_log(dir.path());
         // Purged through 3; entry 3 was left behind by a crash between the two writes.
         let purged = id(1, 3);
         meta.insert(KEY_LAST_PURGED, serde_json::to_vec(&purged).unwrap())
@@ -975,12 +978,7 @@ mod tests {
     #[test]
     fn a_migration_cut_short_is_finished_on_the_next_open() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new()
-            .path(dir.path().join("raft"))
-            .open()
-            .unwrap();
-        let meta = db.open_tree("meta").unwrap();
-        let logs = db.open_tree("logs").unwrap();
+        let (db, meta, logs) = sled_log(dir.path());
         for index in 1..=3u64 {
             logs.insert(index.to_be_bytes(), entry_json(1, index))
                 .unwrap();
