@@ -55,8 +55,9 @@ const RECENT_ENTRIES: usize = 256;
 const RECENT_BYTES: usize = 8 << 20;
 
 /// The newest appended entries, decoded: a contiguous run of indexes ending at the last
-/// append, the same as the segment files hold for them (appends, truncation and purges
-/// change both under both locks).
+/// append, the same as the segment files hold for them. Only the one `&mut LogStore`
+/// changes either, and never holds an entry here that the files do not: an append writes
+/// the files first, a truncation or purge changes this first.
 #[derive(Debug, Default)]
 struct Recent {
     entries: VecDeque<(Entry<TypeConfig>, usize)>,
