@@ -281,7 +281,7 @@ impl Wal {
                     at,
                     dropped_bytes = bytes.len() - at,
                     %problem,
-                    "cutting a torn write off the end of the raft log (a crash during an append that was never acknowledged)"
+                    "cutting the raft log at its first record that does not check out: a torn write from a crash during an append, which was never acknowledged; or, if the disk damaged a record, entries this hub acknowledged are gone and it relies on the other hubs for them"
                 );
                 file.set_len(at as u64)?;
                 file.sync_all()?;
