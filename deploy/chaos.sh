@@ -163,7 +163,10 @@ else
   fail "cutting node-a1 off"
 fi
 docker network connect --alias node-a1 "$net" "$(container node-a1)" >/dev/null 2>&1
-within 60 nodes_ready && ok "node-a1 reconnected" || fail "node-a1 reconnected"
+within 60 nodes_ready && ok "node-a1 reconnected" || {
+  fail "node-a1 reconnected" "$(as_admin nodes 2>&1)"
+  docker logs --tail 40 "$(container node-a1)" 2>&1 | cut -c1-300
+}
 
 # 4. restart everything.
 compose restart >/dev/null 2>&1
