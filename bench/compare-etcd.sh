@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Side by side, same machine, same run, same client concurrency: end-to-end tool calls on a
 # three-hub Flotilla cluster (durable writes) and single-key puts on a three-member etcd
-# cluster (Debian's etcd-server). Prints both tables and the ratio.
+# cluster (Debian's etcd-server). Prints both tables and the ratio, the ceiling any gateway
+# has here (the same MCP server called directly), and what a call costs: CPU by part,
+# Raft entries and fsyncs.
 #   bench/compare-etcd.sh [CLIENTS] [TOTAL]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -63,15 +65,35 @@ for p in sys.argv[1:]:
     f=open(f"/proc/{p}/stat").read().rsplit(")",1)[1].split()
     t+=int(f[11])+int(f[12])
 print(t*10)' "$@"; }
+# fsyncs, counted over the whole machine while each side runs (nothing else runs here), when
+# `perf` can count syscalls; the Flotilla side's count includes starting its cluster.
+syncs() { # FILE COMMAND...: runs COMMAND, its fsync + fdatasync count into FILE
+  local out=$1; shift
+  if perf stat -a -x, -e syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync -o "$out" -- true >/dev/null 2>&1; then
+    perf stat -a -x, -e syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync -o "$out" -- "$@"
+  else
+    : >"$out"; "$@"
+  fi
+}
+sum_syncs() { awk -F, '/sys_enter_f/ {n+=$1} END {print n+0}' "$1"; }
 etcd_cpu0=$(cpu_ms "${pids[@]}")
-etcd_out=$(target/etcd-put/release/etcd-put --endpoints "$endpoints" --clients "$clients" --total "$total")
+etcd_out=$(syncs "$work/etcd.syncs" target/etcd-put/release/etcd-put --endpoints "$endpoints" --clients "$clients" --total "$total")
 etcd_cpu1=$(cpu_ms "${pids[@]}")
 echo "$etcd_out" | grep '^|'
-flt_out=$(target/release/flotilla-bench calls --hubs 3 --agents "$clients" --calls "$total" --no-direct 2>/dev/null)
+# Without --no-direct the bench first calls the same MCP server directly, with no gateway:
+# no gateway can do more calls per second than that on this machine.
+flt_out=$(syncs "$work/flt.syncs" target/release/flotilla-bench calls --hubs 3 --agents "$clients" --calls "$total" 2>/dev/null)
 echo "$flt_out" | grep '^| through' | awk -F'|' '{printf "| Flotilla 3 hubs, end-to-end tool calls |%s|%s|%s|%s|%s|\n", $3, $5, $6, $7, $8}'
+echo "$flt_out" | grep '^| direct' | awk -F'|' '{printf "| the same MCP server called directly (no gateway) |%s|%s|%s|%s|%s|\n", $3, $5, $6, $7, $8}'
 e=$(echo "$etcd_out" | awk '/^etcd_puts_per_second/ {print $2}')
 f=$(echo "$flt_out" | awk '/^flotilla_calls_per_second/ {print $2}')
+d=$(echo "$flt_out" | awk '/^direct_calls_per_second/ {print $2}')
 echo
 python3 -c "print(f'ratio Flotilla calls/s / etcd puts/s: {$f/$e:.3f}')"
+python3 -c "print(f'ceiling, direct MCP calls/s / etcd puts/s: {$d/$e:.3f}')"
 echo "etcd cpu_ms_per_put (three members): $(python3 -c "print(f'{($etcd_cpu1-$etcd_cpu0)/$total:.3f}')")"
 echo "Flotilla $(echo "$flt_out" | grep '^cpu_ms_per_call')"
+echo "Flotilla $(echo "$flt_out" | grep '^raft_entries_per_call')"
+if [ -s "$work/etcd.syncs" ] && [ -s "$work/flt.syncs" ]; then
+  python3 -c "print(f'fsyncs per operation (all processes): etcd {$(sum_syncs "$work/etcd.syncs")/$total:.2f}, Flotilla {$(sum_syncs "$work/flt.syncs")/$total:.2f}')"
+fi

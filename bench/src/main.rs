@@ -419,6 +419,7 @@ async fn calls(bin: &std::path::Path, args: Args) -> anyhow::Result<()> {
         agents.push(cluster.agent_at(cluster.hubs[j % cluster.hubs.len()].id, &token));
     }
     let cpu_before = cpu_by_part(&cluster);
+    let index_before = commit_index(&cluster).await;
     let split = args.submit_watch;
     let through_stats = drive(args.agents, args.calls, move |i| {
         let agent = agents[i % agents.len()].clone();
@@ -432,6 +433,13 @@ async fn calls(bin: &std::path::Path, args: Args) -> anyhow::Result<()> {
     })
     .await;
     let cpu_after = cpu_by_part(&cluster);
+    if let (Some(a), Some(b)) = (index_before, commit_index(&cluster).await) {
+        // Each entry is one commit: a quorum of hubs wrote and synced it.
+        println!(
+            "raft_entries_per_call {:.3}",
+            b.saturating_sub(a) as f64 / through_stats.lat.len().max(1) as f64
+        );
+    }
     let per_call =
         |i: usize| (cpu_after[i] - cpu_before[i]) as f64 / through_stats.lat.len().max(1) as f64;
     println!(
@@ -451,6 +459,17 @@ async fn calls(bin: &std::path::Path, args: Args) -> anyhow::Result<()> {
         node_rss,
     );
     Ok(())
+}
+
+/// The last log index hub 1 knows committed (`flotilla_raft_commit_index`), if it answers.
+async fn commit_index(cluster: &Cluster) -> Option<u64> {
+    let http = cluster.hubs[0].http().ok()?;
+    let (_, body) = flotilla_tests::http_get(&http, "/metrics").await.ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix("flotilla_raft_commit_index "))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// The arguments of the `i`th echo call.
@@ -548,8 +567,11 @@ fn report(
             through_stats.pct(0.5) - d.pct(0.5)
         );
     }
-    // A line scripts can read.
+    // Lines scripts can read.
     println!("flotilla_calls_per_second {:.1}", through_stats.rate());
+    if let Some(d) = direct_stats {
+        println!("direct_calls_per_second {:.1}", d.rate());
+    }
     println!(
         "RSS after the run: hub {} MiB, node {} MiB",
         hub_rss.map_or("?".into(), |k| format!("{:.1}", k as f64 / 1024.0)),
@@ -575,10 +597,16 @@ fn disk_bytes(dir: &std::path::Path) -> u64 {
         .sum()
 }
 
-/// Calls at full speed through a cluster it starts (default settings but a short
-/// retention), one `soak_window` line every 10,000 calls.
-async fn soak(calls: usize, hubs: u64, retention_s: u64, conc: usize) -> anyhow::Result<()> {
-    const WINDOW: usize = 10_000;
+/// Calls per soak window.
+const SOAK_WINDOW: usize = 10_000;
+
+/// A cluster for the soak (default settings but a short retention) with one demo node and
+/// `conc` agents spread over its hubs.
+async fn soak_cluster(
+    hubs: u64,
+    retention_s: u64,
+    conc: usize,
+) -> anyhow::Result<(Cluster, Arc<Vec<flotilla_tests::Agent>>)> {
     let opts = flotilla_tests::Options {
         retention_s,
         ..Default::default()
@@ -594,43 +622,111 @@ async fn soak(calls: usize, hubs: u64, retention_s: u64, conc: usize) -> anyhow:
             .await?;
         agents.push(cluster.agent_at(cluster.hubs[j % cluster.hubs.len()].id, &token));
     }
-    let agents = Arc::new(agents);
-    println!("soak: {calls} echo calls, {hubs} hub(s), {conc} agents, retention {retention_s} s");
-    let mut done = 0;
-    let mut errors = 0;
-    while done < calls {
-        let n = WINDOW.min(calls - done);
-        let a = agents.clone();
-        let base = done;
+    Ok((cluster, Arc::new(agents)))
+}
+
+/// What one soak window measured. RSS and disk are the largest over the hubs; CPU is the
+/// hubs' sum.
+struct SoakWindow {
+    stats: Stats,
+    rss_mib: f64,
+    disk_mib: f64,
+    cpu_ms_per_call: f64,
+}
+
+impl SoakWindow {
+    /// `n` echo calls at full speed, the `base`th call first.
+    async fn run(
+        cluster: &Cluster,
+        agents: &Arc<Vec<flotilla_tests::Agent>>,
+        conc: usize,
+        base: usize,
+        n: usize,
+    ) -> Self {
         let hub_cpu = || -> u64 { cluster.hubs.iter().map(|h| cpu_ms(h.proc.pid())).sum() };
         let cpu_before = hub_cpu();
+        let a = agents.clone();
         let stats = drive(conc, n, move |i| {
             call_echo(a[(base + i) % a.len()].clone(), base + i)
         })
         .await;
-        let cpu_per_call = hub_cpu().saturating_sub(cpu_before) as f64 / n as f64;
-        done += n;
-        errors += stats.errors;
+        let cpu_ms_per_call = hub_cpu().saturating_sub(cpu_before) as f64 / n as f64;
         let rss = cluster
             .hubs
             .iter()
             .filter_map(|h| rss_kib(h.proc.pid()))
-            .max()
-            .unwrap_or(0);
-        let disk = cluster
-            .hubs
-            .iter()
-            .map(|h| disk_bytes(&h.dir))
-            .max()
-            .unwrap_or(0);
-        println!(
-            "soak_window calls={done} calls_per_s={:.1} hub_rss_mib={:.1} hub_disk_mib={:.1} errors={errors} p50_ms={:.2} p99_ms={:.2} hub_cpu_ms_per_call={cpu_per_call:.3}",
-            stats.rate(),
-            rss as f64 / 1024.0,
-            disk as f64 / (1024.0 * 1024.0),
-            stats.pct(0.5),
-            stats.pct(0.99)
-        );
+            .max();
+        let disk = cluster.hubs.iter().map(|h| disk_bytes(&h.dir)).max();
+        Self {
+            stats,
+            rss_mib: rss.unwrap_or(0) as f64 / 1024.0,
+            disk_mib: disk.unwrap_or(0) as f64 / (1024.0 * 1024.0),
+            cpu_ms_per_call,
+        }
     }
+
+    /// The window's figures as `key=value` pairs.
+    fn fields(&self) -> String {
+        format!(
+            "calls_per_s={:.1} hub_rss_mib={:.1} hub_disk_mib={:.1} p50_ms={:.2} p99_ms={:.2} hub_cpu_ms_per_call={:.3}",
+            self.stats.rate(),
+            self.rss_mib,
+            self.disk_mib,
+            self.stats.pct(0.5),
+            self.stats.pct(0.99),
+            self.cpu_ms_per_call
+        )
+    }
+}
+
+/// Calls at full speed through a cluster it starts (default settings but a short
+/// retention), one `soak_window` line every 10,000 calls. Then the same window on a fresh
+/// cluster of the same shape (`soak_fresh`), right after the last one: this machine's speed
+/// drifts by tens of percent over minutes, so the last window is also compared with a fresh
+/// hub measured beside it, not only with the first window minutes before. Last, one
+/// `soak_targets` line with the ratios (the window at half the calls stands for the
+/// one at 50,000 of a 100,000-call run).
+async fn soak(calls: usize, hubs: u64, retention_s: u64, conc: usize) -> anyhow::Result<()> {
+    let (cluster, agents) = soak_cluster(hubs, retention_s, conc).await?;
+    println!("soak: {calls} echo calls, {hubs} hub(s), {conc} agents, retention {retention_s} s");
+    let mut done = 0;
+    let mut errors = 0;
+    let (mut first, mut mid, mut last) = (None, None, None);
+    while done < calls {
+        let n = SOAK_WINDOW.min(calls - done);
+        let w = SoakWindow::run(&cluster, &agents, conc, done, n).await;
+        done += n;
+        errors += w.stats.errors;
+        println!("soak_window calls={done} {} errors={errors}", w.fields());
+        let w = Some(w);
+        if first.is_none() {
+            first = w;
+        } else if done <= calls / 2 {
+            mid = w;
+        } else {
+            last = w;
+        }
+    }
+    drop(cluster);
+    let (Some(first), Some(mid), Some(last)) = (first, mid, last) else {
+        return Ok(()); // Too few windows to compare.
+    };
+    let (fresh_cluster, fresh_agents) = soak_cluster(hubs, retention_s, conc).await?;
+    let fresh = SoakWindow::run(&fresh_cluster, &fresh_agents, conc, 0, SOAK_WINDOW).await;
+    println!(
+        "soak_fresh calls={SOAK_WINDOW} {} errors={}",
+        fresh.fields(),
+        fresh.stats.errors
+    );
+    let pct = |a: f64, b: f64| if b > 0.0 { 100.0 * a / b } else { 0.0 };
+    println!(
+        "soak_targets rss_last_mib={:.1} rss_last_vs_mid_pct={:.1} disk_last_vs_mid_pct={:.1} rate_last_vs_first_pct={:.1} rate_last_vs_fresh_pct={:.1} cpu_last_vs_fresh_pct={:.1}",
+        last.rss_mib,
+        pct(last.rss_mib, mid.rss_mib),
+        pct(last.disk_mib, mid.disk_mib),
+        pct(last.stats.rate(), first.stats.rate()),
+        pct(last.stats.rate(), fresh.stats.rate()),
+        pct(last.cpu_ms_per_call, fresh.cpu_ms_per_call),
+    );
     Ok(())
 }
