@@ -75,9 +75,18 @@ syncs() { # FILE COMMAND...: runs COMMAND, its fsync + fdatasync count into FILE
     : >"$out"; "$@"
   fi
 }
+# Runs a command and prints, after its output, the CPU it and its children used (ms):
+#   python3 -c "$with_cpu" COMMAND...
+with_cpu='
+import resource, subprocess, sys
+r = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, text=True)
+print(r.stdout, end="")
+u = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(f"client_cpu_ms {(u.ru_utime + u.ru_stime) * 1000:.0f}")
+sys.exit(r.returncode)'
 sum_syncs() { awk -F, '/sys_enter_f/ {n+=$1} END {print n+0}' "$1"; }
 etcd_cpu0=$(cpu_ms "${pids[@]}")
-etcd_out=$(syncs "$work/etcd.syncs" target/etcd-put/release/etcd-put --endpoints "$endpoints" --clients "$clients" --total "$total")
+etcd_out=$(syncs "$work/etcd.syncs" python3 -c "$with_cpu" target/etcd-put/release/etcd-put --endpoints "$endpoints" --clients "$clients" --total "$total")
 etcd_cpu1=$(cpu_ms "${pids[@]}")
 echo "$etcd_out" | grep '^|'
 # Without --no-direct the bench first calls the same MCP server directly, with no gateway:
@@ -91,7 +100,8 @@ d=$(echo "$flt_out" | awk '/^direct_calls_per_second/ {print $2}')
 echo
 python3 -c "print(f'ratio Flotilla calls/s / etcd puts/s: {$f/$e:.3f}')"
 python3 -c "print(f'ceiling, direct MCP calls/s / etcd puts/s: {$d/$e:.3f}')"
-echo "etcd cpu_ms_per_put (three members): $(python3 -c "print(f'{($etcd_cpu1-$etcd_cpu0)/$total:.3f}')")"
+etcd_client_ms=$(echo "$etcd_out" | awk '/^client_cpu_ms/ {print $2}')
+echo "etcd cpu_ms_per_put (three members): $(python3 -c "print(f'{($etcd_cpu1-$etcd_cpu0)/$total:.3f}')") client: $(python3 -c "print(f'{$etcd_client_ms/$total:.3f}')")"
 echo "Flotilla $(echo "$flt_out" | grep '^cpu_ms_per_call')"
 echo "Flotilla $(echo "$flt_out" | grep '^raft_entries_per_call')"
 if [ -s "$work/etcd.syncs" ] && [ -s "$work/flt.syncs" ]; then

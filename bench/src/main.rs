@@ -74,6 +74,10 @@ enum BenchCommand {
         /// How long finished tasks are kept (hub.toml `retention_s`).
         #[arg(long, default_value_t = 30)]
         retention_s: u64,
+        /// How many finished tasks are kept at most (hub.toml `retention_max_tasks`; the
+        /// default is the hub's).
+        #[arg(long)]
+        retention_max_tasks: Option<u64>,
         #[arg(long, default_value_t = 16)]
         agents: usize,
     },
@@ -250,8 +254,18 @@ async fn main() -> anyhow::Result<()> {
             calls,
             hubs,
             retention_s,
+            retention_max_tasks,
             agents,
-        } => soak(calls, hubs, retention_s, agents).await,
+        } => {
+            let mut opts = flotilla_tests::Options {
+                retention_s,
+                ..Default::default()
+            };
+            if let Some(n) = retention_max_tasks {
+                opts.retention_max_tasks = n;
+            }
+            soak(calls, hubs, opts, agents).await
+        }
     }
 }
 
@@ -604,14 +618,10 @@ const SOAK_WINDOW: usize = 10_000;
 /// `conc` agents spread over its hubs.
 async fn soak_cluster(
     hubs: u64,
-    retention_s: u64,
+    opts: &flotilla_tests::Options,
     conc: usize,
 ) -> anyhow::Result<(Cluster, Arc<Vec<flotilla_tests::Agent>>)> {
-    let opts = flotilla_tests::Options {
-        retention_s,
-        ..Default::default()
-    };
-    let mut cluster = Cluster::with_options(hubs, opts).await?;
+    let mut cluster = Cluster::with_options(hubs, opts.clone()).await?;
     let mut spec = NodeSpec::demo("bench-1");
     spec.servers[0].max_concurrency = 64;
     cluster.add_node(spec).await?;
@@ -686,9 +696,17 @@ impl SoakWindow {
 /// hub measured beside it, not only with the first window minutes before. Last, one
 /// `soak_targets` line with the ratios (the window at half the calls stands for the
 /// one at 50,000 of a 100,000-call run).
-async fn soak(calls: usize, hubs: u64, retention_s: u64, conc: usize) -> anyhow::Result<()> {
-    let (cluster, agents) = soak_cluster(hubs, retention_s, conc).await?;
-    println!("soak: {calls} echo calls, {hubs} hub(s), {conc} agents, retention {retention_s} s");
+async fn soak(
+    calls: usize,
+    hubs: u64,
+    opts: flotilla_tests::Options,
+    conc: usize,
+) -> anyhow::Result<()> {
+    let (cluster, agents) = soak_cluster(hubs, &opts, conc).await?;
+    println!(
+        "soak: {calls} echo calls, {hubs} hub(s), {conc} agents, retention {} s and at most {} tasks",
+        opts.retention_s, opts.retention_max_tasks
+    );
     let mut done = 0;
     let mut errors = 0;
     let (mut first, mut mid, mut last) = (None, None, None);
@@ -711,7 +729,7 @@ async fn soak(calls: usize, hubs: u64, retention_s: u64, conc: usize) -> anyhow:
     let (Some(first), Some(mid), Some(last)) = (first, mid, last) else {
         return Ok(()); // Too few windows to compare.
     };
-    let (fresh_cluster, fresh_agents) = soak_cluster(hubs, retention_s, conc).await?;
+    let (fresh_cluster, fresh_agents) = soak_cluster(hubs, &opts, conc).await?;
     let fresh = SoakWindow::run(&fresh_cluster, &fresh_agents, conc, 0, SOAK_WINDOW).await;
     println!(
         "soak_fresh calls={SOAK_WINDOW} {} errors={}",
