@@ -709,26 +709,28 @@ async fn soak(
     );
     let mut done = 0;
     let mut errors = 0;
-    let (mut first, mut mid, mut last) = (None, None, None);
+    // (calls so far, the window)
+    let mut windows = Vec::new();
     while done < calls {
         let n = SOAK_WINDOW.min(calls - done);
         let w = SoakWindow::run(&cluster, &agents, conc, done, n).await;
         done += n;
         errors += w.stats.errors;
         println!("soak_window calls={done} {} errors={errors}", w.fields());
-        let w = Some(w);
-        if first.is_none() {
-            first = w;
-        } else if done <= calls / 2 {
-            mid = w;
-        } else {
-            last = w;
-        }
+        windows.push((done, w));
     }
     drop(cluster);
-    let (Some(first), Some(mid), Some(last)) = (first, mid, last) else {
-        return Ok(()); // Too few windows to compare.
+    // The window at half the calls: the last one ending there or before.
+    let mid = windows.iter().rposition(|(d, _)| *d <= calls / 2);
+    let (Some(mid), true) = (mid, windows.len() >= 3) else {
+        println!("soak_targets: too few windows to compare (three or more of 10,000 calls)");
+        return Ok(());
     };
+    let (first, mid, last) = (
+        &windows[0].1,
+        &windows[mid].1,
+        &windows[windows.len() - 1].1,
+    );
     let (fresh_cluster, fresh_agents) = soak_cluster(hubs, &opts, conc).await?;
     let fresh = SoakWindow::run(&fresh_cluster, &fresh_agents, conc, 0, SOAK_WINDOW).await;
     println!(
@@ -736,7 +738,14 @@ async fn soak(
         fresh.fields(),
         fresh.stats.errors
     );
-    let pct = |a: f64, b: f64| if b > 0.0 { 100.0 * a / b } else { 0.0 };
+    // NaN where a figure could not be read: never a ratio that looks like a pass.
+    let pct = |a: f64, b: f64| {
+        if a > 0.0 && b > 0.0 {
+            100.0 * a / b
+        } else {
+            f64::NAN
+        }
+    };
     println!(
         "soak_targets rss_last_mib={:.1} rss_last_vs_mid_pct={:.1} disk_last_vs_mid_pct={:.1} rate_last_vs_first_pct={:.1} rate_last_vs_fresh_pct={:.1} cpu_last_vs_fresh_pct={:.1}",
         last.rss_mib,

@@ -11,7 +11,7 @@
 //!   endian) with body = `[index u64][term u64][leader node u64][entry JSON]` and the CRC
 //!   over the body. Indexes run on without a gap within a segment and from one segment to
 //!   the next. A segment is created as `segment_bytes` of zeros (written under another
-//!   name, synced, linked into place), so that an append's `fdatasync` writes back only
+//!   name, synced, renamed into place), so that an append's `fdatasync` writes back only
 //!   data, not the file's size or block map (a full segment goes past that size by its
 //!   last record); the records end at a header of zeros or at the end of the file (older
 //!   builds did not fill segments), and only zeros follow.
@@ -161,7 +161,7 @@ fn zero(file: &File, from: u64, to: u64) -> io::Result<()> {
 /// Creates the segment file at `path`, `size` bytes of zeros already on disk: appends then
 /// overwrite blocks that exist, and the `fdatasync` after each has no file size or block
 /// map to write back, only the data (on ext4, one write to the disk instead of two). It is
-/// filled under a name of its own and linked into place, so a segment file is always
+/// filled under a name of its own and renamed into place, so a segment file is always
 /// whole. Only the `fdatasync` after the last record of a segment, the one that goes past
 /// its end, writes a new size.
 fn create_segment(dir: &Path, path: &Path, size: u64) -> io::Result<File> {
@@ -179,9 +179,17 @@ fn create_segment(dir: &Path, path: &Path, size: u64) -> io::Result<File> {
         .open(&tmp)?;
     zero(&file, 0, size)?;
     file.sync_data()?;
-    // A link, not a rename: it fails if a segment of that name is already there.
-    std::fs::hard_link(&tmp, path)?;
-    std::fs::remove_file(&tmp)?;
+    // This process is the directory's only writer (a second hub on the data dir stops at
+    // sled's lock on its database, taken before the log is opened), so nothing can create
+    // the name between the check and the rename. (Not a hard link that fails if the name
+    // exists: some volumes, SMB and some FUSE mounts, have no hard links.)
+    if path.exists() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{}: a segment is already there", path.display()),
+        ));
+    }
+    std::fs::rename(&tmp, path)?;
     sync_dir(dir)?;
     Ok(file)
 }
