@@ -944,10 +944,9 @@ mod tests {
         );
     }
 
-    /// A crash in the middle of an append leaves part of a record at the end of the last
-    /// segment: the next open cuts it off and keeps every whole record before it.
-    #[test]
-    fn a_torn_tail_is_cut_off_at_open() {
+    /// A log of entries 1..=5 in one segment, closed: its directory, the segment, where its
+    /// records end and the file's size.
+    fn five_entries() -> (tempfile::TempDir, PathBuf, u64, u64) {
         let dir = tempfile::tempdir().unwrap();
         let mut wal = Wal::open(dir.path()).unwrap();
         append(&mut wal, 1, 1..=5);
@@ -955,6 +954,14 @@ mod tests {
         drop(wal);
         let last = dir.path().join(segment_name(1));
         let size = std::fs::metadata(&last).unwrap().len();
+        (dir, last, whole, size)
+    }
+
+    /// A crash in the middle of an append leaves part of a record at the end of the last
+    /// segment: the next open cuts it off and keeps every whole record before it.
+    #[test]
+    fn a_torn_tail_is_cut_off_at_open() {
+        let (dir, last, whole, size) = five_entries();
         let mut torn = Vec::new();
         record(&id(1, 6), &entry_json(1, 6), &mut torn);
         let mut bad = torn.clone();
@@ -994,13 +1001,7 @@ mod tests {
     /// wiped at open, not read back as a later entry once new records fill the gap.
     #[test]
     fn segments_are_filled_ahead_and_nothing_past_the_end_comes_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut wal = Wal::open(dir.path()).unwrap();
-        append(&mut wal, 1, 1..=5);
-        let whole = wal.segments.back().unwrap().len;
-        drop(wal);
-        let last = dir.path().join(segment_name(1));
-        let size = std::fs::metadata(&last).unwrap().len();
+        let (dir, last, whole, size) = five_entries();
         assert_eq!(size, Wal::open(dir.path()).unwrap().segment_bytes);
         // A segment whose creation was cut short is removed.
         let leftover = dir.path().join(format!(".{}.tmp", segment_name(6)));
