@@ -479,11 +479,7 @@ async fn calls(bin: &std::path::Path, args: Args) -> anyhow::Result<()> {
 async fn commit_index(cluster: &Cluster) -> Option<u64> {
     let http = cluster.hubs[0].http().ok()?;
     let (_, body) = flotilla_tests::http_get(&http, "/metrics").await.ok()?;
-    body.lines()
-        .find_map(|l| l.strip_prefix("flotilla_raft_commit_index "))?
-        .trim()
-        .parse()
-        .ok()
+    flotilla_tests::metric_sample(&body, "flotilla_raft_commit_index", &[]).map(|v| v as u64)
 }
 
 /// The arguments of the `i`th echo call.
