@@ -97,7 +97,7 @@ pub(crate) async fn audit(a: AuditArgs) -> anyhow::Result<ExitCode> {
         // JSON lines: one record per line, for export.
         Format::Json => {
             for r in &records {
-                println!("{}", record_json(r));
+                outln!("{}", record_json(r));
             }
         }
         Format::Table => {

@@ -63,7 +63,7 @@ pub(crate) async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
             Format::Json => {
                 output::json(&json!({"task_id": resp.task_id, "deduplicated": resp.deduplicated}))
             }
-            Format::Table => println!("{}", resp.task_id),
+            Format::Table => outln!("{}", resp.task_id),
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -235,7 +235,7 @@ pub(crate) fn print_result(t: &pb::Task, format: Format) {
         Format::Table => {
             let text = result_text(t);
             if t.state == pb::TaskState::Succeeded as i32 {
-                println!("{text}");
+                outln!("{text}");
             } else {
                 eprintln!("task {} {}", t.id, t.state().name());
                 if !t.error.is_empty() {

@@ -102,7 +102,7 @@ fn print_status(st: &pb::ClusterStatusResponse, format: Format) {
             })).collect::<Vec<_>>(),
         })),
         Format::Table => {
-            println!(
+            outln!(
                 "leader {}  term {}  last log {}  applied {}  command level {}  (answered by hub {})",
                 st.leader_id,
                 st.term,

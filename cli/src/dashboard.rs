@@ -23,7 +23,7 @@ pub(crate) async fn dashboard(c: crate::ClientOnly) -> anyhow::Result<ExitCode> 
             "expires_at": output::time(login.expires_at_ms),
         })),
         Format::Table => {
-            println!("{}", login.url);
+            outln!("{}", login.url);
             eprintln!("(a one-time login link: it works once, within 5 minutes)");
         }
     }

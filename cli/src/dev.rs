@@ -387,7 +387,7 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
     )
     .await?;
 
-    println!(
+    outln!(
         "Flotilla dev cluster is up: {} hub(s) ({}), {} node(s) serving the demo MCP server.",
         a.hubs,
         addrs
@@ -397,8 +397,8 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
             .join(", "),
         a.nodes
     );
-    println!("Data, logs and credentials: {}", dir.display());
-    println!(
+    outln!("Data, logs and credentials: {}", dir.display());
+    outln!(
         "Prometheus metrics: {}",
         addrs
             .iter()
@@ -411,22 +411,22 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
         .create_dashboard_login(pb::CreateDashboardLoginRequest {})
         .await
     {
-        Ok(login) => println!(
+        Ok(login) => outln!(
             "Dashboard: {} (a one-time link, valid 5 minutes; `flotilla dashboard` prints another)",
             login.into_inner().url
         ),
         Err(e) => eprintln!("no dashboard link: {}", e.message()),
     }
-    println!();
-    println!("In another shell, try:");
+    outln!();
+    outln!("In another shell, try:");
     if a.data_dir.is_some() {
-        println!("  export FLOTILLA_CONFIG={}", client_toml.display());
+        outln!("  export FLOTILLA_CONFIG={}", client_toml.display());
     }
-    println!("  flotilla call echo --args '{{\"text\":\"hi\"}}'");
-    println!("  flotilla call sleep --args '{{\"ms\":2000}}'");
-    println!("  flotilla tools");
-    println!("  flotilla nodes");
-    println!();
-    println!("Ctrl-C stops the cluster; its state stays in the data dir.");
+    outln!("  flotilla call echo --args '{{\"text\":\"hi\"}}'");
+    outln!("  flotilla call sleep --args '{{\"ms\":2000}}'");
+    outln!("  flotilla tools");
+    outln!("  flotilla nodes");
+    outln!();
+    outln!("Ctrl-C stops the cluster; its state stays in the data dir.");
     Ok(())
 }

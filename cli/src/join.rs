@@ -114,9 +114,9 @@ pub(crate) async fn join(a: JoinArgs) -> anyhow::Result<ExitCode> {
     }
     flotilla_common::pki::write_whole(&a.config, toml::to_string(&file)?.as_bytes(), 0o644)
         .with_context(|| format!("writing {}", a.config.display()))?;
-    println!("joined as node {}", identity.node_id);
-    println!("wrote {} (the join token is not in it)", a.config.display());
-    println!(
+    outln!("joined as node {}", identity.node_id);
+    outln!("wrote {} (the join token is not in it)", a.config.display());
+    outln!(
         "start it: flotilla node --config {}   (or: systemctl enable --now flotilla-node)",
         a.config.display()
     );

@@ -1,6 +1,25 @@
 //! `flotilla`: one binary for hubs, nodes, the local dev cluster, the demo MCP server and
 //! the client commands. `main` parses arguments and calls into the libraries.
 
+#![deny(clippy::print_stdout)]
+
+/// `print!` for what a command prints: see [`output::write_stdout`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::output::write_stdout(format_args!($($arg)*))
+    };
+}
+
+/// `println!` for what a command prints: see [`output::write_stdout`].
+macro_rules! outln {
+    () => {
+        $crate::output::write_stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::output::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 mod audit;
 mod call;
 mod cluster;

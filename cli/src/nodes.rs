@@ -55,7 +55,7 @@ pub(crate) async fn nodes_command(a: NodesArgs) -> anyhow::Result<ExitCode> {
             Format::Json => output::json(
                 &json!({"node": r.node_id, "removed": true, "requeued": r.requeued, "lost": r.lost}),
             ),
-            Format::Table => println!(
+            Format::Table => outln!(
                 "node {} removed: {} of its tasks run again elsewhere, {} ended lost",
                 r.node_id,
                 r.requeued.len(),
@@ -83,7 +83,7 @@ pub(crate) async fn nodes_command(a: NodesArgs) -> anyhow::Result<ExitCode> {
     .into_inner();
     match a.flags.output {
         Format::Json => output::json(&json!({"node": r.node_id, "status": r.status})),
-        Format::Table => println!("node {} is {}", r.node_id, r.status),
+        Format::Table => outln!("node {} is {}", r.node_id, r.status),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -108,7 +108,7 @@ pub(crate) async fn scheduling(cmd: SchedulingCommand) -> anyhow::Result<ExitCod
         .into_inner();
     match c.flags.output {
         Format::Json => output::json(&json!({"paused": r.paused})),
-        Format::Table => println!("scheduling {}", if r.paused { "paused" } else { "running" }),
+        Format::Table => outln!("scheduling {}", if r.paused { "paused" } else { "running" }),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,5 +1,23 @@
 //! Tables for people, JSON for scripts.
 
+use std::io::Write;
+
+/// Writes what a command prints to standard output, through the `out!` and `outln!`
+/// macros. A reader that has gone away (`flotilla task list | head -1`) ends the command
+/// quietly with success, as it ends `cat` or `grep`; `println!` would panic. Any other
+/// failure to write (a full disk behind a redirect) ends it with the error.
+pub(crate) fn write_stdout(args: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) else {
+        return;
+    };
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("error: cannot write the output: {e}");
+    std::process::exit(1);
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum Format {
     Table,
@@ -8,7 +26,7 @@ pub(crate) enum Format {
 
 /// Prints rows under a header with columns padded to their widest cell.
 pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) {
-    print!("{}", table_text(header, rows));
+    out!("{}", table_text(header, rows));
 }
 
 /// Rows under a header with columns padded to their widest cell, a line each.
@@ -42,7 +60,7 @@ pub(crate) fn table_text(header: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 pub(crate) fn json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    outln!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
 /// Milliseconds since the epoch as an RFC 3339-like UTC time, or "-".

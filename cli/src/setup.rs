@@ -33,7 +33,7 @@ pub(crate) fn ca(cmd: CaCommand) -> anyhow::Result<ExitCode> {
         exists_ok,
     } = cmd;
     if exists_ok && out.join("ca.pem").exists() && out.join("ca.key").exists() {
-        println!("{}", out.join("ca.pem").display());
+        outln!("{}", out.join("ca.pem").display());
         eprintln!("(a CA is already there; left as it is)");
         return Ok(ExitCode::SUCCESS);
     }
@@ -48,8 +48,8 @@ pub(crate) fn ca(cmd: CaCommand) -> anyhow::Result<ExitCode> {
     ca.certified_key()
         .write(&out, "ca")
         .with_context(|| format!("writing into {}", out.display()))?;
-    println!("{}", out.join("ca.pem").display());
-    println!("{}", out.join("ca.key").display());
+    outln!("{}", out.join("ca.pem").display());
+    outln!("{}", out.join("ca.key").display());
     eprintln!(
         "(ca.key signs every hub and node certificate: give it to hubs only, e.g. \
          kubectl create secret generic flotilla-ca --from-file={0}/ca.pem --from-file={0}/ca.key)",
@@ -69,7 +69,7 @@ pub(crate) fn admin_token(a: AdminTokenArgs) -> anyhow::Result<ExitCode> {
     let path = a.data_dir.join(flotilla_hub::ADMIN_TOKEN_FILE);
     match std::fs::read_to_string(&path) {
         Ok(token) => {
-            println!("{}", token.trim());
+            outln!("{}", token.trim());
             Ok(ExitCode::SUCCESS)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

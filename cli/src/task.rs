@@ -106,7 +106,7 @@ pub(crate) async fn task(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
                     );
                     let text = result_text(&t);
                     if !text.is_empty() {
-                        println!("\n{text}");
+                        outln!("\n{text}");
                     }
                 }
             }
@@ -162,7 +162,7 @@ pub(crate) async fn task(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
             match flags.output {
                 Format::Json => output::json(&json!({"tenant": tenant, "cancelled": r.task_ids})),
                 Format::Table => {
-                    println!("cancelled {} task(s) of tenant {tenant}", r.task_ids.len())
+                    outln!("cancelled {} task(s) of tenant {tenant}", r.task_ids.len())
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -175,7 +175,7 @@ pub(crate) async fn task(cmd: TaskCommand) -> anyhow::Result<ExitCode> {
                 .into_inner();
             match flags.output {
                 Format::Json => output::json(&task_json(&t)),
-                Format::Table => println!("task {} {}", t.id, t.state().name()),
+                Format::Table => outln!("task {} {}", t.id, t.state().name()),
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -62,7 +62,7 @@ pub(crate) async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
                 .into_inner();
             match flags.output {
                 Format::Json => output::json(&join_token_json(&t)),
-                Format::Table => println!("join token {} revoked", t.token_id),
+                Format::Table => outln!("join token {} revoked", t.token_id),
             }
             return Ok(ExitCode::SUCCESS);
         }
@@ -81,7 +81,7 @@ pub(crate) async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
         Format::Json => output::json(&json!({
             "token": r.token, "token_id": r.token_id, "expires_at": output::time(r.expires_at_ms), "ca_pin": r.ca_pin,
         })),
-        Format::Table => println!("{}", r.token),
+        Format::Table => outln!("{}", r.token),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -213,7 +213,7 @@ pub(crate) async fn keys(cmd: KeysCommand) -> anyhow::Result<ExitCode> {
                 .into_inner();
             match flags.output {
                 Format::Json => output::json(&key_json(&k)),
-                Format::Table => println!("key {} signs agent tokens from now on", k.kid),
+                Format::Table => outln!("key {} signs agent tokens from now on", k.kid),
             }
         }
         KeysCommand::List(c) => {
@@ -290,7 +290,7 @@ pub(crate) async fn agent_token(cmd: AgentTokenCommand) -> anyhow::Result<ExitCo
                         (None, Some(s)) => format!("every token of {s:?} issued so far"),
                         (None, None) => unreachable!("checked above"),
                     };
-                    println!("revoked {what}; refused on every hub from now on");
+                    outln!("revoked {what}; refused on every hub from now on");
                 }
             }
             return Ok(ExitCode::SUCCESS);
@@ -313,7 +313,7 @@ pub(crate) async fn agent_token(cmd: AgentTokenCommand) -> anyhow::Result<ExitCo
         Format::Json => {
             output::json(&json!({"token": r.token, "expires_at": output::time(r.expires_at_ms)}))
         }
-        Format::Table => println!("{}", r.token),
+        Format::Table => outln!("{}", r.token),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -388,7 +388,7 @@ pub(crate) async fn roles(cmd: RolesCommand) -> anyhow::Result<ExitCode> {
                 .into_inner();
             match flags.output {
                 Format::Json => output::json(&role_json(&r)),
-                Format::Table => println!("role {} grants {}", r.name, r.scopes.join(",")),
+                Format::Table => outln!("role {} grants {}", r.name, r.scopes.join(",")),
             }
         }
         RolesCommand::Delete { name, flags } => {
@@ -398,7 +398,7 @@ pub(crate) async fn roles(cmd: RolesCommand) -> anyhow::Result<ExitCode> {
                 .map_err(status_error)?;
             match flags.output {
                 Format::Json => output::json(&json!({"deleted": name})),
-                Format::Table => println!("role {name} deleted"),
+                Format::Table => outln!("role {name} deleted"),
             }
         }
     }
@@ -460,13 +460,13 @@ pub(crate) async fn agent_cert(cmd: AgentCertCommand) -> anyhow::Result<ExitCode
             "cert": cert, "key": key, "expires_at": output::time(r.expires_at_ms),
         })),
         Format::Table => {
-            println!(
+            outln!(
                 "wrote {} and {} (valid until {})",
                 cert.display(),
                 key.display(),
                 output::time(r.expires_at_ms)
             );
-            println!("use them with --cert and --key, FLOTILLA_CERT and FLOTILLA_KEY, or cert/key in client.toml");
+            outln!("use them with --cert and --key, FLOTILLA_CERT and FLOTILLA_KEY, or cert/key in client.toml");
         }
     }
     Ok(ExitCode::SUCCESS)

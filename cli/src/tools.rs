@@ -43,9 +43,11 @@ pub(crate) async fn tools_command(a: ToolsArgs) -> anyhow::Result<ExitCode> {
             "first_seen_node": r.first_seen_node,
             "required_scope": r.required_scope,
         })),
-        Format::Table => println!(
+        Format::Table => outln!(
             "tool {} (introduced by {}, scope {}) is accepted",
-            r.name, r.first_seen_node, r.required_scope
+            r.name,
+            r.first_seen_node,
+            r.required_scope
         ),
     }
     Ok(ExitCode::SUCCESS)

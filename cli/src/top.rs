@@ -43,7 +43,7 @@ pub(crate) async fn top(a: TopArgs) -> anyhow::Result<ExitCode> {
             .await
             .map_err(status_error)?
             .into_inner();
-        print!("{}", view(&o, None));
+        out!("{}", view(&o, None));
         return Ok(ExitCode::SUCCESS);
     }
     // The terminal's other screen, without a cursor, given back however this ends.

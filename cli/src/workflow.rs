@@ -201,9 +201,9 @@ fn print_workflow(w: &pb::Workflow, format: Format) {
     match format {
         Format::Json => output::json(&workflow_json(w)),
         Format::Table => {
-            println!("workflow {} ({}) {}", w.id, w.name, workflow_state(w.state));
+            outln!("workflow {} ({}) {}", w.id, w.name, workflow_state(w.state));
             if !w.error.is_empty() {
-                println!("{}", w.error);
+                outln!("{}", w.error);
             }
             output::table(
                 &["STEP", "TOOL", "STATE", "TASK", "RESULT / ERROR"],
@@ -304,7 +304,7 @@ pub(crate) async fn workflow(cmd: WorkflowCommand) -> anyhow::Result<ExitCode> {
                     Format::Json => output::json(
                         &json!({"workflow_id": r.workflow_id, "deduplicated": r.deduplicated}),
                     ),
-                    Format::Table => println!("{}", r.workflow_id),
+                    Format::Table => outln!("{}", r.workflow_id),
                 }
                 return Ok(ExitCode::SUCCESS);
             }

@@ -11,15 +11,21 @@ use flotilla_tests::{flotilla_bin, http_get, wait_until, READY};
 /// Runs a client command the way a second shell would after `flotilla dev`: no flags, no
 /// FLOTILLA_* variables, only the same home directory.
 fn flotilla(home: &std::path::Path, args: &[&str]) -> std::process::Output {
-    Command::new(flotilla_bin())
+    flotilla_command(home, args)
+        .output()
+        .expect("running flotilla")
+}
+
+fn flotilla_command(home: &std::path::Path, args: &[&str]) -> Command {
+    let mut command = Command::new(flotilla_bin());
+    command
         .args(args)
         .env("HOME", home)
         .env_remove("FLOTILLA_CONFIG")
         .env_remove("FLOTILLA_TOKEN")
         .env_remove("FLOTILLA_HUB")
-        .env_remove("FLOTILLA_CA")
-        .output()
-        .expect("running flotilla")
+        .env_remove("FLOTILLA_CA");
+    command
 }
 
 /// Starts `flotilla dev` with a private HOME on port 0 and returns it with its banner, read
@@ -160,6 +166,26 @@ async fn dev_cluster_then_client_commands() -> anyhow::Result<()> {
 
     let o = flotilla(home, &["task", "cancel", &long]);
     assert!(stdout(&o).contains("cancelled"), "{o:?}");
+
+    // A reader that stops reading (`flotilla task list | head -1`) ends the command
+    // quietly: no panic, no backtrace, success.
+    for args in [
+        &["task", "list"][..],
+        &["call", "echo", "--args", r#"{"text":"hi"}"#],
+    ] {
+        let (reader, writer) = std::io::pipe()?;
+        drop(reader);
+        let o = flotilla_command(home, args)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()?;
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{args:?}: {o:?}");
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("error"),
+            "{args:?}: {stderr}"
+        );
+    }
 
     // A failing tool: non-zero exit, the tool's message on stderr.
     let o = flotilla(home, &["call", "fail", "--args", r#"{"message":"boom"}"#]);
