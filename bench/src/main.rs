@@ -103,6 +103,10 @@ struct Args {
     /// Make each call as SubmitTask then WatchTask (two RPCs) rather than one CallTool.
     #[arg(long)]
     submit_watch: bool,
+    /// Every agent calls the leader, rather than agents spread over all hubs (whose
+    /// followers forward each write to the leader): shows what forwarding costs.
+    #[arg(long)]
+    at_leader: bool,
 }
 
 struct Stats {
@@ -425,12 +429,18 @@ async fn calls(bin: &std::path::Path, args: Args) -> anyhow::Result<()> {
     spec.servers[0].max_concurrency = args.max_concurrency;
     cluster.add_node(spec).await?;
     // One identity per agent (each has its own request quota), spread over the hubs.
+    let leader = cluster.wait_leader().await?;
     let mut agents = Vec::new();
     for j in 0..args.agents {
         let token = cluster
             .agent_token(&format!("bench-{j}"), "default", &["tools"])
             .await?;
-        agents.push(cluster.agent_at(cluster.hubs[j % cluster.hubs.len()].id, &token));
+        let hub = if args.at_leader {
+            leader
+        } else {
+            cluster.hubs[j % cluster.hubs.len()].id
+        };
+        agents.push(cluster.agent_at(hub, &token));
     }
     let cpu_before = cpu_by_part(&cluster);
     let index_before = commit_index(&cluster).await;
