@@ -283,12 +283,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::AdminToken(a) => setup::admin_token(a),
         Command::Completions { shell } => {
             use clap::CommandFactory;
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "flotilla",
-                &mut std::io::stdout(),
-            );
+            // Into memory first: clap_complete panics on a failed write to stdout.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "flotilla", &mut script);
+            out!("{}", String::from_utf8_lossy(&script));
             Ok(ExitCode::SUCCESS)
         }
         Command::Scheduling(cmd) => nodes::scheduling(cmd).await,

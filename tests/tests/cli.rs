@@ -30,10 +30,7 @@ fn flotilla_command(home: &std::path::Path, args: &[&str]) -> Command {
 
 /// Starts `flotilla dev` with a private HOME on port 0 and returns it with its banner, read
 /// once the cluster serves the demo tools.
-async fn start_dev(
-    home: &std::path::Path,
-    args: &[&str],
-) -> anyhow::Result<(std::process::Child, String)> {
+async fn start_dev(home: &std::path::Path, args: &[&str]) -> anyhow::Result<(Dev, String)> {
     let mut dev = Command::new(flotilla_bin())
         .args(["dev", "--listen", "127.0.0.1:0"])
         .args(args)
@@ -54,8 +51,63 @@ async fn start_dev(
         }
         lines.join("\n")
     });
+    let dev = Dev(dev);
     let banner = tokio::time::timeout(READY, banner).await??;
     Ok((dev, banner))
+}
+
+/// `flotilla dev`, stopped as Ctrl-C stops it when the test ends, however it ends: a
+/// failed assertion must not leave a cluster running.
+struct Dev(std::process::Child);
+
+impl std::ops::Deref for Dev {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Dev {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        if !matches!(self.0.try_wait(), Ok(None)) {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-INT", &self.0.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            if !matches!(self.0.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+    }
+}
+
+/// Runs a client command whose reader has already gone away, as `flotilla ... | head`
+/// leaves it: it must end with success and without a panic.
+fn ends_quietly_into_a_closed_pipe(home: &std::path::Path, args: &[&str]) -> anyhow::Result<()> {
+    let (reader, writer) = std::io::pipe()?;
+    drop(reader);
+    let o = flotilla_command(home, args)
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()?;
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{args:?}: {o:?}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("error"),
+        "{args:?}: {stderr}"
+    );
+    Ok(())
 }
 
 fn stdout(o: &std::process::Output) -> String {
@@ -169,23 +221,8 @@ async fn dev_cluster_then_client_commands() -> anyhow::Result<()> {
 
     // A reader that stops reading (`flotilla task list | head -1`) ends the command
     // quietly: no panic, no backtrace, success.
-    for args in [
-        &["task", "list"][..],
-        &["call", "echo", "--args", r#"{"text":"hi"}"#],
-    ] {
-        let (reader, writer) = std::io::pipe()?;
-        drop(reader);
-        let o = flotilla_command(home, args)
-            .stdout(writer)
-            .stderr(Stdio::piped())
-            .output()?;
-        let stderr = String::from_utf8_lossy(&o.stderr);
-        assert!(o.status.success(), "{args:?}: {o:?}");
-        assert!(
-            !stderr.contains("panicked") && !stderr.contains("error"),
-            "{args:?}: {stderr}"
-        );
-    }
+    ends_quietly_into_a_closed_pipe(home, &["task", "list"])?;
+    ends_quietly_into_a_closed_pipe(home, &["call", "echo", "--args", r#"{"text":"hi"}"#])?;
 
     // A failing tool: non-zero exit, the tool's message on stderr.
     let o = flotilla(home, &["call", "fail", "--args", r#"{"message":"boom"}"#]);
@@ -480,6 +517,7 @@ fn shell_completions_are_valid_scripts_that_know_the_commands() -> anyhow::Resul
         std::fs::write(&path, &script)?;
         let check = Command::new(checker).arg("-n").arg(&path).output()?;
         assert!(check.status.success(), "{shell}: {check:?}");
+        ends_quietly_into_a_closed_pipe(dir.path(), &["completions", shell])?;
     }
     Ok(())
 }
