@@ -428,7 +428,8 @@ async fn calls(bin: &std::path::Path, args: Args) -> anyhow::Result<()> {
     let mut spec = NodeSpec::demo("bench-1");
     spec.servers[0].max_concurrency = args.max_concurrency;
     cluster.add_node(spec).await?;
-    // One identity per agent (each has its own request quota), spread over the hubs.
+    // One identity per agent (each has its own request quota), spread over the hubs
+    // (or all at the leader).
     let leader = cluster.wait_leader().await?;
     let mut agents = Vec::new();
     for j in 0..args.agents {

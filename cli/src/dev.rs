@@ -4,6 +4,8 @@
 //! writes `client.toml` so other shells need no setup, and stops everything on Ctrl-C.
 
 use std::{
+    fmt::Write as _,
+    io::Write as _,
     path::{Path, PathBuf},
     process::{ExitCode, Stdio},
     time::{Duration, Instant},
@@ -14,6 +16,8 @@ use clap::Args;
 use flotilla_common::config::{ClientFile, ClientSettings, HubFile, McpServerConfig, NodeFile};
 use flotilla_proto as pb;
 use tokio::process::{Child, Command};
+
+use crate::output;
 
 /// A hub writes the address it actually listens on into this file in its data dir.
 pub(crate) const LISTEN_ADDR_FILE: &str = "listen.addr";
@@ -74,7 +78,10 @@ impl Children {
     fn reap(&mut self) -> bool {
         self.0.retain_mut(|(name, c)| match c.try_wait() {
             Ok(Some(status)) => {
-                eprintln!("{name} exited ({status}); the rest of the cluster carries on");
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "{name} exited ({status}); the rest of the cluster carries on"
+                );
                 false
             }
             _ => true,
@@ -137,22 +144,31 @@ pub(crate) async fn run(a: DevArgs) -> anyhow::Result<ExitCode> {
     let dir = dir.canonicalize()?;
     let exe = std::env::current_exe().context("locating the flotilla binary")?;
     let mut children = Children(Vec::new());
-    let result = start(&a, &dir, &exe, &mut children).await;
+    // Ctrl-C is heard from the start: while members start up too, so that it stops the
+    // ones already running rather than killing dev and leaving them behind.
+    let mut signal = std::pin::pin!(crate::shutdown_signal());
+    let result = tokio::select! {
+        r = start(&a, &dir, &exe, &mut children) => r,
+        _ = &mut signal => Err(anyhow::anyhow!(
+            "interrupted before the cluster was up; stopped the members already started"
+        )),
+    };
     if let Err(e) = result {
         children.stop().await;
         return Err(e);
     }
     // Members may be killed on purpose (to watch a failover): report it and carry on.
-    let mut signal = std::pin::pin!(crate::shutdown_signal());
+    // (Not `eprintln!`: it panics when stderr's reader has gone, and dev must still stop
+    // its members.)
     loop {
         tokio::select! {
             _ = &mut signal => {
-                eprintln!("\nstopping the dev cluster");
+                let _ = writeln!(std::io::stderr(), "\nstopping the dev cluster");
                 break;
             }
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
                 if children.reap() {
-                    eprintln!("every member has exited");
+                    let _ = writeln!(std::io::stderr(), "every member has exited");
                     break;
                 }
             }
@@ -387,7 +403,11 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
     )
     .await?;
 
-    outln!(
+    // One write, and a reader that went away does not stop the cluster: a hub or node
+    // does not stop when its log's reader goes, and neither does dev.
+    let mut banner = String::new();
+    let _ = writeln!(
+        banner,
         "Flotilla dev cluster is up: {} hub(s) ({}), {} node(s) serving the demo MCP server.",
         a.hubs,
         addrs
@@ -397,8 +417,9 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
             .join(", "),
         a.nodes
     );
-    outln!("Data, logs and credentials: {}", dir.display());
-    outln!(
+    let _ = writeln!(banner, "Data, logs and credentials: {}", dir.display());
+    let _ = writeln!(
+        banner,
         "Prometheus metrics: {}",
         addrs
             .iter()
@@ -411,22 +432,29 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
         .create_dashboard_login(pb::CreateDashboardLoginRequest {})
         .await
     {
-        Ok(login) => outln!(
-            "Dashboard: {} (a one-time link, valid 5 minutes; `flotilla dashboard` prints another)",
-            login.into_inner().url
-        ),
+        Ok(login) => {
+            let _ = writeln!(
+                banner,
+                "Dashboard: {} (a one-time link, valid 5 minutes; `flotilla dashboard` prints another)",
+                login.into_inner().url
+            );
+        }
         Err(e) => eprintln!("no dashboard link: {}", e.message()),
     }
-    outln!();
-    outln!("In another shell, try:");
+    banner.push('\n');
+    let _ = writeln!(banner, "In another shell, try:");
     if a.data_dir.is_some() {
-        outln!("  export FLOTILLA_CONFIG={}", client_toml.display());
+        let _ = writeln!(banner, "  export FLOTILLA_CONFIG={}", client_toml.display());
     }
-    outln!("  flotilla call echo --args '{{\"text\":\"hi\"}}'");
-    outln!("  flotilla call sleep --args '{{\"ms\":2000}}'");
-    outln!("  flotilla tools");
-    outln!("  flotilla nodes");
-    outln!();
-    outln!("Ctrl-C stops the cluster; its state stays in the data dir.");
+    let _ = writeln!(banner, "  flotilla call echo --args '{{\"text\":\"hi\"}}'");
+    let _ = writeln!(banner, "  flotilla call sleep --args '{{\"ms\":2000}}'");
+    let _ = writeln!(banner, "  flotilla tools");
+    let _ = writeln!(banner, "  flotilla nodes");
+    banner.push('\n');
+    let _ = writeln!(
+        banner,
+        "Ctrl-C stops the cluster; its state stays in the data dir."
+    );
+    output::write_stdout_or_drop(&banner);
     Ok(())
 }

@@ -18,6 +18,16 @@ pub(crate) fn write_stdout(args: std::fmt::Arguments<'_>) {
     std::process::exit(1);
 }
 
+/// Writes `text` to standard output for a command that keeps running after it (`dev`): a
+/// reader that went away loses the text and stops nothing, as it stops no hub or node.
+/// (`write_stdout` would exit, and skip what stops the cluster's processes.)
+pub(crate) fn write_stdout_or_drop(text: &str) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        tracing::warn!(error = %e, "cannot write to standard output; carrying on");
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum Format {
     Table,

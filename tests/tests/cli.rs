@@ -104,7 +104,7 @@ fn ends_quietly_into_a_closed_pipe(home: &std::path::Path, args: &[&str]) -> any
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{args:?}: {o:?}");
     assert!(
-        !stderr.contains("panicked") && !stderr.contains("error"),
+        !stderr.contains("panicked") && !stderr.contains("cannot write the output"),
         "{args:?}: {stderr}"
     );
     Ok(())
@@ -223,6 +223,15 @@ async fn dev_cluster_then_client_commands() -> anyhow::Result<()> {
     // quietly: no panic, no backtrace, success.
     ends_quietly_into_a_closed_pipe(home, &["task", "list"])?;
     ends_quietly_into_a_closed_pipe(home, &["call", "echo", "--args", r#"{"text":"hi"}"#])?;
+    // Any other failure to write (a full disk behind a redirect) is an error.
+    let o = flotilla_command(home, &["task", "list"])
+        .stdout(std::fs::File::create("/dev/full")?)
+        .output()?;
+    assert!(!o.status.success(), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("cannot write the output"),
+        "{o:?}"
+    );
 
     // A failing tool: non-zero exit, the tool's message on stderr.
     let o = flotilla(home, &["call", "fail", "--args", r#"{"message":"boom"}"#]);
@@ -498,6 +507,55 @@ async fn dev_with_three_hubs_survives_killing_the_leader() -> anyhow::Result<()>
     Ok(())
 }
 
+/// `flotilla dev > closed pipe`: the banner is lost, with a warning, and the cluster serves
+/// on; Ctrl-C still stops it, members and all.
+#[tokio::test]
+async fn dev_carries_on_when_its_output_reader_is_gone() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let home = dir.path();
+    let (reader, writer) = std::io::pipe()?;
+    drop(reader);
+    let mut dev = Dev(flotilla_command(home, &["dev", "--listen", "127.0.0.1:0"])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .spawn()?);
+    // Its stderr is read to the end (a reader that went away there would be another test).
+    let err = dev.stderr.take().expect("stderr");
+    let (warned, heard) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let mut warned = Some(warned);
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            if line.contains("cannot write to standard output; carrying on") {
+                if let Some(w) = warned.take() {
+                    let _ = w.send(());
+                }
+            }
+        }
+    });
+    tokio::time::timeout(READY, heard)
+        .await?
+        .map_err(|_| anyhow::anyhow!("dev ended without warning that its banner was lost"))?;
+    assert!(dev.try_wait()?.is_none(), "dev runs on");
+    let o = flotilla(
+        home,
+        &["call", "echo", "--args", r#"{"text":"still here"}"#],
+    );
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(stdout(&o), "still here\n");
+    Command::new("kill")
+        .args(["-INT", &dev.id().to_string()])
+        .status()?;
+    let status = wait_until("dev to stop", READY, || {
+        let s = dev.try_wait().ok().flatten();
+        async move { s }
+    })
+    .await?;
+    assert!(status.success(), "{status}");
+    let o = flotilla(home, &["tools"]);
+    assert!(!o.status.success(), "the hub is gone after dev stopped");
+    Ok(())
+}
+
 #[test]
 fn shell_completions_are_valid_scripts_that_know_the_commands() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -509,6 +567,7 @@ fn shell_completions_are_valid_scripts_that_know_the_commands() -> anyhow::Resul
             script.contains("dashboard") && script.contains("workflow"),
             "{shell}"
         );
+        ends_quietly_into_a_closed_pipe(dir.path(), &["completions", shell])?;
         if checker.is_empty() {
             continue;
         }
@@ -517,7 +576,6 @@ fn shell_completions_are_valid_scripts_that_know_the_commands() -> anyhow::Resul
         std::fs::write(&path, &script)?;
         let check = Command::new(checker).arg("-n").arg(&path).output()?;
         assert!(check.status.success(), "{shell}: {check:?}");
-        ends_quietly_into_a_closed_pipe(dir.path(), &["completions", shell])?;
     }
     Ok(())
 }
