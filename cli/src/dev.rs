@@ -439,7 +439,9 @@ async fn start(a: &DevArgs, dir: &Path, exe: &Path, children: &mut Children) -> 
                 login.into_inner().url
             );
         }
-        Err(e) => eprintln!("no dashboard link: {}", e.message()),
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "no dashboard link: {}", e.message());
+        }
     }
     banner.push('\n');
     let _ = writeln!(banner, "In another shell, try:");

@@ -24,7 +24,8 @@ fn flotilla_command(home: &std::path::Path, args: &[&str]) -> Command {
         .env_remove("FLOTILLA_CONFIG")
         .env_remove("FLOTILLA_TOKEN")
         .env_remove("FLOTILLA_HUB")
-        .env_remove("FLOTILLA_CA");
+        .env_remove("FLOTILLA_CA")
+        .env_remove("RUST_LOG");
     command
 }
 
@@ -553,6 +554,47 @@ async fn dev_carries_on_when_its_output_reader_is_gone() -> anyhow::Result<()> {
     assert!(status.success(), "{status}");
     let o = flotilla(home, &["tools"]);
     assert!(!o.status.success(), "the hub is gone after dev stopped");
+    Ok(())
+}
+
+/// Ctrl-C while `flotilla dev` is still starting its members stops the ones already
+/// running (it used to kill dev outright and leave them behind).
+#[tokio::test]
+async fn ctrl_c_during_dev_start_up_stops_the_members_already_started() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let home = dir.path();
+    let mut dev = Dev(
+        flotilla_command(home, &["dev", "--listen", "127.0.0.1:0", "--hubs", "3"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let addr_file = home.join(".flotilla/dev/hub-1/listen.addr");
+    let addr = wait_until("hub 1 to listen", READY, || {
+        let addr = std::fs::read_to_string(&addr_file).ok().and_then(|a| {
+            let a = a.trim();
+            a.strip_prefix("https://")
+                .unwrap_or(a)
+                .parse::<std::net::SocketAddr>()
+                .ok()
+        });
+        async move { addr }
+    })
+    .await?;
+    Command::new("kill")
+        .args(["-INT", &dev.id().to_string()])
+        .status()?;
+    // Interrupted before the cluster was up (an error), or just after (success): either
+    // way every member is stopped before dev exits.
+    wait_until("dev to stop", READY, || {
+        let s = dev.try_wait().ok().flatten();
+        async move { s }
+    })
+    .await?;
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "hub 1 still listens on {addr} after dev stopped"
+    );
     Ok(())
 }
 
