@@ -74,6 +74,20 @@ impl std::ops::DerefMut for Dev {
     }
 }
 
+impl Dev {
+    /// Ctrl-C, as a user stops it, and its exit status once it has stopped.
+    async fn interrupt(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        Command::new("kill")
+            .args(["-INT", &self.0.id().to_string()])
+            .status()?;
+        wait_until("dev to stop", READY, || {
+            let s = self.0.try_wait().ok().flatten();
+            async move { s }
+        })
+        .await
+    }
+}
+
 impl Drop for Dev {
     fn drop(&mut self) {
         if !matches!(self.0.try_wait(), Ok(None)) {
@@ -412,14 +426,7 @@ async fn dev_cluster_then_client_commands() -> anyhow::Result<()> {
     );
 
     // Ctrl-C (SIGINT) stops the whole cluster.
-    Command::new("kill")
-        .args(["-INT", &dev.id().to_string()])
-        .status()?;
-    let status = wait_until("dev to stop", READY, || {
-        let s = dev.try_wait().ok().flatten();
-        async move { s }
-    })
-    .await?;
+    let status = dev.interrupt().await?;
     assert!(status.success(), "{status}");
     let o = flotilla(home, &["tools"]);
     assert!(!o.status.success(), "the hub is gone after dev stopped");
@@ -497,14 +504,7 @@ async fn dev_with_three_hubs_survives_killing_the_leader() -> anyhow::Result<()>
         dev.try_wait()?.is_none(),
         "dev must not stop when a member dies"
     );
-    Command::new("kill")
-        .args(["-INT", &dev.id().to_string()])
-        .status()?;
-    wait_until("dev to stop", READY, || {
-        let s = dev.try_wait().ok().flatten();
-        async move { s }
-    })
-    .await?;
+    dev.interrupt().await?;
     Ok(())
 }
 
@@ -543,14 +543,7 @@ async fn dev_carries_on_when_its_output_reader_is_gone() -> anyhow::Result<()> {
     );
     assert!(o.status.success(), "{o:?}");
     assert_eq!(stdout(&o), "still here\n");
-    Command::new("kill")
-        .args(["-INT", &dev.id().to_string()])
-        .status()?;
-    let status = wait_until("dev to stop", READY, || {
-        let s = dev.try_wait().ok().flatten();
-        async move { s }
-    })
-    .await?;
+    let status = dev.interrupt().await?;
     assert!(status.success(), "{status}");
     let o = flotilla(home, &["tools"]);
     assert!(!o.status.success(), "the hub is gone after dev stopped");
@@ -581,16 +574,9 @@ async fn ctrl_c_during_dev_start_up_stops_the_members_already_started() -> anyho
         async move { addr }
     })
     .await?;
-    Command::new("kill")
-        .args(["-INT", &dev.id().to_string()])
-        .status()?;
     // Interrupted before the cluster was up (an error), or just after (success): either
     // way every member is stopped before dev exits.
-    wait_until("dev to stop", READY, || {
-        let s = dev.try_wait().ok().flatten();
-        async move { s }
-    })
-    .await?;
+    dev.interrupt().await?;
     assert!(
         std::net::TcpStream::connect(addr).is_err(),
         "hub 1 still listens on {addr} after dev stopped"
