@@ -67,7 +67,8 @@ pub trait ApplyHook: Send + Sync + 'static {
 }
 
 /// Opens (or creates) the sled database at `path`, with a page cache of at most
-/// `cache_bytes`, and the log's entries in `path` + `.wal`, and builds both stores on them.
+/// `cache_bytes`, the log's entries in `path` + `.wal` and finished records' bodies in
+/// `path` + `.history`, and builds both stores on them.
 pub fn open(
     path: &Path,
     cache_bytes: u64,
@@ -78,7 +79,12 @@ pub fn open(
         .cache_capacity(cache_bytes)
         .open()
         .map_err(|e| anyhow::anyhow!("opening raft storage at {}: {e}", path.display()))?;
-    let sm = sm::StateMachineStore::new(db.clone(), hooks, &path.with_extension("tmp"))?;
+    let sm = sm::StateMachineStore::new(
+        db.clone(),
+        hooks,
+        &path.with_extension("tmp"),
+        &path.with_extension("history"),
+    )?;
     let log = store::LogStore::new(db, &path.with_extension("wal"), sm.durable_snapshot())?;
     Ok((log, sm))
 }

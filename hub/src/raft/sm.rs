@@ -109,8 +109,14 @@ fn snap_err(
 }
 
 impl StateMachineStore {
-    /// Open the state machine on `db`, restoring from the persisted snapshot if there is one.
-    pub fn new(db: sled::Db, hooks: Arc<dyn ApplyHook>, tmp_dir: &Path) -> StorageResult<Self> {
+    /// Open the state machine on `db`, restoring from the persisted snapshot if there is one,
+    /// with finished records' bodies under `history_dir`.
+    pub fn new(
+        db: sled::Db,
+        hooks: Arc<dyn ApplyHook>,
+        tmp_dir: &Path,
+        history_dir: &Path,
+    ) -> StorageResult<Self> {
         flotilla_common::pki::private_dir(tmp_dir)
             .map_err(|e| snap_err(None, ErrorVerb::Write, std::io::Error::other(e.to_string())))?;
         let snapshots = db
@@ -124,8 +130,8 @@ impl StateMachineStore {
             Some(g) => super::codec::decode(&g).map_err(|e| snap_err(None, ErrorVerb::Read, e))?,
             None => 0,
         };
-        let history =
-            History::open(&db, generation).map_err(|e| snap_err(None, ErrorVerb::Read, e))?;
+        let history = History::open(&db, history_dir, generation)
+            .map_err(|e| snap_err(None, ErrorVerb::Read, e))?;
         let durable = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut initial = match read_persisted_snapshot(&snapshots)? {
             Some((meta, bytes)) => {
@@ -198,6 +204,12 @@ impl StateMachineStore {
             KEY_HISTORY_GENERATION,
             serde_json::to_vec(&generation).expect("a number serializes"),
         );
+        // The bodies of what the snapshot covers are durable before the snapshot is.
+        let history = self.history.clone();
+        tokio::task::spawn_blocking(move || history.sync())
+            .await
+            .map_err(|e| snap_err(Some(meta), ErrorVerb::Write, std::io::Error::other(e)))?
+            .map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
         self.snapshots
             .apply_batch(batch)
             .map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
@@ -470,6 +482,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .load_next_from(&mut input)
             .map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
         let (mut new_data, _) = decode_snapshot(meta, &bytes, &next)?;
+        // Durable before the snapshot that names them, also what decoding an older
+        // hub's snapshot archived.
+        next.sync()
+            .map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
         self.db
             .flush_async()
             .await
@@ -485,20 +501,24 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         };
         self.persist_snapshot(meta, &live, next.generation(), false)
             .await?;
-        let mut state = self.state.write().expect("state lock");
-        let retired = self.history.replace_with(next);
-        new_data.state.history = self.history.clone();
-        *state = new_data.state;
-        *self.applied.lock().expect("applied lock") = Applied {
-            last_applied: new_data.last_applied,
-            last_membership: new_data.last_membership,
+        let retired = {
+            let mut state = self.state.write().expect("state lock");
+            let retired = self.history.replace_with(next);
+            new_data.state.history = self.history.clone();
+            *state = new_data.state;
+            *self.applied.lock().expect("applied lock") = Applied {
+                last_applied: new_data.last_applied,
+                last_membership: new_data.last_membership,
+            };
+            self.hooks.replaced(&state);
+            retired
         };
-        self.hooks.replaced(&state);
-        drop(state);
         if let Err(e) = retired.remove() {
             // Its trees are dropped at the next start (`History::open`) instead.
             tracing::warn!(error = %e, "dropping the replaced history store failed");
         }
+        // Under the lock, as a built snapshot's purge is: one purge at a time.
+        let _g = self.snapshot_lock.lock().await;
         self.purge_history(meta);
         Ok(())
     }

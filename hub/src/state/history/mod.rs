@@ -13,7 +13,9 @@
 //! purged then.
 //!
 //! Trees (keys; values are JSON `Stored` or empty):
-//! - tasks: id → `Stored<TaskRecord>`; workflows: id → `Stored<WorkflowRecord>`
+//! - tasks: id → `Stored<TaskRecord>`; workflows: id → `Stored<WorkflowRecord>`. The
+//!   record itself (its body) is in a file of bodies (`bodies`), and `Stored` says where;
+//!   older stores hold it inline. A snapshot carries records inline either way.
 //! - keys: kind, tenant, NUL, idempotency key, NUL, id → (): every record a key named
 //! - by_tenant: tenant, NUL, id → () (ids are UUIDv7: id order is time order)
 //! - dead: tenant, NUL, id → () (dead-lettered tasks)
@@ -23,9 +25,10 @@
 //!   purged, with what purging needs to know. Kept apart so that expiring a record writes
 //!   a few bytes rather than the whole record again.
 //!
-//! A record's life is three writes to archive it (record, by_tenant, by_finish), three to
-//! expire it (gone in, by_tenant and by_finish out) and two to purge it (record and gone
-//! out), plus one each way for an idempotency key or a dead letter; no read.
+//! A record's life is an append of its body and three writes to archive it (record,
+//! by_tenant, by_finish), three to expire it (gone in, by_tenant and by_finish out) and two
+//! to purge it (record and gone out), plus one each way for an idempotency key or a dead
+//! letter; no read of a body. A file of bodies is deleted once no record points into it.
 //!
 //! Older stores: `by_finish` values were empty and `gone` held the index alone (the record
 //! is read instead); the `expired` tree (expiry index, kind, id → ()) listed tombstones to
@@ -34,7 +37,7 @@
 
 use std::sync::{
     atomic::{AtomicU64, Ordering},
-    Arc, Mutex, RwLock,
+    Arc, RwLock,
 };
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -42,8 +45,10 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use super::{TaskRecord, TaskStatus, WorkflowRecord, WorkflowStatus};
 
 mod backend;
+mod bodies;
 
-use backend::{drop_other_generations, tree_name, Backend, TREES};
+use backend::{bodies_dir, drop_other_generations, tree_name, Backend, TREES};
+use bodies::Loc;
 
 /// Most records one `ExpireHistory` command expires: bounds the work of one apply.
 pub const EXPIRE_BATCH: usize = 5_000;
@@ -85,7 +90,32 @@ struct Stored<T> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     key: Option<String>,
     ended_at_ms: i64,
+    /// The record inline: older stores, and snapshots. (Missing reads as `None`.)
+    #[serde(skip_serializing_if = "Option::is_none")]
     record: Option<T>,
+    /// Where the record's body is, when it is not inline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    body: Option<Loc>,
+    /// The record's status, beside the body, for `apply` (which reads no body).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    status: Option<serde_json::Value>,
+}
+
+/// What the store keeps of a record besides its body.
+trait Archived: Serialize + DeserializeOwned {
+    fn status_value(&self) -> serde_json::Value;
+}
+
+impl Archived for TaskRecord {
+    fn status_value(&self) -> serde_json::Value {
+        serde_json::to_value(self.status).expect("a status serializes")
+    }
+}
+
+impl Archived for WorkflowRecord {
+    fn status_value(&self) -> serde_json::Value {
+        serde_json::to_value(self.status).expect("a status serializes")
+    }
 }
 
 impl<T> Stored<T> {
@@ -193,7 +223,7 @@ pub struct History {
 impl Default for History {
     /// A store in memory (tests, fuzzing, tools that replay entries).
     fn default() -> Self {
-        Self::with(Backend::Memory(Mutex::default()))
+        Self::with(Backend::memory())
     }
 }
 
@@ -216,6 +246,36 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> StoreResult<T> {
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("history records serialize")
+}
+
+/// Where the body of `v` (a `Stored` value) is, if it is in a file.
+fn body_of(v: &[u8]) -> Option<Loc> {
+    #[derive(Deserialize)]
+    struct BodyOnly {
+        #[serde(default)]
+        body: Option<Loc>,
+    }
+    decode::<BodyOnly>(v).ok()?.body
+}
+
+/// A `Stored` value from a snapshot (record inline) as this store keeps it: the record's
+/// body in a file of `b`. A value it cannot read is kept as it came (readers say so).
+fn outline<T: Archived>(b: &Backend, v: Vec<u8>) -> StoreResult<Vec<u8>> {
+    let Ok(mut s) = decode::<Stored<T>>(&v) else {
+        return Ok(v);
+    };
+    let Some(record) = s.record.take() else {
+        // Where a body is on the sender's disk (a build that sends values as it keeps
+        // them) means nothing here: without it the record reads as expired.
+        if s.body.take().is_some() {
+            return Ok(encode(&s));
+        }
+        return Ok(v);
+    };
+    let loc = b.bodies().append(&[encode(&record)])?;
+    s.status = Some(record.status_value());
+    s.body = loc.into_iter().next();
+    Ok(encode(&s))
 }
 
 fn join(parts: &[&[u8]]) -> Vec<u8> {
@@ -266,13 +326,20 @@ impl History {
         }
     }
 
-    /// Opens generation `generation` of the store in `db`, dropping any other generation
-    /// (one a snapshot install wrote but did not finish, or one it replaced).
-    pub fn open(db: &sled::Db, generation: u64) -> StoreResult<Self> {
-        let h = Self::with(Backend::open(db, generation)?);
-        drop_other_generations(db, generation)?;
+    /// Opens generation `generation` of the store in `db`, with the records' bodies under
+    /// `dir`, dropping any other generation (one a snapshot install wrote but did not
+    /// finish, or one it replaced).
+    pub fn open(db: &sled::Db, dir: &std::path::Path, generation: u64) -> StoreResult<Self> {
+        let h = Self::with(Backend::open(db, dir, generation)?);
+        drop_other_generations(db, dir, generation)?;
         h.recount()?;
         Ok(h)
+    }
+
+    /// Makes the bodies written so far durable (the trees are sled's to flush): before a
+    /// snapshot that covers them is.
+    pub fn sync(&self) -> StoreResult<()> {
+        Ok(self.backend().bodies().sync()?)
     }
 
     fn backend(&self) -> Arc<Backend> {
@@ -282,7 +349,7 @@ impl History {
     /// The sled generation in use (0 in memory).
     pub fn generation(&self) -> u64 {
         match &*self.backend() {
-            Backend::Memory(_) => 0,
+            Backend::Memory { .. } => 0,
             Backend::Sled { generation, .. } => *generation,
         }
     }
@@ -325,6 +392,26 @@ impl History {
         };
         self.count.store(count(BY_FINISH)?, Ordering::Relaxed);
         self.tombstones.store(count(GONE)?, Ordering::Relaxed);
+        // Which files of bodies records point into; the others go.
+        let b = self.backend();
+        b.bodies().uncount();
+        for tree in [TASKS, WORKFLOWS] {
+            b.scan(tree, b"", false, |_, v| {
+                if let Some(loc) = body_of(v) {
+                    b.bodies().adopt(&loc);
+                }
+                true
+            })?;
+        }
+        b.bodies().drop_unused()?;
+        Ok(())
+    }
+
+    /// One record fewer points to the body `v` (a `Stored` value) names, if any.
+    fn release(&self, b: &Backend, v: &[u8]) -> StoreResult<()> {
+        if let Some(loc) = body_of(v) {
+            b.bodies().release(&loc)?;
+        }
         Ok(())
     }
 
@@ -336,14 +423,21 @@ impl History {
         workflows: &[WorkflowRecord],
     ) -> StoreResult<()> {
         let b = self.backend();
-        for t in tasks {
+        // Every body in one append.
+        let bodies: Vec<Vec<u8>> = (tasks.iter().map(encode))
+            .chain(workflows.iter().map(encode))
+            .collect();
+        let mut locs = b.bodies().append(&bodies)?.into_iter();
+        for (t, loc) in tasks.iter().zip(&mut locs) {
             let stored = Stored {
                 archived_at: at,
                 expired_at: None,
                 tenant: t.tenant.clone(),
                 key: t.idempotency_key.clone(),
                 ended_at_ms: t.updated_at_ms,
-                record: Some(t),
+                record: None::<()>,
+                body: Some(loc),
+                status: Some(t.status_value()),
             };
             self.put(&b, KIND_TASK, &t.id, &stored, t.dead_lettered)?;
             b.insert(BY_TENANT, &tenant_key(&t.tenant, &t.id), b"")?;
@@ -351,31 +445,36 @@ impl History {
                 b.insert(DEAD, &tenant_key(&t.tenant, &t.id), b"")?;
             }
         }
-        for w in workflows {
+        for (w, loc) in workflows.iter().zip(locs) {
             let stored = Stored {
                 archived_at: at,
                 expired_at: None,
                 tenant: w.tenant.clone(),
                 key: w.idempotency_key.clone(),
                 ended_at_ms: w.updated_at_ms,
-                record: Some(w),
+                record: None::<()>,
+                body: Some(loc),
+                status: Some(w.status_value()),
             };
             self.put(&b, KIND_WORKFLOW, &w.id, &stored, false)?;
         }
         Ok(())
     }
 
-    /// Writes one archived record with its key and expiry entries.
+    /// Writes one archived record with its key and expiry entries. A record it replaces
+    /// (the same archive, replayed) no longer points to its body.
     fn put<T: Serialize>(
         &self,
         b: &Backend,
         kind: u8,
         id: &str,
-        stored: &Stored<&T>,
+        stored: &Stored<T>,
         dead: bool,
     ) -> StoreResult<()> {
         let tree = tree_of(kind);
-        b.insert(tree, id.as_bytes(), &encode(stored))?;
+        if let Some(prev) = b.replace(tree, id.as_bytes(), &encode(stored))? {
+            self.release(b, &prev)?;
+        }
         if let Some(key) = &stored.key {
             let k = join(&[&key_prefix(kind, &stored.tenant, key), id.as_bytes()]);
             b.insert(KEYS, &k, b"")?;
@@ -533,7 +632,9 @@ impl History {
                     None => None,
                 },
             };
-            b.remove(tree, id)?;
+            if let Some(v) = b.take(tree, id)? {
+                self.release(&b, &v)?;
+            }
             if let Some((tenant, key)) = key {
                 b.remove(KEYS, &join(&[&key_prefix(kind, &tenant, &key), id]))?;
             }
@@ -564,7 +665,10 @@ impl History {
             if let Some(v) = b.get(tree, id)? {
                 let s: Stored<serde::de::IgnoredAny> = decode(&v)?;
                 if s.expired(mark).is_some_and(|e| e <= through) {
-                    b.remove(tree, id)?;
+                    // Released only by whoever took it out, should two purges meet.
+                    if let Some(v) = b.take(tree, id)? {
+                        self.release(b, &v)?;
+                    }
                     if let Some(key) = &s.key {
                         b.remove(KEYS, &join(&[&key_prefix(kind, &s.tenant, key), id]))?;
                     }
@@ -614,19 +718,41 @@ impl History {
     }
 
     fn read<T: DeserializeOwned>(&self, tree: usize, id: &str) -> StoreResult<Lookup<T>> {
-        let b = self.backend();
-        let Some(v) = b.get(tree, id.as_bytes())? else {
-            return Ok(Lookup::Missing);
-        };
-        let s: Stored<T> = decode(&v)?;
-        let gone = self.gone(&b, &mark_key(kind_of(tree), id.as_bytes()))?;
-        Ok(match (s.expired(gone), s.record) {
-            (None, Some(r)) => Lookup::Found(r),
-            _ => Lookup::Expired {
-                tenant: s.tenant,
-                ended_at_ms: s.ended_at_ms,
-            },
-        })
+        let mark = mark_key(kind_of(tree), id.as_bytes());
+        // A body missing is damage only if the record still says the same after: a replay
+        // may have written it again, a purge taken it, or an install replaced the store
+        // between reading the record and reading its body.
+        let mut tries = 0;
+        loop {
+            let b = self.backend();
+            let Some(v) = b.get(tree, id.as_bytes())? else {
+                return Ok(Lookup::Missing);
+            };
+            let s: Stored<T> = decode(&v)?;
+            let gone = self.gone(&b, &mark)?;
+            let loc = match (s.expired(gone), s.record, s.body) {
+                (None, Some(r), _) => return Ok(Lookup::Found(r)),
+                (None, None, Some(loc)) => loc,
+                _ => {
+                    return Ok(Lookup::Expired {
+                        tenant: s.tenant,
+                        ended_at_ms: s.ended_at_ms,
+                    })
+                }
+            };
+            if let Some(body) = b.bodies().read(&loc)? {
+                return Ok(Lookup::Found(decode(&body)?));
+            }
+            let same = Arc::ptr_eq(&b, &self.backend())
+                && b.get(tree, id.as_bytes())?.as_deref() == Some(&v[..])
+                && self.gone(&b, &mark)? == gone;
+            tries += 1;
+            if same || tries == 3 {
+                return Err(StoreError::Corrupt(format!(
+                    "the body of finished record {id} is missing"
+                )));
+            }
+        }
     }
 
     /// A finished task, as it is now.
@@ -667,9 +793,16 @@ impl History {
         };
         let s: Stored<Status<S>> = decode(&v)?;
         let gone = self.gone(&b, &mark_key(kind_of(tree), id.as_bytes()))?;
-        Ok(s.visible_at(at, gone)
-            .then_some(s.record.map(|r| r.status))
-            .flatten())
+        if !s.visible_at(at, gone) {
+            return Ok(None);
+        }
+        Ok(match (s.record, s.status) {
+            (Some(r), _) => Some(r.status),
+            (None, Some(status)) => Some(
+                serde_json::from_value(status).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            ),
+            (None, None) => None,
+        })
     }
 
     /// The finished task (or, with `workflow`, workflow) that idempotency key `key` of
@@ -801,13 +934,65 @@ impl History {
         Ok(out)
     }
 
+    /// `v` (a value of tree `tree`, key `id`) with its record inline, as a snapshot carries
+    /// it (every hub reads that, also one that keeps records inline); `None` if it is
+    /// inline already.
+    fn inline(
+        &self,
+        b: &Backend,
+        tree: usize,
+        id: &[u8],
+        v: &[u8],
+    ) -> StoreResult<Option<Vec<u8>>> {
+        let Some(loc) = body_of(v) else {
+            return Ok(None);
+        };
+        let mut s: Stored<()> = decode(v)?;
+        s.body = None;
+        s.status = None;
+        let mut out = encode(&s);
+        match b.bodies().read(&loc)? {
+            Some(body) => {
+                // The body is the record's JSON as `encode` wrote it, checked by its CRC.
+                out.pop();
+                out.extend_from_slice(b",\"record\":");
+                out.extend_from_slice(&body);
+                out.push(b'}');
+            }
+            // Expired, and its file went before a crash let the purge finish: a tombstone
+            // no replay reads (its expiry is covered by a durable snapshot).
+            None if self.gone(b, &mark_key(kind_of(tree), id))?.is_some() => {}
+            None => {
+                return Err(StoreError::Corrupt(format!(
+                    "the body of finished record {} is missing",
+                    String::from_utf8_lossy(id)
+                )))
+            }
+        }
+        Ok(Some(out))
+    }
+
     /// Every record, for a snapshot: (tree, key, value) written to `out` as
-    /// `tree:u8 key_len:u32 key value_len:u32 value`, one record at a time.
+    /// `tree:u8 key_len:u32 key value_len:u32 value`, one record at a time, with the
+    /// records' bodies inline.
     pub fn dump_to(&self, out: &mut impl std::io::Write) -> StoreResult<()> {
         let b = self.backend();
         let mut failed = None;
+        let mut unreadable = None;
         for t in 0..TREES.len() {
             b.scan(t, b"", false, |k, v| {
+                let inline = if t == TASKS || t == WORKFLOWS {
+                    match self.inline(&b, t, k, v) {
+                        Ok(i) => i,
+                        Err(e) => {
+                            unreadable = Some(e);
+                            return false;
+                        }
+                    }
+                } else {
+                    None
+                };
+                let v = inline.as_deref().unwrap_or(v);
                 let wrote = (|| {
                     out.write_all(&[t as u8])?;
                     out.write_all(&(k.len() as u32).to_be_bytes())?;
@@ -826,6 +1011,9 @@ impl History {
             if let Some(e) = failed.take() {
                 return Err(e.into());
             }
+            if let Some(e) = unreadable.take() {
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -834,10 +1022,17 @@ impl History {
     /// read from `input` one record at a time.
     pub fn load_next_from(&self, input: &mut impl std::io::Read) -> StoreResult<History> {
         let next = match &*self.backend() {
-            Backend::Memory(_) => Backend::Memory(Mutex::default()),
-            Backend::Sled { db, generation, .. } => {
-                let b = Backend::open(db, generation + 1)?;
+            Backend::Memory { .. } => Backend::memory(),
+            Backend::Sled {
+                db,
+                dir,
+                generation,
+                ..
+            } => {
+                let b = Backend::open(db, dir, generation + 1)?;
                 b.clear()?;
+                // Bodies an install that did not finish wrote.
+                b.bodies().drop_unused()?;
                 b
             }
         };
@@ -862,9 +1057,16 @@ impl History {
                 Ok(v)
             };
             let k = field(input)?;
-            let v = field(input)?;
-            next.insert(tree[0] as usize, &k, &v)?;
+            let mut v = field(input)?;
+            let t = tree[0] as usize;
+            if t == TASKS {
+                v = outline::<TaskRecord>(&next, v)?;
+            } else if t == WORKFLOWS {
+                v = outline::<WorkflowRecord>(&next, v)?;
+            }
+            next.insert(t, &k, &v)?;
         }
+        next.bodies().sync()?;
         let h = Self::with(next);
         h.recount()?;
         Ok(h)
@@ -889,10 +1091,17 @@ pub struct Retired(Arc<Backend>);
 
 impl Retired {
     pub fn remove(self) -> StoreResult<()> {
-        if let Backend::Sled { db, generation, .. } = &*self.0 {
+        if let Backend::Sled {
+            db,
+            dir,
+            generation,
+            ..
+        } = &*self.0
+        {
             for t in TREES {
                 db.drop_tree(tree_name(*generation, t))?;
             }
+            std::fs::remove_dir_all(bodies_dir(dir, *generation))?;
         }
         Ok(())
     }
