@@ -87,8 +87,25 @@ enum Place {
     Memory(BTreeMap<u64, Vec<u8>>),
 }
 
-fn file_name(n: u64) -> String {
+pub(super) fn file_name(n: u64) -> String {
     format!("{n:020}{SUFFIX}")
+}
+
+/// The numbers of the files of bodies in `dir`, in order.
+fn numbers(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        if let Some(n) = name
+            .to_string_lossy()
+            .strip_suffix(SUFFIX)
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            out.push(n);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
 }
 
 impl Bodies {
@@ -103,17 +120,7 @@ impl Bodies {
     pub(super) fn open(dir: &Path) -> io::Result<Self> {
         flotilla_common::pki::private_dir(dir).map_err(|e| io::Error::other(e.to_string()))?;
         flotilla_common::pki::sync_dir(dir);
-        let mut refs = BTreeMap::new();
-        for entry in std::fs::read_dir(dir)? {
-            let name = entry?.file_name();
-            let name = name.to_string_lossy();
-            if let Some(n) = name
-                .strip_suffix(SUFFIX)
-                .and_then(|n| n.parse::<u64>().ok())
-            {
-                refs.insert(n, 0);
-            }
-        }
+        let refs: BTreeMap<u64, u64> = numbers(dir)?.into_iter().map(|n| (n, 0)).collect();
         let next = refs.last_key_value().map_or(0, |(n, _)| n + 1);
         Ok(Self::with(
             Place::Dir {
@@ -329,22 +336,7 @@ impl Bodies {
         let inner = self.inner.lock().expect("bodies lock");
         match &inner.place {
             Place::Memory(files) => files.keys().copied().collect(),
-            Place::Dir { dir, .. } => {
-                let mut out: Vec<u64> = std::fs::read_dir(dir)
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .filter_map(|e| {
-                        e.file_name()
-                            .to_string_lossy()
-                            .strip_suffix(SUFFIX)?
-                            .parse()
-                            .ok()
-                    })
-                    .collect();
-                out.sort_unstable();
-                out
-            }
+            Place::Dir { dir, .. } => numbers(dir).expect("listing the files of bodies"),
         }
     }
 }

@@ -293,7 +293,7 @@ fn a_replayed_expiry_cut_short_counts_its_tombstone_once() {
 #[test]
 fn bodies_live_in_files_that_go_once_no_record_points_into_them() {
     let (_dir, db, bodies) = on_disk();
-    let file = |n: u64| bodies.join("0").join(format!("{n:020}.body"));
+    let file = |n: u64| bodies_dir(&bodies, 0).join(bodies::file_name(n));
     let h = History::open(&db, &bodies, 0).unwrap();
     h.backend().bodies().set_file_bytes(1);
     h.archive(3, &[finished("a", 100), finished("b", 100)], &[])
@@ -432,7 +432,7 @@ fn the_bodies_an_install_wrote_go_once_their_records_are_purged() {
 #[test]
 fn files_a_power_cut_lost_are_never_numbered_again() {
     let (_dir, db, bodies) = on_disk();
-    let file = |n: u64| bodies.join("0").join(format!("{n:020}.body"));
+    let file = |n: u64| bodies_dir(&bodies, 0).join(bodies::file_name(n));
     let h = History::open(&db, &bodies, 0).unwrap();
     h.backend().bodies().set_file_bytes(1);
     h.archive(3, &[finished("a", 100)], &[]).unwrap();
