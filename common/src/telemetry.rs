@@ -25,7 +25,7 @@ use tracing_subscriber::{
     layer::{Filter, SubscriberExt},
     registry::LookupSpan,
     util::SubscriberInitExt,
-    EnvFilter, Layer,
+    EnvFilter, Layer, Registry,
 };
 
 /// Histogram buckets for durations in seconds, from 5 ms to 20 minutes (tool calls and
@@ -68,40 +68,12 @@ impl Drop for Guard {
 /// Installs the global subscriber. `default_filter` applies to logs when `RUST_LOG` is
 /// unset; `traces`, when it names a collector, adds trace export.
 pub fn init(json: bool, default_filter: &str, traces: Option<Traces>) -> Guard {
-    let plain = (!json).then(|| {
-        fmt::layer()
-            .with_writer(std::io::stderr)
-            .with_ansi(std::io::stderr().is_terminal())
-            .with_filter(logs(default_filter))
-    });
-    let structured = json.then(|| {
-        fmt::layer()
-            .json()
-            .flatten_event(true)
-            .with_writer(std::io::stderr)
-            .with_filter(logs(default_filter))
-    });
     let (provider, failed) = match traces.map(provider).transpose() {
         Ok(p) => (p.flatten(), None),
         Err(e) => (None, Some(e)),
     };
-    let spans = provider.as_ref().map(|p| {
-        tracing_opentelemetry::layer()
-            .with_tracer(p.tracer("flotilla"))
-            .with_filter(filter_fn(|m| {
-                m.is_span()
-                    && m.target().starts_with("flotilla")
-                    && *m.level() <= tracing::Level::INFO
-            }))
-    });
-    // No exporter: no layer wants spans, so none is created (an absent layer would still
-    // say it is interested in every callsite; this says no for spans, for all of them).
-    let no_spans = provider.is_none().then(|| filter_fn(|m| !m.is_span()));
     let _ = tracing_subscriber::registry()
-        .with(no_spans)
-        .with(spans)
-        .with(plain)
-        .with(structured)
+        .with(layers(json, default_filter, provider.as_ref()))
         .try_init();
     // `try_init` also forwards the `log` crate's records (sled's among them) at every
     // level, so each of sled's per-operation `trace!` calls went through the whole filter.
@@ -117,13 +89,50 @@ pub fn init(json: bool, default_filter: &str, traces: Option<Traces>) -> Guard {
     Guard(provider)
 }
 
+/// The subscriber's layers: the log, and spans for the collector when there is one.
+///
+/// Only the layers there are. An absent layer (a `None`) says it wants every callsite, and
+/// next to layers with filters of their own that makes each `debug!` the filters refuse
+/// (h2's, openraft's, ours) a filter evaluation every time it runs, where a callsite no
+/// layer wants is decided once and then costs a load and a branch.
+fn layers(
+    json: bool,
+    default_filter: &str,
+    provider: Option<&SdkTracerProvider>,
+) -> Vec<Box<dyn Layer<Registry> + Send + Sync>> {
+    let log = fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(!json && std::io::stderr().is_terminal());
+    let mut layers = vec![match json {
+        true => log
+            .json()
+            .flatten_event(true)
+            .with_filter(logs(default_filter))
+            .boxed(),
+        false => log.with_filter(logs(default_filter)).boxed(),
+    }];
+    if let Some(p) = provider {
+        layers.push(
+            tracing_opentelemetry::layer()
+                .with_tracer(p.tracer("flotilla"))
+                .with_filter(filter_fn(|m| {
+                    m.is_span()
+                        && m.target().starts_with("flotilla")
+                        && *m.level() <= tracing::Level::INFO
+                }))
+                .boxed(),
+        );
+    }
+    layers
+}
+
 /// What reaches the log: events (never spans) that `RUST_LOG`, or else `default`, lets
 /// through.
 fn logs<S>(default: &str) -> impl Filter<S>
 where
     S: tracing::Subscriber + for<'a> LookupSpan<'a>,
 {
-    env_filter(default).and(filter_fn(|m| m.is_event()))
+    env_filter(default).and(filter_fn(|m| !m.is_span()))
 }
 
 /// `RUST_LOG`'s filter, or `default`'s when it is unset or unreadable.
@@ -221,6 +230,8 @@ pub fn context_of(span: &tracing::Span) -> Context {
 
 #[cfg(test)]
 mod tests {
+    use tracing::Metadata;
+
     use super::*;
 
     #[test]
@@ -241,6 +252,57 @@ mod tests {
         // The `log` crate's records (sled's) stop at the level the filter can pass.
         if std::env::var_os("RUST_LOG").is_none() {
             assert_eq!(log::max_level(), log::LevelFilter::Info);
+        }
+    }
+
+    /// A callsite of the test's own, to ask a subscriber what it thinks of it.
+    struct Site(&'static Metadata<'static>);
+
+    impl tracing::callsite::Callsite for Site {
+        fn set_interest(&self, _: tracing::subscriber::Interest) {}
+        fn metadata(&self) -> &Metadata<'_> {
+            self.0
+        }
+    }
+
+    macro_rules! site {
+        ($name:ident, $site:ident, $target:expr, $level:ident, $kind:ident) => {
+            static $name: Metadata<'static> = Metadata::new(
+                stringify!($name),
+                $target,
+                tracing::Level::$level,
+                None,
+                None,
+                None,
+                tracing::field::FieldSet::new(&[], tracing::callsite::Identifier(&$site)),
+                tracing::metadata::Kind::$kind,
+            );
+            static $site: Site = Site(&$name);
+        };
+    }
+
+    site!(H2_DEBUG, H2_DEBUG_SITE, "h2::proto::streams", DEBUG, EVENT);
+    site!(
+        HUB_INFO,
+        HUB_INFO_SITE,
+        "flotilla_hub::cluster",
+        INFO,
+        EVENT
+    );
+    site!(HUB_SPAN, HUB_SPAN_SITE, "flotilla_hub::service", INFO, SPAN);
+
+    /// A `debug!` the log refuses is refused once, when its callsite registers. It used to
+    /// be "sometimes" (an absent JSON layer wanted everything), so every run of it asked
+    /// the filters again. Spans are refused the same way when no collector takes them.
+    #[test]
+    fn what_the_log_refuses_is_decided_once_per_callsite() {
+        for json in [false, true] {
+            let d = tracing::Dispatch::new(
+                tracing_subscriber::registry().with(layers(json, "info", None)),
+            );
+            assert!(d.register_callsite(&H2_DEBUG).is_never(), "json {json}");
+            assert!(d.register_callsite(&HUB_SPAN).is_never(), "json {json}");
+            assert!(d.register_callsite(&HUB_INFO).is_always(), "json {json}");
         }
     }
 
