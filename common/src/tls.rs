@@ -28,7 +28,7 @@ use tokio::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{server::Connected, Channel, Endpoint, Uri};
 
-use crate::pki::{cert_spki_pin, CertifiedKey};
+use crate::pki::{cert_spki_pin, peer_identity, CertifiedKey, PeerIdentity};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -338,6 +338,9 @@ pub struct PeerInfo {
     pub remote_addr: Option<SocketAddr>,
     /// The verified client certificate, when the peer presented one.
     pub client_cert: Option<Arc<CertificateDer<'static>>>,
+    /// What that certificate says of who presented it (read once per connection, not
+    /// per request: each Raft RPC is checked against it).
+    pub identity: Option<Arc<PeerIdentity>>,
     /// The connection's open requests, when the listener closes idle connections.
     pub activity: Option<Arc<Activity>>,
 }
@@ -592,9 +595,14 @@ pub fn incoming(
                             timeout,
                             sleep: Box::pin(tokio::time::sleep(timeout)),
                         });
+                        let identity = client_cert
+                            .as_deref()
+                            .and_then(|c| peer_identity(c))
+                            .map(Arc::new);
                         let info = PeerInfo {
                             remote_addr: Some(addr),
                             client_cert,
+                            identity,
                             activity: idle.as_ref().map(|i| i.activity.clone()),
                         };
                         let conn = TlsConn {

@@ -144,12 +144,12 @@ fn client_certificate<T>(req: &Request<T>, hub: &Hub, claims: &Claims) -> Result
     if !hub.config().agent_tokens.require_client_certificate {
         return Ok(());
     }
-    let cert = req
+    let peer = req
         .extensions()
         .get::<PeerInfo>()
-        .and_then(|p| p.client_cert.clone())
+        .filter(|p| p.client_cert.is_some())
         .ok_or("this cluster requires agents to present a client certificate beside the token (flotilla agent-cert issue; --cert and --key)")?;
-    match pki::peer_identity(&cert) {
+    match peer.identity.as_deref() {
         Some(id) if id.role == pki::ROLE_AGENT && id.common_name == claims.sub => Ok(()),
         Some(id) if id.role == pki::ROLE_AGENT => {
             Err("the client certificate was issued for another subject than the token's")
@@ -242,17 +242,17 @@ pub fn bearer<T>(req: &Request<T>) -> Option<&str> {
 /// The node identity (name and certificate serial) in the verified client certificate of
 /// the connection.
 pub fn node<T>(req: &Request<T>) -> Result<PeerIdentity, HubError> {
-    let cert = req
+    let peer = req
         .extensions()
         .get::<PeerInfo>()
-        .and_then(|p| p.client_cert.clone())
+        .filter(|p| p.client_cert.is_some())
         .ok_or_else(|| {
             HubError::Unauthenticated(
                 "a node session needs the client certificate the node got when it joined".into(),
             )
         })?;
-    match pki::peer_identity(&cert) {
-        Some(id) if id.role == pki::ROLE_NODE => Ok(id),
+    match peer.identity.as_deref() {
+        Some(id) if id.role == pki::ROLE_NODE => Ok(id.clone()),
         _ => Err(HubError::PermissionDenied(
             "this certificate was not issued to a node".into(),
         )),

@@ -80,6 +80,8 @@ pub struct Hub {
     pub quota: crate::quota::Quota,
     /// Agent tokens verified recently.
     pub tokens: crate::auth::TokenCache,
+    /// Tools' input schemas, compiled.
+    pub schemas: crate::admission::Schemas,
     /// External identity providers and the keys this hub holds for them.
     pub issuers: Arc<crate::issuers::Issuers>,
     /// Bumped whenever a workflow changes: WatchWorkflow streams wait on it.
@@ -115,6 +117,7 @@ impl Hub {
             placing: Default::default(),
             quota,
             tokens: crate::auth::TokenCache::default(),
+            schemas: Default::default(),
             issuers,
             workflows: p.workflows,
             metrics: p.metrics,

@@ -17,12 +17,12 @@ pub struct RaftApi {
 }
 
 fn check_hub<T>(req: &Request<T>) -> Result<(), Status> {
-    let cert = req
+    let peer = req
         .extensions()
         .get::<PeerInfo>()
-        .and_then(|p| p.client_cert.clone())
+        .filter(|p| p.client_cert.is_some())
         .ok_or_else(|| Status::unauthenticated("the raft port needs a hub certificate"))?;
-    match pki::peer_identity(&cert) {
+    match peer.identity.as_deref() {
         Some(id) if id.role == pki::ROLE_HUB => Ok(()),
         _ => {
             tracing::warn!("refused a non-hub certificate on the raft port");

@@ -148,7 +148,7 @@ impl AgentApi {
         let admitted =
             tracing::info_span!("admission", gen_ai.tool.name = %req.tool).in_scope(|| {
                 admission::task(claims, &req, |tool, args| {
-                    check_call(&self.hub.state(), claims, tool, args)
+                    check_call(&self.hub.state(), &self.hub.schemas, claims, tool, args)
                 })
             });
         let mut task = match admitted {
@@ -553,7 +553,7 @@ impl AgentService for AgentApi {
             }
         }
         let name = req.name.clone();
-        let mut wf = admission::workflow(&self.hub.state(), &claims, req)
+        let mut wf = admission::workflow(&self.hub.state(), &self.hub.schemas, &claims, req)
             .map_err(|e| self.audit_refusal(&claims, &format!("workflow {name}"), e))?;
         wf.trace = trace;
         let steps = wf.steps.len();
