@@ -62,12 +62,13 @@ pub fn check_names(name: &str, idempotency_key: &str) -> HubResult<()> {
 /// Compiled input schemas, by tool. Compiling a schema costs far more than validating
 /// arguments against it (under load it was 2% of the leader's CPU, and done under the
 /// state's lock), so a tool's schema is compiled once and used for as long as the
-/// catalogue holds the same schema.
+/// catalogue holds the same schema. A schema that does not compile is remembered too, so
+/// calls to its tool are refused without compiling it again each time.
 #[derive(Clone)]
 pub struct Schemas(Arc<Mutex<LruCache<String, Compiled>>>);
 
-/// A schema and what it compiled to.
-type Compiled = (Value, Arc<jsonschema::Validator>);
+/// A schema and what compiling it gave.
+type Compiled = (Value, Result<Arc<jsonschema::Validator>, String>);
 
 /// Tools whose compiled schema is kept.
 const CACHED_SCHEMAS: usize = 1024;
@@ -80,17 +81,22 @@ impl Default for Schemas {
 }
 
 impl Schemas {
-    /// `schema`, the input schema of `tool`, compiled.
+    /// `schema`, the input schema of `tool`, compiled. The lock is not held while
+    /// compiling: two callers that miss at once both compile, and one keeps its result.
     fn compiled(&self, tool: &str, schema: &Value) -> Result<Arc<jsonschema::Validator>, String> {
-        let mut cache = self.0.lock().expect("schema cache lock");
-        if let Some((s, v)) = cache.get(tool) {
+        if let Some((s, v)) = self.0.lock().expect("schema cache lock").get(tool) {
             if s == schema {
-                return Ok(v.clone());
+                return v.clone();
             }
         }
-        let v = Arc::new(jsonschema::validator_for(schema).map_err(|e| e.to_string())?);
-        cache.put(tool.to_owned(), (schema.clone(), v.clone()));
-        Ok(v)
+        let v = jsonschema::validator_for(schema)
+            .map(Arc::new)
+            .map_err(|e| e.to_string());
+        self.0
+            .lock()
+            .expect("schema cache lock")
+            .put(tool.to_owned(), (schema.clone(), v.clone()));
+        v
     }
 }
 
@@ -287,7 +293,8 @@ mod tests {
 
     /// A tool's schema is compiled once while the catalogue keeps it, and arguments are
     /// always checked against the schema the catalogue holds now: a changed schema is
-    /// compiled again, and one that cannot compile refuses the call.
+    /// compiled again, and one that cannot compile refuses the call (and is not compiled
+    /// again for each call).
     #[test]
     fn arguments_meet_the_schema_the_catalogue_holds_now() {
         let schemas = Schemas::default();
@@ -319,5 +326,16 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        let kept = schemas
+            .0
+            .lock()
+            .expect("schema cache lock")
+            .get("t")
+            .map(|(s, v)| (s.clone(), v.is_err()));
+        assert_eq!(
+            kept,
+            Some((json!({"type": 12}), true)),
+            "the failure is kept"
+        );
     }
 }
